@@ -1,0 +1,129 @@
+"""Model and engine configuration.
+
+`ModelConfig` reads a Hugging Face `config.json` (transformers 4.x `rope_theta` +
+`rope_scaling`, or 5.x `rope_parameters`) for the Llama family: Llama 2/3,
+Mistral, Qwen2 (qkv bias), Qwen3 (q/k RMSNorm, explicit head_dim).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+SUPPORTED_ARCHITECTURES = {
+    "LlamaForCausalLM": "llama",
+    "MistralForCausalLM": "mistral",
+    "Qwen2ForCausalLM": "qwen2",
+    "Qwen3ForCausalLM": "qwen3",
+}
+
+TINY_PRESET = "tiny"
+
+
+@dataclass
+class ModelConfig:
+    name: str
+    architecture: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    max_position_embeddings: int
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: dict[str, Any] | None = None
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False  # q/k/v projections carry a bias (Qwen2; Llama's attention_bias)
+    qk_norm: bool = False  # RMSNorm on q and k per head (Qwen3)
+    eos_token_ids: list[int] = field(default_factory=list)
+    bos_token_id: int | None = None
+    sliding_window: int | None = None
+    path: str | None = None  # local HF directory, None for presets
+
+    @property
+    def eos_token_id(self) -> int | None:
+        return self.eos_token_ids[0] if self.eos_token_ids else None
+
+    @classmethod
+    def from_hf_dict(cls, cfg: dict[str, Any], name: str, path: str | None = None) -> ModelConfig:
+        archs = cfg.get("architectures") or []
+        arch = next((a for a in archs if a in SUPPORTED_ARCHITECTURES), None)
+        if arch is None:
+            raise ValueError(
+                f"model {name!r}: unsupported architecture {archs or cfg.get('model_type')!r}; "
+                f"supported: {', '.join(sorted(SUPPORTED_ARCHITECTURES))}"
+            )
+        family = SUPPORTED_ARCHITECTURES[arch]
+        num_heads = cfg["num_attention_heads"]
+        head_dim = cfg.get("head_dim") or cfg["hidden_size"] // num_heads
+        rope = cfg.get("rope_parameters") or {}
+        rope_theta = float(rope.get("rope_theta", cfg.get("rope_theta", 10000.0)))
+        rope_scaling = cfg.get("rope_scaling") or (rope if rope else None)
+        if rope_scaling is not None:
+            rope_type = rope_scaling.get("rope_type", rope_scaling.get("type", "default"))
+            if rope_type not in ("default", "llama3"):
+                raise ValueError(f"model {name!r}: unsupported rope_scaling type {rope_type!r}")
+            rope_scaling = None if rope_type == "default" else dict(rope_scaling, rope_type=rope_type)
+        eos = cfg.get("eos_token_id")
+        eos_ids = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
+        use_sw = cfg.get("use_sliding_window", family == "mistral")
+        return cls(
+            name=name,
+            architecture=arch,
+            vocab_size=cfg["vocab_size"],
+            hidden_size=cfg["hidden_size"],
+            intermediate_size=cfg["intermediate_size"],
+            num_hidden_layers=cfg["num_hidden_layers"],
+            num_attention_heads=num_heads,
+            num_key_value_heads=cfg.get("num_key_value_heads") or num_heads,
+            head_dim=head_dim,
+            max_position_embeddings=cfg.get("max_position_embeddings", 2048),
+            rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
+            rope_theta=rope_theta,
+            rope_scaling=rope_scaling,
+            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            attention_bias=family == "qwen2" or bool(cfg.get("attention_bias", False)),
+            qk_norm=family == "qwen3",
+            eos_token_ids=eos_ids,
+            bos_token_id=cfg.get("bos_token_id"),
+            sliding_window=cfg.get("sliding_window") if use_sw else None,
+            path=path,
+        )
+
+    @classmethod
+    def from_pretrained(cls, path: str) -> ModelConfig:
+        cfg_path = os.path.join(path, "config.json")
+        if not os.path.isdir(path):
+            raise ValueError(f"model path {path!r} does not exist (give a local Hugging Face directory or 'tiny')")
+        if not os.path.isfile(cfg_path):
+            raise ValueError(f"model path {path!r} has no config.json")
+        with open(cfg_path) as f:
+            return cls.from_hf_dict(json.load(f), name=os.path.basename(os.path.normpath(path)), path=path)
+
+    @classmethod
+    def tiny(cls) -> ModelConfig:
+        """The built-in preset: a 2-layer Llama over a byte-level vocabulary (258 ids:
+        bytes 0-255, then <bos>=256, <eos>=257), random weights from a fixed seed."""
+        return cls(
+            name=TINY_PRESET,
+            architecture="LlamaForCausalLM",
+            vocab_size=258,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=16,
+            max_position_embeddings=4096,
+            eos_token_ids=[257],
+            bos_token_id=256,
+        )
+
+    @classmethod
+    def resolve(cls, model: str) -> ModelConfig:
+        return cls.tiny() if model == TINY_PRESET else cls.from_pretrained(model)

@@ -1,0 +1,220 @@
+"""The one engine both workers run: `schedule() -> execute() -> update()`.
+
+Roles:
+- "both": co-located serving; a request is prefilled and decoded here.
+- "prefill": a request stops after its first sampled token; its blocks are held
+  (ownership stays here) until the worker has shipped them and calls
+  `release_request`.
+- "decode": requests arrive with `reserve_remote` (blocks reserved, prefix
+  reused) and start decoding at `finish_remote` once their KV has landed; a
+  plain `add_request` still works, so a decode worker can prefill short prompts
+  itself.
+
+The engine is single-threaded; workers serialise calls into it.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+
+import torch
+
+from engine.config import ModelConfig
+from engine.core.kv_cache_manager import KVCacheManager
+from engine.core.outputs import RequestOutput
+from engine.core.request import Request
+from engine.core.sampling_params import SamplingParams
+from engine.core.scheduler import Scheduler, SchedulerConfig
+from engine.model_runner import ModelRunner, parse_dtype
+
+ROLES = ("both", "prefill", "decode")
+
+
+@dataclass
+class EngineConfig:
+    model: str = "tiny"
+    device: str = "cpu"
+    dtype: str = "float32"
+    block_size: int = 16
+    num_gpu_blocks: int | None = None
+    enable_prefix_caching: bool = True
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 2048
+    max_model_len: int | None = None
+    attention_backend: str = "auto"
+    load_format: str = "auto"
+    role: str = "both"
+
+    def validate(self) -> None:
+        if self.role not in ROLES:
+            raise ValueError(f"role must be one of {', '.join(ROLES)}, got {self.role!r}")
+        if self.block_size < 1 or self.block_size & (self.block_size - 1):
+            raise ValueError(f"block_size must be a power of two, got {self.block_size}")
+        if self.num_gpu_blocks is not None and self.num_gpu_blocks < 1:
+            raise ValueError(f"num_gpu_blocks must be >= 1, got {self.num_gpu_blocks}")
+        parse_dtype(self.dtype)
+
+
+@dataclass
+class RemoteReservation:
+    """Decode side: where the prefill worker must write a prompt's KV."""
+
+    req_id: str
+    block_ids: list[int]  # blocks to fill, covering prompt tokens [num_cached_tokens, prompt_len)
+    num_cached_tokens: int  # prompt tokens already cached here (block-aligned)
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig) -> None:
+        config.validate()
+        self.config = config
+        self.model_config = ModelConfig.resolve(config.model)
+        max_model_len = config.max_model_len or self.model_config.max_position_embeddings
+        if self.model_config.sliding_window:
+            max_model_len = min(max_model_len, self.model_config.sliding_window)
+        self.max_model_len = max_model_len
+        self.runner = ModelRunner(
+            self.model_config,
+            device=config.device,
+            dtype=parse_dtype(config.dtype),
+            block_size=config.block_size,
+            num_blocks=config.num_gpu_blocks,
+            max_num_tokens=config.max_num_batched_tokens,
+            attention_backend=config.attention_backend,
+            load_format=config.load_format,
+        )
+        self.kv_manager = KVCacheManager(self.runner.num_blocks, config.block_size, config.enable_prefix_caching)
+        self.scheduler = Scheduler(
+            SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens, max_model_len), self.kv_manager
+        )
+        self.role = config.role
+        self._held: set[str] = set()  # prefill role: finished prefills whose blocks are still owned
+        self._ids = itertools.count()
+        self.num_steps = 0
+
+    # -- properties ---------------------------------------------------------
+    @property
+    def block_size(self) -> int:
+        return self.config.block_size
+
+    @property
+    def kv_cache(self) -> torch.Tensor:
+        return self.runner.kv_cache
+
+    @property
+    def eos_token_id(self) -> int | None:
+        return self.model_config.eos_token_id
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.num_unfinished > 0
+
+    # -- requests -----------------------------------------------------------
+    def new_request_id(self) -> str:
+        return f"req-{next(self._ids)}"
+
+    def _make_request(self, req_id: str, prompt_token_ids: list[int], params: SamplingParams) -> Request:
+        params.validate()
+        if not prompt_token_ids:
+            raise ValueError("prompt must not be empty")
+        vocab = self.model_config.vocab_size
+        bad = next((t for t in prompt_token_ids if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise ValueError(f"prompt token id {bad} is outside the vocabulary [0, {vocab})")
+        if len(prompt_token_ids) >= self.max_model_len:
+            raise ValueError(
+                f"prompt is {len(prompt_token_ids)} tokens, the model's context is {self.max_model_len} "
+                f"(prompt must leave room for at least one new token)"
+            )
+        needed = -(-(len(prompt_token_ids) + 1) // self.block_size)
+        if needed > self.kv_manager.num_blocks:
+            raise ValueError(
+                f"prompt needs {needed} KV blocks, the cache has only {self.kv_manager.num_blocks} (num_gpu_blocks)"
+            )
+        return Request(req_id, prompt_token_ids, params, eos_token_id=self.eos_token_id)
+
+    def add_request(self, req_id: str, prompt_token_ids: list[int], params: SamplingParams) -> Request:
+        request = self._make_request(req_id, prompt_token_ids, params)
+        self.scheduler.add_request(request)
+        return request
+
+    def abort_request(self, req_id: str) -> bool:
+        """Abort a queued, running, held or KV-awaiting request; free its blocks."""
+        if req_id in self._held:
+            self.release_request(req_id)
+            return True
+        return self.scheduler.abort(req_id) is not None
+
+    # -- prefill role -------------------------------------------------------
+    def get_block_ids(self, req_id: str) -> list[int]:
+        return self.kv_manager.get_block_ids(req_id)
+
+    def release_request(self, req_id: str) -> None:
+        """Prefill role: the KV of a finished prefill has been sent (or failed): free it."""
+        self._held.discard(req_id)
+        self.scheduler.release_held(req_id)
+
+    # -- decode role ----------------------------------------------------------
+    def reserve_remote(
+        self, req_id: str, prompt_token_ids: list[int], params: SamplingParams
+    ) -> RemoteReservation | None:
+        """Reserve blocks for a prompt whose KV comes from a prefill worker.
+
+        Blocks already cached here for the prompt's prefix are reused; only the
+        rest are returned for the sender to fill. None if the pool is full now.
+        """
+        request = self._make_request(req_id, prompt_token_ids, params)
+        table = self.scheduler.add_remote_request(request)
+        if table is None:
+            return None
+        first = request.num_cached_tokens // self.block_size
+        last = -(-request.num_prompt_tokens // self.block_size)
+        return RemoteReservation(req_id, table[first:last], request.num_cached_tokens)
+
+    def finish_remote(self, req_id: str, first_token_id: int) -> Request:
+        """The prompt's KV is in place: decode from the prefill's first token."""
+        return self.scheduler.finish_remote_kv(req_id, first_token_id)
+
+    # -- the step -------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        """One engine step; returns an output for every request that got a token."""
+        sched_out = self.scheduler.schedule()
+        if sched_out.is_empty:
+            return []
+        sampled = self.runner.execute(sched_out, self.scheduler.requests)
+        touched = self.scheduler.update(sched_out, sampled)
+        self.num_steps += 1
+        outputs = []
+        for request in touched:
+            finished = request.is_finished
+            if self.role == "prefill" and not finished:
+                # Stop here; keep the blocks until the worker has shipped them.
+                self.scheduler.hold(request)
+                self._held.add(request.req_id)
+            outputs.append(
+                RequestOutput(
+                    req_id=request.req_id,
+                    new_token_ids=[request.output_token_ids[-1]],
+                    finished=finished,
+                    finish_reason=request.finish_reason.value if finished else None,
+                    num_prompt_tokens=request.num_prompt_tokens,
+                    num_cached_tokens=request.num_cached_tokens,
+                    num_output_tokens=request.num_output_tokens,
+                )
+            )
+        return outputs
+
+    # -- state for the router ---------------------------------------------------
+    def take_kv_events(self) -> list:
+        return self.kv_manager.pool.take_events()
+
+    def load_stats(self) -> dict[str, int]:
+        return {
+            "num_free_blocks": self.kv_manager.num_free_blocks,
+            "num_total_blocks": self.kv_manager.num_blocks,
+            "block_size": self.block_size,
+            "num_running": len(self.scheduler.running),
+            "num_waiting": len(self.scheduler.waiting),
+            "num_queued_prefill_tokens": self.scheduler.num_queued_prefill_tokens,
+            "num_held": len(self._held),
+        }

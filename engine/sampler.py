@@ -1,0 +1,68 @@
+"""Token sampling: greedy, temperature, top-k, top-p, per-request seeds.
+
+All rows are sampled on the logits' device. Greedy rows take the argmax. Random
+rows draw by the exponential-race trick (argmax of p / E with E ~ Exp(1)), which
+equals sampling from p. A seeded request draws its noise from its own generator,
+seeded by (seed, number of tokens generated so far), so its tokens do not depend
+on the batch it shares or on earlier runs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from engine.core.sampling_params import SamplingParams
+
+
+@dataclass
+class SamplingRow:
+    params: SamplingParams
+    num_output_tokens: int  # tokens generated before this one (for the seeded stream)
+
+
+def _seeded_exponential(shape: tuple[int, ...], seed: int, step: int, device: torch.device) -> torch.Tensor:
+    gen = torch.Generator(device=device)
+    gen.manual_seed((seed * 1_000_003 + step) & 0x7FFF_FFFF_FFFF_FFFF)
+    return torch.empty(shape, device=device).exponential_(generator=gen)
+
+
+def apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """Mask logits outside each row's top-k and top-p sets. logits [N, V]; top_k [N] (0 = all); top_p [N]."""
+    sorted_logits, sorted_idx = logits.sort(dim=-1, descending=True)
+    vocab = logits.shape[-1]
+    k = torch.where(top_k > 0, top_k.clamp(max=vocab), torch.full_like(top_k, vocab))
+    ranks = torch.arange(vocab, device=logits.device)[None, :]
+    mask = ranks >= k[:, None]
+    probs = sorted_logits.masked_fill(mask, float("-inf")).softmax(dim=-1)
+    # keep the smallest set whose mass reaches top_p (always at least the top token)
+    cum_before = probs.cumsum(dim=-1) - probs
+    mask |= cum_before >= top_p[:, None]
+    sorted_logits = sorted_logits.masked_fill(mask, float("-inf"))
+    return torch.empty_like(logits).scatter_(-1, sorted_idx, sorted_logits)
+
+
+def sample(logits: torch.Tensor, rows: list[SamplingRow]) -> list[int]:
+    """logits [N, V] float32 -> one token id per row (host list)."""
+    n = logits.shape[0]
+    if all(r.params.greedy for r in rows):
+        return logits.argmax(dim=-1).tolist()
+    device = logits.device
+    temps = torch.tensor([r.params.temperature or 1.0 for r in rows], device=device, dtype=logits.dtype)
+    scaled = logits / temps[:, None]
+    if any(r.params.top_k > 0 or r.params.top_p < 1.0 for r in rows):
+        top_k = torch.tensor([max(r.params.top_k, 0) for r in rows], device=device)
+        top_p = torch.tensor([r.params.top_p for r in rows], device=device, dtype=logits.dtype)
+        scaled = apply_top_k_top_p(scaled, top_k, top_p)
+    probs = scaled.softmax(dim=-1)
+    noise = torch.empty_like(probs).exponential_()
+    for i, r in enumerate(rows):
+        if r.params.seed is not None:
+            noise[i] = _seeded_exponential((probs.shape[1],), r.params.seed, r.num_output_tokens, device)
+    random_tokens = (probs / noise).argmax(dim=-1)
+    greedy = torch.tensor([r.params.greedy for r in rows], device=device)
+    if greedy.any():
+        random_tokens = torch.where(greedy, logits.argmax(dim=-1), random_tokens)
+    assert random_tokens.shape[0] == n
+    return random_tokens.tolist()

@@ -1,0 +1,73 @@
+"""Small random Llama-family checkpoints saved with transformers' `save_pretrained`,
+for exactness tests against transformers as the oracle."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+ARCHS = ["llama", "mistral", "qwen2", "qwen3"]
+
+COMMON = dict(
+    vocab_size=320,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=1024,
+    initializer_range=0.2,  # peaky logits, so float noise cannot flip a greedy argmax
+    eos_token_id=None,
+    bos_token_id=None,
+    pad_token_id=None,
+)
+
+
+def make_checkpoint(arch: str, directory: str, seed: int = 0):
+    """Save a random checkpoint of `arch` into `directory`; return the HF model (float32, eval)."""
+    import transformers as tf
+
+    torch.manual_seed(seed)
+    if arch == "llama":
+        cfg = tf.LlamaConfig(
+            **COMMON,
+            tie_word_embeddings=False,
+            rope_scaling={
+                "rope_type": "llama3",
+                "factor": 8.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 64,
+            },
+            rope_theta=500000.0,
+        )
+        model = tf.LlamaForCausalLM(cfg)
+    elif arch == "mistral":
+        cfg = tf.MistralConfig(**COMMON, sliding_window=None, tie_word_embeddings=True)
+        model = tf.MistralForCausalLM(cfg)
+    elif arch == "qwen2":
+        cfg = tf.Qwen2Config(**COMMON, tie_word_embeddings=True)
+        model = tf.Qwen2ForCausalLM(cfg)
+    elif arch == "qwen3":
+        cfg = tf.Qwen3Config(**COMMON, head_dim=32, tie_word_embeddings=False)
+        model = tf.Qwen3ForCausalLM(cfg)
+    else:
+        raise ValueError(arch)
+    model = model.float().eval()
+    os.makedirs(directory, exist_ok=True)
+    model.save_pretrained(directory)
+    return model
+
+
+def hf_greedy(model, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
+    with torch.no_grad():
+        out = model.generate(
+            torch.tensor([prompt_ids]),
+            attention_mask=torch.ones(1, len(prompt_ids), dtype=torch.long),
+            max_new_tokens=max_new_tokens,
+            min_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=0,
+        )
+    return out[0, len(prompt_ids) :].tolist()
