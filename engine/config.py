@@ -99,7 +99,9 @@ class ModelConfig:
     def from_pretrained(cls, path: str) -> ModelConfig:
         cfg_path = os.path.join(path, "config.json")
         if not os.path.isdir(path):
-            raise ValueError(f"model path {path!r} does not exist (give a local Hugging Face directory or 'tiny')")
+            raise ValueError(
+                f"model path {path!r} does not exist (give a local Hugging Face directory or 'tiny')"
+            )
         if not os.path.isfile(cfg_path):
             raise ValueError(f"model path {path!r} has no config.json")
         with open(cfg_path) as f:

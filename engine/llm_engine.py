@@ -23,7 +23,7 @@ import torch
 from engine.config import ModelConfig
 from engine.core.kv_cache_manager import KVCacheManager
 from engine.core.outputs import RequestOutput
-from engine.core.request import Request
+from engine.core.request import Request, validate_prompt
 from engine.core.sampling_params import SamplingParams
 from engine.core.scheduler import Scheduler, SchedulerConfig
 from engine.model_runner import ModelRunner, parse_dtype
@@ -84,9 +84,12 @@ class LLMEngine:
             attention_backend=config.attention_backend,
             load_format=config.load_format,
         )
-        self.kv_manager = KVCacheManager(self.runner.num_blocks, config.block_size, config.enable_prefix_caching)
+        self.kv_manager = KVCacheManager(
+            self.runner.num_blocks, config.block_size, config.enable_prefix_caching
+        )
         self.scheduler = Scheduler(
-            SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens, max_model_len), self.kv_manager
+            SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens, max_model_len),
+            self.kv_manager,
         )
         self.role = config.role
         self._held: set[str] = set()  # prefill role: finished prefills whose blocks are still owned
@@ -115,21 +118,12 @@ class LLMEngine:
 
     def _make_request(self, req_id: str, prompt_token_ids: list[int], params: SamplingParams) -> Request:
         params.validate()
-        if not prompt_token_ids:
-            raise ValueError("prompt must not be empty")
-        vocab = self.model_config.vocab_size
-        bad = next((t for t in prompt_token_ids if not 0 <= t < vocab), None)
-        if bad is not None:
-            raise ValueError(f"prompt token id {bad} is outside the vocabulary [0, {vocab})")
-        if len(prompt_token_ids) >= self.max_model_len:
-            raise ValueError(
-                f"prompt is {len(prompt_token_ids)} tokens, the model's context is {self.max_model_len} "
-                f"(prompt must leave room for at least one new token)"
-            )
+        validate_prompt(prompt_token_ids, self.model_config.vocab_size, self.max_model_len)
         needed = -(-(len(prompt_token_ids) + 1) // self.block_size)
         if needed > self.kv_manager.num_blocks:
             raise ValueError(
-                f"prompt needs {needed} KV blocks, the cache has only {self.kv_manager.num_blocks} (num_gpu_blocks)"
+                f"prompt needs {needed} KV blocks, the cache has only "
+                f"{self.kv_manager.num_blocks} (num_gpu_blocks)"
             )
         return Request(req_id, prompt_token_ids, params, eos_token_id=self.eos_token_id)
 

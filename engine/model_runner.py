@@ -56,7 +56,14 @@ class ModelRunner:
             num_blocks = self._blocks_from_memory(max_num_tokens)
         self.num_blocks = num_blocks
         self.kv_cache = torch.zeros(
-            (config.num_hidden_layers, 2, num_blocks, block_size, config.num_key_value_heads, config.head_dim),
+            (
+                config.num_hidden_layers,
+                2,
+                num_blocks,
+                block_size,
+                config.num_key_value_heads,
+                config.head_dim,
+            ),
             dtype=dtype,
             device=self.device,
         )

@@ -53,9 +53,13 @@ class KVCacheManager:
         hits = self.pool.lookup(request.block_hashes[:max_blocks])
         return hits, len(hits) * self.block_size
 
-    def num_blocks_needed(self, request: Request, num_new_tokens: int, num_new_computed_blocks: int = 0) -> int:
+    def num_blocks_needed(
+        self, request: Request, num_new_tokens: int, num_new_computed_blocks: int = 0
+    ) -> int:
         have = len(self.block_ids.get(request.req_id, ())) + num_new_computed_blocks
-        total_tokens = request.num_computed_tokens + num_new_tokens + num_new_computed_blocks * self.block_size
+        total_tokens = (
+            request.num_computed_tokens + num_new_tokens + num_new_computed_blocks * self.block_size
+        )
         return max(0, cdiv(total_tokens, self.block_size) - have)
 
     def allocate_slots(

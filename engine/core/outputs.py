@@ -21,3 +21,4 @@ class RequestOutput:
     num_prompt_tokens: int = 0
     num_cached_tokens: int = 0
     num_output_tokens: int = 0
+    error: str | None = None  # set when the request ended because something failed

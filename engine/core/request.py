@@ -39,6 +39,20 @@ _STATUS_TO_REASON = {
 }
 
 
+def validate_prompt(prompt_token_ids: list[int], vocab_size: int, max_model_len: int) -> None:
+    """Raise ValueError naming what is wrong with a prompt (router and engine share this)."""
+    if not prompt_token_ids:
+        raise ValueError("prompt must not be empty")
+    bad = next((t for t in prompt_token_ids if not 0 <= t < vocab_size), None)
+    if bad is not None:
+        raise ValueError(f"prompt token id {bad} is outside the vocabulary [0, {vocab_size})")
+    if len(prompt_token_ids) >= max_model_len:
+        raise ValueError(
+            f"prompt is {len(prompt_token_ids)} tokens, the model's context is {max_model_len} "
+            f"(prompt must leave room for at least one new token)"
+        )
+
+
 class Request:
     """One generation request: its prompt, its output so far, and its progress.
 

@@ -145,7 +145,9 @@ class Scheduler:
     @property
     def num_queued_prefill_tokens(self) -> int:
         return sum(r.num_tokens - r.num_computed_tokens for r in self.waiting) + sum(
-            r.num_tokens - r.num_computed_tokens - 1 for r in self.running if r.num_computed_tokens < r.num_prompt_tokens
+            r.num_tokens - r.num_computed_tokens - 1
+            for r in self.running
+            if r.num_computed_tokens < r.num_prompt_tokens
         )
 
     # -- the step -----------------------------------------------------------

@@ -26,7 +26,9 @@ def _safetensors_files(path: str) -> list[str]:
         files = sorted(set(weight_map.values()))
         missing = [fn for fn in files if not os.path.isfile(os.path.join(path, fn))]
         if missing:
-            raise ValueError(f"model path {path!r}: shard(s) listed in the index are missing: {', '.join(missing)}")
+            raise ValueError(
+                f"model path {path!r}: shard(s) listed in the index are missing: {', '.join(missing)}"
+            )
         return [os.path.join(path, fn) for fn in files]
     single = os.path.join(path, "model.safetensors")
     if os.path.isfile(single):
@@ -98,8 +100,10 @@ def _load_safetensors(model: LlamaForCausalLM, files: list[str], device: str) ->
                         continue  # e.g. rotary inv_freq saved by old checkpoints
                     tensor = f.get_tensor(key)
                     if tensor.shape != param.shape:
-                        raise ValueError(f"{fn}: tensor {key} has shape {tuple(tensor.shape)}, "
-                                         f"the model expects {tuple(param.shape)}")
+                        raise ValueError(
+                            f"{fn}: tensor {key} has shape {tuple(tensor.shape)}, "
+                            f"the model expects {tuple(param.shape)}"
+                        )
                     param.copy_(tensor.to(device=device, dtype=param.dtype))
                     loaded.add(key)
     missing = [k for k in params if k not in loaded]

@@ -1,0 +1,80 @@
+"""Ray actor for the decode (or co-located) worker: forwards calls and runs the KV receiver.
+
+Created at wiring time with `ray.remote(DecodeActor)`; the class itself is plain
+so it can be built in a unit test without Ray.
+"""
+
+from __future__ import annotations
+
+from decode_worker.worker import DecodeWorker
+from engine.core.sampling_params import SamplingParams
+from engine.engine_loop import StepBatch
+from engine.llm_engine import EngineConfig
+from transfer.contract import KVHandle
+
+
+class DecodeActor:
+    def __init__(
+        self,
+        worker_id: str,
+        engine_config: EngineConfig,
+        transfer_backend: str,
+        role: str = "decode",
+        grpc_host: str = "127.0.0.1",
+    ) -> None:
+        self.worker = DecodeWorker(worker_id, engine_config, role=role)
+        self.transfer_backend = transfer_backend
+        self._receiver = None
+        self._grpc_server = None
+        if role == "decode" and transfer_backend == "grpc":
+            from transfer.grpc_backend import GrpcKVServer
+
+            if grpc_host == "auto":  # this node's address, reachable from other nodes
+                import ray
+
+                grpc_host = ray.util.get_node_ip_address()
+
+            self._grpc_server = GrpcKVServer(f"{grpc_host}:0", self.worker.receive_kv, self.worker.layout)
+            port = self._grpc_server.start()
+            self.worker.grpc_address = f"{grpc_host}:{port}"
+
+    def ready(self) -> str:
+        return self.worker.worker_id
+
+    def init_transfer(self, rank: int, world_size: int, init_method: str) -> None:
+        from transfer.nccl_backend import NcclKVReceiver, init_transfer_group
+
+        kv_cache = self.worker.engine.kv_cache
+        init_transfer_group(rank, world_size, init_method, kv_cache.device)
+        self.worker.nccl_rank = rank
+        self._receiver = NcclKVReceiver(self.worker.receive_kv, self.worker.layout, kv_cache.device)
+
+    def recv_kv_nccl(self, notice) -> None:
+        """Called by a prefill worker right before it sends; returns once the KV is in place."""
+        self._receiver.recv(notice)
+
+    def reserve(self, req_id: str, prompt_token_ids: list[int], params: SamplingParams) -> KVHandle | None:
+        return self.worker.reserve(req_id, prompt_token_ids, params)
+
+    def start(self, req_id: str, first_token_id: int) -> bool:
+        return self.worker.start(req_id, first_token_id)
+
+    def add_local(self, req_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        self.worker.add_local(req_id, prompt_token_ids, params)
+
+    def abort(self, req_id: str) -> bool:
+        return self.worker.abort(req_id)
+
+    def kv_failed(self, req_id: str, reason: str) -> None:
+        self.worker.kv_failed(req_id, reason)
+
+    def poll(self, timeout: float = 0.5) -> StepBatch:
+        return self.worker.poll(timeout)
+
+    def load(self) -> dict[str, int]:
+        return self.worker.load()
+
+    def shutdown(self) -> None:
+        if self._grpc_server is not None:
+            self._grpc_server.stop()
+        self.worker.shutdown()

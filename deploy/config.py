@@ -1,0 +1,190 @@
+"""Deploy configs: one YAML file names the model, cache, worker pools, transfer and router.
+
+Every key is checked: an unknown key or a bad value is a `ConfigError` naming
+the key path (e.g. `decode.count`), raised before anything starts.
+
+    model: tiny                      # a local Hugging Face directory, or "tiny"
+    engine: {device, dtype, block_size, num_gpu_blocks, max_num_seqs,
+             max_num_batched_tokens, max_model_len, enable_prefix_caching,
+             attention_backend, load_format}
+    prefill:   {count, resources: {num_cpus, num_gpus, resources: {NAME: amount}}}
+    decode:    {count, resources: ...}
+    colocated: {count, resources: ...}   # workers that run both phases (the baseline)
+    transfer:  {backend: grpc|nccl, host}
+    router:    {host, port, policy, policy_params: {...}, kv_events, max_queue_len,
+                max_wait_s, default_max_tokens}
+    ray:       {address, namespace, num_cpus}
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+from engine.llm_engine import EngineConfig
+
+
+class ConfigError(ValueError):
+    pass
+
+
+@dataclass
+class PoolConfig:
+    count: int = 0
+    resources: dict[str, Any] = field(default_factory=lambda: {"num_cpus": 0})
+
+
+@dataclass
+class TransferConfig:
+    backend: str = "grpc"
+    host: str = "127.0.0.1"  # address the decode workers' KV servers bind (grpc backend)
+
+
+@dataclass
+class RouterConfig:
+    host: str = "127.0.0.1"
+    port: int = 50051
+    policy: str = "cache_aware"
+    policy_params: dict[str, float] = field(default_factory=dict)
+    kv_events: bool = True
+    max_queue_len: int = 256
+    max_wait_s: float = 30.0
+    default_max_tokens: int = 16
+
+
+@dataclass
+class RayConfig:
+    address: str | None = None  # None: start a local Ray; "auto" or "host:port": join
+    namespace: str = "pdserve"
+    num_cpus: int | None = None
+
+
+@dataclass
+class DeployConfig:
+    model: str = "tiny"
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    prefill: PoolConfig = field(default_factory=PoolConfig)
+    decode: PoolConfig = field(default_factory=PoolConfig)
+    colocated: PoolConfig = field(default_factory=PoolConfig)
+    transfer: TransferConfig = field(default_factory=TransferConfig)
+    router: RouterConfig = field(default_factory=RouterConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+
+    @property
+    def disaggregated(self) -> bool:
+        return self.prefill.count > 0
+
+
+_RESOURCE_KEYS = {"num_cpus", "num_gpus", "resources", "memory"}
+
+
+def _build(cls, data: Any, path: str):
+    if data is None:
+        return cls()
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path or 'config'}: expected a mapping, got {type(data).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        key_path = f"{path}.{key}" if path else str(key)
+        if key not in fields:
+            raise ConfigError(f"{key_path}: unknown key (allowed: {', '.join(sorted(fields))})")
+        f = fields[key]
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        if dataclasses.is_dataclass(default):
+            kwargs[key] = _build(type(default), value, key_path)
+        else:
+            kwargs[key] = _check_type(value, f.type, default, key_path)
+    return cls(**kwargs)
+
+
+def _check_type(value: Any, type_str: Any, default: Any, path: str) -> Any:
+    t = str(type_str)
+    if value is None:
+        if "None" in t:
+            return None
+        raise ConfigError(f"{path}: must not be null")
+    if t.startswith("dict"):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path}: expected a mapping, got {value!r}")
+        return value
+    if t.startswith("bool"):
+        if not isinstance(value, bool):
+            raise ConfigError(f"{path}: expected true or false, got {value!r}")
+        return value
+    if t.startswith("int"):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{path}: expected an integer, got {value!r}")
+        return value
+    if t.startswith("float"):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{path}: expected a number, got {value!r}")
+        return float(value)
+    if t.startswith("str"):
+        if not isinstance(value, str):
+            raise ConfigError(f"{path}: expected a string, got {value!r}")
+        return value
+    return value
+
+
+def parse_config(data: dict[str, Any]) -> DeployConfig:
+    engine_data = dict((data or {}).get("engine") or {})
+    for key in ("model", "role"):
+        if key in engine_data:
+            raise ConfigError(
+                f"engine.{key}: unknown key (set the model at the top level; roles come from pools)"
+            )
+    cfg = _build(DeployConfig, data, "")
+    cfg.engine.model = cfg.model
+    try:
+        cfg.engine.validate()
+    except ValueError as exc:
+        raise ConfigError(f"engine: {exc}") from exc
+    for name in ("prefill", "decode", "colocated"):
+        pool: PoolConfig = getattr(cfg, name)
+        if pool.count < 0:
+            raise ConfigError(f"{name}.count: must be >= 0, got {pool.count}")
+        for key in pool.resources:
+            if key not in _RESOURCE_KEYS:
+                raise ConfigError(
+                    f"{name}.resources.{key}: unknown key (allowed: {', '.join(sorted(_RESOURCE_KEYS))})"
+                )
+    if (cfg.prefill.count > 0) != (cfg.decode.count > 0):
+        raise ConfigError("prefill.count / decode.count: a disaggregated deployment needs both pools")
+    if cfg.prefill.count + cfg.decode.count + cfg.colocated.count == 0:
+        raise ConfigError("prefill.count / decode.count / colocated.count: no workers configured")
+    if cfg.transfer.backend not in ("grpc", "nccl"):
+        raise ConfigError(f"transfer.backend: must be grpc or nccl, got {cfg.transfer.backend!r}")
+    from router.policy import POLICIES, PolicyConfig
+
+    if cfg.router.policy not in POLICIES:
+        raise ConfigError(f"router.policy: must be one of {', '.join(POLICIES)}, got {cfg.router.policy!r}")
+    policy_fields = {f.name for f in dataclasses.fields(PolicyConfig)}
+    for key in cfg.router.policy_params:
+        if key not in policy_fields:
+            raise ConfigError(
+                f"router.policy_params.{key}: unknown key (allowed: {', '.join(sorted(policy_fields))})"
+            )
+    if not 0 <= cfg.router.port < 65536:
+        raise ConfigError(f"router.port: must be in [0, 65535], got {cfg.router.port}")
+    return cfg
+
+
+def load_config(path: str, overrides: dict[str, Any] | None = None) -> DeployConfig:
+    try:
+        with open(path) as f:
+            data = yaml.safe_load(f) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path!r} does not exist") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    for dotted, value in (overrides or {}).items():
+        node = data
+        *parents, last = dotted.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[last] = value
+    return parse_config(data)

@@ -1,0 +1,173 @@
+"""`pdserve up`: start or join Ray, place the workers, wire KV transfer, start the router.
+
+    dep = up("deploy/local.yaml")      # -> Deployment with .url ("127.0.0.1:50051")
+    dep.down()
+
+Workers are named Ray actors in the config's namespace (`pdserve-prefill-0`,
+`pdserve-decode-0`, `pdserve-colocated-0`, `pdserve-router`), so `pdserve status`
+and `pdserve down` can find them from another process.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+from deploy.config import DeployConfig, load_config
+from engine.config import ModelConfig
+
+log = logging.getLogger(__name__)
+
+ROUTER_NAME = "pdserve-router"
+ACTOR_MAX_CONCURRENCY = 512  # blocking calls (prefill, poll, KV receive) each hold a thread
+
+
+@dataclass
+class Deployment:
+    url: str
+    config: DeployConfig
+    router: Any
+    workers: dict[str, Any] = field(default_factory=dict)  # worker id -> actor handle
+    started_ray: bool = False
+
+    def status(self) -> dict[str, Any]:
+        import ray
+
+        return ray.get(self.router.status.remote())
+
+    def down(self) -> None:
+        import ray
+
+        try:
+            ray.get(self.router.stop.remote(), timeout=10)
+        except Exception as exc:  # noqa: BLE001 - going down anyway
+            log.warning("router stop: %s", exc)
+        for handle in [self.router, *self.workers.values()]:
+            try:
+                ray.kill(handle)
+            except Exception:  # noqa: BLE001
+                pass
+        if self.started_ray:
+            ray.shutdown()
+
+
+def _actor_options(resources: dict[str, Any], name: str, namespace: str, detached: bool) -> dict[str, Any]:
+    opts: dict[str, Any] = {"name": name, "namespace": namespace, "max_concurrency": ACTOR_MAX_CONCURRENCY}
+    opts.update({k: v for k, v in resources.items()})
+    if detached:
+        opts["lifetime"] = "detached"
+    return opts
+
+
+def up(
+    config: str | DeployConfig,
+    address: str | None = None,
+    overrides: dict[str, Any] | None = None,
+    detached: bool = False,
+) -> Deployment:
+    """Bring a deployment up and return once the router reports SERVING."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    from decode_worker.actor import DecodeActor
+    from prefill_worker.actor import PrefillActor
+    from router.actor import RouterActor
+    from router.service import ModelSummary
+
+    cfg = load_config(config, overrides) if isinstance(config, str) else config
+    model_cfg = ModelConfig.resolve(cfg.model)  # fail fast on a bad model path
+    started_ray = False
+    if not ray.is_initialized():
+        ray.init(
+            address=address or cfg.ray.address,
+            namespace=cfg.ray.namespace,
+            num_cpus=cfg.ray.num_cpus if not (address or cfg.ray.address) else None,
+            include_dashboard=False,
+            log_to_driver=os.environ.get("PDSERVE_WORKER_LOGS", "0") == "1",
+            runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join(_python_path())}},
+        )
+        started_ray = True
+    ns = cfg.ray.namespace
+    workers: dict[str, Any] = {}
+    roles: dict[str, str] = {}
+    prefill: dict[str, Any] = {}
+    decode: dict[str, Any] = {}
+    try:
+        prefill_cls = ray.remote(PrefillActor)
+        decode_cls = ray.remote(DecodeActor)
+        for i in range(cfg.prefill.count):
+            wid = f"prefill-{i}"
+            opts = _actor_options(cfg.prefill.resources, f"pdserve-{wid}", ns, detached)
+            prefill[wid] = prefill_cls.options(**opts).remote(
+                wid, copy.deepcopy(cfg.engine), cfg.transfer.backend
+            )
+            roles[wid] = "prefill"
+        for i in range(cfg.decode.count):
+            wid = f"decode-{i}"
+            opts = _actor_options(cfg.decode.resources, f"pdserve-{wid}", ns, detached)
+            decode[wid] = decode_cls.options(**opts).remote(
+                wid, copy.deepcopy(cfg.engine), cfg.transfer.backend, "decode", cfg.transfer.host
+            )
+            roles[wid] = "decode"
+        for i in range(cfg.colocated.count):
+            wid = f"colocated-{i}"
+            opts = _actor_options(cfg.colocated.resources, f"pdserve-{wid}", ns, detached)
+            decode[wid] = decode_cls.options(**opts).remote(
+                wid, copy.deepcopy(cfg.engine), cfg.transfer.backend, "both", cfg.transfer.host
+            )
+            roles[wid] = "both"
+        workers = {**prefill, **decode}
+        ray.get([h.ready.remote() for h in workers.values()])  # engines built (or their error)
+        if cfg.prefill.count and cfg.transfer.backend == "nccl":
+            _init_nccl(prefill, decode, roles)
+        for handle in prefill.values():
+            ray.get(handle.set_decode_peers.remote({w: h for w, h in decode.items() if roles[w] == "decode"}))
+        summary = ModelSummary(
+            name=model_cfg.name,
+            vocab_size=model_cfg.vocab_size,
+            max_model_len=cfg.engine.max_model_len or model_cfg.max_position_embeddings,
+            block_size=cfg.engine.block_size,
+            eos_token_id=model_cfg.eos_token_id,
+        )
+        router_opts = _actor_options({"num_cpus": 0}, ROUTER_NAME, ns, detached)
+        router_opts["scheduling_strategy"] = NodeAffinitySchedulingStrategy(
+            ray.get_runtime_context().get_node_id(), soft=False
+        )
+        router_opts.pop("max_concurrency")  # async actor: concurrency is its event loop
+        router = (
+            ray.remote(RouterActor)
+            .options(**router_opts)
+            .remote(summary, cfg.model, prefill, decode, roles, cfg.router)
+        )
+        url = ray.get(router.start.remote())
+    except BaseException:
+        for handle in workers.values():
+            try:
+                ray.kill(handle)
+            except Exception:  # noqa: BLE001
+                pass
+        if started_ray:
+            ray.shutdown()
+        raise
+    return Deployment(url, cfg, router, workers, started_ray)
+
+
+def _init_nccl(prefill: dict[str, Any], decode: dict[str, Any], roles: dict[str, str]) -> None:
+    """One torch.distributed group over every prefill and decode worker (rank 0 = prefill-0)."""
+    import ray
+
+    members = list(prefill.items()) + [(w, h) for w, h in decode.items() if roles[w] == "decode"]
+    init_method = "tcp://" + ray.get(members[0][1].rendezvous_address.remote())
+    ray.get([h.init_transfer.remote(rank, len(members), init_method) for rank, (_, h) in enumerate(members)])
+
+
+def _python_path() -> list[str]:
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    return [
+        root,
+        os.path.join(root, "proto"),
+        *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep)),
+    ]

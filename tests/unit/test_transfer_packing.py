@@ -1,0 +1,171 @@
+"""Packing, byte round trips, layouts and handles (CPU, in-process)."""
+
+from __future__ import annotations
+
+import pickle
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from transfer.contract import KVHandle, check_send_args
+from transfer.layout import KVLayout, KVLayoutMismatch
+from transfer.packing import (
+    buffer_nbytes,
+    from_bytes,
+    pack_blocks,
+    to_bytes,
+    unpack_blocks,
+    unpack_into,
+)
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+def make_cache(num_blocks: int = 10, dtype: torch.dtype = torch.float32, seed: int = 0) -> torch.Tensor:
+    # [num_layers=3, 2, num_blocks, block_size=4, Hkv=2, D=8]
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(3, 2, num_blocks, 4, 2, 8, generator=generator).to(dtype)
+
+
+def bits(tensor: torch.Tensor) -> torch.Tensor:
+    """Bitwise view, so comparisons are exact for every dtype (and NaN-safe)."""
+    return tensor.contiguous().reshape(-1).view(torch.uint8)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_pack_then_unpack_moves_blocks_bit_exact(dtype: torch.dtype) -> None:
+    src = make_cache(dtype=dtype, seed=1)
+    dst = torch.zeros(3, 2, 12, 4, 2, 8, dtype=dtype)
+    src_ids, dst_ids = [7, 2, 5], [0, 11, 3]
+    buffer = pack_blocks(src, src_ids)
+    assert buffer.shape == (3, 2, 3, 4, 2, 8) and buffer.is_contiguous()
+    unpack_blocks(dst, buffer, dst_ids)
+    for s, d in zip(src_ids, dst_ids, strict=True):
+        assert torch.equal(bits(dst[:, :, d]), bits(src[:, :, s]))
+    untouched = [b for b in range(12) if b not in dst_ids]
+    assert torch.count_nonzero(dst[:, :, untouched].float()) == 0
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.data())
+def test_pack_unpack_property(data: st.DataObject) -> None:
+    num_blocks = data.draw(st.integers(1, 9))
+    n = data.draw(st.integers(1, num_blocks))
+    src_ids = data.draw(st.lists(st.integers(0, num_blocks - 1), min_size=n, max_size=n))
+    dst_ids = data.draw(st.permutations(range(num_blocks)))[:n]
+    src = make_cache(num_blocks, seed=n)
+    dst = torch.zeros_like(src)
+    unpack_blocks(dst, pack_blocks(src, src_ids), dst_ids)
+    expected = src.index_select(2, torch.tensor(src_ids))
+    assert torch.equal(dst.index_select(2, torch.tensor(dst_ids)), expected)
+
+
+def test_pack_into_pooled_buffer() -> None:
+    src = make_cache()
+    pooled = torch.empty(3, 2, 2, 4, 2, 8)
+    out = pack_blocks(src, [4, 1], out=pooled)
+    assert out.data_ptr() == pooled.data_ptr()
+    assert torch.equal(pooled, src[:, :, [4, 1]])
+    with pytest.raises(ValueError, match="shape"):
+        pack_blocks(src, [4, 1, 2], out=pooled)
+
+
+def test_bad_inputs_raise_clear_errors() -> None:
+    cache = make_cache(num_blocks=5)
+    with pytest.raises(ValueError, match="block id 5 out of range for a cache of 5 blocks"):
+        pack_blocks(cache, [0, 5])
+    with pytest.raises(ValueError, match="block id -1 out of range"):
+        pack_blocks(cache, [-1])
+    with pytest.raises(ValueError, match="empty"):
+        pack_blocks(cache, [])
+    with pytest.raises(ValueError, match="num_layers, 2, num_blocks"):
+        pack_blocks(cache[0], [0])
+    buffer = pack_blocks(cache, [0, 1])
+    with pytest.raises(ValueError, match="duplicate"):
+        unpack_blocks(cache, buffer, [3, 3])
+    with pytest.raises(ValueError, match=r"shape .* does not match"):
+        unpack_blocks(cache, buffer, [3])
+    with pytest.raises(ValueError, match="dtype"):
+        unpack_blocks(cache, buffer.to(torch.bfloat16), [3, 4])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_bytes_round_trip(dtype: torch.dtype) -> None:
+    tensor = pack_blocks(make_cache(dtype=dtype, seed=3), [1, 3])
+    payload = to_bytes(tensor)
+    assert payload.nbytes == tensor.numel() * tensor.element_size()
+    # writable source shares memory; read-only bytes are copied once
+    shared = from_bytes(bytearray(payload), str(dtype), tensor.shape)
+    copied = from_bytes(bytes(payload), dtype, tensor.shape)
+    for back in (shared, copied):
+        assert back.dtype == dtype and back.shape == tensor.shape
+        assert torch.equal(bits(back), bits(tensor))
+    with pytest.raises(ValueError, match="needs"):
+        from_bytes(bytes(payload)[:-2], dtype, tensor.shape)
+    with pytest.raises(ValueError, match="contiguous"):
+        to_bytes(tensor.transpose(0, 1))
+
+
+def test_buffer_nbytes_matches_packed_tensor() -> None:
+    cache = make_cache(dtype=torch.bfloat16)
+    layout = KVLayout.from_cache(cache, "tiny")
+    packed = pack_blocks(cache, [0, 1, 2, 3])
+    assert buffer_nbytes(layout, 4) == packed.numel() * packed.element_size() == 3 * 2 * 4 * 4 * 2 * 8 * 2
+
+
+def test_unpack_into_callback_scatters_then_signals() -> None:
+    src, dst = make_cache(seed=5), torch.zeros(3, 2, 10, 4, 2, 8)
+    ready: list[str] = []
+    callback = unpack_into(dst, ready.append)
+    callback("req-1", [9, 8], pack_blocks(src, [0, 1]))
+    assert ready == ["req-1"]
+    assert torch.equal(dst[:, :, [9, 8]], src[:, :, [0, 1]])
+
+
+def test_layout_fingerprint_is_stable_and_field_sensitive() -> None:
+    layout = KVLayout("llama-3-8b", "torch.bfloat16", 32, 8, 128, 16)
+    assert layout.dtype == "bfloat16"
+    same = KVLayout("llama-3-8b", "bfloat16", 32, 8, 128, 16)
+    assert layout.fingerprint() == same.fingerprint()
+    # Pinned value: a change here breaks prefill/decode workers of different versions.
+    assert layout.fingerprint() == "c48da67c4f12a5070a192ffa23db9067"
+    assert len(layout.fingerprint()) == 32 and int(layout.fingerprint(), 16) >= 0
+    other = KVLayout("llama-3-8b", "bfloat16", 32, 8, 128, 32)
+    assert layout.fingerprint() != other.fingerprint()
+
+
+def test_layout_mismatch_names_every_field() -> None:
+    prefill = KVLayout("m", "bfloat16", 32, 8, 128, 16)
+    decode = KVLayout("m", "float16", 32, 8, 64, 32)
+    with pytest.raises(KVLayoutMismatch) as info:
+        prefill.check_compatible(decode)
+    message = str(info.value)
+    assert "block_size: prefill 16 != decode 32" in message
+    assert "head_dim: prefill 128 != decode 64" in message
+    assert "dtype: prefill 'bfloat16' != decode 'float16'" in message
+    assert "num_layers" not in message
+    prefill.check_compatible(KVLayout("m", "bfloat16", 32, 8, 128, 16))
+    with pytest.raises(ValueError, match="positive"):
+        KVLayout("m", "bfloat16", 0, 8, 128, 16)
+
+
+def test_layout_from_cache() -> None:
+    layout = KVLayout.from_cache(make_cache(dtype=torch.bfloat16), "tiny")
+    assert layout == KVLayout("tiny", "bfloat16", num_layers=3, num_kv_heads=2, head_dim=8, block_size=4)
+
+
+def test_handle_is_plain_picklable_data_and_checks_args() -> None:
+    layout = KVLayout("tiny", "float32", 3, 2, 8, 4)
+    handle = KVHandle("req-1", "decode-0", [4, 5], 7, layout, nccl_rank=1)
+    assert handle.layout_fingerprint == layout.fingerprint()
+    assert pickle.loads(pickle.dumps(handle)) == handle
+    with pytest.raises(KVLayoutMismatch, match="fingerprint"):
+        KVHandle("req-1", "decode-0", [4], 3, layout, layout_fingerprint="0" * 32, nccl_rank=1)
+    with pytest.raises(ValueError, match="nccl_rank or grpc_address"):
+        KVHandle("req-1", "decode-0", [4], 3, layout)
+    with pytest.raises(ValueError, match="1 source blocks but the handle asks for 2"):
+        check_send_args(handle, [0], layout)
+    with pytest.raises(KVLayoutMismatch, match="block_size: prefill 8 != decode 4"):
+        check_send_args(handle, [0, 1], KVLayout("tiny", "float32", 3, 2, 8, 8))

@@ -1,0 +1,157 @@
+"""Gather a request's KV blocks into one contiguous buffer and scatter them back.
+
+The engine's cache is one tensor per worker,
+`kv_cache: [num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim]`, so a
+request's blocks for every layer, K and V, are one `index_select` on dim 2 into
+`buffer: [num_layers, 2, n, block_size, num_kv_heads, head_dim]` and one
+`index_copy_` on dim 2 on arrival. One buffer per request is what gets sent:
+sending block by block is an order of magnitude slower (see DESIGN.md).
+
+Block ids are checked on the host before indexing, because an out-of-range index
+on CUDA is a device-side assert that kills the process rather than an exception.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+
+from transfer.layout import KV_CACHE_NDIM, KVLayout, normalize_dtype_name
+
+
+def dtype_from_name(name: str) -> torch.dtype:
+    """`"bfloat16"` (or `"torch.bfloat16"`) -> `torch.bfloat16`; anything else raises ValueError."""
+    dtype = getattr(torch, normalize_dtype_name(name), None)
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError(f"unknown torch dtype name {name!r}")
+    return dtype
+
+
+def _check_cache(kv_cache: torch.Tensor) -> None:
+    if kv_cache.dim() != KV_CACHE_NDIM or kv_cache.shape[1] != 2:
+        raise ValueError(
+            "kv_cache must be [num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim], "
+            f"got shape {tuple(kv_cache.shape)}"
+        )
+
+
+def _check_block_ids(kv_cache: torch.Tensor, block_ids: Sequence[int], unique: bool) -> None:
+    if len(block_ids) == 0:
+        raise ValueError("block_ids is empty: nothing to pack or unpack")
+    num_blocks = kv_cache.shape[2]
+    low, high = min(block_ids), max(block_ids)
+    if low < 0 or high >= num_blocks:
+        bad = low if low < 0 else high
+        raise ValueError(f"block id {bad} out of range for a cache of {num_blocks} blocks")
+    # index_copy_ with a repeated index writes one of the rows nondeterministically.
+    if unique and len(set(block_ids)) != len(block_ids):
+        raise ValueError(f"duplicate block ids in {list(block_ids)}")
+
+
+def block_index(kv_cache: torch.Tensor, block_ids: Sequence[int]) -> torch.Tensor:
+    """Block ids as an int64 tensor on the cache's device (one small host-to-device copy)."""
+    return torch.as_tensor(list(block_ids), dtype=torch.long).to(kv_cache.device, non_blocking=True)
+
+
+def pack_blocks(
+    kv_cache: torch.Tensor, block_ids: Sequence[int], out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Gather `block_ids` (in order) into one contiguous buffer.
+
+    kv_cache: [num_layers, 2, num_blocks, block_size, Hkv, D]
+    returns:  [num_layers, 2, len(block_ids), block_size, Hkv, D], same dtype and device.
+    `out`, if given (e.g. a pooled buffer), must have exactly that shape, dtype and device.
+    """
+    _check_cache(kv_cache)
+    _check_block_ids(kv_cache, block_ids, unique=False)
+    index = block_index(kv_cache, block_ids)
+    if out is None:
+        return torch.index_select(kv_cache, 2, index)
+    _check_buffer(kv_cache, out, len(block_ids))
+    return torch.index_select(kv_cache, 2, index, out=out)
+
+
+def _check_buffer(kv_cache: torch.Tensor, buffer: torch.Tensor, n_blocks: int) -> None:
+    expected = (*kv_cache.shape[:2], n_blocks, *kv_cache.shape[3:])
+    if tuple(buffer.shape) != expected:
+        raise ValueError(
+            f"KV buffer shape {tuple(buffer.shape)} does not match the cache: expected {expected} "
+            f"for {n_blocks} blocks of a cache shaped {tuple(kv_cache.shape)}"
+        )
+    if buffer.dtype != kv_cache.dtype:
+        raise ValueError(f"KV buffer dtype {buffer.dtype} != cache dtype {kv_cache.dtype}")
+    if buffer.device != kv_cache.device:
+        raise ValueError(f"KV buffer is on {buffer.device} but the cache is on {kv_cache.device}")
+
+
+def unpack_blocks(kv_cache: torch.Tensor, buffer: torch.Tensor, block_ids: Sequence[int]) -> None:
+    """Scatter `buffer` into `kv_cache` at `block_ids` (buffer block i -> cache block block_ids[i]).
+
+    buffer: [num_layers, 2, len(block_ids), block_size, Hkv, D], same dtype and device as the cache.
+    """
+    _check_cache(kv_cache)
+    _check_block_ids(kv_cache, block_ids, unique=True)
+    _check_buffer(kv_cache, buffer, len(block_ids))
+    kv_cache.index_copy_(2, block_index(kv_cache, block_ids), buffer)
+
+
+def buffer_nbytes(layout: KVLayout, n_blocks: int) -> int:
+    """Bytes in a packed buffer of `n_blocks` blocks."""
+    numel = 1
+    for size in layout.buffer_shape(n_blocks):
+        numel *= size
+    return numel * dtype_from_name(layout.dtype).itemsize
+
+
+def to_bytes(tensor: torch.Tensor) -> memoryview:
+    """A zero-copy byte view of a contiguous CPU tensor (any dtype, bfloat16 included)."""
+    if tensor.device.type != "cpu":
+        raise ValueError(f"to_bytes needs a CPU tensor, got one on {tensor.device}; copy it to host first")
+    if not tensor.is_contiguous():
+        raise ValueError("to_bytes needs a contiguous tensor")
+    # view(torch.uint8) reinterprets the bytes without going through numpy's dtypes (numpy has no bfloat16).
+    return memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
+
+
+def from_bytes(
+    data: bytes | bytearray | memoryview, dtype: str | torch.dtype, shape: Sequence[int]
+) -> torch.Tensor:
+    """The inverse of `to_bytes`: a CPU tensor of `shape` and `dtype` over `data`.
+
+    Shares memory with a writable `data` (bytearray, writable memoryview); read-only data
+    (bytes) is copied once, because torch tensors over read-only memory are unsafe to write.
+    """
+    torch_dtype = dtype if isinstance(dtype, torch.dtype) else dtype_from_name(dtype)
+    view = memoryview(data)
+    if view.readonly:
+        view = memoryview(bytearray(view))
+    numel = 1
+    for size in shape:
+        numel *= int(size)
+    expected_nbytes = numel * torch_dtype.itemsize
+    if view.nbytes != expected_nbytes:
+        raise ValueError(
+            f"got {view.nbytes} bytes, but shape {tuple(shape)} of {torch_dtype} needs {expected_nbytes}"
+        )
+    if expected_nbytes == 0:
+        return torch.empty(tuple(shape), dtype=torch_dtype)
+    raw = torch.frombuffer(view, dtype=torch.uint8)
+    return raw.view(torch_dtype).reshape(tuple(shape))
+
+
+def unpack_into(
+    kv_cache: torch.Tensor, on_ready: Callable[[str], None] | None = None
+) -> Callable[[str, list[int], torch.Tensor], None]:
+    """An `on_kv_received` callback that scatters the arrived buffer into `kv_cache`.
+
+    The buffer may be on another device (the gRPC path delivers CPU tensors); it is
+    copied to the cache's device first. `on_ready(req_id)` runs after the scatter.
+    """
+
+    def on_kv_received(req_id: str, block_ids: list[int], buffer: torch.Tensor) -> None:
+        unpack_blocks(kv_cache, buffer.to(kv_cache.device), block_ids)
+        if on_ready is not None:
+            on_ready(req_id)
+
+    return on_kv_received
