@@ -41,6 +41,12 @@ class DecodeActor:
     def ready(self) -> str:
         return self.worker.worker_id
 
+    def node_id(self) -> str:
+        """The Ray node this worker runs on."""
+        import ray
+
+        return ray.get_runtime_context().get_node_id()
+
     def init_transfer(self, rank: int, world_size: int, init_method: str) -> None:
         from transfer.nccl_backend import NcclKVReceiver, init_transfer_group
 

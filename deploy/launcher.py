@@ -81,10 +81,13 @@ def up(
     model_cfg = ModelConfig.resolve(cfg.model)  # fail fast on a bad model path
     started_ray = False
     if not ray.is_initialized():
+        join = address or cfg.ray.address
+        local_ip = {} if join else {"_node_ip_address": "127.0.0.1"}  # a local cluster stays on loopback
         ray.init(
-            address=address or cfg.ray.address,
+            **local_ip,
+            address=join or "local",
             namespace=cfg.ray.namespace,
-            num_cpus=cfg.ray.num_cpus if not (address or cfg.ray.address) else None,
+            num_cpus=cfg.ray.num_cpus if not join else None,
             include_dashboard=False,
             log_to_driver=os.environ.get("PDSERVE_WORKER_LOGS", "0") == "1",
             runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join(_python_path())}},

@@ -25,6 +25,12 @@ class PrefillActor:
     def ready(self) -> str:
         return self.worker.worker_id
 
+    def node_id(self) -> str:
+        """The Ray node this worker runs on."""
+        import ray
+
+        return ray.get_runtime_context().get_node_id()
+
     def rendezvous_address(self) -> str:
         """host:port on this worker's node for the transfer group's store (rank 0 hosts it)."""
         import socket

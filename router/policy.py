@@ -53,9 +53,15 @@ class PolicyConfig:
         worker's queue exceeds the least loaded one's by more than abs tokens AND
         by more than rel times, ignore the cache and pick the shortest queue
         (SGLang's balance_abs_threshold/balance_rel_threshold).
-    local_prefill_threshold_tokens: if the chosen decode worker would have to
-        compute at most this many uncached prompt tokens, prefill there and skip
-        the KV transfer (conditional disaggregation). 0 turns it off.
+    local_prefill_threshold_tokens, local_prefill_penalty_tokens: conditional
+        disaggregation. If the chosen decode worker would have to compute at most
+        threshold uncached prompt tokens, and that plus the penalty costs no more
+        than the best remote prefill (its cost as above), prefill on the decode
+        worker and skip the KV transfer. The penalty stands for the wait a local
+        prefill adds: it starts with the decode worker's next step (~12 ms on
+        Llama-3-8B/H200, i.e. ~400 tokens at 30 us/token). So short remainders
+        go local when the prefill pool is queued, remote when it is idle.
+        Threshold 0 turns it off.
     decode_memory_weight, decode_load_weight: decode score = memory weight * the
         worker's block use after admitting the request (fraction of total) + load
         weight * its running+waiting+pending requests (fraction of the busiest
@@ -66,9 +72,10 @@ class PolicyConfig:
     """
 
     prefill_queue_weight: float = 1.0
-    balance_abs_threshold_tokens: int = 32768
-    balance_rel_threshold: float = 4.0
-    local_prefill_threshold_tokens: int = 64
+    balance_abs_threshold_tokens: int = 4096
+    balance_rel_threshold: float = 2.0
+    local_prefill_threshold_tokens: int = 256
+    local_prefill_penalty_tokens: int = 400
     decode_memory_weight: float = 1.0
     decode_load_weight: float = 1.0
     decode_prefix_weight: float = 0.25
@@ -127,7 +134,8 @@ class Policy:
         if not spare:
             return None
         colocated = not prefill_only and not decode_only
-        return _Pools(prefill=self._rotated(prefill_only + both, self._num_routed), decode=list(spare), spare=spare, colocated=colocated)
+        prefill = self._rotated(prefill_only + both, self._num_routed)
+        return _Pools(prefill=prefill, decode=list(spare), spare=spare, colocated=colocated)
 
     def _decode_scores(
         self,
@@ -236,7 +244,8 @@ class CacheAwarePolicy(Policy):
 
     def _best_prefill(
         self, request: RouteRequest, state: WorkerStateTracker, candidates: list[str], matched: dict[str, int]
-    ) -> str:
+    ) -> tuple[str, float]:
+        """The prefill worker of least cost, and that cost (in prompt tokens)."""
         cfg = self.config
         queued = {w: state.queued_prefill_tokens(w) for w in candidates}
         least_queued = min(candidates, key=queued.__getitem__)
@@ -245,7 +254,9 @@ class CacheAwarePolicy(Policy):
             max_queue - min_queue > cfg.balance_abs_threshold_tokens
             and max_queue > cfg.balance_rel_threshold * min_queue
         ):
-            return least_queued  # imbalanced: cache hits may not deepen it
+            # Imbalanced: cache hits may not deepen it.
+            hit = self._hit_tokens(least_queued, request, state, matched)
+            return least_queued, request.num_prompt_tokens - hit + cfg.prefill_queue_weight * min_queue
         # Workers without a hit all cost the full prompt, so among them only the
         # least queued can win: score it and the workers with a hit.
         best = least_queued
@@ -259,7 +270,7 @@ class CacheAwarePolicy(Policy):
                 )
                 if cost < best_cost:
                     best, best_cost = w, cost
-        return best
+        return best, best_cost
 
     def route(self, request: RouteRequest, state: WorkerStateTracker) -> RouteDecision | None:
         pools = self._pools(request, state)
@@ -267,15 +278,21 @@ class CacheAwarePolicy(Policy):
             return None
         matched = state.index.overlaps(request.block_hashes)
         if pools.colocated:
-            worker_id = self._best_prefill(request, state, pools.decode, matched)
+            worker_id, _ = self._best_prefill(request, state, pools.decode, matched)
             return self._decision(request, state, None, worker_id, matched)
         scores = self._decode_scores(request, state, pools, matched, self.config.decode_prefix_weight)
         decode_worker_id = min(pools.decode, key=scores.__getitem__)
         decode_hit_tokens = self._hit_tokens(decode_worker_id, request, state, matched)
         uncached_on_decode = request.num_prompt_tokens - decode_hit_tokens
-        if not pools.prefill or uncached_on_decode <= self.config.local_prefill_threshold_tokens:
+        if not pools.prefill:
             return self._decision(request, state, None, decode_worker_id, matched)
-        prefill_worker_id = self._best_prefill(request, state, pools.prefill, matched)
+        prefill_worker_id, remote_cost = self._best_prefill(request, state, pools.prefill, matched)
+        cfg = self.config
+        if (
+            uncached_on_decode <= cfg.local_prefill_threshold_tokens
+            and uncached_on_decode + cfg.local_prefill_penalty_tokens <= remote_cost
+        ):
+            return self._decision(request, state, None, decode_worker_id, matched)
         return self._decision(request, state, prefill_worker_id, decode_worker_id, matched)
 
 

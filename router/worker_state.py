@@ -35,10 +35,12 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from engine.core.block_pool import BlockRemoved, BlockStored
 from router.kv_index import KVIndex
 
 if TYPE_CHECKING:
+    # Types only: importing `engine` at run time would pull in torch through
+    # engine/__init__.py, and the router must run without torch.
+    from engine.core.block_pool import BlockRemoved, BlockStored
     from router.policy import RouteDecision, RouteRequest
 
 ROLES = ("prefill", "decode", "both")
@@ -49,13 +51,13 @@ class LoadReport:
     worker_id: str
     instance_id: str
     role: str  # "prefill" | "decode" | "both"
-    num_free_blocks: int
+    num_free_blocks: int  # BlockPool.num_free_blocks (cached-but-free blocks count as free)
     num_total_blocks: int
-    block_size: int
+    block_size: int  # must equal the block size the router hashes prompts with
     num_running: int
     num_waiting: int
-    num_queued_prefill_tokens: int
-    timestamp: float
+    num_queued_prefill_tokens: int  # uncached prompt tokens waiting or being computed now
+    timestamp: float  # when the worker took these numbers (same clock as the router's)
 
     def __post_init__(self) -> None:
         if self.role not in ROLES:
@@ -216,7 +218,7 @@ class WorkerStateTracker:
                 self.index.remove_worker(worker_id)
             return False
         for event in batch.events:
-            if isinstance(event, BlockStored):
+            if hasattr(event, "parent_hash"):  # BlockStored (BlockRemoved has no parent)
                 self.index.store(worker_id, event.block_hashes)
             else:
                 self.index.remove(worker_id, event.block_hashes)

@@ -47,7 +47,7 @@ import torch.distributed as dist
 
 from transfer.contract import KVHandle, KVReceiverCallback, KVTransferError, TransferStats, check_send_args
 from transfer.layout import KVLayout, KVLayoutMismatch, normalize_dtype_name
-from transfer.packing import buffer_nbytes, dtype_from_name, pack_blocks
+from transfer.packing import dtype_from_name, pack_blocks
 
 DEFAULT_TIMEOUT_S = 60.0
 
@@ -173,6 +173,12 @@ class NcclKVSender:
         with self._locks_guard:
             return self._locks.setdefault(dst, threading.Lock())
 
+    def _stream_for(self, device: torch.device) -> _SideStream:
+        with self._locks_guard:
+            if device not in self._streams:
+                self._streams[device] = _SideStream(device)
+            return self._streams[device]
+
     def send(
         self,
         handle: KVHandle,
@@ -190,8 +196,7 @@ class NcclKVSender:
             raise ValueError(f"request {handle.req_id}: cannot send to own rank {dst}")
         check_send_args(handle, src_block_ids, KVLayout.from_cache(kv_cache, self.model_name))
 
-        stream = self._streams.setdefault(kv_cache.device, _SideStream(kv_cache.device))
-        with self._lock_for(dst), stream.active():
+        with self._lock_for(dst), self._stream_for(kv_cache.device).active():
             if dst in self._broken:
                 raise KVTransferError(f"rank {dst} is unusable after an earlier failure: {self._broken[dst]}")
             start = time.perf_counter()
@@ -274,6 +279,9 @@ class NcclKVReceiver:
         # and the link is shared anyway.
         self._recv_lock = threading.Lock()
         self._stream = _SideStream(self.device)
+        # Sources whose receive timed out: that irecv may still match their next send, so any
+        # further request from them is refused. Keep the pending Work and buffer alive.
+        self._broken_sources: dict[int, tuple[dist.Work, torch.Tensor]] = {}
 
     def recv(self, notice: NcclTransferNotice) -> None:
         """Receive one request's buffer from `notice.src_rank`, then hand it to `on_kv_received`.
@@ -282,6 +290,11 @@ class NcclKVReceiver:
         or `KVTransferError`; in both cases the bytes were drained when the notice allowed it.
         """
         with self._recv_lock, self._stream.active():
+            if notice.src_rank in self._broken_sources:
+                raise KVTransferError(
+                    f"request {notice.req_id}: rank {notice.src_rank} is unusable after an earlier recv "
+                    "timed out"
+                )
             problem = self._validate(notice)
             drainable = self._drainable(notice)
             if problem is not None and not drainable:
@@ -290,13 +303,13 @@ class NcclKVReceiver:
             buffer = torch.empty(notice.shape, dtype=dtype, device=self.device)
             work = dist.irecv(buffer, src=notice.src_rank, group=self.group)
             try:
-                completed = work.wait(timeout=datetime.timedelta(seconds=self.timeout_s))
+                completed = bool(work.wait(timeout=datetime.timedelta(seconds=self.timeout_s)))
+                failure = "" if completed else "timed out"
             except Exception as exc:
-                raise KVTransferError(
-                    f"request {notice.req_id}: recv from rank {notice.src_rank}: {exc}"
-                ) from exc
+                completed, failure = False, str(exc)
             if not completed:
-                raise KVTransferError(f"request {notice.req_id}: recv from rank {notice.src_rank} timed out")
+                self._broken_sources[notice.src_rank] = (work, buffer)
+                raise KVTransferError(f"request {notice.req_id}: recv from rank {notice.src_rank}: {failure}")
             if problem is not None:
                 raise problem
             self.on_kv_received(notice.req_id, list(notice.block_ids), buffer)
@@ -323,8 +336,3 @@ class NcclKVReceiver:
         for size in notice.shape:
             numel *= int(size)
         return 0 < numel * dtype.itemsize == notice.nbytes <= self.max_nbytes
-
-
-def expected_nbytes(layout: KVLayout, n_blocks: int) -> int:
-    """Bytes the receiver will allocate for `n_blocks` (for admission checks in the wiring layer)."""
-    return buffer_nbytes(layout, n_blocks)

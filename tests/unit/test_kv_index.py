@@ -73,3 +73,15 @@ def test_overlaps_match_brute_force() -> None:
             if n:
                 expected[worker] = n
         assert index.overlaps(prompt) == expected
+
+
+def test_removed_worker_slot_is_reused_without_stale_holdings() -> None:
+    index = KVIndex()
+    index.store("old", [1, 2, 3])
+    index.store("other", [1])
+    index.remove_worker("old")
+    index.store("new", [7])  # takes the removed worker's bit
+    assert index.overlaps([1, 2, 3]) == {"other": 1}
+    assert index.holders(7) == frozenset({"new"}) and index.num_blocks_of("new") == 1
+    assert sorted(index.workers()) == ["new", "other"]
+    assert 2 not in index and 3 not in index

@@ -1,5 +1,9 @@
 """Routing policies over a real tracker and index."""
 
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 
 from engine.core.block_pool import BlockStored
@@ -16,8 +20,16 @@ from router.worker_state import KVEventBatch, LoadReport, WorkerStateTracker
 BLOCK = 16
 
 
-def add_worker(tracker: WorkerStateTracker, worker_id: str, role: str, free: int = 1000, total: int = 1000,
-               running: int = 0, queued: int = 0, ts: float = 0.0) -> None:
+def add_worker(
+    tracker: WorkerStateTracker,
+    worker_id: str,
+    role: str,
+    free: int = 1000,
+    total: int = 1000,
+    running: int = 0,
+    queued: int = 0,
+    ts: float = 0.0,
+) -> None:
     tracker.update_load(LoadReport(worker_id, "i0", role, free, total, BLOCK, running, 0, queued, ts))
 
 
@@ -107,15 +119,25 @@ def test_committed_blocks_stop_admission_before_memory_runs_out() -> None:
 
 def test_conditional_disaggregation_prefills_on_decode_worker() -> None:
     tracker = cluster()
-    hold(tracker, "d1", PREFIX)
-    hold(tracker, "p0", PREFIX)
+    hold(tracker, "d1", PREFIX)  # 40 tokens left to compute there; 1,064 on any prefill worker
     decision = CacheAwarePolicy().route(request("r", PREFIX + [5, 6], extra_tokens=8), tracker)
     assert decision is not None
     assert decision.prefill_worker_id is None and decision.decode_worker_id == "d1"
     assert decision.num_prefix_hit_tokens == 64 * BLOCK
     off = CacheAwarePolicy(PolicyConfig(local_prefill_threshold_tokens=0))
     decision = off.route(request("r", PREFIX + [5, 6], extra_tokens=8), tracker)
+    assert decision is not None and decision.prefill_worker_id in ("p0", "p1")
+
+
+def test_idle_prefill_worker_with_the_prefix_beats_local_prefill() -> None:
+    tracker = cluster()
+    hold(tracker, "d1", PREFIX)
+    hold(tracker, "p0", PREFIX)  # same 40-token remainder, no decode-step wait
+    decision = CacheAwarePolicy().route(request("r", PREFIX + [5, 6], extra_tokens=8), tracker)
     assert decision is not None and decision.prefill_worker_id == "p0"
+    add_worker(tracker, "p0", "prefill", queued=2000, ts=0.5)  # now it is busy: go local
+    decision = CacheAwarePolicy().route(request("r", PREFIX + [5, 6], extra_tokens=8), tracker)
+    assert decision is not None and decision.prefill_worker_id is None
 
 
 def test_no_sink_under_one_hot_prefix() -> None:
@@ -168,3 +190,12 @@ def test_make_policy_names_unknown_policy_and_parameter() -> None:
         make_policy("least_loaded", decode_load_weight=-1)
     policy = make_policy("cache_aware", local_prefill_threshold_tokens=0)
     assert policy.config.local_prefill_threshold_tokens == 0
+
+
+def test_routing_modules_do_not_import_torch() -> None:
+    code = (
+        "import sys, router.kv_index, router.worker_state, router.policy, router.admission; "
+        "sys.exit(1 if 'torch' in sys.modules else 0)"
+    )
+    repo_root = Path(__file__).resolve().parents[2]
+    assert subprocess.run([sys.executable, "-c", code], cwd=repo_root, check=False).returncode == 0

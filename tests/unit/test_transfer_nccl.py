@@ -44,6 +44,10 @@ def make_cache(num_blocks: int, dtype: torch.dtype | str, seed: int) -> torch.Te
     return torch.randn(2, 2, num_blocks, 4, 2, 16, generator=generator).to(dtype)
 
 
+def device_for(rank: int, use_cuda: bool) -> str:
+    return f"cuda:{rank}" if use_cuda else "cpu"
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -51,15 +55,23 @@ def free_port() -> int:
 
 
 def receiver_main(
-    rank: int, world: int, init: str, notices: Any, replies: list[Any], results: Any, slow_released: Any
+    rank: int,
+    world: int,
+    init: str,
+    notices: Any,
+    replies: list[Any],
+    results: Any,
+    slow_released: Any,
+    use_cuda: bool,
 ) -> None:
-    init_transfer_group(rank, world, init, "cpu", timeout_s=20)
+    device = device_for(rank, use_cuda)
+    init_transfer_group(rank, world, init, device, timeout_s=20)
     caches = {
-        dtype: torch.zeros_like(make_cache(NUM_RECEIVER_BLOCKS, dtype, 0))
+        dtype: torch.zeros_like(make_cache(NUM_RECEIVER_BLOCKS, dtype, 0)).to(device)
         for dtype in ("float32", "bfloat16")
     }
     receivers = {
-        name: NcclKVReceiver(unpack_into(cache), KVLayout.from_cache(cache, MODEL), "cpu", timeout_s=10)
+        name: NcclKVReceiver(unpack_into(cache), KVLayout.from_cache(cache, MODEL), device, timeout_s=10)
         for name, cache in caches.items()
     }
     senders_left = world - 1
@@ -78,7 +90,7 @@ def receiver_main(
         except Exception as exc:
             reply = (notice.req_id, type(exc).__name__, str(exc))
         replies[notice.src_rank].put(reply)
-    results.put(("receiver", {name: bytes(to_bytes(cache)) for name, cache in caches.items()}))
+    results.put(("receiver", {name: bytes(to_bytes(cache.cpu())) for name, cache in caches.items()}))
     destroy_transfer_group()
 
 
@@ -91,8 +103,10 @@ def sender_main(
     reply_queue: Any,
     results: Any,
     slow_released: Any,
+    use_cuda: bool,
 ) -> None:
-    init_transfer_group(rank, world, init, "cpu", timeout_s=20)
+    device = device_for(rank, use_cuda)
+    init_transfer_group(rank, world, init, device, timeout_s=20)
     pending: dict[str, Future] = {}
     pending_lock = threading.Lock()
 
@@ -120,7 +134,7 @@ def sender_main(
     sender = NcclKVSender(rank, MODEL, notify, timeout_s=SEND_TIMEOUT_S)
     outcomes = []
     for req_id, dtype_name, src_ids, dst_ids, handle_dtype in plan:
-        cache = make_cache(16, getattr(torch, dtype_name), seed=rank)
+        cache = make_cache(16, getattr(torch, dtype_name), seed=rank).to(device)
         layout = KVLayout.from_cache(cache, MODEL)
         if handle_dtype != dtype_name:  # a handle that lies about the decode layout
             layout = KVLayout.from_cache(cache.to(getattr(torch, handle_dtype)), MODEL)
@@ -141,7 +155,7 @@ def sender_main(
     destroy_transfer_group()
 
 
-def run_world(plans: dict[int, list[tuple]]) -> dict[str, Any]:
+def run_world(plans: dict[int, list[tuple]], use_cuda: bool = False) -> dict[str, Any]:
     """Rank 0 receives; ranks 1.. send `plans[rank]`. Returns what each process reported."""
     if sys.platform.startswith("linux"):
         os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # inherited by the spawned children
@@ -150,10 +164,10 @@ def run_world(plans: dict[int, list[tuple]]) -> dict[str, Any]:
     init = f"tcp://127.0.0.1:{free_port()}"
     notices, results, slow_released = ctx.Queue(), ctx.Queue(), ctx.Event()
     replies = [ctx.Queue() for _ in range(world)]
-    receiver_args = (0, world, init, notices, replies, results, slow_released)
+    receiver_args = (0, world, init, notices, replies, results, slow_released, use_cuda)
     processes = [ctx.Process(target=receiver_main, args=receiver_args)]
     for rank, plan in plans.items():
-        args = (rank, world, init, plan, notices, replies[rank], results, slow_released)
+        args = (rank, world, init, plan, notices, replies[rank], results, slow_released, use_cuda)
         processes.append(ctx.Process(target=sender_main, args=args))
     for process in processes:
         process.start()
@@ -224,26 +238,41 @@ def test_two_processes_float32_and_bfloat16_bit_exact_with_refusal_and_timeout()
         assert_cache_equals(reports["receiver"][dtype_name], expected)
 
 
-def test_two_senders_one_receiver_bit_exact() -> None:
-    plans = {
-        1: [
-            ("s1-f32-a", "float32", [0, 1, 2], [0, 1, 2], "float32"),
-            ("s1-bf16-a", "bfloat16", [5, 6], [3, 4], "bfloat16"),
-            ("s1-f32-b", "float32", [15, 14, 13, 12], [5, 6, 7, 8], "float32"),
-        ],
-        2: [
-            ("s2-f32-a", "float32", [0, 1, 2], [12, 13, 14], "float32"),
-            ("s2-bf16-a", "bfloat16", [7, 8, 9], [20, 21, 22], "bfloat16"),
-            ("s2-bf16-b", "bfloat16", [1], [9], "bfloat16"),
-        ],
-    }
-    reports = run_world(plans)
-    for rank in (1, 2):
+TWO_SENDER_PLANS = {
+    1: [
+        ("s1-f32-a", "float32", [0, 1, 2], [0, 1, 2], "float32"),
+        ("s1-bf16-a", "bfloat16", [5, 6], [3, 4], "bfloat16"),
+        ("s1-f32-b", "float32", [15, 14, 13, 12], [5, 6, 7, 8], "float32"),
+    ],
+    2: [
+        ("s2-f32-a", "float32", [0, 1, 2], [12, 13, 14], "float32"),
+        ("s2-bf16-a", "bfloat16", [7, 8, 9], [20, 21, 22], "bfloat16"),
+        ("s2-bf16-b", "bfloat16", [1], [9], "bfloat16"),
+    ],
+}
+
+
+def check_sender_world(plans: dict[int, list[tuple]], use_cuda: bool) -> None:
+    reports = run_world(plans, use_cuda)
+    for rank in plans:
         assert all(status == "ok" for _, status, _ in reports[f"sender{rank}"]), reports[f"sender{rank}"]
     delivered = {req_id for plan in plans.values() for req_id, *_ in plan}
     for dtype_name in ("float32", "bfloat16"):
         expected = expected_receiver_cache(dtype_name, plans, delivered)
         assert_cache_equals(reports["receiver"][dtype_name], expected)
+
+
+def test_two_senders_one_receiver_bit_exact() -> None:
+    check_sender_world(TWO_SENDER_PLANS, use_cuda=False)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("num_senders", [1, 2])
+def test_senders_to_one_receiver_bit_exact_over_nccl(num_senders: int) -> None:
+    if torch.cuda.device_count() < num_senders + 1:
+        pytest.skip(f"needs {num_senders + 1} CUDA GPUs (one per rank)")
+    plans = {rank: TWO_SENDER_PLANS[rank] for rank in range(1, num_senders + 1)}
+    check_sender_world(plans, use_cuda=True)
 
 
 def test_sender_refuses_bad_arguments_before_touching_the_group() -> None:

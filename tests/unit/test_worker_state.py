@@ -5,8 +5,15 @@ from router.policy import RouteDecision, RouteRequest
 from router.worker_state import KVEventBatch, KVSnapshot, LoadReport, WorkerStateTracker
 
 
-def report(worker_id: str, role: str = "decode", free: int = 100, total: int = 100, ts: float = 0.0,
-           instance: str = "i0", queued: int = 0) -> LoadReport:
+def report(
+    worker_id: str,
+    role: str = "decode",
+    free: int = 100,
+    total: int = 100,
+    ts: float = 0.0,
+    instance: str = "i0",
+    queued: int = 0,
+) -> LoadReport:
     return LoadReport(worker_id, instance, role, free, total, 4, 0, 0, queued, ts)
 
 

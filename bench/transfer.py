@@ -1,0 +1,205 @@
+"""KV packing and host-path transfer throughput.
+
+    python -m bench.transfer                 # Llama-3-8B-shaped cache, 2,048-token request (GPU)
+    python -m bench.transfer --small         # CPU-sized run, < 30 s
+    python -m bench.transfer --json out.json
+
+Measures, on the current device, for one request's blocks (scattered block ids):
+  pack    one index_select on dim 2 into a pooled buffer   [L, 2, n, bs, Hkv, D]
+  unpack  one index_copy_ on dim 2 into another cache
+  copy    a plain contiguous device-to-device copy of the same bytes (the ceiling)
+reported as GB/s of bytes read + written, and as a ratio to `copy`; then the gRPC host
+path end to end (pack -> host -> stream over 127.0.0.1 -> reassemble -> unpack), as
+payload GB/s. Times are the best of N runs, with the device synchronized (a shared
+CPU box is noisy; the best run is the most repeatable figure).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+import torch
+
+from transfer.contract import KVHandle
+from transfer.grpc_backend import GrpcKVSender, GrpcKVServer
+from transfer.layout import KVLayout
+from transfer.packing import buffer_nbytes, pack_blocks, unpack_blocks, unpack_into
+
+
+@dataclass
+class BenchConfig:
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    block_size: int
+    dtype: str
+    num_cache_blocks: int
+    request_blocks: int
+    iters: int
+    grpc_iters: int
+
+
+FULL = BenchConfig(
+    32, 8, 128, 16, "bfloat16", num_cache_blocks=512, request_blocks=128, iters=20, grpc_iters=3
+)
+SMALL = BenchConfig(
+    8, 8, 128, 16, "bfloat16", num_cache_blocks=128, request_blocks=64, iters=10, grpc_iters=3
+)
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def best_seconds(fn: Callable[[], object], iters: int, device: torch.device, warmup: int = 2) -> float:
+    """Fastest of `iters` timed runs: the least disturbed by other work on a shared machine."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(iters):
+        synchronize(device)
+        start = time.perf_counter()
+        fn()
+        synchronize(device)
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def run(config: BenchConfig, device: torch.device, seed: int = 0) -> dict[str, object]:
+    dtype = getattr(torch, config.dtype)
+    # [num_layers, 2, num_cache_blocks, block_size, Hkv, D]
+    shape = (
+        config.num_layers,
+        2,
+        config.num_cache_blocks,
+        config.block_size,
+        config.num_kv_heads,
+        config.head_dim,
+    )
+    generator = torch.Generator().manual_seed(seed)
+    src_cache = torch.randn(shape, generator=generator).to(dtype).to(device)
+    dst_cache = torch.zeros_like(src_cache)
+    layout = KVLayout.from_cache(src_cache, "bench")
+    n = config.request_blocks
+    # Scattered ids, as a real block table after some churn.
+    src_ids = torch.randperm(config.num_cache_blocks, generator=generator)[:n].tolist()
+    dst_ids = torch.randperm(config.num_cache_blocks, generator=generator)[:n].tolist()
+    nbytes = buffer_nbytes(layout, n)
+
+    buffer = torch.empty(layout.buffer_shape(n), dtype=dtype, device=device)  # pooled
+    pack_s = best_seconds(lambda: pack_blocks(src_cache, src_ids, out=buffer), config.iters, device)
+    unpack_s = best_seconds(lambda: unpack_blocks(dst_cache, buffer, dst_ids), config.iters, device)
+    flat_src = src_cache.reshape(-1)[: nbytes // dtype.itemsize]
+    flat_dst = torch.empty_like(flat_src)
+    copy_s = best_seconds(lambda: flat_dst.copy_(flat_src), config.iters, device)
+    assert torch.equal(dst_cache[:, :, dst_ids], src_cache[:, :, src_ids]), "pack/unpack lost data"
+
+    grpc_result = bench_grpc(config, src_cache, src_ids, dst_ids, layout, device)
+
+    def gbps(seconds: float, moved: int) -> float:
+        return moved / seconds / 1e9
+
+    copy_gbps = gbps(copy_s, 2 * nbytes)
+    return {
+        "device": torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else f"cpu ({torch.get_num_threads()} threads)",
+        "torch": torch.__version__,
+        "config": asdict(config),
+        "request_nbytes": nbytes,
+        "pack_ms": pack_s * 1e3,
+        "pack_gbps": gbps(pack_s, 2 * nbytes),
+        "pack_vs_copy": gbps(pack_s, 2 * nbytes) / copy_gbps,
+        "unpack_ms": unpack_s * 1e3,
+        "unpack_gbps": gbps(unpack_s, 2 * nbytes),
+        "unpack_vs_copy": gbps(unpack_s, 2 * nbytes) / copy_gbps,
+        "copy_ms": copy_s * 1e3,
+        "copy_gbps": copy_gbps,
+        **grpc_result,
+    }
+
+
+def bench_grpc(
+    config: BenchConfig,
+    src_cache: torch.Tensor,
+    src_ids: list[int],
+    dst_ids: list[int],
+    layout: KVLayout,
+    device: torch.device,
+) -> dict[str, float]:
+    recv_cache = torch.zeros_like(src_cache)
+    server = GrpcKVServer("127.0.0.1:0", unpack_into(recv_cache), layout)
+    server.start()
+    sender = GrpcKVSender("bench")
+    try:
+        handle = KVHandle("bench", "decode-0", dst_ids, len(dst_ids) * config.block_size, layout,
+                          grpc_address=server.address)  # fmt: skip
+        stats = []
+        seconds = best_seconds(
+            lambda: stats.append(sender.send(handle, src_ids, src_cache)), config.grpc_iters, device, 1
+        )
+        assert torch.equal(recv_cache[:, :, dst_ids], src_cache[:, :, src_ids]), "gRPC path lost data"
+    finally:
+        sender.close()
+        server.stop()
+    measured = stats[1:]  # drop the warm-up send
+    return {
+        "grpc_ms": seconds * 1e3,
+        "grpc_gbps": stats[0].nbytes / seconds / 1e9,
+        "grpc_pack_to_host_ms": min(s.pack_ms for s in measured),
+        "grpc_stream_and_unpack_ms": min(s.send_ms for s in measured),
+    }
+
+
+def print_report(result: dict[str, object]) -> None:
+    config = result["config"]
+    print(f"device: {result['device']}   torch {result['torch']}")
+    print(
+        f"cache: {config['num_layers']} layers x {config['num_kv_heads']} KV heads "
+        f"x head_dim {config['head_dim']}, {config['dtype']}, block {config['block_size']}; "
+        f"request: {config['request_blocks']} blocks "
+        f"= {result['request_nbytes'] / 1e6:.1f} MB"
+    )
+    print(f"{'path':<10}{'ms':>10}{'GB/s (r+w)':>14}{'vs copy':>10}")
+    for name in ("copy", "pack", "unpack"):
+        ratio = 1.0 if name == "copy" else result[f"{name}_vs_copy"]
+        print(f"{name:<10}{result[f'{name}_ms']:>10.2f}{result[f'{name}_gbps']:>14.2f}{ratio:>10.2f}")
+    print(
+        f"gRPC host path (pack -> host -> loopback stream -> unpack): {result['grpc_ms']:.1f} ms, "
+        f"{result['grpc_gbps']:.2f} GB/s payload (pack+to-host {result['grpc_pack_to_host_ms']:.1f} ms, "
+        f"stream+unpack {result['grpc_stream_and_unpack_ms']:.1f} ms)"
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--small",
+        action="store_true",
+        help="CPU-sized run (8 layers, 64-block request = 33.5 MB, bigger than a 32 MiB L3)",
+    )
+    parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch CPU threads (1 avoids OpenMP stalls on a busy box)"
+    )
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    result = run(SMALL if args.small else FULL, device)
+    print_report(result)
+    if args.json:
+        with open(args.json, "w") as file:
+            json.dump(result, file, indent=2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,257 @@
+"""The `pdserve` command.
+
+    pdserve generate --model tiny --prompt "Hello" --max-tokens 32   # offline engine
+    pdserve generate --url 127.0.0.1:50051 --prompt "Hello"          # a running deployment
+    pdserve up deploy/local.yaml [--address ADDR] [--detach] [--demo]
+    pdserve status [--address ADDR]
+    pdserve down [--address ADDR] [--stop-ray]
+    pdserve bench serve|sweep ...                                    # see bench/
+
+Errors a user can cause (bad config, bad model path, bad request) print one line
+naming what is wrong and exit 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import time
+
+
+def _sampling_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stop", action="append", default=[])
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    if args.url:
+        from router.client import GenerateChunk, PdserveClient
+
+        with PdserveClient(args.url) as client:
+            client.wait_ready(timeout=args.timeout)
+            complete = None
+            for ev in client.generate(
+                args.prompt,
+                max_tokens=args.max_tokens,
+                temperature=args.temperature,
+                top_p=args.top_p,
+                top_k=args.top_k,
+                seed=args.seed,
+                stop=args.stop,
+            ):
+                if isinstance(ev, GenerateChunk):
+                    print(ev.text, end="", flush=True)
+                else:
+                    complete = ev
+        print()
+        if complete is not None:
+            u, t = complete.usage, complete.timings
+            print(
+                f"[{complete.finish_reason}] prompt {u.prompt_tokens} tokens ({u.cached_tokens} cached), "
+                f"{u.completion_tokens} generated; TTFT {t.ttft_ms:.1f} ms, "
+                f"KV transfer {t.kv_transfer_ms:.1f} ms",
+                file=sys.stderr,
+            )
+        return 0
+    from engine import SamplingParams
+    from engine.llm_engine import EngineConfig, LLMEngine
+    from engine.output_processor import OutputProcessor
+    from engine.tokenizer import load_tokenizer
+
+    engine = LLMEngine(EngineConfig(model=args.model, device=args.device, dtype=args.dtype))
+    mc = engine.model_config
+    tokenizer = load_tokenizer(args.model, mc.eos_token_id, mc.bos_token_id)
+    if tokenizer is None:
+        raise ValueError(f"model {args.model!r} has no tokenizer.json")
+    params = SamplingParams(
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        seed=args.seed,
+        max_tokens=args.max_tokens,
+        stop=args.stop,
+    )
+    ids = tokenizer.encode(args.prompt)
+    engine.add_request("cli", ids, params)
+    processor = OutputProcessor(tokenizer)
+    processor.add("cli", ids, params)
+    while engine.has_unfinished():
+        for out in engine.step():
+            delta = processor.process(out.req_id, out.new_token_ids, out.finished)
+            print(delta.text, end="", flush=True)
+            if delta.stopped and not out.finished:
+                engine.abort_request(out.req_id)
+    print()
+    return 0
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    from deploy.launcher import up
+
+    overrides = {}
+    if args.port is not None:
+        overrides["router.port"] = args.port
+    address = args.address
+    if args.detach and address is None:
+        import subprocess
+
+        subprocess.run(["ray", "start", "--head", "--disable-usage-stats"], check=True, capture_output=True)
+        address = "auto"
+    t0 = time.perf_counter()
+    dep = up(args.config, address=address, overrides=overrides, detached=args.detach)
+    print(
+        f"pdserve is serving {dep.config.model} at {dep.url} "
+        f"({dep.config.prefill.count}P/{dep.config.decode.count}D/{dep.config.colocated.count} co-located, "
+        f"transfer {dep.config.transfer.backend}; up in {time.perf_counter() - t0:.1f} s)",
+        flush=True,
+    )
+    if args.demo:
+        print(f"$ pdserve generate --url {dep.url} --prompt 'Hello, pdserve!'", flush=True)
+        demo = argparse.Namespace(
+            url=dep.url,
+            prompt="Hello, pdserve!",
+            max_tokens=32,
+            temperature=0.0,
+            top_p=1.0,
+            top_k=0,
+            seed=None,
+            stop=[],
+            timeout=60.0,
+        )
+        cmd_generate(demo)
+    if args.detach:
+        print("detached: stop it with `pdserve down --stop-ray`")
+        return 0
+    print("serving until Ctrl-C", flush=True)
+    stop = []
+    signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
+    try:
+        while not stop and (args.serve_seconds is None or time.perf_counter() - t0 < args.serve_seconds):
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        pass
+    dep.down()
+    return 0
+
+
+def _connect(address: str | None, namespace: str):
+    import ray
+
+    ray.init(address=address or "auto", namespace=namespace, log_to_driver=False)
+    return ray
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from deploy.launcher import ROUTER_NAME
+
+    ray = _connect(args.address, args.namespace)
+    status = ray.get(ray.get_actor(ROUTER_NAME).status.remote())
+    print(
+        f"router ready: {status['ready']}; streams: {status['num_streams']}; "
+        f"waiting for admission: {status['num_waiting_admission']}"
+    )
+    print(f"{'worker':<14}{'role':<10}{'KV used':>16}{'running':>9}{'waiting':>9}")
+    for wid, w in status["workers"].items():
+        total = w.get("num_total_blocks", 0)
+        used = total - w.get("num_free_blocks", 0)
+        pct = 100.0 * used / total if total else 0.0
+        print(
+            f"{wid:<14}{w['role']:<10}{f'{used}/{total} ({pct:.0f}%)':>16}"
+            f"{w.get('num_running', 0):>9}{w.get('num_waiting', 0):>9}"
+        )
+    return 0
+
+
+def cmd_down(args: argparse.Namespace) -> int:
+    ray = _connect(args.address, args.namespace)
+    killed = 0
+    for actor in ray.util.list_named_actors(all_namespaces=True):
+        if actor["namespace"] == args.namespace and actor["name"].startswith("pdserve-"):
+            ray.kill(ray.get_actor(actor["name"], namespace=args.namespace))
+            killed += 1
+    print(f"stopped {killed} pdserve actor(s)")
+    if args.stop_ray:
+        import subprocess
+
+        ray.shutdown()
+        subprocess.run(["ray", "stop"], check=False, capture_output=True)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pdserve", description="Disaggregated prefill/decode LLM serving")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    g = sub.add_parser("generate", help="stream a completion (offline engine, or --url of a deployment)")
+    src = g.add_mutually_exclusive_group(required=True)
+    src.add_argument("--model", help="local Hugging Face directory, or 'tiny'")
+    src.add_argument("--url", help="HOST:PORT of a pdserve router")
+    g.add_argument("--device", default="cpu")
+    g.add_argument("--dtype", default="float32")
+    g.add_argument("--timeout", type=float, default=60.0)
+    _sampling_args(g)
+    g.set_defaults(func=cmd_generate)
+
+    u = sub.add_parser("up", help="start a deployment from a YAML config")
+    u.add_argument("config")
+    u.add_argument("--address", help="join this Ray cluster instead of starting one")
+    u.add_argument("--port", type=int, help="override router.port")
+    u.add_argument("--detach", action="store_true", help="leave it running (detached Ray actors)")
+    u.add_argument("--demo", action="store_true", help="stream one sample completion once up")
+    u.add_argument("--serve-seconds", type=float, default=None, help="stop after this long (default: Ctrl-C)")
+    u.set_defaults(func=cmd_up)
+
+    for name, func, help_ in (
+        ("status", cmd_status, "show workers and KV usage"),
+        ("down", cmd_down, "stop a detached deployment"),
+    ):
+        p = sub.add_parser(name, help=help_)
+        p.add_argument("--address", default=None)
+        p.add_argument("--namespace", default="pdserve")
+        if name == "down":
+            p.add_argument("--stop-ray", action="store_true")
+        p.set_defaults(func=func)
+
+    b = sub.add_parser("bench", help="load tests against a deployment (vLLM-style)")
+    b.add_argument("mode", choices=["serve", "sweep"])
+    b.add_argument("rest", nargs=argparse.REMAINDER)
+    b.set_defaults(func=lambda a: _bench(a.mode, a.rest))
+    return parser
+
+
+def _bench(mode: str, rest: list[str]) -> int:
+    if mode == "serve":
+        from bench.serve import main as serve_main
+
+        return serve_main(rest) or 0
+    from bench.sweep import main as sweep_main
+
+    return sweep_main(rest) or 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ValueError as exc:  # ConfigError is a ValueError: bad config, model path, request
+        print(f"pdserve: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:  # noqa: BLE001 - one line for errors users hit (e.g. no cluster)
+        from router.client import PdserveError
+
+        if isinstance(exc, PdserveError):
+            print(f"pdserve: error: {exc}", file=sys.stderr)
+            return 2
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,170 @@
+"""End to end through the router's gRPC API with Ray actors on CPU.
+
+1P1D on one Ray node and 2P2D on a two-node Ray cluster (prefill pool on one
+node, decode pool on the other), over both transfer backends (`grpc`, and
+`nccl`, which runs on gloo for CPU tensors): 64 concurrent streams, many sharing
+prefixes, give exactly the offline engine's tokens; repeated prefixes report
+cached tokens; every KV block is free afterwards, also after 20% of the streams
+are cancelled mid-stream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+
+import pytest
+
+from deploy.config import parse_config
+from deploy.launcher import up
+from engine import LLM, SamplingParams
+from router.client import AsyncPdserveClient, GenerateChunk, GenerateComplete
+
+ray = pytest.importorskip("ray")
+
+NUM_REQUESTS = 64
+MAX_TOKENS = 16
+ENGINE = {"num_gpu_blocks": 1024, "max_num_seqs": 64, "max_num_batched_tokens": 1024}
+
+
+def make_prompts(seed: int = 0) -> list[list[int]]:
+    rng = random.Random(seed)
+    prefixes = [[256] + [rng.randrange(256) for _ in range(47)] for _ in range(6)]
+    return [
+        prefixes[i % 6] + [rng.randrange(256) for _ in range(rng.randrange(1, 40))]
+        for i in range(NUM_REQUESTS)
+    ]
+
+
+@pytest.fixture(scope="module")
+def expected():
+    llm = LLM("tiny", num_gpu_blocks=2048)
+    prompts = make_prompts()
+    outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True))
+    return prompts, [o.token_ids for o in outs]
+
+
+async def run_streams(url: str, prompts, cancel_every: int = 0):
+    """All prompts at once; every `cancel_every`-th stream is dropped after 2 chunks."""
+    async with AsyncPdserveClient(url) as client:
+
+        async def one(i: int):
+            tokens, complete = [], None
+            async for ev in client.generate(
+                prompts[i], max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True
+            ):
+                if isinstance(ev, GenerateChunk):
+                    tokens.extend(ev.token_ids)
+                    if cancel_every and i % cancel_every == 0 and len(tokens) >= 2:
+                        return tokens, None  # leaving the loop cancels the call
+                elif isinstance(ev, GenerateComplete):
+                    complete = ev
+            return tokens, complete
+
+        return await asyncio.gather(*(one(i) for i in range(len(prompts))))
+
+
+def wait_all_free(dep, timeout: float = 20.0) -> dict:
+    deadline = time.monotonic() + timeout
+    status = {}
+    while time.monotonic() < deadline:
+        status = dep.status()
+        workers = status["workers"].values()
+        if all(w["num_free_blocks"] == w["num_total_blocks"] for w in workers) and not status["num_streams"]:
+            return status
+        time.sleep(0.2)
+    raise AssertionError(f"KV blocks still in use: {status}")
+
+
+def check_deployment(dep, expected) -> None:
+    prompts, want = expected
+    results = asyncio.run(run_streams(dep.url, prompts))
+    for i, (tokens, complete) in enumerate(results):
+        assert tokens == want[i], f"request {i} differs"
+        assert complete is not None and complete.finish_reason == "length"
+        assert complete.usage.prompt_tokens == len(prompts[i])
+        assert complete.usage.completion_tokens == MAX_TOKENS
+    assert sum(c.usage.cached_tokens > 0 for _, c in results) >= NUM_REQUESTS // 2
+    wait_all_free(dep)
+    # 20% of the streams go away mid-stream: nothing leaks
+    results = asyncio.run(run_streams(dep.url, make_prompts(seed=1), cancel_every=5))
+    assert sum(c is None for _, c in results) == len(range(0, NUM_REQUESTS, 5))
+    wait_all_free(dep)
+
+
+def config(num_prefill: int, num_decode: int, backend: str, two_nodes: bool):
+    pool = lambda node: {"num_cpus": 0, **({"resources": {node: 1}} if two_nodes else {})}  # noqa: E731
+    return parse_config(
+        {
+            "model": "tiny",
+            "engine": ENGINE,
+            "prefill": {"count": num_prefill, "resources": pool("prefill_node")},
+            "decode": {"count": num_decode, "resources": pool("decode_node")},
+            "transfer": {"backend": backend},
+            "router": {
+                "port": 0,
+                "policy": "cache_aware",
+                "policy_params": {"local_prefill_threshold_tokens": 0},
+            },
+        }
+    )
+
+
+@pytest.fixture(scope="module")
+def one_node():
+    ray.init(
+        address="local",
+        num_cpus=2,
+        include_dashboard=False,
+        namespace="pdserve-test-1",
+        log_to_driver=False,
+        _node_ip_address="127.0.0.1",
+    )
+    yield
+    ray.shutdown()
+
+
+@pytest.mark.parametrize("backend", ["grpc", "nccl"])
+def test_1p1d(one_node, expected, backend):
+    dep = up(config(1, 1, backend, two_nodes=False))
+    try:
+        check_deployment(dep, expected)
+    finally:
+        dep.down()
+
+
+@pytest.fixture(scope="module")
+def two_nodes():
+    from ray.cluster_utils import Cluster
+
+    ray.shutdown()  # the one-node cluster of the tests above
+    # Two Ray nodes on this machine, both on loopback.
+    cluster = Cluster(
+        initialize_head=True,
+        head_node_args={
+            "num_cpus": 1,
+            "resources": {"prefill_node": 4},
+            "include_dashboard": False,
+            "node_ip_address": "127.0.0.1",
+        },
+    )
+    cluster.add_node(num_cpus=1, resources={"decode_node": 4}, node_ip_address="127.0.0.1")
+    ray.init(address=cluster.address, namespace="pdserve-test-2", log_to_driver=False)
+    yield cluster
+    ray.shutdown()
+    cluster.shutdown()
+
+
+@pytest.mark.parametrize("backend", ["grpc", "nccl"])
+def test_2p2d_two_nodes(two_nodes, expected, backend):
+    dep = up(config(2, 2, backend, two_nodes=True))
+    try:
+        # the pools really are on different nodes
+        node_of = {wid: ray.get(h.node_id.remote()) for wid, h in dep.workers.items()}
+        prefill_nodes = {n for w, n in node_of.items() if w.startswith("prefill")}
+        decode_nodes = {n for w, n in node_of.items() if w.startswith("decode")}
+        assert len(prefill_nodes) == len(decode_nodes) == 1 and prefill_nodes != decode_nodes
+        check_deployment(dep, expected)
+    finally:
+        dep.down()

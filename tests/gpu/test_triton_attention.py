@@ -1,0 +1,199 @@
+"""TritonAttention against ReferenceAttention on fresh random paged batches every run.
+
+bf16: relative error (norm of difference / norm of reference) <= 1e-2; float32 <= 1e-4.
+Runs on CUDA, or on CPU with TRITON_INTERPRET=1 (small shapes only; see conftest).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from bench.attention_kernels import build_paged_batch
+from engine.attention.reference import ReferenceAttention
+from engine.attention.triton_backend import TritonAttention
+
+HALF_AND_FULL = [torch.float32, torch.bfloat16, torch.float16]
+TOLERANCE = {torch.bfloat16: 1e-2, torch.float16: 1e-2, torch.float32: 1e-4}
+
+
+def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    return ((actual.float() - expected.float()).norm() / expected.float().norm()).item()
+
+
+def check_against_reference(
+    query_lens: list[int],
+    prefix_lens: list[int],
+    num_q_heads: int,
+    num_kv_heads: int,
+    head_dim: int,
+    block_size: int,
+    dtype: torch.dtype,
+    device: str,
+) -> None:
+    if dtype == torch.bfloat16 and device == "cpu":
+        pytest.skip("Triton 3.6's interpreter multiplies bf16 bit patterns in tl.dot; float16 covers CPU")
+    query, key, value, cache, meta = build_paged_batch(
+        query_lens, prefix_lens, num_q_heads, num_kv_heads, head_dim, block_size, dtype, device
+    )
+    # The oracle computes in float32 so that the bf16 bound measures the kernel, not the oracle.
+    ref_cache = cache.float()
+    expected = ReferenceAttention().forward(
+        query.float(), key.float(), value.float(), ref_cache, meta, head_dim**-0.5
+    )
+    actual = TritonAttention().forward(query, key, value, cache, meta, head_dim**-0.5)
+    assert actual.shape == query.shape and actual.dtype == query.dtype
+    assert torch.isfinite(actual.float()).all()
+    error = relative_error(actual, expected)
+    assert error <= TOLERANCE[dtype], f"relative error {error:.2e} for {query_lens=} {prefix_lens=}"
+    assert torch.equal(cache.float(), ref_cache.to(dtype).float()), "cache contents differ from write_kv"
+
+
+@pytest.mark.parametrize("dtype", HALF_AND_FULL)
+@pytest.mark.parametrize("heads", [(8, 2), (4, 4), (6, 2)])
+def test_decode_batch(dtype: torch.dtype, heads: tuple[int, int], device: str) -> None:
+    contexts = [1, 17, 40, 100, 33]
+    check_against_reference([1] * len(contexts), [c - 1 for c in contexts], *heads, 64, 16, dtype, device)
+
+
+@pytest.mark.parametrize("dtype", HALF_AND_FULL)
+def test_prefill_no_prefix(dtype: torch.dtype, device: str) -> None:
+    check_against_reference([37, 5, 70], [0, 0, 0], 8, 2, 64, 16, dtype, device)
+
+
+@pytest.mark.parametrize("dtype", HALF_AND_FULL)
+def test_prefill_over_cached_prefix(dtype: torch.dtype, device: str) -> None:
+    # Prefixes not multiples of block_size; a chunk that starts mid-block.
+    check_against_reference([20, 9, 33], [13, 50, 3], 8, 2, 64, 16, dtype, device)
+
+
+@pytest.mark.parametrize("dtype", HALF_AND_FULL)
+def test_mixed_decode_and_prefill_batch(dtype: torch.dtype, device: str) -> None:
+    check_against_reference([1, 24, 1, 1, 9], [30, 0, 77, 0, 41], 8, 2, 64, 16, dtype, device)
+
+
+@pytest.mark.parametrize("head_dim", [32, 128, 256])
+@pytest.mark.parametrize("block_size", [8, 32])
+def test_head_dims_and_block_sizes(head_dim: int, block_size: int, device: str) -> None:
+    if device == "cpu" and head_dim == 256 and block_size == 32:
+        pytest.skip("slow under the interpreter; covered on GPU")
+    check_against_reference([1, 1], [20, 70], 4, 2, head_dim, block_size, torch.float32, device)
+    check_against_reference([19, 1], [5, 12], 4, 2, head_dim, block_size, torch.float32, device)
+
+
+@pytest.mark.parametrize("partition_size", [64, 128])
+def test_decode_split_k_reduce(partition_size: int, device: str) -> None:
+    """Force several partitions (the flash-decoding reduce) on contexts of uneven length."""
+    contexts = [1, 64, 65, 200, 300]
+    query, key, value, cache, meta = build_paged_batch(
+        [1] * len(contexts), [c - 1 for c in contexts], 8, 2, 64, 16, torch.float32, device
+    )
+    expected = ReferenceAttention().forward(query, key, value, cache, meta, 0.125)  # also writes K/V
+    out = torch.empty_like(query)
+    TritonAttention.decode(
+        query,
+        cache,
+        meta.block_tables,
+        meta.seq_lens,
+        meta.max_seq_len,
+        0.125,
+        out,
+        block_n=32,
+        partition_size=partition_size,
+    )
+    assert relative_error(out, expected) <= 1e-4
+
+
+def test_decode_with_upper_bound_and_padding_rows(device: str) -> None:
+    """CUDA-graph style call: max_seq_len is a loose upper bound; a padding row has seq_len 0, slot -1."""
+    query, key, value, cache, meta = build_paged_batch(
+        [1, 1, 1], [9, 40, 0], 4, 2, 64, 16, torch.float32, device
+    )
+    expected = ReferenceAttention().forward(
+        query[:2], key[:2], value[:2], cache.clone(), _first_rows(meta, 2), 0.125
+    )
+    meta.seq_lens[2] = 0
+    meta.slot_mapping[2] = -1
+    meta.max_seq_len = 1024  # upper bound fixed at capture
+    before = cache.clone()
+    out = TritonAttention().forward(query, key, value, cache, meta, 0.125)
+    assert relative_error(out[:2], expected) <= 1e-4
+    assert torch.equal(out[2], torch.zeros_like(out[2]))
+    changed = (cache != before).any(dim=(-1, -2)).nonzero().tolist()
+    assert len(changed) == 4, "only the 2 real tokens' K and V rows should change"
+
+
+def test_noncontiguous_query_and_kv(device: str) -> None:
+    """q/k/v as views of one fused qkv projection output, as a model produces them."""
+    query, key, value, cache, meta = build_paged_batch([5, 1], [3, 20], 8, 2, 64, 16, torch.float32, device)
+    fused = torch.cat([query, key, value], dim=1)  # [T, Hq + 2 Hkv, D]
+    q_view, k_view, v_view = fused[:, :8], fused[:, 8:10], fused[:, 10:]
+    expected = ReferenceAttention().forward(query, key, value, cache.clone(), meta, 0.125)
+    actual = TritonAttention().forward(q_view, k_view, v_view, cache, meta, 0.125)
+    assert relative_error(actual, expected) <= 1e-4
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_decode_cuda_graph_replay_with_new_tables() -> None:
+    """Capture decode once with an upper-bound max_seq_len; replay with new block tables/seq lens."""
+    batch, bound = 4, 512
+    query, key, value, cache, meta = build_paged_batch(
+        [1] * batch, [bound - 1] * batch, 32, 8, 128, 16, torch.bfloat16, "cuda"
+    )
+    meta.max_seq_len = bound
+    attn = TritonAttention()
+    static_out = attn.forward(query, key, value, cache, meta, 128**-0.5)  # warm up / compile
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_out = attn.forward(query, key, value, cache, meta, 128**-0.5)
+    for prefixes in ([10, 200, 3, 499], [0, 0, 0, 0], [257, 16, 128, 63]):
+        new_q, new_k, new_v, new_cache, new_meta = build_paged_batch(
+            [1] * batch, prefixes, 32, 8, 128, 16, torch.bfloat16, "cuda"
+        )
+        assert new_cache.shape[1] <= cache.shape[1]
+        assert new_meta.block_tables.shape[1] <= meta.block_tables.shape[1]
+        cache.zero_()
+        cache[:, : new_cache.shape[1]] = new_cache
+        meta.block_tables.zero_()
+        meta.block_tables[:, : new_meta.block_tables.shape[1]] = new_meta.block_tables
+        for static, new in (
+            (query, new_q),
+            (key, new_k),
+            (value, new_v),
+            (meta.seq_lens, new_meta.seq_lens),
+            (meta.slot_mapping, new_meta.slot_mapping),
+        ):
+            static.copy_(new)
+        graph.replay()
+        expected = ReferenceAttention().forward(
+            new_q.float(), new_k.float(), new_v.float(), new_cache.float(), new_meta, 128**-0.5
+        )
+        assert relative_error(static_out, expected) <= 1e-2
+
+
+def _first_rows(meta, count: int):
+    from engine.attention.metadata import AttentionMetadata
+
+    return AttentionMetadata(
+        slot_mapping=meta.slot_mapping[:count],
+        query_start_loc=meta.query_start_loc[: count + 1],
+        seq_lens=meta.seq_lens[:count],
+        block_tables=meta.block_tables[:count],
+        query_lens_cpu=meta.query_lens_cpu[:count],
+        seq_lens_cpu=meta.seq_lens_cpu[:count],
+        max_query_len=max(meta.query_lens_cpu[:count]),
+        max_seq_len=max(meta.seq_lens_cpu[:count]),
+    )
+
+
+@pytest.mark.parametrize("trial", range(4))
+def test_random_mixed_batches(trial: int, device: str) -> None:
+    """Fresh random shapes each run: decode rows, prefills, chunks over prefixes, in one call."""
+    rng = torch.Generator().manual_seed(torch.seed() % (2**31))
+    num_seqs = int(torch.randint(1, 6, (1,), generator=rng))
+    query_lens = [int(x) for x in torch.randint(1, 40, (num_seqs,), generator=rng)]
+    query_lens[0] = 1  # always at least one decode row
+    prefix_lens = [int(x) for x in torch.randint(0, 90, (num_seqs,), generator=rng)]
+    block_size = [8, 16, 32][trial % 3]
+    dtype = [torch.float32, torch.bfloat16 if device == "cuda" else torch.float16][trial % 2]
+    check_against_reference(query_lens, prefix_lens, 8, 2, 64, block_size, dtype, device)
