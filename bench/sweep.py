@@ -91,6 +91,7 @@ def run_sweep(
     slos_ms: dict[str, float] | None = None,
     attainment: float = 0.9,
     ready_timeout: float = 120.0,
+    warmup_requests: int = 4,
     **bench_kwargs: object,
 ) -> dict[str, object]:
     """Benchmark every deployment at every rate; stop each deployment when done with it.
@@ -113,6 +114,9 @@ def run_sweep(
             url = start()
             info = asyncio.run(_prepare(url, ready_timeout))
             requests = make_requests(info)
+            # Unmeasured warm-up: otherwise the first rate also pays the workers' cold start
+            # (first forward passes, first KV transfer), tens of ms of TTFT on CPU.
+            asyncio.run(run_benchmark(url, requests[:warmup_requests], timeout=ready_timeout))
             for rate in rates:
                 print(f"[{name}] rate {rate:g}/s: {len(requests)} requests", file=sys.stderr)
                 metrics = asyncio.run(

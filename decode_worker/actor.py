@@ -80,6 +80,9 @@ class DecodeActor:
     def load(self) -> dict[str, int]:
         return self.worker.load()
 
+    def kv_snapshot(self) -> tuple[str, int, list[int]]:
+        return self.worker.kv_snapshot()
+
     def shutdown(self) -> None:
         if self._grpc_server is not None:
             self._grpc_server.stop()

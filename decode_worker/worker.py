@@ -122,6 +122,9 @@ class DecodeWorker:
     def load(self) -> dict[str, int]:
         return self.loop.call_sync(lambda e: e.load_stats())
 
+    def kv_snapshot(self) -> tuple[str, int, list[int]]:
+        return self.loop.kv_snapshot()
+
     def shutdown(self) -> None:
         self.loop.stop()
 

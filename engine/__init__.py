@@ -1,7 +1,33 @@
-"""pdserve's inference engine: one engine, two roles (prefill, decode), or co-located."""
+"""pdserve's inference engine: one engine, two roles (prefill, decode), or co-located.
+
+Imports are lazy so that `engine.core` (pure Python) can be used by the router and
+the policy simulator without loading torch.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
 
 from engine.core.sampling_params import SamplingParams
-from engine.llm import LLM, CompletionOutput
-from engine.llm_engine import EngineConfig, LLMEngine
+
+if TYPE_CHECKING:
+    from engine.llm import LLM, CompletionOutput
+    from engine.llm_engine import EngineConfig, LLMEngine
+
+_LAZY = {
+    "LLM": "engine.llm",
+    "CompletionOutput": "engine.llm",
+    "EngineConfig": "engine.llm_engine",
+    "LLMEngine": "engine.llm_engine",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'engine' has no attribute {name!r}")
+
 
 __all__ = ["LLM", "CompletionOutput", "EngineConfig", "LLMEngine", "SamplingParams"]

@@ -105,6 +105,18 @@ class EngineLoop:
         load = self.call_sync(lambda e: e.load_stats()) if not self._stopped else {}
         return StepBatch(self.worker_id, self.instance_id, outputs, events, seq, load, time.time())
 
+    def kv_snapshot(self) -> tuple[str, int, list[int]]:
+        """(instance_id, seq, block hashes) of everything cached now, for a router that
+        lost events: `seq` is the last event batch the snapshot already reflects."""
+
+        def take(engine: LLMEngine) -> tuple[str, int, list[int]]:
+            engine.take_kv_events()  # reflected in the snapshot
+            with self._outbox_cv:
+                self._events.clear()  # likewise, not yet polled
+                return self.instance_id, self._event_seq - 1, list(engine.kv_manager.pool.cached)
+
+        return self.call_sync(take)
+
     def _drain_calls(self) -> None:
         while True:
             try:

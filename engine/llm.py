@@ -34,6 +34,7 @@ class LLM:
         max_model_len: int | None = None,
         attention_backend: str = "auto",
         load_format: str = "auto",
+        enforce_eager: bool = False,
     ) -> None:
         self.engine = LLMEngine(
             EngineConfig(
@@ -48,6 +49,7 @@ class LLM:
                 max_model_len=max_model_len,
                 attention_backend=attention_backend,
                 load_format=load_format,
+                enforce_eager=enforce_eager,
             )
         )
         mc = self.engine.model_config

@@ -44,6 +44,7 @@ class EngineConfig:
     max_model_len: int | None = None
     attention_backend: str = "auto"
     load_format: str = "auto"
+    enforce_eager: bool = False  # no CUDA graphs for decode
     role: str = "both"
 
     def validate(self) -> None:
@@ -83,6 +84,9 @@ class LLMEngine:
             max_num_tokens=config.max_num_batched_tokens,
             attention_backend=config.attention_backend,
             load_format=config.load_format,
+            max_num_seqs=config.max_num_seqs,
+            max_model_len=max_model_len,
+            enforce_eager=config.enforce_eager,
         )
         self.kv_manager = KVCacheManager(
             self.runner.num_blocks, config.block_size, config.enable_prefix_caching

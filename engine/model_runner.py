@@ -45,6 +45,9 @@ class ModelRunner:
         max_num_tokens: int,
         attention_backend: str = "auto",
         load_format: str = "auto",
+        max_num_seqs: int = 256,
+        max_model_len: int = 2048,
+        enforce_eager: bool = False,
     ) -> None:
         self.config = config
         self.device = torch.device(device)
@@ -67,6 +70,15 @@ class ModelRunner:
             dtype=dtype,
             device=self.device,
         )
+        # Decode steps replay CUDA graphs when the attention backend allows capture.
+        self.decode_graphs = None
+        if self.device.type == "cuda" and not enforce_eager and self.backend.name == "triton":
+            from engine.cuda_graphs import DecodeGraphs
+
+            self.decode_graphs = DecodeGraphs(
+                self.model, self.kv_cache, max_num_seqs, max_model_len, block_size
+            )
+            self.decode_graphs.capture()
 
     def _blocks_from_memory(self, max_num_tokens: int) -> int:
         per_block = kv_block_bytes(self.config, self.block_size, self.dtype)
@@ -111,9 +123,16 @@ class ModelRunner:
                 sample_rows.append(SamplingRow(request.sampling_params, request.num_output_tokens))
                 sample_req_ids.append(entry.req_id)
                 logits_index.append(query_start_loc[-1] - 1)
+        dev = self.device
+        if (
+            self.decode_graphs is not None
+            and max(query_lens) == 1
+            and self.decode_graphs.can_run(len(tables))
+        ):
+            hidden = self.decode_graphs.run(input_ids, positions, slot_mapping, seq_lens, tables)
+            return self._sample(hidden, logits_index, sample_rows, sample_req_ids)
         max_blocks = max(len(t) for t in tables)
         block_tables = [t + [0] * (max_blocks - len(t)) for t in tables]
-        dev = self.device
         meta = AttentionMetadata(
             slot_mapping=torch.tensor(slot_mapping, dtype=torch.int64, device=dev),
             query_start_loc=torch.tensor(query_start_loc, dtype=torch.int32, device=dev),
@@ -130,8 +149,12 @@ class ModelRunner:
             self.kv_cache,
             meta,
         )
-        if not sample_rows:
+        return self._sample(hidden, logits_index, sample_rows, sample_req_ids)
+
+    def _sample(
+        self, hidden: torch.Tensor, logits_index: list[int], rows: list[SamplingRow], req_ids: list[str]
+    ) -> dict[str, int]:
+        if not rows:
             return {}
-        logits = self.model.compute_logits(hidden[torch.tensor(logits_index, device=dev)])
-        tokens = sample(logits, sample_rows)
-        return dict(zip(sample_req_ids, tokens, strict=True))
+        logits = self.model.compute_logits(hidden[torch.tensor(logits_index, device=self.device)])
+        return dict(zip(req_ids, sample(logits, rows), strict=True))

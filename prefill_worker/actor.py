@@ -93,5 +93,8 @@ class PrefillActor:
     def load(self) -> dict[str, int]:
         return self.worker.load()
 
+    def kv_snapshot(self) -> tuple[str, int, list[int]]:
+        return self.worker.kv_snapshot()
+
     def shutdown(self) -> None:
         self.worker.shutdown()

@@ -28,7 +28,7 @@ from engine.output_processor import OutputProcessor
 from engine.tokenizer import Tokenizer
 from router.admission import AdmissionController, AdmissionRejected
 from router.policy import Policy, RouteDecision, RouteRequest
-from router.worker_state import KVEventBatch, LoadReport, WorkerStateTracker
+from router.worker_state import KVEventBatch, KVSnapshot, LoadReport, WorkerStateTracker
 
 log = logging.getLogger(__name__)
 
@@ -133,7 +133,7 @@ class RouterCore:
         self._streams: dict[str, _Stream] = {}
         self._tasks: list[asyncio.Task] = []
         self._ready = asyncio.Event()
-        self._event_seq: dict[str, int] = {}
+        self._resyncing: set[str] = set()
 
     # -- lifecycle ------------------------------------------------------------------
     async def start(self) -> None:
@@ -194,10 +194,25 @@ class RouterCore:
                 )
             )
         if batch.kv_events:
-            self.tracker.apply(KVEventBatch(worker_id, batch.instance_id, batch.event_seq, batch.kv_events))
+            applied = self.tracker.apply(
+                KVEventBatch(worker_id, batch.instance_id, batch.event_seq, batch.kv_events)
+            )
+            if not applied and worker_id not in self._resyncing:
+                self._resyncing.add(worker_id)
+                self._tasks.append(asyncio.create_task(self._resync(worker_id)))
         if not self._ready.is_set() and all(w in self.tracker.loads for w in self.worker_roles):
             self._ready.set()
         self.admission.notify_capacity()
+
+    async def _resync(self, worker_id: str) -> None:
+        """Events were missed (a gap, or a restarted worker): replace its index entries."""
+        try:
+            instance_id, seq, hashes = await self._client(worker_id).call("kv_snapshot")
+            self.tracker.apply_snapshot(KVSnapshot(worker_id, instance_id, seq, hashes))
+        except Exception as exc:  # noqa: BLE001 - the next gap retries
+            log.warning("KV snapshot of %s failed: %s", worker_id, exc)
+        finally:
+            self._resyncing.discard(worker_id)
 
     def _fail_worker(self, worker_id: str, message: str) -> None:
         for stream in list(self._streams.values()):

@@ -24,14 +24,21 @@ COMMON = dict(
 )
 
 
-def make_checkpoint(arch: str, directory: str, seed: int = 0):
-    """Save a random checkpoint of `arch` into `directory`; return the HF model (float32, eval)."""
+def make_checkpoint(arch: str, directory: str, seed: int = 0, initializer_range: float | None = None):
+    """Save a random checkpoint of `arch` into `directory`; return the HF model (float32, eval).
+
+    The default init is peaky on purpose (greedy margins far above float noise); pass
+    `initializer_range=0.02` (transformers' default) for realistic activation scales.
+    """
     import transformers as tf
 
     torch.manual_seed(seed)
+    common = dict(COMMON)
+    if initializer_range is not None:
+        common["initializer_range"] = initializer_range
     if arch == "llama":
         cfg = tf.LlamaConfig(
-            **COMMON,
+            **common,
             tie_word_embeddings=False,
             rope_scaling={
                 "rope_type": "llama3",
@@ -44,13 +51,13 @@ def make_checkpoint(arch: str, directory: str, seed: int = 0):
         )
         model = tf.LlamaForCausalLM(cfg)
     elif arch == "mistral":
-        cfg = tf.MistralConfig(**COMMON, sliding_window=None, tie_word_embeddings=True)
+        cfg = tf.MistralConfig(**common, sliding_window=None, tie_word_embeddings=True)
         model = tf.MistralForCausalLM(cfg)
     elif arch == "qwen2":
-        cfg = tf.Qwen2Config(**COMMON, tie_word_embeddings=True)
+        cfg = tf.Qwen2Config(**common, tie_word_embeddings=True)
         model = tf.Qwen2ForCausalLM(cfg)
     elif arch == "qwen3":
-        cfg = tf.Qwen3Config(**COMMON, head_dim=32, tie_word_embeddings=False)
+        cfg = tf.Qwen3Config(**common, head_dim=32, tie_word_embeddings=False)
         model = tf.Qwen3ForCausalLM(cfg)
     else:
         raise ValueError(arch)

@@ -38,14 +38,17 @@ class ReferenceAttention:
             # [num_blocks, block_size, Hkv, D] -> [ctx, Hkv, D]
             k = kv_cache_layer[0].index_select(0, blocks).flatten(0, 1)[:ctx_len]
             v = kv_cache_layer[1].index_select(0, blocks).flatten(0, 1)[:ctx_len]
-            k = k.to(q.dtype).repeat_interleave(group, dim=1)  # GQA: share each KV head
-            v = v.to(q.dtype).repeat_interleave(group, dim=1)
-            scores = torch.einsum("qhd,khd->hqk", q, k) * scale  # [Hq, q, ctx]
+            # The oracle computes in float32 whatever the cache dtype (bf16 scores would
+            # round before the softmax); on the float32 CPU path this changes nothing.
+            q32 = q.float()
+            k = k.float().repeat_interleave(group, dim=1)  # GQA: share each KV head
+            v = v.float().repeat_interleave(group, dim=1)
+            scores = torch.einsum("qhd,khd->hqk", q32, k) * scale  # [Hq, q, ctx]
             q_pos = torch.arange(ctx_len - q_len, ctx_len, device=q.device)
             k_pos = torch.arange(ctx_len, device=q.device)
             mask = k_pos[None, :] > q_pos[:, None]  # [q, ctx], True = future key
             scores.masked_fill_(mask, float("-inf"))
-            probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
-            out[start : start + q_len] = torch.einsum("hqk,khd->qhd", probs, v)
+            probs = torch.softmax(scores, dim=-1)
+            out[start : start + q_len] = torch.einsum("hqk,khd->qhd", probs, v).to(out.dtype)
             start += q_len
         return out

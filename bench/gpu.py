@@ -1,0 +1,431 @@
+"""One-command GPU benchmark: pdserve against the GPU's measured limits and against
+Hugging Face transformers, on a Llama-3-8B-shaped model (random bf16 weights).
+
+    PYTHONPATH=$PWD python -m bench.gpu --json out.json --markdown out.md
+    python -m bench.gpu --small               # tiny shapes on CPU, seconds (the unit test)
+    python -m bench.gpu --only 1,3 --skip-transformers
+
+Rows (pdserve | floor | transformers):
+  1 decode, batch 1, 512-token context: tokens/s | HBM floor: (weights + KV read) per
+    step / copy rate | generate, batch 1, 512 in / 128 out, t(129) - t(1)
+  2 decode, batch 128, 1,024-token context: tokens/s | same floor | generate at batch 32
+  3 prefill of one 2,048-token prompt: ms | 2 x params x tokens + attention FLOPs over
+    the bf16 matmul rate | one forward, logits of the last token
+  4 offline throughput, 1,000 requests of 512 in / 128 out: output tokens/s | - |
+    generate_batch (continuous batching) with 64 requests
+  5 pack + unpack of a 2,048-token prompt's KV (128 blocks): GB/s read + written | copy rate
+The copy rate (2 GiB device-to-device copy, bytes read + written) and matmul rate
+(8192^3 bf16) are measured at the start of the same run. "vs" columns are speed
+ratios: above 1 means pdserve is faster (vs floor: the fraction of the bound reached).
+pdserve runs first; its model is freed before transformers builds its own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import inspect
+import json
+import os
+import random
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+
+import torch
+
+from bench import gpu_baselines as hf
+from bench.gpu_baselines import synchronize, timed_seconds
+from bench.gpu_report import Report, parse_only
+from bench.transfer import best_seconds
+
+LLAMA3_8B = {
+    "architectures": ["LlamaForCausalLM"],
+    "model_type": "llama",
+    "hidden_size": 4096,
+    "intermediate_size": 14336,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "head_dim": 128,
+    "vocab_size": 128256,
+    "max_position_embeddings": 8192,
+    "rms_norm_eps": 1e-5,
+    "rope_theta": 500000.0,
+    "rope_scaling": {
+        "rope_type": "llama3",
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192,
+    },
+    "tie_word_embeddings": False,
+    "bos_token_id": None,
+    "eos_token_id": None,  # random weights: lengths are fixed by max_tokens, never by eos
+    "pad_token_id": 0,
+}
+TINY = dict(
+    LLAMA3_8B,
+    rope_scaling=dict(LLAMA3_8B["rope_scaling"], original_max_position_embeddings=256),
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    vocab_size=512,
+    max_position_embeddings=1024,
+)
+
+
+@dataclass
+class Shapes:
+    """Sizes of every row; `--small` shrinks them so the whole run takes seconds on CPU."""
+
+    decode_context: int = 512
+    batch_decode_size: int = 128
+    batch_decode_context: int = 1024
+    transformers_batch: int = 32  # the README's transformers figure is at batch 32
+    decode_steps: int = 128  # timed steps (pdserve) = new tokens timed (transformers)
+    warmup_steps: int = 8
+    prefill_tokens: int = 2048
+    prefill_reps: int = 5
+    num_requests: int = 1000
+    transformers_requests: int = 64
+    prompt_len: int = 512
+    output_len: int = 128
+    pack_blocks: int = 128
+    pack_iters: int = 10
+
+
+SMALL = Shapes(32, 8, 64, 4, 8, 2, 64, 3, 16, 8, 32, 8, 8, 5)
+
+
+class ModelCost:
+    """Bytes and FLOPs of one Llama step, computed from config.json (for the floors)."""
+
+    def __init__(self, cfg: dict, dtype: torch.dtype) -> None:
+        hidden, inter, head_dim = cfg["hidden_size"], cfg["intermediate_size"], cfg["head_dim"]
+        self.num_layers, self.num_q_heads = cfg["num_hidden_layers"], cfg["num_attention_heads"]
+        self.head_dim = head_dim
+        kv_heads = cfg["num_key_value_heads"]
+        self.elem = torch.empty((), dtype=dtype).element_size()
+        attention = hidden * head_dim * (2 * self.num_q_heads + 2 * kv_heads)  # q, o; k, v
+        self.layer_params = self.num_layers * (attention + 3 * hidden * inter + 2 * hidden)
+        self.lm_head_params = cfg["vocab_size"] * hidden
+        self.kv_bytes_per_token = self.num_layers * 2 * kv_heads * head_dim * self.elem
+
+    def decode_step_bytes(self, context_tokens: int) -> int:
+        """HBM bytes one decode step must read: every weight once (the embedding table
+        is only gathered, one row per token, so it is left out) and every context
+        token's K and V, summed over the batch."""
+        return (
+            self.layer_params + self.lm_head_params
+        ) * self.elem + context_tokens * self.kv_bytes_per_token
+
+    def prefill_flops(self, tokens: int) -> float:
+        """2 x params x tokens through the layers, the lm_head for the last token only
+        (both engines compute only its logits), plus causal attention (QK^T and PV)."""
+        attention = 4.0 * tokens * (tokens + 1) / 2 * self.head_dim * self.num_q_heads * self.num_layers
+        return 2.0 * self.layer_params * tokens + 2.0 * self.lm_head_params + attention
+
+
+def measure_limits(device: torch.device, dtype: torch.dtype) -> dict[str, float]:
+    """The GPU's copy and matmul rates, measured in this run (bench.attention_kernels'
+    functions on CUDA; small best-of-5 stand-ins on CPU)."""
+    if device.type == "cuda":
+        from bench.attention_kernels import measure_copy_gbps, measure_matmul_tflops
+
+        limits = {"copy_gbps": measure_copy_gbps(), "matmul_tflops": measure_matmul_tflops()}
+        torch.cuda.empty_cache()  # hand the 4 GiB back before the engine sizes its cache
+        return limits
+    src = torch.empty(8 << 20, dtype=torch.float32)
+    dst = torch.empty_like(src)
+    copy_s = best_seconds(lambda: dst.copy_(src), 5, device)
+    a, b = torch.randn(512, 512, dtype=dtype), torch.randn(512, 512, dtype=dtype)
+    matmul_s = best_seconds(lambda: a @ b, 5, device)
+    return {"copy_gbps": 2 * src.nbytes / copy_s / 1e9, "matmul_tflops": 2 * 512**3 / matmul_s / 1e12}
+
+
+def random_prompt(rng: random.Random, length: int, vocab_size: int) -> list[int]:
+    return [rng.randrange(vocab_size) for _ in range(length)]
+
+
+# -- pdserve rows ---------------------------------------------------------------------
+def pdserve_decode(llm, batch: int, context: int, shapes: Shapes, cost: ModelCost, limits: dict) -> dict:
+    """Tokens/s of `engine.step()` once every request of the batch is decoding."""
+    from engine import SamplingParams
+
+    engine, device = llm.engine, llm.engine.runner.device
+    vocab, rng = engine.model_config.vocab_size, random.Random(batch * 7919 + context)
+    prefill_steps_bound = -(-batch * context // engine.config.max_num_batched_tokens) + batch
+    params = SamplingParams(
+        temperature=0.0,
+        ignore_eos=True,
+        max_tokens=prefill_steps_bound + shapes.warmup_steps + shapes.decode_steps,
+    )
+    num_outputs: dict[str, int] = {}
+    for _ in range(batch):
+        req_id = engine.new_request_id()
+        engine.add_request(req_id, random_prompt(rng, context, vocab), params)
+        num_outputs[req_id] = 0
+
+    def step() -> int:
+        outputs = engine.step()
+        for out in outputs:
+            num_outputs[out.req_id] = out.num_output_tokens
+        return len(outputs)
+
+    while min(num_outputs.values()) == 0:  # until every prompt is prefilled
+        step()
+    for _ in range(shapes.warmup_steps):  # CUDA-graph capture, kernel compiles
+        step()
+    # A decode step reads the K and V of every token so far, the one fed in included.
+    start_context = sum(context + n for n in num_outputs.values())
+    smallest_batch = batch
+    synchronize(device)
+    start = time.perf_counter()
+    for _ in range(shapes.decode_steps):
+        smallest_batch = min(smallest_batch, step())
+    synchronize(device)
+    elapsed = time.perf_counter() - start
+    for req_id in num_outputs:
+        engine.abort_request(req_id)
+    mean_context_tokens = start_context + batch * (shapes.decode_steps - 1) / 2
+    floor_step_s = cost.decode_step_bytes(int(mean_context_tokens)) / (limits["copy_gbps"] * 1e9)
+    return {
+        "value": batch * shapes.decode_steps / elapsed,
+        "floor": batch / floor_step_s,
+        "step_ms": elapsed / shapes.decode_steps * 1e3,
+        "floor_step_ms": floor_step_s * 1e3,
+        "mean_context_per_request": mean_context_tokens / batch,
+        "smallest_batch_in_timed_steps": smallest_batch,
+        "method": f"{shapes.decode_steps} engine.step() after prefill + {shapes.warmup_steps} warm-up steps",
+    }
+
+
+def pdserve_prefill(llm, shapes: Shapes, cost: ModelCost, limits: dict) -> dict:
+    """Wall time of the step(s) that prefill one prompt and sample its first token."""
+    from engine import SamplingParams
+
+    engine, device = llm.engine, llm.engine.runner.device
+    vocab, rng = engine.model_config.vocab_size, random.Random(3)
+    params = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True)
+
+    def prefill_once() -> None:
+        # A fresh random prompt each time, so the prefix cache never serves it.
+        engine.add_request(engine.new_request_id(), random_prompt(rng, shapes.prefill_tokens, vocab), params)
+        while engine.has_unfinished():
+            engine.step()
+
+    for _ in range(2):
+        prefill_once()
+    times = [timed_seconds(prefill_once, device) for _ in range(shapes.prefill_reps)]
+    flops = cost.prefill_flops(shapes.prefill_tokens)
+    return {
+        "value": statistics.median(times) * 1e3,
+        "floor": flops / (limits["matmul_tflops"] * 1e12) * 1e3,
+        "best_ms": min(times) * 1e3,
+        "flops": flops,
+        "method": f"engine.step() until done, max_tokens=1: median of {shapes.prefill_reps} after 2 warm-ups",
+    }
+
+
+def pdserve_throughput(llm, num_requests: int, shapes: Shapes) -> dict:
+    """`LLM.generate` over every request at once, greedy, ignore_eos: output tokens/s."""
+    from engine import SamplingParams
+
+    device, vocab = llm.engine.runner.device, llm.engine.model_config.vocab_size
+    rng = random.Random(4)
+    llm.generate([random_prompt(rng, 16, vocab) for _ in range(4)], SamplingParams(max_tokens=4))  # warm-up
+    prompts = [random_prompt(rng, shapes.prompt_len, vocab) for _ in range(num_requests)]
+    params = SamplingParams(temperature=0.0, max_tokens=shapes.output_len, ignore_eos=True)
+    results: list = []
+    elapsed = timed_seconds(lambda: results.extend(llm.generate(prompts, params)), device)
+    output_tokens = sum(len(r.token_ids) for r in results)
+    assert output_tokens == num_requests * shapes.output_len, "some request stopped early"
+    return {
+        "value": output_tokens / elapsed,
+        "floor": None,
+        "wall_s": elapsed,
+        "num_requests": num_requests,
+        "requests_per_s": num_requests / elapsed,
+        "total_tokens_per_s": (output_tokens + num_requests * shapes.prompt_len) / elapsed,
+        "method": "LLM.generate wall time, greedy, ignore_eos, random token ids",
+    }
+
+
+def pdserve_pack_unpack(llm, shapes: Shapes, limits: dict) -> dict:
+    """transfer.packing on the engine's own cache: gather a prompt's scattered blocks
+    into a buffer, scatter it back at other scattered blocks (best of N, as bench.transfer)."""
+    from transfer.layout import KVLayout
+    from transfer.packing import buffer_nbytes, pack_blocks, unpack_blocks
+
+    cache = llm.engine.kv_cache  # [L, 2, num_blocks, block_size, Hkv, D]
+    n = shapes.pack_blocks
+    if 2 * n > cache.shape[2]:
+        raise ValueError(f"the KV cache has {cache.shape[2]} blocks; pack/unpack needs {2 * n}")
+    ids = torch.randperm(cache.shape[2], generator=torch.Generator().manual_seed(5))[: 2 * n].tolist()
+    src_ids, dst_ids = ids[:n], ids[n:]
+    layout = KVLayout.from_cache(cache, "bench")
+    buffer = torch.empty(layout.buffer_shape(n), dtype=cache.dtype, device=cache.device)
+    pack_s = best_seconds(lambda: pack_blocks(cache, src_ids, out=buffer), shapes.pack_iters, cache.device)
+    unpack_s = best_seconds(lambda: unpack_blocks(cache, buffer, dst_ids), shapes.pack_iters, cache.device)
+    assert torch.equal(cache[:, :, dst_ids], cache[:, :, src_ids]), "pack/unpack lost data"
+    nbytes = buffer_nbytes(layout, n)
+    return {
+        "value": 4 * nbytes / (pack_s + unpack_s) / 1e9,  # each of pack and unpack reads and writes nbytes
+        "floor": limits["copy_gbps"],
+        "request_mb": nbytes / 1e6,
+        "pack_gbps": 2 * nbytes / pack_s / 1e9,
+        "unpack_gbps": 2 * nbytes / unpack_s / 1e9,
+        "pack_ms": pack_s * 1e3,
+        "unpack_ms": unpack_s * 1e3,
+        "method": f"pack_blocks + unpack_blocks of {n} scattered blocks, best of {shapes.pack_iters} each",
+    }
+
+
+def row_titles(shapes: Shapes) -> dict[str, str]:
+    return {
+        "decode_b1": f"decode b=1 ctx={shapes.decode_context}",
+        "decode_batch": f"decode b={shapes.batch_decode_size} ctx={shapes.batch_decode_context} "
+        f"(transformers b={shapes.transformers_batch})",
+        "prefill": f"prefill {shapes.prefill_tokens} tokens",
+        "throughput": f"offline {shapes.num_requests} x {shapes.prompt_len}/{shapes.output_len} "
+        f"(transformers {shapes.transformers_requests} req)",
+        "pack_unpack": f"KV pack+unpack {shapes.pack_blocks} blocks",
+    }
+
+
+def build_llm(model_dir: str, args: argparse.Namespace, device: torch.device, cost: ModelCost):
+    from engine import LLM
+
+    num_blocks = args.num_gpu_blocks
+    if num_blocks is None and device.type == "cuda":
+        num_blocks = int(args.kv_cache_gb * 1e9) // (cost.kv_bytes_per_token * args.block_size)
+    kwargs = dict(
+        device=str(device),
+        dtype=args.dtype,
+        block_size=args.block_size,
+        num_gpu_blocks=num_blocks,
+        max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        attention_backend=args.attention_backend,
+        load_format="dummy",
+    )
+    if args.enforce_eager and "enforce_eager" in inspect.signature(LLM).parameters:
+        kwargs["enforce_eager"] = True
+    return LLM(model_dir, **kwargs)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--small", action="store_true", help="tiny model and counts, CPU, float32, reference")
+    parser.add_argument("--skip-transformers", action="store_true")
+    parser.add_argument("--only", metavar="ROWS", help="comma list of row numbers (1-5) or names")
+    parser.add_argument("--json", metavar="PATH", help="write results (rewritten after every row)")
+    parser.add_argument("--markdown", metavar="PATH", help="write the table as markdown")
+    parser.add_argument("--num-requests", type=int, help="row 4 requests for pdserve (default 1000)")
+    parser.add_argument("--transformers-requests", type=int, help="row 4 requests for transformers (64)")
+    parser.add_argument("--decode-steps", type=int, help="timed decode steps (default 128)")
+    parser.add_argument("--num-gpu-blocks", type=int, help="KV cache blocks (overrides --kv-cache-gb)")
+    parser.add_argument("--kv-cache-gb", type=float, default=45.0, help="KV cache size on CUDA (45 GB)")
+    parser.add_argument("--max-num-seqs", type=int, default=256)
+    parser.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    parser.add_argument("--block-size", type=int, default=16)
+    parser.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs (if the engine has it)")
+    parser.add_argument("--device", help="default: cuda if available (cpu with --small)")
+    parser.add_argument("--dtype", help="default: bfloat16 (float32 with --small)")
+    parser.add_argument("--attention-backend", help="default: auto (reference with --small)")
+    args = parser.parse_args(argv)
+    args.device = args.device or ("cpu" if args.small or not torch.cuda.is_available() else "cuda")
+    args.dtype = args.dtype or ("float32" if args.small else "bfloat16")
+    args.attention_backend = args.attention_backend or ("reference" if args.small else "auto")
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    sys.stdout.reconfigure(line_buffering=True)  # progress lines show up at once, even piped
+    began = time.perf_counter()
+    overrides = {n: getattr(args, n) for n in ("num_requests", "transformers_requests", "decode_steps")}
+    shapes = replace(SMALL if args.small else Shapes(), **{n: v for n, v in overrides.items() if v})
+    chosen = parse_only(args.only)
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    model_cfg = TINY if args.small else LLAMA3_8B
+    cost = ModelCost(model_cfg, dtype)
+    titles = row_titles(shapes)
+    report = Report({"rows": {}, "errors": {}, "shapes": vars(shapes), "args": vars(args)}, args.json)
+    result = report.result
+    result.update(
+        device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        torch=torch.__version__,
+        model=model_cfg,
+    )
+    print(f"bench.gpu on {result['device']} (torch {torch.__version__}), rows: {', '.join(chosen)}")
+    result["limits"] = measure_limits(device, dtype)
+    print(
+        f"  copy {result['limits']['copy_gbps']:.0f} GB/s (read + written), "
+        f"matmul {result['limits']['matmul_tflops']:.1f} TFLOP/s ({args.dtype})"
+    )
+    limits = result["limits"]
+    with tempfile.TemporaryDirectory(prefix="bench-gpu-") as model_dir:
+        with open(os.path.join(model_dir, "config.json"), "w") as file:
+            json.dump(model_cfg, file)
+        run_pdserve(model_dir, args, device, shapes, cost, chosen, report)
+        gc.collect()  # the engine is gone: free its 16 GB of weights and the KV cache for transformers
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        if not args.skip_transformers and set(chosen) - {"pack_unpack"}:
+            hf.run_transformers(model_dir, device, dtype, shapes, chosen, report, small=args.small)
+    result["elapsed_s"] = time.perf_counter() - began
+    report.write()
+    print(report.table(titles))
+    if args.markdown:
+        with open(args.markdown, "w") as file:
+            file.write(
+                f"{result['device']}, torch {torch.__version__}, transformers "
+                f"{result.get('transformers', '-')}, copy {limits['copy_gbps']:.0f} GB/s, "
+                f"matmul {limits['matmul_tflops']:.1f} TFLOP/s\n\n" + report.table(titles, markdown=True)
+            )
+    return result
+
+
+def run_pdserve(
+    model_dir: str,
+    args: argparse.Namespace,
+    device: torch.device,
+    shapes: Shapes,
+    cost: ModelCost,
+    chosen: list[str],
+    report: Report,
+) -> None:
+    """Every chosen pdserve row on one `LLM`, built once; it is dropped on return."""
+    started = time.perf_counter()
+    llm = build_llm(model_dir, args, device, cost)
+    limits = report.result["limits"]
+    report.result["pdserve_build_s"] = time.perf_counter() - started
+    report.result["num_gpu_blocks"] = llm.engine.runner.num_blocks
+    print(f"pdserve: built in {time.perf_counter() - started:.1f}s, {llm.engine.runner.num_blocks} KV blocks")
+    rows: dict[str, Callable[[], dict]] = {
+        "decode_b1": lambda: pdserve_decode(llm, 1, shapes.decode_context, shapes, cost, limits),
+        "decode_batch": lambda: pdserve_decode(
+            llm, shapes.batch_decode_size, shapes.batch_decode_context, shapes, cost, limits
+        ),
+        "prefill": lambda: pdserve_prefill(llm, shapes, cost, limits),
+        "throughput": lambda: pdserve_throughput(llm, shapes.num_requests, shapes),
+        # Last: it overwrites blocks of the cache.
+        "pack_unpack": lambda: pdserve_pack_unpack(llm, shapes, limits),
+    }
+    for key, measure in rows.items():
+        if key in chosen:
+            report.record(key, "pdserve", measure)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

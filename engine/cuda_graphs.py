@@ -1,0 +1,113 @@
+"""CUDA graphs for decode steps: one captured forward per batch-size bucket.
+
+A decode step of a large model is hundreds of small kernel launches; replaying a
+captured graph issues them all at once, so the step costs what the GPU needs
+(reading weights and KV from HBM), not what Python needs to launch it.
+
+Static buffers hold the inputs; a step copies its batch into the first `b` rows
+of the smallest bucket B >= b and pads the rest (slot -1: no KV write; seq_len 0:
+a zero output row). The attention kernels take the grid from the bucket size and
+`max_seq_len` = the model's max length, fixed at capture.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from engine.attention.metadata import AttentionMetadata
+
+log = logging.getLogger(__name__)
+
+DEFAULT_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)
+
+
+class DecodeGraphs:
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        kv_cache: torch.Tensor,  # [L, 2, num_blocks, block_size, Hkv, D]
+        max_batch_size: int,
+        max_model_len: int,
+        block_size: int,
+    ) -> None:
+        self.model = model
+        self.kv_cache = kv_cache
+        self.max_model_len = max_model_len
+        self.buckets = [b for b in DEFAULT_BUCKETS if b < max_batch_size] + [max_batch_size]
+        device = kv_cache.device
+        max_bs = self.buckets[-1]
+        self.max_blocks = -(-max_model_len // block_size)
+        self.input_ids = torch.zeros(max_bs, dtype=torch.int64, device=device)
+        self.positions = torch.zeros(max_bs, dtype=torch.int64, device=device)
+        self.slot_mapping = torch.full((max_bs,), -1, dtype=torch.int64, device=device)
+        self.seq_lens = torch.zeros(max_bs, dtype=torch.int32, device=device)
+        self.query_start_loc = torch.arange(max_bs + 1, dtype=torch.int32, device=device)
+        self.block_tables = torch.zeros(max_bs, self.max_blocks, dtype=torch.int32, device=device)
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+
+    def _meta(self, bucket: int) -> AttentionMetadata:
+        return AttentionMetadata(
+            slot_mapping=self.slot_mapping[:bucket],
+            query_start_loc=self.query_start_loc[: bucket + 1],
+            seq_lens=self.seq_lens[:bucket],
+            block_tables=self.block_tables[:bucket],
+            query_lens_cpu=[1] * bucket,
+            seq_lens_cpu=[self.max_model_len] * bucket,
+            max_query_len=1,
+            max_seq_len=self.max_model_len,
+        )
+
+    def _forward(self, bucket: int) -> torch.Tensor:
+        return self.model(self.input_ids[:bucket], self.positions[:bucket], self.kv_cache, self._meta(bucket))
+
+    @torch.inference_mode()
+    def capture(self) -> None:
+        pool = None
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for bucket in reversed(self.buckets):  # largest first, so smaller ones reuse its pool
+                self._forward(bucket)  # warm-up: compiles the Triton kernels for this shape
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=pool, stream=stream):
+                    hidden = self._forward(bucket)
+                pool = graph.pool() if pool is None else pool
+                self.graphs[bucket] = (graph, hidden)
+        torch.cuda.current_stream().wait_stream(stream)
+        torch.cuda.synchronize()
+        log.info("captured decode CUDA graphs for batch sizes %s", self.buckets)
+
+    def can_run(self, batch_size: int) -> bool:
+        return bool(self.graphs) and batch_size <= self.buckets[-1]
+
+    @torch.inference_mode()
+    def run(
+        self,
+        input_ids: list[int],
+        positions: list[int],
+        slot_mapping: list[int],
+        seq_lens: list[int],
+        block_tables: list[list[int]],
+    ) -> torch.Tensor:  # [b, hidden]
+        b = len(input_ids)
+        bucket = next(x for x in self.buckets if x >= b)
+        width = max(len(t) for t in block_tables)
+        # One pinned host staging tensor per input, copied without blocking the host.
+        self.input_ids[:b].copy_(torch.tensor(input_ids, dtype=torch.int64).pin_memory(), non_blocking=True)
+        self.positions[:b].copy_(torch.tensor(positions, dtype=torch.int64).pin_memory(), non_blocking=True)
+        self.slot_mapping[:b].copy_(
+            torch.tensor(slot_mapping, dtype=torch.int64).pin_memory(), non_blocking=True
+        )
+        self.seq_lens[:b].copy_(torch.tensor(seq_lens, dtype=torch.int32).pin_memory(), non_blocking=True)
+        tables = torch.zeros(b, width, dtype=torch.int32)
+        for i, t in enumerate(block_tables):
+            tables[i, : len(t)] = torch.tensor(t, dtype=torch.int32)
+        self.block_tables[:b, :width].copy_(tables.pin_memory(), non_blocking=True)
+        if bucket > b:
+            self.slot_mapping[b:bucket].fill_(-1)
+            self.seq_lens[b:bucket].fill_(0)
+        graph, hidden = self.graphs[bucket]
+        graph.replay()
+        return hidden[:b]

@@ -1,0 +1,138 @@
+"""The load generator against 1P1D on a two-node Ray cluster (prefill pool on one
+node, decode pool on the other), through the router's gRPC API.
+
+A short `bench.sweep` (two rates) must come back complete and consistent: no
+failures, exactly the asked output lengths, metrics within sane bounds, report
+files written. And the bench's client-side TTFT must agree with the router's own
+`ttft_ms` at low load, i.e. the client does not distort what it measures.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import statistics
+
+import pytest
+
+from bench.datasets import sample_random
+from bench.serve import run_benchmark
+from bench.sweep import run_sweep, write_report
+from deploy.config import parse_config
+from deploy.launcher import up
+
+ray = pytest.importorskip("ray")
+
+VOCAB_SIZE, EOS_TOKEN_ID = 258, 257  # the built-in tiny model
+NUM_PROMPTS = 16
+RATES = [4.0, float("inf")]
+SLOS_MS = {"ttft": 2000.0, "tpot": 500.0}
+
+
+def one_p_one_d_config():
+    return parse_config(
+        {
+            "model": "tiny",
+            "engine": {"num_gpu_blocks": 1024, "max_num_seqs": 64, "max_num_batched_tokens": 2048},
+            "prefill": {"count": 1, "resources": {"num_cpus": 0, "resources": {"prefill_node": 1}}},
+            "decode": {"count": 1, "resources": {"num_cpus": 0, "resources": {"decode_node": 1}}},
+            "transfer": {"backend": "grpc"},
+            "router": {
+                "port": 0,
+                "policy": "cache_aware",
+                # always disaggregate: these short prompts would otherwise prefill on the decode worker
+                "policy_params": {"local_prefill_threshold_tokens": 0},
+            },
+        }
+    )
+
+
+@pytest.fixture(scope="module")
+def deployment():
+    from ray.cluster_utils import Cluster
+
+    ray.shutdown()  # a cluster left by another test module
+    cluster = Cluster(
+        initialize_head=True,
+        head_node_args={
+            "num_cpus": 1,
+            "resources": {"prefill_node": 4},
+            "include_dashboard": False,
+            "node_ip_address": "127.0.0.1",
+        },
+    )
+    cluster.add_node(num_cpus=1, resources={"decode_node": 4}, node_ip_address="127.0.0.1")
+    ray.init(address=cluster.address, namespace="pdserve-test-bench", log_to_driver=False)
+    dep = up(one_p_one_d_config())
+    try:
+        yield dep
+    finally:
+        dep.down()
+        ray.shutdown()
+        cluster.shutdown()
+
+
+def test_pools_on_different_nodes(deployment):
+    nodes = {wid: ray.get(handle.node_id.remote()) for wid, handle in deployment.workers.items()}
+    assert nodes["prefill-0"] != nodes["decode-0"]
+
+
+def check_run(metrics: dict, requests) -> None:
+    asked = [r.output_len for r in requests]
+    assert metrics["failed"] == 0, metrics["errors"]
+    assert metrics["completed"] == len(requests)
+    assert metrics["output_lens"] == asked
+    assert metrics["input_lens"] == [r.prompt_len for r in requests]
+    assert metrics["total_output_tokens"] == sum(asked)
+    for ttft, e2el, tpot, server_ttft in zip(
+        metrics["ttfts"], metrics["e2els"], metrics["tpots"], metrics["server_ttfts_ms"], strict=True
+    ):
+        assert 0 < ttft <= e2el < 60
+        assert tpot > 0  # every request asks for > 1 token
+        assert server_ttft is not None and 0 < server_ttft <= ttft * 1000.0
+    assert metrics["request_throughput"] > 0 and metrics["output_throughput"] > 0
+    assert 0 <= metrics["request_goodput"] <= metrics["request_throughput"] + 1e-9
+    assert 0.0 <= metrics["slo_attainment"] <= 1.0
+    for name in ("ttft", "tpot", "itl", "e2el"):
+        assert 0 < metrics[f"median_{name}_ms"] <= metrics[f"p99_{name}_ms"]
+    assert metrics["median_ttft_ms"] <= metrics["median_e2el_ms"]
+    # ITL gaps add up to the time after the first token
+    for itls, ttft, e2el in zip(metrics["itls"], metrics["ttfts"], metrics["e2els"], strict=True):
+        assert sum(itls) == pytest.approx(e2el - ttft, abs=1e-6)
+
+
+def test_sweep_results_complete_and_consistent(deployment, tmp_path):
+    # output lengths vary (range ratio 0.5) so "exactly as asked" is checked per request
+    requests = sample_random(NUM_PROMPTS, 64, 12, 0.5, VOCAB_SIZE, seed=0, excluded_token_ids=[EOS_TOKEN_ID])
+    spec = ("1p1d", lambda: deployment.url, lambda: None)  # deployment is brought down by the fixture
+    report = run_sweep([spec], RATES, lambda info: requests, slos_ms=SLOS_MS, timeout=60.0)
+    runs = report["deployments"]["1p1d"]["runs"]
+    assert [m["request_rate"] for m in runs] == RATES
+    for metrics in runs:
+        check_run(metrics, requests)
+    paths = write_report(report, tmp_path)
+    saved = json.loads((tmp_path / "sweep.json").read_text())
+    assert saved["deployments"]["1p1d"]["runs"][0]["completed"] == NUM_PROMPTS
+    table = (tmp_path / "sweep.md").read_text()
+    assert table.count("| 1p1d | ") == 1 + len(RATES)  # summary row + one per rate
+    assert all(path.exists() for path in paths)
+
+
+def test_client_ttft_agrees_with_router(deployment):
+    """Sequential requests: the client's TTFT is the router's ttft_ms plus the gRPC hop.
+
+    The hop (request in, first chunk out, on loopback) costs about 1-1.5 ms on this
+    machine whatever the prompt, so prompts are long enough (1024 tokens, all distinct:
+    no cache hits) that prefill dominates and 5% is a real bound on what the client adds.
+    """
+    requests = sample_random(8, 1024, 4, 0.0, VOCAB_SIZE, seed=7, excluded_token_ids=[EOS_TOKEN_ID])
+    metrics = asyncio.run(run_benchmark(deployment.url, requests, max_concurrency=1, timeout=60.0))
+    assert metrics["failed"] == 0, metrics["errors"]
+    client_ms = [t * 1000.0 for t in metrics["ttfts"]]
+    server_ms = metrics["server_ttfts_ms"]
+    # the client's interval contains the router's, for every request (the first one included:
+    # the bench connects before it starts the clock)
+    assert all(s < c for c, s in zip(client_ms, server_ms, strict=True))
+    client_median, server_median = statistics.median(client_ms), statistics.median(server_ms)
+    print(f"median TTFT: client {client_median:.2f} ms, router {server_median:.2f} ms")
+    assert client_median == pytest.approx(server_median, rel=0.05), (client_ms, server_ms)

@@ -1,0 +1,123 @@
+"""The engine on a GPU: the fast (Triton) backend and CUDA-graph decode against the
+oracles. float32: greedy tokens equal transformers' and the reference backend's
+exactly; bf16: logits of the fast backend within 1e-2 relative error of the reference.
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from engine import LLM, SamplingParams
+from tests.hf_models import hf_greedy, make_checkpoint
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+MAX_NEW = 24
+
+
+def prompts(vocab: int) -> list[list[int]]:
+    rng = random.Random(3)
+    shared = [rng.randrange(vocab) for _ in range(70)]
+    lens = [1, 9, 17, 64, 130, 250]
+    return [
+        shared + [rng.randrange(vocab) for _ in range(n)]
+        if n > 60
+        else [rng.randrange(vocab) for _ in range(n)]
+        for n in lens
+    ]
+
+
+@pytest.fixture(scope="module", params=["llama", "qwen3"])
+def checkpoint(request, tmp_path_factory):
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    path = str(tmp_path_factory.mktemp(request.param))
+    model = make_checkpoint(request.param, path)
+    ps = prompts(model.config.vocab_size)
+    expected = [hf_greedy(model.cuda(), p, MAX_NEW) for p in ps]  # transformers on the same GPU
+    return path, ps, expected
+
+
+@pytest.mark.parametrize("enforce_eager", [False, True])
+def test_triton_float32_greedy_matches_transformers(checkpoint, enforce_eager):
+    path, ps, expected = checkpoint
+    llm = LLM(
+        path,
+        device="cuda",
+        dtype="float32",
+        attention_backend="triton",
+        num_gpu_blocks=256,
+        max_num_batched_tokens=128,
+        enforce_eager=enforce_eager,
+        max_num_seqs=8,
+    )
+    assert (llm.engine.runner.decode_graphs is not None) == (not enforce_eager)
+    outs = llm.generate(ps, SamplingParams(temperature=0, max_tokens=MAX_NEW, ignore_eos=True))
+    assert [o.token_ids for o in outs] == expected
+    again = llm.generate(ps, SamplingParams(temperature=0, max_tokens=MAX_NEW, ignore_eos=True))
+    assert [o.token_ids for o in again] == expected  # with prefix-cache hits
+    assert sum(o.num_cached_tokens for o in again) > 0
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_triton_bf16_logits_match_reference(arch, tmp_path):
+    """Same model and cache contents, both backends, a prefill then a decode step.
+    Realistic weight scales (transformers' default init), fresh random inputs every run."""
+    from engine.attention import AttentionMetadata, get_backend
+
+    path = str(tmp_path)
+    make_checkpoint(arch, path, seed=random.randrange(1 << 30), initializer_range=0.02)
+    ps = prompts(320)
+    llm = LLM(
+        path,
+        device="cuda",
+        dtype="bfloat16",
+        attention_backend="triton",
+        num_gpu_blocks=64,
+        enforce_eager=True,
+    )
+    model, kv = llm.engine.runner.model, llm.engine.runner.kv_cache
+    prompt = torch.tensor(ps[-1], device="cuda")
+    n, bs = len(ps[-1]), kv.shape[3]
+    blocks = torch.randperm(kv.shape[2], device="cuda")[: -(-(n + 1) // bs)].int()
+    slots = blocks.long()[torch.arange(n, device="cuda") // bs] * bs + torch.arange(n, device="cuda") % bs
+
+    def run(backend_name: str) -> torch.Tensor:
+        backend = get_backend(backend_name, "cuda")
+        for layer in model.model.layers:
+            layer.self_attn.backend = backend
+        kv.zero_()
+        meta = AttentionMetadata(
+            slots,
+            torch.tensor([0, n], dtype=torch.int32, device="cuda"),
+            torch.tensor([n], dtype=torch.int32, device="cuda"),
+            blocks[None],
+            [n],
+            [n],
+            n,
+            n,
+        )
+        with torch.inference_mode():
+            hidden = model(prompt, torch.arange(n, device="cuda"), kv, meta)
+            prefill_logits = model.compute_logits(hidden[-1:])
+            tok = prefill_logits.argmax(-1)
+            slot = blocks.long()[n // bs] * bs + n % bs
+            meta = AttentionMetadata(
+                slot[None],
+                torch.tensor([0, 1], dtype=torch.int32, device="cuda"),
+                torch.tensor([n + 1], dtype=torch.int32, device="cuda"),
+                blocks[None],
+                [1],
+                [n + 1],
+                1,
+                n + 1,
+            )
+            hidden = model(tok, torch.tensor([n], device="cuda"), kv, meta)
+            return torch.cat([prefill_logits, model.compute_logits(hidden)])
+
+    fast, ref = run("triton"), run("reference")
+    rel = (fast - ref).norm() / ref.norm()
+    assert rel.item() <= 1e-2, rel.item()
