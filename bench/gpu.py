@@ -179,8 +179,12 @@ def pdserve_decode(llm, batch: int, context: int, shapes: Shapes, cost: ModelCos
             num_outputs[out.req_id] = out.num_output_tokens
         return len(outputs)
 
-    while min(num_outputs.values()) == 0:  # until every prompt is prefilled
+    for _ in range(4 * prefill_steps_bound):  # until every prompt is prefilled
+        if min(num_outputs.values()) > 0:
+            break
         step()
+    else:
+        raise RuntimeError(f"the batch of {batch} was not prefilled in {4 * prefill_steps_bound} steps")
     for _ in range(shapes.warmup_steps):  # CUDA-graph capture, kernel compiles
         step()
     # A decode step reads the K and V of every token so far, the one fed in included.
@@ -316,8 +320,11 @@ def build_llm(model_dir: str, args: argparse.Namespace, device: torch.device, co
         attention_backend=args.attention_backend,
         load_format="dummy",
     )
-    if args.enforce_eager and "enforce_eager" in inspect.signature(LLM).parameters:
-        kwargs["enforce_eager"] = True
+    if args.enforce_eager:
+        if "enforce_eager" in inspect.signature(LLM).parameters:
+            kwargs["enforce_eager"] = True
+        else:
+            print("  --enforce-eager ignored: this engine has no such switch")
     return LLM(model_dir, **kwargs)
 
 
@@ -411,7 +418,11 @@ def run_pdserve(
     limits = report.result["limits"]
     report.result["pdserve_build_s"] = time.perf_counter() - started
     report.result["num_gpu_blocks"] = llm.engine.runner.num_blocks
-    print(f"pdserve: built in {time.perf_counter() - started:.1f}s, {llm.engine.runner.num_blocks} KV blocks")
+    report.result["cuda_graphs"] = getattr(llm.engine.runner, "decode_graphs", None) is not None
+    print(
+        f"pdserve: built in {report.result['pdserve_build_s']:.1f}s, {llm.engine.runner.num_blocks} "
+        f"KV blocks, CUDA graphs {report.result['cuda_graphs']}"
+    )
     rows: dict[str, Callable[[], dict]] = {
         "decode_b1": lambda: pdserve_decode(llm, 1, shapes.decode_context, shapes, cost, limits),
         "decode_batch": lambda: pdserve_decode(
@@ -425,6 +436,9 @@ def run_pdserve(
     for key, measure in rows.items():
         if key in chosen:
             report.record(key, "pdserve", measure)
+            # A row that failed half-way must not leave requests behind for the next one.
+            for req_id in list(llm.engine.scheduler.requests):
+                llm.engine.abort_request(req_id)
 
 
 if __name__ == "__main__":

@@ -57,7 +57,7 @@ def offline_tokens_per_s(requests: list[BenchRequest]) -> float:
     llm = LLM("tiny", num_gpu_blocks=4096, max_num_seqs=128, max_num_batched_tokens=2048)
     prompts = [r.prompt_token_ids for r in requests]
     params = [SamplingParams(temperature=0.0, max_tokens=r.output_len, ignore_eos=True) for r in requests]
-    llm.generate(prompts[:2], params[:2])  # warm-up
+    llm.generate(prompts[:8], params[:8])  # warm-up
     start = time.perf_counter()
     outputs = llm.generate(prompts, params)
     elapsed = time.perf_counter() - start
@@ -93,7 +93,8 @@ def measure_streaming(args: argparse.Namespace) -> dict[str, object]:
             model="tiny", num_gpu_blocks=4096, max_num_batched_tokens=2048, enable_prefix_caching=False
         )
     )
-    engine_prefill_ms(engine, "warm-up", ttft_requests[0].prompt_token_ids)
+    for index in range(3):  # the first steps are slow (allocator, kernels): not measured
+        engine_prefill_ms(engine, f"warm-up-{index}", ttft_requests[index].prompt_token_ids)
     dep = up(CONFIG_1P1D)
     try:
         # warm-up of the stack (first prefill, first KV transfer), not measured
@@ -246,6 +247,11 @@ def format_tables(report: dict[str, object]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    import torch
+
+    # One intra-op thread, as each Ray worker gets (OMP_NUM_THREADS=1): the offline engine is
+    # then the same engine the workers run, and does not fight them for the 2 cores.
+    torch.set_num_threads(1)
     parser = argparse.ArgumentParser(prog="python -m bench.stack", description=__doc__.splitlines()[0])
     parser.add_argument("what", choices=("streaming", "policy", "all"), nargs="?", default="all")
     parser.add_argument("--output", default="bench/results/cpu_stack.json")

@@ -19,6 +19,7 @@ the key path (e.g. `decode.count`), raised before anything starts.
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -187,4 +188,12 @@ def load_config(path: str, overrides: dict[str, Any] | None = None) -> DeployCon
         for p in parents:
             node = node.setdefault(p, {})
         node[last] = value
+    model = data.get("model") if isinstance(data, dict) else None
+    if isinstance(model, str) and model != "tiny" and not os.path.isabs(model):
+        # Workers run elsewhere (other cwd, other nodes): make a relative model path absolute,
+        # relative to the current directory, else to the config file's folder.
+        for base in (os.getcwd(), os.path.dirname(os.path.abspath(path))):
+            if os.path.isdir(os.path.join(base, model)):
+                data["model"] = os.path.abspath(os.path.join(base, model))
+                break
     return parse_config(data)

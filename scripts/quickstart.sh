@@ -36,6 +36,9 @@ case "${1:-}" in
     shift
     exec "$VENV/bin/pdserve" up deploy/local.yaml --demo "$@"
     ;;
+  setup-only)
+    setup
+    ;;
   test)
     setup
     shift

@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# The GPU runs behind bench/results/, exactly as made (through the device tool, from
+# the repository root, with Ray packed into .devpack/ as ../shared/gpu/README.md says).
+#   bash bench/run_gpu_suite.sh single   # one GPU: GPU tests, bench.gpu, co-located sweep
+#   bash bench/run_gpu_suite.sh pair     # two GPUs: 1P1D over NCCL, transfer, sweep vs co-located
+# Results land in $OUT (default bench/results/gpu-run).
+set -uo pipefail
+OUT="${OUT:-bench/results/gpu-run}"
+mkdir -p "$OUT"
+[ -f .devpack/install.sh ] && bash .devpack/install.sh
+export PYTHONPATH="/tmp/site:$PWD:$PWD/proto:${PYTHONPATH:-}" PYTHONUNBUFFERED=1
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/gpus.txt"
+SLO="ttft:1000 tpot:50"
+
+case "${1:-}" in
+  single)
+    timeout 150 python -m pytest tests/gpu/test_engine_gpu.py tests/gpu/test_disagg_gpu.py -q 2>&1 \
+      | tail -5 | tee "$OUT/gpu_tests.txt"
+    timeout 330 python -m bench.gpu --json "$OUT/gpu.json" --markdown "$OUT/gpu.md" 2>&1 | tail -40
+    timeout 100 python -m bench.sweep --config colocated=deploy/gpu-colocated-1.yaml \
+      --dataset random --random-input-len 256 --random-output-len 256 --num-prompts 48 \
+      --request-rates 4,16 --goodput $SLO --output-dir "$OUT/sweep-short" --disable-tqdm 2>&1 | tail -15
+    ;;
+  pair)
+    timeout 120 python -m pytest tests/gpu/test_disagg_gpu.py -q 2>&1 | tail -5 | tee "$OUT/gpu_tests.txt"
+    timeout 90 python -m bench.transfer_nccl --json "$OUT/transfer_nccl.json" 2>&1 | tail -6
+    timeout 330 python -m bench.sweep --config colocated-2=deploy/gpu-colocated-2.yaml \
+      --config 1p1d=deploy/gpu-1p1d.yaml --dataset random --random-input-len 2048 \
+      --random-output-len 256 --num-prompts 48 --request-rates 2,6 --goodput $SLO \
+      --output-dir "$OUT/sweep-long" --disable-tqdm 2>&1 | tail -20
+    ;;
+  *)
+    echo "usage: bash bench/run_gpu_suite.sh single|pair" >&2
+    exit 2
+    ;;
+esac
