@@ -101,7 +101,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'pdserve':<14}{row['engine_tokens_per_s']:>10.1f}")
     print(f"{'transformers':<14}{row['transformers_tokens_per_s']:>10.1f}")
     print(
-        f"ratio pdserve / transformers: {row['ratio']:.2f}  (same greedy tokens: {row['greedy_outputs_equal']})"
+        f"ratio pdserve / transformers: {row['ratio']:.2f}  "
+        f"(same greedy tokens: {row['greedy_outputs_equal']})"
     )
     if args.json:
         with open(args.json, "w") as f:
