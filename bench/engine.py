@@ -39,7 +39,9 @@ def hf_model_from_engine(llm: LLM):
         tie_word_embeddings=mc.tie_word_embeddings,
     )
     model = tf.LlamaForCausalLM(cfg).eval()
-    model.load_state_dict(llm.engine.runner.model.state_dict(), strict=False)
+    from engine.model.loader import checkpoint_tensors
+
+    model.load_state_dict(checkpoint_tensors(llm.engine.runner.model), strict=False)
     return model.to(llm.engine.runner.device)
 
 

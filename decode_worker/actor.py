@@ -53,7 +53,12 @@ class DecodeActor:
         kv_cache = self.worker.engine.kv_cache
         init_transfer_group(rank, world_size, init_method, kv_cache.device)
         self.worker.nccl_rank = rank
-        self._receiver = NcclKVReceiver(self.worker.receive_kv, self.worker.layout, kv_cache.device)
+        self._receiver = NcclKVReceiver(
+            self.worker.receive_kv,
+            self.worker.layout,
+            kv_cache.device,
+            on_chunk_received=self.worker.receive_kv_chunk,  # unpack layer chunks as they land
+        )
 
     def recv_kv_nccl(self, notice) -> None:
         """Called by a prefill worker right before it sends; returns once the KV is in place."""

@@ -135,14 +135,25 @@ class DecodeWorker:
         buffer: [num_layers, 2, len(block_ids), block_size, Hkv, D], any device.
         Raises if the request is unknown, so the sender learns the KV was not taken.
         """
+        self.receive_kv_chunk(req_id, block_ids, slice(0, buffer.shape[0]), buffer)
+
+    def receive_kv_chunk(self, req_id: str, block_ids: list[int], layers: slice, chunk: torch.Tensor) -> None:
+        """Receiver callback for a pipelined transfer: layers [layers.start, layers.stop) of the
+        request's blocks, in layer order; the request is ready after the last layer lands.
+
+        chunk: [layers.stop - layers.start, 2, len(block_ids), block_size, Hkv, D].
+        """
+        kv_cache = self.engine.kv_cache
         with self._lock:
             inc = self._incoming.get(req_id)
             if inc is None:
                 if req_id in self._dropped:
                     return  # aborted while in flight: drop the bytes, nothing to free
                 raise KeyError(f"decode worker {self.worker_id} has no reservation for {req_id}")
-            unpack_blocks(self.engine.kv_cache, buffer.to(self.engine.kv_cache.device), block_ids)
-            if self.engine.kv_cache.is_cuda:
+            unpack_blocks(kv_cache, chunk.to(kv_cache.device), block_ids, layers=layers)
+            if layers.stop < kv_cache.shape[0]:
+                return
+            if kv_cache.is_cuda:
                 torch.cuda.current_stream().synchronize()
             inc.kv_landed_at = time.perf_counter()
             ready = inc.first_token_id is not None

@@ -10,12 +10,22 @@ apart. So a pair must never have two transfers in flight:
     prefill (NcclKVSender.send)                 decode (NcclKVReceiver.recv)
     ---------------------------                 ----------------------------
     lock[dst]
-      pack blocks -> buffer
+      pack layer chunk 0 -> buffer[c0]
       notify(NcclTransferNotice) ------------>  (wiring: Ray call / queue to a receive thread)
-      isend(buffer, dst)                        irecv(buffer, src) ; wait
-                                                unpack -> on_kv_received(req_id, block_ids, buffer)
+      isend(buffer[c0], dst)                    irecv(buffer[c0]), irecv(buffer[c1]), ... (all, in order)
+      pack chunk 1; isend(buffer[c1], dst)      wait c0; on_chunk_received(req_id, block_ids, c0, buffer[c0])
+      ...                                       wait c1; on_chunk_received(..., c1, buffer[c1]) ...
+                                                (or, without on_chunk_received, once at the end:
+                                                 on_kv_received(req_id, block_ids, buffer))
       waitable.result(timeout) <--------------  completes (or raises)
     unlock[dst]
+
+Pipelining. The buffer `[L, 2, n, block_size, Hkv, D]` is sent as consecutive layer chunks
+`c_k = slice(k*chunk_layers, ...)` (`transfer.packing.layer_chunks`; the notice carries
+`chunk_layers`, 0 = one chunk), so packing chunk k+1 overlaps sending chunk k, and
+unpacking chunk k overlaps receiving chunk k+1. On CUDA nothing blocks the host on the
+sender: each isend is ordered after its pack on the side stream. The pair still has one
+transfer in flight, its chunks matched in issue order, and one confirmation per request.
 
 `notify` is provided by the wiring layer: it takes the notice and returns a
 waitable, anything with `.result(timeout)` (a `concurrent.futures.Future`; the
@@ -36,6 +46,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import os
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -47,9 +58,24 @@ import torch.distributed as dist
 
 from transfer.contract import KVHandle, KVReceiverCallback, KVTransferError, TransferStats, check_send_args
 from transfer.layout import KVLayout, KVLayoutMismatch, normalize_dtype_name
-from transfer.packing import dtype_from_name, pack_blocks
+from transfer.packing import dtype_from_name, layer_chunks, pack_blocks
 
 DEFAULT_TIMEOUT_S = 60.0
+# Default chunking: the fewest layers per chunk that make a chunk at least this big (NCCL
+# sends well under ~16 MiB lose rate to per-op overhead); smaller requests go in one chunk.
+MIN_CHUNK_BYTES = 32 << 20
+# Overrides the default chunking of senders built with chunk_layers=None (tests, benchmarks).
+CHUNK_LAYERS_ENV = "PDSERVE_KV_CHUNK_LAYERS"
+
+# Decode side, optional: (req_id, block_ids, layers, chunk) for each layer chunk as it lands, in
+# layer order; chunk: [layers.stop - layers.start, 2, len(block_ids), block_size, Hkv, D].
+KVChunkCallback = Callable[[str, list[int], slice, torch.Tensor], None]
+
+
+def default_chunk_layers(num_layers: int, layer_nbytes: int, min_chunk_bytes: int = MIN_CHUNK_BYTES) -> int:
+    """Layers per chunk so that a chunk is >= `min_chunk_bytes`; 0 (one chunk) if that is all of them."""
+    chunk = max(1, -(-min_chunk_bytes // max(1, layer_nbytes)))
+    return 0 if chunk >= num_layers else chunk
 
 
 def backend_for_device(device: str | torch.device) -> str:
@@ -106,6 +132,7 @@ class NcclTransferNotice:
     dtype: str  # e.g. "bfloat16"
     layout: KVLayout  # the sender's layout
     nbytes: int
+    chunk_layers: int = 0  # layers per sent chunk (layer_chunks(shape[0], chunk_layers)); 0 = one chunk
 
 
 class Waitable(Protocol):
@@ -154,8 +181,16 @@ class NcclKVSender:
         notify: NotifyFn | None = None,
         timeout_s: float = DEFAULT_TIMEOUT_S,
         group: dist.ProcessGroup | None = None,
+        chunk_layers: int | None = None,
     ) -> None:
+        """chunk_layers: layers per pipelined chunk; 0 = never split; None = $PDSERVE_KV_CHUNK_LAYERS
+        if set, else `default_chunk_layers` (chunks of >= MIN_CHUNK_BYTES)."""
         self.rank = rank
+        if chunk_layers is None and os.environ.get(CHUNK_LAYERS_ENV):
+            chunk_layers = int(os.environ[CHUNK_LAYERS_ENV])
+        if chunk_layers is not None and chunk_layers < 0:
+            raise ValueError(f"chunk_layers must be >= 0 (0 = one chunk), got {chunk_layers}")
+        self.chunk_layers = chunk_layers
         self.model_name = model_name
         self.notify = notify
         self.timeout_s = timeout_s
@@ -166,7 +201,7 @@ class NcclKVSender:
         # Sends we gave up waiting on: keep the Work and buffer alive, because dropping a pending
         # gloo send cancels it (and with NCCL frees its buffer under the kernel), and a late
         # receiver must still get well-formed bytes.
-        self._abandoned: dict[int, list[tuple[dist.Work, torch.Tensor]]] = {}
+        self._abandoned: dict[int, list[tuple[list[dist.Work], torch.Tensor]]] = {}
         self._streams: dict[torch.device, _SideStream] = {}
 
     def _lock_for(self, dst: int) -> threading.Lock:
@@ -200,8 +235,19 @@ class NcclKVSender:
             if dst in self._broken:
                 raise KVTransferError(f"rank {dst} is unusable after an earlier failure: {self._broken[dst]}")
             start = time.perf_counter()
-            buffer = pack_blocks(kv_cache, src_block_ids)  # [L, 2, n, block_size, Hkv, D], contiguous
-            packed = time.perf_counter()
+            n = len(src_block_ids)
+            # [L, 2, n, block_size, Hkv, D], contiguous; chunk k is the view buffer[chunks[k]]
+            buffer = torch.empty(
+                (kv_cache.shape[0], 2, n, *kv_cache.shape[3:]), dtype=kv_cache.dtype, device=kv_cache.device
+            )
+            nbytes = buffer.numel() * buffer.element_size()
+            chunk_layers = self.chunk_layers
+            if chunk_layers is None:
+                chunk_layers = default_chunk_layers(kv_cache.shape[0], nbytes // kv_cache.shape[0])
+            chunks = layer_chunks(kv_cache.shape[0], chunk_layers)
+            # Chunk 0 is packed before the notice: bad block ids raise here, with nothing sent.
+            pack_blocks(kv_cache, src_block_ids, out=buffer[chunks[0]], layers=chunks[0])
+            pack_s = time.perf_counter() - start
             notice = NcclTransferNotice(
                 req_id=handle.req_id,
                 src_rank=self.rank,
@@ -209,30 +255,44 @@ class NcclKVSender:
                 shape=tuple(buffer.shape),
                 dtype=normalize_dtype_name(buffer.dtype),
                 layout=KVLayout.from_cache(kv_cache, self.model_name),
-                nbytes=buffer.numel() * buffer.element_size(),
+                nbytes=nbytes,
+                chunk_layers=chunks[0].stop if len(chunks) > 1 else 0,
             )
             try:
                 waitable = notify(notice)
             except Exception as exc:  # nothing was sent: the pair is still in step
                 raise KVTransferError(f"request {handle.req_id}: notifying rank {dst} failed: {exc}") from exc
-            work = dist.isend(buffer, dst=dst, group=self.group)
+            works: list[dist.Work] = []
             try:
-                self._wait_for_receiver(handle.req_id, dst, waitable, work)
-            except Exception:
+                for k, layers in enumerate(chunks):
+                    if k:  # overlaps the send of chunk k-1 (on CUDA: queued behind it on the side stream)
+                        tick = time.perf_counter()
+                        pack_blocks(kv_cache, src_block_ids, out=buffer[layers], layers=layers)
+                        pack_s += time.perf_counter() - tick
+                    works.append(dist.isend(buffer[layers], dst=dst, group=self.group))
+                self._wait_for_receiver(handle.req_id, dst, waitable, works)
+            except Exception as exc:
+                if len(works) < len(chunks):  # failed mid-way: the receiver waits for bytes never sent
+                    self._broken[dst] = f"request {handle.req_id}: sending chunk {len(works)} failed: {exc}"
                 if dst in self._broken:
-                    self._abandoned.setdefault(dst, []).append((work, buffer))
-                raise
+                    self._abandoned.setdefault(dst, []).append((works, buffer))
+                if isinstance(exc, KVTransferError | KVLayoutMismatch):
+                    raise
+                raise KVTransferError(f"request {handle.req_id}: send to rank {dst} failed: {exc}") from exc
             done = time.perf_counter()
         return TransferStats(
-            nbytes=notice.nbytes, pack_ms=(packed - start) * 1e3, send_ms=(done - packed) * 1e3
+            nbytes=nbytes,
+            pack_ms=pack_s * 1e3,
+            send_ms=(done - start - pack_s) * 1e3,
+            extra={"chunks": float(len(chunks))},
         )
 
-    def _wait_for_receiver(self, req_id: str, dst: int, waitable: Waitable, work: dist.Work) -> None:
+    def _wait_for_receiver(self, req_id: str, dst: int, waitable: Waitable, works: list[dist.Work]) -> None:
         try:
             waitable.result(timeout=self.timeout_s)
         except KVLayoutMismatch:
             # The receiver drained the bytes before refusing, so this completes.
-            if not self._wait_work(work):
+            if not self._wait_works(works):
                 self._broken[dst] = f"request {req_id}: send did not complete after a refusal"
             raise
         except TimeoutError as exc:
@@ -240,16 +300,16 @@ class NcclKVSender:
             raise KVTransferError(f"request {req_id}: {self._broken[dst]} from rank {dst}") from exc
         except Exception as exc:
             # The receiver refused after draining (its recv matched our send), or died; find out which.
-            if not self._wait_work(work):
+            if not self._wait_works(works):
                 self._broken[dst] = f"request {req_id}: receiver failed without draining ({exc})"
             raise KVTransferError(f"request {req_id}: rank {dst} failed to receive: {exc}") from exc
-        if not self._wait_work(work):
+        if not self._wait_works(works):
             self._broken[dst] = f"request {req_id}: send did not complete"
             raise KVTransferError(f"request {req_id}: send to rank {dst} did not complete")
 
-    def _wait_work(self, work: dist.Work) -> bool:
+    def _wait_works(self, works: list[dist.Work]) -> bool:
         try:
-            return bool(work.wait(timeout=datetime.timedelta(seconds=self.timeout_s)))
+            return all(bool(work.wait(timeout=datetime.timedelta(seconds=self.timeout_s))) for work in works)
         except Exception:
             return False
 
@@ -268,8 +328,12 @@ class NcclKVReceiver:
         timeout_s: float = DEFAULT_TIMEOUT_S,
         group: dist.ProcessGroup | None = None,
         max_nbytes: int = 8 << 30,
+        on_chunk_received: KVChunkCallback | None = None,
     ) -> None:
+        """on_chunk_received: when given, it takes each layer chunk as it lands (in layer order) and
+        `on_kv_received` is not called; otherwise `on_kv_received` gets the whole buffer at the end."""
         self.on_kv_received = on_kv_received
+        self.on_chunk_received = on_chunk_received
         self.expected_layout = expected_layout
         self.device = torch.device(device)
         self.timeout_s = timeout_s
@@ -281,10 +345,11 @@ class NcclKVReceiver:
         self._stream = _SideStream(self.device)
         # Sources whose receive timed out: that irecv may still match their next send, so any
         # further request from them is refused. Keep the pending Work and buffer alive.
-        self._broken_sources: dict[int, tuple[dist.Work, torch.Tensor]] = {}
+        self._broken_sources: dict[int, tuple[list[dist.Work], torch.Tensor]] = {}
 
     def recv(self, notice: NcclTransferNotice) -> None:
-        """Receive one request's buffer from `notice.src_rank`, then hand it to `on_kv_received`.
+        """Receive one request's buffer from `notice.src_rank` (in layer chunks when the notice says
+        so), handing each chunk to `on_chunk_received` or the whole buffer to `on_kv_received`.
 
         Returns once the data is in place (CUDA work synchronized). Raises `KVLayoutMismatch`
         or `KVTransferError`; in both cases the bytes were drained when the notice allowed it.
@@ -300,19 +365,32 @@ class NcclKVReceiver:
             if problem is not None and not drainable:
                 raise KVTransferError(f"request {notice.req_id}: {problem}; could not drain the send")
             dtype = dtype_from_name(notice.dtype)
-            buffer = torch.empty(notice.shape, dtype=dtype, device=self.device)
-            work = dist.irecv(buffer, src=notice.src_rank, group=self.group)
-            try:
-                completed = bool(work.wait(timeout=datetime.timedelta(seconds=self.timeout_s)))
-                failure = "" if completed else "timed out"
-            except Exception as exc:
-                completed, failure = False, str(exc)
-            if not completed:
-                self._broken_sources[notice.src_rank] = (work, buffer)
-                raise KVTransferError(f"request {notice.req_id}: recv from rank {notice.src_rank}: {failure}")
-            if problem is not None:
-                raise problem
-            self.on_kv_received(notice.req_id, list(notice.block_ids), buffer)
+            buffer = torch.empty(notice.shape, dtype=dtype, device=self.device)  # [L, 2, n, bs, Hkv, D]
+            chunks = layer_chunks(notice.shape[0], notice.chunk_layers)
+            # Post every chunk's receive up front, in the sender's order, into views of one buffer.
+            works = [dist.irecv(buffer[layers], src=notice.src_rank, group=self.group) for layers in chunks]
+            failure: Exception | None = problem
+            for layers, work in zip(chunks, works, strict=True):
+                try:
+                    completed = bool(work.wait(timeout=datetime.timedelta(seconds=self.timeout_s)))
+                    reason = "" if completed else "timed out"
+                except Exception as exc:
+                    completed, reason = False, str(exc)
+                if not completed:
+                    self._broken_sources[notice.src_rank] = (works, buffer)
+                    raise KVTransferError(
+                        f"request {notice.req_id}: recv from rank {notice.src_rank} "
+                        f"(layers {layers.start}..{layers.stop - 1}): {reason}"
+                    )
+                if failure is None and self.on_chunk_received is not None:
+                    try:  # unpack this chunk while the next one is in flight
+                        self.on_chunk_received(notice.req_id, list(notice.block_ids), layers, buffer[layers])
+                    except Exception as exc:
+                        failure = exc  # keep draining the remaining chunks so the pair stays in step
+            if failure is not None:
+                raise failure
+            if self.on_chunk_received is None:
+                self.on_kv_received(notice.req_id, list(notice.block_ids), buffer)
             self._stream.synchronize()  # the data is in place before we report completion
 
     def _validate(self, notice: NcclTransferNotice) -> Exception | None:
@@ -320,6 +398,8 @@ class NcclKVReceiver:
             notice.layout.check_compatible(self.expected_layout, "prefill", "decode")
         except KVLayoutMismatch as exc:
             return exc
+        if not isinstance(notice.chunk_layers, int) or notice.chunk_layers < 0:
+            return KVTransferError(f"request {notice.req_id}: bad chunk_layers {notice.chunk_layers!r}")
         expected_shape = self.expected_layout.buffer_shape(len(notice.block_ids))
         if tuple(notice.shape) != expected_shape:
             return KVTransferError(
@@ -335,4 +415,6 @@ class NcclKVReceiver:
         numel = 1
         for size in notice.shape:
             numel *= int(size)
+        if not isinstance(notice.chunk_layers, int) or notice.chunk_layers < 0 or len(notice.shape) < 1:
+            return False
         return 0 < numel * dtype.itemsize == notice.nbytes <= self.max_nbytes

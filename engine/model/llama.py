@@ -17,6 +17,7 @@ from torch.nn import functional as F
 
 from engine.attention.metadata import AttentionMetadata
 from engine.config import ModelConfig
+from engine.model.fused_ops import fused_add_rms_norm, rms_norm, rotary_embedding_
 
 
 class RMSNorm(nn.Module):
@@ -26,11 +27,9 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Same op order as transformers: normalise in float32, cast, then scale.
-        dtype = x.dtype
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(dtype)
+        # Same op order as transformers: normalise in float32, cast, then scale
+        # (one Triton kernel on CUDA, plain torch elsewhere; see fused_ops).
+        return rms_norm(x, self.weight, self.eps)
 
 
 def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
@@ -55,22 +54,11 @@ def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
 
 
 class RotaryEmbedding(nn.Module):
+    """Holds the RoPE inverse frequencies (float32); `fused_ops.rotary_embedding_` applies them."""
+
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.register_buffer("inv_freq", rope_inv_freq(config), persistent=False)
-
-    def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        # positions [T] -> cos, sin [T, head_dim] (computed in float32, as transformers does)
-        freqs = positions.float()[:, None] * self.inv_freq[None, :]
-        emb = torch.cat((freqs, freqs), dim=-1)
-        return emb.cos().to(dtype), emb.sin().to(dtype)
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    # x [T, H, D]; cos/sin [T, D] (half-split rotation, the HF convention)
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos[:, None, :] + rotated * sin[:, None, :]
 
 
 class Attention(nn.Module):
@@ -82,9 +70,10 @@ class Attention(nn.Module):
         self.head_dim = config.head_dim
         self.scale = self.head_dim**-0.5
         bias = config.attention_bias
-        self.q_proj = nn.Linear(config.hidden_size, self.num_heads * self.head_dim, bias=bias)
-        self.k_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
-        self.v_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
+        self.q_size = self.num_heads * self.head_dim
+        self.kv_size = self.num_kv_heads * self.head_dim
+        # q, k and v projections as one GEMM: rows [q | k | v] (the loader fills the slices).
+        self.qkv_proj = nn.Linear(config.hidden_size, self.q_size + 2 * self.kv_size, bias=bias)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=False)
         if config.qk_norm:
             self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
@@ -96,18 +85,19 @@ class Attention(nn.Module):
     def forward(
         self,
         hidden: torch.Tensor,  # [T, hidden]
-        cos: torch.Tensor,
-        sin: torch.Tensor,
+        positions: torch.Tensor,  # [T]
+        inv_freq: torch.Tensor,  # [head_dim // 2] float32
         kv_cache: torch.Tensor,  # [num_layers, 2, num_blocks, block_size, Hkv, D]
         meta: AttentionMetadata,
     ) -> torch.Tensor:
         T = hidden.shape[0]
-        q = self.q_proj(hidden).view(T, self.num_heads, self.head_dim)
-        k = self.k_proj(hidden).view(T, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(hidden).view(T, self.num_kv_heads, self.head_dim)
+        qkv = self.qkv_proj(hidden)  # [T, q_size + 2 * kv_size]
+        q = qkv[:, : self.q_size].view(T, self.num_heads, self.head_dim)
+        k = qkv[:, self.q_size : self.q_size + self.kv_size].view(T, self.num_kv_heads, self.head_dim)
+        v = qkv[:, self.q_size + self.kv_size :].view(T, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k = rotary_embedding_(q, k, positions, inv_freq)  # in place; q, k may be views of qkv
         out = self.backend.forward(q, k, v, kv_cache[self.layer_idx], meta, self.scale)
         return self.o_proj(out.reshape(T, self.num_heads * self.head_dim))
 
@@ -115,12 +105,15 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
-        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.intermediate_size = config.intermediate_size
+        # gate and up projections as one GEMM: rows [gate | up].
+        self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate_up = self.gate_up_proj(x)  # [T, 2 * intermediate]
+        gate, up = gate_up[:, : self.intermediate_size], gate_up[:, self.intermediate_size :]
+        return self.down_proj(F.silu(gate) * up)
 
 
 class DecoderLayer(nn.Module):
@@ -131,9 +124,17 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, hidden, cos, sin, kv_cache, meta):
-        hidden = hidden + self.self_attn(self.input_layernorm(hidden), cos, sin, kv_cache, meta)
-        return hidden + self.mlp(self.post_attention_layernorm(hidden))
+    def forward(self, hidden, residual, positions, inv_freq, kv_cache, meta):
+        """Carries the residual stream separately so each norm fuses with the add before it."""
+        norm = self.input_layernorm
+        if residual is None:  # first layer
+            residual, hidden = hidden, rms_norm(hidden, norm.weight, norm.eps)
+        else:
+            hidden, residual = fused_add_rms_norm(hidden, residual, norm.weight, norm.eps)
+        hidden = self.self_attn(hidden, positions, inv_freq, kv_cache, meta)
+        norm = self.post_attention_layernorm
+        hidden, residual = fused_add_rms_norm(hidden, residual, norm.weight, norm.eps)
+        return self.mlp(hidden), residual
 
 
 class LlamaModel(nn.Module):
@@ -162,10 +163,13 @@ class LlamaForCausalLM(nn.Module):
         meta: AttentionMetadata,
     ) -> torch.Tensor:  # [T, hidden] after the final norm
         hidden = self.model.embed_tokens(input_ids)
-        cos, sin = self.model.rotary_emb(positions, hidden.dtype)
+        residual = None
+        inv_freq = self.model.rotary_emb.inv_freq
         for layer in self.model.layers:
-            hidden = layer(hidden, cos, sin, kv_cache, meta)
-        return self.model.norm(hidden)
+            hidden, residual = layer(hidden, residual, positions, inv_freq, kv_cache, meta)
+        norm = self.model.norm
+        hidden, _ = fused_add_rms_norm(hidden, residual, norm.weight, norm.eps)
+        return hidden
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         # [N, hidden] -> [N, vocab] in float32 for the sampler

@@ -86,27 +86,70 @@ def load_model(
     return model.eval()
 
 
+# Checkpoint projections that live as row slices of one merged parameter here:
+# checkpoint name part -> (merged name part, index of the slice in the merged rows).
+_MERGED = {
+    ".q_proj.": (".qkv_proj.", 0),
+    ".k_proj.": (".qkv_proj.", 1),
+    ".v_proj.": (".qkv_proj.", 2),
+    ".gate_proj.": (".gate_up_proj.", 0),
+    ".up_proj.": (".gate_up_proj.", 1),
+}
+
+
+def _merged_slices(config: ModelConfig) -> dict[str, list[int]]:
+    """Row sizes of each merged parameter's slices, by merged name part."""
+    q = config.num_attention_heads * config.head_dim
+    kv = config.num_key_value_heads * config.head_dim
+    return {".qkv_proj.": [q, kv, kv], ".gate_up_proj.": [config.intermediate_size] * 2}
+
+
+def checkpoint_tensors(model: LlamaForCausalLM) -> dict[str, torch.Tensor]:
+    """The model's weights under Hugging Face names (merged projections split back)."""
+    sizes = _merged_slices(model.config)
+    out = {}
+    for name, tensor in model.state_dict().items():
+        merged = next((m for m in sizes if m in name), None)
+        if merged is None:
+            out[name] = tensor
+            continue
+        parts = tensor.split(sizes[merged], dim=0)
+        for ckpt_part, (m, idx) in _MERGED.items():
+            if m == merged:
+                out[name.replace(merged, ckpt_part)] = parts[idx]
+    return out
+
+
 def _load_safetensors(model: LlamaForCausalLM, files: list[str], device: str) -> None:
     from safetensors import safe_open
 
     params = dict(model.named_parameters())
+    sizes = _merged_slices(model.config)
+    needed = set(checkpoint_tensors(model))  # every checkpoint tensor the model needs
     loaded: set[str] = set()
     with torch.no_grad():
         for fn in files:
             with safe_open(fn, framework="pt", device="cpu") as f:
                 for key in f.keys():
-                    param = params.get(key)
+                    target, rows = key, None
+                    for part, (merged, idx) in _MERGED.items():
+                        if part in key:  # a slice of a merged projection
+                            target = key.replace(part, merged)
+                            start = sum(sizes[merged][:idx])
+                            rows = slice(start, start + sizes[merged][idx])
+                    param = params.get(target)
                     if param is None:
                         continue  # e.g. rotary inv_freq saved by old checkpoints
+                    dest = param if rows is None else param[rows]
                     tensor = f.get_tensor(key)
-                    if tensor.shape != param.shape:
+                    if tensor.shape != dest.shape:
                         raise ValueError(
                             f"{fn}: tensor {key} has shape {tuple(tensor.shape)}, "
-                            f"the model expects {tuple(param.shape)}"
+                            f"the model expects {tuple(dest.shape)}"
                         )
-                    param.copy_(tensor.to(device=device, dtype=param.dtype))
+                    dest.copy_(tensor.to(device=device, dtype=param.dtype))
                     loaded.add(key)
-    missing = [k for k in params if k not in loaded]
+    missing = sorted(needed - loaded)
     if model.config.tie_word_embeddings:
         missing = [k for k in missing if k != "lm_head.weight"]
     if missing:

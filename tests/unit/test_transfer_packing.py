@@ -1,22 +1,36 @@
-"""Packing, byte round trips, layouts and handles (CPU, in-process)."""
+"""Packing, byte round trips, layouts and handles (CPU, in-process); layer-chunked transfers.
+
+The Triton kernel is checked bit for bit under Triton's CPU interpreter in a subprocess
+(TRITON_INTERPRET must be set before triton is imported).
+"""
 
 from __future__ import annotations
 
+import datetime
+import importlib.util
+import os
 import pickle
+import subprocess
+import sys
+import textwrap
 
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from transfer import nccl_backend
 from transfer.contract import KVHandle, check_send_args
 from transfer.layout import KVLayout, KVLayoutMismatch
+from transfer.nccl_backend import NcclKVReceiver, NcclTransferNotice, default_chunk_layers
 from transfer.packing import (
     buffer_nbytes,
     from_bytes,
+    layer_chunks,
     pack_blocks,
     to_bytes,
     unpack_blocks,
+    unpack_chunk_into,
     unpack_into,
 )
 
@@ -169,3 +183,127 @@ def test_handle_is_plain_picklable_data_and_checks_args() -> None:
         check_send_args(handle, [0], layout)
     with pytest.raises(KVLayoutMismatch, match="block_size: prefill 8 != decode 4"):
         check_send_args(handle, [0, 1], KVLayout("tiny", "float32", 3, 2, 8, 8))
+
+
+def test_layer_ranges_pack_and_unpack_only_those_layers() -> None:
+    src, dst = make_cache(seed=7), torch.zeros(3, 2, 10, 4, 2, 8)
+    src_ids, dst_ids = [6, 0, 3], [1, 9, 2]
+    full = pack_blocks(src, src_ids)  # [3, 2, 3, 4, 2, 8]
+    pooled = torch.empty_like(full)
+    for layers in layer_chunks(3, 2):  # [0:2], [2:3]
+        part = pack_blocks(src, src_ids, out=pooled[layers], layers=layers)
+        assert part.shape == (layers.stop - layers.start, 2, 3, 4, 2, 8)
+        assert part.data_ptr() == pooled[layers].data_ptr()
+        unpack_blocks(dst, part, dst_ids, layers=layers)
+        assert torch.count_nonzero(dst[layers.stop :]) == 0  # later layers not written yet
+    assert torch.equal(bits(pooled), bits(full))
+    assert torch.equal(dst[:, :, dst_ids], src[:, :, src_ids])
+    assert torch.equal(pack_blocks(src, [5], layers=slice(-1, None)), src[2:, :, [5]])
+    with pytest.raises(ValueError, match="non-empty step-1 slice"):
+        pack_blocks(src, [0], layers=slice(2, 2))
+    with pytest.raises(ValueError, match=r"shape .* does not match"):
+        unpack_blocks(dst, full, dst_ids, layers=slice(0, 1))
+
+
+def test_layer_chunks_and_default_chunking() -> None:
+    assert layer_chunks(32, 8) == [slice(0, 8), slice(8, 16), slice(16, 24), slice(24, 32)]
+    assert layer_chunks(5, 2) == [slice(0, 2), slice(2, 4), slice(4, 5)]
+    assert layer_chunks(4, 0) == layer_chunks(4, 4) == layer_chunks(4, 9) == [slice(0, 4)]
+    # Llama-3-8B, 128 blocks of 16 tokens: 8 MiB per layer -> 4 layers (32 MiB) per chunk.
+    assert default_chunk_layers(32, 2 * 128 * 16 * 8 * 128 * 2) == 4
+    assert default_chunk_layers(32, 1 << 20) == 0  # a small request goes in one chunk
+
+
+class _FilledWork:
+    """A completed `dist.Work` stand-in."""
+
+    def wait(self, timeout: datetime.timedelta | None = None) -> bool:
+        return True
+
+
+def test_receiver_hands_chunks_over_in_order_and_drains_after_a_failing_callback(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    src = make_cache(seed=11)
+    sent = pack_blocks(src, [2, 8, 4])  # [3, 2, 3, 4, 2, 8]: what the sender would ship
+    posted: list[slice] = []
+
+    def fake_irecv(view: torch.Tensor, src: int, group: object = None) -> _FilledWork:
+        start = sum(chunk.stop - chunk.start for chunk in posted)
+        posted.append(slice(start, start + view.shape[0]))
+        view.copy_(sent[posted[-1]])
+        return _FilledWork()
+
+    monkeypatch.setattr(nccl_backend.dist, "irecv", fake_irecv)
+    layout = KVLayout.from_cache(src, "tiny")
+    notice = NcclTransferNotice("r1", 1, (0, 5, 7), tuple(sent.shape), "float32", layout,
+                                sent.numel() * 4, chunk_layers=2)  # fmt: skip
+    dst, ready, seen = torch.zeros_like(src), [], []
+    unpack_chunk = unpack_chunk_into(dst, ready.append)
+
+    def on_chunk(req_id: str, block_ids: list[int], layers: slice, chunk: torch.Tensor) -> None:
+        seen.append((layers, int(torch.count_nonzero(dst[layers]))))  # nothing there before its unpack
+        unpack_chunk(req_id, block_ids, layers, chunk)
+
+    whole: list[str] = []
+    receiver = NcclKVReceiver(lambda *a: whole.append(a[0]), layout, "cpu", on_chunk_received=on_chunk)
+    receiver.recv(notice)
+    assert posted == [slice(0, 2), slice(2, 3)] and seen == [(slice(0, 2), 0), (slice(2, 3), 0)]
+    assert ready == ["r1"] and whole == []  # with on_chunk_received, no whole-buffer callback
+    assert torch.equal(dst[:, :, [0, 5, 7]], src[:, :, [2, 8, 4]])
+
+    def failing(req_id: str, block_ids: list[int], layers: slice, chunk: torch.Tensor) -> None:
+        raise KeyError(f"no reservation for {req_id}")
+
+    posted.clear()
+    receiver = NcclKVReceiver(lambda *a: None, layout, "cpu", on_chunk_received=failing)
+    with pytest.raises(KeyError, match="no reservation"):
+        receiver.recv(notice)
+    assert posted == [slice(0, 2), slice(2, 3)]  # every chunk still received: the pair stays in step
+    bad = NcclTransferNotice("r2", 1, (0,), (3, 2, 1, 4, 2, 8), "float32", layout, 3 * 2 * 128 * 4, -1)
+    with pytest.raises(nccl_backend.KVTransferError, match="could not drain"):
+        receiver.recv(bad)
+
+
+def test_gloo_worlds_bit_exact_with_one_layer_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The 2- and 3-process gloo tests, every request split into 1-layer chunks (2 per request)."""
+    from tests.unit import test_transfer_nccl
+
+    monkeypatch.setenv(nccl_backend.CHUNK_LAYERS_ENV, "1")  # inherited by the spawned senders
+    test_transfer_nccl.test_two_processes_float32_and_bfloat16_bit_exact_with_refusal_and_timeout()
+    test_transfer_nccl.test_two_senders_one_receiver_bit_exact()
+
+
+TRITON_CHECK = """
+import torch
+from transfer import triton_packing
+from transfer.packing import pack_blocks
+
+triton_packing.MAX_CHUNK = 32  # several chunks per block, the last one masked (block_elems = 3*2*8)
+for dtype in (torch.float32, torch.bfloat16, torch.float16):
+    src = torch.randn(3, 2, 9, 3, 2, 8).to(dtype)
+    src.view(-1)[5] = float("nan")
+    ints = lambda t: t.contiguous().view(-1).view(torch.uint8)
+    ids = torch.tensor([7, 2, 5, 2, 0])  # gather may repeat ids
+    for layers in (slice(0, 3), slice(1, 3), slice(0, 1)):
+        out = torch.empty(layers.stop - layers.start, 2, 5, 3, 2, 8, dtype=dtype)
+        triton_packing.gather_blocks(src[layers], ids, out)
+        assert torch.equal(ints(out), ints(pack_blocks(src, ids.tolist(), layers=layers))), (dtype, layers)
+        dst = torch.zeros(3, 2, 9, 3, 2, 8, dtype=dtype)
+        dst_ids = torch.tensor([8, 0, 3, 4, 6], dtype=torch.int32)
+        triton_packing.scatter_blocks(dst[layers], out, dst_ids)
+        expected = torch.zeros_like(dst)
+        expected[layers].index_copy_(2, dst_ids.long(), out)
+        assert torch.equal(ints(dst), ints(expected)), (dtype, layers)
+print("triton packing ok")
+"""
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+def test_triton_kernel_bit_exact_under_the_interpreter() -> None:
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    repo_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    result = subprocess.run([sys.executable, "-c", textwrap.dedent(TRITON_CHECK)], env=env, cwd=repo_root,
+                            capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "triton packing ok" in result.stdout

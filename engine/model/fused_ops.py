@@ -1,0 +1,310 @@
+"""Fused elementwise kernels for the decoder layer: residual add + RMSNorm, and in-place RoPE.
+
+At small batch a decode step is bound by kernel launches, not bandwidth: the torch RMSNorm is ~7
+elementwise kernels, RoPE ~8 more for q and k, and the residual add one more. Each op here is one
+Triton launch (one program per row / per token-head) whose arithmetic follows the torch modules in
+`engine/model/llama.py` op for op, with the same intermediate roundings, so bf16 results agree with
+them bit for bit or within 1 ulp (float32 reductions may sum in a different order).
+
+Every public op has a pure-torch fallback with the same signature (`*_torch`) and a Triton version
+(`*_triton`); the plain names dispatch on `available(device)`, which is true only for CUDA tensors
+with Triton installed. The Triton versions also run on CPU tensors under `TRITON_INTERPRET=1`, which
+is how the tests exercise them without a GPU.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+    from triton.language.extra import libdevice
+
+    HAS_TRITON = True
+except ImportError:  # pragma: no cover - exercised only where triton is missing
+    HAS_TRITON = False
+
+# One program holds a whole row in registers; beyond this the torch path is used.
+MAX_FUSED_HIDDEN = 32768
+
+
+def available(device: torch.device | str) -> bool:
+    """True when the Triton kernels can run for tensors on `device` (a CUDA device, Triton present)."""
+    return HAS_TRITON and torch.device(device).type == "cuda"
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+# --------------------------------------------------------------------------------------------------
+# Pure-torch reference paths (same op order as llama.py's RMSNorm / RotaryEmbedding / apply_rope).
+# --------------------------------------------------------------------------------------------------
+
+
+def rms_norm_torch(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    # x [..., H], weight [H]: normalise in float32, cast to x's dtype, then scale (as transformers).
+    dtype = x.dtype
+    x32 = x.float()
+    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * x32.to(dtype)
+
+
+def fused_add_rms_norm_torch(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    # x, residual [..., H] -> (rms_norm(x + residual) [..., H], x + residual [..., H])
+    new_residual = x + residual
+    return rms_norm_torch(new_residual, weight, eps), new_residual
+
+
+def rotary_embedding_torch_(
+    q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    # q [T, Hq, D], k [T, Hkv, D], positions [T], inv_freq [D // 2] float32; rotates q and k in place.
+    freqs = positions.float()[:, None] * inv_freq.float()[None, :]  # [T, D // 2]
+    emb = torch.cat((freqs, freqs), dim=-1)  # [T, D]
+    cos, sin = emb.cos().to(q.dtype)[:, None, :], emb.sin().to(q.dtype)[:, None, :]  # [T, 1, D]
+    for x in (q, k):
+        half = x.shape[-1] // 2
+        rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+        x.copy_(x * cos + rotated * sin)
+    return q, k
+
+
+# --------------------------------------------------------------------------------------------------
+# Triton kernels.
+# --------------------------------------------------------------------------------------------------
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _rms_norm_kernel(
+        x_ptr,  # [T, H], row stride x_stride, unit column stride
+        res_ptr,  # [T, H] residual (unused unless HAS_RESIDUAL)
+        w_ptr,  # [H] contiguous
+        out_ptr,  # [T, H] normed output
+        res_out_ptr,  # [T, H] x + residual (unused unless HAS_RESIDUAL)
+        x_stride,
+        res_stride,
+        out_stride,
+        res_out_stride,
+        H,
+        eps,
+        HAS_RESIDUAL: tl.constexpr,
+        BLOCK: tl.constexpr,
+    ):
+        row = tl.program_id(0).to(tl.int64)  # int64 so row * stride cannot overflow
+        cols = tl.arange(0, BLOCK)
+        mask = cols < H
+        x = tl.load(x_ptr + row * x_stride + cols, mask=mask, other=0.0)
+        if HAS_RESIDUAL:
+            r = tl.load(res_ptr + row * res_stride + cols, mask=mask, other=0.0)
+            # torch adds half types in float32 and rounds once; the sum of two floats is the same.
+            x = (x.to(tl.float32) + r.to(tl.float32)).to(x.dtype)
+            tl.store(res_out_ptr + row * res_out_stride + cols, x, mask=mask)
+        x32 = x.to(tl.float32)
+        variance = tl.sum(x32 * x32, axis=0) / H  # masked lanes are 0 and add nothing
+        normed = (x32 * tl.rsqrt(variance + eps)).to(x.dtype)  # round to the input dtype first...
+        w = tl.load(w_ptr + cols, mask=mask, other=0.0)
+        out = normed.to(tl.float32) * w.to(tl.float32)  # ...then scale, rounding once to out's dtype
+        tl.store(out_ptr + row * out_stride + cols, out.to(out_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _rotate_head(ptr, offs, mask, HALF, cos, sin):
+        # ptr -> one head's [D] vector (unit stride); cos/sin [BLOCK_HALF] float32. Mirrors
+        # x * cos + cat(-x2, x1) * sin in x's dtype: each product and the sum rounds to x's dtype.
+        x1 = tl.load(ptr + offs, mask=mask, other=0.0)
+        x2 = tl.load(ptr + HALF + offs, mask=mask, other=0.0)
+        dt = x1.dtype
+        c = cos.to(dt).to(tl.float32)
+        s = sin.to(dt).to(tl.float32)
+        x1f = x1.to(tl.float32)
+        x2f = x2.to(tl.float32)
+        o1 = (x1f * c).to(dt).to(tl.float32) + ((-x2f) * s).to(dt).to(tl.float32)
+        o2 = (x2f * c).to(dt).to(tl.float32) + (x1f * s).to(dt).to(tl.float32)
+        tl.store(ptr + offs, o1.to(dt), mask=mask)
+        tl.store(ptr + HALF + offs, o2.to(dt), mask=mask)
+
+    @triton.jit
+    def _rope_kernel(
+        q_ptr,  # [T, Hq, D] strides (q_stride_t, q_stride_h, 1)
+        k_ptr,  # [T, Hkv, D] strides (k_stride_t, k_stride_h, 1)
+        pos_ptr,  # [T] integer positions
+        inv_freq_ptr,  # [D // 2] float32
+        q_stride_t,
+        q_stride_h,
+        k_stride_t,
+        k_stride_h,
+        num_q_heads,
+        HALF,
+        BLOCK_HALF: tl.constexpr,
+        USE_LIBDEVICE: tl.constexpr,
+    ):
+        # grid (T, Hq + Hkv): one program per (token, head); heads [0, Hq) are q's, the rest k's.
+        t = tl.program_id(0).to(tl.int64)
+        h = tl.program_id(1).to(tl.int64)
+        offs = tl.arange(0, BLOCK_HALF)
+        mask = offs < HALF
+        pos = tl.load(pos_ptr + t).to(tl.float32)
+        freqs = pos * tl.load(inv_freq_ptr + offs, mask=mask, other=0.0)  # [BLOCK_HALF] float32
+        if USE_LIBDEVICE:
+            # Full-range-reduced cosf/sinf, the same CUDA math functions torch's cos/sin call.
+            cos = libdevice.cos(freqs)
+            sin = libdevice.sin(freqs)
+        else:
+            cos = tl.cos(freqs)
+            sin = tl.sin(freqs)
+        if h < num_q_heads:
+            _rotate_head(q_ptr + t * q_stride_t + h * q_stride_h, offs, mask, HALF, cos, sin)
+        else:
+            _rotate_head(k_ptr + t * k_stride_t + (h - num_q_heads) * k_stride_h, offs, mask, HALF, cos, sin)
+
+
+def _num_warps(block: int) -> int:
+    # 1 warp up to 256 columns, then one more warp per 256 columns, at most 16 (16384: 32 per thread).
+    return max(1, min(16, block // 256))
+
+
+def _as_rows(x: torch.Tensor) -> torch.Tensor:
+    # [..., H] -> [T, H] with unit column stride (a view when possible).
+    rows = x.reshape(-1, x.shape[-1])
+    return rows if rows.stride(-1) == 1 else rows.contiguous()
+
+
+def _rms_norm_launch(
+    x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    H = x.shape[-1]
+    x2d = _as_rows(x)  # [T, H]
+    r2d = _as_rows(residual) if residual is not None else x2d  # [T, H]
+    w = weight.contiguous()  # [H]
+    out = torch.empty(x2d.shape, dtype=torch.promote_types(x.dtype, weight.dtype), device=x.device)
+    res_out = torch.empty_like(x2d, memory_format=torch.contiguous_format) if residual is not None else out
+    T = x2d.shape[0]
+    if T > 0:
+        block = triton.next_power_of_2(H)
+        _rms_norm_kernel[(T,)](
+            x2d,
+            r2d,
+            w,
+            out,
+            res_out,
+            x2d.stride(0),
+            r2d.stride(0),
+            out.stride(0),
+            res_out.stride(0),
+            H,
+            eps,
+            HAS_RESIDUAL=residual is not None,
+            BLOCK=block,
+            num_warps=_num_warps(block),
+        )
+    out = out.view(*x.shape[:-1], H)
+    return out, (res_out.view(*x.shape[:-1], H) if residual is not None else None)
+
+
+def _norm_supported(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    return (
+        HAS_TRITON
+        and x.is_floating_point()
+        and weight.is_floating_point()
+        and weight.dim() == 1
+        and weight.shape[0] == x.shape[-1]
+        and 0 < x.shape[-1] <= MAX_FUSED_HIDDEN
+        and weight.device == x.device
+    )
+
+
+def rms_norm_triton(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm of x [..., H] by weight [H] in one launch; falls back to torch for unsupported input."""
+    if not _norm_supported(x, weight):
+        return rms_norm_torch(x, weight, eps)
+    return _rms_norm_launch(x, None, weight, eps)[0]
+
+
+def fused_add_rms_norm_triton(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rms_norm(x + residual), x + residual) for x, residual [..., H] in one launch."""
+    if not _norm_supported(x, weight) or residual.shape != x.shape or residual.dtype != x.dtype:
+        return fused_add_rms_norm_torch(x, residual, weight, eps)
+    normed, new_residual = _rms_norm_launch(x, residual, weight, eps)
+    assert new_residual is not None
+    return normed, new_residual
+
+
+def rotary_embedding_triton_(
+    q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotate q [T, Hq, D] and k [T, Hkv, D] in place (one launch for both); returns (q, k)."""
+    T, num_q_heads, D = q.shape
+    supported = (
+        HAS_TRITON
+        and k.dim() == 3
+        and k.shape[0] == T
+        and k.shape[2] == D
+        and D % 2 == 0
+        and k.dtype == q.dtype
+        and q.stride(2) == 1
+        and k.stride(2) == 1
+        and inv_freq.numel() == D // 2
+        and positions.numel() == T
+        and not positions.is_floating_point()
+    )
+    if not supported:
+        return rotary_embedding_torch_(q, k, positions, inv_freq)
+    if T == 0:
+        return q, k
+    inv_freq = inv_freq.to(device=q.device, dtype=torch.float32).contiguous()  # [D // 2]
+    positions = positions.reshape(-1).contiguous()  # [T]
+    block_half = triton.next_power_of_2(D // 2)
+    _rope_kernel[(T, num_q_heads + k.shape[1])](
+        q,
+        k,
+        positions,
+        inv_freq,
+        q.stride(0),
+        q.stride(1),
+        k.stride(0),
+        k.stride(1),
+        num_q_heads,
+        D // 2,
+        BLOCK_HALF=block_half,
+        USE_LIBDEVICE=not _interpreting(),
+        num_warps=1 if block_half <= 64 else 2,
+    )
+    return q, k
+
+
+# --------------------------------------------------------------------------------------------------
+# Dispatchers: Triton on CUDA, torch elsewhere.
+# --------------------------------------------------------------------------------------------------
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """weight * (x / rms(x)) over the last dim of x [..., H], as llama.py's RMSNorm."""
+    if available(x.device):
+        return rms_norm_triton(x, weight, eps)
+    return rms_norm_torch(x, weight, eps)
+
+
+def fused_add_rms_norm(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(normed, new_residual) with new_residual = x + residual and normed = RMSNorm(new_residual)."""
+    if available(x.device):
+        return fused_add_rms_norm_triton(x, residual, weight, eps)
+    return fused_add_rms_norm_torch(x, residual, weight, eps)
+
+
+def rotary_embedding_(
+    q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """In-place half-split RoPE on q [T, Hq, D] and k [T, Hkv, D]; strided views are fine."""
+    if available(q.device):
+        return rotary_embedding_triton_(q, k, positions, inv_freq)
+    return rotary_embedding_torch_(q, k, positions, inv_freq)
