@@ -121,7 +121,7 @@ def bench_prefill(model: torch.nn.Module, num_tokens: int, vocab_size: int, reps
     }
 
 
-@torch.inference_mode()
+@torch.no_grad()  # not inference_mode: generate_batch updates its static tensors from a worker thread
 def bench_generate_batch(
     model: torch.nn.Module,
     num_requests: int,

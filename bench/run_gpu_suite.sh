@@ -3,6 +3,7 @@
 # the repository root, with Ray packed into .devpack/ as ../shared/gpu/README.md says).
 #   bash bench/run_gpu_suite.sh single   # one GPU: GPU tests, bench.gpu, co-located sweep
 #   bash bench/run_gpu_suite.sh pair     # two GPUs: 1P1D over NCCL, transfer, sweep vs co-located
+#   bash bench/run_gpu_suite.sh kernels  # two GPUs: GPU tests, bench.gpu, KV transfer on 1 and 2 GPUs
 # Results land in $OUT (default bench/results/gpu-run).
 set -uo pipefail
 OUT="${OUT:-bench/results/gpu-run}"
@@ -30,8 +31,16 @@ case "${1:-}" in
       --random-output-len 256 --num-prompts 48 --request-rates 2,6 --goodput $SLO \
       --output-dir "$OUT/sweep-long" --disable-tqdm 2>&1 | tail -20
     ;;
+  kernels)
+    # After the fused-kernel and transfer changes: tests, bench.gpu, transfer on 1 and 2 GPUs.
+    timeout 170 python -m pytest tests/gpu/test_fused_ops.py tests/gpu/test_transfer_gpu.py \
+      tests/gpu/test_engine_gpu.py tests/gpu/test_disagg_gpu.py -q 2>&1 | tail -6 | tee "$OUT/gpu_tests.txt"
+    timeout 60 python -m bench.transfer --json "$OUT/transfer.json" 2>&1 | tail -12
+    timeout 90 python -m bench.transfer_nccl --json "$OUT/transfer_nccl.json" 2>&1 | tail -8
+    timeout 240 python -m bench.gpu --json "$OUT/gpu.json" --markdown "$OUT/gpu.md" 2>&1 | tail -14
+    ;;
   *)
-    echo "usage: bash bench/run_gpu_suite.sh single|pair" >&2
+    echo "usage: bash bench/run_gpu_suite.sh single|pair|kernels" >&2
     exit 2
     ;;
 esac
