@@ -31,9 +31,13 @@ except ImportError:  # pragma: no cover - exercised only where triton is missing
 MAX_FUSED_HIDDEN = 32768
 
 
+# PDSERVE_DISABLE_FUSED_OPS=1 forces the torch paths (to compare, or to rule the kernels out).
+_DISABLED = os.environ.get("PDSERVE_DISABLE_FUSED_OPS") == "1"
+
+
 def available(device: torch.device | str) -> bool:
     """True when the Triton kernels can run for tensors on `device` (a CUDA device, Triton present)."""
-    return HAS_TRITON and torch.device(device).type == "cuda"
+    return HAS_TRITON and not _DISABLED and torch.device(device).type == "cuda"
 
 
 def _interpreting() -> bool:
