@@ -3,7 +3,8 @@
 # the repository root, with Ray packed into .devpack/ as ../shared/gpu/README.md says).
 #   bash bench/run_gpu_suite.sh single   # one GPU: GPU tests, bench.gpu, co-located sweep
 #   bash bench/run_gpu_suite.sh pair     # two GPUs: 1P1D over NCCL, transfer, sweep vs co-located
-#   bash bench/run_gpu_suite.sh kernels  # two GPUs: GPU tests, bench.gpu, KV transfer on 1 and 2 GPUs
+#   bash bench/run_gpu_suite.sh kernels  # one GPU: fused-op, transfer and engine tests, bench.transfer, bench.gpu
+#   bash bench/run_gpu_suite.sh link     # two GPUs: NCCL KV transfer, pipelined and serial
 # Results land in $OUT (default bench/results/gpu-run).
 set -uo pipefail
 OUT="${OUT:-bench/results/gpu-run}"
@@ -33,17 +34,22 @@ case "${1:-}" in
     ;;
   kernels)
     # After the fused-kernel and transfer changes: tests, bench.gpu, transfer on 1 and 2 GPUs.
-    timeout 30 python -m pytest tests/gpu/test_fused_ops.py -q -x 2>&1 | tail -3 | tee "$OUT/fused_tests.txt"
+    timeout 80 python -m pytest tests/gpu/test_fused_ops.py -q -x 2>&1 | tail -3 | tee "$OUT/fused_tests.txt"
     grep -q " passed" "$OUT/fused_tests.txt" && ! grep -q "failed\|error" "$OUT/fused_tests.txt" \
       || export PDSERVE_DISABLE_FUSED_OPS=1   # keep measuring with the torch ops
-    timeout 150 python -m pytest tests/gpu/test_transfer_gpu.py tests/gpu/test_engine_gpu.py \
-      tests/gpu/test_disagg_gpu.py -q 2>&1 | tail -6 | tee "$OUT/gpu_tests.txt"
+    timeout 110 python -m pytest tests/gpu/test_transfer_gpu.py tests/gpu/test_engine_gpu.py -q 2>&1 \
+      | tail -6 | tee "$OUT/gpu_tests.txt"
     timeout 60 python -m bench.transfer --json "$OUT/transfer.json" 2>&1 | tail -12
+    timeout 270 python -m bench.gpu --json "$OUT/gpu.json" --markdown "$OUT/gpu.md" 2>&1 | tail -14
+    ;;
+  link)
+    # Two GPUs: the pipelined NCCL KV transfer, and the nccl backend's own GPU test.
+    timeout 100 python -m pytest tests/unit/test_transfer_nccl.py -m gpu -q 2>&1 | tail -3 | tee "$OUT/nccl_tests.txt"
     timeout 90 python -m bench.transfer_nccl --json "$OUT/transfer_nccl.json" 2>&1 | tail -8
-    timeout 240 python -m bench.gpu --json "$OUT/gpu.json" --markdown "$OUT/gpu.md" 2>&1 | tail -14
+    timeout 60 python -m bench.transfer_nccl --chunk-layers 0 --json "$OUT/transfer_nccl_serial.json" 2>&1 | tail -8
     ;;
   *)
-    echo "usage: bash bench/run_gpu_suite.sh single|pair|kernels" >&2
+    echo "usage: bash bench/run_gpu_suite.sh single|pair|kernels|link" >&2
     exit 2
     ;;
 esac
