@@ -46,7 +46,6 @@ case "${1:-}" in
     # Two GPUs: the pipelined NCCL KV transfer, and the nccl backend's own GPU test.
     timeout 100 python -m pytest tests/unit/test_transfer_nccl.py -m gpu -q 2>&1 | tail -3 | tee "$OUT/nccl_tests.txt"
     timeout 90 python -m bench.transfer_nccl --json "$OUT/transfer_nccl.json" 2>&1 | tail -8
-    timeout 60 python -m bench.transfer_nccl --chunk-layers 0 --json "$OUT/transfer_nccl_serial.json" 2>&1 | tail -8
     ;;
   *)
     echo "usage: bash bench/run_gpu_suite.sh single|pair|kernels|link" >&2
