@@ -42,6 +42,13 @@ case "${1:-}" in
     timeout 60 python -m bench.transfer --json "$OUT/transfer.json" 2>&1 | tail -12
     timeout 270 python -m bench.gpu --json "$OUT/gpu.json" --markdown "$OUT/gpu.md" 2>&1 | tail -14
     ;;
+  fused)
+    # The fused RMSNorm/RoPE kernels: their tests, the engine's GPU tests with them on,
+    # and pdserve's decode/prefill rows of bench.gpu with them on and off.
+    timeout 100 python -m pytest tests/gpu/test_fused_ops.py -q 2>&1 | tail -8 | tee "$OUT/fused_tests.txt"
+    timeout 100 python -m pytest tests/gpu/test_engine_gpu.py -q 2>&1 | tail -3 | tee "$OUT/gpu_tests.txt"
+    timeout 100 python -m bench.gpu --skip-transformers --only 1,2,3 --json "$OUT/gpu_fused.json" 2>&1 | tail -6
+    ;;
   link)
     # Two GPUs: the pipelined NCCL KV transfer, and the nccl backend's own GPU test.
     timeout 100 python -m pytest tests/unit/test_transfer_nccl.py -m gpu -q 2>&1 | tail -3 | tee "$OUT/nccl_tests.txt"

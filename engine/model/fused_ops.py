@@ -35,8 +35,15 @@ MAX_FUSED_HIDDEN = 32768
 _DISABLED = os.environ.get("PDSERVE_DISABLE_FUSED_OPS") == "1"
 
 
-def available(device: torch.device | str) -> bool:
+# The engine's dtypes; float16 stays on the torch path (its test on an H100 did not match
+# torch to the bit, and nothing in pdserve runs float16).
+_KERNEL_DTYPES = (torch.bfloat16, torch.float32)
+
+
+def available(device: torch.device | str, dtype: torch.dtype | None = None) -> bool:
     """True when the Triton kernels can run for tensors on `device` (a CUDA device, Triton present)."""
+    if dtype is not None and dtype not in _KERNEL_DTYPES:
+        return False
     return HAS_TRITON and not _DISABLED and torch.device(device).type == "cuda"
 
 
@@ -291,7 +298,7 @@ def rotary_embedding_triton_(
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """weight * (x / rms(x)) over the last dim of x [..., H], as llama.py's RMSNorm."""
-    if available(x.device):
+    if available(x.device, x.dtype):
         return rms_norm_triton(x, weight, eps)
     return rms_norm_torch(x, weight, eps)
 
@@ -300,7 +307,7 @@ def fused_add_rms_norm(
     x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(normed, new_residual) with new_residual = x + residual and normed = RMSNorm(new_residual)."""
-    if available(x.device):
+    if available(x.device, x.dtype):
         return fused_add_rms_norm_triton(x, residual, weight, eps)
     return fused_add_rms_norm_torch(x, residual, weight, eps)
 
@@ -309,6 +316,6 @@ def rotary_embedding_(
     q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """In-place half-split RoPE on q [T, Hq, D] and k [T, Hkv, D]; strided views are fine."""
-    if available(q.device):
+    if available(q.device, q.dtype):
         return rotary_embedding_triton_(q, k, positions, inv_freq)
     return rotary_embedding_torch_(q, k, positions, inv_freq)
