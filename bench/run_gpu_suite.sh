@@ -49,6 +49,11 @@ case "${1:-}" in
     timeout 100 python -m pytest tests/gpu/test_engine_gpu.py -q 2>&1 | tail -3 | tee "$OUT/gpu_tests.txt"
     timeout 100 python -m bench.gpu --skip-transformers --only 1,2,3 --json "$OUT/gpu_fused.json" 2>&1 | tail -6
     ;;
+  final)
+    # One GPU, fused kernels on: their tests, then the whole bench.gpu (transformers included).
+    timeout 60 python -m pytest tests/gpu/test_fused_ops.py -q 2>&1 | tail -4 | tee "$OUT/fused_tests.txt"
+    timeout 300 python -m bench.gpu --json "$OUT/gpu.json" --markdown "$OUT/gpu.md" 2>&1 | tail -9
+    ;;
   link)
     # Two GPUs: the pipelined NCCL KV transfer, and the nccl backend's own GPU test.
     timeout 100 python -m pytest tests/unit/test_transfer_nccl.py -m gpu -q 2>&1 | tail -3 | tee "$OUT/nccl_tests.txt"

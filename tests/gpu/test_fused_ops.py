@@ -75,14 +75,17 @@ def _round_bf16_in_interpreter(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(interpreter, "_convert_float", convert)
 
 
-def check_close(actual: torch.Tensor, expected: torch.Tensor) -> None:
+def check_close(actual: torch.Tensor, expected: torch.Tensor, bitwise_share: float | None = 0.01) -> None:
+    """fp32: within 1e-5. bf16/fp16: within torch's default tolerance for the dtype and, unless
+    `bitwise_share` is None, at most that share of elements differing at all."""
     assert actual.shape == expected.shape and actual.dtype == expected.dtype
     if expected.dtype == torch.float32:
         torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
         return
     torch.testing.assert_close(actual, expected)
-    mismatched = (actual != expected).float().mean().item()
-    assert mismatched <= 0.01, f"{mismatched:.2%} of elements differ from the torch reference"
+    if bitwise_share is not None:
+        mismatched = (actual != expected).float().mean().item()
+        assert mismatched <= bitwise_share, f"{mismatched:.2%} of elements differ from the torch reference"
 
 
 def reference_norm(weight: torch.Tensor, eps: float) -> RMSNorm:
@@ -184,8 +187,11 @@ def check_rope(
     expected_q, expected_k = apply_rope(q.clone(), cos, sin), apply_rope(k.clone(), cos, sin)
     out_q, out_k = fused_ops.rotary_embedding_triton_(q, k, positions, rotary.inv_freq)
     assert out_q is q and out_k is k
-    check_close(q, expected_q)
-    check_close(k, expected_k)
+    # Compiled kernels may contract x * cos + rot * sin into one FMA (one rounding, not three):
+    # in bf16/fp16 that differs from torch's op-by-op result in the last bit, so only the
+    # tolerance is checked here (seen on an H100; the interpreter matches bit for bit).
+    check_close(q, expected_q, bitwise_share=None)
+    check_close(k, expected_k, bitwise_share=None)
     assert torch.equal(v, v_before), "v (next to q and k in qkv) was written"
 
 
