@@ -9,6 +9,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+pytest.importorskip("triton")  # the kernels need it; CI machines have none
+
 from bench.attention_kernels import build_paged_batch
 from engine.attention.reference import ReferenceAttention
 from engine.attention.triton_backend import TritonAttention
