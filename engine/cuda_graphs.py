@@ -101,9 +101,8 @@ class DecodeGraphs:
             torch.tensor(slot_mapping, dtype=torch.int64).pin_memory(), non_blocking=True
         )
         self.seq_lens[:b].copy_(torch.tensor(seq_lens, dtype=torch.int32).pin_memory(), non_blocking=True)
-        tables = torch.zeros(b, width, dtype=torch.int32)
-        for i, t in enumerate(block_tables):
-            tables[i, : len(t)] = torch.tensor(t, dtype=torch.int32)
+        # One host tensor from padded rows (one call, not one small tensor per sequence).
+        tables = torch.tensor([t + [0] * (width - len(t)) for t in block_tables], dtype=torch.int32)
         self.block_tables[:b, :width].copy_(tables.pin_memory(), non_blocking=True)
         if bucket > b:
             self.slot_mapping[b:bucket].fill_(-1)

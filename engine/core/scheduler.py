@@ -26,7 +26,7 @@ class ScheduledRequest:
     req_id: str
     num_computed_tokens: int  # tokens whose KV is already cached, before this step
     num_new_tokens: int  # tokens to compute this step
-    block_ids: list[int]  # the request's whole block table
+    block_ids: list[int]  # the request's whole block table (the manager's list: do not mutate)
     sample: bool  # True when this step reaches the end of the known tokens
 
 
@@ -213,7 +213,7 @@ class Scheduler:
             req_id=request.req_id,
             num_computed_tokens=request.num_computed_tokens,
             num_new_tokens=num_new,
-            block_ids=list(table),
+            block_ids=table,  # the live table (read-only for the runner); no per-step copy
             sample=request.num_computed_tokens + num_new == request.num_tokens,
         )
 
