@@ -18,8 +18,8 @@ import pytest
 from bench.datasets import sample_random
 from bench.serve import run_benchmark
 from bench.sweep import run_sweep, write_report
-from deploy.config import parse_config
 from deploy.launcher import up
+from tests.e2e.conftest import tiny_config, two_node_cluster
 
 ray = pytest.importorskip("ray")
 
@@ -29,47 +29,14 @@ RATES = [4.0, float("inf")]
 SLOS_MS = {"ttft": 2000.0, "tpot": 500.0}
 
 
-def one_p_one_d_config():
-    return parse_config(
-        {
-            "model": "tiny",
-            "engine": {"num_gpu_blocks": 1024, "max_num_seqs": 64, "max_num_batched_tokens": 2048},
-            "prefill": {"count": 1, "resources": {"num_cpus": 0, "resources": {"prefill_node": 1}}},
-            "decode": {"count": 1, "resources": {"num_cpus": 0, "resources": {"decode_node": 1}}},
-            "transfer": {"backend": "grpc"},
-            "router": {
-                "port": 0,
-                "policy": "cache_aware",
-                # always disaggregate: these short prompts would otherwise prefill on the decode worker
-                "policy_params": {"local_prefill_threshold_tokens": 0},
-            },
-        }
-    )
-
-
 @pytest.fixture(scope="module")
 def deployment():
-    from ray.cluster_utils import Cluster
-
-    ray.shutdown()  # a cluster left by another test module
-    cluster = Cluster(
-        initialize_head=True,
-        head_node_args={
-            "num_cpus": 1,
-            "resources": {"prefill_node": 4},
-            "include_dashboard": False,
-            "node_ip_address": "127.0.0.1",
-        },
-    )
-    cluster.add_node(num_cpus=1, resources={"decode_node": 4}, node_ip_address="127.0.0.1")
-    ray.init(address=cluster.address, namespace="pdserve-test-bench", log_to_driver=False)
-    dep = up(one_p_one_d_config())
-    try:
-        yield dep
-    finally:
-        dep.down()
-        ray.shutdown()
-        cluster.shutdown()
+    with two_node_cluster("pdserve-test-bench"):
+        dep = up(tiny_config(1, 1, "grpc", two_nodes=True))
+        try:
+            yield dep
+        finally:
+            dep.down()
 
 
 def test_pools_on_different_nodes(deployment):

@@ -16,16 +16,15 @@ import time
 
 import pytest
 
-from deploy.config import parse_config
 from deploy.launcher import up
 from engine import LLM, SamplingParams
 from router.client import AsyncPdserveClient, GenerateChunk, GenerateComplete
+from tests.e2e.conftest import tiny_config, two_node_cluster
 
 ray = pytest.importorskip("ray")
 
 NUM_REQUESTS = 64
 MAX_TOKENS = 16
-ENGINE = {"num_gpu_blocks": 1024, "max_num_seqs": 64, "max_num_batched_tokens": 1024}
 
 
 def make_prompts(seed: int = 0) -> list[list[int]]:
@@ -93,24 +92,6 @@ def check_deployment(dep, expected) -> None:
     wait_all_free(dep)
 
 
-def config(num_prefill: int, num_decode: int, backend: str, two_nodes: bool):
-    pool = lambda node: {"num_cpus": 0, **({"resources": {node: 1}} if two_nodes else {})}  # noqa: E731
-    return parse_config(
-        {
-            "model": "tiny",
-            "engine": ENGINE,
-            "prefill": {"count": num_prefill, "resources": pool("prefill_node")},
-            "decode": {"count": num_decode, "resources": pool("decode_node")},
-            "transfer": {"backend": backend},
-            "router": {
-                "port": 0,
-                "policy": "cache_aware",
-                "policy_params": {"local_prefill_threshold_tokens": 0},
-            },
-        }
-    )
-
-
 @pytest.fixture(scope="module")
 def one_node():
     ray.init(
@@ -127,7 +108,7 @@ def one_node():
 
 @pytest.mark.parametrize("backend", ["grpc", "nccl"])
 def test_1p1d(one_node, expected, backend):
-    dep = up(config(1, 1, backend, two_nodes=False))
+    dep = up(tiny_config(1, 1, backend))
     try:
         check_deployment(dep, expected)
     finally:
@@ -136,29 +117,13 @@ def test_1p1d(one_node, expected, backend):
 
 @pytest.fixture(scope="module")
 def two_nodes():
-    from ray.cluster_utils import Cluster
-
-    ray.shutdown()  # the one-node cluster of the tests above
-    # Two Ray nodes on this machine, both on loopback.
-    cluster = Cluster(
-        initialize_head=True,
-        head_node_args={
-            "num_cpus": 1,
-            "resources": {"prefill_node": 4},
-            "include_dashboard": False,
-            "node_ip_address": "127.0.0.1",
-        },
-    )
-    cluster.add_node(num_cpus=1, resources={"decode_node": 4}, node_ip_address="127.0.0.1")
-    ray.init(address=cluster.address, namespace="pdserve-test-2", log_to_driver=False)
-    yield cluster
-    ray.shutdown()
-    cluster.shutdown()
+    with two_node_cluster("pdserve-test-2") as cluster:
+        yield cluster
 
 
 @pytest.mark.parametrize("backend", ["grpc", "nccl"])
 def test_2p2d_two_nodes(two_nodes, expected, backend):
-    dep = up(config(2, 2, backend, two_nodes=True))
+    dep = up(tiny_config(2, 2, backend, two_nodes=True))
     try:
         # the pools really are on different nodes
         node_of = {wid: ray.get(h.node_id.remote()) for wid, h in dep.workers.items()}
