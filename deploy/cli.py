@@ -14,6 +14,7 @@ naming what is wrong and exit 2, never a traceback.
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 import time
@@ -101,7 +102,20 @@ def cmd_up(args: argparse.Namespace) -> int:
     if args.detach and address is None:
         import subprocess
 
-        subprocess.run(["ray", "start", "--head", "--disable-usage-stats"], check=True, capture_output=True)
+        # A local cluster that outlives this process, on loopback (join a real one with --address).
+        ray_bin = os.path.join(os.path.dirname(sys.executable), "ray")
+        subprocess.run(
+            [
+                ray_bin,
+                "start",
+                "--head",
+                "--node-ip-address=127.0.0.1",
+                "--disable-usage-stats",
+                "--include-dashboard=false",
+            ],
+            check=True,
+            capture_output=True,
+        )
         address = "auto"
     t0 = time.perf_counter()
     dep = up(args.config, address=address, overrides=overrides, detached=args.detach)
@@ -180,7 +194,9 @@ def cmd_down(args: argparse.Namespace) -> int:
         import subprocess
 
         ray.shutdown()
-        subprocess.run(["ray", "stop"], check=False, capture_output=True)
+        subprocess.run(
+            [os.path.join(os.path.dirname(sys.executable), "ray"), "stop"], check=False, capture_output=True
+        )
     return 0
 
 

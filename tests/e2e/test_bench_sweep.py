@@ -103,3 +103,15 @@ def test_client_ttft_agrees_with_router(deployment):
     client_median, server_median = statistics.median(client_ms), statistics.median(server_ms)
     print(f"median TTFT: client {client_median:.2f} ms, router {server_median:.2f} ms")
     assert client_median == pytest.approx(server_median, rel=0.05), (client_ms, server_ms)
+
+
+def test_client_itl_agrees_with_router(deployment):
+    """The client's mean inter-token latency equals the router's decode time per token
+    (`decode_ms / (output tokens - 1)`) within 5%: both span first token to last token."""
+    output_len = 64
+    requests = sample_random(4, 128, output_len, 0.0, VOCAB_SIZE, seed=11, excluded_token_ids=[EOS_TOKEN_ID])
+    metrics = asyncio.run(run_benchmark(deployment.url, requests, max_concurrency=1, timeout=60.0))
+    assert metrics["failed"] == 0, metrics["errors"]
+    server_itl_ms = metrics["mean_server_decode_ms"] / (output_len - 1)
+    print(f"mean ITL: client {metrics['mean_itl_ms']:.3f} ms, router {server_itl_ms:.3f} ms")
+    assert metrics["mean_itl_ms"] == pytest.approx(server_itl_ms, rel=0.05)
