@@ -54,13 +54,22 @@ case "${1:-}" in
     timeout 60 python -m pytest tests/gpu/test_fused_ops.py -q 2>&1 | tail -4 | tee "$OUT/fused_tests.txt"
     timeout 300 python -m bench.gpu --json "$OUT/gpu.json" --markdown "$OUT/gpu.md" 2>&1 | tail -9
     ;;
+  sweep1)
+    # One GPU, co-located: the long- and short-prompt sweeps of the bench issue.
+    timeout 200 python -m bench.sweep --config colocated=deploy/gpu-colocated-1.yaml --dataset random \
+      --random-input-len 2048 --random-output-len 256 --num-prompts 48 --request-rates 2,4,8 \
+      --goodput $SLO --output-dir "$OUT/sweep-long" --disable-tqdm 2>&1 | tail -8
+    timeout 150 python -m bench.sweep --config colocated=deploy/gpu-colocated-1.yaml --dataset random \
+      --random-input-len 256 --random-output-len 256 --num-prompts 48 --request-rates 4,16 \
+      --goodput $SLO --output-dir "$OUT/sweep-short" --disable-tqdm 2>&1 | tail -6
+    ;;
   link)
     # Two GPUs: the pipelined NCCL KV transfer, and the nccl backend's own GPU test.
     timeout 100 python -m pytest tests/unit/test_transfer_nccl.py -m gpu -q 2>&1 | tail -3 | tee "$OUT/nccl_tests.txt"
     timeout 90 python -m bench.transfer_nccl --json "$OUT/transfer_nccl.json" 2>&1 | tail -8
     ;;
   *)
-    echo "usage: bash bench/run_gpu_suite.sh single|pair|kernels|link" >&2
+    echo "usage: bash bench/run_gpu_suite.sh single|pair|kernels|fused|final|sweep1|link" >&2
     exit 2
     ;;
 esac
