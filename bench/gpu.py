@@ -42,31 +42,13 @@ from bench.gpu_baselines import synchronize, timed_seconds
 from bench.gpu_report import Report, parse_only
 from bench.transfer import best_seconds
 
-LLAMA3_8B = {
-    "architectures": ["LlamaForCausalLM"],
-    "model_type": "llama",
-    "hidden_size": 4096,
-    "intermediate_size": 14336,
-    "num_hidden_layers": 32,
-    "num_attention_heads": 32,
-    "num_key_value_heads": 8,
-    "head_dim": 128,
-    "vocab_size": 128256,
-    "max_position_embeddings": 8192,
-    "rms_norm_eps": 1e-5,
-    "rope_theta": 500000.0,
-    "rope_scaling": {
-        "rope_type": "llama3",
-        "factor": 8.0,
-        "low_freq_factor": 1.0,
-        "high_freq_factor": 4.0,
-        "original_max_position_embeddings": 8192,
-    },
-    "tie_word_embeddings": False,
-    "bos_token_id": None,
-    "eos_token_id": None,  # random weights: lengths are fixed by max_tokens, never by eos
-    "pad_token_id": 0,
-}
+# The same Llama-3-8B shape the GPU deploy configs serve (one config.json in the repo).
+_LLAMA3_8B_DIR = os.path.join(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "deploy", "models", "llama3-8b-shape"
+)
+with open(os.path.join(_LLAMA3_8B_DIR, "config.json")) as _f:
+    # Random weights: lengths are fixed by max_tokens, never by eos.
+    LLAMA3_8B = {**json.load(_f), "bos_token_id": None, "eos_token_id": None, "pad_token_id": 0}
 TINY = dict(
     LLAMA3_8B,
     rope_scaling=dict(LLAMA3_8B["rope_scaling"], original_max_position_embeddings=256),

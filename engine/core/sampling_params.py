@@ -1,7 +1,7 @@
 """Sampling parameters of one request, validated at the door.
 
 Pure Python: the scheduler and the router both use this class, and neither may
-import torch.
+depend on torch.
 """
 
 from __future__ import annotations
