@@ -7,15 +7,11 @@ from dataclasses import dataclass, field
 
 @dataclass
 class RequestOutput:
-    """New tokens of one request from one step, or its final state.
-
-    `text` is the detokenized text of `new_token_ids` (never a split UTF-8
-    character); the offline API concatenates these into the full completion.
-    """
+    """New tokens of one request from one step, or its final state. Token ids only:
+    text is made by `engine.output_processor` in the front end (LLM, router)."""
 
     req_id: str
     new_token_ids: list[int] = field(default_factory=list)
-    text: str = ""
     finished: bool = False
     finish_reason: str | None = None  # "stop" | "length" | "abort"
     num_prompt_tokens: int = 0
