@@ -56,7 +56,6 @@ class PrefillWorker:
         self._senders = ThreadPoolExecutor(num_send_threads, thread_name_prefix=f"kv-send-{worker_id}")
         self.send_fn: SendFn | None = None
         self.on_send_failed: Callable[[KVHandle, Exception], None] | None = None
-        self.last_transfer: TransferStats | None = None
         self.loop.start()
 
     # -- wiring -----------------------------------------------------------------
@@ -149,7 +148,14 @@ class PrefillWorker:
 
     def _send(self, handle: KVHandle, src_block_ids: list[int]) -> None:
         try:
-            self.last_transfer = self.send_fn(handle, src_block_ids, self.engine.kv_cache)
+            stats = self.send_fn(handle, src_block_ids, self.engine.kv_cache)
+            log.debug(
+                "KV of %s: %d bytes, pack %.2f ms, send %.2f ms",
+                handle.req_id,
+                stats.nbytes,
+                stats.pack_ms,
+                stats.send_ms,
+            )
         except Exception as exc:  # noqa: BLE001 - reported to the decode side
             log.warning("KV send for %s failed: %s", handle.req_id, exc)
             if self.on_send_failed is not None:
