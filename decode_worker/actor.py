@@ -8,12 +8,12 @@ from __future__ import annotations
 
 from decode_worker.worker import DecodeWorker
 from engine.core.sampling_params import SamplingParams
-from engine.engine_loop import StepBatch
+from engine.engine_loop import WorkerActor
 from engine.llm_engine import EngineConfig
 from transfer.contract import KVHandle
 
 
-class DecodeActor:
+class DecodeActor(WorkerActor):
     def __init__(
         self,
         worker_id: str,
@@ -37,15 +37,6 @@ class DecodeActor:
             self._grpc_server = GrpcKVServer(f"{grpc_host}:0", self.worker.receive_kv, self.worker.layout)
             port = self._grpc_server.start()
             self.worker.grpc_address = f"{grpc_host}:{port}"
-
-    def ready(self) -> str:
-        return self.worker.worker_id
-
-    def node_id(self) -> str:
-        """The Ray node this worker runs on."""
-        import ray
-
-        return ray.get_runtime_context().get_node_id()
 
     def init_transfer(self, rank: int, world_size: int, init_method: str) -> None:
         from transfer.nccl_backend import NcclKVReceiver, init_transfer_group
@@ -73,22 +64,10 @@ class DecodeActor:
     def add_local(self, req_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
         self.worker.add_local(req_id, prompt_token_ids, params)
 
-    def abort(self, req_id: str) -> bool:
-        return self.worker.abort(req_id)
-
     def kv_failed(self, req_id: str, reason: str) -> None:
         self.worker.kv_failed(req_id, reason)
-
-    def poll(self, timeout: float = 0.5) -> StepBatch:
-        return self.worker.poll(timeout)
-
-    def load(self) -> dict[str, int]:
-        return self.worker.load()
-
-    def kv_snapshot(self) -> tuple[str, int, list[int]]:
-        return self.worker.kv_snapshot()
 
     def shutdown(self) -> None:
         if self._grpc_server is not None:
             self._grpc_server.stop()
-        self.worker.shutdown()
+        super().shutdown()

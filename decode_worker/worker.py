@@ -27,7 +27,7 @@ import torch
 
 from engine.core.outputs import RequestOutput
 from engine.core.sampling_params import SamplingParams
-from engine.engine_loop import EngineLoop, StepBatch
+from engine.engine_loop import LoopWorker, StepBatch
 from engine.llm_engine import EngineConfig, LLMEngine
 from transfer.contract import KVHandle
 from transfer.layout import KVLayout
@@ -46,13 +46,11 @@ class _Incoming:
     aborted: bool = False
 
 
-class DecodeWorker:
+class DecodeWorker(LoopWorker):
     def __init__(self, worker_id: str, engine_config: EngineConfig, role: str = "decode") -> None:
         engine_config.role = role
-        self.worker_id = worker_id
-        self.engine = LLMEngine(engine_config)
+        super().__init__(worker_id, LLMEngine(engine_config))
         self.layout = KVLayout.from_cache(self.engine.kv_cache, self.engine.model_config.name)
-        self.loop = EngineLoop(self.engine, worker_id)
         self._incoming: dict[str, _Incoming] = {}
         self._dropped: OrderedDict[str, None] = OrderedDict()  # aborted before their KV came
         self._lock = threading.Lock()
@@ -111,22 +109,13 @@ class DecodeWorker:
         return found or inc is not None
 
     def poll(self, timeout: float = 0.5) -> StepBatch:
-        batch = self.loop.poll(timeout)
+        batch = super().poll(timeout)
         with self._lock:
             for out in batch.outputs:
                 wait = self.kv_wait_ms.pop(out.req_id, None)
                 if wait is not None:
                     batch.kv_wait_ms[out.req_id] = wait
         return batch
-
-    def load(self) -> dict[str, int]:
-        return self.loop.call_sync(lambda e: e.load_stats())
-
-    def kv_snapshot(self) -> tuple[str, int, list[int]]:
-        return self.loop.kv_snapshot()
-
-    def shutdown(self) -> None:
-        self.loop.stop()
 
     # -- transfer backend calls --------------------------------------------------------
     def receive_kv(self, req_id: str, block_ids: list[int], buffer: torch.Tensor) -> None:

@@ -157,3 +157,54 @@ class EngineLoop:
             if outputs and self.publish_outputs:
                 self._outbox.extend(outputs)
             self._outbox_cv.notify_all()
+
+
+class LoopWorker:
+    """What every serving worker has: an engine on its loop thread, polled by the router."""
+
+    def __init__(self, worker_id: str, engine: LLMEngine, publish_outputs: bool = True) -> None:
+        self.worker_id = worker_id
+        self.engine = engine
+        self.loop = EngineLoop(engine, worker_id, publish_outputs=publish_outputs)
+
+    def poll(self, timeout: float = 0.5) -> StepBatch:
+        return self.loop.poll(timeout)
+
+    def load(self) -> dict[str, int]:
+        return self.loop.call_sync(lambda e: e.load_stats())
+
+    def kv_snapshot(self) -> tuple[str, int, list[int]]:
+        return self.loop.kv_snapshot()
+
+    def shutdown(self) -> None:
+        self.loop.stop()
+
+
+class WorkerActor:
+    """The calls every worker's Ray actor forwards unchanged (subclasses set `self.worker`)."""
+
+    worker: LoopWorker
+
+    def ready(self) -> str:
+        return self.worker.worker_id
+
+    def node_id(self) -> str:
+        """The Ray node this worker runs on."""
+        import ray
+
+        return ray.get_runtime_context().get_node_id()
+
+    def abort(self, req_id: str) -> bool:
+        return self.worker.abort(req_id)
+
+    def poll(self, timeout: float = 0.5) -> StepBatch:
+        return self.worker.poll(timeout)
+
+    def load(self) -> dict[str, int]:
+        return self.worker.load()
+
+    def kv_snapshot(self) -> tuple[str, int, list[int]]:
+        return self.worker.kv_snapshot()
+
+    def shutdown(self) -> None:
+        self.worker.shutdown()

@@ -9,27 +9,18 @@ from __future__ import annotations
 from typing import Any
 
 from engine.core.sampling_params import SamplingParams
-from engine.engine_loop import StepBatch
+from engine.engine_loop import WorkerActor
 from engine.llm_engine import EngineConfig
 from prefill_worker.worker import PrefillResult, PrefillWorker
 from transfer.contract import KVHandle
 
 
-class PrefillActor:
+class PrefillActor(WorkerActor):
     def __init__(self, worker_id: str, engine_config: EngineConfig, transfer_backend: str) -> None:
         self.worker = PrefillWorker(worker_id, engine_config)
         self.transfer_backend = transfer_backend
         self.rank: int | None = None
         self._peers: dict[str, Any] = {}
-
-    def ready(self) -> str:
-        return self.worker.worker_id
-
-    def node_id(self) -> str:
-        """The Ray node this worker runs on."""
-        import ray
-
-        return ray.get_runtime_context().get_node_id()
 
     def rendezvous_address(self) -> str:
         """host:port on this worker's node for the transfer group's store (rank 0 hosts it)."""
@@ -83,18 +74,3 @@ class PrefillActor:
         self, req_id: str, prompt_token_ids: list[int], params: SamplingParams, handle: KVHandle | None
     ) -> PrefillResult:
         return self.worker.prefill(req_id, prompt_token_ids, params, handle).result()
-
-    def abort(self, req_id: str) -> bool:
-        return self.worker.abort(req_id)
-
-    def poll(self, timeout: float = 0.5) -> StepBatch:
-        return self.worker.poll(timeout)
-
-    def load(self) -> dict[str, int]:
-        return self.worker.load()
-
-    def kv_snapshot(self) -> tuple[str, int, list[int]]:
-        return self.worker.kv_snapshot()
-
-    def shutdown(self) -> None:
-        self.worker.shutdown()

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 from engine.core.outputs import RequestOutput
 from engine.core.sampling_params import SamplingParams
-from engine.engine_loop import EngineLoop, StepBatch
+from engine.engine_loop import LoopWorker
 from engine.llm_engine import EngineConfig, LLMEngine
 from transfer.contract import KVHandle, TransferStats
 
@@ -44,12 +44,10 @@ class PrefillResult:
 SendFn = Callable[[KVHandle, list[int], object], TransferStats]
 
 
-class PrefillWorker:
+class PrefillWorker(LoopWorker):
     def __init__(self, worker_id: str, engine_config: EngineConfig, num_send_threads: int = 4) -> None:
         engine_config.role = "prefill"
-        self.worker_id = worker_id
-        self.engine = LLMEngine(engine_config)
-        self.loop = EngineLoop(self.engine, worker_id, publish_outputs=False)
+        super().__init__(worker_id, LLMEngine(engine_config), publish_outputs=False)
         self.loop.add_listener(self._on_outputs)
         self._pending: dict[str, tuple[Future, KVHandle | None, float]] = {}
         self._lock = threading.Lock()
@@ -93,17 +91,8 @@ class PrefillWorker:
         self.loop.call(lambda e: e.abort_request(req_id))
         return True
 
-    def poll(self, timeout: float = 0.5) -> StepBatch:
-        return self.loop.poll(timeout)
-
-    def load(self) -> dict[str, int]:
-        return self.loop.call_sync(lambda e: e.load_stats())
-
-    def kv_snapshot(self) -> tuple[str, int, list[int]]:
-        return self.loop.kv_snapshot()
-
     def shutdown(self) -> None:
-        self.loop.stop()
+        super().shutdown()
         self._senders.shutdown(wait=False, cancel_futures=True)
 
     # -- internals (loop thread) ---------------------------------------------------
