@@ -90,7 +90,10 @@ class DecodeGraphs:
         slot_mapping: list[int],
         seq_lens: list[int],
         block_tables: list[list[int]],
+        fill: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:  # [b, hidden]
+        """Copy the batch into the static inputs and replay; `fill` = (rows, token ids) on the
+        device overwrites input ids that the previous step sampled (async scheduling)."""
         b = len(input_ids)
         bucket = next(x for x in self.buckets if x >= b)
         width = max(len(t) for t in block_tables)
@@ -100,6 +103,8 @@ class DecodeGraphs:
         self.slot_mapping[:b].copy_(
             torch.tensor(slot_mapping, dtype=torch.int64).pin_memory(), non_blocking=True
         )
+        if fill is not None:
+            self.input_ids.index_copy_(0, *fill)
         self.seq_lens[:b].copy_(torch.tensor(seq_lens, dtype=torch.int32).pin_memory(), non_blocking=True)
         # One host tensor from padded rows (one call, not one small tensor per sequence).
         tables = torch.tensor([t + [0] * (width - len(t)) for t in block_tables], dtype=torch.int32)

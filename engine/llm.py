@@ -35,6 +35,7 @@ class LLM:
         attention_backend: str = "auto",
         load_format: str = "auto",
         enforce_eager: bool = False,
+        async_scheduling: bool = True,
     ) -> None:
         self.engine = LLMEngine(
             EngineConfig(
@@ -50,6 +51,7 @@ class LLM:
                 attention_backend=attention_backend,
                 load_format=load_format,
                 enforce_eager=enforce_eager,
+                async_scheduling=async_scheduling,
             )
         )
         mc = self.engine.model_config

@@ -11,6 +11,13 @@ Roles:
   itself.
 
 The engine is single-threaded; workers serialise calls into it.
+
+Async scheduling (`async_scheduling`, on by default; off for the prefill role): `step()`
+schedules and launches step N+1 before it waits for step N's tokens, so the host's
+scheduling, input preparation and output handling overlap the GPU's work instead of
+adding to it. The outputs `step()` returns are then those of the previous step. The
+prefill role stays synchronous: its KV must be complete and its request held the
+moment its first token is reported, so the sender can ship it at once.
 """
 
 from __future__ import annotations
@@ -25,8 +32,8 @@ from engine.core.kv_cache_manager import KVCacheManager
 from engine.core.outputs import RequestOutput
 from engine.core.request import Request, validate_prompt
 from engine.core.sampling_params import SamplingParams
-from engine.core.scheduler import Scheduler, SchedulerConfig
-from engine.model_runner import ModelRunner, parse_dtype
+from engine.core.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
+from engine.model_runner import ModelRunner, SampledTokens, parse_dtype
 
 ROLES = ("both", "prefill", "decode")
 
@@ -45,6 +52,7 @@ class EngineConfig:
     attention_backend: str = "auto"
     load_format: str = "auto"
     enforce_eager: bool = False  # no CUDA graphs for decode
+    async_scheduling: bool = True  # overlap host work with the GPU (not in the prefill role)
     role: str = "both"
 
     def validate(self) -> None:
@@ -99,6 +107,8 @@ class LLMEngine:
         self._held: set[str] = set()  # prefill role: finished prefills whose blocks are still owned
         self._ids = itertools.count()
         self.num_steps = 0
+        self.async_scheduling = config.async_scheduling and self.role != "prefill"
+        self._in_flight: tuple[SchedulerOutput, SampledTokens] | None = None  # launched, not yet read
 
     # -- properties ---------------------------------------------------------
     @property
@@ -114,7 +124,7 @@ class LLMEngine:
         return self.model_config.eos_token_id
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.num_unfinished > 0
+        return self.scheduler.num_unfinished > 0 or self._in_flight is not None
 
     # -- requests -----------------------------------------------------------
     def new_request_id(self) -> str:
@@ -175,13 +185,21 @@ class LLMEngine:
 
     # -- the step -------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        """One engine step; returns an output for every request that got a token."""
+        """One engine step; returns an output for every request that got a token (under
+        async scheduling: in the step launched by the previous call)."""
         sched_out = self.scheduler.schedule()
-        if sched_out.is_empty:
+        launched = None
+        if not sched_out.is_empty:
+            launched = (sched_out, self.runner.execute(sched_out, self.scheduler.requests))
+            self.num_steps += 1
+        if self.async_scheduling:
+            done, self._in_flight = self._in_flight, launched
+        else:
+            done = launched
+        if done is None:
             return []
-        sampled = self.runner.execute(sched_out, self.scheduler.requests)
-        touched = self.scheduler.update(sched_out, sampled)
-        self.num_steps += 1
+        done_out, sampled = done
+        touched = self.scheduler.update(done_out, sampled.wait())
         outputs = []
         for request in touched:
             finished = request.is_finished

@@ -14,7 +14,7 @@ from engine.config import ModelConfig
 from engine.core.request import Request
 from engine.core.scheduler import SchedulerOutput
 from engine.model.loader import load_model
-from engine.sampler import SamplingRow, sample
+from engine.sampler import SamplingRow, host_to_device, sample_tokens
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 CPU_KV_CACHE_BYTES = 128 * 2**20  # default KV cache size on CPU when num_gpu_blocks is None
@@ -70,6 +70,7 @@ class ModelRunner:
             dtype=dtype,
             device=self.device,
         )
+        self._last_sampled: SampledTokens | None = None  # the latest step's tokens (maybe in flight)
         # Decode steps replay CUDA graphs when the attention backend allows capture.
         self.decode_graphs = None
         if self.device.type == "cuda" and not enforce_eager and self.backend.name == "triton":
@@ -95,8 +96,14 @@ class ModelRunner:
         return int(num_blocks)
 
     @torch.inference_mode()
-    def execute(self, out: SchedulerOutput, requests: dict[str, Request]) -> dict[str, int]:
-        """Run one forward pass over every scheduled token; return sampled tokens by req_id."""
+    def execute(self, out: SchedulerOutput, requests: dict[str, Request]) -> SampledTokens:
+        """Launch one forward pass over every scheduled token and the sampling of its tokens.
+
+        Returns at once on CUDA (nothing here waits for the GPU); `SampledTokens.wait()`
+        gives the tokens. A decode row whose input token is still in flight (sampled by the
+        previous step, not yet appended: async scheduling) takes it from that step's
+        device tensor.
+        """
         input_ids: list[int] = []
         positions: list[int] = []
         slot_mapping: list[int] = []
@@ -107,54 +114,115 @@ class ModelRunner:
         sample_rows: list[SamplingRow] = []
         sample_req_ids: list[str] = []
         logits_index: list[int] = []
+        fill_rows: list[int] = []  # rows of input_ids to take from the previous step's tokens
+        fill_src: list[int] = []  # ... and which of its sampled rows
         bs = self.block_size
         for entry in out.scheduled:
             request = requests[entry.req_id]
             start, n = entry.num_computed_tokens, entry.num_new_tokens
-            input_ids.extend(request.all_token_ids[start : start + n])
-            positions.extend(range(start, start + n))
+            end = start + n
+            known = request.all_token_ids
+            if end <= len(known):
+                input_ids.extend(known[start:end])
+            else:  # the last input token is the one the in-flight step samples
+                assert end == len(known) + 1, "at most one token can be in flight"
+                input_ids.extend(known[start : end - 1])
+                fill_rows.append(len(input_ids))
+                fill_src.append(self._in_flight_row(entry.req_id))
+                input_ids.append(0)
             table = entry.block_ids
-            slot_mapping.extend(table[p // bs] * bs + p % bs for p in range(start, start + n))
+            if n == 1:  # decode row: skip the range machinery
+                positions.append(start)
+                slot_mapping.append(table[start // bs] * bs + start % bs)
+            else:
+                positions.extend(range(start, end))
+                slot_mapping.extend(table[p // bs] * bs + p % bs for p in range(start, end))
             query_start_loc.append(query_start_loc[-1] + n)
             query_lens.append(n)
-            seq_lens.append(start + n)
+            seq_lens.append(end)
             tables.append(table)
             if entry.sample:
-                sample_rows.append(SamplingRow(request.sampling_params, request.num_output_tokens))
+                # the seeded stream's step: tokens before this one, in flight ones included
+                num_before = request.num_output_tokens + request.num_pending_tokens - 1
+                sample_rows.append(SamplingRow(request.sampling_params, num_before))
                 sample_req_ids.append(entry.req_id)
                 logits_index.append(query_start_loc[-1] - 1)
         dev = self.device
+        fill = None
+        if fill_rows:
+            rows_src = host_to_device([fill_rows, fill_src], torch.int64, dev)  # [2, k]
+            fill = (rows_src[0], self._last_sampled.tokens.index_select(0, rows_src[1]))
         if (
             self.decode_graphs is not None
             and max(query_lens) == 1
             and self.decode_graphs.can_run(len(tables))
         ):
-            hidden = self.decode_graphs.run(input_ids, positions, slot_mapping, seq_lens, tables)
+            hidden = self.decode_graphs.run(input_ids, positions, slot_mapping, seq_lens, tables, fill)
             return self._sample(hidden, logits_index, sample_rows, sample_req_ids)
         max_blocks = max(len(t) for t in tables)
         block_tables = [t + [0] * (max_blocks - len(t)) for t in tables]
         meta = AttentionMetadata(
-            slot_mapping=torch.tensor(slot_mapping, dtype=torch.int64, device=dev),
-            query_start_loc=torch.tensor(query_start_loc, dtype=torch.int32, device=dev),
-            seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=dev),
-            block_tables=torch.tensor(block_tables, dtype=torch.int32, device=dev),
+            slot_mapping=host_to_device(slot_mapping, torch.int64, dev),
+            query_start_loc=host_to_device(query_start_loc, torch.int32, dev),
+            seq_lens=host_to_device(seq_lens, torch.int32, dev),
+            block_tables=host_to_device(block_tables, torch.int32, dev),
             query_lens_cpu=query_lens,
             seq_lens_cpu=seq_lens,
             max_query_len=max(query_lens),
             max_seq_len=max(seq_lens),
         )
-        hidden = self.model(
-            torch.tensor(input_ids, dtype=torch.int64, device=dev),
-            torch.tensor(positions, dtype=torch.int64, device=dev),
-            self.kv_cache,
-            meta,
-        )
+        input_ids_dev = host_to_device(input_ids, torch.int64, dev)
+        if fill is not None:
+            input_ids_dev.index_copy_(0, *fill)
+        hidden = self.model(input_ids_dev, host_to_device(positions, torch.int64, dev), self.kv_cache, meta)
         return self._sample(hidden, logits_index, sample_rows, sample_req_ids)
+
+    def _in_flight_row(self, req_id: str) -> int:
+        last = self._last_sampled
+        if last is None or req_id not in last.row_of:
+            raise RuntimeError(f"{req_id}: input token in flight, but the last step did not sample it")
+        return last.row_of[req_id]
 
     def _sample(
         self, hidden: torch.Tensor, logits_index: list[int], rows: list[SamplingRow], req_ids: list[str]
-    ) -> dict[str, int]:
+    ) -> SampledTokens:
         if not rows:
-            return {}
-        logits = self.model.compute_logits(hidden[torch.tensor(logits_index, device=self.device)])
-        return dict(zip(req_ids, sample(logits, rows), strict=True))
+            tokens = torch.empty(0, dtype=torch.int64, device=self.device)
+        else:
+            if logits_index != list(range(hidden.shape[0])):  # not every row samples
+                hidden = hidden.index_select(0, host_to_device(logits_index, torch.int64, self.device))
+            tokens = sample_tokens(self.model.compute_logits(hidden), rows)
+        self._last_sampled = SampledTokens.launch(req_ids, tokens)
+        return self._last_sampled
+
+
+class SampledTokens:
+    """One step's sampled tokens: on the device at once, on the host after `wait()`.
+
+    tokens: [n] int64 on the device, row i for req_ids[i]; the next step reads in-flight
+    input tokens from here. On CUDA a non-blocking copy into pinned memory and an event
+    let the host go on (schedule and launch the next step) while the GPU works.
+    """
+
+    def __init__(self, req_ids: list[str], tokens: torch.Tensor, host: torch.Tensor, ready) -> None:
+        self.req_ids = req_ids
+        self.tokens = tokens
+        self._host = host
+        self._ready = ready  # torch.cuda.Event or None
+        self.row_of = {req_id: i for i, req_id in enumerate(req_ids)}
+
+    @classmethod
+    def launch(cls, req_ids: list[str], tokens: torch.Tensor) -> SampledTokens:
+        if tokens.device.type != "cuda":
+            return cls(req_ids, tokens, tokens, None)
+        host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
+        host.copy_(tokens, non_blocking=True)
+        ready = torch.cuda.Event()
+        ready.record()
+        return cls(req_ids, tokens, host, ready)
+
+    def wait(self) -> dict[str, int]:
+        """Block until the step is done; its tokens by req_id."""
+        if self._ready is not None:
+            self._ready.synchronize()
+        return dict(zip(self.req_ids, self._host.tolist(), strict=True))

@@ -43,26 +43,43 @@ def apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Te
     return torch.empty_like(logits).scatter_(-1, sorted_idx, sorted_logits)
 
 
-def sample(logits: torch.Tensor, rows: list[SamplingRow]) -> list[int]:
-    """logits [N, V] float32 -> one token id per row (host list)."""
-    n = logits.shape[0]
+def host_to_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A host list as a tensor on `device` without stalling the host on the GPU's queue.
+
+    On CUDA the values go through pinned memory with a non-blocking copy: a copy from
+    pageable memory would wait for every kernel already queued, which would end the
+    overlap of host and GPU work that async scheduling depends on.
+    """
+    tensor = torch.tensor(values, dtype=dtype)
+    if device.type == "cuda":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor
+
+
+def sample_tokens(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+    """logits [N, V] float32 -> [N] int64 token ids on the logits' device (no host sync)."""
     if all(r.params.greedy for r in rows):
-        return logits.argmax(dim=-1).tolist()
+        return logits.argmax(dim=-1)
     device = logits.device
-    temps = torch.tensor([r.params.temperature or 1.0 for r in rows], device=device, dtype=logits.dtype)
+    temps = host_to_device([r.params.temperature or 1.0 for r in rows], logits.dtype, device)
     scaled = logits / temps[:, None]
     if any(r.params.top_k > 0 or r.params.top_p < 1.0 for r in rows):
-        top_k = torch.tensor([max(r.params.top_k, 0) for r in rows], device=device)
-        top_p = torch.tensor([r.params.top_p for r in rows], device=device, dtype=logits.dtype)
+        top_k = host_to_device([max(r.params.top_k, 0) for r in rows], torch.int64, device)
+        top_p = host_to_device([r.params.top_p for r in rows], logits.dtype, device)
         scaled = apply_top_k_top_p(scaled, top_k, top_p)
     probs = scaled.softmax(dim=-1)
     noise = torch.empty_like(probs).exponential_()
     for i, r in enumerate(rows):
         if r.params.seed is not None:
             noise[i] = _seeded_exponential((probs.shape[1],), r.params.seed, r.num_output_tokens, device)
-    random_tokens = (probs / noise).argmax(dim=-1)
-    greedy = torch.tensor([r.params.greedy for r in rows], device=device)
-    if greedy.any():
-        random_tokens = torch.where(greedy, logits.argmax(dim=-1), random_tokens)
-    assert random_tokens.shape[0] == n
-    return random_tokens.tolist()
+    tokens = (probs / noise).argmax(dim=-1)
+    greedy_rows = [r.params.greedy for r in rows]
+    if any(greedy_rows):
+        greedy = host_to_device(greedy_rows, torch.bool, device)
+        tokens = torch.where(greedy, logits.argmax(dim=-1), tokens)
+    return tokens
+
+
+def sample(logits: torch.Tensor, rows: list[SamplingRow]) -> list[int]:
+    """logits [N, V] float32 -> one token id per row (host list)."""
+    return sample_tokens(logits, rows).tolist()

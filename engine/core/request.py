@@ -56,8 +56,11 @@ def validate_prompt(prompt_token_ids: list[int], vocab_size: int, max_model_len:
 class Request:
     """One generation request: its prompt, its output so far, and its progress.
 
-    `num_computed_tokens` counts tokens whose KV is in the cache. The tokens still
-    to compute are `all_token_ids[num_computed_tokens:]`.
+    `num_computed_tokens` counts tokens whose KV is in the cache, or is being written by
+    a step already scheduled: the scheduler advances it when it schedules the tokens.
+    `num_pending_tokens` counts tokens a scheduled step will sample but that are not yet
+    in `all_token_ids` (under async scheduling the next step is scheduled before the
+    previous one's tokens are back; the model runner reads those inputs on the device).
     """
 
     def __init__(
@@ -77,6 +80,7 @@ class Request:
         self.all_token_ids: list[int] = list(self.prompt_token_ids)
         self.status = RequestStatus.WAITING
         self.num_computed_tokens = 0
+        self.num_pending_tokens = 0
         self.num_cached_tokens = 0  # prompt tokens served from the prefix cache (first schedule)
         self.num_preemptions = 0
         self.block_hashes: list[int] = []  # chained hashes of full blocks, filled lazily
@@ -93,6 +97,18 @@ class Request:
     @property
     def num_output_tokens(self) -> int:
         return len(self.output_token_ids)
+
+    @property
+    def num_tokens_with_pending(self) -> int:
+        return len(self.all_token_ids) + self.num_pending_tokens
+
+    def last_token_pending(self, max_model_len: int) -> bool:
+        """True when a token is in flight and it is the last one the length limits allow,
+        so scheduling this request again would only compute a token to throw away."""
+        if not self.num_pending_tokens:
+            return False
+        num_outputs = self.num_output_tokens + self.num_pending_tokens
+        return num_outputs >= self.sampling_params.max_tokens or self.num_tokens_with_pending >= max_model_len
 
     @property
     def is_finished(self) -> bool:

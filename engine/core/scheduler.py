@@ -9,6 +9,14 @@ request is preempted (its blocks freed, to be recomputed later). Waiting
 requests are admitted strictly first-come-first-served: if the head of the
 queue does not fit, nothing behind it jumps ahead, so nothing starves.
 
+`schedule()` advances each request's `num_computed_tokens` at once and counts the
+tokens its step will sample as pending, so the next step can be scheduled before
+this one's tokens are back (async scheduling, as in vLLM v1): a decode row then
+feeds the token still on the device. `update()` appends the sampled tokens. A
+request whose in-flight token is its last one (max_tokens, context) is not
+scheduled again; one that stops on EOS or a stop token computes at most one
+token that is thrown away.
+
 The output names request ids, token counts and block ids, never tensors.
 """
 
@@ -118,9 +126,12 @@ class Scheduler:
         return request
 
     def finish(self, request: Request) -> None:
-        """Take a request that `update` marked finished out of the running set."""
+        """Take a request that `update` marked finished out of the running set (or out
+        of the waiting queue, if it was preempted while its last token was in flight)."""
         if request in self.running:
             self.running.remove(request)
+        elif request in self.waiting:
+            self.waiting.remove(request)
         self._free(request)
 
     def _free(self, request: Request) -> None:
@@ -164,13 +175,15 @@ class Scheduler:
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
         budget = self.config.max_num_batched_tokens
-        scheduled_ids: set[str] = set()
 
         # 1. Running requests, oldest first.
         i = 0
         while i < len(self.running) and budget > 0:
             request = self.running[i]
-            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
+            if request.last_token_pending(self.config.max_model_len):
+                i += 1
+                continue
+            num_new = min(request.num_tokens_with_pending - request.num_computed_tokens, budget)
             while True:
                 table = self.kv.allocate_slots(request, num_new)
                 if table is not None:
@@ -182,7 +195,6 @@ class Scheduler:
             if request.status == RequestStatus.PREEMPTED:
                 break
             out.scheduled.append(self._entry(request, num_new, table))
-            scheduled_ids.add(request.req_id)
             budget -= num_new
             i += 1
 
@@ -191,6 +203,8 @@ class Scheduler:
             if len(self.running) >= self.config.max_num_seqs:
                 break
             request = self.waiting[0]
+            if request.num_pending_tokens:
+                break  # preempted with a token in flight: admit it once the token is back
             hits, num_hit_tokens = ([], 0)
             if request.num_computed_tokens == 0:
                 hits, num_hit_tokens = self.kv.get_computed_blocks(request)
@@ -209,30 +223,35 @@ class Scheduler:
         return out
 
     def _entry(self, request: Request, num_new: int, table: list[int]) -> ScheduledRequest:
-        return ScheduledRequest(
+        """The step's entry for `request`; advances its computed and pending counts."""
+        entry = ScheduledRequest(
             req_id=request.req_id,
             num_computed_tokens=request.num_computed_tokens,
             num_new_tokens=num_new,
             block_ids=table,  # the live table (read-only for the runner); no per-step copy
-            sample=request.num_computed_tokens + num_new == request.num_tokens,
+            sample=request.num_computed_tokens + num_new == request.num_tokens_with_pending,
         )
+        request.num_computed_tokens += num_new
+        if entry.sample:
+            request.num_pending_tokens += 1
+        return entry
 
     def update(self, out: SchedulerOutput, sampled: dict[str, int]) -> list[Request]:
-        """Advance computed counts, append sampled tokens, and finish requests.
+        """Append the step's sampled tokens and finish requests that stop.
 
-        Returns the requests that got a new token this step (finished ones included,
-        already freed).
+        Returns the requests that got a new token (finished ones included, already
+        freed). A request preempted after this step was scheduled still gets its token
+        (it was sampled from the full context); its recompute will include it.
         """
         touched: list[Request] = []
         for entry in out.scheduled:
-            request = self.requests.get(entry.req_id)
-            if request is None or request.status != RequestStatus.RUNNING:
-                continue  # aborted between schedule and update
-            request.num_computed_tokens += entry.num_new_tokens
-            token = sampled.get(entry.req_id)
-            if token is None:
+            if not entry.sample:
                 continue
-            request.append_output_token(token)
+            request = self.requests.get(entry.req_id)
+            if request is None or request.is_finished:
+                continue  # aborted, or stopped on the previous step's token
+            request.num_pending_tokens -= 1
+            request.append_output_token(sampled[entry.req_id])
             touched.append(request)
             if request.check_stop(self.config.max_model_len):
                 self.finish(request)
