@@ -9,8 +9,11 @@ chunk of one block of one row, so the loads and stores are wide and coalesced:
     gather (pack):   buffer[row, i, chunk]        = cache[row, ids[i], chunk]
     scatter (unpack): cache[row, ids[i], chunk]   = buffer[row, i, chunk]
 
-Bytes are moved as same-width integers (bf16 -> int16, ...), so the copy is bit-exact
-for every dtype (NaN payloads included) and Triton's CPU interpreter handles bf16.
+Bytes are moved as integers (the widest of int64/int32/int16/int8 that divides a row of
+the cache), so the copy is bit-exact for every dtype (NaN payloads included), Triton's CPU
+interpreter handles bf16, and each thread moves 16-byte vectors: with 8-byte elements and
+the `ALIGN` hint (every chunk starts at a multiple of ALIGN elements) the compiler can
+prove the alignment that 2-byte bf16 elements at a runtime offset would not give it.
 Callers (`transfer.packing`) check block ids on the host first: an out-of-range id here
 would be an out-of-bounds access on the device.
 """
@@ -21,10 +24,11 @@ import torch
 import triton
 import triton.language as tl
 
-MAX_CHUNK = 4096  # elements per program: 8 KiB of bf16, 16 B vectors x 4 per thread at 4 warps
+MAX_CHUNK_BYTES = 32768  # bytes per program (a whole Llama-3-8B block row: 16 x 8 x 128 x 2 B)
+NUM_WARPS = 8
 MAX_GRID_YZ = 65535  # CUDA's limit on grid dims 1 and 2 (n blocks, L*2 rows)
 
-# Same-width integer dtypes: the kernel never interprets the bits.
+# Integer dtypes by width: the kernel never interprets the bits.
 _INT_VIEW = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
@@ -38,6 +42,7 @@ def _copy_blocks_kernel(
     block_elems,  # E
     GATHER: tl.constexpr,  # True: ids index src (pack); False: ids index dst (unpack)
     CHUNK: tl.constexpr,
+    ALIGN: tl.constexpr,  # a power of two dividing block_elems and both row strides
 ):
     chunk = tl.program_id(0)
     i = tl.program_id(1).to(tl.int64)
@@ -51,18 +56,24 @@ def _copy_blocks_kernel(
         dst_block = block_id
     start = chunk.to(tl.int64) * CHUNK
     # 64-bit scalar bases (a cache can exceed 2**31 elements); 32-bit lane offsets.
-    src_base = row * src_row_stride + src_block * block_elems + start
-    dst_base = row * dst_row_stride + dst_block * block_elems + start
+    src_base = tl.multiple_of(row * src_row_stride + src_block * block_elems + start, ALIGN)
+    dst_base = tl.multiple_of(row * dst_row_stride + dst_block * block_elems + start, ALIGN)
     offs = tl.arange(0, CHUNK)
     mask = offs < block_elems - start
     values = tl.load(src_ptr + src_base + offs, mask=mask)
     tl.store(dst_ptr + dst_base + offs, values, mask=mask)
 
 
-def _rows(tensor: torch.Tensor) -> torch.Tensor:
-    """[L, 2, B, block_size, Hkv, D] (contiguous) -> integer view [L*2, B, block_elems]."""
+def _word_bytes(tensor: torch.Tensor) -> int:
+    """The widest integer (<= 8 bytes) whose size divides the last dimension's bytes."""
+    row_bytes = tensor.shape[-1] * tensor.element_size()
+    return next(w for w in (8, 4, 2, 1) if w >= tensor.element_size() and row_bytes % w == 0)
+
+
+def _rows(tensor: torch.Tensor, word_bytes: int) -> torch.Tensor:
+    """[L, 2, B, block_size, Hkv, D] (contiguous) -> integer view [L*2, B, block_words]."""
     num_layers, two, num_blocks = tensor.shape[:3]
-    ints = tensor.view(_INT_VIEW[tensor.element_size()])
+    ints = tensor.view(_INT_VIEW[word_bytes])
     return ints.view(num_layers * two, num_blocks, -1)
 
 
@@ -76,15 +87,28 @@ def supports(kv_cache: torch.Tensor, n_blocks: int) -> bool:
     )
 
 
-def _launch(cache: torch.Tensor, buffer: torch.Tensor, index: torch.Tensor, gather: bool) -> None:
-    cache_rows, buffer_rows = _rows(cache), _rows(buffer)  # [R, num_blocks, E], [R, n, E]
+def _launch(
+    cache: torch.Tensor,
+    buffer: torch.Tensor,
+    index: torch.Tensor,
+    gather: bool,
+    chunk_bytes: int | None = None,
+    num_warps: int | None = None,
+) -> None:
+    chunk_bytes, num_warps = chunk_bytes or MAX_CHUNK_BYTES, num_warps or NUM_WARPS
+    word = _word_bytes(cache)
+    cache_rows, buffer_rows = _rows(cache, word), _rows(buffer, word)  # [R, num_blocks, E], [R, n, E]
     num_rows, n, block_elems = buffer_rows.shape
-    chunk = min(MAX_CHUNK, triton.next_power_of_2(block_elems))
+    chunk = min(max(1, chunk_bytes // word), triton.next_power_of_2(block_elems))
+    align = min(16, block_elems & -block_elems, chunk)
     grid = (triton.cdiv(block_elems, chunk), n, num_rows)
     src, dst = (cache_rows, buffer_rows) if gather else (buffer_rows, cache_rows)
+    # fmt: off
     _copy_blocks_kernel[grid](
-        src, dst, index, src.stride(0), dst.stride(0), block_elems, GATHER=gather, CHUNK=chunk, num_warps=4
+        src, dst, index, src.stride(0), dst.stride(0), block_elems, GATHER=gather, CHUNK=chunk, ALIGN=align,
+        num_warps=num_warps,
     )
+    # fmt: on
 
 
 def _check(cache: torch.Tensor, buffer: torch.Tensor, index: torch.Tensor) -> None:

@@ -279,17 +279,19 @@ import torch
 from transfer import triton_packing
 from transfer.packing import pack_blocks
 
-triton_packing.MAX_CHUNK = 32  # several chunks per block, the last one masked (block_elems = 3*2*8)
-for dtype in (torch.float32, torch.bfloat16, torch.float16):
-    src = torch.randn(3, 2, 9, 3, 2, 8).to(dtype)
+# 64-byte chunks: several per block, the last one masked (a block is 3*2*8 elements, moved
+# as int64 words); the 3-wide float16 shape moves 2-byte words.
+triton_packing.MAX_CHUNK_BYTES = 64
+for dtype, head_dim in ((torch.float32, 8), (torch.bfloat16, 8), (torch.float16, 8), (torch.float16, 3)):
+    src = torch.randn(3, 2, 9, 3, 2, head_dim).to(dtype)
     src.view(-1)[5] = float("nan")
     ints = lambda t: t.contiguous().view(-1).view(torch.uint8)
     ids = torch.tensor([7, 2, 5, 2, 0])  # gather may repeat ids
     for layers in (slice(0, 3), slice(1, 3), slice(0, 1)):
-        out = torch.empty(layers.stop - layers.start, 2, 5, 3, 2, 8, dtype=dtype)
+        out = torch.empty(layers.stop - layers.start, 2, 5, 3, 2, head_dim, dtype=dtype)
         triton_packing.gather_blocks(src[layers], ids, out)
         assert torch.equal(ints(out), ints(pack_blocks(src, ids.tolist(), layers=layers))), (dtype, layers)
-        dst = torch.zeros(3, 2, 9, 3, 2, 8, dtype=dtype)
+        dst = torch.zeros(3, 2, 9, 3, 2, head_dim, dtype=dtype)
         dst_ids = torch.tensor([8, 0, 3, 4, 6], dtype=torch.int32)
         triton_packing.scatter_blocks(dst[layers], out, dst_ids)
         expected = torch.zeros_like(dst)
