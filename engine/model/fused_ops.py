@@ -1,10 +1,14 @@
-"""Fused elementwise kernels for the decoder layer: residual add + RMSNorm, and in-place RoPE.
+"""Fused elementwise kernels for the decoder layer: residual add + RMSNorm, in-place RoPE, SiLU·mul.
 
 At small batch a decode step is bound by kernel launches, not bandwidth: the torch RMSNorm is ~7
 elementwise kernels, RoPE ~8 more for q and k, and the residual add one more. Each op here is one
 Triton launch (one program per row / per token-head) whose arithmetic follows the torch modules in
 `engine/model/llama.py` op for op, with the same intermediate roundings, so bf16 results agree with
 them bit for bit or within 1 ulp (float32 reductions may sum in a different order).
+
+At prefill sizes the MLP's `F.silu(gate) * up` on the two strided halves of the merged gate/up GEMM
+output is bandwidth-bound, and torch runs it as two non-vectorized kernels (an intermediate [T, I]
+written and read back); `silu_and_mul` is one pass reading each row's two halves contiguously.
 
 Every public op has a pure-torch fallback with the same signature (`*_torch`) and a Triton version
 (`*_triton`); the plain names dispatch on `available(device)`, which is true only for CUDA tensors
@@ -17,6 +21,7 @@ from __future__ import annotations
 import os
 
 import torch
+from torch.nn import functional as F
 
 try:
     import triton
@@ -84,6 +89,12 @@ def rotary_embedding_torch_(
         rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
         x.copy_(x * cos + rotated * sin)
     return q, k
+
+
+def silu_and_mul_torch(gate_up: torch.Tensor) -> torch.Tensor:
+    # gate_up [..., 2I] = [gate | up] -> silu(gate) * up [..., I], as llama.py's MLP has always done.
+    inter = gate_up.shape[-1] // 2
+    return F.silu(gate_up[..., :inter]) * gate_up[..., inter:]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -173,6 +184,37 @@ if HAS_TRITON:
             _rotate_head(q_ptr + t * q_stride_t + h * q_stride_h, offs, mask, HALF, cos, sin)
         else:
             _rotate_head(k_ptr + t * k_stride_t + (h - num_q_heads) * k_stride_h, offs, mask, HALF, cos, sin)
+
+    @triton.jit
+    def _silu_and_mul_kernel(
+        x_ptr,  # [T, 2I] = [gate | up], row stride x_stride, unit column stride
+        out_ptr,  # [T, I] contiguous
+        x_stride,
+        out_stride,
+        INTER,
+        BLOCK: tl.constexpr,
+        USE_LIBDEVICE: tl.constexpr,
+    ):
+        # grid (T, cdiv(I, BLOCK)): one program per (row, BLOCK-wide column chunk) of both halves.
+        row = tl.program_id(0).to(tl.int64)
+        cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        mask = cols < INTER
+        row_ptr = x_ptr + row * x_stride
+        gate = tl.load(row_ptr + cols, mask=mask, other=0.0)
+        up = tl.load(row_ptr + INTER + cols, mask=mask, other=0.0)
+        dt = up.dtype
+        g = gate.to(tl.float32)
+        # torch's silu (CUDA and CPU): upcast to float, x / (1 + exp(-x)), round to the input dtype.
+        # libdevice's expf is the function torch's CUDA kernel calls, and div_rn is IEEE division
+        # (Triton's plain `/` on float32 is the approximate div.full).
+        if USE_LIBDEVICE:
+            e = libdevice.exp(-g)
+        else:
+            e = tl.exp(-g)
+        silu = tl.math.div_rn(g, 1.0 + e).to(dt)
+        # torch multiplies in float and rounds once; the product of two bf16 values is exact in float.
+        out = silu.to(tl.float32) * up.to(tl.float32)
+        tl.store(out_ptr + row * out_stride + cols, out.to(dt), mask=mask)
 
 
 def _num_warps(block: int) -> int:
@@ -291,6 +333,36 @@ def rotary_embedding_triton_(
     return q, k
 
 
+# Columns per silu_and_mul program: wide enough for 16-byte vector loads on every thread and few
+# programs per row (Llama-3-8B's I = 14336 is 7 chunks), small enough to keep registers low.
+SILU_BLOCK = 2048
+
+
+def silu_and_mul_triton(gate_up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up for gate_up [..., 2I] = [gate | up] in one launch -> [..., I]."""
+    width = gate_up.shape[-1]
+    supported = HAS_TRITON and gate_up.dtype in _KERNEL_DTYPES and width % 2 == 0 and width > 0
+    if not supported:
+        return silu_and_mul_torch(gate_up)
+    inter = width // 2
+    x2d = _as_rows(gate_up)  # [T, 2I]
+    T = x2d.shape[0]
+    out = torch.empty((T, inter), dtype=gate_up.dtype, device=gate_up.device)  # [T, I]
+    if T > 0:
+        block = min(SILU_BLOCK, triton.next_power_of_2(inter))
+        _silu_and_mul_kernel[(T, triton.cdiv(inter, block))](
+            x2d,
+            out,
+            x2d.stride(0),
+            out.stride(0),
+            inter,
+            BLOCK=block,
+            USE_LIBDEVICE=not _interpreting(),
+            num_warps=_num_warps(block),
+        )
+    return out.view(*gate_up.shape[:-1], inter)
+
+
 # --------------------------------------------------------------------------------------------------
 # Dispatchers: Triton on CUDA, torch elsewhere.
 # --------------------------------------------------------------------------------------------------
@@ -319,3 +391,10 @@ def rotary_embedding_(
     if available(q.device, q.dtype):
         return rotary_embedding_triton_(q, k, positions, inv_freq)
     return rotary_embedding_torch_(q, k, positions, inv_freq)
+
+
+def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """F.silu(gate) * up for gate_up [..., 2I] = [gate | up] (the merged GEMM output) -> [..., I]."""
+    if available(gate_up.device, gate_up.dtype):
+        return silu_and_mul_triton(gate_up)
+    return silu_and_mul_torch(gate_up)

@@ -13,11 +13,10 @@ import math
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 from engine.attention.metadata import AttentionMetadata
 from engine.config import ModelConfig
-from engine.model.fused_ops import fused_add_rms_norm, rms_norm, rotary_embedding_
+from engine.model.fused_ops import fused_add_rms_norm, rms_norm, rotary_embedding_, silu_and_mul
 
 
 class RMSNorm(nn.Module):
@@ -111,9 +110,9 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate_up = self.gate_up_proj(x)  # [T, 2 * intermediate]
-        gate, up = gate_up[:, : self.intermediate_size], gate_up[:, self.intermediate_size :]
-        return self.down_proj(F.silu(gate) * up)
+        gate_up = self.gate_up_proj(x)  # [T, 2 * intermediate] = [gate | up]
+        # silu(gate) * up: one Triton pass on CUDA, the same torch expression elsewhere (fused_ops).
+        return self.down_proj(silu_and_mul(gate_up))
 
 
 class DecoderLayer(nn.Module):

@@ -1,8 +1,9 @@
-"""Triton fused RMSNorm / residual-add / RoPE kernels against llama.py's torch modules.
+"""Triton fused RMSNorm / residual-add / RoPE / SiLU·mul kernels against llama.py's torch modules.
 
 float32: within 1e-5 relative; bf16/fp16: torch.testing.assert_close's defaults for the dtype (about
-2 ulp) and at most 1% of elements differing at all (reduction order may flip a rounding). Runs on
-CUDA, or on CPU tensors under TRITON_INTERPRET=1 with smaller shapes (see conftest).
+2 ulp) and at most 1% of elements differing at all (reduction order may flip a rounding); SiLU·mul in
+bf16 has no reduction and must equal torch bit for bit. Runs on CUDA, or on CPU tensors under
+TRITON_INTERPRET=1 with smaller shapes (see conftest).
 """
 
 from __future__ import annotations
@@ -252,3 +253,55 @@ def test_torch_fallbacks_match_llama(device: str) -> None:
     fused_ops.rotary_embedding_torch_(q, k, positions, rotary.inv_freq)
     assert torch.equal(q, expected_q) and torch.equal(k, expected_k)
     assert fused_ops.available(device) == (device == "cuda")
+
+
+def silu_mul_reference(gate_up: torch.Tensor) -> torch.Tensor:
+    # llama.py's MLP before the fused op: F.silu on the strided gate half, times the up half.
+    inter = gate_up.shape[-1] // 2
+    return torch.nn.functional.silu(gate_up[..., :inter]) * gate_up[..., inter:]
+
+
+def check_silu_and_mul(gate_up: torch.Tensor) -> None:
+    expected = silu_mul_reference(gate_up)
+    actual = fused_ops.silu_and_mul_triton(gate_up)
+    assert actual.shape == expected.shape and actual.dtype == expected.dtype
+    if gate_up.dtype == torch.bfloat16:
+        # Same roundings as torch (silu in float32 rounded to bf16, product rounded again): bit-equal.
+        assert torch.equal(actual, expected), f"{(actual != expected).sum().item()} elements differ"
+    else:
+        # float32: the kernel's expf (libdevice on CUDA, numpy in the interpreter) may differ from
+        # torch's CPU exp by an ulp.
+        check_close(actual, expected)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_silu_and_mul(dtype: torch.dtype, device: str) -> None:
+    # I below, at, and above one 2048-column chunk, not multiples of it, one not a power of two.
+    shapes = [(1, 64), (7, 80), (5, 2048), (3, 2100), (2, 5000)]
+    if device == "cuda":
+        shapes += [(1, 14336), (300, 14336), (2048, 3000)]
+    for T, inter in shapes:
+        check_silu_and_mul((torch.randn(T, 2 * inter, device=device) * 4).to(dtype))
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning")  # interpreter's numpy
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_silu_and_mul_extremes_strides_and_empty(dtype: torch.dtype, device: str) -> None:
+    # exp(-x) overflowing to inf (silu -> -0), underflowing to 0 (silu -> x), zeros and tiny values.
+    gate = torch.tensor([-200.0, -90.0, -20.0, -1e-30, 0.0, 1e-30, 20.0, 90.0, 200.0], device=device)
+    up = torch.linspace(-3, 3, gate.numel(), device=device)
+    check_silu_and_mul(torch.cat([gate, up])[None, :].to(dtype))
+    # Rows of a wider tensor (row stride != 2I) and a 3-D [B, T, 2I] input.
+    wide = (torch.randn(6, 2 * 96 + 40, device=device) * 3).to(dtype)
+    check_silu_and_mul(wide[:, : 2 * 96])
+    check_silu_and_mul((torch.randn(2, 3, 2 * 40, device=device) * 3).to(dtype))
+    empty = torch.empty(0, 2 * 64, device=device, dtype=dtype)
+    assert fused_ops.silu_and_mul_triton(empty).shape == (0, 64)
+    assert fused_ops.silu_and_mul(empty).shape == (0, 64)
+
+
+def test_silu_and_mul_dispatch(device: str) -> None:
+    # The dispatcher (llama.py's MLP calls it): torch on CPU, bit-equal to the old expression.
+    gate_up = (torch.randn(5, 2 * 48, device=device) * 3).to(torch.bfloat16)
+    assert torch.equal(fused_ops.silu_and_mul(gate_up), silu_mul_reference(gate_up))
+    assert torch.equal(fused_ops.silu_and_mul_torch(gate_up), silu_mul_reference(gate_up))

@@ -1,10 +1,17 @@
 """TritonAttention against ReferenceAttention on fresh random paged batches every run.
 
 bf16: relative error (norm of difference / norm of reference) <= 1e-2; float32 <= 1e-4.
-Runs on CUDA, or on CPU with TRITON_INTERPRET=1 (small shapes only; see conftest).
+Runs on CUDA, or on CPU with TRITON_INTERPRET=1 (small shapes only; see conftest). Prefills of a
+few sequences without a cached prefix go through torch SDPA (`sdpa_prefill`); the `paths` fixture
+records which path each call took.
 """
 
 from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections import Counter
 
 import pytest
 import torch
@@ -12,6 +19,7 @@ import torch
 pytest.importorskip("triton")  # the kernels need it; CI machines have none
 
 from bench.attention_kernels import build_paged_batch
+from engine.attention import sdpa_prefill, triton_backend
 from engine.attention.reference import ReferenceAttention
 from engine.attention.triton_backend import TritonAttention
 
@@ -32,8 +40,10 @@ def check_against_reference(
     block_size: int,
     dtype: torch.dtype,
     device: str,
+    uses_tl_dot: bool = True,
 ) -> None:
-    if dtype == torch.bfloat16 and device == "cpu":
+    # uses_tl_dot=False: the step goes through SDPA, so bf16 can run in the interpreter too.
+    if dtype == torch.bfloat16 and device == "cpu" and uses_tl_dot:
         pytest.skip("Triton 3.6's interpreter multiplies bf16 bit patterns in tl.dot; float16 covers CPU")
     query, key, value, cache, meta = build_paged_batch(
         query_lens, prefix_lens, num_q_heads, num_kv_heads, head_dim, block_size, dtype, device
@@ -58,9 +68,84 @@ def test_decode_batch(dtype: torch.dtype, heads: tuple[int, int], device: str) -
     check_against_reference([1] * len(contexts), [c - 1 for c in contexts], *heads, 64, 16, dtype, device)
 
 
+@pytest.fixture
+def paths(monkeypatch: pytest.MonkeyPatch) -> Counter:
+    """Counts the attention paths TritonAttention.forward takes: sdpa, triton_prefill, decode."""
+    calls: Counter = Counter()
+
+    def spy(name: str, fn):
+        def wrapper(*args, **kwargs):
+            calls[name] += 1
+            return fn(*args, **kwargs)
+
+        return wrapper
+
+    monkeypatch.setattr(triton_backend, "sdpa_prefill", spy("sdpa", triton_backend.sdpa_prefill))
+    monkeypatch.setattr(
+        TritonAttention, "prefill", staticmethod(spy("triton_prefill", TritonAttention.prefill))
+    )
+    monkeypatch.setattr(TritonAttention, "decode", staticmethod(spy("decode", TritonAttention.decode)))
+    return calls
+
+
 @pytest.mark.parametrize("dtype", HALF_AND_FULL)
-def test_prefill_no_prefix(dtype: torch.dtype, device: str) -> None:
-    check_against_reference([37, 5, 70], [0, 0, 0], 8, 2, 64, 16, dtype, device)
+@pytest.mark.parametrize("sdpa", [True, False])
+def test_prefill_no_prefix(
+    dtype: torch.dtype, sdpa: bool, device: str, paths: Counter, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # sdpa=False: the Triton prefill kernel on the same batch (as with PDSERVE_DISABLE_SDPA_PREFILL=1).
+    monkeypatch.setattr(sdpa_prefill, "ENABLED", sdpa)
+    check_against_reference([37, 5, 70], [0, 0, 0], 8, 2, 64, 16, dtype, device, uses_tl_dot=not sdpa)
+    assert paths == (Counter(sdpa=1) if sdpa else Counter(triton_prefill=1))
+
+
+@pytest.mark.parametrize("dtype", HALF_AND_FULL)
+@pytest.mark.parametrize("query_lens", [[45], [37, 5, 70, 1]])
+@pytest.mark.parametrize("heads", [(8, 2), (4, 4)])
+def test_sdpa_prefill(
+    dtype: torch.dtype, query_lens: list[int], heads: tuple[int, int], device: str, paths: Counter
+) -> None:
+    """One and several sequences without a prefix, GQA group 4 and 1: SDPA, K/V still cached."""
+    prefixes = [0] * len(query_lens)
+    check_against_reference(query_lens, prefixes, *heads, 64, 16, dtype, device, uses_tl_dot=False)
+    assert paths == Counter(sdpa=1)
+
+
+def test_sdpa_prefill_sequence_limit(device: str, paths: Counter) -> None:
+    assert sdpa_prefill.MAX_SEQS == 8
+    lens = [3, 17, 1, 9, 30, 2, 12, 5, 8]
+    check_against_reference(lens[:8], [0] * 8, 8, 2, 64, 16, torch.float32, device)
+    assert paths == Counter(sdpa=1)
+    check_against_reference(lens, [0] * 9, 8, 2, 64, 16, torch.float32, device)  # one sequence too many
+    assert paths == Counter(sdpa=1, triton_prefill=1)
+
+
+@pytest.mark.parametrize("dtype", HALF_AND_FULL)
+def test_cached_prefix_keeps_triton_kernel(dtype: torch.dtype, device: str, paths: Counter) -> None:
+    """One sequence with a prefix (or a decode row) sends the whole step to the paged kernel."""
+    check_against_reference([20, 9], [0, 13], 8, 2, 64, 16, dtype, device)
+    check_against_reference([1, 24], [30, 0], 8, 2, 64, 16, dtype, device)
+    assert paths == Counter(triton_prefill=2)
+
+
+def test_sdpa_prefill_noncontiguous_views(device: str, paths: Counter) -> None:
+    """q/k/v as views of one fused qkv projection output, on the SDPA path."""
+    query, key, value, cache, meta = build_paged_batch([6, 11], [0, 0], 8, 2, 64, 16, torch.float32, device)
+    fused = torch.cat([query, key, value], dim=1)  # [T, Hq + 2 Hkv, D]
+    expected = ReferenceAttention().forward(query, key, value, cache.clone(), meta, 0.125)
+    actual = TritonAttention().forward(fused[:, :8], fused[:, 8:10], fused[:, 10:], cache, meta, 0.125)
+    assert relative_error(actual, expected) <= 1e-4
+    assert paths == Counter(sdpa=1)
+
+
+def test_sdpa_prefill_env_switch() -> None:
+    code = "from engine.attention import sdpa_prefill; print(sdpa_prefill.ENABLED)"
+    env = {**os.environ, "PDSERVE_DISABLE_SDPA_PREFILL": "1"}
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    result = subprocess.run(
+        [sys.executable, "-c", code], env=env, cwd=repo, capture_output=True, text=True, check=True
+    )
+    assert result.stdout.strip() == "False"
 
 
 @pytest.mark.parametrize("dtype", HALF_AND_FULL)
