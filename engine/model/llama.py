@@ -17,6 +17,7 @@ from torch import nn
 from engine.attention.metadata import AttentionMetadata
 from engine.config import ModelConfig
 from engine.model.fused_ops import fused_add_rms_norm, rms_norm, rotary_embedding_, silu_and_mul
+from engine.model.gemv import linear
 
 
 class RMSNorm(nn.Module):
@@ -90,7 +91,7 @@ class Attention(nn.Module):
         meta: AttentionMetadata,
     ) -> torch.Tensor:
         T = hidden.shape[0]
-        qkv = self.qkv_proj(hidden)  # [T, q_size + 2 * kv_size]
+        qkv = linear(hidden, self.qkv_proj)  # [T, q_size + 2 * kv_size]
         q = qkv[:, : self.q_size].view(T, self.num_heads, self.head_dim)
         k = qkv[:, self.q_size : self.q_size + self.kv_size].view(T, self.num_kv_heads, self.head_dim)
         v = qkv[:, self.q_size + self.kv_size :].view(T, self.num_kv_heads, self.head_dim)
@@ -98,7 +99,7 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = rotary_embedding_(q, k, positions, inv_freq)  # in place; q, k may be views of qkv
         out = self.backend.forward(q, k, v, kv_cache[self.layer_idx], meta, self.scale)
-        return self.o_proj(out.reshape(T, self.num_heads * self.head_dim))
+        return linear(out.reshape(T, self.num_heads * self.head_dim), self.o_proj)
 
 
 class MLP(nn.Module):
@@ -110,9 +111,9 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate_up = self.gate_up_proj(x)  # [T, 2 * intermediate] = [gate | up]
+        gate_up = linear(x, self.gate_up_proj)  # [T, 2 * intermediate] = [gate | up]
         # silu(gate) * up: one Triton pass on CUDA, the same torch expression elsewhere (fused_ops).
-        return self.down_proj(silu_and_mul(gate_up))
+        return linear(silu_and_mul(gate_up), self.down_proj)
 
 
 class DecoderLayer(nn.Module):
@@ -172,4 +173,4 @@ class LlamaForCausalLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         # [N, hidden] -> [N, vocab] in float32 for the sampler
-        return self.lm_head(hidden).float()
+        return linear(hidden, self.lm_head).float()
