@@ -162,13 +162,17 @@ if HAS_TRITON:
         k_stride_t,
         k_stride_h,
         num_q_heads,
+        num_heads,  # Hq + Hkv
         HALF,
         BLOCK_HALF: tl.constexpr,
+        BLOCK_H: tl.constexpr,
         USE_LIBDEVICE: tl.constexpr,
     ):
-        # grid (T, Hq + Hkv): one program per (token, head); heads [0, Hq) are q's, the rest k's.
+        # grid (T, cdiv(Hq + Hkv, BLOCK_H)): one program per (token, tile of BLOCK_H heads) of the
+        # concatenated [q heads | k heads]; cos/sin are computed once per tile, not once per head
+        # (the full-range sin/cos are most of the work at prefill sizes).
         t = tl.program_id(0).to(tl.int64)
-        h = tl.program_id(1).to(tl.int64)
+        heads = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)  # [BLOCK_H]
         offs = tl.arange(0, BLOCK_HALF)
         mask = offs < HALF
         pos = tl.load(pos_ptr + t).to(tl.float32)
@@ -180,10 +184,14 @@ if HAS_TRITON:
         else:
             cos = tl.cos(freqs)
             sin = tl.sin(freqs)
-        if h < num_q_heads:
-            _rotate_head(q_ptr + t * q_stride_t + h * q_stride_h, offs, mask, HALF, cos, sin)
-        else:
-            _rotate_head(k_ptr + t * k_stride_t + (h - num_q_heads) * k_stride_h, offs, mask, HALF, cos, sin)
+        cos, sin, offs2 = cos[None, :], sin[None, :], offs[None, :]
+        is_q = heads < num_q_heads
+        q_heads = tl.where(is_q, heads, 0).to(tl.int64)[:, None]
+        k_heads = tl.where(is_q, 0, heads - num_q_heads).to(tl.int64)[:, None]
+        q_mask = is_q[:, None] & mask[None, :]
+        k_mask = (~is_q & (heads < num_heads))[:, None] & mask[None, :]
+        _rotate_head(q_ptr + t * q_stride_t + q_heads * q_stride_h, offs2, q_mask, HALF, cos, sin)
+        _rotate_head(k_ptr + t * k_stride_t + k_heads * k_stride_h, offs2, k_mask, HALF, cos, sin)
 
     @triton.jit
     def _silu_and_mul_kernel(
@@ -315,7 +323,9 @@ def rotary_embedding_triton_(
     inv_freq = inv_freq.to(device=q.device, dtype=torch.float32).contiguous()  # [D // 2]
     positions = positions.reshape(-1).contiguous()  # [T]
     block_half = triton.next_power_of_2(D // 2)
-    _rope_kernel[(T, num_q_heads + k.shape[1])](
+    num_heads = num_q_heads + k.shape[1]
+    block_h = min(ROPE_HEADS_PER_PROGRAM, triton.next_power_of_2(num_heads))
+    _rope_kernel[(T, triton.cdiv(num_heads, block_h))](
         q,
         k,
         positions,
@@ -325,13 +335,19 @@ def rotary_embedding_triton_(
         k.stride(0),
         k.stride(1),
         num_q_heads,
+        num_heads,
         D // 2,
         BLOCK_HALF=block_half,
+        BLOCK_H=block_h,
         USE_LIBDEVICE=not _interpreting(),
-        num_warps=1 if block_half <= 64 else 2,
+        num_warps=2 if block_h * block_half <= 512 else 4,
     )
     return q, k
 
+
+# Heads per RoPE program: 8 heads of 128 share one sin/cos evaluation and give 2 KiB tiles; a
+# decode step (T = 1) still spreads Llama-3-8B's 40 q/k heads over 5 programs.
+ROPE_HEADS_PER_PROGRAM = 8
 
 # Columns per silu_and_mul program: wide enough for 16-byte vector loads on every thread and few
 # programs per row (Llama-3-8B's I = 14336 is 7 chunks), small enough to keep registers low.

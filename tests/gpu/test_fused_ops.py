@@ -200,15 +200,14 @@ def check_rope(
         check_close(k, expected_k)
     else:
         # Compiled Triton computes half-precision arithmetic in float32 and rounds once, where
-        # torch rounds after each op; so on a GPU the kernel is at least as close to the exact
-        # result as torch, but not bit-equal to it (the interpreter is).
+        # torch rounds after each op; so the kernel is at least as close to the exact result as
+        # torch, but not bit-equal to it. (Under the interpreter numpy's cos/sin can differ from
+        # torch's by an ulp of float32, which moves a half-precision rounding now and then.)
         for got, torch_result, truth in ((q, expected_q, true_q), (k, expected_k, true_k)):
             kernel_err = (got.double() - truth).abs().max().item()
             torch_err = (torch_result.double() - truth).abs().max().item()
             ulp = torch.finfo(dtype).eps * truth.abs().max().item()
             assert kernel_err <= torch_err + ulp, (kernel_err, torch_err)
-            if device == "cpu":  # the interpreter rounds like torch
-                check_close(got, torch_result, bitwise_share=None)
     assert torch.equal(v, v_before), "v (next to q and k in qkv) was written"
 
 
