@@ -83,6 +83,7 @@ class Shapes:
     pack_iters: int = 10
 
 
+PACK_BACK_TO_BACK = 8  # pack (unpack) calls per timing in row 5
 SMALL = Shapes(32, 8, 64, 4, 8, 2, 64, 3, 16, 8, 32, 8, 8, 5)
 
 
@@ -258,19 +259,37 @@ def pdserve_pack_unpack(llm, shapes: Shapes, limits: dict) -> dict:
     src_ids, dst_ids = ids[:n], ids[n:]
     layout = KVLayout.from_cache(cache, "bench")
     buffer = torch.empty(layout.buffer_shape(n), dtype=cache.dtype, device=cache.device)
-    pack_s = best_seconds(lambda: pack_blocks(cache, src_ids, out=buffer), shapes.pack_iters, cache.device)
-    unpack_s = best_seconds(lambda: unpack_blocks(cache, buffer, dst_ids), shapes.pack_iters, cache.device)
+    # Back-to-back calls (as a worker's sends queue up): the device's rate, not one call's launch
+    # and host checks (~30 us against ~90 us of copying); the single-call rate is kept too.
+    reps = PACK_BACK_TO_BACK
+
+    def repeated(fn: Callable[[], object]) -> Callable[[], None]:
+        return lambda: [fn() for _ in range(reps)]
+
+    def pack() -> object:
+        return pack_blocks(cache, src_ids, out=buffer)
+
+    def unpack() -> object:
+        return unpack_blocks(cache, buffer, dst_ids)
+
+    pack_s = best_seconds(repeated(pack), shapes.pack_iters, cache.device) / reps
+    unpack_s = best_seconds(repeated(unpack), shapes.pack_iters, cache.device) / reps
+    single_s = best_seconds(pack, shapes.pack_iters, cache.device) + best_seconds(
+        unpack, shapes.pack_iters, cache.device
+    )
     assert torch.equal(cache[:, :, dst_ids], cache[:, :, src_ids]), "pack/unpack lost data"
     nbytes = buffer_nbytes(layout, n)
     return {
         "value": 4 * nbytes / (pack_s + unpack_s) / 1e9,  # each of pack and unpack reads and writes nbytes
+        "single_call_gbps": 4 * nbytes / single_s / 1e9,
         "floor": limits["copy_gbps"],
         "request_mb": nbytes / 1e6,
         "pack_gbps": 2 * nbytes / pack_s / 1e9,
         "unpack_gbps": 2 * nbytes / unpack_s / 1e9,
         "pack_ms": pack_s * 1e3,
         "unpack_ms": unpack_s * 1e3,
-        "method": f"pack_blocks + unpack_blocks of {n} scattered blocks, best of {shapes.pack_iters} each",
+        "method": f"pack_blocks + unpack_blocks of {n} scattered blocks, {reps} back-to-back calls per "
+        f"timing, best of {shapes.pack_iters} each",
     }
 
 
