@@ -3,8 +3,8 @@
     python -m bench.profile_steps                 # Llama-3-8B shape, bf16, on CUDA
     python -m bench.profile_steps --small         # tiny shapes on CPU (checks the script)
 
-For the three engine rows of `bench.gpu` (decode b=1 ctx 512, decode b=128 ctx 1,024,
-prefill of 2,048 tokens) it prints, per step:
+For the engine rows of `bench.gpu` (decode b=1 ctx 512, decode b=128 ctx 1,024, prefill of
+2,048 tokens, and an offline `LLM.generate` call) it prints, per step (per call for offline):
   wall      engine.step() wall time
   schedule  Scheduler.schedule()             (host)
   execute   ModelRunner.execute()            (host prep + launches + wait for the tokens)
@@ -119,6 +119,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--steps", type=int, default=20, help="profiled decode steps per case")
     parser.add_argument("--top", type=int, default=12, help="kernels listed per case")
     parser.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
+    parser.add_argument("--offline-requests", type=int, default=512, help="requests of the offline case")
+    parser.add_argument("--max-num-seqs", type=int, default=512)
+    parser.add_argument("--max-num-batched-tokens", type=int, default=8192)
     parser.add_argument("--json", metavar="PATH")
     args = parser.parse_args(argv)
     small = args.small or not torch.cuda.is_available()
@@ -132,8 +135,8 @@ def main(argv: list[str] | None = None) -> dict:
         kv_cache_gb=45.0,
         dtype=str(dtype).removeprefix("torch."),
         block_size=16,
-        max_num_seqs=256,
-        max_num_batched_tokens=2048,
+        max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens,
         attention_backend="reference" if small else "auto",
         enforce_eager=args.enforce_eager,
     )
@@ -177,6 +180,23 @@ def main(argv: list[str] | None = None) -> dict:
 
         prefill(2)
         results["prefill"] = profile_case(llm, f"prefill {shapes.prefill_tokens}", prefill, 5, args.top)
+
+        def offline(n: int) -> None:
+            import random
+
+            from engine import SamplingParams
+
+            rng = random.Random(n)
+            vocab = engine.model_config.vocab_size
+            prompts = [random_prompt(rng, shapes.prompt_len, vocab) for _ in range(args.offline_requests)]
+            params = SamplingParams(temperature=0.0, max_tokens=shapes.output_len, ignore_eos=True)
+            steps_before = engine.num_steps
+            llm.generate(prompts, params)
+            results["offline_engine_steps"] = engine.num_steps - steps_before
+
+        label = f"offline {args.offline_requests} x {shapes.prompt_len}/{shapes.output_len} (one call)"
+        results["offline"] = profile_case(llm, label, offline, 1, args.top)
+        print(f"    {results['offline_engine_steps']} engine steps")
     if args.json:
         with open(args.json, "w") as file:
             json.dump(results, file, indent=1)

@@ -5,6 +5,8 @@
 #   bash bench/run_gpu_suite.sh pair     # two GPUs: 1P1D over NCCL, transfer, sweep vs co-located
 #   bash bench/run_gpu_suite.sh kernels  # one GPU: fused-op, transfer and engine tests, bench.transfer, bench.gpu
 #   bash bench/run_gpu_suite.sh link     # two GPUs: NCCL KV transfer, pipelined and serial
+#   bash bench/run_gpu_suite.sh final    # one GPU: GPU tests + the whole bench.gpu
+#   bash bench/run_gpu_suite.sh profile  # one GPU: bench.profile_steps
 # Results land in $OUT (default bench/results/gpu-run).
 set -uo pipefail
 OUT="${OUT:-bench/results/gpu-run}"
@@ -50,9 +52,14 @@ case "${1:-}" in
     timeout 100 python -m bench.gpu --skip-transformers --only 1,2,3 --json "$OUT/gpu_fused.json" 2>&1 | tail -6
     ;;
   final)
-    # One GPU, fused kernels on: their tests, then the whole bench.gpu (transformers included).
-    timeout 60 python -m pytest tests/gpu/test_fused_ops.py -q 2>&1 | tail -4 | tee "$OUT/fused_tests.txt"
-    timeout 300 python -m bench.gpu --json "$OUT/gpu.json" --markdown "$OUT/gpu.md" 2>&1 | tail -9
+    # One GPU: the kernel and engine GPU tests, then the whole bench.gpu (transformers included).
+    timeout 150 python -m pytest tests/gpu/test_fused_ops.py tests/gpu/test_gemv.py tests/gpu/test_engine_gpu.py \
+      tests/gpu/test_transfer_gpu.py -q 2>&1 | tail -2 | tee "$OUT/gpu_tests.txt"
+    timeout 420 python -m bench.gpu --json "$OUT/gpu.json" --markdown "$OUT/gpu.md" 2>&1 | tail -9
+    ;;
+  profile)
+    # One GPU: where a step's time goes (host phases vs kernels), graphs on and off.
+    timeout 200 python -m bench.profile_steps --json "$OUT/profile.json" 2>&1 | grep -v "USDT\|arn"
     ;;
   sweep1)
     # One GPU, co-located: the long- and short-prompt sweeps of the bench issue.
@@ -69,7 +76,7 @@ case "${1:-}" in
     timeout 90 python -m bench.transfer_nccl --json "$OUT/transfer_nccl.json" 2>&1 | tail -8
     ;;
   *)
-    echo "usage: bash bench/run_gpu_suite.sh single|pair|kernels|fused|final|sweep1|link" >&2
+    echo "usage: bash bench/run_gpu_suite.sh single|pair|kernels|fused|final|profile|sweep1|link" >&2
     exit 2
     ;;
 esac

@@ -12,7 +12,8 @@ import torch
 from engine.attention import AttentionMetadata, get_backend
 from engine.config import ModelConfig
 from engine.core.request import Request
-from engine.core.scheduler import SchedulerOutput
+from engine.core.sampling_params import SamplingParams
+from engine.core.scheduler import ScheduledRequest, SchedulerOutput
 from engine.model.loader import load_model
 from engine.sampler import SamplingRow, host_to_device, sample_tokens
 
@@ -80,6 +81,37 @@ class ModelRunner:
                 self.model, self.kv_cache, max_num_seqs, max_model_len, block_size
             )
             self.decode_graphs.capture()
+        if self.device.type == "cuda":
+            self.warm_up()
+
+    # (sequences, new tokens each, cached prefix tokens each, decode rows): a large mixed step
+    # (the paged prefill kernel's 128-row tiles) and a small one (its 64-row tiles).
+    WARM_UP_STEPS = ((9, 256, 16, 4), (2, 8, 16, 2))
+
+    @torch.inference_mode()
+    def warm_up(self) -> None:
+        """Run the eager path's step shapes once on scratch blocks, so the Triton kernels it
+        needs are compiled now and not inside the first mixed batches a server sees (a
+        compile takes seconds). Decode shapes are compiled by the CUDA-graph capture."""
+        bs = self.block_size
+        requests: dict[str, Request] = {}
+        for num_seqs, q_len, prefix, num_decode in self.WARM_UP_STEPS:
+            out = SchedulerOutput()
+            next_block = 0
+            rows = [(prefix, q_len)] * num_seqs + [(prefix + q_len, 1)] * num_decode
+            for i, (computed, n) in enumerate(rows):
+                num_blocks = -(-(computed + n) // bs)
+                if next_block + num_blocks > self.num_blocks:
+                    return  # a cache this small serves nothing large enough to need it
+                table = list(range(next_block, next_block + num_blocks))
+                next_block += num_blocks
+                req_id = f"warm-up-{i}"
+                request = Request(req_id, [1] * (computed + n), SamplingParams(temperature=0.0))
+                request.num_pending_tokens = 1
+                requests[req_id] = request
+                out.scheduled.append(ScheduledRequest(req_id, computed, n, table, sample=True))
+            self.execute(out, requests).wait()
+        self._last_sampled = None
 
     def _blocks_from_memory(self, max_num_tokens: int) -> int:
         per_block = kv_block_bytes(self.config, self.block_size, self.dtype)

@@ -103,3 +103,16 @@ def test_prefill_role_stays_synchronous() -> None:
     assert engine.get_block_ids("a")  # held for the sender
     engine.release_request("a")
     assert engine.kv_manager.num_free_blocks == 64
+
+
+def test_warm_up_runs_the_eager_shapes_and_changes_nothing() -> None:
+    """The runner's warm-up (run at start on CUDA to compile kernels) works on any backend and
+    leaves no trace: same tokens before and after, every block free, no cached hashes."""
+    llm = LLM("tiny", num_gpu_blocks=400)
+    prompts, params = _prompts(6), SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
+    before = [r.token_ids for r in llm.generate(prompts, params)]
+    llm.engine.kv_manager.pool.reset_prefix_cache()
+    llm.engine.runner.warm_up()
+    assert llm.engine.runner._last_sampled is None
+    assert llm.engine.kv_manager.num_free_blocks == 400
+    assert [r.token_ids for r in llm.generate(prompts, params)] == before
