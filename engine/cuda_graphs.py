@@ -17,6 +17,7 @@ import logging
 import torch
 
 from engine.attention.metadata import AttentionMetadata
+from engine.host_tensors import padded_table
 
 log = logging.getLogger(__name__)
 
@@ -106,9 +107,8 @@ class DecodeGraphs:
         if fill is not None:
             self.input_ids.index_copy_(0, *fill)
         self.seq_lens[:b].copy_(torch.tensor(seq_lens, dtype=torch.int32).pin_memory(), non_blocking=True)
-        # One host tensor from padded rows (one call, not one small tensor per sequence).
-        tables = torch.tensor([t + [0] * (width - len(t)) for t in block_tables], dtype=torch.int32)
-        self.block_tables[:b, :width].copy_(tables.pin_memory(), non_blocking=True)
+        # One host tensor from padded rows (one copy, not one small tensor per sequence).
+        self.block_tables[:b, :width].copy_(padded_table(block_tables, width).pin_memory(), non_blocking=True)
         if bucket > b:
             self.slot_mapping[b:bucket].fill_(-1)
             self.seq_lens[b:bucket].fill_(0)

@@ -14,8 +14,9 @@ from engine.config import ModelConfig
 from engine.core.request import Request
 from engine.core.sampling_params import SamplingParams
 from engine.core.scheduler import ScheduledRequest, SchedulerOutput
+from engine.host_tensors import host_to_device, padded_table, to_device
 from engine.model.loader import load_model
-from engine.sampler import SamplingRow, host_to_device, sample_tokens
+from engine.sampler import SamplingRow, sample_tokens
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 CPU_KV_CACHE_BYTES = 128 * 2**20  # default KV cache size on CPU when num_gpu_blocks is None
@@ -191,13 +192,14 @@ class ModelRunner:
         ):
             hidden = self.decode_graphs.run(input_ids, positions, slot_mapping, seq_lens, tables, fill)
             return self._sample(hidden, logits_index, sample_rows, sample_req_ids)
-        max_blocks = max(len(t) for t in tables)
-        block_tables = [t + [0] * (max_blocks - len(t)) for t in tables]
+        # Width rounded up to 16: one Triton specialization of the row stride (a new one would
+        # compile mid-serving) and aligned rows.
+        width = -(-max(len(t) for t in tables) // 16) * 16
         meta = AttentionMetadata(
             slot_mapping=host_to_device(slot_mapping, torch.int64, dev),
             query_start_loc=host_to_device(query_start_loc, torch.int32, dev),
             seq_lens=host_to_device(seq_lens, torch.int32, dev),
-            block_tables=host_to_device(block_tables, torch.int32, dev),
+            block_tables=to_device(padded_table(tables, width), dev),
             query_lens_cpu=query_lens,
             seq_lens_cpu=seq_lens,
             max_query_len=max(query_lens),

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from engine.core.sampling_params import SamplingParams
+from engine.host_tensors import host_to_device
 
 
 @dataclass
@@ -41,19 +42,6 @@ def apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Te
     mask |= cum_before >= top_p[:, None]
     sorted_logits = sorted_logits.masked_fill(mask, float("-inf"))
     return torch.empty_like(logits).scatter_(-1, sorted_idx, sorted_logits)
-
-
-def host_to_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """A host list as a tensor on `device` without stalling the host on the GPU's queue.
-
-    On CUDA the values go through pinned memory with a non-blocking copy: a copy from
-    pageable memory would wait for every kernel already queued, which would end the
-    overlap of host and GPU work that async scheduling depends on.
-    """
-    tensor = torch.tensor(values, dtype=dtype)
-    if device.type == "cuda":
-        return tensor.pin_memory().to(device, non_blocking=True)
-    return tensor
 
 
 def sample_tokens(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:

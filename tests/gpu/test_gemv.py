@@ -20,7 +20,9 @@ SHAPES = [(64, 128), (96, 1536), (32, 10240), (8, 4096)]
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("with_bias", [False, True])
-def test_gemv_matches_linear(dtype: torch.dtype, shape: tuple[int, int], with_bias: bool, device: str) -> None:
+def test_gemv_matches_linear(
+    dtype: torch.dtype, shape: tuple[int, int], with_bias: bool, device: str
+) -> None:
     n, k = shape
     gen = torch.Generator().manual_seed(n * k)
     x = torch.randn(1, k, generator=gen).to(device, dtype)
