@@ -5,7 +5,7 @@
 #   bash bench/run_gpu_suite.sh pair     # two GPUs: 1P1D over NCCL, transfer, sweep vs co-located
 #   bash bench/run_gpu_suite.sh kernels  # one GPU: fused-op, transfer and engine tests, bench.transfer, bench.gpu
 #   bash bench/run_gpu_suite.sh link     # two GPUs: NCCL KV transfer, pipelined and serial
-#   bash bench/run_gpu_suite.sh final    # one GPU: GPU tests + the whole bench.gpu
+#   bash bench/run_gpu_suite.sh final    # one GPU: GPU tests, the whole bench.gpu, bench.gemv, profile
 #   bash bench/run_gpu_suite.sh profile  # one GPU: bench.profile_steps
 # Results land in $OUT (default bench/results/gpu-run).
 set -uo pipefail
@@ -55,7 +55,9 @@ case "${1:-}" in
     # One GPU: the kernel and engine GPU tests, then the whole bench.gpu (transformers included).
     timeout 150 python -m pytest tests/gpu/test_fused_ops.py tests/gpu/test_gemv.py tests/gpu/test_engine_gpu.py \
       tests/gpu/test_transfer_gpu.py -q 2>&1 | tail -2 | tee "$OUT/gpu_tests.txt"
-    timeout 420 python -m bench.gpu --json "$OUT/gpu.json" --markdown "$OUT/gpu.md" 2>&1 | tail -9
+    timeout 300 python -m bench.gpu --json "$OUT/gpu.json" --markdown "$OUT/gpu.md" 2>&1 | tail -9
+    timeout 60 python -m bench.gemv --json "$OUT/gemv.json" 2>&1 | tail -7
+    timeout 150 python -m bench.profile_steps --json "$OUT/profile.json" 2>&1 | grep "wall\|steps$"
     ;;
   profile)
     # One GPU: where a step's time goes (host phases vs kernels), graphs on and off.
