@@ -11,7 +11,8 @@ Rows (pdserve | floor | transformers):
   2 decode, batch 128, 1,024-token context: tokens/s | same floor | generate at batch 32
   3 prefill of one 2,048-token prompt: ms | 2 x params x tokens + attention FLOPs over
     the bf16 matmul rate | one forward, logits of the last token
-  4 offline throughput, 1,000 requests of 512 in / 128 out: output tokens/s | - |
+  4 offline throughput, 1,000 requests of 512 in / 128 out: output tokens/s | matmul FLOPs at
+    the matmul rate + decode K/V reads at the copy rate (ModelCost.offline_floor_s) |
     generate_batch (continuous batching) with 64 requests
   5 pack + unpack of a 2,048-token prompt's KV (128 blocks): GB/s read + written | copy rate
 The copy rate (2 GiB device-to-device copy, bytes read + written) and matmul rate
@@ -114,6 +115,21 @@ class ModelCost:
         (both engines compute only its logits), plus causal attention (QK^T and PV)."""
         attention = 4.0 * tokens * (tokens + 1) / 2 * self.head_dim * self.num_q_heads * self.num_layers
         return 2.0 * self.layer_params * tokens + 2.0 * self.lm_head_params + attention
+
+    def offline_floor_s(self, prompt_len: int, output_len: int, limits: dict) -> float:
+        """Least time one request of an offline batch can cost: its matmul FLOPs at the matmul
+        rate (every prompt and fed-back token through the layers, an lm_head per sampled token,
+        causal attention) plus its decode steps' K/V reads at the copy rate. Weights are shared
+        by the whole batch, so they are left out; the two terms add because GEMMs and attention
+        run as separate kernels."""
+        fed = prompt_len + output_len - 1  # the last sampled token is never fed back
+        flops = self.prefill_flops(prompt_len) - 2.0 * self.lm_head_params  # counted below
+        flops += 2.0 * self.layer_params * (output_len - 1) + 2.0 * self.lm_head_params * output_len
+        kv_tokens_read = sum(range(prompt_len + 1, fed + 1))  # decode step at context c reads c tokens
+        flops += 4.0 * self.head_dim * self.num_q_heads * self.num_layers * kv_tokens_read
+        return flops / (limits["matmul_tflops"] * 1e12) + kv_tokens_read * self.kv_bytes_per_token / (
+            limits["copy_gbps"] * 1e9
+        )
 
 
 def measure_limits(device: torch.device, dtype: torch.dtype) -> dict[str, float]:
@@ -224,7 +240,7 @@ def pdserve_prefill(llm, shapes: Shapes, cost: ModelCost, limits: dict) -> dict:
     }
 
 
-def pdserve_throughput(llm, num_requests: int, shapes: Shapes) -> dict:
+def pdserve_throughput(llm, num_requests: int, shapes: Shapes, cost: ModelCost, limits: dict) -> dict:
     """`LLM.generate` over every request at once, greedy, ignore_eos: output tokens/s."""
     from engine import SamplingParams
 
@@ -237,9 +253,11 @@ def pdserve_throughput(llm, num_requests: int, shapes: Shapes) -> dict:
     elapsed = timed_seconds(lambda: results.extend(llm.generate(prompts, params)), device)
     output_tokens = sum(len(r.token_ids) for r in results)
     assert output_tokens == num_requests * shapes.output_len, "some request stopped early"
+    floor_s = num_requests * cost.offline_floor_s(shapes.prompt_len, shapes.output_len, limits)
     return {
         "value": output_tokens / elapsed,
-        "floor": None,
+        "floor": output_tokens / floor_s,
+        "floor_s": floor_s,
         "wall_s": elapsed,
         "num_requests": num_requests,
         "requests_per_s": num_requests / elapsed,
@@ -436,7 +454,7 @@ def run_pdserve(
             llm, shapes.batch_decode_size, shapes.batch_decode_context, shapes, cost, limits
         ),
         "prefill": lambda: pdserve_prefill(llm, shapes, cost, limits),
-        "throughput": lambda: pdserve_throughput(llm, shapes.num_requests, shapes),
+        "throughput": lambda: pdserve_throughput(llm, shapes.num_requests, shapes, cost, limits),
         # Last: it overwrites blocks of the cache.
         "pack_unpack": lambda: pdserve_pack_unpack(llm, shapes, limits),
     }
