@@ -50,10 +50,7 @@ def test_small_run_fills_every_row(tmp_path) -> None:
     assert set(result["rows"]) == set(ROWS)
     for key, row in result["rows"].items():
         assert positive(row["pdserve_value"]), key
-        if key == "throughput":
-            assert row["floor"] is None
-        else:
-            assert positive(row["floor"]) and positive(row["vs_floor"]), key
+        assert positive(row["floor"]) and positive(row["vs_floor"]), key
         if key == "pack_unpack":  # transformers has no counterpart
             assert "transformers_value" not in row and row["vs_transformers"] is None
         else:
