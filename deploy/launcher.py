@@ -108,20 +108,15 @@ def up(
                 wid, copy.deepcopy(cfg.engine), cfg.transfer.backend
             )
             roles[wid] = "prefill"
-        for i in range(cfg.decode.count):
-            wid = f"decode-{i}"
-            opts = _actor_options(cfg.decode.resources, f"pdserve-{wid}", ns, detached)
-            decode[wid] = decode_cls.options(**opts).remote(
-                wid, copy.deepcopy(cfg.engine), cfg.transfer.backend, "decode", cfg.transfer.host
-            )
-            roles[wid] = "decode"
-        for i in range(cfg.colocated.count):
-            wid = f"colocated-{i}"
-            opts = _actor_options(cfg.colocated.resources, f"pdserve-{wid}", ns, detached)
-            decode[wid] = decode_cls.options(**opts).remote(
-                wid, copy.deepcopy(cfg.engine), cfg.transfer.backend, "both", cfg.transfer.host
-            )
-            roles[wid] = "both"
+        # Decode and co-located pools are the same actor in two engine roles.
+        for name, pool, role in (("decode", cfg.decode, "decode"), ("colocated", cfg.colocated, "both")):
+            for i in range(pool.count):
+                wid = f"{name}-{i}"
+                opts = _actor_options(pool.resources, f"pdserve-{wid}", ns, detached)
+                decode[wid] = decode_cls.options(**opts).remote(
+                    wid, copy.deepcopy(cfg.engine), cfg.transfer.backend, role, cfg.transfer.host
+                )
+                roles[wid] = role
         workers = {**prefill, **decode}
         ray.get([h.ready.remote() for h in workers.values()])  # engines built (or their error)
         if cfg.prefill.count and cfg.transfer.backend == "nccl":

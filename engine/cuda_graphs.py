@@ -17,7 +17,7 @@ import logging
 import torch
 
 from engine.attention.metadata import AttentionMetadata
-from engine.host_tensors import padded_table
+from engine.host_tensors import copy_into, padded_table
 
 log = logging.getLogger(__name__)
 
@@ -98,17 +98,15 @@ class DecodeGraphs:
         b = len(input_ids)
         bucket = next(x for x in self.buckets if x >= b)
         width = max(len(t) for t in block_tables)
-        # One pinned host staging tensor per input, copied without blocking the host.
-        self.input_ids[:b].copy_(torch.tensor(input_ids, dtype=torch.int64).pin_memory(), non_blocking=True)
-        self.positions[:b].copy_(torch.tensor(positions, dtype=torch.int64).pin_memory(), non_blocking=True)
-        self.slot_mapping[:b].copy_(
-            torch.tensor(slot_mapping, dtype=torch.int64).pin_memory(), non_blocking=True
-        )
+        # Pinned host staging, copied without blocking the host (host_tensors.copy_into).
+        copy_into(self.input_ids[:b], input_ids)
+        copy_into(self.positions[:b], positions)
+        copy_into(self.slot_mapping[:b], slot_mapping)
         if fill is not None:
             self.input_ids.index_copy_(0, *fill)
-        self.seq_lens[:b].copy_(torch.tensor(seq_lens, dtype=torch.int32).pin_memory(), non_blocking=True)
+        copy_into(self.seq_lens[:b], seq_lens)
         # One host tensor from padded rows (one copy, not one small tensor per sequence).
-        self.block_tables[:b, :width].copy_(padded_table(block_tables, width).pin_memory(), non_blocking=True)
+        copy_into(self.block_tables[:b, :width], padded_table(block_tables, width))
         if bucket > b:
             self.slot_mapping[b:bucket].fill_(-1)
             self.seq_lens[b:bucket].fill_(0)

@@ -23,6 +23,15 @@ def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
     return tensor
 
 
+def copy_into(dst: torch.Tensor, values: list | torch.Tensor) -> None:
+    """Copy host values (a list, or a host tensor) into the device tensor `dst` (same pinned,
+    non-blocking path as `host_to_device`, for static buffers such as CUDA-graph inputs)."""
+    host = values if isinstance(values, torch.Tensor) else torch.tensor(values, dtype=dst.dtype)
+    if dst.is_cuda:
+        host = host.pin_memory()
+    dst.copy_(host, non_blocking=True)
+
+
 def padded_table(rows: list[list[int]], width: int) -> torch.Tensor:
     """[len(rows), width] int32 host tensor, each row zero-padded (block tables).
 

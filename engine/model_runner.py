@@ -7,6 +7,8 @@ request's blocks for every layer are one `index_select` on dim 2.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from engine.attention import AttentionMetadata, get_backend
@@ -223,7 +225,7 @@ class ModelRunner:
         if not rows:
             tokens = torch.empty(0, dtype=torch.int64, device=self.device)
         else:
-            if logits_index != list(range(hidden.shape[0])):  # not every row samples
+            if len(logits_index) != hidden.shape[0]:  # not every row samples (indices ascend)
                 hidden = hidden.index_select(0, host_to_device(logits_index, torch.int64, self.device))
             tokens = sample_tokens(self.model.compute_logits(hidden), rows)
         self._last_sampled = SampledTokens.launch(req_ids, tokens)
@@ -243,7 +245,11 @@ class SampledTokens:
         self.tokens = tokens
         self._host = host
         self._ready = ready  # torch.cuda.Event or None
-        self.row_of = {req_id: i for i, req_id in enumerate(req_ids)}
+
+    @functools.cached_property
+    def row_of(self) -> dict[str, int]:
+        """req_id -> row of `tokens`; built only when a next step reads an in-flight token."""
+        return {req_id: i for i, req_id in enumerate(self.req_ids)}
 
     @classmethod
     def launch(cls, req_ids: list[str], tokens: torch.Tensor) -> SampledTokens:

@@ -162,20 +162,20 @@ class WorkerStateTracker:
         ts = report.timestamp
         book = self._decode_books.get(report.worker_id)
         if book is not None:
-            while book.pending:
-                routed = next(iter(book.pending.values()))
-                if routed.routed_at > ts:
-                    break
-                book.pending.popitem(last=False)
-                self._clear_pending_decode(book, routed)
+            self._settle_pending(book, ts, self._clear_pending_decode)
         prefill_book = self._prefill_books.get(report.worker_id)
         if prefill_book is not None:
-            while prefill_book.pending:
-                routed = next(iter(prefill_book.pending.values()))
-                if routed.routed_at > ts:
-                    break
-                prefill_book.pending.popitem(last=False)
-                self._clear_pending_prefill(prefill_book, routed)
+            self._settle_pending(prefill_book, ts, self._clear_pending_prefill)
+
+    @staticmethod
+    def _settle_pending(book: _DecodeBook | _PrefillBook, ts: float, clear: Callable[..., None]) -> None:
+        """Drop a book's promises routed at or before `ts`: the report already counts them."""
+        while book.pending:
+            routed = next(iter(book.pending.values()))
+            if routed.routed_at > ts:
+                break
+            book.pending.popitem(last=False)
+            clear(book, routed)
 
     def remove_worker(self, worker_id: str) -> None:
         """Forget a worker entirely: load, cache index entries, promises, event stream."""
