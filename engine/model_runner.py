@@ -152,7 +152,13 @@ class ModelRunner:
         fill_rows: list[int] = []  # rows of input_ids to take from the previous step's tokens
         fill_src: list[int] = []  # ... and which of its sampled rows
         bs = self.block_size
-        for entry in out.scheduled:
+        # Decode rows first: the fast attention backend runs a mixed step's leading one-token
+        # rows through its decode kernel (AttentionMetadata.num_decodes). Sampled tokens are
+        # keyed by req_id, so the row order is the runner's own business.
+        scheduled = out.scheduled
+        if any(entry.num_new_tokens != 1 for entry in scheduled):
+            scheduled = sorted(scheduled, key=lambda entry: entry.num_new_tokens != 1)
+        for entry in scheduled:
             request = requests[entry.req_id]
             start, n = entry.num_computed_tokens, entry.num_new_tokens
             end = start + n

@@ -7,6 +7,7 @@ of sequences, B = max blocks per sequence in this step.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 
@@ -29,6 +30,17 @@ class AttentionMetadata:
     @property
     def is_decode_only(self) -> bool:
         return self.max_query_len == 1
+
+    @cached_property
+    def num_decodes(self) -> int:
+        """Leading sequences with one new token (the runner puts decode rows first in a mixed
+        step, so the fast backend runs them through its decode kernel and the rest as prefill)."""
+        n = 0
+        for q_len in self.query_lens_cpu:
+            if q_len != 1:
+                break
+            n += 1
+        return n
 
 
 def write_kv(

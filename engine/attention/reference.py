@@ -24,8 +24,10 @@ class ReferenceAttention:
         kv_cache_layer: torch.Tensor,  # [2, num_blocks, block_size, Hkv, D]
         meta: AttentionMetadata,
         scale: float,
+        kv_stored: bool = False,  # the caller already wrote this step's key/value into the cache
     ) -> torch.Tensor:  # [T, Hq, D]
-        write_kv(key, value, kv_cache_layer, meta.slot_mapping)
+        if not kv_stored:
+            write_kv(key, value, kv_cache_layer, meta.slot_mapping)
         block_size = kv_cache_layer.shape[2]
         num_q_heads, num_kv_heads = query.shape[1], key.shape[1]
         group = num_q_heads // num_kv_heads

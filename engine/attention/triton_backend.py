@@ -4,7 +4,8 @@ Same contract as `ReferenceAttention.forward`. Three kernels:
 
 * `_store_kv_kernel`: scatters this step's K/V rows into the cache at `slot_mapping`
   (one program per token and head chunk). Slots < 0 are skipped, so a CUDA graph can
-  pad a batch with dummy tokens whose slot is -1.
+  pad a batch with dummy tokens whose slot is -1. The model skips it: its RoPE kernel
+  writes the rotated K and V into the cache (`forward(..., kv_stored=True)`).
 * `_decode_kernel` (every query length is 1): flash-decoding. The context is split into
   partitions of `partition_size` tokens; one program per (sequence, KV head, partition)
   reads each K/V tile of its KV head once for all the query heads of that GQA group (the
@@ -12,7 +13,9 @@ Same contract as `ReferenceAttention.forward`. Three kernels:
   running max and sum. The last program of a (sequence, KV head) to finish, found with an
   atomic ticket, merges the partitions: no second kernel, which at batch 1 saves a launch
   per layer (~3.5 us inside a CUDA graph, a few % of a decode step). With one partition the
-  program writes the output directly.
+  program writes the output directly. In a mixed step the leading one-token rows (the
+  runner puts decode rows first) take this kernel too: in the prefill kernel each would
+  cost a whole row tile (`AttentionMetadata.num_decodes`).
 * `_prefill_kernel` (any query lengths, mixed batches included): flash attention reading
   K/V from the paged cache through the block table. Rows of a tile are
   (query token, query head of the group) pairs, so a tile of K/V is loaded once per GQA
@@ -45,6 +48,8 @@ from engine.attention.metadata import AttentionMetadata
 from engine.attention.sdpa_prefill import sdpa_prefill, use_sdpa_prefill
 
 _LOG2_E = 1.4426950408889634
+# Partitions the split-K merge reads per iteration ([GQA group, MERGE_CHUNK, head_dim] float32).
+MERGE_CHUNK = 8
 
 
 # Kernel argument lists are packed by role; `ruff format` would put one per line.
@@ -78,7 +83,7 @@ def _decode_kernel(
     stride_cache_block, stride_cache_tok, stride_cache_head, stride_bt_seq, num_q_heads, num_kv_heads,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     BLOCK_N: tl.constexpr, PARTITION_SIZE: tl.constexpr, NUM_PARTITIONS: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, WIDE_OFFSETS: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, WIDE_OFFSETS: tl.constexpr, GROUP_P2: tl.constexpr, P_CHUNK: tl.constexpr,
 ):
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -152,30 +157,40 @@ def _decode_kernel(
         ticket = tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu")
         if ticket == num_used - 1:
             tl.store(counter, 0)  # reset for the next call (next layer, next graph replay)
-            run_max = tl.full([GROUP_PAD], float("-inf"), dtype=tl.float32)
-            total = tl.zeros([GROUP_PAD], dtype=tl.float32)
-            merged = tl.zeros([GROUP_PAD, HEAD_DIM], dtype=tl.float32)
-            for p in range(0, num_used):
+            # Merge P_CHUNK partitions at a time for the GROUP real heads ([G, P, D] tiles): the
+            # loads of a chunk are issued together, not one partition after another (at batch 1
+            # this merge is on the critical path of every layer).
+            g = tl.arange(0, GROUP_P2)
+            g_mask = g < GROUP
+            rows_g = (seq64 * num_q_heads + kv_head * GROUP + g) * NUM_PARTITIONS  # [G] partition 0
+            run_max = tl.full([GROUP_P2], float("-inf"), dtype=tl.float32)
+            total = tl.zeros([GROUP_P2], dtype=tl.float32)
+            merged = tl.zeros([GROUP_P2, HEAD_DIM], dtype=tl.float32)
+            for p0 in range(0, num_used, P_CHUNK):
+                parts = p0 + tl.arange(0, P_CHUNK)
+                mask = g_mask[:, None] & (parts < num_used)[None, :]  # [G, P]
+                idx = rows_g[:, None] + parts[None, :]  # [G, P]
                 # .cg: read from L2, where the other programs' stores are, never a stale L1 line
-                p_max = tl.load(partial_max_ptr + base + p, mask=head_mask, other=0.0, cache_modifier=".cg")
-                p_sum = tl.load(partial_sum_ptr + base + p, mask=head_mask, other=0.0, cache_modifier=".cg")
+                p_max = tl.load(partial_max_ptr + idx, mask=mask, other=float("-inf"), cache_modifier=".cg")
+                p_sum = tl.load(partial_sum_ptr + idx, mask=mask, other=0.0, cache_modifier=".cg")
                 p_out = tl.load(
-                    partial_out_ptr + (base + p)[:, None] * HEAD_DIM + dims[None, :],
-                    mask=head_mask[:, None],
+                    partial_out_ptr + idx[:, :, None] * HEAD_DIM + dims[None, None, :],
+                    mask=mask[:, :, None],
                     other=0.0,
                     cache_modifier=".cg",
-                )  # [GROUP_PAD, D], normalised by its own sum
-                new_max = tl.maximum(run_max, p_max)
+                )  # [G, P, D], each normalised by its own sum
+                new_max = tl.maximum(run_max, tl.max(p_max, axis=1))
+                new_max = tl.where(g_mask, new_max, 0.0)  # padding heads: no -inf - -inf
                 alpha = tl.exp2(run_max - new_max)
-                weight = p_sum * tl.exp2(p_max - new_max)
-                merged = merged * alpha[:, None] + p_out * weight[:, None]
-                total = total * alpha + weight
+                weight = p_sum * tl.exp2(p_max - new_max[:, None])  # [G, P]; 0 where masked
+                merged = merged * alpha[:, None] + tl.sum(p_out * weight[:, :, None], axis=1)
+                total = total * alpha + tl.sum(weight, axis=1)
                 run_max = new_max
             merged = merged / tl.maximum(total, 1e-30)[:, None]
             tl.store(
-                out_ptr + seq64 * stride_ot + heads[:, None] * stride_oh + dims[None, :],
+                out_ptr + seq64 * stride_ot + (kv_head * GROUP + g)[:, None] * stride_oh + dims[None, :],
                 merged.to(out_ptr.dtype.element_ty),
-                mask=head_mask[:, None],
+                mask=g_mask[:, None],
             )
 
 
@@ -358,9 +373,11 @@ class TritonAttention:
         kv_cache_layer: torch.Tensor,  # [2, num_blocks, block_size, Hkv, D]
         meta: AttentionMetadata,
         scale: float,
+        kv_stored: bool = False,  # the caller already wrote this step's key/value into the cache
     ) -> torch.Tensor:  # [T, Hq, D]
         _check_shapes(query, kv_cache_layer)
-        store_kv(key, value, kv_cache_layer, meta.slot_mapping)  # the cache is filled on every path
+        if not kv_stored:  # the cache holds this step's K/V on every path below
+            store_kv(key, value, kv_cache_layer, meta.slot_mapping)
         query = query if query.stride(-1) == 1 else query.contiguous()
         if query.shape[0] > 0 and use_sdpa_prefill(query, key, value, kv_cache_layer, meta):
             return sdpa_prefill(query, key, value, meta.query_lens_cpu, scale)
@@ -369,8 +386,18 @@ class TritonAttention:
             return out
         if meta.is_decode_only:
             self.decode(query, kv_cache_layer, meta.block_tables, meta.seq_lens, meta.max_seq_len, scale, out)
-        else:
-            self.prefill(query, kv_cache_layer, meta, scale, out)
+            return out
+        # Mixed step: the leading decode rows go through the decode kernel (split-K, no padded
+        # tiles: in the prefill kernel each decode row costs a whole 64- or 128-row tile), the
+        # rest through the prefill kernel.
+        nd = meta.num_decodes
+        if nd:
+            max_decode_len = max(meta.seq_lens_cpu[:nd])
+            self.decode(
+                query[:nd], kv_cache_layer, meta.block_tables[:nd], meta.seq_lens[:nd], max_decode_len, scale,
+                out[:nd],
+            )  # fmt: skip
+        self.prefill(query, kv_cache_layer, meta, scale, out, first_seq=nd)
         return out
 
     @staticmethod
@@ -416,7 +443,9 @@ class TritonAttention:
             num_q_heads, num_kv_heads, GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)),
             HEAD_DIM=head_dim, BLOCK_SIZE=block_size, BLOCK_N=block_n, PARTITION_SIZE=partition_size,
             NUM_PARTITIONS=num_partitions, DOT_PRECISION=_dot_precision(query.dtype),
-            WIDE_OFFSETS=_needs_wide_offsets(key_cache), num_warps=num_warps, num_stages=num_stages,
+            WIDE_OFFSETS=_needs_wide_offsets(key_cache), GROUP_P2=triton.next_power_of_2(group),
+            P_CHUNK=min(MERGE_CHUNK, triton.next_power_of_2(num_partitions)), num_warps=num_warps,
+            num_stages=num_stages,
         )
         # fmt: on
 
@@ -431,27 +460,29 @@ class TritonAttention:
         block_n: int | None = None,
         num_warps: int | None = None,
         num_stages: int | None = None,
+        first_seq: int = 0,
     ) -> None:
+        """Flash attention for sequences [first_seq, S) of `meta` (rows found via query_start_loc)."""
         _, num_q_heads, head_dim = query.shape
+        num_seqs = meta.num_seqs - first_seq
         key_cache, value_cache = kv_cache_layer[0], kv_cache_layer[1]
         _, block_size, num_kv_heads, _ = key_cache.shape
         group = num_q_heads // num_kv_heads
         # Measured on H100 (bench/results/ATTENTION.md): 4 warps, 3 stages, 64-key tiles; 128-row
         # tiles are faster (~10%) once they still give about 3 programs per SM, else 64-row tiles.
         if head_dim <= 128:
-            programs_at_128 = (
-                triton.cdiv(meta.max_query_len, max(1, 128 // group)) * meta.num_seqs * num_kv_heads
-            )
+            programs_at_128 = triton.cdiv(meta.max_query_len, max(1, 128 // group)) * num_seqs * num_kv_heads
             default_m = 128 if programs_at_128 >= 3 * _num_sms(query.device) else 64
             default_n, default_warps, default_stages = 64, 4, 3
         else:
             default_m, default_n, default_warps, default_stages = 64, 32, 4, 2
         block_m = max(block_m or default_m, triton.next_power_of_2(group))
         block_q = block_m // group  # query tokens per tile
-        grid = (triton.cdiv(meta.max_query_len, block_q), meta.num_seqs, num_kv_heads)
+        grid = (triton.cdiv(meta.max_query_len, block_q), num_seqs, num_kv_heads)
         # fmt: off
         _prefill_kernel[grid](
-            query, key_cache, value_cache, out, meta.block_tables, meta.seq_lens, meta.query_start_loc,
+            query, key_cache, value_cache, out, meta.block_tables[first_seq:], meta.seq_lens[first_seq:],
+            meta.query_start_loc[first_seq:],
             scale * _LOG2_E, query.stride(0), query.stride(1), out.stride(0), out.stride(1),
             key_cache.stride(0), key_cache.stride(1), key_cache.stride(2), meta.block_tables.stride(0),
             GROUP=group, HEAD_DIM=head_dim, BLOCK_SIZE=block_size, BLOCK_M=block_m, BLOCK_Q=block_q,

@@ -1,4 +1,5 @@
-"""Fused elementwise kernels for the decoder layer: residual add + RMSNorm, in-place RoPE, SiLU·mul.
+"""Fused elementwise kernels for the decoder layer: residual add + RMSNorm, in-place RoPE (with the
+K/V cache write), SiLU·mul.
 
 At small batch a decode step is bound by kernel launches, not bandwidth: the torch RMSNorm is ~7
 elementwise kernels, RoPE ~8 more for q and k, and the residual add one more. Each op here is one
@@ -22,6 +23,8 @@ import os
 
 import torch
 from torch.nn import functional as F
+
+from engine.attention.metadata import write_kv
 
 try:
     import triton
@@ -148,8 +151,10 @@ if HAS_TRITON:
         x2f = x2.to(tl.float32)
         o1 = (x1f * c).to(dt).to(tl.float32) + ((-x2f) * s).to(dt).to(tl.float32)
         o2 = (x2f * c).to(dt).to(tl.float32) + (x1f * s).to(dt).to(tl.float32)
-        tl.store(ptr + offs, o1.to(dt), mask=mask)
-        tl.store(ptr + HALF + offs, o2.to(dt), mask=mask)
+        o1, o2 = o1.to(dt), o2.to(dt)
+        tl.store(ptr + offs, o1, mask=mask)
+        tl.store(ptr + HALF + offs, o2, mask=mask)
+        return o1, o2
 
     @triton.jit
     def _rope_kernel(
@@ -164,9 +169,18 @@ if HAS_TRITON:
         num_q_heads,
         num_heads,  # Hq + Hkv
         HALF,
+        v_ptr,  # [T, Hkv, D] strides (v_stride_t, v_stride_h, 1); the rest unused unless STORE_KV
+        v_stride_t,
+        v_stride_h,
+        key_cache_ptr,  # [num_slots, Hkv, D] (strides cache_stride_slot, cache_stride_head, 1)
+        value_cache_ptr,
+        slot_ptr,  # [T] cache slot of each token; < 0: not stored (padding rows of a CUDA graph)
+        cache_stride_slot,
+        cache_stride_head,
         BLOCK_HALF: tl.constexpr,
         BLOCK_H: tl.constexpr,
         USE_LIBDEVICE: tl.constexpr,
+        STORE_KV: tl.constexpr,
     ):
         # grid (T, cdiv(Hq + Hkv, BLOCK_H)): one program per (token, tile of BLOCK_H heads) of the
         # concatenated [q heads | k heads]; cos/sin are computed once per tile, not once per head
@@ -191,7 +205,20 @@ if HAS_TRITON:
         q_mask = is_q[:, None] & mask[None, :]
         k_mask = (~is_q & (heads < num_heads))[:, None] & mask[None, :]
         _rotate_head(q_ptr + t * q_stride_t + q_heads * q_stride_h, offs2, q_mask, HALF, cos, sin)
-        _rotate_head(k_ptr + t * k_stride_t + k_heads * k_stride_h, offs2, k_mask, HALF, cos, sin)
+        k1, k2 = _rotate_head(k_ptr + t * k_stride_t + k_heads * k_stride_h, offs2, k_mask, HALF, cos, sin)
+        if STORE_KV:
+            # The rotated k and this token's v go straight into the paged cache: no store kernel.
+            slot = tl.load(slot_ptr + t).to(tl.int64)
+            kv_mask = k_mask & (slot >= 0)
+            dst = slot * cache_stride_slot + k_heads * cache_stride_head + offs2  # [BLOCK_H, BLOCK_HALF]
+            cache_dt = key_cache_ptr.dtype.element_ty
+            tl.store(key_cache_ptr + dst, k1.to(cache_dt), mask=kv_mask)
+            tl.store(key_cache_ptr + dst + HALF, k2.to(cache_dt), mask=kv_mask)
+            v_row = v_ptr + t * v_stride_t + k_heads * v_stride_h + offs2
+            v1 = tl.load(v_row, mask=kv_mask, other=0.0)
+            v2 = tl.load(v_row + HALF, mask=kv_mask, other=0.0)
+            tl.store(value_cache_ptr + dst, v1.to(cache_dt), mask=kv_mask)
+            tl.store(value_cache_ptr + dst + HALF, v2.to(cache_dt), mask=kv_mask)
 
     @triton.jit
     def _silu_and_mul_kernel(
@@ -210,6 +237,11 @@ if HAS_TRITON:
         row_ptr = x_ptr + row * x_stride
         gate = tl.load(row_ptr + cols, mask=mask, other=0.0)
         up = tl.load(row_ptr + INTER + cols, mask=mask, other=0.0)
+        tl.store(out_ptr + row * out_stride + cols, silu_mul(gate, up, USE_LIBDEVICE), mask=mask)
+
+    @triton.jit
+    def silu_mul(gate, up, USE_LIBDEVICE: tl.constexpr):
+        """silu(gate) * up for tiles of one dtype, rounded as torch rounds; also the GEMV's epilogue."""
         dt = up.dtype
         g = gate.to(tl.float32)
         # torch's silu (CUDA and CPU): upcast to float, x / (1 + exp(-x)), round to the input dtype.
@@ -221,8 +253,7 @@ if HAS_TRITON:
             e = tl.exp(-g)
         silu = tl.math.div_rn(g, 1.0 + e).to(dt)
         # torch multiplies in float and rounds once; the product of two bf16 values is exact in float.
-        out = silu.to(tl.float32) * up.to(tl.float32)
-        tl.store(out_ptr + row * out_stride + cols, out.to(dt), mask=mask)
+        return (silu.to(tl.float32) * up.to(tl.float32)).to(dt)
 
 
 def _num_warps(block: int) -> int:
@@ -299,10 +330,21 @@ def fused_add_rms_norm_triton(
 
 
 def rotary_embedding_triton_(
-    q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor
+    q: torch.Tensor,
+    k: torch.Tensor,
+    positions: torch.Tensor,
+    inv_freq: torch.Tensor,
+    v: torch.Tensor | None = None,
+    kv_cache_layer: torch.Tensor | None = None,
+    slot_mapping: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rotate q [T, Hq, D] and k [T, Hkv, D] in place (one launch for both); returns (q, k)."""
+    """Rotate q [T, Hq, D] and k [T, Hkv, D] in place (one launch for both); returns (q, k).
+
+    With v [T, Hkv, D], kv_cache_layer [2, num_blocks, block_size, Hkv, D] and slot_mapping [T],
+    the same launch also writes the rotated k and v into the cache (slot < 0 skipped).
+    """
     T, num_q_heads, D = q.shape
+    store = kv_cache_layer is not None
     supported = (
         HAS_TRITON
         and k.dim() == 3
@@ -315,9 +357,13 @@ def rotary_embedding_triton_(
         and inv_freq.numel() == D // 2
         and positions.numel() == T
         and not positions.is_floating_point()
+        and (not store or (v.shape == k.shape and v.stride(2) == 1 and kv_cache_layer.is_contiguous()))
     )
     if not supported:
-        return rotary_embedding_torch_(q, k, positions, inv_freq)
+        rotary_embedding_torch_(q, k, positions, inv_freq)
+        if store:
+            write_kv(k, v, kv_cache_layer, slot_mapping)
+        return q, k
     if T == 0:
         return q, k
     inv_freq = inv_freq.to(device=q.device, dtype=torch.float32).contiguous()  # [D // 2]
@@ -325,6 +371,12 @@ def rotary_embedding_triton_(
     block_half = triton.next_power_of_2(D // 2)
     num_heads = num_q_heads + k.shape[1]
     block_h = min(ROPE_HEADS_PER_PROGRAM, triton.next_power_of_2(num_heads))
+    if store:
+        key_cache, value_cache = kv_cache_layer[0], kv_cache_layer[1]  # [blocks, block_size, Hkv, D]
+        cache_args = (v, v.stride(0), v.stride(1), key_cache, value_cache, slot_mapping, key_cache.stride(1),
+                      key_cache.stride(2))  # fmt: skip
+    else:
+        cache_args = (k, 0, 0, k, k, positions, 0, 0)  # placeholders, never read
     _rope_kernel[(T, triton.cdiv(num_heads, block_h))](
         q,
         k,
@@ -337,9 +389,11 @@ def rotary_embedding_triton_(
         num_q_heads,
         num_heads,
         D // 2,
+        *cache_args,
         BLOCK_HALF=block_half,
         BLOCK_H=block_h,
         USE_LIBDEVICE=not _interpreting(),
+        STORE_KV=store,
         num_warps=2 if block_h * block_half <= 512 else 4,
     )
     return q, k
@@ -407,6 +461,24 @@ def rotary_embedding_(
     if available(q.device, q.dtype):
         return rotary_embedding_triton_(q, k, positions, inv_freq)
     return rotary_embedding_torch_(q, k, positions, inv_freq)
+
+
+def rotary_embedding_and_store_kv_(
+    q: torch.Tensor,  # [T, Hq, D]
+    k: torch.Tensor,  # [T, Hkv, D]
+    v: torch.Tensor,  # [T, Hkv, D]
+    positions: torch.Tensor,  # [T]
+    inv_freq: torch.Tensor,  # [D // 2] float32
+    kv_cache_layer: torch.Tensor,  # [2, num_blocks, block_size, Hkv, D]
+    slot_mapping: torch.Tensor,  # [T] int64, < 0 = padding (skipped)
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`rotary_embedding_`, then the rotated k and v written to the cache at `slot_mapping`:
+    one launch on CUDA (the attention backend is then told the cache already holds them)."""
+    if available(q.device, q.dtype):
+        return rotary_embedding_triton_(q, k, positions, inv_freq, v, kv_cache_layer, slot_mapping)
+    rotary_embedding_torch_(q, k, positions, inv_freq)
+    write_kv(k, v, kv_cache_layer, slot_mapping)
+    return q, k
 
 
 def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:

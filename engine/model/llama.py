@@ -16,8 +16,8 @@ from torch import nn
 
 from engine.attention.metadata import AttentionMetadata
 from engine.config import ModelConfig
-from engine.model.fused_ops import fused_add_rms_norm, rms_norm, rotary_embedding_, silu_and_mul
-from engine.model.gemv import linear
+from engine.model.fused_ops import fused_add_rms_norm, rms_norm, rotary_embedding_and_store_kv_
+from engine.model.gemv import linear, linear_silu_mul
 
 
 class RMSNorm(nn.Module):
@@ -97,8 +97,11 @@ class Attention(nn.Module):
         v = qkv[:, self.q_size + self.kv_size :].view(T, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = rotary_embedding_(q, k, positions, inv_freq)  # in place; q, k may be views of qkv
-        out = self.backend.forward(q, k, v, kv_cache[self.layer_idx], meta, self.scale)
+        # RoPE in place (q, k may be views of qkv), and the rotated k with v into the paged cache:
+        # one launch on CUDA.
+        layer_cache = kv_cache[self.layer_idx]
+        q, k = rotary_embedding_and_store_kv_(q, k, v, positions, inv_freq, layer_cache, meta.slot_mapping)
+        out = self.backend.forward(q, k, v, layer_cache, meta, self.scale, kv_stored=True)
         return linear(out.reshape(T, self.num_heads * self.head_dim), self.o_proj)
 
 
@@ -111,9 +114,9 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate_up = linear(x, self.gate_up_proj)  # [T, 2 * intermediate] = [gate | up]
-        # silu(gate) * up: one Triton pass on CUDA, the same torch expression elsewhere (fused_ops).
-        return linear(silu_and_mul(gate_up), self.down_proj)
+        # silu(gate) * up of the merged [gate | up] GEMM: [T, intermediate]. A one-row step does it
+        # in the GEMV's epilogue; otherwise GEMM, then one Triton pass on CUDA (fused_ops).
+        return linear(linear_silu_mul(x, self.gate_up_proj), self.down_proj)
 
 
 class DecoderLayer(nn.Module):

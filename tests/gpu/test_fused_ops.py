@@ -237,6 +237,31 @@ def test_rotary_embedding_contiguous_and_int32_positions(device: str) -> None:
     check_close(k, expected_k)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rotary_embedding_and_store_kv(dtype: torch.dtype, device: str) -> None:
+    """RoPE with the cache write fused in: the same q/k as RoPE alone, and the cache holds the
+    rotated k and the untouched v at each slot (write_kv's layout); slots < 0 write nothing."""
+    from engine.attention.metadata import write_kv
+
+    T, num_q, num_kv, D, num_blocks, block_size = 11, 8, 2, 64, 6, 4
+    qkv = (torch.randn(T, (num_q + 2 * num_kv) * D, device=device) * 2).to(dtype)
+    q, k, v = (x.view(T, -1, D) for x in qkv.split([num_q * D, num_kv * D, num_kv * D], dim=-1))
+    positions = torch.randint(0, 4096, (T,), device=device)
+    slots = torch.randperm(num_blocks * block_size, device=device)[:T]
+    slots[3] = slots[8] = -1  # padding rows of a captured batch
+    inv_freq = rope_module(D, LLAMA3_SCALING, device).inv_freq
+    cache = torch.randn(2, num_blocks, block_size, num_kv, D, device=device).to(dtype)
+    expected_cache = cache.clone()
+    expected_q, expected_k = q.clone(), k.clone()
+    fused_ops.rotary_embedding_triton_(expected_q, expected_k, positions, inv_freq)
+    keep = slots >= 0
+    write_kv(expected_k[keep], v[keep], expected_cache, slots[keep])
+    v_before = v.clone()
+    fused_ops.rotary_embedding_triton_(q, k, positions, inv_freq, v, cache, slots)
+    assert torch.equal(q, expected_q) and torch.equal(k, expected_k) and torch.equal(v, v_before)
+    assert torch.equal(cache, expected_cache)
+
+
 def test_torch_fallbacks_match_llama(device: str) -> None:
     x = random_rows(5, 64, torch.bfloat16, device)
     residual = random_rows(5, 64, torch.bfloat16, device)

@@ -51,3 +51,26 @@ def test_linear_dispatch(device: str) -> None:
     assert out.shape == (1, 32)
     if device == "cpu":  # the dispatcher sends only CUDA tensors to the kernel
         assert torch.equal(out, layer(one))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", [(64, 128), (48, 1536), (16, 10240)])
+def test_gemv_silu_mul_epilogue(dtype: torch.dtype, shape: tuple[int, int], device: str) -> None:
+    from engine.model import fused_ops
+
+    n, k = shape  # n = 2 * intermediate: rows [gate | up]
+    gen = torch.Generator().manual_seed(7 * n + k)
+    x = torch.randn(1, k, generator=gen).to(device, dtype)
+    weight = (torch.randn(n, k, generator=gen) * 3 / k**0.5).to(device, dtype)
+    got = gemv.gemv_triton(x, weight, silu_mul_out=True)
+    assert got.shape == (1, n // 2) and got.dtype == dtype
+    exact = fused_ops.silu_and_mul_torch(x.double() @ weight.double().T)
+    scale = exact.abs().max().item()
+    assert (got.double() - exact).abs().max().item() <= 2e-2 * scale
+    if dtype == torch.bfloat16:  # the same sums and roundings as the two-kernel path, bit for bit
+        assert torch.equal(got, fused_ops.silu_and_mul_triton(gemv.gemv_triton(x, weight)))
+    layer = torch.nn.Linear(k, n, bias=False).to(device, dtype)
+    with torch.no_grad():
+        layer.weight.copy_(weight)
+    many = torch.randn(3, k, generator=gen).to(device, dtype)
+    assert torch.equal(gemv.linear_silu_mul(many, layer), fused_ops.silu_and_mul(layer(many)))

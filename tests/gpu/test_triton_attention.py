@@ -125,7 +125,8 @@ def test_cached_prefix_keeps_triton_kernel(dtype: torch.dtype, device: str, path
     """One sequence with a prefix (or a decode row) sends the whole step to the paged kernel."""
     check_against_reference([20, 9], [0, 13], 8, 2, 64, 16, dtype, device)
     check_against_reference([1, 24], [30, 0], 8, 2, 64, 16, dtype, device)
-    assert paths == Counter(triton_prefill=2)
+    # the leading decode row of the mixed step goes through the decode kernel
+    assert paths == Counter(triton_prefill=2, decode=1)
 
 
 def test_sdpa_prefill_noncontiguous_views(device: str, paths: Counter) -> None:
@@ -155,8 +156,12 @@ def test_prefill_over_cached_prefix(dtype: torch.dtype, device: str) -> None:
 
 
 @pytest.mark.parametrize("dtype", HALF_AND_FULL)
-def test_mixed_decode_and_prefill_batch(dtype: torch.dtype, device: str) -> None:
+def test_mixed_decode_and_prefill_batch(dtype: torch.dtype, device: str, paths: Counter) -> None:
     check_against_reference([1, 24, 1, 1, 9], [30, 0, 77, 0, 41], 8, 2, 64, 16, dtype, device)
+    assert paths == Counter(decode=1, triton_prefill=1)  # one leading decode row, then the rest
+    # the runner's order: decode rows first (long contexts: split-K inside a mixed step)
+    check_against_reference([1, 1, 1, 24, 9], [300, 77, 0, 0, 41], 8, 2, 64, 16, dtype, device)
+    assert paths == Counter(decode=2, triton_prefill=2)
 
 
 @pytest.mark.parametrize("head_dim", [32, 128, 256])
@@ -168,12 +173,14 @@ def test_head_dims_and_block_sizes(head_dim: int, block_size: int, device: str) 
     check_against_reference([19, 1], [5, 12], 4, 2, head_dim, block_size, torch.float32, device)
 
 
-@pytest.mark.parametrize("partition_size", [64, 128])
-def test_decode_split_k_reduce(partition_size: int, device: str) -> None:
-    """Force several partitions (the flash-decoding reduce) on contexts of uneven length."""
+@pytest.mark.parametrize("partition_size", [32, 64, 128])
+@pytest.mark.parametrize("heads", [(8, 2), (4, 4), (6, 2)])
+def test_decode_split_k_reduce(partition_size: int, heads: tuple[int, int], device: str) -> None:
+    """Force several partitions (the flash-decoding merge) on contexts of uneven length; with 32-token
+    partitions the longest context has 10, more than one merge chunk (MERGE_CHUNK = 8)."""
     contexts = [1, 64, 65, 200, 300]
     query, key, value, cache, meta = build_paged_batch(
-        [1] * len(contexts), [c - 1 for c in contexts], 8, 2, 64, 16, torch.float32, device
+        [1] * len(contexts), [c - 1 for c in contexts], *heads, 64, 16, torch.float32, device
     )
     expected = ReferenceAttention().forward(query, key, value, cache, meta, 0.125)  # also writes K/V
     out = torch.empty_like(query)
