@@ -169,10 +169,13 @@ def bench_decode_layers_graph(
     head_dim: int,
     block_size: int,
     copy_gbps: float,
+    max_seq_len_bound: int | None = None,
     **kernel_args,
 ) -> dict:
     """Decode attention of `num_layers` layers (one cache each) captured in one CUDA graph, as
-    the engine runs it: no CPU launch cost, and the caches together exceed L2."""
+    the engine runs it: no CPU launch cost, and the caches together exceed L2. The engine
+    captures with the model's max length as `max_seq_len` (`max_seq_len_bound`), which sets the
+    grid; without it the grid fits the context exactly."""
     from engine.attention.triton_backend import TritonAttention
 
     query, _, _, cache, meta = build_paged_batch(
@@ -196,7 +199,7 @@ def bench_decode_layers_graph(
                 layer,
                 meta.block_tables,
                 meta.seq_lens,
-                meta.max_seq_len,
+                max_seq_len_bound or meta.max_seq_len,
                 head_dim**-0.5,
                 out,
                 **kernel_args,
@@ -213,6 +216,7 @@ def bench_decode_layers_graph(
         "batch": batch,
         "context": context,
         "layers": num_layers,
+        "max_seq_len_bound": max_seq_len_bound,
         "kernel_args": kernel_args,
         "per_layer_us": ms * 1e3 / num_layers,
         "gbps": gbps,
@@ -316,10 +320,36 @@ def bench_mixed(
     }
 
 
+def sweep_small_batch(copy_gbps: float, heads: dict) -> list[dict]:
+    rows = []
+    configs = [{}] + [
+        dict(partition_size=size, block_n=block_n, num_warps=warps, num_stages=stages)
+        for size in (64, 128, 256)
+        for block_n in (32, 64)
+        for warps in (2, 4)
+        for stages in (2, 3)
+        if block_n <= size
+    ]
+    for batch, context in [(1, 512), (4, 512), (1, 4096)]:
+        for config in configs:
+            row = bench_decode_layers_graph(
+                batch, context, 32, copy_gbps=copy_gbps, max_seq_len_bound=8192, **heads, **config
+            )
+            rows.append(row)
+            print(f"b={batch} ctx={context} {config or 'default'}: {row['per_layer_us']:6.2f} us/layer")
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", help="write results here")
     parser.add_argument("--sweep", action="store_true", help="also try other tile configs")
+    parser.add_argument(
+        "--sweep-small-batch",
+        action="store_true",
+        help="only the decode kernel at batch 1 and 4 (ctx 512 and 4,096), in a 32-layer CUDA graph "
+        "captured with an 8,192-token bound as the engine does, over partition sizes, warps and stages",
+    )
     args = parser.parse_args()
     heads = dict(num_q_heads=32, num_kv_heads=8, head_dim=128, block_size=16)  # Llama-3-8B
     copy_gbps = measure_copy_gbps()
@@ -336,6 +366,12 @@ def main() -> None:
 
     result["triton"] = triton.__version__
     print(f"{result['device']}: copy {copy_gbps:.0f} GB/s, bf16 matmul {matmul_tflops:.0f} TFLOP/s")
+    if args.sweep_small_batch:
+        result["decode_small_batch_sweep"] = sweep_small_batch(copy_gbps, heads)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(result, f, indent=1)
+        return
     decode_cases = [(1, 512), (1, 4096), (1, 32768), (32, 1024), (128, 1024), (128, 4096)]
     decode_configs: list[dict] = [{}]
     if args.sweep:

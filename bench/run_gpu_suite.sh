@@ -54,7 +54,7 @@ case "${1:-}" in
   final)
     # One GPU: the kernel and engine GPU tests, then the whole bench.gpu (transformers included).
     timeout 150 python -m pytest tests/gpu/test_fused_ops.py tests/gpu/test_gemv.py tests/gpu/test_engine_gpu.py \
-      tests/gpu/test_transfer_gpu.py -q 2>&1 | tail -2 | tee "$OUT/gpu_tests.txt"
+      tests/gpu/test_triton_attention.py tests/gpu/test_transfer_gpu.py -q 2>&1 | tail -15 | tee "$OUT/gpu_tests.txt"
     timeout 300 python -m bench.gpu --json "$OUT/gpu.json" --markdown "$OUT/gpu.md" 2>&1 | tail -9
     timeout 60 python -m bench.gemv --json "$OUT/gemv.json" 2>&1 | tail -7
     timeout 150 python -m bench.profile_steps --json "$OUT/profile.json" 2>&1 | grep "wall\|steps$"

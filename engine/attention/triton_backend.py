@@ -6,8 +6,9 @@ Same contract as `ReferenceAttention.forward`. Three kernels:
   (one program per token and head chunk). Slots < 0 are skipped, so a CUDA graph can
   pad a batch with dummy tokens whose slot is -1. The model skips it: its RoPE kernel
   writes the rotated K and V into the cache (`forward(..., kv_stored=True)`).
-* `_decode_kernel` (every query length is 1): flash-decoding. The context is split into
-  partitions of `partition_size` tokens; one program per (sequence, KV head, partition)
+* `_decode_kernel` (every query length is 1): flash-decoding. Each sequence's context is
+  split into `decode_num_partitions` partitions (whole tiles, sized from the sequence's own
+  length in the kernel); one program per (sequence, KV head, partition)
   reads each K/V tile of its KV head once for all the query heads of that GQA group (the
   group is the M dimension of `tl.dot`, padded to 16) and writes a partial result with its
   running max and sum. The last program of a (sequence, KV head) to finish, found with an
@@ -32,7 +33,7 @@ CUDA graphs (decode). Every size the kernels need on the device comes from tenso
 `len(seq_lens_cpu)` (the padded batch size) and `meta.max_seq_len`, which must be the
 upper bound that replays will not exceed (e.g. the model's max length) when capturing.
 Static across replays: batch size, number of tokens, `block_tables` width, `max_seq_len`
-(which fixes `partition_size` and the number of partitions), dtypes and head shapes.
+(which caps the number of partitions), dtypes and head shapes.
 Padding sequences may have seq_len 0 (their output rows are zeros) and slot -1.
 """
 
@@ -81,15 +82,23 @@ def _decode_kernel(
     query_ptr, key_cache_ptr, value_cache_ptr, out_ptr, partial_out_ptr, partial_max_ptr, partial_sum_ptr,
     counters_ptr, block_tables_ptr, seq_lens_ptr, scale_log2, stride_qt, stride_qh, stride_ot, stride_oh,
     stride_cache_block, stride_cache_tok, stride_cache_head, stride_bt_seq, num_q_heads, num_kv_heads,
+    fixed_partition_size,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-    BLOCK_N: tl.constexpr, PARTITION_SIZE: tl.constexpr, NUM_PARTITIONS: tl.constexpr,
+    BLOCK_N: tl.constexpr, NUM_PARTITIONS: tl.constexpr,
     DOT_PRECISION: tl.constexpr, WIDE_OFFSETS: tl.constexpr, GROUP_P2: tl.constexpr, P_CHUNK: tl.constexpr,
 ):
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     part = tl.program_id(2)
     ctx_len = tl.load(seq_lens_ptr + seq)
-    part_start = part * PARTITION_SIZE
+    # Tokens per partition: fixed by the caller, or split from this sequence's own length, so a
+    # CUDA graph captured for the model's max length still splits a short context NUM_PARTITIONS
+    # ways (whole BLOCK_N tiles each) instead of leaving it to one program.
+    if fixed_partition_size > 0:
+        part_size = fixed_partition_size
+    else:
+        part_size = tl.maximum(tl.cdiv(tl.cdiv(ctx_len, NUM_PARTITIONS), BLOCK_N), 1) * BLOCK_N
+    part_start = part * part_size
     group_rows = tl.arange(0, GROUP_PAD)
     heads = kv_head * GROUP + group_rows  # [GROUP_PAD] query heads sharing this KV head
     head_mask = group_rows < GROUP
@@ -104,7 +113,7 @@ def _decode_kernel(
                 mask=head_mask[:, None],
             )
         return
-    part_end = tl.minimum(part_start + PARTITION_SIZE, ctx_len)
+    part_end = tl.minimum(part_start + part_size, ctx_len)
 
     # q: [GROUP_PAD, D]; one query token per sequence, row `seq` of the packed batch.
     q = tl.load(
@@ -153,7 +162,7 @@ def _decode_kernel(
         # atomic); the program that draws the last ticket merges what all of them wrote.
         tl.debug_barrier()
         counter = counters_ptr + seq64 * num_kv_heads + kv_head
-        num_used = tl.cdiv(ctx_len, PARTITION_SIZE)
+        num_used = tl.cdiv(ctx_len, part_size)
         ticket = tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu")
         if ticket == num_used - 1:
             tl.store(counter, 0)  # reset for the next call (next layer, next graph replay)
@@ -345,19 +354,20 @@ def store_kv(
     # fmt: on
 
 
-def decode_partition_size(
+def decode_num_partitions(
     num_seqs: int, num_kv_heads: int, max_seq_len: int, device: torch.device, block_n: int
 ) -> int:
-    """Tokens per split-K partition: the largest power of two (down to block_n, or 2 * block_n
-    past 1,024 tokens so each program pipelines at least two tiles) that still gives about two
-    programs per SM, so both batch 1 and large batches keep HBM busy. One partition (no reduce
-    pass) whenever the batch alone fills the GPU and the context fits in 4,096 tokens."""
-    target_programs = 2 * _num_sms(device)
-    smallest = block_n if max_seq_len <= 1024 else 2 * block_n
-    size = max(smallest, min(4096, triton.next_power_of_2(max(max_seq_len, 1))))
-    while size > smallest and num_seqs * num_kv_heads * triton.cdiv(max_seq_len, size) < target_programs:
-        size //= 2
-    return size
+    """Split-K partitions per (sequence, KV head): the smallest power of two that gives about one
+    program per SM, and no more than the `max_seq_len` bound has tiles. Each sequence splits its
+    own length that many ways in the kernel. Swept on an H200 in a 32-layer CUDA graph captured
+    for 8,192 tokens (`bench.attention_kernels --sweep-small-batch`): this picks the fastest
+    fixed size at batch 1 (ctx 512: 64-token partitions; ctx 4,096: 128) and at batch 4 (64,
+    where the old bound-based choice gave one 512-token partition: 17.7 -> 8.6 us per layer).
+    From about 17 sequences on (8 KV heads) there is one partition: no merge at all."""
+    num_partitions, max_partitions = 1, max(1, triton.cdiv(max_seq_len, block_n))
+    while num_seqs * num_kv_heads * num_partitions < _num_sms(device) and num_partitions < max_partitions:
+        num_partitions *= 2
+    return min(num_partitions, max_partitions)
 
 
 class TritonAttention:
@@ -419,10 +429,10 @@ class TritonAttention:
         _, block_size, num_kv_heads, _ = key_cache.shape
         group = num_q_heads // num_kv_heads
         block_n = block_n or (64 if head_dim <= 128 else 32)
-        partition_size = partition_size or decode_partition_size(
-            num_seqs, num_kv_heads, max_seq_len, query.device, block_n
-        )
-        num_partitions = max(1, triton.cdiv(max_seq_len, partition_size))
+        if partition_size:  # a fixed split (tests, sweeps)
+            num_partitions = max(1, triton.cdiv(max_seq_len, partition_size))
+        else:
+            num_partitions = decode_num_partitions(num_seqs, num_kv_heads, max_seq_len, query.device, block_n)
         if num_partitions > 1:
             partial_out = torch.empty(
                 (num_seqs, num_q_heads, num_partitions, head_dim), dtype=torch.float32, device=query.device
@@ -440,9 +450,9 @@ class TritonAttention:
             query, key_cache, value_cache, out, partial_out, partial_max, partial_sum, counters, block_tables,
             seq_lens, scale * _LOG2_E, query.stride(0), query.stride(1), out.stride(0), out.stride(1),
             key_cache.stride(0), key_cache.stride(1), key_cache.stride(2), block_tables.stride(0),
-            num_q_heads, num_kv_heads, GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)),
-            HEAD_DIM=head_dim, BLOCK_SIZE=block_size, BLOCK_N=block_n, PARTITION_SIZE=partition_size,
-            NUM_PARTITIONS=num_partitions, DOT_PRECISION=_dot_precision(query.dtype),
+            num_q_heads, num_kv_heads, partition_size or 0, GROUP=group,
+            GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
+            BLOCK_N=block_n, NUM_PARTITIONS=num_partitions, DOT_PRECISION=_dot_precision(query.dtype),
             WIDE_OFFSETS=_needs_wide_offsets(key_cache), GROUP_P2=triton.next_power_of_2(group),
             P_CHUNK=min(MERGE_CHUNK, triton.next_power_of_2(num_partitions)), num_warps=num_warps,
             num_stages=num_stages,
@@ -493,4 +503,4 @@ class TritonAttention:
         # fmt: on
 
 
-__all__ = ["TritonAttention", "decode_partition_size", "store_kv"]
+__all__ = ["TritonAttention", "decode_num_partitions", "store_kv"]

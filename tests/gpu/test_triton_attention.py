@@ -217,6 +217,23 @@ def test_decode_with_upper_bound_and_padding_rows(device: str) -> None:
     assert len(changed) == 4, "only the 2 real tokens' K and V rows should change"
 
 
+def test_decode_splits_each_context_under_a_loose_bound(device: str) -> None:
+    """The split-K partitions come from the batch size and each sequence's own length, not from
+    the bound: under an 8,192-token bound (as captured) short and long contexts still split,
+    past one merge chunk for the longest (1,000 tokens in 64-token tiles: 16 partitions)."""
+    from engine.attention.triton_backend import decode_num_partitions
+
+    contexts = [1, 63, 64, 65, 300, 1000]
+    query, key, value, cache, meta = build_paged_batch(
+        [1] * len(contexts), [c - 1 for c in contexts], 8, 2, 64, 16, torch.float32, device
+    )
+    assert decode_num_partitions(len(contexts), 2, 8192, query.device, 64) > 8
+    expected = ReferenceAttention().forward(query, key, value, cache.clone(), meta, 0.125)
+    meta.max_seq_len = 8192
+    out = TritonAttention().forward(query, key, value, cache, meta, 0.125)
+    assert relative_error(out, expected) <= 1e-4
+
+
 def test_noncontiguous_query_and_kv(device: str) -> None:
     """q/k/v as views of one fused qkv projection output, as a model produces them."""
     query, key, value, cache, meta = build_paged_batch([5, 1], [3, 20], 8, 2, 64, 16, torch.float32, device)
