@@ -337,6 +337,20 @@ def sweep_small_batch(copy_gbps: float, heads: dict) -> list[dict]:
             )
             rows.append(row)
             print(f"b={batch} ctx={context} {config or 'default'}: {row['per_layer_us']:6.2f} us/layer")
+    # Large batches (one partition by default) against fixed splits and other pipeline depths.
+    large_configs = [{}, dict(num_stages=2), dict(num_stages=4), dict(num_warps=8)] + [
+        dict(partition_size=size) for size in (512, 1024, 4096)
+    ]
+    for batch, context in [(128, 1024), (32, 2048)]:
+        for config in large_configs:
+            row = bench_decode_layers_graph(
+                batch, context, 32, copy_gbps=copy_gbps, max_seq_len_bound=8192, **heads, **config
+            )
+            rows.append(row)
+            print(
+                f"b={batch} ctx={context} {config or 'default'}: {row['per_layer_us']:6.2f} us/layer "
+                f"{row['ratio_to_copy']:.2f} x copy"
+            )
     return rows
 
 
@@ -347,8 +361,9 @@ def main() -> None:
     parser.add_argument(
         "--sweep-small-batch",
         action="store_true",
-        help="only the decode kernel at batch 1 and 4 (ctx 512 and 4,096), in a 32-layer CUDA graph "
-        "captured with an 8,192-token bound as the engine does, over partition sizes, warps and stages",
+        help="only the decode kernel at batch 1 and 4 (ctx 512 and 4,096) and 32 and 128, in a 32-layer "
+        "CUDA graph captured with an 8,192-token bound as the engine does, over partition sizes, warps "
+        "and stages",
     )
     args = parser.parse_args()
     heads = dict(num_q_heads=32, num_kv_heads=8, head_dim=128, block_size=16)  # Llama-3-8B
