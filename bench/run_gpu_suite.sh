@@ -5,7 +5,8 @@
 #   bash bench/run_gpu_suite.sh pair     # two GPUs: 1P1D over NCCL, transfer, sweep vs co-located
 #   bash bench/run_gpu_suite.sh kernels  # one GPU: fused-op, transfer and engine tests, bench.transfer, bench.gpu
 #   bash bench/run_gpu_suite.sh link     # two GPUs: NCCL KV transfer, pipelined and serial
-#   bash bench/run_gpu_suite.sh final    # one GPU: GPU tests, the whole bench.gpu, bench.gemv, profile
+#   bash bench/run_gpu_suite.sh tests    # one GPU: the single-GPU tests in tests/gpu
+#   bash bench/run_gpu_suite.sh final    # one GPU: the whole bench.gpu, bench.gemv, profile
 #   bash bench/run_gpu_suite.sh profile  # one GPU: bench.profile_steps
 # Results land in $OUT (default bench/results/gpu-run).
 set -uo pipefail
@@ -51,10 +52,15 @@ case "${1:-}" in
     timeout 100 python -m pytest tests/gpu/test_engine_gpu.py -q 2>&1 | tail -3 | tee "$OUT/gpu_tests.txt"
     timeout 100 python -m bench.gpu --skip-transformers --only 1,2,3 --json "$OUT/gpu_fused.json" 2>&1 | tail -6
     ;;
+  tests)
+    # One GPU: every single-GPU test in tests/gpu (kernels against the reference, the engine's
+    # exactness, pack/unpack); Triton compiles each kernel variant once, hence the time.
+    timeout 560 python -m pytest tests/gpu/test_fused_ops.py tests/gpu/test_gemv.py tests/gpu/test_triton_attention.py \
+      tests/gpu/test_engine_gpu.py tests/gpu/test_transfer_gpu.py -q -p no:cacheprovider 2>&1 | tail -15 \
+      | tee "$OUT/gpu_tests.txt"
+    ;;
   final)
-    # One GPU: the kernel and engine GPU tests, then the whole bench.gpu (transformers included).
-    timeout 150 python -m pytest tests/gpu/test_fused_ops.py tests/gpu/test_gemv.py tests/gpu/test_engine_gpu.py \
-      tests/gpu/test_triton_attention.py tests/gpu/test_transfer_gpu.py -q 2>&1 | tail -15 | tee "$OUT/gpu_tests.txt"
+    # One GPU: the whole bench.gpu (transformers included), bench.gemv and the step profile.
     timeout 300 python -m bench.gpu --json "$OUT/gpu.json" --markdown "$OUT/gpu.md" 2>&1 | tail -9
     timeout 60 python -m bench.gemv --json "$OUT/gemv.json" 2>&1 | tail -7
     timeout 150 python -m bench.profile_steps --json "$OUT/profile.json" 2>&1 | grep "wall\|steps$"
