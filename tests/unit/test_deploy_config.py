@@ -46,3 +46,25 @@ def test_bad_configs_name_the_key(data, key):
 def test_missing_file_is_one_clear_error(tmp_path):
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(str(tmp_path / "nope.yaml"))
+
+
+def test_ray_cluster_yaml_passes_ray_up_validation():
+    """`ray up deploy/ray-cluster.yaml` first runs this bootstrap: Ray's schema check (it once
+    refused a top-level `min_workers`) and the local provider's fill-in of node types. The head
+    must run the autoscaler, which is what starts the worker hosts."""
+    import yaml
+    from ray.autoscaler._private.commands import _bootstrap_config
+
+    with open(os.path.join(ROOT, "deploy", "ray-cluster.yaml")) as f:
+        raw = yaml.safe_load(f)
+    config = _bootstrap_config(raw, no_config_cache=True)  # raises on a schema violation
+    workers = raw["provider"]["worker_ips"]
+    assert config["max_workers"] == len(workers)
+    head = " ".join(config["head_start_ray_commands"])
+    assert "--autoscaling-config=~/ray_bootstrap_config.yaml" in head
+    assert '"prefill_node"' in head and '"decode_node"' in " ".join(config["worker_start_ray_commands"])
+    # the custom resources the multi-node deploy config places its pools on
+    multinode = load_config(os.path.join(ROOT, "deploy", "multinode.yaml"))
+    assert "prefill_node" in str(multinode.prefill.resources) and "decode_node" in str(
+        multinode.decode.resources
+    )
