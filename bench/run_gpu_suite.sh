@@ -8,6 +8,7 @@
 #   bash bench/run_gpu_suite.sh tests    # one GPU: the single-GPU tests in tests/gpu
 #   bash bench/run_gpu_suite.sh final    # one GPU: the whole bench.gpu, bench.gemv, profile
 #   bash bench/run_gpu_suite.sh profile  # one GPU: bench.profile_steps
+#   bash bench/run_gpu_suite.sh grpc1    # one GPU: 1P1D over gRPC on it, bench.transfer (gRPC host path)
 # Results land in $OUT (default bench/results/gpu-run).
 set -uo pipefail
 OUT="${OUT:-bench/results/gpu-run}"
@@ -64,6 +65,14 @@ case "${1:-}" in
     timeout 300 python -m bench.gpu --json "$OUT/gpu.json" --markdown "$OUT/gpu.md" 2>&1 | tail -9
     timeout 60 python -m bench.gemv --json "$OUT/gemv.json" 2>&1 | tail -7
     timeout 150 python -m bench.profile_steps --json "$OUT/profile.json" 2>&1 | grep "wall\|steps$"
+    ;;
+  grpc1)
+    # One GPU: 1P1D over gRPC with both workers on it (the two-GPU NCCL test skips itself), and
+    # bench.transfer: pack/unpack and the gRPC backend's host path (socket data plane, in band).
+    timeout 200 python -m pytest tests/gpu/test_disagg_gpu.py -q -p no:cacheprovider 2>&1 | tail -3 \
+      | tee "$OUT/disagg_tests.txt"
+    timeout 90 python -m bench.transfer --json "$OUT/transfer.json" 2>&1 | tail -14
+    timeout 90 python -m bench.transfer --grpc-in-band --json "$OUT/transfer_in_band.json" 2>&1 | grep -i grpc
     ;;
   profile)
     # One GPU: where a step's time goes (host phases vs kernels), graphs on and off.

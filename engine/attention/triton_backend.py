@@ -77,27 +77,30 @@ def _store_kv_kernel(
     tl.store(value_cache_ptr + dst, v.to(value_cache_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.jit
+# The partition count and a fixed partition size are plain runtime values (no specialization on
+# their value): a mixed step's decode part picks its count from how many decode rows it has, and
+# one compiled kernel must serve every count, or each new one would compile mid-serving.
+@triton.jit(do_not_specialize=["fixed_partition_size", "num_partitions"])
 def _decode_kernel(
     query_ptr, key_cache_ptr, value_cache_ptr, out_ptr, partial_out_ptr, partial_max_ptr, partial_sum_ptr,
     counters_ptr, block_tables_ptr, seq_lens_ptr, scale_log2, stride_qt, stride_qh, stride_ot, stride_oh,
     stride_cache_block, stride_cache_tok, stride_cache_head, stride_bt_seq, num_q_heads, num_kv_heads,
-    fixed_partition_size,
+    fixed_partition_size, num_partitions,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-    BLOCK_N: tl.constexpr, NUM_PARTITIONS: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, WIDE_OFFSETS: tl.constexpr, GROUP_P2: tl.constexpr, P_CHUNK: tl.constexpr,
+    BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, DOT_PRECISION: tl.constexpr, WIDE_OFFSETS: tl.constexpr,
+    GROUP_P2: tl.constexpr, P_CHUNK: tl.constexpr,
 ):
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     part = tl.program_id(2)
     ctx_len = tl.load(seq_lens_ptr + seq)
     # Tokens per partition: fixed by the caller, or split from this sequence's own length, so a
-    # CUDA graph captured for the model's max length still splits a short context NUM_PARTITIONS
+    # CUDA graph captured for the model's max length still splits a short context num_partitions
     # ways (whole BLOCK_N tiles each) instead of leaving it to one program.
     if fixed_partition_size > 0:
         part_size = fixed_partition_size
     else:
-        part_size = tl.maximum(tl.cdiv(tl.cdiv(ctx_len, NUM_PARTITIONS), BLOCK_N), 1) * BLOCK_N
+        part_size = tl.maximum(tl.cdiv(tl.cdiv(ctx_len, num_partitions), BLOCK_N), 1) * BLOCK_N
     part_start = part * part_size
     group_rows = tl.arange(0, GROUP_PAD)
     heads = kv_head * GROUP + group_rows  # [GROUP_PAD] query heads sharing this KV head
@@ -145,7 +148,7 @@ def _decode_kernel(
         acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype), input_precision=DOT_PRECISION)
         m_i = m_new
     acc = acc / l_i[:, None]
-    if NUM_PARTITIONS == 1:
+    if not SPLIT:  # one partition: the program writes the output itself
         tl.store(
             out_ptr + seq64 * stride_ot + heads[:, None] * stride_oh + dims[None, :],
             acc.to(out_ptr.dtype.element_ty),
@@ -153,7 +156,7 @@ def _decode_kernel(
         )
     else:
         # partial buffers: out [S, Hq, P, D], max/sum [S, Hq, P], all float32
-        base = (seq64 * num_q_heads + heads) * NUM_PARTITIONS  # [GROUP_PAD] row of partition 0
+        base = (seq64 * num_q_heads + heads) * num_partitions  # [GROUP_PAD] row of partition 0
         row = base + part
         tl.store(partial_out_ptr + row[:, None] * HEAD_DIM + dims[None, :], acc, mask=head_mask[:, None])
         tl.store(partial_max_ptr + row, m_i, mask=head_mask)
@@ -171,7 +174,7 @@ def _decode_kernel(
             # this merge is on the critical path of every layer).
             g = tl.arange(0, GROUP_P2)
             g_mask = g < GROUP
-            rows_g = (seq64 * num_q_heads + kv_head * GROUP + g) * NUM_PARTITIONS  # [G] partition 0
+            rows_g = (seq64 * num_q_heads + kv_head * GROUP + g) * num_partitions  # [G] partition 0
             run_max = tl.full([GROUP_P2], float("-inf"), dtype=tl.float32)
             total = tl.zeros([GROUP_P2], dtype=tl.float32)
             merged = tl.zeros([GROUP_P2, HEAD_DIM], dtype=tl.float32)
@@ -203,7 +206,9 @@ def _decode_kernel(
             )
 
 
-@triton.jit
+# A mixed step passes its prefill part as slices starting after the decode rows: int32 pointers
+# whose 16-byte alignment varies with the number of decode rows, so no specialization on it.
+@triton.jit(do_not_specialize_on_alignment=["block_tables_ptr", "seq_lens_ptr", "query_start_loc_ptr"])
 def _prefill_kernel(
     query_ptr, key_cache_ptr, value_cache_ptr, out_ptr, block_tables_ptr, seq_lens_ptr,
     query_start_loc_ptr, scale_log2, stride_qt, stride_qh, stride_ot, stride_oh, stride_cache_block,
@@ -456,11 +461,11 @@ class TritonAttention:
             query, key_cache, value_cache, out, partial_out, partial_max, partial_sum, counters, block_tables,
             seq_lens, scale * _LOG2_E, query.stride(0), query.stride(1), out.stride(0), out.stride(1),
             key_cache.stride(0), key_cache.stride(1), key_cache.stride(2), block_tables.stride(0),
-            num_q_heads, num_kv_heads, partition_size or 0, GROUP=group,
+            num_q_heads, num_kv_heads, partition_size or 0, num_partitions, GROUP=group,
             GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
-            BLOCK_N=block_n, NUM_PARTITIONS=num_partitions, DOT_PRECISION=_dot_precision(query.dtype),
+            BLOCK_N=block_n, SPLIT=num_partitions > 1, DOT_PRECISION=_dot_precision(query.dtype),
             WIDE_OFFSETS=_needs_wide_offsets(key_cache), GROUP_P2=triton.next_power_of_2(group),
-            P_CHUNK=min(MERGE_CHUNK, triton.next_power_of_2(num_partitions)), num_warps=num_warps,
+            P_CHUNK=MERGE_CHUNK, num_warps=num_warps,
             num_stages=num_stages,
         )
         # fmt: on

@@ -308,3 +308,30 @@ def test_random_mixed_batches(trial: int, device: str) -> None:
     block_size = [8, 16, 32][trial % 3]
     dtype = [torch.float32, torch.bfloat16 if device == "cuda" else torch.float16][trial % 2]
     check_against_reference(query_lens, prefix_lens, 8, 2, 64, block_size, dtype, device)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="counts compiled kernels (none interpreted)")
+def test_mixed_steps_compile_once_for_any_number_of_decode_rows() -> None:
+    """A serving engine sees every count of decode rows in its mixed steps. The split-K partition
+    count and the prefill slice's pointer alignment change with that count; neither may make
+    Triton compile another variant (a compile stalls every request for about a second)."""
+    device = torch.cuda.current_device()
+
+    def num_compiled() -> int:
+        kernels = (triton_backend._decode_kernel, triton_backend._prefill_kernel)
+        return sum(len(kernel.device_caches[device][0]) for kernel in kernels)
+
+    def mixed(num_decodes: int) -> None:
+        lens, prefixes = [1] * num_decodes + [40, 24], [50] * num_decodes + [0, 30]
+        check_against_reference(lens, prefixes, 32, 8, 64, 16, torch.float16, "cuda")
+
+    # 8 KV heads: a few rows split K; from one program per SM on, one partition; from 4 per SM on,
+    # also 2 pipeline stages (132 SMs: 4, 17, 66 rows)
+    sms = triton_backend._num_sms(torch.device("cuda"))
+    one_partition, two_stages = -(-sms // 8), -(-4 * sms // 8)
+    for num_decodes in (4, one_partition, two_stages):
+        mixed(num_decodes)
+    baseline = num_compiled()
+    for num_decodes in (1, 2, 3, 5, 6, 7, 9, 13, one_partition + 1, 21, 33, two_stages + 1, 100):
+        mixed(num_decodes)
+    assert num_compiled() == baseline
