@@ -89,9 +89,9 @@ class ModelRunner:
 
     # (sequences, new tokens each, cached prefix tokens each, decode rows): a large mixed step
     # (the paged prefill kernel's 128-row tiles) and a small one (its 64-row tiles); their decode
-    # rows take the split-K decode kernel, and 17 and 80 decode rows its one-partition variants
+    # rows take the split-K decode kernel, and 40 and 80 decode rows its one-partition variants
     # (3 and 2 pipeline stages; see `TritonAttention.decode`).
-    WARM_UP_STEPS = ((9, 256, 16, 4), (2, 8, 16, 2), (1, 8, 16, 17), (1, 8, 16, 80))
+    WARM_UP_STEPS = ((9, 256, 16, 4), (2, 8, 16, 2), (1, 8, 16, 40), (1, 8, 16, 80))
 
     @torch.inference_mode()
     def warm_up(self) -> None:

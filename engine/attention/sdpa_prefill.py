@@ -31,17 +31,20 @@ def use_sdpa_prefill(
     value: torch.Tensor,  # [T, Hkv, D]
     kv_cache_layer: torch.Tensor,  # [2, num_blocks, block_size, Hkv, D]
     meta: AttentionMetadata,
+    first_seq: int = 0,
 ) -> bool:
-    """True for a prefill-only step of at most MAX_SEQS sequences, none with a cached prefix."""
+    """True when sequences [first_seq, S) are at most MAX_SEQS prefills, none with a cached prefix
+    (a mixed step's leading decode rows, one token each, go to the decode kernel instead)."""
+    query_lens, seq_lens = meta.query_lens_cpu[first_seq:], meta.seq_lens_cpu[first_seq:]
     return (
         ENABLED
-        and not meta.is_decode_only
-        and meta.num_seqs <= MAX_SEQS
+        and 0 < len(query_lens) <= MAX_SEQS
         and query.shape[-1] <= MAX_HEAD_DIM
         # The Triton path reads K/V back from the cache; equal dtypes make the new K/V the same values.
         and query.dtype == key.dtype == value.dtype == kv_cache_layer.dtype
-        and meta.query_lens_cpu == meta.seq_lens_cpu  # no cached prefix anywhere
-        and sum(meta.query_lens_cpu) == query.shape[0]  # no padding rows past the sequences
+        and query_lens == seq_lens  # no cached prefix anywhere
+        and max(query_lens) > 1
+        and first_seq + sum(query_lens) == query.shape[0]  # no padding rows past the sequences
     )
 
 

@@ -23,7 +23,7 @@ Same contract as `ReferenceAttention.forward`. Three kernels:
   group and decode rows in a mixed batch cost one group-sized tile.
 
 A prefill of a few sequences (`sdpa_prefill.MAX_SEQS`) none of which has a cached prefix
-skips `_prefill_kernel`: after `store_kv`, torch's `scaled_dot_product_attention`
+(after a mixed step's decode rows) skips `_prefill_kernel`: torch's `scaled_dot_product_attention`
 (FlashAttention on CUDA) runs causally on each sequence's new q/k/v (see `sdpa_prefill`),
 ~3 ms on an H100 where the paged kernel takes 4.8 ms (2,048-token Llama-3-8B prefill).
 PDSERVE_DISABLE_SDPA_PREFILL=1 turns this path off.
@@ -100,7 +100,9 @@ def _decode_kernel(
     if fixed_partition_size > 0:
         part_size = fixed_partition_size
     else:
-        part_size = tl.maximum(tl.cdiv(tl.cdiv(ctx_len, num_partitions), BLOCK_N), 1) * BLOCK_N
+        # at least two tiles per program past 1,024 tokens, so each one pipelines its loads
+        min_tiles = tl.where(ctx_len > 1024, 2, 1)
+        part_size = tl.maximum(tl.cdiv(tl.cdiv(ctx_len, num_partitions), BLOCK_N), min_tiles) * BLOCK_N
     part_start = part * part_size
     group_rows = tl.arange(0, GROUP_PAD)
     heads = kv_head * GROUP + group_rows  # [GROUP_PAD] query heads sharing this KV head
@@ -362,15 +364,17 @@ def store_kv(
 def decode_num_partitions(
     num_seqs: int, num_kv_heads: int, max_seq_len: int, device: torch.device, block_n: int
 ) -> int:
-    """Split-K partitions per (sequence, KV head): the smallest power of two that gives about one
-    program per SM, and no more than the `max_seq_len` bound has tiles. Each sequence splits its
-    own length that many ways in the kernel. Swept on an H200 in a 32-layer CUDA graph captured
-    for 8,192 tokens (`bench.attention_kernels --sweep-small-batch`): this picks the fastest
-    fixed size at batch 1 (ctx 512: 64-token partitions; ctx 4,096: 128) and at batch 4 (64,
-    where the old bound-based choice gave one 512-token partition: 17.7 -> 8.6 us per layer).
-    From about 17 sequences on (8 KV heads) there is one partition: no merge at all."""
+    """Split-K partitions per (sequence, KV head): the smallest power of two that gives about two
+    programs per SM, and no more than the `max_seq_len` bound has tiles. Each sequence splits its
+    own length that many ways in the kernel (whole tiles, two at least past 1,024 tokens). Swept
+    on an H200 in a 32-layer CUDA graph captured for 8,192 tokens (`bench.attention_kernels
+    --sweep-small-batch`): this gives the fastest fixed size at batch 1 (ctx 512: 64-token
+    partitions; ctx 4,096: 128) and at batch 4 (64, where a split sized from the 8,192 bound
+    left one 512-token partition: 17.7 -> 8.9 us per layer). From 33 sequences on (8 KV heads)
+    there is one partition: no merge at all."""
     num_partitions, max_partitions = 1, max(1, triton.cdiv(max_seq_len, block_n))
-    while num_seqs * num_kv_heads * num_partitions < _num_sms(device) and num_partitions < max_partitions:
+    target = 2 * _num_sms(device)
+    while num_seqs * num_kv_heads * num_partitions < target and num_partitions < max_partitions:
         num_partitions *= 2
     return min(num_partitions, max_partitions)
 
@@ -394,25 +398,31 @@ class TritonAttention:
         if not kv_stored:  # the cache holds this step's K/V on every path below
             store_kv(key, value, kv_cache_layer, meta.slot_mapping)
         query = query if query.stride(-1) == 1 else query.contiguous()
-        if query.shape[0] > 0 and use_sdpa_prefill(query, key, value, kv_cache_layer, meta):
-            return sdpa_prefill(query, key, value, meta.query_lens_cpu, scale)
-        out = torch.empty(query.shape, dtype=query.dtype, device=query.device)
         if query.shape[0] == 0:
-            return out
+            return torch.empty(query.shape, dtype=query.dtype, device=query.device)
         if meta.is_decode_only:
+            out = torch.empty(query.shape, dtype=query.dtype, device=query.device)
             self.decode(query, kv_cache_layer, meta.block_tables, meta.seq_lens, meta.max_seq_len, scale, out)
             return out
-        # Mixed step: the leading decode rows go through the decode kernel (split-K, no padded
-        # tiles: in the prefill kernel each decode row costs a whole 64- or 128-row tile), the
-        # rest through the prefill kernel.
+        # Prefill or mixed step: the leading decode rows (the runner puts them first) go through the
+        # decode kernel (split-K, no padded tiles: in the prefill kernel each would cost a whole 64-
+        # or 128-row tile); the rest through SDPA when no sequence has a cached prefix, else the
+        # paged prefill kernel.
         nd = meta.num_decodes
+        sdpa = use_sdpa_prefill(query, key, value, kv_cache_layer, meta, first_seq=nd)
+        if sdpa and nd == 0:
+            return sdpa_prefill(query, key, value, meta.query_lens_cpu, scale)
+        out = torch.empty(query.shape, dtype=query.dtype, device=query.device)
         if nd:
             max_decode_len = max(meta.seq_lens_cpu[:nd])
             self.decode(
                 query[:nd], kv_cache_layer, meta.block_tables[:nd], meta.seq_lens[:nd], max_decode_len, scale,
                 out[:nd],
             )  # fmt: skip
-        self.prefill(query, kv_cache_layer, meta, scale, out, first_seq=nd)
+        if sdpa:  # one token per decode row: the prefill rows start at row nd
+            out[nd:] = sdpa_prefill(query[nd:], key[nd:], value[nd:], meta.query_lens_cpu[nd:], scale)
+        else:
+            self.prefill(query, kv_cache_layer, meta, scale, out, first_seq=nd)
         return out
 
     @staticmethod

@@ -122,11 +122,14 @@ def test_sdpa_prefill_sequence_limit(device: str, paths: Counter) -> None:
 
 @pytest.mark.parametrize("dtype", HALF_AND_FULL)
 def test_cached_prefix_keeps_triton_kernel(dtype: torch.dtype, device: str, paths: Counter) -> None:
-    """One sequence with a prefix (or a decode row) sends the whole step to the paged kernel."""
+    """One sequence with a prefix sends the step's prefills to the paged kernel; leading decode
+    rows take the decode kernel, and the prefills after them SDPA when none has a prefix."""
     check_against_reference([20, 9], [0, 13], 8, 2, 64, 16, dtype, device)
+    assert paths == Counter(triton_prefill=1)
     check_against_reference([1, 24], [30, 0], 8, 2, 64, 16, dtype, device)
-    # the leading decode row of the mixed step goes through the decode kernel
-    assert paths == Counter(triton_prefill=2, decode=1)
+    assert paths == Counter(triton_prefill=1, decode=1, sdpa=1)
+    check_against_reference([1, 1, 24, 7], [30, 5, 0, 9], 8, 2, 64, 16, dtype, device)
+    assert paths == Counter(triton_prefill=2, decode=2, sdpa=1)
 
 
 def test_sdpa_prefill_noncontiguous_views(device: str, paths: Counter) -> None:
@@ -325,10 +328,10 @@ def test_mixed_steps_compile_once_for_any_number_of_decode_rows() -> None:
         lens, prefixes = [1] * num_decodes + [40, 24], [50] * num_decodes + [0, 30]
         check_against_reference(lens, prefixes, 32, 8, 64, 16, torch.float16, "cuda")
 
-    # 8 KV heads: a few rows split K; from one program per SM on, one partition; from 4 per SM on,
-    # also 2 pipeline stages (132 SMs: 4, 17, 66 rows)
+    # 8 KV heads: a few rows split K; from two programs per SM on, one partition; from 4 per SM
+    # on, also 2 pipeline stages (132 SMs: 4, 33, 66 rows)
     sms = triton_backend._num_sms(torch.device("cuda"))
-    one_partition, two_stages = -(-sms // 8), -(-4 * sms // 8)
+    one_partition, two_stages = -(-2 * sms // 8), -(-4 * sms // 8)
     for num_decodes in (4, one_partition, two_stages):
         mixed(num_decodes)
     baseline = num_compiled()
