@@ -4,6 +4,7 @@
     python -m bench.transfer --small         # CPU-sized run, < 30 s
     python -m bench.transfer --json out.json
     python -m bench.transfer --chunk-layers 4   # also pack/unpack in 4-layer chunks
+    python -m bench.transfer --grpc-in-band     # gRPC bytes on the stream, not the socket data plane
 
 Measures, on the current device, for one request's blocks (scattered block ids):
   pack         pack_blocks into a pooled buffer [L, 2, n, bs, Hkv, D] (Triton kernel on CUDA)
@@ -74,7 +75,13 @@ def best_seconds(fn: Callable[[], object], iters: int, device: torch.device, war
     return min(times)
 
 
-def run(config: BenchConfig, device: torch.device, seed: int = 0, chunk_layers: int = 0) -> dict[str, object]:
+def run(
+    config: BenchConfig,
+    device: torch.device,
+    seed: int = 0,
+    chunk_layers: int = 0,
+    grpc_in_band: bool = False,
+) -> dict[str, object]:
     dtype = getattr(torch, config.dtype)
     # [num_layers, 2, num_cache_blocks, block_size, Hkv, D]
     shape = (
@@ -129,7 +136,7 @@ def run(config: BenchConfig, device: torch.device, seed: int = 0, chunk_layers: 
         seconds["unpack_chunked"] = best_seconds(unpack_chunked, config.iters, device)
     assert torch.equal(dst_cache[:, :, dst_ids], src_cache[:, :, src_ids]), "pack/unpack lost data"
 
-    grpc_result = bench_grpc(config, src_cache, src_ids, dst_ids, layout, device)
+    grpc_result = bench_grpc(config, src_cache, src_ids, dst_ids, layout, device, grpc_in_band)
 
     def gbps(seconds: float, moved: int) -> float:
         return moved / seconds / 1e9
@@ -162,11 +169,12 @@ def bench_grpc(
     dst_ids: list[int],
     layout: KVLayout,
     device: torch.device,
+    in_band: bool = False,
 ) -> dict[str, float]:
     recv_cache = torch.zeros_like(src_cache)
     server = GrpcKVServer("127.0.0.1:0", unpack_into(recv_cache), layout)
     server.start()
-    sender = GrpcKVSender("bench")
+    sender = GrpcKVSender("bench", **({"socket_min_bytes": None} if in_band else {}))
     try:
         handle = KVHandle("bench", "decode-0", dst_ids, len(dst_ids) * config.block_size, layout,
                           grpc_address=server.address)  # fmt: skip
@@ -225,11 +233,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--threads", type=int, default=None, help="torch CPU threads (1 avoids OpenMP stalls on a busy box)"
     )
+    parser.add_argument(
+        "--grpc-in-band",
+        action="store_true",
+        help="keep the gRPC path's bytes on the stream (no data socket)",
+    )
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    result = run(SMALL if args.small else FULL, device, chunk_layers=args.chunk_layers)
+    result = run(
+        SMALL if args.small else FULL, device, chunk_layers=args.chunk_layers, grpc_in_band=args.grpc_in_band
+    )
     print_report(result)
     if args.json:
         with open(args.json, "w") as file:

@@ -1,4 +1,9 @@
-"""The grpc backend: a real server on 127.0.0.1, real streams, bit-exact blocks."""
+"""The grpc backend: a real server on 127.0.0.1, real streams, bit-exact blocks.
+
+Every test that takes the `sender` fixture runs twice: with the bytes in band on the gRPC
+stream, and over the socket data plane (`socket_min_bytes=0` sends even tiny buffers there),
+whose connections all come in on the server's one data port.
+"""
 
 from __future__ import annotations
 
@@ -45,10 +50,11 @@ class Receiver:
         )
 
 
-@pytest.fixture
-def sender() -> Iterator[GrpcKVSender]:
-    # Small chunks so even these tiny buffers span many messages.
-    grpc_sender = GrpcKVSender(MODEL, chunk_bytes=1000, timeout_s=10)
+@pytest.fixture(params=["inband", "socket"])
+def sender(request: pytest.FixtureRequest) -> Iterator[GrpcKVSender]:
+    # In band: small chunks so even these tiny buffers span many messages.
+    socket_min_bytes = None if request.param == "inband" else 0
+    grpc_sender = GrpcKVSender(MODEL, chunk_bytes=1000, timeout_s=10, socket_min_bytes=socket_min_bytes)
     yield grpc_sender
     grpc_sender.close()
 
@@ -100,6 +106,9 @@ def test_concurrent_senders_to_one_server(sender: GrpcKVSender) -> None:
         assert sorted(receiver.ready) == ["r0", "r1", "r2", "r3"]
         for i, source in enumerate(sources):
             assert torch.equal(bits(receiver.cache[:, :, i * 8 : i * 8 + 8]), bits(source))
+        listener = receiver.server._data_listener  # one for all four, every token claimed
+        assert listener is not None and listener.port == receiver.server.data_port
+        assert listener.pending_tokens() == 0
     finally:
         receiver.server.stop()
 

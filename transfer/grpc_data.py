@@ -1,0 +1,386 @@
+"""The byte-moving half of the gRPC KV backend (`transfer.grpc_backend`).
+
+Each piece is there to take a copy or a page fault off the host path:
+
+* The in-band codec. `KVChunk` messages travel as raw bytes, with no protobuf object per
+  chunk: a data chunk is built straight in its wire form `0x12 <varint length> <bytes>`
+  with one copy out of the packed buffer, and the server reads the bytes straight out of
+  the received message. Any other valid `KVChunk` encoding still parses, through protobuf.
+* The socket data plane. For large buffers the gRPC call carries only the control, and
+  the bytes go over one plain TCP connection: `sendall(memoryview)` of the packed buffer
+  on one side, `recv_into` the preallocated destination on the other. That is no
+  user-space copy at all, where the in-band path makes three (ours plus gRPC's own
+  slice copy on each side) and pushes them through HTTP/2 framing and flow control.
+  Each server has one `DataListener`, opened when it starts on one data port of its bind
+  host, which a firewall between prefill and decode must let through. Every connection
+  presents a one-time per-transfer token first, which routes it to its waiting call.
+* `StagingPool`: reused host buffers for the device-to-host copy (pinned on CUDA).
+"""
+
+from __future__ import annotations
+
+import logging
+import mmap
+import secrets
+import socket
+import threading
+import time
+from collections.abc import Iterable
+
+import torch
+
+from pdserve.internal import kv_transfer_pb2
+
+log = logging.getLogger(__name__)
+
+# KVChunk.data is field 2, wire type 2 (length-delimited): its tag byte is (2 << 3) | 2.
+DATA_FIELD_TAG = b"\x12"
+TOKEN_BYTES = 16  # per-transfer secret the sender presents first on its data connection
+TOKEN_TIMEOUT_S = 10.0  # how long a new data connection may take to present its token
+MAX_UNCLAIMED_CONNECTIONS = 64  # connections still presenting their token; more are closed at once
+_MAX_VARINT_BYTES = 10
+
+
+def encode_varint(value: int) -> bytes:
+    """Protobuf base-128 varint of a non-negative int."""
+    if value < 0:
+        raise ValueError(f"varint of a negative number {value}")
+    out = bytearray()
+    while value > 0x7F:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def encode_data_chunk(data: memoryview) -> bytes:
+    """The wire bytes of `KVChunk(data=data)`, copying `data` once (bytes + memoryview)."""
+    return DATA_FIELD_TAG + encode_varint(data.nbytes) + data
+
+
+def parse_chunk(raw: bytes) -> tuple[kv_transfer_pb2.KVHeader | None, memoryview]:
+    """One serialized `KVChunk` -> (header, empty view) or (None, its data as a view of `raw`).
+
+    Raises google.protobuf.message.DecodeError when `raw` is no KVChunk.
+    """
+    if raw[:1] == DATA_FIELD_TAG:
+        # The common case, our own encoding: read the length and slice, without a protobuf parse
+        # (which would copy the payload into the message, and `.data` would copy it again).
+        length, shift, pos = 0, 0, 1
+        while pos < len(raw) and pos <= _MAX_VARINT_BYTES:
+            byte = raw[pos]
+            pos += 1
+            length |= (byte & 0x7F) << shift
+            shift += 7
+            if not byte & 0x80:
+                if pos + length == len(raw):
+                    return None, memoryview(raw)[pos:]
+                break
+    chunk = kv_transfer_pb2.KVChunk.FromString(raw)  # anything else (a header, other encodings)
+    if chunk.HasField("header"):
+        return chunk.header, memoryview(b"")
+    return None, memoryview(chunk.data)
+
+
+def split_host_port(address: str) -> tuple[str, int]:
+    """ "host:port" or "[v6 host]:port" -> (host without brackets, port)."""
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise ValueError(f"expected host:port, got {address!r}")
+    return host.strip("[]"), int(port)
+
+
+def shutdown_quietly(sockets: Iterable[socket.socket]) -> None:
+    """Wake any thread blocked in accept/recv on these sockets (close() alone does not on Linux).
+
+    The owning thread still closes them, so a file descriptor is never reused under it.
+    """
+    for sock in list(sockets):
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        except OSError:  # not connected, or already shut: nothing is blocked on it
+            pass
+
+
+class DataTicket:
+    """One expected data connection: its one-time token, then the connection that presented it."""
+
+    __slots__ = ("token", "arrived", "conn", "ended")
+
+    def __init__(self, token: bytes) -> None:
+        self.token = token
+        self.arrived = threading.Event()  # set on delivery, on cancel, and when the listener closes
+        self.conn: socket.socket | None = None
+        self.ended = False  # cancelled, given up or released: no connection is wanted any more
+
+
+class DataListener:
+    """A server's one data port: a TCP listener whose every connection starts with a token.
+
+    Opened once, on the server's bind host, at a fixed port or a free one (`port=0`); a firewall
+    between the two sides must allow it. An acceptor thread accepts, and each new connection reads
+    its `TOKEN_BYTES` token on a short-lived thread of its own, within `token_timeout_s`, so a slow or
+    silent peer never holds up the acceptor or anyone else's transfer. The connection then goes to
+    the one `wait`er that registered that token with `expect`; an unknown token, a short read or a
+    timeout closes it. Tokens are one-time: dropped when claimed, cancelled, given up or released.
+    """
+
+    def __init__(self, host: str, port: int = 0, token_timeout_s: float = TOKEN_TIMEOUT_S) -> None:
+        """Raises OSError when `host:port` cannot be bound."""
+        family, kind, proto, _, sockaddr = socket.getaddrinfo(
+            host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+        self._sock = socket.socket(family, kind, proto)
+        try:
+            self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # restart despite TIME_WAIT
+            self._sock.bind(sockaddr)
+            self._sock.listen(128)
+        except OSError:
+            self._sock.close()
+            raise
+        self.port: int = self._sock.getsockname()[1]
+        self.token_timeout_s = token_timeout_s
+        self._lock = threading.Lock()
+        self._pending: dict[bytes, DataTicket] = {}  # token -> its waiter, until claimed or ended
+        self._unclaimed: dict[socket.socket, threading.Thread] = {}  # connections reading their token
+        self._closed = False
+        self._acceptor = threading.Thread(
+            target=self._accept_loop, name=f"kv-data-accept-{self.port}", daemon=True
+        )
+        self._acceptor.start()
+
+    def expect(self) -> DataTicket:
+        """Register a fresh random token; its connection goes to `wait(ticket)`. Always `release` it.
+
+        On a closed listener the ticket comes back ended (its `wait` raises at once).
+        """
+        ticket = DataTicket(secrets.token_bytes(TOKEN_BYTES))
+        with self._lock:
+            if self._closed:
+                ticket.ended = True
+                ticket.arrived.set()
+            else:
+                self._pending[ticket.token] = ticket
+        return ticket
+
+    def wait(self, ticket: DataTicket, timeout_s: float) -> socket.socket:
+        """The connection that presented `ticket.token` (still the ticket's: `release` closes it).
+
+        Raises TimeoutError when none came within `timeout_s`, ConnectionAbortedError when the
+        ticket was cancelled or the listener closed first; either way the token is gone.
+        """
+        arrived = ticket.arrived.wait(timeout_s)
+        with self._lock:
+            if ticket.conn is not None and not ticket.ended:
+                return ticket.conn
+            self._pending.pop(ticket.token, None)
+            ticket.ended = True
+        if not arrived:
+            raise TimeoutError(f"no data connection with the right token within {timeout_s:.1f} s")
+        raise ConnectionAbortedError("the transfer was cancelled, or the data listener closed")
+
+    def cancel(self, ticket: DataTicket) -> None:
+        """End `ticket` from any thread: drop its token, wake its `wait`, wake a `recv` on its connection."""
+        with self._lock:
+            self._pending.pop(ticket.token, None)
+            ticket.ended = True
+            if ticket.conn is not None:  # under the lock: `release` cannot close it meanwhile
+                shutdown_quietly([ticket.conn])
+        ticket.arrived.set()
+
+    def release(self, ticket: DataTicket) -> None:
+        """Done with `ticket` (the waiting thread): drop its token if still there, close its connection."""
+        with self._lock:
+            self._pending.pop(ticket.token, None)
+            ticket.ended = True
+            conn, ticket.conn = ticket.conn, None
+        if conn is not None:
+            conn.close()
+
+    def pending_tokens(self) -> int:
+        with self._lock:
+            return len(self._pending)
+
+    def _accept_loop(self) -> None:
+        while True:
+            try:
+                conn, _ = self._sock.accept()
+            except OSError as exc:
+                if self._closed:
+                    return
+                log.warning("data port %d: accept failed: %r", self.port, exc)
+                time.sleep(0.05)  # e.g. out of file descriptors: do not spin
+                continue
+            with self._lock:
+                accepted = not self._closed and len(self._unclaimed) < MAX_UNCLAIMED_CONNECTIONS
+                if accepted:
+                    reader = threading.Thread(target=self._read_token, args=(conn,), daemon=True)
+                    self._unclaimed[conn] = reader
+                    reader.start()  # under the lock, so `close` never joins a thread not started
+            if not accepted:
+                conn.close()
+
+    def _read_token(self, conn: socket.socket) -> None:
+        """Hand `conn` to the waiter of the token it presents, or close it."""
+        token = None
+        try:
+            conn.settimeout(self.token_timeout_s)
+            presented = bytearray(TOKEN_BYTES)
+            if recv_exactly(conn, memoryview(presented)) == TOKEN_BYTES:
+                conn.settimeout(None)
+                conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                token = bytes(presented)
+        except OSError:  # timed out, reset, or shut by `close`
+            pass
+        with self._lock:
+            self._unclaimed.pop(conn, None)
+            # A dict lookup on a 16-byte random secret: nothing to learn from its timing.
+            ticket = self._pending.pop(token, None) if token and not self._closed else None
+            if ticket is not None:
+                ticket.conn = conn
+        if ticket is None:
+            conn.close()
+        else:
+            ticket.arrived.set()
+
+    def close(self) -> None:
+        """Stop accepting, close the connections not yet claimed, wake every waiter. Idempotent."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            tickets = list(self._pending.values())
+            self._pending.clear()
+            for ticket in tickets:
+                ticket.ended = True
+            readers = list(self._unclaimed.values())
+            shutdown_quietly(self._unclaimed)  # their reader threads close them
+        for ticket in tickets:
+            ticket.arrived.set()
+        shutdown_quietly([self._sock])  # wakes the acceptor's accept() on Linux
+        self._acceptor.join(timeout=5)
+        self._sock.close()
+        for reader in readers:
+            reader.join(timeout=5)
+
+
+def recv_exactly(conn: socket.socket, view: memoryview) -> int:
+    """Fill `view` from `conn`; returns the bytes received, fewer than asked when the peer closed."""
+    received, total = 0, view.nbytes
+    while received < total:
+        n = conn.recv_into(view[received:])  # the kernel copies straight into the destination
+        if n == 0:
+            break
+        received += n
+    return received
+
+
+def recv_payload(conn: socket.socket, view: memoryview, timeout_s: float) -> tuple[int, bool]:
+    """Fill `view` from `conn`, then look for its end: (bytes received, whether more followed)."""
+    conn.settimeout(timeout_s)
+    received = recv_exactly(conn, view)
+    return received, received == view.nbytes and conn.recv(1) != b""  # the sender half-closes after
+
+
+def connect_and_send(
+    host: str, port: int, token: bytes, payload: memoryview, connect_timeout_s: float, timeout_s: float
+) -> None:
+    """Open the data connection, present `token`, send all of `payload` and half-close.
+
+    Raises ConnectionError subclasses / OSError; a failed connect is a `DataConnectError`.
+    """
+    try:
+        sock = socket.create_connection((host, port), timeout=connect_timeout_s)
+    except OSError as exc:
+        raise DataConnectError(f"cannot connect to the data port {host}:{port}: {exc!r}") from exc
+    with sock:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.settimeout(timeout_s)  # bounds each sendall as a whole (Python >= 3.5)
+        sock.sendall(token)
+        sock.sendall(payload)  # from the packed (or pinned staging) buffer itself: no copy here
+        sock.shutdown(socket.SHUT_WR)  # the receiver reads EOF right after the last byte
+
+
+def host_buffer(nbytes: int, pin_memory: bool) -> torch.Tensor:
+    """A fresh, uninitialised uint8 [nbytes] host tensor to receive into (nothing zero-filled).
+
+    Pinned memory comes from torch's caching host allocator, which recycles it once the tensor is
+    dropped, and makes a copy to the GPU one fast DMA. Pageable memory is a private anonymous
+    mapping of its own rather than torch's allocator: freeing a few hundred MB (munmap) takes
+    ~15 ms, and the mapping's dealloc does it without holding the GIL.
+    """
+    if pin_memory:
+        return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+    if nbytes == 0:
+        return torch.empty(0, dtype=torch.uint8)
+    region = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    return torch.frombuffer(region, dtype=torch.uint8)  # keeps `region` alive
+
+
+class DataConnectError(OSError):
+    """The sender could not open the data connection at all (nothing was sent on it)."""
+
+
+class StagingPool:
+    """Reused host buffers for packed KV on its way off the device: one per send in flight.
+
+    Pinned (`pin_memory=True`), the device-to-host copy is one DMA at full link speed and can be
+    non-blocking; reused, because pinning a few hundred MB (cudaHostAlloc) costs more than copying
+    them, and a fresh pageable buffer pays a page fault per 4 KiB on first touch. Thread-safe: a
+    buffer belongs to one caller between `acquire` and `release`. Keeps at most `max_free` idle
+    buffers; capacities are rounded up so requests of nearby sizes share them.
+    """
+
+    def __init__(self, pin_memory: bool, max_free: int = 2) -> None:
+        self.pin_memory = pin_memory
+        self.max_free = max_free
+        self._free: list[torch.Tensor] = []  # each uint8 [capacity]
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def capacity_for(nbytes: int) -> int:
+        """Next power of two up to 64 MiB, then the next multiple of 64 MiB."""
+        step = 64 << 20
+        if nbytes <= step:
+            return max(1 << 20, 1 << (nbytes - 1).bit_length())
+        return -(-nbytes // step) * step
+
+    def acquire(self, nbytes: int) -> torch.Tensor:
+        """A uint8 buffer of at least `nbytes` that no other caller holds until `release`."""
+        with self._lock:
+            fitting = [i for i, buffer in enumerate(self._free) if buffer.numel() >= nbytes]
+            if fitting:
+                best = min(fitting, key=lambda i: self._free[i].numel())
+                return self._free.pop(best)
+        return torch.empty(self.capacity_for(nbytes), dtype=torch.uint8, pin_memory=self.pin_memory)
+
+    def release(self, buffer: torch.Tensor) -> None:
+        """Give `buffer` back; the caller must not touch it (nor have copies into it pending) after."""
+        with self._lock:
+            self._free.append(buffer)
+            if len(self._free) > self.max_free:  # drop the smallest: big requests need the big ones
+                self._free.pop(min(range(len(self._free)), key=lambda i: self._free[i].numel()))
+
+    def copy_to_host(self, packed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Copy a CUDA tensor into a pooled buffer: (host tensor of its shape, buffer to `release`).
+
+        One DMA with `non_blocking=True` into pinned memory, instead of `.cpu()` into fresh
+        pageable memory (staged through a driver bounce buffer, every page faulted in). Returns
+        once the copy is complete, so the bytes can go straight onto a socket.
+        """
+        nbytes = packed.numel() * packed.element_size()
+        staging = self.acquire(nbytes)  # uint8 [>= nbytes], this caller's until released
+        try:
+            host = staging[:nbytes].view(packed.dtype).view(packed.shape)
+            host.copy_(packed, non_blocking=True)
+            copied = torch.cuda.Event()
+            copied.record(torch.cuda.current_stream(packed.device))
+            copied.synchronize()  # this copy only, not other threads' later work on the stream
+        except BaseException:
+            self.release(staging)
+            raise
+        return host, staging
+
+    def clear(self) -> None:
+        with self._lock:
+            self._free.clear()
