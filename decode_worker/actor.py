@@ -21,6 +21,7 @@ class DecodeActor(WorkerActor):
         transfer_backend: str,
         role: str = "decode",
         grpc_host: str = "127.0.0.1",
+        grpc_ports: tuple[int, int] = (0, 0),  # (gRPC, data) ports of the KV server; 0 = a free one
     ) -> None:
         self.worker = DecodeWorker(worker_id, engine_config, role=role)
         self.transfer_backend = transfer_backend
@@ -34,7 +35,10 @@ class DecodeActor(WorkerActor):
 
                 grpc_host = ray.util.get_node_ip_address()
 
-            self._grpc_server = GrpcKVServer(f"{grpc_host}:0", self.worker.receive_kv, self.worker.layout)
+            grpc_port, data_port = grpc_ports
+            self._grpc_server = GrpcKVServer(
+                f"{grpc_host}:{grpc_port}", self.worker.receive_kv, self.worker.layout, data_port=data_port
+            )
             port = self._grpc_server.start()
             self.worker.grpc_address = f"{grpc_host}:{port}"
 

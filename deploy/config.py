@@ -10,7 +10,7 @@ the key path (e.g. `decode.count`), raised before anything starts.
     prefill:   {count, resources: {num_cpus, num_gpus, resources: {NAME: amount}}}
     decode:    {count, resources: ...}
     colocated: {count, resources: ...}   # workers that run both phases (the baseline)
-    transfer:  {backend: grpc|nccl, host}
+    transfer:  {backend: grpc|nccl, host, port_base}
     router:    {host, port, policy, policy_params: {...}, kv_events, max_queue_len,
                 max_wait_s, default_max_tokens}
     ray:       {address, namespace, num_cpus}
@@ -42,6 +42,15 @@ class PoolConfig:
 class TransferConfig:
     backend: str = "grpc"
     host: str = "127.0.0.1"  # address the decode workers' KV servers bind (grpc backend)
+    # grpc backend: 0 = free ports; else decode-i's KV server takes gRPC port port_base + 2i and its
+    # data port port_base + 2i + 1, a fixed range a firewall can open between the hosts
+    port_base: int = 0
+
+    def kv_server_ports(self, decode_index: int) -> tuple[int, int]:
+        """(gRPC port, data port) of decode worker `decode_index`'s KV server; (0, 0) = free ports."""
+        if not self.port_base:
+            return (0, 0)
+        return (self.port_base + 2 * decode_index, self.port_base + 2 * decode_index + 1)
 
 
 @dataclass
@@ -159,6 +168,12 @@ def parse_config(data: dict[str, Any]) -> DeployConfig:
         raise ConfigError("prefill.count / decode.count / colocated.count: no workers configured")
     if cfg.transfer.backend not in ("grpc", "nccl"):
         raise ConfigError(f"transfer.backend: must be grpc or nccl, got {cfg.transfer.backend!r}")
+    last_port = cfg.transfer.port_base + 2 * cfg.decode.count - 1
+    if cfg.transfer.port_base and not (1024 <= cfg.transfer.port_base and last_port <= 65535):
+        raise ConfigError(
+            f"transfer.port_base: {cfg.transfer.port_base} .. {last_port} (two ports per decode worker) "
+            "must lie in [1024, 65535], or 0 for free ports"
+        )
     from router.policy import POLICIES, PolicyConfig
 
     if cfg.router.policy not in POLICIES:

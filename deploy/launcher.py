@@ -113,8 +113,9 @@ def up(
             for i in range(pool.count):
                 wid = f"{name}-{i}"
                 opts = _actor_options(pool.resources, f"pdserve-{wid}", ns, detached)
+                ports = cfg.transfer.kv_server_ports(i) if role == "decode" else (0, 0)
                 decode[wid] = decode_cls.options(**opts).remote(
-                    wid, copy.deepcopy(cfg.engine), cfg.transfer.backend, role, cfg.transfer.host
+                    wid, copy.deepcopy(cfg.engine), cfg.transfer.backend, role, cfg.transfer.host, ports
                 )
                 roles[wid] = role
         workers = {**prefill, **decode}

@@ -36,6 +36,14 @@ def test_shipped_configs_parse(path):
         ({"colocated": {"count": 1}, "engine": {"block_size": 12}}, "block_size"),
         ({"colocated": {"count": 1, "resources": {"gpus": 1}}}, "colocated.resources.gpus"),
         ({"colocated": {"count": 1}, "modle": "tiny"}, "modle"),
+        (
+            {"decode": {"count": 2}, "prefill": {"count": 1}, "transfer": {"port_base": 80}},
+            "transfer.port_base",
+        ),
+        (
+            {"decode": {"count": 2}, "prefill": {"count": 1}, "transfer": {"port_base": 65534}},
+            "transfer.port_base",
+        ),
     ],
 )
 def test_bad_configs_name_the_key(data, key):
@@ -68,3 +76,35 @@ def test_ray_cluster_yaml_passes_ray_up_validation():
     assert "prefill_node" in str(multinode.prefill.resources) and "decode_node" in str(
         multinode.decode.resources
     )
+
+
+def test_decode_kv_server_takes_the_configured_ports():
+    """`transfer.port_base`: decode-i's KV server listens on gRPC port base + 2i and data port
+    base + 2i + 1 (here the plain actor class, as the launcher builds it inside Ray)."""
+    import socket
+
+    from decode_worker.actor import DecodeActor
+    from engine.llm_engine import EngineConfig
+
+    with socket.socket() as probe:  # two free neighbouring ports are not guaranteed: take two
+        probe.bind(("127.0.0.1", 0))
+        grpc_port = probe.getsockname()[1]
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        data_port = probe.getsockname()[1]
+    actor = DecodeActor(
+        "decode-0", EngineConfig(model="tiny", num_gpu_blocks=64), "grpc", grpc_ports=(grpc_port, data_port)
+    )
+    try:
+        assert actor.worker.grpc_address == f"127.0.0.1:{grpc_port}"
+        assert actor._grpc_server.data_port == data_port
+    finally:
+        actor._grpc_server.stop(0)
+    cfg = parse_config({"model": "tiny", "prefill": {"count": 1}, "decode": {"count": 3},
+                        "transfer": {"port_base": 20000}})  # fmt: skip
+    assert [cfg.transfer.kv_server_ports(i) for i in range(3)] == [
+        (20000, 20001),
+        (20002, 20003),
+        (20004, 20005),
+    ]
+    assert parse_config({"model": "tiny", "colocated": {"count": 1}}).transfer.kv_server_ports(0) == (0, 0)
