@@ -6,17 +6,10 @@ Same contract as `ReferenceAttention.forward`. Three kernels:
   (one program per token and head chunk). Slots < 0 are skipped, so a CUDA graph can
   pad a batch with dummy tokens whose slot is -1. The model skips it: its RoPE kernel
   writes the rotated K and V into the cache (`forward(..., kv_stored=True)`).
-* `_decode_kernel` (every query length is 1): flash-decoding. Each sequence's context is
-  split into `decode_num_partitions` partitions (whole tiles, sized from the sequence's own
-  length in the kernel); one program per (sequence, KV head, partition)
-  reads each K/V tile of its KV head once for all the query heads of that GQA group (the
-  group is the M dimension of `tl.dot`, padded to 16) and writes a partial result with its
-  running max and sum. The last program of a (sequence, KV head) to finish, found with an
-  atomic ticket, merges the partitions: no second kernel, which at batch 1 saves a launch
-  per layer (~3.5 us inside a CUDA graph, a few % of a decode step). With one partition the
-  program writes the output directly. In a mixed step the leading one-token rows (the
-  runner puts decode rows first) take this kernel too: in the prefill kernel each would
-  cost a whole row tile (`AttentionMetadata.num_decodes`).
+* `triton_decode._decode_kernel` (every query length is 1): split-K flash-decoding that
+  merges its own partitions (see that module). In a mixed step the leading one-token rows
+  (the runner puts decode rows first) take it too: in the prefill kernel each would cost a
+  whole row tile (`AttentionMetadata.num_decodes`).
 * `_prefill_kernel` (any query lengths, mixed batches included): flash attention reading
   K/V from the paged cache through the block table. Rows of a tile are
   (query token, query head of the group) pairs, so a tile of K/V is loaded once per GQA
@@ -39,18 +32,14 @@ Padding sequences may have seq_len 0 (their output rows are zeros) and slot -1.
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
 
 from engine.attention.metadata import AttentionMetadata
 from engine.attention.sdpa_prefill import sdpa_prefill, use_sdpa_prefill
-
-_LOG2_E = 1.4426950408889634
-# Partitions the split-K merge reads per iteration ([GQA group, MERGE_CHUNK, head_dim] float32).
-MERGE_CHUNK = 8
+from engine.attention.triton_common import LOG2_E, dot_precision, needs_wide_offsets, num_sms
+from engine.attention.triton_decode import decode_attention
 
 
 # Kernel argument lists are packed by role; `ruff format` would put one per line.
@@ -75,137 +64,6 @@ def _store_kv_kernel(
     dst = slot * stride_cache_slot + heads[:, None] * stride_cache_head + dims[None, :]
     tl.store(key_cache_ptr + dst, k.to(key_cache_ptr.dtype.element_ty), mask=mask)
     tl.store(value_cache_ptr + dst, v.to(value_cache_ptr.dtype.element_ty), mask=mask)
-
-
-# The partition count and a fixed partition size are plain runtime values (no specialization on
-# their value): a mixed step's decode part picks its count from how many decode rows it has, and
-# one compiled kernel must serve every count, or each new one would compile mid-serving.
-@triton.jit(do_not_specialize=["fixed_partition_size", "num_partitions"])
-def _decode_kernel(
-    query_ptr, key_cache_ptr, value_cache_ptr, out_ptr, partial_out_ptr, partial_max_ptr, partial_sum_ptr,
-    counters_ptr, block_tables_ptr, seq_lens_ptr, scale_log2, stride_qt, stride_qh, stride_ot, stride_oh,
-    stride_cache_block, stride_cache_tok, stride_cache_head, stride_bt_seq, num_q_heads, num_kv_heads,
-    fixed_partition_size, num_partitions,
-    GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-    BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, DOT_PRECISION: tl.constexpr, WIDE_OFFSETS: tl.constexpr,
-    GROUP_P2: tl.constexpr, P_CHUNK: tl.constexpr,
-):
-    seq = tl.program_id(0)
-    kv_head = tl.program_id(1)
-    part = tl.program_id(2)
-    ctx_len = tl.load(seq_lens_ptr + seq)
-    # Tokens per partition: fixed by the caller, or split from this sequence's own length, so a
-    # CUDA graph captured for the model's max length still splits a short context num_partitions
-    # ways (whole BLOCK_N tiles each) instead of leaving it to one program.
-    if fixed_partition_size > 0:
-        part_size = fixed_partition_size
-    else:
-        # at least two tiles per program past 1,024 tokens, so each one pipelines its loads
-        min_tiles = tl.where(ctx_len > 1024, 2, 1)
-        part_size = tl.maximum(tl.cdiv(tl.cdiv(ctx_len, num_partitions), BLOCK_N), min_tiles) * BLOCK_N
-    part_start = part * part_size
-    group_rows = tl.arange(0, GROUP_PAD)
-    heads = kv_head * GROUP + group_rows  # [GROUP_PAD] query heads sharing this KV head
-    head_mask = group_rows < GROUP
-    dims = tl.arange(0, HEAD_DIM)
-    seq64 = seq.to(tl.int64)
-    if part_start >= ctx_len:
-        if part == 0:  # empty (padding) sequence: defined zeros, no NaN
-            zeros = tl.zeros([GROUP_PAD, HEAD_DIM], dtype=out_ptr.dtype.element_ty)
-            tl.store(
-                out_ptr + seq64 * stride_ot + heads[:, None] * stride_oh + dims[None, :],
-                zeros,
-                mask=head_mask[:, None],
-            )
-        return
-    part_end = tl.minimum(part_start + part_size, ctx_len)
-
-    # q: [GROUP_PAD, D]; one query token per sequence, row `seq` of the packed batch.
-    q = tl.load(
-        query_ptr + seq64 * stride_qt + heads[:, None] * stride_qh + dims[None, :],
-        mask=head_mask[:, None],
-        other=0.0,
-    )
-    m_i = tl.full([GROUP_PAD], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([GROUP_PAD], dtype=tl.float32)
-    acc = tl.zeros([GROUP_PAD, HEAD_DIM], dtype=tl.float32)
-    block_row = block_tables_ptr + seq64 * stride_bt_seq
-    head_off = kv_head * stride_cache_head
-    for tile_start in range(part_start, part_end, BLOCK_N):
-        pos = tile_start + tl.arange(0, BLOCK_N)  # [BLOCK_N] token positions
-        valid = pos < part_end
-        block_ids = tl.load(block_row + pos // BLOCK_SIZE, mask=valid, other=0)
-        if WIDE_OFFSETS:
-            block_ids = block_ids.to(tl.int64)
-        # [BLOCK_N] offsets of each token's row for this KV head
-        offs = block_ids * stride_cache_block + (pos % BLOCK_SIZE) * stride_cache_tok + head_off
-        k = tl.load(key_cache_ptr + offs[None, :] + dims[:, None], mask=valid[None, :], other=0.0)  # [D, N]
-        v = tl.load(value_cache_ptr + offs[:, None] + dims[None, :], mask=valid[:, None], other=0.0)  # [N, D]
-        scores = tl.dot(q, k.to(q.dtype), input_precision=DOT_PRECISION) * scale_log2  # [G, N]
-        scores = tl.where(valid[None, :], scores, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(scores, axis=1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(scores - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype), input_precision=DOT_PRECISION)
-        m_i = m_new
-    acc = acc / l_i[:, None]
-    if not SPLIT:  # one partition: the program writes the output itself
-        tl.store(
-            out_ptr + seq64 * stride_ot + heads[:, None] * stride_oh + dims[None, :],
-            acc.to(out_ptr.dtype.element_ty),
-            mask=head_mask[:, None],
-        )
-    else:
-        # partial buffers: out [S, Hq, P, D], max/sum [S, Hq, P], all float32
-        base = (seq64 * num_q_heads + heads) * num_partitions  # [GROUP_PAD] row of partition 0
-        row = base + part
-        tl.store(partial_out_ptr + row[:, None] * HEAD_DIM + dims[None, :], acc, mask=head_mask[:, None])
-        tl.store(partial_max_ptr + row, m_i, mask=head_mask)
-        tl.store(partial_sum_ptr + row, l_i, mask=head_mask)
-        # Every thread's partial stores happen before the ticket (barrier, then a release
-        # atomic); the program that draws the last ticket merges what all of them wrote.
-        tl.debug_barrier()
-        counter = counters_ptr + seq64 * num_kv_heads + kv_head
-        num_used = tl.cdiv(ctx_len, part_size)
-        ticket = tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu")
-        if ticket == num_used - 1:
-            tl.store(counter, 0)  # reset for the next call (next layer, next graph replay)
-            # Merge P_CHUNK partitions at a time for the GROUP real heads ([G, P, D] tiles): the
-            # loads of a chunk are issued together, not one partition after another (at batch 1
-            # this merge is on the critical path of every layer).
-            g = tl.arange(0, GROUP_P2)
-            g_mask = g < GROUP
-            rows_g = (seq64 * num_q_heads + kv_head * GROUP + g) * num_partitions  # [G] partition 0
-            run_max = tl.full([GROUP_P2], float("-inf"), dtype=tl.float32)
-            total = tl.zeros([GROUP_P2], dtype=tl.float32)
-            merged = tl.zeros([GROUP_P2, HEAD_DIM], dtype=tl.float32)
-            for p0 in range(0, num_used, P_CHUNK):
-                parts = p0 + tl.arange(0, P_CHUNK)
-                mask = g_mask[:, None] & (parts < num_used)[None, :]  # [G, P]
-                idx = rows_g[:, None] + parts[None, :]  # [G, P]
-                # .cg: read from L2, where the other programs' stores are, never a stale L1 line
-                p_max = tl.load(partial_max_ptr + idx, mask=mask, other=float("-inf"), cache_modifier=".cg")
-                p_sum = tl.load(partial_sum_ptr + idx, mask=mask, other=0.0, cache_modifier=".cg")
-                p_out = tl.load(
-                    partial_out_ptr + idx[:, :, None] * HEAD_DIM + dims[None, None, :],
-                    mask=mask[:, :, None],
-                    other=0.0,
-                    cache_modifier=".cg",
-                )  # [G, P, D], each normalised by its own sum
-                new_max = tl.maximum(run_max, tl.max(p_max, axis=1))
-                new_max = tl.where(g_mask, new_max, 0.0)  # padding heads: no -inf - -inf
-                alpha = tl.exp2(run_max - new_max)
-                weight = p_sum * tl.exp2(p_max - new_max[:, None])  # [G, P]; 0 where masked
-                merged = merged * alpha[:, None] + tl.sum(p_out * weight[:, :, None], axis=1)
-                total = total * alpha + tl.sum(weight, axis=1)
-                run_max = new_max
-            merged = merged / tl.maximum(total, 1e-30)[:, None]
-            tl.store(
-                out_ptr + seq64 * stride_ot + (kv_head * GROUP + g)[:, None] * stride_oh + dims[None, :],
-                merged.to(out_ptr.dtype.element_ty),
-                mask=g_mask[:, None],
-            )
 
 
 # A mixed step passes its prefill part as slices starting after the decode rows: int32 pointers
@@ -298,37 +156,6 @@ def _prefill_kernel(
 # fmt: on
 
 
-@functools.lru_cache(maxsize=8)
-def _num_sms(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 132  # interpreter on CPU: pretend to be an H100 so grids match
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
-# Tickets for the split-K merge, int32 per (sequence, KV head), zero between calls (the last
-# program resets its own). Never freed: captured CUDA graphs hold their address; a larger batch
-# allocates a larger one next to them. One engine per process runs one stream at a time.
-_COUNTERS: dict[torch.device, list[torch.Tensor]] = {}
-
-
-def _partition_counters(device: torch.device, size: int) -> torch.Tensor:
-    buffers = _COUNTERS.setdefault(device, [])
-    if not buffers or buffers[-1].numel() < size:
-        buffers.append(torch.zeros(max(size, 4096), dtype=torch.int32, device=device))
-    return buffers[-1]
-
-
-def _dot_precision(dtype: torch.dtype) -> str:
-    # float32 must stay exact to 1e-4 against the reference: no TF32 tensor-core rounding.
-    return "ieee" if dtype == torch.float32 else "tf32"
-
-
-def _needs_wide_offsets(key_cache: torch.Tensor) -> bool:
-    # Element offsets inside one layer's K (or V) cache fit int32 up to 2^31 elements; int32
-    # address math halves the registers the gathered [N, D] pointer tiles need.
-    return key_cache.stride(0) * key_cache.shape[0] >= 2**31
-
-
 def _check_shapes(query: torch.Tensor, kv_cache_layer: torch.Tensor) -> None:
     head_dim = query.shape[-1]
     block_size = kv_cache_layer.shape[2]
@@ -361,28 +188,11 @@ def store_kv(
     # fmt: on
 
 
-def decode_num_partitions(
-    num_seqs: int, num_kv_heads: int, max_seq_len: int, device: torch.device, block_n: int
-) -> int:
-    """Split-K partitions per (sequence, KV head): the smallest power of two that gives about two
-    programs per SM, and no more than the `max_seq_len` bound has tiles. Each sequence splits its
-    own length that many ways in the kernel (whole tiles, two at least past 1,024 tokens). Swept
-    on an H200 in a 32-layer CUDA graph captured for 8,192 tokens (`bench.attention_kernels
-    --sweep-small-batch`): this gives the fastest fixed size at batch 1 (ctx 512: 64-token
-    partitions; ctx 4,096: 128) and at batch 4 (64, where a split sized from the 8,192 bound
-    left one 512-token partition: 17.7 -> 8.9 us per layer). From 33 sequences on (8 KV heads)
-    there is one partition: no merge at all."""
-    num_partitions, max_partitions = 1, max(1, triton.cdiv(max_seq_len, block_n))
-    target = 2 * _num_sms(device)
-    while num_seqs * num_kv_heads * num_partitions < target and num_partitions < max_partitions:
-        num_partitions *= 2
-    return min(num_partitions, max_partitions)
-
-
 class TritonAttention:
     """Paged attention with Triton kernels; drop-in for ReferenceAttention on CUDA."""
 
     name = "triton"
+    decode = staticmethod(decode_attention)  # triton_decode: split-K flash-decoding
 
     def forward(
         self,
@@ -426,61 +236,6 @@ class TritonAttention:
         return out
 
     @staticmethod
-    def decode(
-        query: torch.Tensor,  # [S, Hq, D], one token per sequence
-        kv_cache_layer: torch.Tensor,
-        block_tables: torch.Tensor,  # [S, B] int32
-        seq_lens: torch.Tensor,  # [S] int32, <= max_seq_len
-        max_seq_len: int,  # host upper bound: fixes the grid (capture with the largest value)
-        scale: float,
-        out: torch.Tensor,  # [S, Hq, D]
-        block_n: int | None = None,
-        partition_size: int | None = None,
-        num_warps: int = 4,
-        num_stages: int | None = None,
-    ) -> None:
-        num_seqs, num_q_heads, head_dim = query.shape
-        key_cache, value_cache = kv_cache_layer[0], kv_cache_layer[1]
-        _, block_size, num_kv_heads, _ = key_cache.shape
-        group = num_q_heads // num_kv_heads
-        block_n = block_n or (64 if head_dim <= 128 else 32)
-        if partition_size:  # a fixed split (tests, sweeps)
-            num_partitions = max(1, triton.cdiv(max_seq_len, partition_size))
-        else:
-            num_partitions = decode_num_partitions(num_seqs, num_kv_heads, max_seq_len, query.device, block_n)
-        if num_stages is None:
-            # H200 sweep (32-layer graph): with about 8 programs per SM (batch 128), 2 stages leave
-            # room for more resident programs: 141 -> 134 us per layer at ctx 1,024, 0.94 of copy;
-            # with about 2 per SM (batch 32, ctx 2,048) 3 stages are faster (78 vs 84 us).
-            many = num_seqs * num_kv_heads * num_partitions >= 4 * _num_sms(query.device)
-            num_stages = 2 if many else 3
-        if num_partitions > 1:
-            partial_out = torch.empty(
-                (num_seqs, num_q_heads, num_partitions, head_dim), dtype=torch.float32, device=query.device
-            )
-            partial_max = torch.empty(
-                (num_seqs, num_q_heads, num_partitions), dtype=torch.float32, device=query.device
-            )
-            partial_sum = torch.empty_like(partial_max)
-            counters = _partition_counters(query.device, num_seqs * num_kv_heads)
-        else:  # the kernel writes `out` directly; pass placeholders
-            partial_out = partial_max = partial_sum = out
-            counters = seq_lens
-        # fmt: off
-        _decode_kernel[(num_seqs, num_kv_heads, num_partitions)](
-            query, key_cache, value_cache, out, partial_out, partial_max, partial_sum, counters, block_tables,
-            seq_lens, scale * _LOG2_E, query.stride(0), query.stride(1), out.stride(0), out.stride(1),
-            key_cache.stride(0), key_cache.stride(1), key_cache.stride(2), block_tables.stride(0),
-            num_q_heads, num_kv_heads, partition_size or 0, num_partitions, GROUP=group,
-            GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
-            BLOCK_N=block_n, SPLIT=num_partitions > 1, DOT_PRECISION=_dot_precision(query.dtype),
-            WIDE_OFFSETS=_needs_wide_offsets(key_cache), GROUP_P2=triton.next_power_of_2(group),
-            P_CHUNK=MERGE_CHUNK, num_warps=num_warps,
-            num_stages=num_stages,
-        )
-        # fmt: on
-
-    @staticmethod
     def prefill(
         query: torch.Tensor,  # [T, Hq, D]
         kv_cache_layer: torch.Tensor,  # already holds this step's K/V
@@ -503,7 +258,7 @@ class TritonAttention:
         # tiles are faster (~10%) once they still give about 3 programs per SM, else 64-row tiles.
         if head_dim <= 128:
             programs_at_128 = triton.cdiv(meta.max_query_len, max(1, 128 // group)) * num_seqs * num_kv_heads
-            default_m = 128 if programs_at_128 >= 3 * _num_sms(query.device) else 64
+            default_m = 128 if programs_at_128 >= 3 * num_sms(query.device) else 64
             default_n, default_warps, default_stages = 64, 4, 3
         else:
             default_m, default_n, default_warps, default_stages = 64, 32, 4, 2
@@ -514,14 +269,14 @@ class TritonAttention:
         _prefill_kernel[grid](
             query, key_cache, value_cache, out, meta.block_tables[first_seq:], meta.seq_lens[first_seq:],
             meta.query_start_loc[first_seq:],
-            scale * _LOG2_E, query.stride(0), query.stride(1), out.stride(0), out.stride(1),
+            scale * LOG2_E, query.stride(0), query.stride(1), out.stride(0), out.stride(1),
             key_cache.stride(0), key_cache.stride(1), key_cache.stride(2), meta.block_tables.stride(0),
             GROUP=group, HEAD_DIM=head_dim, BLOCK_SIZE=block_size, BLOCK_M=block_m, BLOCK_Q=block_q,
-            BLOCK_N=block_n or default_n, DOT_PRECISION=_dot_precision(query.dtype),
-            WIDE_OFFSETS=_needs_wide_offsets(key_cache), num_warps=num_warps or default_warps,
+            BLOCK_N=block_n or default_n, DOT_PRECISION=dot_precision(query.dtype),
+            WIDE_OFFSETS=needs_wide_offsets(key_cache), num_warps=num_warps or default_warps,
             num_stages=num_stages or default_stages,
         )
         # fmt: on
 
 
-__all__ = ["TritonAttention", "decode_num_partitions", "store_kv"]
+__all__ = ["TritonAttention", "store_kv"]

@@ -19,9 +19,10 @@ import torch
 pytest.importorskip("triton")  # the kernels need it; CI machines have none
 
 from bench.attention_kernels import build_paged_batch
-from engine.attention import sdpa_prefill, triton_backend
+from engine.attention import sdpa_prefill, triton_backend, triton_decode
 from engine.attention.reference import ReferenceAttention
 from engine.attention.triton_backend import TritonAttention
+from engine.attention.triton_common import num_sms
 
 HALF_AND_FULL = [torch.float32, torch.bfloat16, torch.float16]
 TOLERANCE = {torch.bfloat16: 1e-2, torch.float16: 1e-2, torch.float32: 1e-4}
@@ -224,7 +225,7 @@ def test_decode_splits_each_context_under_a_loose_bound(device: str) -> None:
     """The split-K partitions come from the batch size and each sequence's own length, not from
     the bound: under an 8,192-token bound (as captured) short and long contexts still split,
     past one merge chunk for the longest (1,000 tokens in 64-token tiles: 16 partitions)."""
-    from engine.attention.triton_backend import decode_num_partitions
+    from engine.attention.triton_decode import decode_num_partitions
 
     contexts = [1, 63, 64, 65, 300, 1000]
     query, key, value, cache, meta = build_paged_batch(
@@ -321,7 +322,7 @@ def test_mixed_steps_compile_once_for_any_number_of_decode_rows() -> None:
     device = torch.cuda.current_device()
 
     def num_compiled() -> int:
-        kernels = (triton_backend._decode_kernel, triton_backend._prefill_kernel)
+        kernels = (triton_decode._decode_kernel, triton_backend._prefill_kernel)
         return sum(len(kernel.device_caches[device][0]) for kernel in kernels)
 
     def mixed(num_decodes: int) -> None:
@@ -330,7 +331,7 @@ def test_mixed_steps_compile_once_for_any_number_of_decode_rows() -> None:
 
     # 8 KV heads: a few rows split K; from two programs per SM on, one partition; from 4 per SM
     # on, also 2 pipeline stages (132 SMs: 4, 33, 66 rows)
-    sms = triton_backend._num_sms(torch.device("cuda"))
+    sms = num_sms(torch.device("cuda"))
     one_partition, two_stages = -(-2 * sms // 8), -(-4 * sms // 8)
     for num_decodes in (4, one_partition, two_stages):
         mixed(num_decodes)
