@@ -7,7 +7,6 @@ whose connections all come in on the server's one data port.
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Iterator
 
@@ -16,6 +15,7 @@ import pytest
 import torch
 
 from pdserve.internal import kv_transfer_pb2, kv_transfer_pb2_grpc
+from tests.unit.threads import run_in_threads
 from transfer.contract import KVHandle, KVSender, KVTransferError
 from transfer.grpc_backend import GrpcKVSender, GrpcKVServer, layout_to_proto
 from transfer.layout import KVLayout, KVLayoutMismatch
@@ -87,22 +87,11 @@ def test_concurrent_senders_to_one_server(sender: GrpcKVSender) -> None:
     receiver = Receiver(torch.bfloat16)
     try:
         sources = [make_cache(8, torch.bfloat16, seed=seed) for seed in range(4)]
-        errors: list[BaseException] = []
 
         def push(i: int) -> None:
-            try:
-                sender.send(
-                    receiver.handle(f"r{i}", [i * 8 + j for j in range(8)]), list(range(8)), sources[i]
-                )
-            except BaseException as exc:  # surfaced below
-                errors.append(exc)
+            sender.send(receiver.handle(f"r{i}", [i * 8 + j for j in range(8)]), list(range(8)), sources[i])
 
-        threads = [threading.Thread(target=push, args=(i,)) for i in range(4)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join(timeout=20)
-        assert not errors
+        assert not run_in_threads(push, 4, timeout_s=20)
         assert sorted(receiver.ready) == ["r0", "r1", "r2", "r3"]
         for i, source in enumerate(sources):
             assert torch.equal(bits(receiver.cache[:, :, i * 8 : i * 8 + 8]), bits(source))

@@ -15,6 +15,7 @@ import torch
 
 import transfer.grpc_backend as grpc_backend
 from pdserve.internal import kv_transfer_pb2, kv_transfer_pb2_grpc
+from tests.unit.threads import run_in_threads
 from transfer.contract import KVHandle, KVTransferError
 from transfer.grpc_backend import (
     DATA_PLANE_KEY,
@@ -170,21 +171,13 @@ def test_multi_chunk_buffers_arrive_exactly_both_ways() -> None:
 def test_concurrent_socket_sends_from_two_threads(server: Server) -> None:
     sender = GrpcKVSender(MODEL, socket_min_bytes=0)
     sources = [make_cache(16, seed=10 + i) for i in range(2)]
-    errors: list[BaseException] = []
 
     def push(i: int) -> None:
-        try:
-            for round_ in range(5):  # several sends per thread, interleaving on the server
-                dst_ids = [i * 16 + (j + round_) % 16 for j in range(16)]
-                sender.send(server.handle(f"t{i}-{round_}", dst_ids), list(range(16)), sources[i])
-        except BaseException as exc:  # surfaced below
-            errors.append(exc)
+        for round_ in range(5):  # several sends per thread, interleaving on the server
+            dst_ids = [i * 16 + (j + round_) % 16 for j in range(16)]
+            sender.send(server.handle(f"t{i}-{round_}", dst_ids), list(range(16)), sources[i])
 
-    threads = [threading.Thread(target=push, args=(i,)) for i in range(2)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=30)
+    errors = run_in_threads(push, 2, timeout_s=30)
     sender.close()
     assert not errors
     assert sorted(server.ready) == sorted(f"t{i}-{r}" for i in range(2) for r in range(5))
@@ -450,23 +443,14 @@ def test_cuda_sends_stage_through_reused_pinned_buffers(socket_min_bytes: int | 
     decode.server.start()
     sender = GrpcKVSender(MODEL, socket_min_bytes=socket_min_bytes)
     sources = [make_cache(32, torch.bfloat16, seed=20 + i, **dims).cuda() for i in range(2)]
-    errors: list[BaseException] = []
 
     def push(i: int) -> None:
-        try:
-            for round_ in range(4):
-                dst_ids = [i * 32 + (j + round_) % 32 for j in range(32)]
-                sender.send(decode.handle(f"g{i}-{round_}", dst_ids), list(range(32)), sources[i])
-        except BaseException as exc:  # surfaced below
-            errors.append(exc)
+        for round_ in range(4):
+            dst_ids = [i * 32 + (j + round_) % 32 for j in range(32)]
+            sender.send(decode.handle(f"g{i}-{round_}", dst_ids), list(range(32)), sources[i])
 
     try:
-        threads = [threading.Thread(target=push, args=(i,)) for i in range(2)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join(timeout=60)
-        assert not errors
+        assert not run_in_threads(push, 2, timeout_s=60)
         assert len(received) == 8 and all(received)
         free = sender._staging._free
         assert 1 <= len(free) <= 2 and all(buffer.is_pinned() for buffer in free)
