@@ -88,10 +88,9 @@ class ModelRunner:
             self.warm_up()
 
     # (sequences, new tokens each, cached prefix tokens each, decode rows): a large mixed step
-    # (the paged prefill kernel's 128-row tiles) and a small one (its 64-row tiles); their decode
-    # rows take the split-K decode kernel, and 40 and 80 decode rows its one-partition variants
-    # (3 and 2 pipeline stages; see `TritonAttention.decode`).
-    WARM_UP_STEPS = ((9, 256, 16, 4), (2, 8, 16, 2), (1, 8, 16, 40), (1, 8, 16, 80))
+    # (the paged prefill kernel's 128-row tiles) and a small one (its 64-row tiles). Mixed steps
+    # with the backend's `warm_up_decode_rows` follow: one per decode-kernel variant.
+    WARM_UP_STEPS = ((9, 256, 16, 4), (2, 8, 16, 2))
 
     @torch.inference_mode()
     def warm_up(self) -> None:
@@ -100,7 +99,9 @@ class ModelRunner:
         compile takes seconds). Decode shapes are compiled by the CUDA-graph capture."""
         bs = self.block_size
         requests: dict[str, Request] = {}
-        for num_seqs, q_len, prefix, num_decode in self.WARM_UP_STEPS:
+        decode_rows = self.backend.warm_up_decode_rows(self.config.num_key_value_heads, self.device)
+        steps = self.WARM_UP_STEPS + tuple((1, 8, 16, rows) for rows in decode_rows)
+        for num_seqs, q_len, prefix, num_decode in steps:
             out = SchedulerOutput()
             next_block = 0
             rows = [(prefix, q_len)] * num_seqs + [(prefix + q_len, 1)] * num_decode

@@ -16,6 +16,10 @@ from engine.attention.metadata import AttentionMetadata, write_kv
 class ReferenceAttention:
     name = "reference"
 
+    @staticmethod
+    def warm_up_decode_rows(num_kv_heads: int, device: torch.device) -> tuple[int, ...]:
+        return ()  # nothing to compile
+
     def forward(
         self,
         query: torch.Tensor,  # [T, Hq, D]

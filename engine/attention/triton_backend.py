@@ -39,7 +39,7 @@ import triton.language as tl
 from engine.attention.metadata import AttentionMetadata
 from engine.attention.sdpa_prefill import sdpa_prefill, use_sdpa_prefill
 from engine.attention.triton_common import LOG2_E, dot_precision, needs_wide_offsets, num_sms
-from engine.attention.triton_decode import decode_attention
+from engine.attention.triton_decode import decode_attention, decode_variant_batch_sizes
 
 
 # Kernel argument lists are packed by role; `ruff format` would put one per line.
@@ -193,6 +193,11 @@ class TritonAttention:
 
     name = "triton"
     decode = staticmethod(decode_attention)  # triton_decode: split-K flash-decoding
+
+    @staticmethod
+    def warm_up_decode_rows(num_kv_heads: int, device: torch.device) -> tuple[int, ...]:
+        """Decode-row counts of a mixed step that reach every compiled decode-kernel variant."""
+        return decode_variant_batch_sizes(num_kv_heads, device)
 
     def forward(
         self,

@@ -192,6 +192,22 @@ def decode_num_partitions(
     return min(num_partitions, max_partitions)
 
 
+def decode_num_stages(num_programs: int, device: torch.device) -> int:
+    """Pipeline stages of the kernel's tile loop. H200 sweep (32-layer graph): with about 8
+    programs per SM (batch 128), 2 stages leave room for more resident programs: 141 -> 134 us
+    per layer at ctx 1,024, 0.94 of copy; with about 2 per SM (batch 32, ctx 2,048) 3 stages are
+    faster (78 vs 84 us)."""
+    return 2 if num_programs >= 4 * num_sms(device) else 3
+
+
+def decode_variant_batch_sizes(num_kv_heads: int, device: torch.device) -> tuple[int, ...]:
+    """One batch size (decode rows) per compiled variant of the kernel, for warm-up: split-K (given
+    a context of a few tiles), one partition with 3 pipeline stages, and with 2 (the thresholds
+    of `decode_num_partitions` and `decode_num_stages`)."""
+    sms = num_sms(device)
+    return (1, triton.cdiv(2 * sms, num_kv_heads), triton.cdiv(4 * sms, num_kv_heads))
+
+
 def decode_attention(
     query: torch.Tensor,  # [S, Hq, D], one token per sequence
     kv_cache_layer: torch.Tensor,
@@ -215,12 +231,7 @@ def decode_attention(
         num_partitions = max(1, triton.cdiv(max_seq_len, partition_size))
     else:
         num_partitions = decode_num_partitions(num_seqs, num_kv_heads, max_seq_len, query.device, block_n)
-    if num_stages is None:
-        # H200 sweep (32-layer graph): with about 8 programs per SM (batch 128), 2 stages leave
-        # room for more resident programs: 141 -> 134 us per layer at ctx 1,024, 0.94 of copy;
-        # with about 2 per SM (batch 32, ctx 2,048) 3 stages are faster (78 vs 84 us).
-        many = num_seqs * num_kv_heads * num_partitions >= 4 * num_sms(query.device)
-        num_stages = 2 if many else 3
+    num_stages = num_stages or decode_num_stages(num_seqs * num_kv_heads * num_partitions, query.device)
     if num_partitions > 1:
         partial_out = torch.empty(
             (num_seqs, num_q_heads, num_partitions, head_dim), dtype=torch.float32, device=query.device
@@ -248,4 +259,10 @@ def decode_attention(
     # fmt: on
 
 
-__all__ = ["MERGE_CHUNK", "decode_attention", "decode_num_partitions"]
+__all__ = [
+    "MERGE_CHUNK",
+    "decode_attention",
+    "decode_num_partitions",
+    "decode_num_stages",
+    "decode_variant_batch_sizes",
+]

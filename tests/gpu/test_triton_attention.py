@@ -339,3 +339,25 @@ def test_mixed_steps_compile_once_for_any_number_of_decode_rows() -> None:
     for num_decodes in (1, 2, 3, 5, 6, 7, 9, 13, one_partition + 1, 21, 33, two_stages + 1, 100):
         mixed(num_decodes)
     assert num_compiled() == baseline
+
+
+@pytest.mark.parametrize("num_kv_heads", [1, 2, 8])
+def test_warm_up_batch_sizes_reach_every_decode_variant(num_kv_heads: int, device: str) -> None:
+    """The runner's warm-up runs mixed steps with these decode-row counts; each must land on the
+    other side of a variant threshold (partitions, pipeline stages) than the count before it."""
+    from engine.attention.triton_decode import (
+        decode_num_partitions,
+        decode_num_stages,
+        decode_variant_batch_sizes,
+    )
+
+    dev = torch.device(device)
+    _, one_partition, two_stages = decode_variant_batch_sizes(num_kv_heads, dev)
+
+    def variant(rows: int, context: int = 8192) -> tuple[bool, int]:
+        parts = decode_num_partitions(rows, num_kv_heads, context, dev, 64)
+        return parts > 1, decode_num_stages(rows * num_kv_heads * parts, dev)
+
+    assert variant(one_partition - 1) == (True, 3) and variant(one_partition) == (False, 3)
+    assert variant(two_stages - 1) == (False, 3) and variant(two_stages) == (False, 2)
+    assert variant(1, context=300) == (True, 3)  # the first warm-up step's decode rows split K
