@@ -30,7 +30,8 @@ from dataclasses import asdict, dataclass
 import torch
 
 from transfer.contract import KVHandle
-from transfer.grpc_backend import GrpcKVSender, GrpcKVServer
+from transfer.grpc_backend import GrpcKVSender
+from transfer.grpc_server import GrpcKVServer
 from transfer.layout import KVLayout
 from transfer.packing import buffer_nbytes, layer_chunks, pack_blocks, unpack_blocks, unpack_into
 

@@ -28,7 +28,7 @@ class DecodeActor(WorkerActor):
         self._receiver = None
         self._grpc_server = None
         if role == "decode" and transfer_backend == "grpc":
-            from transfer.grpc_backend import GrpcKVServer
+            from transfer.grpc_server import GrpcKVServer
 
             if grpc_host == "auto":  # this node's address, reachable from other nodes
                 import ray

@@ -17,7 +17,8 @@ from prefill_worker.worker import PrefillWorker
 from router.policy import make_policy
 from router.server import RouterServer
 from router.service import LocalWorkerClient, ModelSummary, RouterCore
-from transfer.grpc_backend import GrpcKVSender, GrpcKVServer
+from transfer.grpc_backend import GrpcKVSender
+from transfer.grpc_server import GrpcKVServer
 
 
 class InProcessDeployment:

@@ -1,7 +1,8 @@
 """Moving a request's KV blocks between workers: contract, packing, and the nccl/gloo and gRPC backends.
 
 Importing this package loads only the torch-free pieces (layout, contract); import
-`transfer.packing`, `transfer.nccl_backend` or `transfer.grpc_backend` for the rest.
+`transfer.packing`, `transfer.nccl_backend` or `transfer.grpc_backend` (sender) and
+`transfer.grpc_server` (receiver) for the rest.
 """
 
 from transfer.contract import KVHandle, KVReceiverCallback, KVSender, KVTransferError, TransferStats

@@ -30,8 +30,8 @@ On CUDA the sender copies the packed buffer to host through a reused pinned
 staging buffer with a non-blocking copy (one per send in flight); CPU caches are
 packed straight into host memory as before.
 
-The server is the synchronous `grpc.server` over a thread pool, so it can live
-inside a Ray actor next to the engine loop; the callback runs on a server thread.
+This module holds the protocol's shared constants and the sender (`GrpcKVSender`);
+the receiving side is `transfer.grpc_server.GrpcKVServer`.
 """
 
 from __future__ import annotations
@@ -40,28 +40,22 @@ import logging
 import threading
 import time
 from collections.abc import Iterator, Sequence
-from concurrent import futures
 
 import grpc
 import torch
-from google.protobuf.message import DecodeError
 
 from pdserve.internal import kv_transfer_pb2
 from pdserve.internal.kv_transfer_pb2 import KVHeader
-from transfer.contract import KVHandle, KVReceiverCallback, KVTransferError, TransferStats, check_send_args
+from transfer.contract import KVHandle, KVTransferError, TransferStats, check_send_args
 from transfer.grpc_data import (
     DataConnectError,
-    DataListener,
     StagingPool,
     connect_and_send,
     encode_data_chunk,
-    host_buffer,
-    parse_chunk,
-    recv_payload,
     split_host_port,
 )
-from transfer.layout import KVLayout, KVLayoutMismatch, normalize_dtype_name
-from transfer.packing import buffer_nbytes, dtype_from_name, pack_blocks, to_bytes
+from transfer.layout import KVLayout, KVLayoutMismatch
+from transfer.packing import buffer_nbytes, pack_blocks, to_bytes
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +81,7 @@ DATA_TOKEN_KEY = "pdserve-data-token"
 SERVICE = "pdserve.internal.KVTransfer"
 PUSH_KV = f"/{SERVICE}/PushKV"
 
-_CHANNEL_OPTIONS = [
+CHANNEL_OPTIONS = [
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
     # HTTP/2 flow control: let a stream run 64 MiB ahead of the reader. BDP probing sizes the window
@@ -116,226 +110,6 @@ def layout_from_proto(info: kv_transfer_pb2.KVLayoutInfo) -> KVLayout:
         head_dim=info.head_dim,
         block_size=info.block_size,
     )
-
-
-class _KVTransferServicer:
-    """`PushKV` over raw request bytes (no per-chunk protobuf parse; see `grpc_data.parse_chunk`)."""
-
-    def __init__(
-        self, on_kv_received: KVReceiverCallback, expected_layout: KVLayout, pin_memory: bool
-    ) -> None:
-        self.on_kv_received = on_kv_received
-        self.expected_layout = expected_layout
-        self.pin_memory = pin_memory
-        self.data_listener: DataListener | None = None  # the server's data port, set by start()
-
-    def PushKV(  # noqa: N802 (gRPC method name)
-        self, request_iterator: Iterator[bytes], context: grpc.ServicerContext
-    ) -> kv_transfer_pb2.PushKVReply:
-        first = next(request_iterator, None)
-        header = None if first is None else self._parse(first, "", context)[0]
-        if header is None:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "PushKV: the first chunk must carry the header")
-        shape = self._check_header(header, context)
-        buffer = host_buffer(header.total_bytes, self.pin_memory)  # uint8 [total_bytes]
-        metadata = dict(context.invocation_metadata())
-        if metadata.get(DATA_PLANE_KEY) == DATA_PLANE_SOCKET:
-            self._receive_socket(header, buffer, request_iterator, context)
-        else:
-            self._receive_inband(header, buffer, request_iterator, context)
-        tensor = buffer.view(dtype_from_name(header.dtype)).view(shape)  # CPU, shares `buffer`
-        try:
-            self.on_kv_received(header.req_id, list(header.block_ids), tensor)
-        except Exception as exc:  # report it to the sender rather than as an opaque UNKNOWN
-            context.abort(grpc.StatusCode.INTERNAL, f"{header.req_id}: on_kv_received failed: {exc!r}")
-        # Drop the buffer only once the call is over: freeing a few hundred MB (munmap) takes ~15 ms,
-        # which the reply, and with it the sender, need not wait for.
-        context.add_callback(lambda: buffer)
-        return kv_transfer_pb2.PushKVReply(req_id=header.req_id, received_bytes=header.total_bytes)
-
-    @staticmethod
-    def _parse(raw: bytes, req_id: str, context: grpc.ServicerContext) -> tuple[KVHeader | None, memoryview]:
-        try:
-            return parse_chunk(raw)
-        except DecodeError as exc:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{req_id or 'PushKV'}: bad KVChunk: {exc}")
-
-    def _prefault(self, buffer: torch.Tensor) -> None:
-        # Fault fresh pageable pages in now, with torch's threads: 268 MB took ~45 ms this way then
-        # ~50 ms to recv into, against 120-190 ms when recv faulted them in one by one (2-core VM).
-        # Pinned memory is resident already.
-        if not self.pin_memory:
-            buffer.zero_()
-
-    def _receive_inband(
-        self, header: KVHeader, buffer: torch.Tensor, chunks: Iterator[bytes], context: grpc.ServicerContext
-    ) -> None:
-        self._prefault(buffer)
-        view = memoryview(buffer.numpy())
-        received = 0
-        for raw in chunks:
-            second_header, data = self._parse(raw, header.req_id, context)
-            if second_header is not None:
-                context.abort(
-                    grpc.StatusCode.INVALID_ARGUMENT, f"{header.req_id}: second header in one stream"
-                )
-            end = received + data.nbytes
-            if end > header.total_bytes:
-                context.abort(
-                    grpc.StatusCode.INVALID_ARGUMENT,
-                    f"{header.req_id}: more than the announced {header.total_bytes} bytes",
-                )
-            view[received:end] = data  # the one copy out of gRPC's message
-            received = end
-        if received != header.total_bytes:
-            context.abort(
-                grpc.StatusCode.DATA_LOSS,
-                f"{header.req_id}: stream ended after {received} of {header.total_bytes} bytes",
-            )
-
-    def _receive_socket(
-        self, header: KVHeader, buffer: torch.Tensor, chunks: Iterator[bytes], context: grpc.ServicerContext
-    ) -> None:
-        req_id, total, listener = header.req_id, header.total_bytes, self.data_listener
-        if listener is None:
-            context.abort(grpc.StatusCode.UNAVAILABLE, f"{req_id}: the server has no data port open")
-        timeout_s = min(context.time_remaining() or DEFAULT_TIMEOUT_S, DEFAULT_TIMEOUT_S)
-        ticket = listener.expect()  # a fresh one-time token for this call's data connection
-        try:
-            # A cancelled or expired call frees its token and wakes this thread out of wait/recv.
-            if not context.add_callback(lambda: listener.cancel(ticket)):
-                context.abort(grpc.StatusCode.CANCELLED, f"{req_id}: call ended before the data connection")
-            context.send_initial_metadata(
-                ((DATA_PORT_KEY, str(listener.port)), (DATA_TOKEN_KEY, ticket.token.hex()))
-            )
-            self._prefault(buffer)  # while the sender packs and connects
-            try:
-                conn = listener.wait(ticket, timeout_s)
-            except TimeoutError as exc:
-                context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, f"{req_id}: no data connection: {exc}")
-            except OSError as exc:  # cancelled, or the server is stopping
-                context.abort(grpc.StatusCode.UNAVAILABLE, f"{req_id}: no data connection: {exc}")
-            try:
-                received, extra = recv_payload(conn, memoryview(buffer.numpy()), timeout_s)
-            except OSError as exc:
-                context.abort(grpc.StatusCode.DATA_LOSS, f"{req_id}: data connection failed: {exc!r}")
-        finally:
-            listener.release(ticket)  # closes the connection
-        if received != total:
-            context.abort(
-                grpc.StatusCode.DATA_LOSS,
-                f"{req_id}: data connection closed after {received} of {total} bytes",
-            )
-        if extra:
-            context.abort(
-                grpc.StatusCode.INVALID_ARGUMENT, f"{req_id}: more than the announced {total} bytes"
-            )
-        if next(chunks, None) is not None:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{req_id}: in-band chunk in a socket transfer")
-
-    def _check_header(self, header: KVHeader, context: grpc.ServicerContext) -> tuple[int, ...]:
-        try:
-            incoming = layout_from_proto(header.layout)
-        except ValueError as exc:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{header.req_id}: bad layout: {exc}")
-        if incoming.fingerprint() != header.layout.fingerprint:
-            context.abort(
-                grpc.StatusCode.INVALID_ARGUMENT,
-                f"{header.req_id}: layout fingerprint {header.layout.fingerprint} does not match its fields",
-            )
-        differences = incoming.differences(self.expected_layout, "prefill", "decode")
-        if differences:
-            context.set_trailing_metadata(((ERROR_KIND_KEY, LAYOUT_MISMATCH),))
-            context.abort(
-                grpc.StatusCode.FAILED_PRECONDITION, "KV cache layout mismatch: " + "; ".join(differences)
-            )
-        shape = tuple(int(size) for size in header.shape)
-        expected_shape = self.expected_layout.buffer_shape(len(header.block_ids))
-        if shape != expected_shape or normalize_dtype_name(header.dtype) != self.expected_layout.dtype:
-            context.abort(
-                grpc.StatusCode.INVALID_ARGUMENT,
-                f"{header.req_id}: buffer {header.dtype}{list(shape)} != expected "
-                f"{self.expected_layout.dtype}{list(expected_shape)} for {len(header.block_ids)} blocks",
-            )
-        expected_bytes = buffer_nbytes(self.expected_layout, len(header.block_ids))
-        if header.total_bytes != expected_bytes:
-            context.abort(
-                grpc.StatusCode.INVALID_ARGUMENT,
-                f"{header.req_id}: total_bytes {header.total_bytes} != {expected_bytes} "
-                f"for shape {list(shape)}",
-            )
-        return shape
-
-
-class GrpcKVServer:
-    """Decode side: receives pushed KV buffers and hands them to `on_kv_received`.
-
-    `pin_memory` (default: whether CUDA is available) receives into pinned host memory, so a
-    callback that copies the buffer to the GPU does it at full link speed; torch's caching host
-    allocator recycles those buffers once the callback has dropped them.
-
-    `data_port`: the one TCP port, on the bind host, that every socket-plane transfer's bytes come
-    in on (0 picks a free one at `start`; the bound one is then `self.data_port`). Opened by `start`,
-    closed by `stop`; give it a fixed value to open it in a firewall.
-    """
-
-    def __init__(
-        self,
-        bind: str,
-        on_kv_received: KVReceiverCallback,
-        expected_layout: KVLayout,
-        max_workers: int = 4,
-        pin_memory: bool | None = None,
-        data_port: int = 0,
-    ) -> None:
-        self.bind = bind  # "host:port"; port 0 picks a free one
-        self._server = grpc.server(
-            futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="kv-recv"),
-            options=_CHANNEL_OPTIONS,
-        )
-        self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
-        self._data_address = (split_host_port(bind)[0], data_port)  # data connections come in on it only
-        self._servicer = _KVTransferServicer(on_kv_received, expected_layout, self.pin_memory)
-        # Requests stay raw bytes (no deserializer): the servicer slices the payload out itself.
-        push_kv = grpc.stream_unary_rpc_method_handler(
-            self._servicer.PushKV, response_serializer=kv_transfer_pb2.PushKVReply.SerializeToString
-        )
-        self._server.add_generic_rpc_handlers(
-            (grpc.method_handlers_generic_handler(SERVICE, {"PushKV": push_kv}),)
-        )
-        self.port: int | None = None
-        self.data_port: int | None = None
-        self._data_listener: DataListener | None = None
-
-    def start(self) -> int:
-        """Open the data port, bind and start serving; returns the bound gRPC port."""
-        host, port = self._data_address
-        try:
-            self._data_listener = DataListener(host, port)
-        except OSError as exc:
-            raise KVTransferError(f"GrpcKVServer could not open data port {host}:{port}: {exc!r}") from exc
-        self.port = self._server.add_insecure_port(self.bind)
-        if self.port == 0:
-            self._data_listener.close()
-            raise KVTransferError(f"GrpcKVServer could not bind {self.bind}")
-        self.data_port = self._data_listener.port
-        self._servicer.data_listener = self._data_listener
-        self._server.start()
-        return self.port
-
-    @property
-    def address(self) -> str:
-        """ "host:port" to put in `KVHandle.grpc_address` (the bind host, with the real port)."""
-        if self.port is None:
-            raise RuntimeError("GrpcKVServer.address before start()")
-        host = self.bind.rsplit(":", 1)[0]
-        return f"{host}:{self.port}"
-
-    def stop(self, grace_s: float | None = 1.0) -> None:
-        """Stop serving (calls still running after `grace_s` are cancelled), then close the data port."""
-        self._server.stop(grace_s).wait()
-        if self._data_listener is not None:
-            self._data_listener.close()
 
 
 class GrpcKVSender:
@@ -369,7 +143,7 @@ class GrpcKVSender:
     def _rpc_for(self, address: str) -> grpc.StreamUnaryMultiCallable:
         with self._lock:
             if address not in self._rpcs:
-                channel = grpc.insecure_channel(address, options=_CHANNEL_OPTIONS)
+                channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
                 self._channels[address] = channel
                 # Requests go out as bytes we encoded ourselves (no serializer).
                 self._rpcs[address] = channel.stream_unary(

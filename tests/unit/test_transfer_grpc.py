@@ -17,7 +17,8 @@ import torch
 from pdserve.internal import kv_transfer_pb2, kv_transfer_pb2_grpc
 from tests.unit.threads import run_in_threads
 from transfer.contract import KVHandle, KVSender, KVTransferError
-from transfer.grpc_backend import GrpcKVSender, GrpcKVServer, layout_to_proto
+from transfer.grpc_backend import GrpcKVSender, layout_to_proto
+from transfer.grpc_server import GrpcKVServer
 from transfer.layout import KVLayout, KVLayoutMismatch
 from transfer.packing import pack_blocks, unpack_into
 

@@ -23,7 +23,6 @@ from transfer.grpc_backend import (
     DATA_PORT_KEY,
     DATA_TOKEN_KEY,
     GrpcKVSender,
-    GrpcKVServer,
     layout_to_proto,
 )
 from transfer.grpc_data import (
@@ -36,6 +35,7 @@ from transfer.grpc_data import (
     parse_chunk,
     split_host_port,
 )
+from transfer.grpc_server import GrpcKVServer
 from transfer.layout import KVLayout
 from transfer.packing import buffer_nbytes, pack_blocks, unpack_into
 
