@@ -42,6 +42,11 @@ class AttentionMetadata:
             n += 1
         return n
 
+    @cached_property
+    def max_decode_seq_len(self) -> int:
+        """Longest context among the leading decode rows (0 without any): the decode kernel's bound."""
+        return max(self.seq_lens_cpu[: self.num_decodes], default=0)
+
 
 def write_kv(
     key: torch.Tensor, value: torch.Tensor, kv_cache_layer: torch.Tensor, slot_mapping: torch.Tensor

@@ -35,11 +35,11 @@ def use_sdpa_prefill(
 ) -> bool:
     """True when sequences [first_seq, S) are at most MAX_SEQS prefills, none with a cached prefix
     (a mixed step's leading decode rows, one token each, go to the decode kernel instead)."""
+    if not ENABLED or not 0 < meta.num_seqs - first_seq <= MAX_SEQS:
+        return False  # before any per-sequence work: this runs once per layer
     query_lens, seq_lens = meta.query_lens_cpu[first_seq:], meta.seq_lens_cpu[first_seq:]
     return (
-        ENABLED
-        and 0 < len(query_lens) <= MAX_SEQS
-        and query.shape[-1] <= MAX_HEAD_DIM
+        query.shape[-1] <= MAX_HEAD_DIM
         # The Triton path reads K/V back from the cache; equal dtypes make the new K/V the same values.
         and query.dtype == key.dtype == value.dtype == kv_cache_layer.dtype
         and query_lens == seq_lens  # no cached prefix anywhere

@@ -229,10 +229,9 @@ class TritonAttention:
             return sdpa_prefill(query, key, value, meta.query_lens_cpu, scale)
         out = torch.empty(query.shape, dtype=query.dtype, device=query.device)
         if nd:
-            max_decode_len = max(meta.seq_lens_cpu[:nd])
             self.decode(
-                query[:nd], kv_cache_layer, meta.block_tables[:nd], meta.seq_lens[:nd], max_decode_len, scale,
-                out[:nd],
+                query[:nd], kv_cache_layer, meta.block_tables[:nd], meta.seq_lens[:nd],
+                meta.max_decode_seq_len, scale, out[:nd],
             )  # fmt: skip
         if sdpa:  # one token per decode row: the prefill rows start at row nd
             out[nd:] = sdpa_prefill(query[nd:], key[nd:], value[nd:], meta.query_lens_cpu[nd:], scale)
