@@ -55,7 +55,8 @@ def available(device: torch.device | str, dtype: torch.dtype | None = None) -> b
     return HAS_TRITON and not _DISABLED and torch.device(device).type == "cuda"
 
 
-def _interpreting() -> bool:
+def interpreting() -> bool:
+    """Under Triton's CPU interpreter (libdevice is unavailable there)."""
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
@@ -392,7 +393,7 @@ def rotary_embedding_triton_(
         *cache_args,
         BLOCK_HALF=block_half,
         BLOCK_H=block_h,
-        USE_LIBDEVICE=not _interpreting(),
+        USE_LIBDEVICE=not interpreting(),
         STORE_KV=store,
         num_warps=2 if block_h * block_half <= 512 else 4,
     )
@@ -427,7 +428,7 @@ def silu_and_mul_triton(gate_up: torch.Tensor) -> torch.Tensor:
             out.stride(0),
             inter,
             BLOCK=block,
-            USE_LIBDEVICE=not _interpreting(),
+            USE_LIBDEVICE=not interpreting(),
             num_warps=_num_warps(block),
         )
     return out.view(*gate_up.shape[:-1], inter)

@@ -24,7 +24,7 @@ import os
 import torch
 from torch.nn import functional as F
 
-from engine.model.fused_ops import silu_and_mul
+from engine.model.fused_ops import interpreting, silu_and_mul
 
 try:
     import triton
@@ -125,7 +125,7 @@ def gemv_triton(
     _gemv_kernel[(n_out // BLOCK_N,)](
         x, weight, bias if bias is not None else weight, y, k, weight.stride(0), n_out,
         HAS_BIAS=bias is not None, SILU_MUL=silu_mul_out, BLOCK_N=BLOCK_N, BLOCK_K=block_k, STAGES=stages,
-        USE_LIBDEVICE=os.environ.get("TRITON_INTERPRET") != "1", num_warps=4,
+        USE_LIBDEVICE=not interpreting(), num_warps=4,
     )
     # fmt: on
     return y
