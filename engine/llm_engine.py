@@ -33,6 +33,7 @@ from engine.core.outputs import RequestOutput
 from engine.core.request import Request, validate_prompt
 from engine.core.sampling_params import SamplingParams
 from engine.core.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
+from engine.gc_heap import freeze_startup_heap
 from engine.model_runner import ModelRunner, SampledTokens, parse_dtype
 
 ROLES = ("both", "prefill", "decode")
@@ -54,6 +55,9 @@ class EngineConfig:
     enforce_eager: bool = False  # no CUDA graphs for decode
     async_scheduling: bool = True  # overlap host work with the GPU (not in the prefill role)
     role: str = "both"
+    # Record BlockStored/BlockRemoved for the router's cache index; off where nothing drains
+    # them (the offline LLM), or the list grows with every block ever cached.
+    kv_events: bool = True
 
     def validate(self) -> None:
         if self.role not in ROLES:
@@ -97,7 +101,7 @@ class LLMEngine:
             enforce_eager=config.enforce_eager,
         )
         self.kv_manager = KVCacheManager(
-            self.runner.num_blocks, config.block_size, config.enable_prefix_caching
+            self.runner.num_blocks, config.block_size, config.enable_prefix_caching, config.kv_events
         )
         self.scheduler = Scheduler(
             SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens, max_model_len),
@@ -109,6 +113,7 @@ class LLMEngine:
         self.num_steps = 0
         self.async_scheduling = config.async_scheduling and self.role != "prefill"
         self._in_flight: tuple[SchedulerOutput, SampledTokens] | None = None  # launched, not yet read
+        freeze_startup_heap()  # last: the model, its kernels and the KV pool are all built
 
     # -- properties ---------------------------------------------------------
     @property
