@@ -31,6 +31,8 @@ import time
 from datetime import datetime
 from pathlib import Path
 
+import numpy as np
+
 from bench.datasets import BenchRequest, sample_prefix_repetition, sample_random
 from bench.serve import run_benchmark
 from deploy.launcher import up
@@ -87,10 +89,16 @@ def measure_streaming(args: argparse.Namespace) -> dict[str, object]:
         seed=2,
         excluded_token_ids=[TINY_EOS],
     )
-    # the engine the deployment's workers run, without prefix caching: every prompt is new anyway
+    # the engine the deployment's workers run, without prefix caching (every prompt is new anyway)
+    # and synchronous, as the prefill role runs it: with async scheduling a step returns the
+    # previous step's tokens, so the prompt's first token would come out of the step after.
     engine = LLMEngine(
         EngineConfig(
-            model="tiny", num_gpu_blocks=4096, max_num_batched_tokens=2048, enable_prefix_caching=False
+            model="tiny",
+            num_gpu_blocks=4096,
+            max_num_batched_tokens=2048,
+            enable_prefix_caching=False,
+            async_scheduling=False,
         )
     )
     for index in range(3):  # the first steps are slow (allocator, kernels): not measured
@@ -120,6 +128,13 @@ def measure_streaming(args: argparse.Namespace) -> dict[str, object]:
     if capacity["failed"]:
         raise RuntimeError(f"{capacity['failed']} streams failed: {set(capacity['errors'])}")
     num_chunks = sum(len(itls) + 1 for itls in capacity["itls"])
+    # per request: what the client waited beyond the router's own ttft_ms (the router's clock
+    # starts when its handler runs, so this holds the wait to be accepted and the way back)
+    ttft_gaps_ms = [
+        client_s * 1e3 - router_ms
+        for client_s, router_ms in zip(capacity["ttfts"], capacity["server_ttfts_ms"], strict=True)
+        if client_s is not None and router_ms is not None
+    ]
     engine_ceiling = offline_tokens_per_s(stream_requests)
     columns = {key: [row[key] for row in per_request] for key in per_request[0]}
     engine_med = median(columns["engine_prefill_ms"])
@@ -136,6 +151,8 @@ def measure_streaming(args: argparse.Namespace) -> dict[str, object]:
             "tokens_per_chunk": capacity["total_output_tokens"] / num_chunks,
             "median_ttft_ms": capacity["median_ttft_ms"],
             "median_router_ttft_ms": median([t for t in capacity["server_ttfts_ms"] if t is not None]),
+            "median_ttft_gap_ms": median(ttft_gaps_ms),
+            "p90_ttft_gap_ms": float(np.percentile(ttft_gaps_ms, 90)) if ttft_gaps_ms else float("nan"),
             "median_itl_ms": capacity["median_itl_ms"],
             "p99_itl_ms": capacity["p99_itl_ms"],
         },
@@ -222,6 +239,8 @@ def format_tables(report: dict[str, object]) -> str:
             f"  tokens per chunk       {s['tokens_per_chunk']:8.2f}",
             f"  median / p99 ITL       {s['median_itl_ms']:8.1f} / {s['p99_itl_ms']:.1f} ms",
             f"  median TTFT client / router  {s['median_ttft_ms']:.1f} / {s['median_router_ttft_ms']:.1f} ms",
+            f"  client - router TTFT   {s['median_ttft_gap_ms']:8.1f} ms median, "
+            f"{s['p90_ttft_gap_ms']:.1f} ms p90 (per request)",
             f"Added TTFT, {a['num_requests']} sequential {a['input_len']}-token prompts (medians):",
             f"  engine prefill step    {a['median_engine_prefill_ms']:8.2f} ms",
             f"  router ttft_ms         {a['median_router_ttft_ms']:8.2f} ms "

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from engine.gc_heap import freeze_startup_heap
 from router.policy import make_policy
 from router.server import RouterServer
 from router.service import ModelSummary, RayWorkerClient, RouterCore
@@ -44,6 +45,9 @@ class RouterActor:
     async def start(self) -> str:
         """Bind, wait until every worker has reported, then report SERVING. Returns host:port."""
         url = await self.server.start()
+        # Before SERVING, so this one collection holds up no request: a full collection
+        # otherwise stops the event loop, and every stream and call waiting to be accepted.
+        freeze_startup_heap()
         await self.server.wait_workers_ready()
         return url
 

@@ -6,6 +6,7 @@ routes through a policy and an admission queue, drives the chosen workers
 (reserve on decode -> prefill -> start decode), and turns the decode worker's
 per-step batches into per-request streams. One poll loop per worker drains its
 outputs, KV events and load: one message per worker per poll, never one per token.
+Outputs that pile up for a stream while its consumer is busy leave as one `Chunk`.
 
 Workers are reached through `WorkerClient`s with async methods; `RayWorkerClient`
 wraps a Ray actor handle and `LocalWorkerClient` an in-process object.
@@ -77,6 +78,16 @@ class _Stream:
     decode_worker_id: str | None = None
     prefill_worker_id: str | None = None
     kv_wait_ms: float = 0.0
+
+
+def _take_queued(queue: asyncio.Queue, first: Any) -> list[Any]:
+    """`first` and whatever is already queued behind it, in order; never waits."""
+    items = [first]
+    while True:
+        try:
+            items.append(queue.get_nowait())
+        except asyncio.QueueEmpty:
+            return items
 
 
 class RayWorkerClient:
@@ -299,25 +310,46 @@ class RouterCore:
                     return
                 await decode.call("start", req_id, result.first_token_id)
             while True:
-                item = await stream.queue.get()
-                if isinstance(item, RouterError):
-                    raise item
-                out: RequestOutput = item
-                if out.error is not None:
-                    raise RouterError("ABORTED", f"request {req_id} failed: {out.error}")
-                if first_token_at is None and out.new_token_ids:
-                    first_token_at = time.perf_counter()
-                    prefill_ms = (first_token_at - routed) * 1e3
-                    cached_tokens = out.num_cached_tokens
-                completion_tokens += len(out.new_token_ids)
-                delta = processor.process(req_id, out.new_token_ids, out.finished)
-                if delta.token_ids or delta.text:
-                    yield Chunk(delta.token_ids, delta.text)
-                if delta.stopped and not out.finished:
-                    await decode.call("abort", req_id)
-                if out.finished or delta.stopped:
+                # Everything queued for this stream goes out as one chunk (vLLM's
+                # RequestOutputCollector does the same): a consumer that fell behind, e.g.
+                # a slow gRPC write, catches up in one message instead of one per step.
+                # Never waits for more: the first output still leaves as soon as it lands.
+                items = _take_queued(stream.queue, await stream.queue.get())
+                token_ids: list[int] = []
+                text_parts: list[str] = []
+                failure: RouterError | None = None
+                last: RequestOutput | None = None  # the output that ended the request
+                stopped = False
+                for item in items:
+                    if isinstance(item, RouterError):
+                        failure = item
+                        break
+                    if item.error is not None:
+                        failure = RouterError("ABORTED", f"request {req_id} failed: {item.error}")
+                        break
+                    if first_token_at is None and item.new_token_ids:
+                        first_token_at = time.perf_counter()
+                        prefill_ms = (first_token_at - routed) * 1e3
+                        cached_tokens = item.num_cached_tokens
+                    completion_tokens += len(item.new_token_ids)
+                    # One output at a time, as they came: stop strings and min_tokens are
+                    # judged at each step's boundary exactly as without merging.
+                    delta = processor.process(req_id, item.new_token_ids, item.finished)
+                    token_ids += delta.token_ids
+                    text_parts.append(delta.text)
+                    if item.finished or delta.stopped:
+                        last, stopped = item, delta.stopped
+                        break
+                text = "".join(text_parts)
+                if token_ids or text:
+                    yield Chunk(token_ids, text)
+                if failure is not None:
+                    raise failure
+                if last is not None:
+                    if stopped and not last.finished:
+                        await decode.call("abort", req_id)
                     finished = True
-                    reason = "stop" if delta.stopped else out.finish_reason
+                    reason = "stop" if stopped else last.finish_reason
                     yield self._completion(
                         reason,
                         len(prompt_token_ids),
