@@ -17,6 +17,7 @@ from engine.core.request import Request
 from engine.core.sampling_params import SamplingParams
 from engine.core.scheduler import ScheduledRequest, SchedulerOutput
 from engine.host_tensors import host_to_device, padded_table, to_device
+from engine.model.gemv import linear
 from engine.model.loader import load_model
 from engine.sampler import SamplingRow, sample_tokens
 
@@ -31,6 +32,18 @@ def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
     if dtype not in _DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(_DTYPES)}, got {dtype!r}")
     return _DTYPES[dtype]
+
+
+def gemm_warm_up_rows(max_num_seqs: int, max_num_tokens: int) -> list[int]:
+    """Row counts that reach every cuBLAS kernel choice a step can make: each count up to
+    max_num_seqs (the logits of any batch, small prefills), then every multiple of 16 up to
+    max_num_tokens (cuBLAS switches kernels at tile-sized steps of the row count; measured:
+    1000 and 1001 rows share one)."""
+    small = list(range(1, min(max_num_seqs, max_num_tokens) + 1))
+    large = list(range(-(-(small[-1] + 1) // 16) * 16, max_num_tokens + 1, 16))
+    if (large or small)[-1] != max_num_tokens:
+        large.append(max_num_tokens)
+    return small + large
 
 
 def kv_block_bytes(config: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
@@ -58,6 +71,8 @@ class ModelRunner:
         self.dtype = dtype
         self.block_size = block_size
         self.backend = get_backend(attention_backend, device)
+        self.max_num_tokens = max_num_tokens  # per step
+        self.max_num_seqs = max_num_seqs
         self.model = load_model(config, self.backend, device, dtype, load_format)
         if num_blocks is None:
             num_blocks = self._blocks_from_memory(max_num_tokens)
@@ -92,32 +107,79 @@ class ModelRunner:
     # with the backend's `warm_up_decode_rows` follow: one per decode-kernel variant.
     WARM_UP_STEPS = ((9, 256, 16, 4), (2, 8, 16, 2))
 
+    def peak_step_rows(self) -> list[tuple[int, int]]:
+        """(cached tokens, new tokens) per sequence of the largest step the scheduler can emit:
+        max_num_tokens new tokens over as many sequences as max_num_seqs allows, each sampled."""
+        num_seqs = min(self.max_num_seqs, self.max_num_tokens)
+        per_seq, extra = divmod(self.max_num_tokens, num_seqs)
+        return [(0, per_seq + 1)] * extra + [(0, per_seq)] * (num_seqs - extra)
+
     @torch.inference_mode()
     def warm_up(self) -> None:
-        """Run the eager path's step shapes once on scratch blocks, so the Triton kernels it
-        needs are compiled now and not inside the first mixed batches a server sees (a
-        compile takes seconds). Decode shapes are compiled by the CUDA-graph capture."""
-        bs = self.block_size
-        requests: dict[str, Request] = {}
+        """Run the eager path's step shapes once on scratch blocks.
+
+        First the largest step (`peak_step_rows`, sampled with top-k/top-p, the sampler's
+        largest buffers): the caching allocator then holds memory for every later step. Without
+        it, each step of a ramp (more sequences than ever before) allocates new device memory,
+        which waits for the GPU to drain: on an H200 the host stalled in every step of an
+        offline run's ramp, and the GPU idled after each one (bench.profile_steps' timeline).
+        Then the shapes the Triton kernels specialize on, so they are compiled now and not
+        inside the first mixed batches a server sees (a compile takes seconds). Decode shapes
+        are compiled by the CUDA-graph capture."""
+        largest_sampler = SamplingParams(temperature=1.0, top_k=50, top_p=0.9)
+        steps = [(self.peak_step_rows(), largest_sampler)]
         decode_rows = self.backend.warm_up_decode_rows(self.config.num_key_value_heads, self.device)
-        steps = self.WARM_UP_STEPS + tuple((1, 8, 16, rows) for rows in decode_rows)
-        for num_seqs, q_len, prefix, num_decode in steps:
-            out = SchedulerOutput()
-            next_block = 0
-            rows = [(prefix, q_len)] * num_seqs + [(prefix + q_len, 1)] * num_decode
-            for i, (computed, n) in enumerate(rows):
-                num_blocks = -(-(computed + n) // bs)
-                if next_block + num_blocks > self.num_blocks:
-                    return  # a cache this small serves nothing large enough to need it
-                table = list(range(next_block, next_block + num_blocks))
-                next_block += num_blocks
-                req_id = f"warm-up-{i}"
-                request = Request(req_id, [1] * (computed + n), SamplingParams(temperature=0.0))
-                request.num_pending_tokens = 1
-                requests[req_id] = request
-                out.scheduled.append(ScheduledRequest(req_id, computed, n, table, sample=True))
-            self.execute(out, requests).wait()
+        greedy = SamplingParams(temperature=0.0)
+        for num_seqs, q_len, prefix, num_decode in self.WARM_UP_STEPS + tuple(
+            (1, 8, 16, rows) for rows in decode_rows
+        ):
+            steps.append(([(prefix, q_len)] * num_seqs + [(prefix + q_len, 1)] * num_decode, greedy))
+        for rows, params in steps:
+            self._run_scratch_step(rows, params)
         self._last_sampled = None
+        self._warm_up_gemms()
+
+    @torch.inference_mode()
+    def _warm_up_gemms(self) -> None:
+        """Run every linear layer's shape at `gemm_warm_up_rows` rows.
+
+        The first GEMM that makes cuBLAS pick a kernel it has not run before blocks the host
+        until the GPU has drained (measured on an H200: 55 ms behind a full queue, then
+        0.02 ms for the same kernel). Eager steps and the sampler's logits see a new row
+        count almost every step; without this, the first steps of each new size stalled the
+        async loop (the lm_head of every step of an offline run's ramp)."""
+        lm_head = self.model.lm_head  # sees at most max_num_seqs rows (the sampled ones)
+        layers = {}
+        for module in self.model.modules():
+            if isinstance(module, torch.nn.Linear) and module is not lm_head:
+                layers.setdefault((module.in_features, module.out_features, module.bias is None), module)
+        row_counts = gemm_warm_up_rows(self.max_num_seqs, self.max_num_tokens)
+        for module in [lm_head, *layers.values()]:
+            x = torch.zeros(self.max_num_tokens, module.in_features, dtype=self.dtype, device=self.device)
+            for rows in row_counts:
+                if module is lm_head and rows > self.max_num_seqs:
+                    break
+                linear(x[:rows], module)
+
+    def _run_scratch_step(self, rows: list[tuple[int, int]], params: SamplingParams) -> None:
+        """One step over scratch requests with `rows` of (cached tokens, new tokens), on blocks
+        from 0 up (the cache holds nothing yet); skipped if the cache is too small for it."""
+        bs = self.block_size
+        if sum(-(-(computed + n) // bs) for computed, n in rows) > self.num_blocks:
+            return  # a cache this small serves nothing large enough to need it
+        requests: dict[str, Request] = {}
+        out = SchedulerOutput()
+        next_block = 0
+        for i, (computed, n) in enumerate(rows):
+            num_blocks = -(-(computed + n) // bs)
+            table = list(range(next_block, next_block + num_blocks))
+            next_block += num_blocks
+            req_id = f"warm-up-{i}"
+            request = Request(req_id, [1] * (computed + n), params)
+            request.num_pending_tokens = 1
+            requests[req_id] = request
+            out.scheduled.append(ScheduledRequest(req_id, computed, n, table, sample=True))
+        self.execute(out, requests).wait()
 
     def _blocks_from_memory(self, max_num_tokens: int) -> int:
         per_block = kv_block_bytes(self.config, self.block_size, self.dtype)

@@ -121,3 +121,36 @@ def test_triton_bf16_logits_match_reference(arch, tmp_path):
     fast, ref = run("triton"), run("reference")
     rel = (fast - ref).norm() / ref.norm()
     assert rel.item() <= 1e-2, rel.item()
+
+
+def test_warm_up_holds_device_memory_for_the_largest_step(tmp_path) -> None:
+    """A run that ramps up to max_num_seqs sequences and full-budget steps (greedy and top-k/
+    top-p rows mixed) allocates no new large device segment after start-up: a cudaMalloc waits
+    for the GPU to drain, so without the warm-up's largest step every step of a ramp stalled."""
+    import json
+
+    from bench.gpu import TINY
+
+    config = dict(TINY, vocab_size=32_000, hidden_size=512, intermediate_size=2048, head_dim=64)
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    llm = LLM(
+        str(tmp_path),
+        device="cuda",
+        dtype="bfloat16",
+        load_format="dummy",
+        num_gpu_blocks=1024,
+        max_num_batched_tokens=1024,
+        max_num_seqs=64,
+    )
+    large_segments = torch.cuda.memory_stats()["segment.large_pool.allocated"]
+    rng = random.Random(11)
+    prompts = [[rng.randrange(32_000) for _ in range(rng.randrange(16, 200))] for _ in range(96)]
+    params = [
+        SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+        if i % 2
+        else SamplingParams(temperature=0.8, top_k=40, top_p=0.9, max_tokens=12, ignore_eos=True)
+        for i in range(len(prompts))
+    ]
+    outputs = llm.generate(prompts, params)
+    assert all(len(o.token_ids) == 12 for o in outputs)
+    assert torch.cuda.memory_stats()["segment.large_pool.allocated"] == large_segments

@@ -7,12 +7,14 @@ late stops, preemption of a request whose token is in flight) is the same code t
 GPU runs, so these tests pin it down.
 """
 
+import itertools
 import random
 
 import pytest
 
 from engine import LLM, SamplingParams
 from engine.llm_engine import EngineConfig, LLMEngine
+from engine.model_runner import gemm_warm_up_rows
 
 
 def _prompts(n: int, seed: int = 0) -> list[list[int]]:
@@ -116,3 +118,14 @@ def test_warm_up_runs_the_eager_shapes_and_changes_nothing() -> None:
     assert llm.engine.runner._last_sampled is None
     assert llm.engine.kv_manager.num_free_blocks == 400
     assert [r.token_ids for r in llm.generate(prompts, params)] == before
+
+
+@pytest.mark.parametrize(
+    ("max_num_seqs", "max_num_tokens"), [(512, 8192), (256, 2048), (4, 10), (8, 8), (300, 1000)]
+)
+def test_gemm_warm_up_rows_step_through_every_size(max_num_seqs: int, max_num_tokens: int) -> None:
+    """Every row count up to max_num_seqs, then no stride over 16, ending at the step budget."""
+    rows = gemm_warm_up_rows(max_num_seqs, max_num_tokens)
+    assert rows[: min(max_num_seqs, max_num_tokens)] == list(range(1, min(max_num_seqs, max_num_tokens) + 1))
+    assert all(0 < b - a <= 16 for a, b in itertools.pairwise(rows))
+    assert rows[-1] == max_num_tokens
