@@ -52,6 +52,7 @@ class LLM:
                 load_format=load_format,
                 enforce_eager=enforce_eager,
                 async_scheduling=async_scheduling,
+                kv_events=False,  # no router reads them
             )
         )
         mc = self.engine.model_config

@@ -56,7 +56,7 @@ KVEvent = BlockStored | BlockRemoved
 class BlockPool:
     """Hands out block ids, counts references, and remembers full blocks by hash."""
 
-    def __init__(self, num_blocks: int, enable_caching: bool = True) -> None:
+    def __init__(self, num_blocks: int, enable_caching: bool = True, record_events: bool = True) -> None:
         if num_blocks < 1:
             raise ValueError(f"num_blocks must be >= 1, got {num_blocks}")
         self.num_blocks = num_blocks
@@ -66,6 +66,7 @@ class BlockPool:
         # Free blocks in eviction order (front = evicted first). Values unused.
         self._free: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))
         self.cached: dict[int, int] = {}  # block hash -> block id
+        self.record_events = record_events  # off: `events` stays empty
         self.events: list[KVEvent] = []
 
     @property
@@ -104,7 +105,7 @@ class BlockPool:
                     removed.append(old_hash)
             self.ref_counts[block_id] = 1
             block_ids.append(block_id)
-        if removed:
+        if removed and self.record_events:
             self.events.append(BlockRemoved(tuple(removed)))
         return block_ids
 
@@ -138,7 +139,7 @@ class BlockPool:
             self.block_hash[block_id] = h
             self.cached[h] = block_id
             stored.append(h)
-        if stored:
+        if stored and self.record_events:
             self.events.append(BlockStored(tuple(stored), parent_hash))
 
     def take_events(self) -> list[KVEvent]:
@@ -154,5 +155,5 @@ class BlockPool:
                 self.block_hash[block_id] = None
                 self.cached.pop(h, None)
                 removed.append(h)
-        if removed:
+        if removed and self.record_events:
             self.events.append(BlockRemoved(tuple(removed)))

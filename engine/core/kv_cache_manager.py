@@ -18,9 +18,11 @@ def cdiv(a: int, b: int) -> int:
 
 
 class KVCacheManager:
-    def __init__(self, num_blocks: int, block_size: int, enable_caching: bool = True) -> None:
+    def __init__(
+        self, num_blocks: int, block_size: int, enable_caching: bool = True, record_events: bool = True
+    ) -> None:
         self.block_size = block_size
-        self.pool = BlockPool(num_blocks, enable_caching)
+        self.pool = BlockPool(num_blocks, enable_caching, record_events)
         self.block_ids: dict[str, list[int]] = {}  # req_id -> block table
         self._num_cached_blocks: dict[str, int] = {}  # req_id -> blocks registered by hash
 

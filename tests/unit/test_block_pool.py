@@ -1,5 +1,6 @@
 """Block pool and KV cache manager: ref counts, prefix hashing, LRU revival, events."""
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -16,8 +17,9 @@ def test_hash_chains_parent_and_is_stable():
     assert hash_prompt_blocks(list(range(47)), 16) == a[:2]  # partial block not hashed
 
 
-def test_free_cached_block_is_revived_then_evicted_lru():
-    pool = BlockPool(4)
+@pytest.mark.parametrize("record_events", [True, False])
+def test_free_cached_block_is_revived_then_evicted_lru(record_events: bool):
+    pool = BlockPool(4, record_events=record_events)
     blocks = pool.allocate(2)
     pool.cache_blocks(blocks, [11, 22], parent_hash=0)
     pool.free(list(reversed(blocks)))
@@ -30,7 +32,8 @@ def test_free_cached_block_is_revived_then_evicted_lru():
     assert blocks[1] in new and blocks[0] not in new
     assert pool.lookup([11, 22]) == [blocks[0]]
     events = pool.take_events()
-    assert events == [BlockStored((11, 22), 0), BlockRemoved((22,))]
+    # with no router to drain them (the offline LLM), nothing piles up; caching is the same
+    assert events == ([BlockStored((11, 22), 0), BlockRemoved((22,))] if record_events else [])
 
 
 def _req(rid, tokens):
