@@ -6,52 +6,110 @@
 For the engine rows of `bench.gpu` (decode b=1 ctx 512, decode b=128 ctx 1,024, prefill of
 2,048 tokens, and an offline `LLM.generate` call) it prints, per step (per call for offline):
   wall      engine.step() wall time
-  schedule  Scheduler.schedule()             (host)
-  execute   ModelRunner.execute()            (host prep + launches + wait for the tokens)
-  update    Scheduler.update() + outputs     (host; the rest of step())
   gpu       sum of kernel and memcpy time under torch.profiler (CUDA only)
-and the top kernels by GPU time. wall - gpu is time the GPU sat idle waiting for the host.
+  host      wall time inside each engine phase: step > schedule, execute (> forward or graph,
+            then sample), wait (for the step's tokens), update; gc = the garbage collector
+and the top kernels by GPU time. On CUDA it then reads the trace's timeline
+(bench.timeline): how long the GPU sat idle, what the host was doing meanwhile, which
+host call ended each idle stretch, and the largest ones.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
+import gc
 import json
 import os
+import random
 import sys
 import tempfile
 import time
 from collections import defaultdict
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
 
+from bench import timeline
 from bench.gpu import LLAMA3_8B, SMALL, TINY, ModelCost, Shapes, build_llm, random_prompt
+from engine import SamplingParams, cuda_graphs, model_runner
+from engine.model_runner import SampledTokens
+
+WINDOW = "profiled window"  # the record_function range around the measured steps
 
 
 class PhaseTimer:
-    """Wraps bound methods of one object, summing their wall time by label."""
+    """Wraps methods of objects (or classes), summing their wall time by label and marking
+    each call as a profiler range (bench.timeline reads those); Python's garbage collector
+    pauses inside `timing_gc()` are timed and marked as `gc`. Leaving the `with` block puts
+    everything back."""
 
     def __init__(self) -> None:
         self.seconds: dict[str, float] = defaultdict(float)
+        self._originals: list[tuple[object, str, object]] = []
+        self._gc_range = None
+        self._gc_start = 0.0
 
-    def wrap(self, obj: object, name: str, label: str) -> None:
+    def wrap(
+        self,
+        obj: object,
+        name: str,
+        label: str,
+        describe: Callable[..., str] | None = None,
+        inspect: Callable[[Any], None] | None = None,
+    ) -> None:
+        """`describe(*args)` adds to the range's name (not to the label's time);
+        `inspect(result)` sees each call's result."""
         inner = getattr(obj, name)
+        self._originals.append((obj, name, vars(obj).get(name)))
 
         def timed(*args, **kwargs):
             start = time.perf_counter()
+            range_name = f"{label} {describe(*args)}" if describe else label
             try:
-                return inner(*args, **kwargs)
+                with torch.profiler.record_function(range_name):
+                    result = inner(*args, **kwargs)
             finally:
                 self.seconds[label] += time.perf_counter() - start
+            if inspect is not None:
+                inspect(result)
+            return result
 
-        setattr(obj, name, timed)
+        setattr(obj, name, functools.wraps(inner)(timed))
+
+    def _on_gc(self, phase: str, info: dict) -> None:
+        if phase == "start":
+            self._gc_start = time.perf_counter()
+            self._gc_range = torch.profiler.record_function("gc")
+            self._gc_range.__enter__()
+        elif self._gc_range is not None:
+            self._gc_range.__exit__(None, None, None)
+            self._gc_range = None
+            self.seconds["gc"] += time.perf_counter() - self._gc_start
+
+    @contextlib.contextmanager
+    def timing_gc(self) -> Iterator[None]:
+        gc.callbacks.append(self._on_gc)
+        try:
+            yield
+        finally:
+            gc.callbacks.remove(self._on_gc)
+
+    def __enter__(self) -> PhaseTimer:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for obj, name, original in reversed(self._originals):
+            if original is None:  # was looked up through the class: drop the instance's wrapper
+                delattr(obj, name)
+            else:
+                setattr(obj, name, original)
+        self._originals.clear()
 
 
 def _fill_batch(llm, batch: int, context: int, max_tokens: int) -> None:
-    import random
-
-    from engine import SamplingParams
-
     engine = llm.engine
     rng = random.Random(batch)
     params = SamplingParams(temperature=0.0, ignore_eos=True, max_tokens=max_tokens)
@@ -66,49 +124,96 @@ def _fill_batch(llm, batch: int, context: int, max_tokens: int) -> None:
 def profile_case(llm, label: str, run_steps, num_steps: int, top: int) -> dict:
     """Time `run_steps(n)` (n engine steps) under the phase timer and torch.profiler."""
     engine = llm.engine
-    device = engine.runner.device
-    timer = PhaseTimer()
-    timer.wrap(engine.scheduler, "schedule", "schedule")
-    timer.wrap(engine.runner, "execute", "execute")
+    runner = engine.runner
+    device = runner.device
     activities = [torch.profiler.ProfilerActivity.CPU]
     if device.type == "cuda":
         activities.append(torch.profiler.ProfilerActivity.CUDA)
         torch.cuda.synchronize()
-    with torch.profiler.profile(activities=activities) as prof:
-        start = time.perf_counter()
-        run_steps(num_steps)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        wall = time.perf_counter() - start
-    for name in ("schedule", "execute"):
-        vars(engine.scheduler).pop(name, None)
-        vars(engine.runner).pop(name, None)
+    with PhaseTimer() as timer:
+        steps_by_kind: dict[str, int] = defaultdict(int)
+
+        def count_step(out) -> None:
+            if out.is_empty:
+                steps_by_kind["empty"] += 1
+            else:
+                decodes = sum(entry.num_new_tokens == 1 for entry in out.scheduled)
+                steps_by_kind["decode only" if decodes == len(out.scheduled) else "with prefill"] += 1
+
+        timer.wrap(engine.scheduler, "schedule", "schedule", inspect=count_step)
+        timer.wrap(runner, "execute", "execute", describe=lambda out, _: f"{out.total_num_tokens} tok")
+        for obj, name, phase in (
+            (model_runner, "host_to_device", "h2d"),
+            (cuda_graphs, "copy_into", "h2d"),
+            (runner.model, "compute_logits", "logits"),
+            (model_runner, "sample_tokens", "sample_tokens"),
+            (SampledTokens, "launch", "copy_out"),
+            (engine, "step", "step"),
+            (engine.scheduler, "update", "update"),
+            (runner.model, "forward", "forward"),
+            (runner, "_sample", "sample"),
+            (SampledTokens, "wait", "wait"),
+        ):
+            timer.wrap(obj, name, phase)
+        if runner.decode_graphs is not None:
+            timer.wrap(runner.decode_graphs, "run", "graph")
+        with torch.profiler.profile(activities=activities) as prof:
+            start = time.perf_counter()
+            with torch.profiler.record_function(WINDOW), timer.timing_gc():
+                run_steps(num_steps)
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+            wall = time.perf_counter() - start
+    trace = timeline.trace_from_kineto(prof, WINDOW)
     kernels: dict[str, float] = defaultdict(float)
     counts: dict[str, int] = defaultdict(int)
-    for event in prof.events():
-        if event.device_type == torch.autograd.DeviceType.CUDA:
-            kernels[event.name] += event.device_time_total / 1e3  # ms
-            counts[event.name] += 1
+    for op in trace.device_ops:
+        kernels[op.name] += (op.end_ns - op.start_ns) / 1e6  # ms
+        counts[op.name] += 1
     per_step = lambda x: x / num_steps  # noqa: E731
+    host_ms = {name: per_step(seconds * 1e3) for name, seconds in timer.seconds.items()}
     result = {
         "steps": num_steps,
         "wall_ms": per_step(wall * 1e3),
-        "schedule_ms": per_step(timer.seconds["schedule"] * 1e3),
-        "execute_ms": per_step(timer.seconds["execute"] * 1e3),
+        # host phases per step; nested: step > schedule, execute > (forward | graph, sample), wait, update
+        "host_ms": host_ms,
+        "schedule_ms": host_ms.get("schedule", 0.0),
+        "execute_ms": host_ms.get("execute", 0.0),
+        "scheduled_steps": dict(steps_by_kind),
         "gpu_ms": per_step(sum(kernels.values())),
         "top_kernels": [
             {"name": name[:90], "ms_per_step": per_step(ms), "calls_per_step": counts[name] / num_steps}
             for name, ms in sorted(kernels.items(), key=lambda kv: -kv[1])[:top]
         ],
     }
-    result["update_ms"] = result["wall_ms"] - result["schedule_ms"] - result["execute_ms"]
-    print(
-        f"{label}: wall {result['wall_ms']:.3f} ms/step | schedule {result['schedule_ms']:.3f} "
-        f"execute {result['execute_ms']:.3f} rest {result['update_ms']:.3f} | gpu {result['gpu_ms']:.3f}"
-    )
+    if device.type == "cuda":  # on CPU nothing runs on a device: the whole window would be a gap
+        result["timeline"] = timeline.summarize(trace, timeline.idle_gaps(trace, min_gap_us=2.0), top=top)
+    print_case(label, result)
+    return result
+
+
+def print_case(label: str, result: dict) -> None:
+    host = " ".join(f"{name} {ms:.3f}" for name, ms in result["host_ms"].items())
+    print(f"{label}: wall {result['wall_ms']:.3f} ms/step | gpu {result['gpu_ms']:.3f} | host {host}")
+    print(f"    schedules: {result['scheduled_steps']}")
     for k in result["top_kernels"]:
         print(f"    {k['ms_per_step']:8.3f} ms  x{k['calls_per_step']:5.1f}  {k['name']}")
-    return result
+    if "timeline" not in result:
+        return
+    t = result["timeline"]
+    top = lambda d, n: ", ".join(f"{k} {v:.2f}" for k, v in list(d.items())[:n])  # noqa: E731
+    print(
+        f"    GPU idle {t['gpu_idle_ms']:.2f} of {t['window_ms']:.2f} ms ({t['num_gaps']} gaps >= 2 us, "
+        f"{t['host_late_ms']:.2f} ms ended by a late host call); host meanwhile (ms): "
+        + top(t["idle_by_host_annotation_ms"], 8)
+    )
+    print("    idle ended by (ms): " + top(t["idle_by_gap_end_ms"], 5))
+    slow = ", ".join(f"{k} x{v['count']} {v['ms']:.2f}" for k, v in list(t["slow_host_calls"].items())[:10])
+    print(f"    host ops and CUDA calls >= 100 us (ms): {slow}")
+    for g in t["largest_gaps"][:5]:
+        print(
+            f"      {g['ms']:.3f} ms at {g['at_ms']:.1f} ms: host {g['host']} -> {g['ended_by']} {g['after']}"
+        )
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -145,6 +250,14 @@ def main(argv: list[str] | None = None) -> dict:
         with open(os.path.join(model_dir, "config.json"), "w") as file:
             json.dump(cfg, file)
         llm = build_llm(model_dir, build_args, device, cost)
+        start = time.perf_counter()
+        gc.collect()
+        results["gc_heap"] = {  # what a full collection walks once the engine is up
+            "frozen_objects": gc.get_freeze_count(),
+            "tracked_objects": len(gc.get_objects()),
+            "full_collection_ms": (time.perf_counter() - start) * 1e3,
+        }
+        print(f"garbage collector after start-up: {results['gc_heap']}")
         engine = llm.engine
         steps = args.steps
 
@@ -165,10 +278,6 @@ def main(argv: list[str] | None = None) -> dict:
                 engine.abort_request(req_id)
 
         def prefill(n: int) -> None:
-            import random
-
-            from engine import SamplingParams
-
             rng = random.Random(n)
             for _ in range(n):
                 prompt = random_prompt(rng, shapes.prefill_tokens, engine.model_config.vocab_size)
@@ -181,17 +290,15 @@ def main(argv: list[str] | None = None) -> dict:
         prefill(2)
         results["prefill"] = profile_case(llm, f"prefill {shapes.prefill_tokens}", prefill, 5, args.top)
 
+        rng = random.Random(0)
+        vocab = engine.model_config.vocab_size
+        # made before the profiled window: building 512 random prompts is the bench's work
+        offline_prompts = [random_prompt(rng, shapes.prompt_len, vocab) for _ in range(args.offline_requests)]
+
         def offline(n: int) -> None:
-            import random
-
-            from engine import SamplingParams
-
-            rng = random.Random(n)
-            vocab = engine.model_config.vocab_size
-            prompts = [random_prompt(rng, shapes.prompt_len, vocab) for _ in range(args.offline_requests)]
             params = SamplingParams(temperature=0.0, max_tokens=shapes.output_len, ignore_eos=True)
             steps_before = engine.num_steps
-            llm.generate(prompts, params)
+            llm.generate(offline_prompts, params)
             results["offline_engine_steps"] = engine.num_steps - steps_before
 
         label = f"offline {args.offline_requests} x {shapes.prompt_len}/{shapes.output_len} (one call)"
