@@ -154,11 +154,10 @@ class ModelRunner:
             if isinstance(module, torch.nn.Linear) and module is not lm_head:
                 layers.setdefault((module.in_features, module.out_features, module.bias is None), module)
         row_counts = gemm_warm_up_rows(self.max_num_seqs, self.max_num_tokens)
-        for module in [lm_head, *layers.values()]:
-            x = torch.zeros(self.max_num_tokens, module.in_features, dtype=self.dtype, device=self.device)
-            for rows in row_counts:
-                if module is lm_head and rows > self.max_num_seqs:
-                    break
+        logits_rows = row_counts[: min(self.max_num_seqs, self.max_num_tokens)]  # 1 .. max_num_seqs
+        for module, counts in [(lm_head, logits_rows), *((m, row_counts) for m in layers.values())]:
+            x = torch.zeros(counts[-1], module.in_features, dtype=self.dtype, device=self.device)
+            for rows in counts:
                 linear(x[:rows], module)
 
     def _run_scratch_step(self, rows: list[tuple[int, int]], params: SamplingParams) -> None:
