@@ -342,8 +342,6 @@ def build_llm(model_dir: str, args: argparse.Namespace, device: torch.device, co
         attention_backend=args.attention_backend,
         load_format="dummy",
     )
-    if args.decode_two_batch_min is not None:
-        kwargs["decode_two_batch_min"] = args.decode_two_batch_min
     if args.enforce_eager:
         if "enforce_eager" in inspect.signature(LLM).parameters:
             kwargs["enforce_eager"] = True
@@ -373,10 +371,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--max-num-batched-tokens", type=int, default=8192)
     parser.add_argument("--block-size", type=int, default=16)
     parser.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs (if the engine has it)")
-    parser.add_argument(
-        "--decode-two-batch-min", type=int, metavar="N",
-        help="decode graphs of N+ sequences run two overlapped micro-batches (engine default: off)",
-    )  # fmt: skip
     parser.add_argument("--device", help="default: cuda if available (cpu with --small)")
     parser.add_argument("--dtype", help="default: bfloat16 (float32 with --small)")
     parser.add_argument("--attention-backend", help="default: auto (reference with --small)")

@@ -8,7 +8,6 @@
 #   bash bench/run_gpu_suite.sh tests    # one GPU: the single-GPU tests in tests/gpu
 #   bash bench/run_gpu_suite.sh final    # one GPU: the whole bench.gpu, bench.gemv, profile
 #   bash bench/run_gpu_suite.sh profile  # one GPU: bench.profile_steps
-#   bash bench/run_gpu_suite.sh twobatch # one GPU: two overlapped decode micro-batches vs one
 #   bash bench/run_gpu_suite.sh grpc1    # one GPU: 1P1D over gRPC on it, bench.transfer (gRPC host path)
 # Results land in $OUT (default bench/results/gpu-run).
 set -uo pipefail
@@ -74,18 +73,6 @@ case "${1:-}" in
       | tee "$OUT/disagg_tests.txt"
     timeout 90 python -m bench.transfer --json "$OUT/transfer.json" 2>&1 | tail -14
     timeout 90 python -m bench.transfer --grpc-in-band --json "$OUT/transfer_in_band.json" 2>&1 | grep -i grpc
-    ;;
-  twobatch)
-    # One GPU: decode as two overlapped micro-batches vs one batch (bench.two_batch), the engine's
-    # exactness with it, and bench.gpu's offline row without and with it.
-    timeout 150 python -m bench.two_batch --json "$OUT/two_batch.json" 2>&1 | grep -v "USDT\|arn"
-    timeout 200 python -m pytest tests/gpu/test_engine_gpu.py -q -p no:cacheprovider -k greedy 2>&1 \
-      | tail -3 | tee "$OUT/gpu_tests.txt"
-    for n in none 256; do
-      extra=(); [ "$n" != none ] && extra=(--decode-two-batch-min "$n")
-      timeout 120 python -m bench.gpu --only 4 --skip-transformers "${extra[@]}" \
-        --json "$OUT/gpu_offline_$n.json" 2>&1 | grep -i "offline\|built"
-    done
     ;;
   profile)
     # One GPU: where a step's time goes (host phases vs kernels), graphs on and off.

@@ -32,13 +32,8 @@ class DecodeGraphs:
         max_batch_size: int,
         max_model_len: int,
         block_size: int,
-        two_batch_min: int | None = None,
     ) -> None:
         self.model = model
-        # Buckets of at least this many sequences run as two micro-batches (attention of one
-        # overlapping the GEMMs of the other: `LlamaForCausalLM.forward_two_batches`); None: never.
-        self.two_batch_min = two_batch_min
-        self.attention_stream = torch.cuda.Stream(device=kv_cache.device) if two_batch_min else None
         self.kv_cache = kv_cache
         self.max_model_len = max_model_len
         self.buckets = [b for b in DEFAULT_BUCKETS if b < max_batch_size] + [max_batch_size]
@@ -53,38 +48,25 @@ class DecodeGraphs:
         self.block_tables = torch.zeros(max_bs, self.max_blocks, dtype=torch.int32, device=device)
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
 
-    def _meta(self, start: int, end: int) -> AttentionMetadata:
-        """Decode metadata of static rows [start, end) (query_start_loc is an arange: any prefix
-        of it serves any range)."""
-        n = end - start
+    def _meta(self, bucket: int) -> AttentionMetadata:
         return AttentionMetadata(
-            slot_mapping=self.slot_mapping[start:end],
-            query_start_loc=self.query_start_loc[: n + 1],
-            seq_lens=self.seq_lens[start:end],
-            block_tables=self.block_tables[start:end],
-            query_lens_cpu=[1] * n,
-            seq_lens_cpu=[self.max_model_len] * n,
+            slot_mapping=self.slot_mapping[:bucket],
+            query_start_loc=self.query_start_loc[: bucket + 1],
+            seq_lens=self.seq_lens[:bucket],
+            block_tables=self.block_tables[:bucket],
+            query_lens_cpu=[1] * bucket,
+            seq_lens_cpu=[self.max_model_len] * bucket,
             max_query_len=1,
             max_seq_len=self.max_model_len,
         )
 
-    def runs_two_batches(self, bucket: int) -> bool:
-        return self.two_batch_min is not None and bucket >= max(2, self.two_batch_min)
-
     def _forward(self, bucket: int) -> torch.Tensor:
-        input_ids, positions = self.input_ids[:bucket], self.positions[:bucket]
-        if not self.runs_two_batches(bucket):
-            return self.model(input_ids, positions, self.kv_cache, self._meta(0, bucket))
-        split = bucket // 2
-        metas = (self._meta(0, split), self._meta(split, bucket))
-        return self.model.forward_two_batches(
-            input_ids, positions, self.kv_cache, metas, split, self.attention_stream
-        )
+        return self.model(self.input_ids[:bucket], self.positions[:bucket], self.kv_cache, self._meta(bucket))
 
     @torch.inference_mode()
-    def capture(self, priority: int = 0) -> None:
+    def capture(self) -> None:
         pool = None
-        stream = torch.cuda.Stream(priority=priority)
+        stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
             for bucket in reversed(self.buckets):  # largest first, so smaller ones reuse its pool
@@ -97,8 +79,6 @@ class DecodeGraphs:
         torch.cuda.current_stream().wait_stream(stream)
         torch.cuda.synchronize()
         log.info("captured decode CUDA graphs for batch sizes %s", self.buckets)
-        if self.two_batch_min is not None:
-            log.info("batch sizes >= %d run as two overlapped micro-batches", self.two_batch_min)
 
     def can_run(self, batch_size: int) -> bool:
         return bool(self.graphs) and batch_size <= self.buckets[-1]

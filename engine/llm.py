@@ -36,7 +36,6 @@ class LLM:
         load_format: str = "auto",
         enforce_eager: bool = False,
         async_scheduling: bool = True,
-        decode_two_batch_min: int | None = None,
     ) -> None:
         self.engine = LLMEngine(
             EngineConfig(
@@ -53,7 +52,6 @@ class LLM:
                 load_format=load_format,
                 enforce_eager=enforce_eager,
                 async_scheduling=async_scheduling,
-                decode_two_batch_min=decode_two_batch_min,
                 kv_events=False,  # no router reads them
             )
         )

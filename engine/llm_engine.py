@@ -58,17 +58,12 @@ class EngineConfig:
     # Record BlockStored/BlockRemoved for the router's cache index; off where nothing drains
     # them (the offline LLM), or the list grows with every block ever cached.
     kv_events: bool = True
-    # Decode steps of at least this many sequences run as two micro-batches whose attention and
-    # GEMMs overlap (CUDA graphs only; `LlamaForCausalLM.forward_two_batches`). None: never.
-    decode_two_batch_min: int | None = None
 
     def validate(self) -> None:
         if self.role not in ROLES:
             raise ValueError(f"role must be one of {', '.join(ROLES)}, got {self.role!r}")
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
             raise ValueError(f"block_size must be a power of two, got {self.block_size}")
-        if self.decode_two_batch_min is not None and self.decode_two_batch_min < 2:
-            raise ValueError(f"decode_two_batch_min must be >= 2 or None, got {self.decode_two_batch_min}")
         if self.num_gpu_blocks is not None and self.num_gpu_blocks < 1:
             raise ValueError(f"num_gpu_blocks must be >= 1, got {self.num_gpu_blocks}")
         parse_dtype(self.dtype)
@@ -104,7 +99,6 @@ class LLMEngine:
             max_num_seqs=config.max_num_seqs,
             max_model_len=max_model_len,
             enforce_eager=config.enforce_eager,
-            decode_two_batch_min=config.decode_two_batch_min,
         )
         self.kv_manager = KVCacheManager(
             self.runner.num_blocks, config.block_size, config.enable_prefix_caching, config.kv_events

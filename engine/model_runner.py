@@ -65,7 +65,6 @@ class ModelRunner:
         max_num_seqs: int = 256,
         max_model_len: int = 2048,
         enforce_eager: bool = False,
-        decode_two_batch_min: int | None = None,
     ) -> None:
         self.config = config
         self.device = torch.device(device)
@@ -97,7 +96,7 @@ class ModelRunner:
             from engine.cuda_graphs import DecodeGraphs
 
             self.decode_graphs = DecodeGraphs(
-                self.model, self.kv_cache, max_num_seqs, max_model_len, block_size, decode_two_batch_min
+                self.model, self.kv_cache, max_num_seqs, max_model_len, block_size
             )
             self.decode_graphs.capture()
         if self.device.type == "cuda":

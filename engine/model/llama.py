@@ -9,9 +9,7 @@ reads and writes the paged cache through `AttentionMetadata`.
 
 from __future__ import annotations
 
-import contextlib
 import math
-from collections.abc import Iterator
 
 import torch
 from torch import nn
@@ -84,15 +82,14 @@ class Attention(nn.Module):
             self.q_norm = self.k_norm = None
         self.backend = backend
 
-    def project_qkv_(
+    def forward(
         self,
         hidden: torch.Tensor,  # [T, hidden]
         positions: torch.Tensor,  # [T]
         inv_freq: torch.Tensor,  # [head_dim // 2] float32
         kv_cache: torch.Tensor,  # [num_layers, 2, num_blocks, block_size, Hkv, D]
         meta: AttentionMetadata,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # q [T, Hq, D], k and v [T, Hkv, D]
-        """The qkv GEMM, RoPE, and this step's K/V written into the paged cache."""
+    ) -> torch.Tensor:
         T = hidden.shape[0]
         qkv = linear(hidden, self.qkv_proj)  # [T, q_size + 2 * kv_size]
         q = qkv[:, : self.q_size].view(T, self.num_heads, self.head_dim)
@@ -104,21 +101,8 @@ class Attention(nn.Module):
         # one launch on CUDA.
         layer_cache = kv_cache[self.layer_idx]
         q, k = rotary_embedding_and_store_kv_(q, k, v, positions, inv_freq, layer_cache, meta.slot_mapping)
-        return q, k, v
-
-    def attend(
-        self,
-        qkv: tuple[torch.Tensor, torch.Tensor, torch.Tensor],  # from project_qkv_
-        kv_cache: torch.Tensor,
-        meta: AttentionMetadata,
-    ) -> torch.Tensor:  # [T, Hq * D]
-        q, k, v = qkv
-        out = self.backend.forward(q, k, v, kv_cache[self.layer_idx], meta, self.scale, kv_stored=True)
-        return out.reshape(q.shape[0], self.num_heads * self.head_dim)
-
-    def forward(self, hidden, positions, inv_freq, kv_cache, meta) -> torch.Tensor:  # [T, hidden]
-        qkv = self.project_qkv_(hidden, positions, inv_freq, kv_cache, meta)
-        return linear(self.attend(qkv, kv_cache, meta), self.o_proj)
+        out = self.backend.forward(q, k, v, layer_cache, meta, self.scale, kv_stored=True)
+        return linear(out.reshape(T, self.num_heads * self.head_dim), self.o_proj)
 
 
 class MLP(nn.Module):
@@ -145,23 +129,12 @@ class DecoderLayer(nn.Module):
 
     def forward(self, hidden, residual, positions, inv_freq, kv_cache, meta):
         """Carries the residual stream separately so each norm fuses with the add before it."""
-        qkv, residual = self.before_attention(hidden, residual, positions, inv_freq, kv_cache, meta)
-        return self.after_attention(self.self_attn.attend(qkv, kv_cache, meta), residual)
-
-    # The layer in three parts, so that `LlamaForCausalLM.forward_two_batches` can run one
-    # micro-batch's attention while the other's GEMMs run.
-    def before_attention(self, hidden, residual, positions, inv_freq, kv_cache, meta):
-        """Input norm (fused with the residual add), qkv GEMM, RoPE, K/V into the cache."""
         norm = self.input_layernorm
         if residual is None:  # first layer
             residual, hidden = hidden, rms_norm(hidden, norm.weight, norm.eps)
         else:
             hidden, residual = fused_add_rms_norm(hidden, residual, norm.weight, norm.eps)
-        return self.self_attn.project_qkv_(hidden, positions, inv_freq, kv_cache, meta), residual
-
-    def after_attention(self, attn_out: torch.Tensor, residual: torch.Tensor):
-        """o_proj, post-attention norm (fused with the residual add), MLP."""
-        hidden = linear(attn_out, self.self_attn.o_proj)
+        hidden = self.self_attn(hidden, positions, inv_freq, kv_cache, meta)
         norm = self.post_attention_layernorm
         hidden, residual = fused_add_rms_norm(hidden, residual, norm.weight, norm.eps)
         return self.mlp(hidden), residual
@@ -174,37 +147,6 @@ class LlamaModel(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(config, i, backend) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary_emb = RotaryEmbedding(config)
-
-
-class StreamPair:
-    """The current stream and a side stream with one event per micro-batch, so the current
-    stream waits for that micro-batch's attention only, not for the other's queued behind it.
-    With no side stream (CPU) every call is a no-op and the work runs in program order."""
-
-    def __init__(self, side_stream: torch.cuda.Stream | None) -> None:
-        self.side_stream = side_stream
-        if side_stream is not None:
-            self.main = torch.cuda.current_stream()
-            self.done = (torch.cuda.Event(), torch.cuda.Event())
-
-    @contextlib.contextmanager
-    def side(self, m: int) -> Iterator[None]:
-        """Run the block on the side stream after everything queued so far on the current one."""
-        if self.side_stream is None:
-            yield
-            return
-        self.side_stream.wait_stream(self.main)
-        with torch.cuda.stream(self.side_stream):
-            yield
-            self.done[m].record(self.side_stream)
-
-    def wait_for(self, m: int) -> None:
-        if self.side_stream is not None:
-            self.main.wait_event(self.done[m])
-
-    def join(self) -> None:
-        if self.side_stream is not None:
-            self.main.wait_stream(self.side_stream)
 
 
 class LlamaForCausalLM(nn.Module):
@@ -231,62 +173,6 @@ class LlamaForCausalLM(nn.Module):
         norm = self.model.norm
         hidden, _ = fused_add_rms_norm(hidden, residual, norm.weight, norm.eps)
         return hidden
-
-    def forward_two_batches(
-        self,
-        input_ids: torch.Tensor,  # [T]
-        positions: torch.Tensor,  # [T]
-        kv_cache: torch.Tensor,
-        metas: tuple[AttentionMetadata, AttentionMetadata],  # rows [0, split) and [split, T)
-        split: int,
-        attention_stream: torch.cuda.Stream | None,
-    ) -> torch.Tensor:  # [T, hidden], the same as forward() up to GEMM rounding
-        """Two micro-batches in one pass (NanoFlow's overlap, for large decode steps): the
-        attention of one runs on `attention_stream` while the GEMMs of the other run on the
-        current stream. A decode step's GEMMs are bound by the tensor cores and its attention by
-        HBM, so each half hides part of the other. Launch order on the current stream:
-        before(0, a), before(0, b), then per layer after(l, a), before(l+1, a), after(l, b),
-        before(l+1, b); attention(l, m) waits for before(l, m) and after(l, m) for it. Tensors
-        that cross streams stay referenced until both streams join, so the caching allocator
-        never hands their memory to the other stream early. Without a stream (CPU) the same
-        order runs on one stream: the tests check the micro-batch bookkeeping that way."""
-        streams = StreamPair(attention_stream)
-        layers = self.model.layers
-        inv_freq = self.model.rotary_emb.inv_freq
-        embedded = self.model.embed_tokens(input_ids)  # [T, hidden]
-        rows = (slice(0, split), slice(split, input_ids.shape[0]))
-        hidden: list[torch.Tensor] = [embedded[r] for r in rows]
-        residual: list[torch.Tensor | None] = [None, None]
-        attn_out: list[torch.Tensor | None] = [None, None]
-        crossing: list[torch.Tensor] = []  # kept alive until the join below
-
-        def before(layer: int, m: int) -> None:
-            qkv, residual[m] = layers[layer].before_attention(
-                hidden[m], residual[m], positions[rows[m]], inv_freq, kv_cache, metas[m]
-            )
-            crossing.extend(qkv)
-            with streams.side(m):
-                attn_out[m] = layers[layer].self_attn.attend(qkv, kv_cache, metas[m])
-            crossing.append(attn_out[m])
-
-        def after(layer: int, m: int) -> None:
-            streams.wait_for(m)
-            hidden[m], residual[m] = layers[layer].after_attention(attn_out[m], residual[m])
-
-        before(0, 0)
-        before(0, 1)
-        for layer in range(len(layers)):
-            for m in (0, 1):
-                after(layer, m)
-                if layer + 1 < len(layers):
-                    before(layer + 1, m)
-        streams.join()
-        norm = self.model.norm
-        out = torch.empty_like(embedded)
-        for m in (0, 1):
-            out[rows[m]], _ = fused_add_rms_norm(hidden[m], residual[m], norm.weight, norm.eps)
-        crossing.clear()
-        return out
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         # [N, hidden] -> [N, vocab] in float32 for the sampler
