@@ -111,6 +111,22 @@ def measure_matmul_tflops() -> float:
     return 2 * 8192**3 / (ms * 1e-3) / 1e12
 
 
+def measure_layer_gemm_tflops(hidden: int, intermediate: int, qkv_out: int, rows: int) -> float:
+    """bf16 TFLOP/s of one decoder layer's four GEMMs (qkv, o, gate_up, down) at `rows` tokens:
+    the rate cuBLAS reaches on the model's own shapes, which can sit below the 8192^3 rate (a
+    K = 4,096 GEMM spends more of its time in tile prologues and epilogues)."""
+    shapes = [(hidden, qkv_out), (hidden, hidden), (hidden, 2 * intermediate), (intermediate, hidden)]
+    x = torch.randn(rows, max(hidden, intermediate), dtype=torch.bfloat16, device="cuda")
+    weights = [torch.randn(n, k, dtype=torch.bfloat16, device="cuda") * 0.02 for k, n in shapes]
+
+    def layer() -> None:
+        for weight in weights:
+            torch.nn.functional.linear(x[:, : weight.shape[1]], weight)
+
+    ms = _time_ms(layer, iters=50)
+    return sum(2 * rows * k * n for k, n in shapes) / (ms * 1e-3) / 1e12
+
+
 def bench_decode(
     batch: int,
     context: int,

@@ -132,13 +132,25 @@ class ModelCost:
         )
 
 
-def measure_limits(device: torch.device, dtype: torch.dtype) -> dict[str, float]:
+def measure_limits(
+    device: torch.device, dtype: torch.dtype, cfg: dict | None = None, rows: int = 8192
+) -> dict[str, float]:
     """The GPU's copy and matmul rates, measured in this run (bench.attention_kernels'
-    functions on CUDA; small best-of-5 stand-ins on CPU)."""
+    functions on CUDA; small best-of-5 stand-ins on CPU). On CUDA with the model's `cfg`, also
+    the rate of its decoder layer's GEMMs at `rows` tokens (a prefill step's size)."""
     if device.type == "cuda":
-        from bench.attention_kernels import measure_copy_gbps, measure_matmul_tflops
+        from bench.attention_kernels import (
+            measure_copy_gbps,
+            measure_layer_gemm_tflops,
+            measure_matmul_tflops,
+        )
 
         limits = {"copy_gbps": measure_copy_gbps(), "matmul_tflops": measure_matmul_tflops()}
+        if cfg is not None:
+            qkv_out = cfg["head_dim"] * (cfg["num_attention_heads"] + 2 * cfg["num_key_value_heads"])
+            limits["layer_gemm_tflops"] = measure_layer_gemm_tflops(
+                cfg["hidden_size"], cfg["intermediate_size"], qkv_out, rows
+            )
         torch.cuda.empty_cache()  # hand the 4 GiB back before the engine sizes its cache
         return limits
     src = torch.empty(8 << 20, dtype=torch.float32)
@@ -254,7 +266,22 @@ def pdserve_throughput(llm, num_requests: int, shapes: Shapes, cost: ModelCost, 
     output_tokens = sum(len(r.token_ids) for r in results)
     assert output_tokens == num_requests * shapes.output_len, "some request stopped early"
     floor_s = num_requests * cost.offline_floor_s(shapes.prompt_len, shapes.output_len, limits)
+    extra = {}
+    if "layer_gemm_tflops" in limits:  # the same floor at the rate cuBLAS reaches on the layer's shapes
+        at_layer_rate = dict(limits, matmul_tflops=limits["layer_gemm_tflops"])
+        layer_floor_s = num_requests * cost.offline_floor_s(
+            shapes.prompt_len, shapes.output_len, at_layer_rate
+        )
+        extra = {
+            "floor_at_layer_gemm_rate": output_tokens / layer_floor_s,
+            "vs_floor_at_layer_gemm_rate": layer_floor_s / elapsed,
+        }
+        print(
+            f"  offline floor at the layer GEMMs' rate: {extra['floor_at_layer_gemm_rate']:.0f} out tok/s; "
+            f"pdserve reaches {extra['vs_floor_at_layer_gemm_rate']:.3f} of it"
+        )
     return {
+        **extra,
         "value": output_tokens / elapsed,
         "floor": output_tokens / floor_s,
         "floor_s": floor_s,
@@ -400,10 +427,15 @@ def main(argv: list[str] | None = None) -> dict:
         model=model_cfg,
     )
     print(f"bench.gpu on {result['device']} (torch {torch.__version__}), rows: {', '.join(chosen)}")
-    result["limits"] = measure_limits(device, dtype)
+    result["limits"] = measure_limits(device, dtype, model_cfg, args.max_num_batched_tokens)
     print(
         f"  copy {result['limits']['copy_gbps']:.0f} GB/s (read + written), "
         f"matmul {result['limits']['matmul_tflops']:.1f} TFLOP/s ({args.dtype})"
+        + (
+            f", layer GEMMs {result['limits']['layer_gemm_tflops']:.1f}"
+            if "layer_gemm_tflops" in result["limits"]
+            else ""
+        )
     )
     limits = result["limits"]
     with tempfile.TemporaryDirectory(prefix="bench-gpu-") as model_dir:
