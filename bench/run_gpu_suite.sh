@@ -4,7 +4,7 @@
 #   bash bench/run_gpu_suite.sh single   # one GPU: GPU tests, bench.gpu, co-located sweep
 #   bash bench/run_gpu_suite.sh pair     # two GPUs: 1P1D over NCCL, transfer, sweep vs co-located
 #   bash bench/run_gpu_suite.sh kernels  # one GPU: fused-op, transfer and engine tests, bench.transfer, bench.gpu
-#   bash bench/run_gpu_suite.sh link     # two GPUs: NCCL KV transfer, pipelined and serial
+#   bash bench/run_gpu_suite.sh link     # two GPUs: NCCL KV transfer, pipelined and serial, profiled rounds
 #   bash bench/run_gpu_suite.sh tests    # one GPU: the single-GPU tests in tests/gpu
 #   bash bench/run_gpu_suite.sh final    # one GPU: the whole bench.gpu, bench.gemv, profile
 #   bash bench/run_gpu_suite.sh profile  # one GPU: bench.profile_steps
@@ -90,7 +90,8 @@ case "${1:-}" in
   link)
     # Two GPUs: the pipelined NCCL KV transfer, and the nccl backend's own GPU test.
     timeout 100 python -m pytest tests/unit/test_transfer_nccl.py -m gpu -q 2>&1 | tail -3 | tee "$OUT/nccl_tests.txt"
-    timeout 90 python -m bench.transfer_nccl --json "$OUT/transfer_nccl.json" 2>&1 | tail -8
+    timeout 120 python -m bench.transfer_nccl --json "$OUT/transfer_nccl.json" \
+      --profile "$OUT/transfer_rounds.json" 2>&1 | grep -v "USDT\|arn" | tail -90
     ;;
   *)
     echo "usage: bash bench/run_gpu_suite.sh single|pair|kernels|fused|final|profile|sweep1|link" >&2

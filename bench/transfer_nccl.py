@@ -43,6 +43,54 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize(device)
 
 
+PROFILED_ROUNDS = 3
+SHOWN_HOST_CALL_NS = 20_000  # host CUDA/NCCL calls and ops at least this long are listed
+
+
+def start_profiler():
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if torch.cuda.is_available():
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    profiler = torch.profiler.profile(activities=activities)
+    profiler.start()
+    return profiler
+
+
+def profiled_events(profiler) -> list[tuple[int, int, str, str]]:
+    """(start ns, end ns, kind, name) of a stopped profiler's events: every GPU op ("gpu"), every
+    host annotation ("range"), and host calls of SHOWN_HOST_CALL_NS or more ("host"). Kineto
+    stamps both processes with the same host clock, so the two ranks' lists line up."""
+    events = []
+    for event in profiler.profiler.kineto_results.events():
+        on_host = event.device_type() == torch.autograd.DeviceType.CPU
+        start, end = event.start_ns(), event.start_ns() + event.duration_ns()
+        if event.is_user_annotation():
+            if on_host:
+                events.append((start, end, "range", event.name()))
+        elif not on_host:
+            events.append((start, end, "gpu", event.name()))
+        elif end - start >= SHOWN_HOST_CALL_NS:
+            events.append((start, end, "host", event.name()))
+    return sorted(events)
+
+
+def round_timelines(sender_events: list, receiver_events: list) -> dict[str, list[tuple]]:
+    """For each profiled round on the sender ("serial round 1", ...): both ranks' events inside
+    it as (us from the round's start, us long, rank, kind, name)."""
+    rounds = {}
+    for start, end, kind, name in sender_events:
+        if kind != "range" or " round " not in name:
+            continue
+        rows = [
+            (round((s - start) / 1e3, 1), round((e - s) / 1e3, 1), rank, k, n[:70])
+            for rank, events in ((0, sender_events), (1, receiver_events))
+            for s, e, k, n in events
+            if s >= start and s < end and n != name
+        ]
+        rounds[name] = sorted(rows) + [(round((end - start) / 1e3, 1), 0.0, 0, "end", name)]
+    return rounds
+
+
 def worker(rank: int, args, init: str, notices, replies, results) -> None:
     device = "cpu" if args.cpu else f"cuda:{rank}"
     init_transfer_group(rank, 2, init, device, timeout_s=120)
@@ -61,7 +109,16 @@ def worker(rank: int, args, init: str, notices, replies, results) -> None:
             timeout_s=120,
             on_chunk_received=unpack_chunk_into(cache),
         )
+        profiler = None
         while (notice := notices.get()) is not None:
+            if notice in ("profile-start", "profile-stop"):  # the sender's profiled rounds
+                if notice == "profile-start":
+                    profiler = start_profiler()
+                else:
+                    profiler.stop()
+                    results.put(("profile 1", profiled_events(profiler)))
+                replies.put("ok")
+                continue
             if notice == "raw":
                 buf = torch.empty(nbytes, dtype=torch.uint8, device=device)
                 dist.recv(buf, src=0)
@@ -83,8 +140,11 @@ def worker(rank: int, args, init: str, notices, replies, results) -> None:
     handle = KVHandle("r", "decode-0", dst_blocks, args.tokens, layout, nccl_rank=1)
     timed: dict[str, list[float]] = {}
     chunks = 0.0
-    for mode, chunk_layers in (("pipelined", args.chunk_layers), ("serial", 0)):
-        sender = NcclKVSender(0, MODEL, notify=notify, timeout_s=120, chunk_layers=chunk_layers)
+    senders = {
+        mode: NcclKVSender(0, MODEL, notify=notify, timeout_s=120, chunk_layers=chunk_layers)
+        for mode, chunk_layers in (("pipelined", args.chunk_layers), ("serial", 0))
+    }
+    for mode, sender in senders.items():
         timed[mode] = []
         for i in range(args.warmup + args.rounds):
             _sync(device)
@@ -97,15 +157,34 @@ def worker(rank: int, args, init: str, notices, replies, results) -> None:
                 chunks = stats.extra["chunks"]
     raw_times = []
     buf = torch.empty(nbytes, dtype=torch.uint8, device=device)
-    for i in range(args.warmup + args.rounds):
-        _sync(device)
-        t0 = time.perf_counter()
+
+    def raw_send() -> None:
         notices.put("raw")
         dist.send(buf, dst=1)
         replies.get()
+
+    for i in range(args.warmup + args.rounds):
+        _sync(device)
+        t0 = time.perf_counter()
+        raw_send()
         dt = time.perf_counter() - t0
         if i >= args.warmup:
             raw_times.append(dt)
+    if args.profile:  # a few more rounds of each mode, both ranks under torch.profiler
+        notices.put("profile-start")
+        replies.get()
+        profiler = start_profiler()
+        for mode, send in [(m, lambda s=s: s.send(handle, src_blocks, cache)) for m, s in senders.items()] + [
+            ("raw", raw_send)
+        ]:
+            for r in range(PROFILED_ROUNDS):
+                _sync(device)
+                with torch.profiler.record_function(f"{mode} round {r}"):
+                    send()
+        profiler.stop()
+        notices.put("profile-stop")
+        replies.get()
+        results.put(("profile 0", profiled_events(profiler)))
     notices.put(None)
     results.put(("send", nbytes, timed, raw_times, cache[:, :, src_blocks].float().sum().item(), chunks))
 
@@ -119,6 +198,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--cpu", action="store_true", help="gloo on CPU tensors (smoke run)")
     p.add_argument("--json", default=None)
+    p.add_argument(
+        "--profile", metavar="PATH", help="profile a few more rounds on both ranks; timelines to PATH"
+    )
     p.add_argument(
         "--chunk-layers",
         type=int,
@@ -136,7 +218,8 @@ def main(argv: list[str] | None = None) -> int:
     procs = [ctx.Process(target=worker, args=(r, args, init, notices, replies, results)) for r in (0, 1)]
     for proc in procs:
         proc.start()
-    got = dict((item[0], item[1:]) for item in (results.get(timeout=600), results.get(timeout=600)))
+    expected = 4 if args.profile else 2
+    got = dict((item[0], item[1:]) for item in (results.get(timeout=600) for _ in range(expected)))
     for proc in procs:
         proc.join(60)
     nbytes, timed, raw_times, src_sum, chunks = got["send"]
@@ -167,6 +250,14 @@ def main(argv: list[str] | None = None) -> int:
         )
     print(f"  {'raw send':<24}{row['raw_send_ms_median']:8.2f} ms  {row['raw_send_GBps_median']:7.1f} GB/s")
     print(f"  data bit-exact: {row['bit_exact']}")
+    if args.profile:
+        rounds = round_timelines(got["profile 0"][0], got["profile 1"][0])
+        with open(args.profile, "w") as f:
+            json.dump(rounds, f, indent=1)
+        for name in (f"{mode} round {PROFILED_ROUNDS - 1}" for mode in (*timed, "raw")):
+            print(f"  {name} (us from its start, us long, rank, kind, name):")
+            for row_ in rounds[name]:
+                print("    " + " ".join(str(x) for x in row_))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(row, f, indent=2)
