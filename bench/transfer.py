@@ -31,6 +31,7 @@ import torch
 
 from transfer.contract import KVHandle
 from transfer.grpc_backend import GrpcKVSender
+from transfer.grpc_data import MAX_DATA_STREAMS, num_data_streams
 from transfer.grpc_server import GrpcKVServer
 from transfer.layout import KVLayout
 from transfer.packing import buffer_nbytes, layer_chunks, pack_blocks, unpack_blocks, unpack_into
@@ -50,7 +51,7 @@ class BenchConfig:
 
 
 FULL = BenchConfig(
-    32, 8, 128, 16, "bfloat16", num_cache_blocks=512, request_blocks=128, iters=20, grpc_iters=3
+    32, 8, 128, 16, "bfloat16", num_cache_blocks=512, request_blocks=128, iters=20, grpc_iters=5
 )
 SMALL = BenchConfig(
     8, 8, 128, 16, "bfloat16", num_cache_blocks=128, request_blocks=64, iters=10, grpc_iters=3
@@ -138,6 +139,10 @@ def run(
     assert torch.equal(dst_cache[:, :, dst_ids], src_cache[:, :, src_ids]), "pack/unpack lost data"
 
     grpc_result = bench_grpc(config, src_cache, src_ids, dst_ids, layout, device, grpc_in_band)
+    if not grpc_in_band:  # the same socket path over one data connection: the striping's baseline
+        one = bench_grpc(config, src_cache, src_ids, dst_ids, layout, device, max_data_streams=1)
+        grpc_result.update({f"{key}_one_stream": value for key, value in one.items()})
+        grpc_result["grpc_streams_speedup"] = one["grpc_ms"] / grpc_result["grpc_ms"]
 
     def gbps(seconds: float, moved: int) -> float:
         return moved / seconds / 1e9
@@ -171,9 +176,10 @@ def bench_grpc(
     layout: KVLayout,
     device: torch.device,
     in_band: bool = False,
+    max_data_streams: int = MAX_DATA_STREAMS,
 ) -> dict[str, float]:
     recv_cache = torch.zeros_like(src_cache)
-    server = GrpcKVServer("127.0.0.1:0", unpack_into(recv_cache), layout)
+    server = GrpcKVServer("127.0.0.1:0", unpack_into(recv_cache), layout, max_data_streams=max_data_streams)
     server.start()
     sender = GrpcKVSender("bench", **({"socket_min_bytes": None} if in_band else {}))
     try:
@@ -189,6 +195,7 @@ def bench_grpc(
         server.stop()
     measured = stats[1:]  # drop the warm-up send
     return {
+        "grpc_data_streams": num_data_streams(stats[0].nbytes, max_data_streams) if not in_band else 0,
         "grpc_ms": seconds * 1e3,
         "grpc_gbps": stats[0].nbytes / seconds / 1e9,
         "grpc_pack_to_host_ms": min(s.pack_ms for s in measured),
@@ -214,7 +221,14 @@ def print_report(result: dict[str, object]) -> None:
         f"gRPC host path (pack -> host -> loopback stream -> unpack): {result['grpc_ms']:.1f} ms, "
         f"{result['grpc_gbps']:.2f} GB/s payload (pack+to-host {result['grpc_pack_to_host_ms']:.1f} ms, "
         f"stream+unpack {result['grpc_stream_and_unpack_ms']:.1f} ms)"
+        + (f", {result['grpc_data_streams']} data streams" if result["grpc_data_streams"] else ", in band")
     )
+    if "grpc_ms_one_stream" in result:
+        print(
+            f"  the same over one data stream: {result['grpc_ms_one_stream']:.1f} ms "
+            f"(stream+unpack {result['grpc_stream_and_unpack_ms_one_stream']:.1f} ms); "
+            f"{result['grpc_data_streams']} streams are {result['grpc_streams_speedup']:.2f}x as fast"
+        )
 
 
 def main(argv: list[str] | None = None) -> None:

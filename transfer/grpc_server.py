@@ -8,6 +8,7 @@ inside a Ray actor next to the engine loop; the callback runs on a server thread
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from concurrent import futures
 
@@ -30,20 +31,47 @@ from transfer.grpc_backend import (
     SERVICE,
     layout_from_proto,
 )
-from transfer.grpc_data import DataListener, host_buffer, parse_chunk, recv_payload, split_host_port
+from transfer.grpc_data import (
+    DATA_STREAM_MIN_BYTES,
+    MAX_DATA_STREAMS,
+    DataListener,
+    host_buffer,
+    num_data_streams,
+    parse_chunk,
+    recv_payload,
+    run_parallel,
+    split_host_port,
+    stripe_bounds,
+)
 from transfer.layout import KVLayout, normalize_dtype_name
 from transfer.packing import buffer_nbytes, dtype_from_name
+
+# A failed socket transfer's status, by what went wrong first (one stripe's failure cancels the
+# others, whose own failures then follow from it).
+_FAILURE_STATUS = {
+    "long": grpc.StatusCode.INVALID_ARGUMENT,
+    "loss": grpc.StatusCode.DATA_LOSS,
+    "timeout": grpc.StatusCode.DEADLINE_EXCEEDED,
+    "unavailable": grpc.StatusCode.UNAVAILABLE,
+}
 
 
 class _KVTransferServicer:
     """`PushKV` over raw request bytes (no per-chunk protobuf parse; see `grpc_data.parse_chunk`)."""
 
     def __init__(
-        self, on_kv_received: KVReceiverCallback, expected_layout: KVLayout, pin_memory: bool
+        self,
+        on_kv_received: KVReceiverCallback,
+        expected_layout: KVLayout,
+        pin_memory: bool,
+        max_data_streams: int = MAX_DATA_STREAMS,
+        data_stream_min_bytes: int = DATA_STREAM_MIN_BYTES,
     ) -> None:
         self.on_kv_received = on_kv_received
         self.expected_layout = expected_layout
         self.pin_memory = pin_memory
+        self.max_data_streams = max_data_streams  # stripes per socket transfer, each >= the min bytes
+        self.data_stream_min_bytes = data_stream_min_bytes
         self.data_listener: DataListener | None = None  # the server's data port, set by start()
 
     def PushKV(  # noqa: N802 (gRPC method name)
@@ -117,36 +145,57 @@ class _KVTransferServicer:
         if listener is None:
             context.abort(grpc.StatusCode.UNAVAILABLE, f"{req_id}: the server has no data port open")
         timeout_s = min(context.time_remaining() or DEFAULT_TIMEOUT_S, DEFAULT_TIMEOUT_S)
-        ticket = listener.expect()  # a fresh one-time token for this call's data connection
-        try:
-            # A cancelled or expired call frees its token and wakes this thread out of wait/recv.
-            if not context.add_callback(lambda: listener.cancel(ticket)):
-                context.abort(grpc.StatusCode.CANCELLED, f"{req_id}: call ended before the data connection")
-            context.send_initial_metadata(
-                ((DATA_PORT_KEY, str(listener.port)), (DATA_TOKEN_KEY, ticket.token.hex()))
-            )
-            self._prefault(buffer)  # while the sender packs and connects
+        streams = num_data_streams(total, self.max_data_streams, self.data_stream_min_bytes)
+        bounds = stripe_bounds(total, streams)
+        tickets = [listener.expect() for _ in bounds]  # fresh one-time tokens, one per stripe's connection
+        view = memoryview(buffer.numpy())
+        first_failure: list[tuple[str, str]] = []  # (kind, why) of the stripe that failed first
+        lock = threading.Lock()
+
+        def cancel_all() -> None:
+            for ticket in tickets:
+                listener.cancel(ticket)
+
+        def receive(i: int) -> None:
+            failure = receive_stripe(i)
+            if failure is not None:
+                with lock:
+                    first_failure.append(failure)
+                cancel_all()  # wake the other stripes' waits and recvs: this transfer has failed
+
+        def receive_stripe(i: int) -> tuple[str, str] | None:
+            (start, end), ticket = bounds[i], tickets[i]
             try:
                 conn = listener.wait(ticket, timeout_s)
             except TimeoutError as exc:
-                context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, f"{req_id}: no data connection: {exc}")
+                return "timeout", f"no data connection: {exc}"
             except OSError as exc:  # cancelled, or the server is stopping
-                context.abort(grpc.StatusCode.UNAVAILABLE, f"{req_id}: no data connection: {exc}")
+                return "unavailable", f"no data connection: {exc}"
             try:
-                received, extra = recv_payload(conn, memoryview(buffer.numpy()), timeout_s)
+                received, extra = recv_payload(conn, view[start:end], timeout_s)
             except OSError as exc:
-                context.abort(grpc.StatusCode.DATA_LOSS, f"{req_id}: data connection failed: {exc!r}")
+                return "loss", f"data connection failed: {exc!r}"
+            if received != end - start:
+                part = f" (stripe {i} of {len(bounds)})" if len(bounds) > 1 else ""
+                return "loss", f"data connection closed after {received} of {end - start} bytes{part}"
+            if extra:
+                return "long", f"more than the announced {total} bytes"
+            return None
+
+        try:
+            # A cancelled or expired call frees its tokens and wakes these threads out of wait/recv.
+            if not context.add_callback(cancel_all):
+                context.abort(grpc.StatusCode.CANCELLED, f"{req_id}: call ended before the data connection")
+            tokens = ",".join(ticket.token.hex() for ticket in tickets)
+            context.send_initial_metadata(((DATA_PORT_KEY, str(listener.port)), (DATA_TOKEN_KEY, tokens)))
+            self._prefault(buffer)  # while the sender packs and connects
+            run_parallel([lambda i=i: receive(i) for i in range(len(bounds))])
         finally:
-            listener.release(ticket)  # closes the connection
-        if received != total:
-            context.abort(
-                grpc.StatusCode.DATA_LOSS,
-                f"{req_id}: data connection closed after {received} of {total} bytes",
-            )
-        if extra:
-            context.abort(
-                grpc.StatusCode.INVALID_ARGUMENT, f"{req_id}: more than the announced {total} bytes"
-            )
+            for ticket in tickets:
+                listener.release(ticket)  # closes its connection
+        if first_failure:
+            kind, why = first_failure[0]
+            context.abort(_FAILURE_STATUS[kind], f"{req_id}: {why}")
         if next(chunks, None) is not None:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{req_id}: in-band chunk in a socket transfer")
 
@@ -194,6 +243,10 @@ class GrpcKVServer:
     `data_port`: the one TCP port, on the bind host, that every socket-plane transfer's bytes come
     in on (0 picks a free one at `start`; the bound one is then `self.data_port`). Opened by `start`,
     closed by `stop`; give it a fixed value to open it in a firewall.
+
+    `max_data_streams`: a socket transfer's bytes come in over up to this many connections at
+    once, each a contiguous stripe of at least `data_stream_min_bytes` (the server decides and
+    sends the sender one token per stripe).
     """
 
     def __init__(
@@ -204,7 +257,11 @@ class GrpcKVServer:
         max_workers: int = 4,
         pin_memory: bool | None = None,
         data_port: int = 0,
+        max_data_streams: int = MAX_DATA_STREAMS,
+        data_stream_min_bytes: int = DATA_STREAM_MIN_BYTES,
     ) -> None:
+        if max_data_streams < 1:
+            raise ValueError(f"max_data_streams must be >= 1, got {max_data_streams}")
         self.bind = bind  # "host:port"; port 0 picks a free one
         self._server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="kv-recv"),
@@ -212,7 +269,9 @@ class GrpcKVServer:
         )
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
         self._data_address = (split_host_port(bind)[0], data_port)  # data connections come in on it only
-        self._servicer = _KVTransferServicer(on_kv_received, expected_layout, self.pin_memory)
+        self._servicer = _KVTransferServicer(
+            on_kv_received, expected_layout, self.pin_memory, max_data_streams, data_stream_min_bytes
+        )
         # Requests stay raw bytes (no deserializer): the servicer slices the payload out itself.
         push_kv = grpc.stream_unary_rpc_method_handler(
             self._servicer.PushKV, response_serializer=kv_transfer_pb2.PushKVReply.SerializeToString

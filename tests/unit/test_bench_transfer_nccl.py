@@ -10,7 +10,8 @@ from bench import transfer_nccl
 
 def test_transfer_bench_on_gloo_with_both_ranks_profiled(tmp_path) -> None:
     out, profile = tmp_path / "t.json", tmp_path / "profile.json"
-    argv = ["--cpu", "--tokens", "64", "--layers", "2", "--num-blocks", "16", "--rounds", "1", "--warmup", "1"]
+    argv = ["--cpu", "--tokens", "64", "--layers", "2", "--num-blocks", "16"]
+    argv += ["--rounds", "1", "--warmup", "1"]
     assert transfer_nccl.main(argv + ["--json", str(out), "--profile", str(profile)]) == 0
     row = json.loads(out.read_text())
     assert row["bit_exact"] and row["serial_ms_median"] > 0 and row["raw_send_ms_median"] > 0

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import transfer.grpc_backend as grpc_backend
+import transfer.grpc_data as grpc_data
 from pdserve.internal import kv_transfer_pb2, kv_transfer_pb2_grpc
 from tests.unit.threads import run_in_threads
 from transfer.contract import KVHandle, KVTransferError
@@ -32,8 +33,10 @@ from transfer.grpc_data import (
     StagingPool,
     encode_data_chunk,
     encode_varint,
+    num_data_streams,
     parse_chunk,
     split_host_port,
+    stripe_bounds,
 )
 from transfer.grpc_server import GrpcKVServer
 from transfer.layout import KVLayout
@@ -409,7 +412,7 @@ def test_unreachable_data_port_falls_back_to_in_band(server: Server, monkeypatch
         attempts.append(port)
         raise DataConnectError(f"cannot connect to the data port {host}:{port}: firewalled")
 
-    monkeypatch.setattr(grpc_backend, "connect_and_send", refuse)
+    monkeypatch.setattr(grpc_data, "connect_and_send", refuse)  # every stripe
     sender = GrpcKVSender(MODEL, socket_min_bytes=0)
     source = make_cache(8, seed=5)
     try:
@@ -459,4 +462,101 @@ def test_cuda_sends_stage_through_reused_pinned_buffers(socket_min_bytes: int | 
             assert torch.equal(bits(decode.cache[:, :, dst_ids].cpu()), bits(source.cpu()))
     finally:
         sender.close()
+        decode.server.stop()
+
+
+# ---- striped socket transfers: several data connections per buffer -----------------------------
+
+
+@pytest.mark.parametrize("nbytes", [1, 65536, 65537, 200_000, 268_435_456, 268_435_456 + 12_345])
+@pytest.mark.parametrize("max_streams", [1, 3, 4])
+def test_stripes_cover_the_payload_in_order_without_empties(nbytes: int, max_streams: int) -> None:
+    streams = num_data_streams(nbytes, max_streams, min_bytes=1)
+    bounds = stripe_bounds(nbytes, streams)
+    assert len(bounds) == streams <= max_streams
+    assert bounds[0][0] == 0 and bounds[-1][1] == nbytes
+    assert all(a[1] == b[0] for a, b in zip(bounds, bounds[1:], strict=False))  # contiguous
+    assert all(end > start for start, end in bounds)
+    assert all(start % 65536 == 0 for start, _ in bounds)
+    assert num_data_streams(268_435_456, 4) == 4 and num_data_streams(40 << 20, 4) == 1  # 32 MiB each
+
+
+def striped_server(max_streams: int = 3) -> Server:
+    """8 KiB blocks, and every buffer of 3 x 64 KiB or more in `max_streams` stripes."""
+    decode = Server(num_blocks=64, head_dim=64)
+    decode.server.stop()
+    callback = unpack_into(decode.cache, decode.ready.append)
+    decode.server = GrpcKVServer(
+        "127.0.0.1:0", callback, decode.layout, max_data_streams=max_streams, data_stream_min_bytes=1
+    )
+    decode.server.start()
+    return decode
+
+
+def test_a_striped_transfer_arrives_bit_exact_over_one_connection_per_stripe() -> None:
+    decode = striped_server(max_streams=3)
+    sender = GrpcKVSender(MODEL, socket_min_bytes=0)
+    source = make_cache(64, seed=9, head_dim=64)
+    src_ids, dst_ids = list(range(0, 60, 2)), list(range(30, 60))  # 30 blocks: 240 KiB, 3 stripes
+    accepted: list[int] = []
+    listener = decode.server._data_listener
+    original_wait = listener.wait
+    listener.wait = lambda ticket, timeout_s: accepted.append(1) or original_wait(ticket, timeout_s)
+    try:
+        stats = sender.send(decode.handle("striped", dst_ids), src_ids, source)
+        assert stats.nbytes == buffer_nbytes(decode.layout, 30) == 245_760
+        assert len(accepted) == 3 and decode.ready == ["striped"] and decode.pending_tokens() == 0
+        assert torch.equal(bits(decode.cache[:, :, dst_ids]), bits(source[:, :, src_ids]))
+        small = sender.send(decode.handle("one-stripe", [0]), [1], source)  # 8 KiB: one connection
+        assert small.nbytes == 8192 and len(accepted) == 4 and decode.ready[-1] == "one-stripe"
+    finally:
+        sender.close()
+        decode.server.stop()
+
+
+def test_a_striped_transfer_with_a_short_or_missing_stripe_fails_and_frees_every_token() -> None:
+    decode = striped_server(max_streams=3)
+    channel = grpc.insecure_channel(decode.server.address)
+    stub = kv_transfer_pb2_grpc.KVTransferStub(channel)
+    block_ids = list(range(30))
+    nbytes = buffer_nbytes(decode.layout, 30)
+    payload = bits(pack_blocks(make_cache(64, seed=3, head_dim=64), block_ids)).numpy().tobytes()
+    header = kv_transfer_pb2.KVHeader(
+        req_id="x", layout=layout_to_proto(decode.layout), block_ids=block_ids, dtype="float32",
+        shape=list(decode.layout.buffer_shape(30)), total_bytes=nbytes,
+    )  # fmt: skip
+    try:
+        for case, code in (
+            ("short", grpc.StatusCode.DATA_LOSS),
+            ("missing", grpc.StatusCode.DEADLINE_EXCEEDED),
+        ):
+            header.req_id = case
+            call = stub.PushKV.future(
+                iter([kv_transfer_pb2.KVChunk(header=header)]), timeout=2,
+                metadata=((DATA_PLANE_KEY, DATA_PLANE_SOCKET),),
+            )  # fmt: skip
+            metadata = dict(call.initial_metadata())
+            tokens = [bytes.fromhex(t) for t in metadata[DATA_TOKEN_KEY].split(",")]
+            address = ("127.0.0.1", int(metadata[DATA_PORT_KEY]))
+            assert len(tokens) == 3
+            bounds = stripe_bounds(nbytes, 3)
+            conns = []
+            for i, (token, (start, end)) in enumerate(zip(tokens, bounds, strict=True)):
+                if case == "missing" and i == 1:
+                    continue  # this stripe never connects: the deadline ends the call
+                conn = socket.create_connection(address)
+                conn.sendall(token + payload[start : end - (1 if case == "short" and i == 2 else 0)])
+                conn.shutdown(socket.SHUT_WR)
+                conns.append(conn)
+            with pytest.raises(grpc.RpcError) as info:
+                call.result()
+            # (a deadline's details may be the client's own: "Deadline Exceeded")
+            assert info.value.code() == code and (case == "missing" or case in info.value.details())
+            for conn in conns:
+                assert_closed_by_server(conn)
+                conn.close()
+            wait_until(lambda: decode.pending_tokens() == 0)
+        assert decode.ready == [] and torch.count_nonzero(decode.cache) == 0
+    finally:
+        channel.close()
         decode.server.stop()
