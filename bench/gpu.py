@@ -451,12 +451,26 @@ def main(argv: list[str] | None = None) -> dict:
     report.write()
     print(report.table(titles))
     if args.markdown:
+        offline = result["rows"].get("throughput", {}).get("pdserve", {})
         with open(args.markdown, "w") as file:
             file.write(
                 f"{result['device']}, torch {torch.__version__}, transformers "
                 f"{result.get('transformers', '-')}, copy {limits['copy_gbps']:.0f} GB/s, "
-                f"matmul {limits['matmul_tflops']:.1f} TFLOP/s\n\n" + report.table(titles, markdown=True)
+                f"matmul {limits['matmul_tflops']:.1f} TFLOP/s"
+                + (
+                    f" (the layer's GEMMs: {limits['layer_gemm_tflops']:.1f})"
+                    if "layer_gemm_tflops" in limits
+                    else ""
+                )
+                + "\n\n"
+                + report.table(titles, markdown=True)
             )
+            if "floor_at_layer_gemm_rate" in offline:
+                file.write(
+                    f"\nOffline floor at the layer GEMMs' rate: "
+                    f"{offline['floor_at_layer_gemm_rate']:.0f} out tok/s; "
+                    f"pdserve reaches {offline['vs_floor_at_layer_gemm_rate']:.3f} of it.\n"
+                )
     return result
 
 
