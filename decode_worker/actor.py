@@ -22,6 +22,7 @@ class DecodeActor(WorkerActor):
         role: str = "decode",
         grpc_host: str = "127.0.0.1",
         grpc_ports: tuple[int, int] = (0, 0),  # (gRPC, data) ports of the KV server; 0 = a free one
+        grpc_data_streams: int = 4,  # parallel data connections per large KV buffer, at most
     ) -> None:
         self.worker = DecodeWorker(worker_id, engine_config, role=role)
         self.transfer_backend = transfer_backend
@@ -37,7 +38,11 @@ class DecodeActor(WorkerActor):
 
             grpc_port, data_port = grpc_ports
             self._grpc_server = GrpcKVServer(
-                f"{grpc_host}:{grpc_port}", self.worker.receive_kv, self.worker.layout, data_port=data_port
+                f"{grpc_host}:{grpc_port}",
+                self.worker.receive_kv,
+                self.worker.layout,
+                data_port=data_port,
+                max_data_streams=grpc_data_streams,
             )
             port = self._grpc_server.start()
             self.worker.grpc_address = f"{grpc_host}:{port}"

@@ -10,7 +10,7 @@ the key path (e.g. `decode.count`), raised before anything starts.
     prefill:   {count, resources: {num_cpus, num_gpus, resources: {NAME: amount}}}
     decode:    {count, resources: ...}
     colocated: {count, resources: ...}   # workers that run both phases (the baseline)
-    transfer:  {backend: grpc|nccl, host, port_base}
+    transfer:  {backend: grpc|nccl, host, port_base, data_streams}
     router:    {host, port, policy, policy_params: {...}, kv_events, max_queue_len,
                 max_wait_s, default_max_tokens}
     ray:       {address, namespace, num_cpus}
@@ -45,6 +45,9 @@ class TransferConfig:
     # grpc backend: 0 = free ports; else decode-i's KV server takes gRPC port port_base + 2i and its
     # data port port_base + 2i + 1, a fixed range a firewall can open between the hosts
     port_base: int = 0
+    # grpc backend: a large KV buffer comes in over up to this many parallel data connections (one
+    # TCP stream tops out at what one core copies; a fast NIC needs several)
+    data_streams: int = 4
 
     def kv_server_ports(self, decode_index: int) -> tuple[int, int]:
         """(gRPC port, data port) of decode worker `decode_index`'s KV server; (0, 0) = free ports."""
@@ -168,6 +171,10 @@ def parse_config(data: dict[str, Any]) -> DeployConfig:
         raise ConfigError("prefill.count / decode.count / colocated.count: no workers configured")
     if cfg.transfer.backend not in ("grpc", "nccl"):
         raise ConfigError(f"transfer.backend: must be grpc or nccl, got {cfg.transfer.backend!r}")
+    if not isinstance(cfg.transfer.data_streams, int) or not 1 <= cfg.transfer.data_streams <= 64:
+        raise ConfigError(
+            f"transfer.data_streams: must be an integer in [1, 64], got {cfg.transfer.data_streams!r}"
+        )
     last_port = cfg.transfer.port_base + 2 * cfg.decode.count - 1
     if cfg.transfer.port_base and not (1024 <= cfg.transfer.port_base and last_port <= 65535):
         raise ConfigError(

@@ -115,8 +115,9 @@ def up(
                 opts = _actor_options(pool.resources, f"pdserve-{wid}", ns, detached)
                 ports = cfg.transfer.kv_server_ports(i) if role == "decode" else (0, 0)
                 decode[wid] = decode_cls.options(**opts).remote(
-                    wid, copy.deepcopy(cfg.engine), cfg.transfer.backend, role, cfg.transfer.host, ports
-                )
+                    wid, copy.deepcopy(cfg.engine), cfg.transfer.backend, role, cfg.transfer.host, ports,
+                    cfg.transfer.data_streams,
+                )  # fmt: skip
                 roles[wid] = role
         workers = {**prefill, **decode}
         ray.get([h.ready.remote() for h in workers.values()])  # engines built (or their error)

@@ -44,6 +44,8 @@ def test_shipped_configs_parse(path):
             {"decode": {"count": 2}, "prefill": {"count": 1}, "transfer": {"port_base": 65534}},
             "transfer.port_base",
         ),
+        ({"colocated": {"count": 1}, "transfer": {"data_streams": 0}}, "transfer.data_streams"),
+        ({"colocated": {"count": 1}, "transfer": {"data_streams": "4"}}, "transfer.data_streams"),
     ],
 )
 def test_bad_configs_name_the_key(data, key):
@@ -93,15 +95,21 @@ def test_decode_kv_server_takes_the_configured_ports():
         probe.bind(("127.0.0.1", 0))
         data_port = probe.getsockname()[1]
     actor = DecodeActor(
-        "decode-0", EngineConfig(model="tiny", num_gpu_blocks=64), "grpc", grpc_ports=(grpc_port, data_port)
+        "decode-0",
+        EngineConfig(model="tiny", num_gpu_blocks=64),
+        "grpc",
+        grpc_ports=(grpc_port, data_port),
+        grpc_data_streams=2,
     )
     try:
         assert actor.worker.grpc_address == f"127.0.0.1:{grpc_port}"
         assert actor._grpc_server.data_port == data_port
+        assert actor._grpc_server._servicer.max_data_streams == 2  # transfer.data_streams
     finally:
         actor._grpc_server.stop(0)
     cfg = parse_config({"model": "tiny", "prefill": {"count": 1}, "decode": {"count": 3},
-                        "transfer": {"port_base": 20000}})  # fmt: skip
+                        "transfer": {"port_base": 20000, "data_streams": 8}})  # fmt: skip
+    assert cfg.transfer.data_streams == 8
     assert [cfg.transfer.kv_server_ports(i) for i in range(3)] == [
         (20000, 20001),
         (20002, 20003),
