@@ -83,6 +83,7 @@ def run(
     seed: int = 0,
     chunk_layers: int = 0,
     grpc_in_band: bool = False,
+    data_streams: int = MAX_DATA_STREAMS,
 ) -> dict[str, object]:
     dtype = getattr(torch, config.dtype)
     # [num_layers, 2, num_cache_blocks, block_size, Hkv, D]
@@ -138,7 +139,7 @@ def run(
         seconds["unpack_chunked"] = best_seconds(unpack_chunked, config.iters, device)
     assert torch.equal(dst_cache[:, :, dst_ids], src_cache[:, :, src_ids]), "pack/unpack lost data"
 
-    grpc_result = bench_grpc(config, src_cache, src_ids, dst_ids, layout, device, grpc_in_band)
+    grpc_result = bench_grpc(config, src_cache, src_ids, dst_ids, layout, device, grpc_in_band, data_streams)
     if not grpc_in_band:  # the same socket path over one data connection: the striping's baseline
         one = bench_grpc(config, src_cache, src_ids, dst_ids, layout, device, max_data_streams=1)
         grpc_result.update({f"{key}_one_stream": value for key, value in one.items()})
@@ -249,6 +250,12 @@ def main(argv: list[str] | None = None) -> None:
         "--threads", type=int, default=None, help="torch CPU threads (1 avoids OpenMP stalls on a busy box)"
     )
     parser.add_argument(
+        "--data-streams",
+        type=int,
+        default=MAX_DATA_STREAMS,
+        help=f"the gRPC server's most data connections per buffer (default {MAX_DATA_STREAMS})",
+    )
+    parser.add_argument(
         "--grpc-in-band",
         action="store_true",
         help="keep the gRPC path's bytes on the stream (no data socket)",
@@ -258,7 +265,11 @@ def main(argv: list[str] | None = None) -> None:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     result = run(
-        SMALL if args.small else FULL, device, chunk_layers=args.chunk_layers, grpc_in_band=args.grpc_in_band
+        SMALL if args.small else FULL,
+        device,
+        chunk_layers=args.chunk_layers,
+        grpc_in_band=args.grpc_in_band,
+        data_streams=args.data_streams,
     )
     print_report(result)
     if args.json:
