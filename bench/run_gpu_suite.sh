@@ -9,6 +9,7 @@
 #   bash bench/run_gpu_suite.sh final    # one GPU: the whole bench.gpu, bench.gemv, profile
 #   bash bench/run_gpu_suite.sh profile  # one GPU: bench.profile_steps
 #   bash bench/run_gpu_suite.sh grpc1    # one GPU: 1P1D over gRPC on it, bench.transfer (gRPC host path)
+#   bash bench/run_gpu_suite.sh sweep1grpc # one H200: 1P1D over gRPC sharing it, 4 data streams vs 1
 # Results land in $OUT (default bench/results/gpu-run).
 set -uo pipefail
 OUT="${OUT:-bench/results/gpu-run}"
@@ -86,6 +87,15 @@ case "${1:-}" in
     timeout 150 python -m bench.sweep --config colocated=deploy/gpu-colocated-1.yaml --dataset random \
       --random-input-len 256 --random-output-len 256 --num-prompts 48 --request-rates 4,16 \
       --goodput $SLO --output-dir "$OUT/sweep-short" --disable-tqdm 2>&1 | tail -6
+    ;;
+  sweep1grpc)
+    # One GPU (H200): 1P1D over gRPC sharing it, long prompts, the data plane with 4 parallel
+    # streams against the same deployment held to one (a copy of the config with data_streams: 1).
+    sed 's/data_streams: 4/data_streams: 1/' deploy/gpu-1p1d-grpc-1.yaml > /tmp/gpu-1p1d-grpc-1-stream.yaml
+    timeout 420 python -m bench.sweep --config streams4=deploy/gpu-1p1d-grpc-1.yaml \
+      --config streams1=/tmp/gpu-1p1d-grpc-1-stream.yaml --dataset random --random-input-len 2048 \
+      --random-output-len 256 --num-prompts 48 --request-rates 2,4 --goodput $SLO \
+      --output-dir "$OUT/sweep-1p1d-grpc" --disable-tqdm 2>&1 | tail -12
     ;;
   link)
     # Two GPUs: the pipelined NCCL KV transfer, and the nccl backend's own GPU test.
