@@ -97,8 +97,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_workload_arguments(parser)
 
 
-def build_requests(args: argparse.Namespace, info: ModelInfo) -> list[BenchRequest]:
-    """The workload named by the flags, sized to the model's vocabulary and context."""
+def build_requests(args: argparse.Namespace, info: ModelInfo, seed: int | None = None) -> list[BenchRequest]:
+    """The workload named by the flags, sized to the model's vocabulary and context; `seed`
+    (default: the flags') draws it."""
+    seed = args.seed if seed is None else seed
     vocab_size = args.vocab_size or info.vocab_size
     excluded = [info.eos_token_id] if info.eos_token_id is not None else []
     if args.dataset == "random":
@@ -108,7 +110,7 @@ def build_requests(args: argparse.Namespace, info: ModelInfo) -> list[BenchReque
             args.random_output_len,
             args.random_range_ratio,
             vocab_size,
-            args.seed,
+            seed,
             excluded,
         )
     elif args.dataset == "prefix-repetition":
@@ -119,7 +121,7 @@ def build_requests(args: argparse.Namespace, info: ModelInfo) -> list[BenchReque
             args.prefix_repetition_num_prefixes,
             args.prefix_repetition_output_len,
             vocab_size,
-            args.seed,
+            seed,
             excluded,
         )
     else:
@@ -127,7 +129,7 @@ def build_requests(args: argparse.Namespace, info: ModelInfo) -> list[BenchReque
         requests = sample_sharegpt_synthetic(
             args.num_prompts,
             vocab_size,
-            args.seed,
+            seed,
             excluded,
             max_prompt_len=min(1024, max_total - 4),
             max_total_len=max_total,

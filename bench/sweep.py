@@ -87,7 +87,7 @@ async def _prepare(url: str, ready_timeout: float) -> ModelInfo:
 def run_sweep(
     deployments: Sequence[DeploymentSpec],
     rates: Sequence[float],
-    make_requests: Callable[[ModelInfo], list[BenchRequest]],
+    make_requests: Callable[[ModelInfo, int], list[BenchRequest]],
     slos_ms: dict[str, float] | None = None,
     attainment: float = 0.9,
     ready_timeout: float = 120.0,
@@ -96,6 +96,10 @@ def run_sweep(
 ) -> dict[str, object]:
     """Benchmark every deployment at every rate; stop each deployment when done with it.
 
+    `make_requests(info, round)` gives round 0's requests to the warm-up and round i + 1's to the
+    i-th rate: fresh prompts each time (the CLI varies the dataset's seed), or every rate after the
+    first would find its prompts in the workers' prefix caches, and so would its first few after
+    the warm-up (measured: a 2,048-token 1P1D sweep's second rate moved almost no KV).
     `bench_kwargs` go to bench.serve.run_benchmark (burstiness, max_concurrency, seed, timeout, ...);
     the markdown table needs percentile_metrics to include all four metrics with p99 (the default here).
     """
@@ -113,11 +117,12 @@ def run_sweep(
         try:
             url = start()
             info = asyncio.run(_prepare(url, ready_timeout))
-            requests = make_requests(info)
             # Unmeasured warm-up: otherwise the first rate also pays the workers' cold start
             # (first forward passes, first KV transfer), tens of ms of TTFT on CPU.
-            asyncio.run(run_benchmark(url, requests[:warmup_requests], timeout=ready_timeout))
-            for rate in rates:
+            warmup = make_requests(info, 0)[:warmup_requests]
+            asyncio.run(run_benchmark(url, warmup, timeout=ready_timeout))
+            for round_index, rate in enumerate(rates, start=1):
+                requests = make_requests(info, round_index)
                 print(f"[{name}] rate {rate:g}/s: {len(requests)} requests", file=sys.stderr)
                 metrics = asyncio.run(
                     run_benchmark(url, requests, request_rate=rate, goodput_slos_ms=slos_ms, **bench_kwargs)
@@ -260,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
         report = run_sweep(
             deployments,
             parse_rates(args.request_rates),
-            lambda info: build_requests(args, info),
+            lambda info, round_index: build_requests(args, info, seed=args.seed + round_index),
             slos_ms=parse_goodput(args.goodput),
             attainment=args.slo_attainment,
             ready_timeout=args.ready_timeout,

@@ -69,14 +69,26 @@ def check_run(metrics: dict, requests) -> None:
 
 
 def test_sweep_results_complete_and_consistent(deployment, tmp_path):
-    # output lengths vary (range ratio 0.5) so "exactly as asked" is checked per request
-    requests = sample_random(NUM_PROMPTS, 64, 12, 0.5, VOCAB_SIZE, seed=0, excluded_token_ids=[EOS_TOKEN_ID])
+    # output lengths vary (range ratio 0.5) so "exactly as asked" is checked per request; each
+    # round (the warm-up, then each rate) gets prompts of its own, as the CLI's seed + round gives
+    rounds: dict[int, list] = {}
+
+    def make_requests(info, round_index: int) -> list:
+        return rounds.setdefault(
+            round_index,
+            sample_random(
+                NUM_PROMPTS, 64, 12, 0.5, VOCAB_SIZE, seed=round_index, excluded_token_ids=[EOS_TOKEN_ID]
+            ),
+        )
+
     spec = ("1p1d", lambda: deployment.url, lambda: None)  # deployment is brought down by the fixture
-    report = run_sweep([spec], RATES, lambda info: requests, slos_ms=SLOS_MS, timeout=60.0)
+    report = run_sweep([spec], RATES, make_requests, slos_ms=SLOS_MS, timeout=60.0)
     runs = report["deployments"]["1p1d"]["runs"]
     assert [m["request_rate"] for m in runs] == RATES
-    for metrics in runs:
-        check_run(metrics, requests)
+    assert sorted(rounds) == list(range(len(RATES) + 1))
+    for round_index, metrics in enumerate(runs, start=1):
+        check_run(metrics, rounds[round_index])
+        assert metrics["total_cached_tokens"] == 0  # no rate re-sends an earlier round's prompts
     paths = write_report(report, tmp_path)
     saved = json.loads((tmp_path / "sweep.json").read_text())
     assert saved["deployments"]["1p1d"]["runs"][0]["completed"] == NUM_PROMPTS

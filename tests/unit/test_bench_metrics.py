@@ -232,7 +232,11 @@ def test_run_benchmark_timeout_counts_unfinished_requests_as_failed() -> None:
 def test_sweep_finds_the_max_rate_meeting_the_slo_and_writes_a_report(tmp_path) -> None:
     from bench.sweep import markdown_table, run_sweep, write_report
 
-    stopped = []
+    stopped, rounds = [], []
+
+    def make_requests(info, round_index: int) -> list[BenchRequest]:
+        rounds.append(round_index)
+        return [BenchRequest([5, 6], 3)] * 4
 
     async def body(target: str) -> dict:
         # run_sweep drives its own event loops, so it runs in a thread beside the server's loop.
@@ -240,7 +244,7 @@ def test_sweep_finds_the_max_rate_meeting_the_slo_and_writes_a_report(tmp_path) 
             run_sweep,
             [("scripted", lambda: target, lambda: stopped.append(True))],
             [50.0, math.inf],
-            lambda info: [BenchRequest([5, 6], 3)] * 4,
+            make_requests,
             slos_ms={"ttft": 10_000},
             ready_timeout=5.0,
             timeout=20.0,
@@ -248,6 +252,7 @@ def test_sweep_finds_the_max_rate_meeting_the_slo_and_writes_a_report(tmp_path) 
 
     report = asyncio.run(_with_server(body))
     assert stopped == [True]
+    assert rounds == [0, 1, 2]  # the warm-up's requests, then fresh ones for each rate
     result = report["deployments"]["scripted"]
     assert [m["meets_slo"] for m in result["runs"]] == [True, True]
     assert result["max_rate_meeting_slo"] == math.inf
