@@ -35,6 +35,7 @@ from transfer.grpc_data import (
     encode_varint,
     num_data_streams,
     parse_chunk,
+    recv_payload,
     split_host_port,
     stripe_bounds,
 )
@@ -560,3 +561,31 @@ def test_a_striped_transfer_with_a_short_or_missing_stripe_fails_and_frees_every
     finally:
         channel.close()
         decode.server.stop()
+
+
+def test_recv_payload_fills_blocking_and_bounds_a_stalled_sender() -> None:
+    """recv_payload receives with blocking MSG_WAITALL calls (no GIL round trip per packet) and
+    still honours its timeout when the sender stalls mid-payload, or finds extra bytes."""
+    payload = bytes(range(256)) * 4096  # 1 MiB
+    for extra, stall in ((b"", False), (b"!", False), (b"", True)):
+        sender, receiver = socket.socketpair()
+        with sender, receiver:
+
+            def send(sender: socket.socket = sender, extra: bytes = extra, stall: bool = stall) -> None:
+                try:
+                    sender.sendall(payload[: len(payload) // 2] if stall else payload + extra)
+                    if not stall:
+                        sender.shutdown(socket.SHUT_WR)
+                except OSError:  # the stalled case: the receiver gave up and closed
+                    pass
+
+            threading.Thread(target=send, daemon=True).start()
+            view = memoryview(bytearray(len(payload)))
+            if stall:
+                began = time.monotonic()
+                with pytest.raises(TimeoutError):
+                    recv_payload(receiver, view, timeout_s=0.3)
+                assert time.monotonic() - began < 2.0
+                continue
+            received, more = recv_payload(receiver, view, timeout_s=5)
+            assert received == len(payload) and bytes(view) == payload and more == bool(extra)
