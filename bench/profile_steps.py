@@ -33,7 +33,8 @@ from typing import Any
 import torch
 
 from bench import timeline
-from bench.gpu import LLAMA3_8B, SMALL, TINY, ModelCost, Shapes, build_llm, random_prompt
+from bench.gpu import LLAMA3_8B, SMALL, TINY, Shapes, build_llm, random_prompt
+from bench.gpu_limits import ModelCost
 from engine import SamplingParams, cuda_graphs, model_runner
 from engine.model_runner import SampledTokens
 

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from bench import gpu
+from bench.gpu_limits import ModelCost
 from bench.gpu_report import ROWS, parse_only
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -91,7 +92,7 @@ def test_only_rejects_unknown_rows() -> None:
 
 
 def test_cost_model_is_llama3_8b() -> None:
-    cost = gpu.ModelCost(gpu.LLAMA3_8B, torch.bfloat16)
+    cost = ModelCost(gpu.LLAMA3_8B, torch.bfloat16)
     final_norm = gpu.LLAMA3_8B["hidden_size"]
     # Llama-3-8B has 8,030,261,248 parameters: layers, embedding, lm_head, final norm.
     assert cost.layer_params + 2 * cost.lm_head_params + final_norm == 8_030_261_248
