@@ -30,8 +30,10 @@ On either route a short stream aborts the call with DATA_LOSS and extra bytes wi
 INVALID_ARGUMENT, naming the request.
 
 On CUDA the sender copies the packed buffer to host through a reused pinned
-staging buffer with a non-blocking copy (one per send in flight); CPU caches are
-packed straight into a reused host buffer.
+staging buffer with non-blocking copies (one buffer per send in flight); over the
+data plane the copy goes in 8 MiB pieces, in the order the stripes send them, and
+each piece goes on its socket as soon as it lands, so the copy overlaps the send.
+CPU caches are packed straight into a reused host buffer.
 
 This module holds the protocol's shared constants and the sender (`GrpcKVSender`);
 the receiving side is `transfer.grpc_server.GrpcKVServer`.
@@ -43,7 +45,7 @@ import logging
 import math
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import grpc
 import torch
@@ -55,8 +57,11 @@ from transfer.grpc_data import (
     DataConnectError,
     StagingPool,
     encode_data_chunk,
+    interleaved,
     send_stripes,
     split_host_port,
+    stripe_bounds,
+    stripe_pieces,
 )
 from transfer.layout import KVLayout, KVLayoutMismatch
 from transfer.packing import buffer_nbytes, pack_blocks, to_bytes
@@ -114,6 +119,43 @@ def layout_from_proto(info: kv_transfer_pb2.KVLayoutInfo) -> KVLayout:
         head_dim=info.head_dim,
         block_size=info.block_size,
     )
+
+
+class _Staged:
+    """The host buffer one send's payload sits in, and its way back to its pool: a CUDA cache's
+    bytes copied piece by piece (`start`), or a buffer packed on the host (`hold`)."""
+
+    def __init__(self) -> None:
+        self._held: tuple[StagingPool, torch.Tensor] | None = None
+        self._host: torch.Tensor | None = None  # uint8 [nbytes]
+        self._ready: Callable[[int], None] | None = None
+
+    def start(
+        self, pool: StagingPool, packed: torch.Tensor, num_streams: int
+    ) -> tuple[memoryview, Callable[[int], None]]:
+        nbytes = packed.numel() * packed.element_size()
+        order = interleaved(stripe_pieces(stripe_bounds(nbytes, num_streams)))
+        self._host, buffer, self._ready = pool.copy_to_host_in_pieces(packed, order)
+        self._held = (pool, buffer)
+        return memoryview(self._host.numpy()), self._ready
+
+    def hold(self, pool: StagingPool, buffer: torch.Tensor) -> None:
+        self._held = (pool, buffer)
+
+    def whole(self) -> memoryview | None:
+        """Every staged byte, once all pieces have landed (None if nothing was staged)."""
+        if self._host is None:
+            return None
+        self._ready(-1)
+        return memoryview(self._host.numpy())
+
+    def release(self) -> None:
+        if self._ready is not None:
+            self._ready(-1)  # no copy may still be writing into the buffer we give back
+        if self._held is not None:
+            pool, buffer = self._held
+            pool.release(buffer)
+            self._held = None
 
 
 class GrpcKVSender:
@@ -189,13 +231,28 @@ class GrpcKVSender:
             call = rpc.future(
                 iter([header]), timeout=self.timeout_s, metadata=((DATA_PLANE_KEY, DATA_PLANE_SOCKET),)
             )
-        staging = None
+        staged = _Staged()
         try:
-            host_buffer, staging = self._to_host(kv_cache, src_block_ids)  # [L, 2, n, bs, Hkv, D], CPU
-            payload = to_bytes(host_buffer)
-            packed = time.perf_counter()
-            if call is not None:
-                call = self._send_socket(handle, call, payload, deadline)
+            if call is not None and kv_cache.device.type == "cuda":
+                # The copy to host waits for the server's stripe count, then goes piece by piece
+                # in the order the stripes send them: it overlaps the send instead of preceding it.
+                packed_on_device = pack_blocks(kv_cache, src_block_ids)  # [L, 2, n, bs, Hkv, D]
+                packed = time.perf_counter()
+                call = self._send_socket(
+                    handle,
+                    call,
+                    lambda streams: staged.start(self._staging, packed_on_device, streams),
+                    deadline,
+                )
+                if call is None:  # the data port proved unreachable: in band, once all bytes landed
+                    payload = staged.whole()
+            else:
+                host_buffer, staging = self._to_host(kv_cache, src_block_ids)  # [L, 2, n, bs, Hkv, D], CPU
+                staged.hold(*staging)
+                payload = to_bytes(host_buffer)
+                packed = time.perf_counter()
+                if call is not None:
+                    call = self._send_socket(handle, call, lambda streams: (payload, None), deadline)
             if call is None:  # in band, by choice or after the data port proved unreachable
                 rpc(self._chunks(header, payload), timeout=max(deadline - time.perf_counter(), 0.001))
             else:
@@ -205,9 +262,7 @@ class GrpcKVSender:
         finally:
             if call is not None:
                 call.cancel()  # no-op once it finished; stops the server waiting on an error path
-            if staging is not None:
-                pool, buffer = staging
-                pool.release(buffer)
+            staged.release()
         done = time.perf_counter()
         return TransferStats(nbytes=nbytes, pack_ms=(packed - start) * 1e3, send_ms=(done - packed) * 1e3)
 
@@ -230,18 +285,26 @@ class GrpcKVSender:
         return host, (self._staging, staging)
 
     def _send_socket(
-        self, handle: KVHandle, call: grpc.Future, payload: memoryview, deadline: float
+        self,
+        handle: KVHandle,
+        call: grpc.Future,
+        stage: Callable[[int], tuple[memoryview, Callable[[int], None] | None]],
+        deadline: float,
     ) -> grpc.Future | None:
-        """Ship `payload` over the data connection; None when the port was unreachable (go in band)."""
+        """Ship the payload over the server's data connections; None when the port was unreachable
+        (go in band). `stage(num_streams)` gives the payload and its pieces' `ready` (None: all there)."""
         metadata = dict(call.initial_metadata() or ())  # blocks until the server took the header
         if DATA_PORT_KEY not in metadata:
             call.result()  # the server refused the header: raises its error
             raise KVTransferError(f"request {handle.req_id}: {handle.grpc_address} opened no data port")
         host, port = split_host_port(handle.grpc_address)[0], int(metadata[DATA_PORT_KEY])
         tokens = [bytes.fromhex(token) for token in metadata[DATA_TOKEN_KEY].split(",")]  # one per stripe
+        payload, ready = stage(len(tokens))
         remaining = max(deadline - time.perf_counter(), 0.001)
         try:
-            send_stripes(host, port, tokens, payload, min(remaining, DATA_CONNECT_TIMEOUT_S), remaining)
+            send_stripes(
+                host, port, tokens, payload, min(remaining, DATA_CONNECT_TIMEOUT_S), remaining, ready
+            )
         except DataConnectError as exc:
             # The data port is open for as long as the server is: if the call failed meanwhile (the
             # server stopping), its status is the real error. A port that is unreachable while the

@@ -30,7 +30,7 @@ import socket
 import struct
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 
 import torch
 
@@ -47,6 +47,7 @@ _MAX_VARINT_BYTES = 10
 MAX_DATA_STREAMS = 4  # data connections (stripes) per transfer, at most
 DATA_STREAM_MIN_BYTES = 32 << 20  # a stripe carries at least this much: small buffers use fewer
 _STRIPE_ALIGN = 1 << 16  # inner stripe boundaries fall on multiples of this many bytes
+PIECE_BYTES = 8 << 20  # a stripe is sent (and, from a GPU, staged to host) in pieces of this size
 
 
 def num_data_streams(nbytes: int, max_streams: int, min_bytes: int = DATA_STREAM_MIN_BYTES) -> int:
@@ -60,6 +61,21 @@ def stripe_bounds(nbytes: int, num_streams: int) -> list[tuple[int, int]]:
     inner boundaries rounded down to 64 KiB (so with `num_data_streams`' count none is empty)."""
     cuts = [i * nbytes // num_streams // _STRIPE_ALIGN * _STRIPE_ALIGN for i in range(num_streams)]
     return list(zip(cuts, cuts[1:] + [nbytes], strict=True))
+
+
+def stripe_pieces(
+    bounds: list[tuple[int, int]], piece_bytes: int = PIECE_BYTES
+) -> list[list[tuple[int, int]]]:
+    """Each stripe's byte range cut into consecutive pieces of at most `piece_bytes`."""
+    return [[(s, min(s + piece_bytes, end)) for s in range(start, end, piece_bytes)] for start, end in bounds]
+
+
+def interleaved(pieces: list[list[tuple[int, int]]]) -> list[tuple[int, int]]:
+    """Piece 0 of every stripe, then piece 1 of every stripe, ...: the order a staged copy to host
+    goes in, so that every stripe has its first bytes early and all of them start sending at once."""
+    return [
+        stripe[j] for j in range(max(map(len, pieces), default=0)) for stripe in pieces if j < len(stripe)
+    ]
 
 
 def run_parallel(calls: list[Callable[[], object]]) -> list[BaseException | None]:
@@ -350,18 +366,33 @@ def recv_payload(conn: socket.socket, view: memoryview, timeout_s: float) -> tup
 
 
 def send_stripes(
-    host: str, port: int, tokens: list[bytes], payload: memoryview, connect_timeout_s: float, timeout_s: float
+    host: str,
+    port: int,
+    tokens: list[bytes],
+    payload: memoryview,
+    connect_timeout_s: float,
+    timeout_s: float,
+    ready: Callable[[int], None] | None = None,
 ) -> None:
     """`connect_and_send` each stripe of `payload` (`stripe_bounds` for len(tokens) streams) with its
-    token, all at once. Raises a `DataConnectError` if any stripe could not connect (nothing may have
-    been sent on it: the caller falls back), else the first stripe's failure."""
+    token, all at once, piece by piece (`stripe_pieces`); `ready(start)`, if given, returns once the
+    piece starting at byte `start` is in `payload` (a staged copy still landing). Raises a
+    `DataConnectError` if any stripe could not connect (nothing may have been sent on it: the caller
+    falls back), else the first stripe's failure."""
+
+    def pieces(stripe: list[tuple[int, int]]) -> Iterator[memoryview]:
+        for start, end in stripe:
+            if ready is not None:
+                ready(start)
+            yield payload[start:end]
+
     bounds = stripe_bounds(payload.nbytes, len(tokens))
     errors = run_parallel(
         [
-            lambda token=token, start=start, end=end: connect_and_send(
-                host, port, token, payload[start:end], connect_timeout_s, timeout_s
+            lambda token=token, stripe=stripe: connect_and_send(
+                host, port, token, pieces(stripe), connect_timeout_s, timeout_s
             )
-            for token, (start, end) in zip(tokens, bounds, strict=True)
+            for token, stripe in zip(tokens, stripe_pieces(bounds), strict=True)
         ]
     )
     not_connected = [e for e in errors if isinstance(e, DataConnectError)]
@@ -371,9 +402,15 @@ def send_stripes(
 
 
 def connect_and_send(
-    host: str, port: int, token: bytes, payload: memoryview, connect_timeout_s: float, timeout_s: float
+    host: str,
+    port: int,
+    token: bytes,
+    payload: memoryview | Iterable[memoryview],
+    connect_timeout_s: float,
+    timeout_s: float,
 ) -> None:
-    """Open the data connection, present `token`, send all of `payload` and half-close.
+    """Open the data connection, present `token`, send all of `payload` (one buffer, or pieces in
+    order, which may each wait for their bytes) and half-close.
 
     Raises ConnectionError subclasses / OSError; a failed connect is a `DataConnectError`.
     """
@@ -390,7 +427,8 @@ def connect_and_send(
         sock.settimeout(None)
         _kernel_timeout(sock, socket.SO_SNDTIMEO, timeout_s)
         sock.sendall(token)
-        sock.sendall(payload)  # from the packed (or pinned staging) buffer itself: no copy here
+        for piece in [payload] if isinstance(payload, memoryview) else payload:
+            sock.sendall(piece)  # from the packed (or pinned staging) buffer itself: no copy here
         sock.shutdown(socket.SHUT_WR)  # the receiver reads EOF right after the last byte
 
 
@@ -473,6 +511,37 @@ class StagingPool:
             self.release(staging)
             raise
         return host, staging
+
+    def copy_to_host_in_pieces(
+        self, packed: torch.Tensor, order: list[tuple[int, int]]
+    ) -> tuple[torch.Tensor, torch.Tensor, Callable[[int], None]]:
+        """Start copying a contiguous CUDA tensor's bytes into a pooled buffer, piece by piece in
+        `order` (byte ranges covering it): (host uint8 [nbytes], buffer to `release`, `ready`).
+        Returns at once; `ready(start)` waits for the piece starting at byte `start` only, so its
+        bytes can go on a socket while later pieces are still crossing (the copy overlaps the send).
+        Release the buffer only after every piece is ready (`ready(-1)` waits for all)."""
+        nbytes = packed.numel() * packed.element_size()
+        staging = self.acquire(nbytes)
+        try:
+            host, source = staging[:nbytes], packed.view(-1).view(torch.uint8)
+            stream = torch.cuda.current_stream(packed.device)
+            events: dict[int, torch.cuda.Event] = {}
+            for start, end in order:
+                host[start:end].copy_(source[start:end], non_blocking=True)
+                events[start] = torch.cuda.Event()
+                events[start].record(stream)
+        except BaseException:
+            torch.cuda.current_stream(packed.device).synchronize()  # nothing may still write into it
+            self.release(staging)
+            raise
+        last = events[order[-1][0]] if order else None
+
+        def ready(start: int) -> None:
+            event = last if start < 0 else events[start]
+            if event is not None:
+                event.synchronize()  # this piece's copy only (the stream runs them in order)
+
+        return host, staging, ready
 
     def clear(self) -> None:
         with self._lock:

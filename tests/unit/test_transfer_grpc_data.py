@@ -33,11 +33,13 @@ from transfer.grpc_data import (
     StagingPool,
     encode_data_chunk,
     encode_varint,
+    interleaved,
     num_data_streams,
     parse_chunk,
     recv_payload,
     split_host_port,
     stripe_bounds,
+    stripe_pieces,
 )
 from transfer.grpc_server import GrpcKVServer
 from transfer.layout import KVLayout
@@ -589,3 +591,15 @@ def test_recv_payload_fills_blocking_and_bounds_a_stalled_sender() -> None:
                 continue
             received, more = recv_payload(receiver, view, timeout_s=5)
             assert received == len(payload) and bytes(view) == payload and more == bool(extra)
+
+
+def test_stripe_pieces_cover_each_stripe_and_interleave_across_stripes() -> None:
+    bounds = stripe_bounds(20 << 20, 3)  # ~6.7 MiB stripes
+    pieces = stripe_pieces(bounds, piece_bytes=4 << 20)
+    assert [len(p) for p in pieces] == [2, 2, 2]
+    for (start, end), stripe in zip(bounds, pieces, strict=True):
+        assert stripe[0][0] == start and stripe[-1][1] == end
+        assert all(a[1] == b[0] for a, b in zip(stripe, stripe[1:], strict=False))
+    order = interleaved(pieces)
+    assert order == [pieces[0][0], pieces[1][0], pieces[2][0], pieces[0][1], pieces[1][1], pieces[2][1]]
+    assert interleaved(stripe_pieces([(0, 10), (10, 30)], piece_bytes=10)) == [(0, 10), (10, 20), (20, 30)]
