@@ -43,6 +43,7 @@ class DecodeActor(WorkerActor):
                 self.worker.layout,
                 data_port=data_port,
                 max_data_streams=grpc_data_streams,
+                device=self.worker.engine.kv_cache.device,  # on CUDA, bytes go on to the GPU as they land
             )
             port = self._grpc_server.start()
             self.worker.grpc_address = f"{grpc_host}:{port}"

@@ -6,9 +6,10 @@ client-streaming `PushKV` call whose first chunk is the header (req_id, layout,
 block ids, dtype, shape, total bytes). The server checks the layout before reading
 any data (a mismatch aborts the call with FAILED_PRECONDITION, which the sender
 re-raises as `KVLayoutMismatch`), receives the bytes into one preallocated host
-buffer, and calls `on_kv_received(req_id, block_ids, tensor)` with a CPU tensor of
-that shape. The call returns only after the callback returns, so when `send`
-returns the data is in place. The bytes take one of two routes:
+buffer, and calls `on_kv_received(req_id, block_ids, tensor)` with a tensor of
+that shape: on the host, or on the server's CUDA `device`, to which socket-plane
+bytes are copied in 8 MiB pieces as they land. The call returns only after the
+callback returns, so when `send` returns the data is in place. The bytes take one of two routes:
 
 * in band (buffers under `socket_min_bytes`, or `socket_min_bytes=None`): raw-byte
   `KVChunk` data chunks of `chunk_bytes` follow the header on the stream;

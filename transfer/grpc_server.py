@@ -66,6 +66,7 @@ class _KVTransferServicer:
         pin_memory: bool,
         max_data_streams: int = MAX_DATA_STREAMS,
         data_stream_min_bytes: int = DATA_STREAM_MIN_BYTES,
+        device: torch.device | None = None,
     ) -> None:
         self.on_kv_received = on_kv_received
         self.expected_layout = expected_layout
@@ -73,6 +74,10 @@ class _KVTransferServicer:
         self.max_data_streams = max_data_streams  # stripes per socket transfer, each >= the min bytes
         self.data_stream_min_bytes = data_stream_min_bytes
         self.data_listener: DataListener | None = None  # the server's data port, set by start()
+        # A CUDA device: socket-plane bytes go on to it piece by piece as they land (one copy
+        # stream for the server: the transfers share the host-to-device link anyway).
+        self.device = device if device is not None and device.type == "cuda" else None
+        self._copy_stream = torch.cuda.Stream(self.device) if self.device is not None else None
 
     def PushKV(  # noqa: N802 (gRPC method name)
         self, request_iterator: Iterator[bytes], context: grpc.ServicerContext
@@ -84,11 +89,12 @@ class _KVTransferServicer:
         shape = self._check_header(header, context)
         buffer = host_buffer(header.total_bytes, self.pin_memory)  # uint8 [total_bytes]
         metadata = dict(context.invocation_metadata())
+        arrived = buffer  # uint8 [total_bytes]: the host buffer, or its copy on `self.device`
         if metadata.get(DATA_PLANE_KEY) == DATA_PLANE_SOCKET:
-            self._receive_socket(header, buffer, request_iterator, context)
+            arrived = self._receive_socket(header, buffer, request_iterator, context)
         else:
             self._receive_inband(header, buffer, request_iterator, context)
-        tensor = buffer.view(dtype_from_name(header.dtype)).view(shape)  # CPU, shares `buffer`
+        tensor = arrived.view(dtype_from_name(header.dtype)).view(shape)  # shares `arrived`
         try:
             self.on_kv_received(header.req_id, list(header.block_ids), tensor)
         except Exception as exc:  # report it to the sender rather than as an opaque UNKNOWN
@@ -140,7 +146,9 @@ class _KVTransferServicer:
 
     def _receive_socket(
         self, header: KVHeader, buffer: torch.Tensor, chunks: Iterator[bytes], context: grpc.ServicerContext
-    ) -> None:
+    ) -> torch.Tensor:
+        """Receive the stripes into `buffer`; returns it, or on a CUDA server its copy on the device,
+        made piece by piece while later pieces are still arriving."""
         req_id, total, listener = header.req_id, header.total_bytes, self.data_listener
         if listener is None:
             context.abort(grpc.StatusCode.UNAVAILABLE, f"{req_id}: the server has no data port open")
@@ -151,6 +159,14 @@ class _KVTransferServicer:
         view = memoryview(buffer.numpy())
         first_failure: list[tuple[str, str]] = []  # (kind, why) of the stripe that failed first
         lock = threading.Lock()
+        on_device = None
+        if self.device is not None:
+            on_device = torch.empty(total, dtype=torch.uint8, device=self.device)
+            on_device.record_stream(self._copy_stream)  # freed (on an error path) only after its copies
+
+        def copy_piece(start: int, end: int) -> None:  # absolute byte range, complete on the host
+            with torch.cuda.stream(self._copy_stream):
+                on_device[start:end].copy_(buffer[start:end], non_blocking=True)
 
         def cancel_all() -> None:
             for ticket in tickets:
@@ -171,8 +187,9 @@ class _KVTransferServicer:
                 return "timeout", f"no data connection: {exc}"
             except OSError as exc:  # cancelled, or the server is stopping
                 return "unavailable", f"no data connection: {exc}"
+            on_piece = None if on_device is None else lambda a, b: copy_piece(start + a, start + b)
             try:
-                received, extra = recv_payload(conn, view[start:end], timeout_s)
+                received, extra = recv_payload(conn, view[start:end], timeout_s, on_piece)
             except OSError as exc:
                 return "loss", f"data connection failed: {exc!r}"
             if received != end - start:
@@ -193,11 +210,14 @@ class _KVTransferServicer:
         finally:
             for ticket in tickets:
                 listener.release(ticket)  # closes its connection
+            if self._copy_stream is not None:
+                self._copy_stream.synchronize()  # every piece on the device; `buffer` free to go
         if first_failure:
             kind, why = first_failure[0]
             context.abort(_FAILURE_STATUS[kind], f"{req_id}: {why}")
         if next(chunks, None) is not None:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{req_id}: in-band chunk in a socket transfer")
+        return buffer if on_device is None else on_device
 
     def _check_header(self, header: KVHeader, context: grpc.ServicerContext) -> tuple[int, ...]:
         try:
@@ -247,6 +267,11 @@ class GrpcKVServer:
     `max_data_streams`: a socket transfer's bytes come in over up to this many connections at
     once, each a contiguous stripe of at least `data_stream_min_bytes` (the server decides and
     sends the sender one token per stripe).
+
+    `device`: where the callback wants the bytes. A CUDA device gets each socket-plane piece
+    (8 MiB) copied to it as soon as it has arrived, so the callback receives a tensor on that
+    device and the host-to-device copy overlaps the receive; otherwise (and in band) it gets the
+    host buffer.
     """
 
     def __init__(
@@ -259,6 +284,7 @@ class GrpcKVServer:
         data_port: int = 0,
         max_data_streams: int = MAX_DATA_STREAMS,
         data_stream_min_bytes: int = DATA_STREAM_MIN_BYTES,
+        device: str | torch.device | None = None,
     ) -> None:
         if max_data_streams < 1:
             raise ValueError(f"max_data_streams must be >= 1, got {max_data_streams}")
@@ -270,7 +296,12 @@ class GrpcKVServer:
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
         self._data_address = (split_host_port(bind)[0], data_port)  # data connections come in on it only
         self._servicer = _KVTransferServicer(
-            on_kv_received, expected_layout, self.pin_memory, max_data_streams, data_stream_min_bytes
+            on_kv_received,
+            expected_layout,
+            self.pin_memory,
+            max_data_streams,
+            data_stream_min_bytes,
+            None if device is None else torch.device(device),
         )
         # Requests stay raw bytes (no deserializer): the servicer slices the payload out itself.
         push_kv = grpc.stream_unary_rpc_method_handler(

@@ -603,3 +603,44 @@ def test_stripe_pieces_cover_each_stripe_and_interleave_across_stripes() -> None
     order = interleaved(pieces)
     assert order == [pieces[0][0], pieces[1][0], pieces[2][0], pieces[0][1], pieces[1][1], pieces[2][1]]
     assert interleaved(stripe_pieces([(0, 10), (10, 30)], piece_bytes=10)) == [(0, 10), (10, 20), (20, 30)]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_a_cuda_server_gets_each_piece_to_the_gpu_as_it_lands(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`device="cuda"`: the callback receives a CUDA tensor, copied to the GPU piece by piece
+    (64 KiB pieces here, so each of the 3 stripes has several) while the sender's copy to host
+    also goes piece by piece; the bytes arrive exact, over and over from two threads."""
+    monkeypatch.setattr(grpc_data, "PIECE_BYTES", 1 << 16)
+    dims = {"layers": 4, "block_size": 16, "head_dim": 64}
+    decode = Server(num_blocks=64, dtype=torch.bfloat16, **dims)
+    decode.server.stop()
+    decode.cache = decode.cache.cuda()
+    devices: list[str] = []
+    callback = unpack_into(decode.cache, decode.ready.append)
+
+    def on_kv(req_id: str, block_ids: list[int], buffer: torch.Tensor) -> None:
+        devices.append(buffer.device.type)
+        callback(req_id, block_ids, buffer)
+
+    decode.server = GrpcKVServer(
+        "127.0.0.1:0", on_kv, decode.layout, max_data_streams=3, data_stream_min_bytes=1, device="cuda"
+    )
+    decode.server.start()
+    sender = GrpcKVSender(MODEL, socket_min_bytes=0)
+    sources = [make_cache(32, torch.bfloat16, seed=40 + i, **dims).cuda() for i in range(2)]
+
+    def push(i: int) -> None:
+        for round_ in range(4):
+            dst_ids = [i * 32 + (j + round_) % 32 for j in range(32)]
+            sender.send(decode.handle(f"p{i}-{round_}", dst_ids), list(range(32)), sources[i])
+
+    try:
+        assert buffer_nbytes(decode.layout, 32) == 1 << 20  # 3 stripes of 5, 5 and 6 pieces
+        assert not run_in_threads(push, 2, timeout_s=60)
+        assert devices == ["cuda"] * 8
+        for i, source in enumerate(sources):
+            dst_ids = [i * 32 + (j + 3) % 32 for j in range(32)]
+            assert torch.equal(bits(decode.cache[:, :, dst_ids].cpu()), bits(source.cpu()))
+    finally:
+        sender.close()
+        decode.server.stop()
