@@ -180,7 +180,9 @@ def bench_grpc(
     max_data_streams: int = MAX_DATA_STREAMS,
 ) -> dict[str, float]:
     recv_cache = torch.zeros_like(src_cache)
-    server = GrpcKVServer("127.0.0.1:0", unpack_into(recv_cache), layout, max_data_streams=max_data_streams)
+    server = GrpcKVServer(  # as a decode worker runs it: bytes go on to its device as they land
+        "127.0.0.1:0", unpack_into(recv_cache), layout, max_data_streams=max_data_streams, device=device
+    )
     server.start()
     sender = GrpcKVSender("bench", **({"socket_min_bytes": None} if in_band else {}))
     try:
