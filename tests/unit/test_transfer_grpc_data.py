@@ -430,6 +430,23 @@ def test_unreachable_data_port_falls_back_to_in_band(server: Server, monkeypatch
 # ---- CUDA: pinned staging on the sender, pinned receive buffers ---------------------------------
 
 
+def push_and_check_from_two_threads(
+    sender: GrpcKVSender, decode: Server, sources: list[torch.Tensor]
+) -> None:
+    """Two threads each send 4 rounds of their source's 32 blocks to rotating destinations in
+    `decode`'s cache, at once; then the last round's blocks must equal the sources, bit for bit."""
+
+    def push(i: int) -> None:
+        for round_ in range(4):
+            dst_ids = [i * 32 + (j + round_) % 32 for j in range(32)]
+            sender.send(decode.handle(f"t{i}-{round_}", dst_ids), list(range(32)), sources[i])
+
+    assert not run_in_threads(push, len(sources), timeout_s=60)
+    for i, source in enumerate(sources):
+        dst_ids = [i * 32 + (j + 3) % 32 for j in range(32)]  # the last round wrote these
+        assert torch.equal(bits(decode.cache[:, :, dst_ids].cpu()), bits(source.cpu()))
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("socket_min_bytes", [None, 0])
 def test_cuda_sends_stage_through_reused_pinned_buffers(socket_min_bytes: int | None) -> None:
@@ -449,20 +466,11 @@ def test_cuda_sends_stage_through_reused_pinned_buffers(socket_min_bytes: int | 
     decode.server.start()
     sender = GrpcKVSender(MODEL, socket_min_bytes=socket_min_bytes)
     sources = [make_cache(32, torch.bfloat16, seed=20 + i, **dims).cuda() for i in range(2)]
-
-    def push(i: int) -> None:
-        for round_ in range(4):
-            dst_ids = [i * 32 + (j + round_) % 32 for j in range(32)]
-            sender.send(decode.handle(f"g{i}-{round_}", dst_ids), list(range(32)), sources[i])
-
     try:
-        assert not run_in_threads(push, 2, timeout_s=60)
+        push_and_check_from_two_threads(sender, decode, sources)
         assert len(received) == 8 and all(received)
         free = sender._staging._free
         assert 1 <= len(free) <= 2 and all(buffer.is_pinned() for buffer in free)
-        for i, source in enumerate(sources):
-            dst_ids = [i * 32 + (j + 3) % 32 for j in range(32)]  # the last round wrote these
-            assert torch.equal(bits(decode.cache[:, :, dst_ids].cpu()), bits(source.cpu()))
     finally:
         sender.close()
         decode.server.stop()
@@ -628,19 +636,10 @@ def test_a_cuda_server_gets_each_piece_to_the_gpu_as_it_lands(monkeypatch: pytes
     decode.server.start()
     sender = GrpcKVSender(MODEL, socket_min_bytes=0)
     sources = [make_cache(32, torch.bfloat16, seed=40 + i, **dims).cuda() for i in range(2)]
-
-    def push(i: int) -> None:
-        for round_ in range(4):
-            dst_ids = [i * 32 + (j + round_) % 32 for j in range(32)]
-            sender.send(decode.handle(f"p{i}-{round_}", dst_ids), list(range(32)), sources[i])
-
     try:
         assert buffer_nbytes(decode.layout, 32) == 1 << 20  # 3 stripes of 5, 5 and 6 pieces
-        assert not run_in_threads(push, 2, timeout_s=60)
+        push_and_check_from_two_threads(sender, decode, sources)
         assert devices == ["cuda"] * 8
-        for i, source in enumerate(sources):
-            dst_ids = [i * 32 + (j + 3) % 32 for j in range(32)]
-            assert torch.equal(bits(decode.cache[:, :, dst_ids].cpu()), bits(source.cpu()))
     finally:
         sender.close()
         decode.server.stop()
