@@ -56,7 +56,6 @@ from pdserve.internal.kv_transfer_pb2 import KVHeader
 from transfer.contract import KVHandle, KVTransferError, TransferStats, check_send_args
 from transfer.grpc_data import (
     DataConnectError,
-    StagingPool,
     encode_data_chunk,
     interleaved,
     send_stripes,
@@ -66,6 +65,7 @@ from transfer.grpc_data import (
 )
 from transfer.layout import KVLayout, KVLayoutMismatch
 from transfer.packing import buffer_nbytes, pack_blocks, to_bytes
+from transfer.staging import StagingPool
 
 log = logging.getLogger(__name__)
 

@@ -35,7 +35,6 @@ from transfer.grpc_data import (
     DATA_STREAM_MIN_BYTES,
     MAX_DATA_STREAMS,
     DataListener,
-    host_buffer,
     num_data_streams,
     parse_chunk,
     recv_payload,
@@ -45,6 +44,7 @@ from transfer.grpc_data import (
 )
 from transfer.layout import KVLayout, normalize_dtype_name
 from transfer.packing import buffer_nbytes, dtype_from_name
+from transfer.staging import host_buffer
 
 # A failed socket transfer's status, by what went wrong first (one stripe's failure cancels the
 # others, whose own failures then follow from it).

@@ -15,40 +15,13 @@ import pytest
 import torch
 
 from pdserve.internal import kv_transfer_pb2, kv_transfer_pb2_grpc
+from tests.unit.grpc_kv import MODEL, Server, bits, make_cache
 from tests.unit.threads import run_in_threads
 from transfer.contract import KVHandle, KVSender, KVTransferError
 from transfer.grpc_backend import GrpcKVSender, layout_to_proto
 from transfer.grpc_server import GrpcKVServer
 from transfer.layout import KVLayout, KVLayoutMismatch
-from transfer.packing import pack_blocks, unpack_into
-
-MODEL = "tiny"
-
-
-def make_cache(num_blocks: int, dtype: torch.dtype, seed: int = 0, head_dim: int = 16) -> torch.Tensor:
-    # [num_layers=2, 2, num_blocks, block_size=4, Hkv=2, head_dim]
-    generator = torch.Generator().manual_seed(seed)
-    return torch.randn(2, 2, num_blocks, 4, 2, head_dim, generator=generator).to(dtype)
-
-
-def bits(tensor: torch.Tensor) -> torch.Tensor:
-    return tensor.contiguous().reshape(-1).view(torch.uint8)
-
-
-class Receiver:
-    """A decode side: a cache, a server scattering into it, and the ids of ready requests."""
-
-    def __init__(self, dtype: torch.dtype, num_blocks: int = 32, head_dim: int = 16) -> None:
-        self.cache = torch.zeros_like(make_cache(num_blocks, dtype, head_dim=head_dim))
-        self.ready: list[str] = []
-        self.layout = KVLayout.from_cache(self.cache, MODEL)
-        self.server = GrpcKVServer("127.0.0.1:0", unpack_into(self.cache, self.ready.append), self.layout)
-        self.server.start()
-
-    def handle(self, req_id: str, block_ids: list[int]) -> KVHandle:
-        return KVHandle(
-            req_id, "decode-0", block_ids, len(block_ids) * 4, self.layout, grpc_address=self.server.address
-        )
+from transfer.packing import pack_blocks
 
 
 @pytest.fixture(params=["inband", "socket"])
@@ -63,7 +36,7 @@ def sender(request: pytest.FixtureRequest) -> Iterator[GrpcKVSender]:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_push_blocks_bit_exact(sender: GrpcKVSender, dtype: torch.dtype) -> None:
     assert isinstance(sender, KVSender)
-    receiver = Receiver(dtype)
+    receiver = Server(dtype=dtype)
     try:
         source = make_cache(16, dtype, seed=7)
         requests = {
@@ -85,7 +58,7 @@ def test_push_blocks_bit_exact(sender: GrpcKVSender, dtype: torch.dtype) -> None
 
 
 def test_concurrent_senders_to_one_server(sender: GrpcKVSender) -> None:
-    receiver = Receiver(torch.bfloat16)
+    receiver = Server(dtype=torch.bfloat16)
     try:
         sources = [make_cache(8, torch.bfloat16, seed=seed) for seed in range(4)]
 
@@ -104,7 +77,7 @@ def test_concurrent_senders_to_one_server(sender: GrpcKVSender) -> None:
 
 
 def test_layout_mismatch_is_refused_with_a_clear_message(sender: GrpcKVSender) -> None:
-    receiver = Receiver(torch.float32, head_dim=8)
+    receiver = Server(dtype=torch.float32, head_dim=8)
     try:
         source = make_cache(4, torch.bfloat16, head_dim=16)
         # A handle that lies about the decode layout gets past the sender's own check; the server refuses.

@@ -1,13 +1,13 @@
 """The gRPC backend's byte path: the raw chunk codec, the socket data plane's protocol and
 failure modes (one persistent data listener per server), the staging pool, and (with CUDA
-only) the pinned staging copy."""
+only) the pinned staging copy. Striping is in test_transfer_grpc_stripes."""
 
 from __future__ import annotations
 
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import grpc
 import pytest
@@ -16,8 +16,17 @@ import torch
 import transfer.grpc_backend as grpc_backend
 import transfer.grpc_data as grpc_data
 from pdserve.internal import kv_transfer_pb2, kv_transfer_pb2_grpc
+from tests.unit.grpc_kv import (
+    MODEL,
+    Server,
+    assert_closed_by_server,
+    bits,
+    make_cache,
+    push_and_check_from_two_threads,
+    wait_until,
+)
 from tests.unit.threads import run_in_threads
-from transfer.contract import KVHandle, KVTransferError
+from transfer.contract import KVTransferError
 from transfer.grpc_backend import (
     DATA_PLANE_KEY,
     DATA_PLANE_SOCKET,
@@ -30,36 +39,14 @@ from transfer.grpc_data import (
     TOKEN_BYTES,
     DataConnectError,
     DataListener,
-    StagingPool,
     encode_data_chunk,
     encode_varint,
-    interleaved,
-    num_data_streams,
     parse_chunk,
-    recv_payload,
     split_host_port,
-    stripe_bounds,
-    stripe_pieces,
 )
-from transfer.grpc_server import GrpcKVServer
 from transfer.layout import KVLayout
-from transfer.packing import buffer_nbytes, pack_blocks, unpack_into
-
-MODEL = "tiny"
-
-
-def make_cache(
-    num_blocks: int, dtype: torch.dtype = torch.float32, seed: int = 0, **dims: int
-) -> torch.Tensor:
-    # [num_layers, 2, num_blocks, block_size, Hkv, head_dim]
-    layers, block_size, heads = dims.get("layers", 2), dims.get("block_size", 4), dims.get("heads", 2)
-    shape = (layers, 2, num_blocks, block_size, heads, dims.get("head_dim", 16))
-    return torch.randn(shape, generator=torch.Generator().manual_seed(seed)).to(dtype)
-
-
-def bits(tensor: torch.Tensor) -> torch.Tensor:
-    return tensor.contiguous().reshape(-1).view(torch.uint8)
-
+from transfer.packing import buffer_nbytes, pack_blocks
+from transfer.staging import StagingPool
 
 # ---- the raw chunk codec -------------------------------------------------------------------
 
@@ -119,31 +106,6 @@ def test_staging_pool_reuses_and_bounds_its_buffers() -> None:
 
 
 # ---- the socket data plane --------------------------------------------------------------------
-
-
-class Server:
-    """A decode side with a cache, scattering into it, recording ready request ids."""
-
-    def __init__(
-        self, num_blocks: int = 32, dtype: torch.dtype = torch.float32, data_port: int = 0, **dims: int
-    ) -> None:
-        self.cache = torch.zeros_like(make_cache(num_blocks, dtype, **dims))
-        self.layout = KVLayout.from_cache(self.cache, MODEL)
-        self.ready: list[str] = []
-        callback = unpack_into(self.cache, self.ready.append)
-        self.server = GrpcKVServer("127.0.0.1:0", callback, self.layout, data_port=data_port)
-        self.server.start()
-
-    def pending_tokens(self) -> int:
-        listener = self.server._data_listener
-        assert listener is not None
-        return listener.pending_tokens()
-
-    def handle(self, req_id: str, block_ids: list[int]) -> KVHandle:
-        n_tokens = len(block_ids) * self.layout.block_size
-        return KVHandle(
-            req_id, "decode-0", block_ids, n_tokens, self.layout, grpc_address=self.server.address
-        )
 
 
 @pytest.fixture
@@ -229,15 +191,6 @@ def test_socket_plane_refuses_short_and_long_streams(server: Server) -> None:
     assert server.ready == [] and torch.count_nonzero(server.cache) == 0
 
 
-def assert_closed_by_server(conn: socket.socket) -> None:
-    """The server closed `conn`: EOF, or a reset where it left bytes of ours unread."""
-    conn.settimeout(3)
-    try:
-        assert conn.recv(1) == b""
-    except ConnectionResetError:
-        pass
-
-
 def test_socket_plane_skips_strays_and_times_out_without_a_sender(server: Server) -> None:
     payload = bits(pack_blocks(make_cache(4, seed=1), [2])).numpy().tobytes()
     call, address, token = open_socket_call(server, "stray")
@@ -259,11 +212,7 @@ def test_socket_plane_skips_strays_and_times_out_without_a_sender(server: Server
 
 
 def test_a_cancelled_socket_call_frees_its_server_thread() -> None:
-    decode = Server()
-    decode.server.stop()
-    decode.server = GrpcKVServer("127.0.0.1:0", unpack_into(decode.cache, decode.ready.append),
-                                 decode.layout, max_workers=1)  # fmt: skip
-    decode.server.start()
+    decode = Server(server_options={"max_workers": 1})
     sender = GrpcKVSender(MODEL, timeout_s=5, socket_min_bytes=0)
     try:
         call, _, _ = open_socket_call(decode, "abandoned", timeout=60)
@@ -279,13 +228,6 @@ def test_a_cancelled_socket_call_frees_its_server_thread() -> None:
     finally:
         sender.close()
         decode.server.stop()
-
-
-def wait_until(condition: Callable[[], bool], timeout_s: float = 5) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < deadline, "condition not met in time"
-        time.sleep(0.01)
 
 
 def free_port() -> int:
@@ -430,40 +372,16 @@ def test_unreachable_data_port_falls_back_to_in_band(server: Server, monkeypatch
 # ---- CUDA: pinned staging on the sender, pinned receive buffers ---------------------------------
 
 
-def push_and_check_from_two_threads(
-    sender: GrpcKVSender, decode: Server, sources: list[torch.Tensor]
-) -> None:
-    """Two threads each send 4 rounds of their source's 32 blocks to rotating destinations in
-    `decode`'s cache, at once; then the last round's blocks must equal the sources, bit for bit."""
-
-    def push(i: int) -> None:
-        for round_ in range(4):
-            dst_ids = [i * 32 + (j + round_) % 32 for j in range(32)]
-            sender.send(decode.handle(f"t{i}-{round_}", dst_ids), list(range(32)), sources[i])
-
-    assert not run_in_threads(push, len(sources), timeout_s=60)
-    for i, source in enumerate(sources):
-        dst_ids = [i * 32 + (j + 3) % 32 for j in range(32)]  # the last round wrote these
-        assert torch.equal(bits(decode.cache[:, :, dst_ids].cpu()), bits(source.cpu()))
-
-
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("socket_min_bytes", [None, 0])
 def test_cuda_sends_stage_through_reused_pinned_buffers(socket_min_bytes: int | None) -> None:
     dims = {"layers": 4, "block_size": 16, "head_dim": 64}
-    decode = Server(num_blocks=64, dtype=torch.bfloat16, **dims)
-    assert decode.server.pin_memory  # CUDA is there: receive buffers are pinned by default
-    decode.cache = decode.cache.cuda()
     received: list[bool] = []
-    callback = unpack_into(decode.cache, decode.ready.append)
-
-    def on_kv(req_id: str, block_ids: list[int], buffer: torch.Tensor) -> None:
-        received.append(buffer.device.type == "cpu" and buffer.is_pinned())
-        callback(req_id, block_ids, buffer)
-
-    decode.server.stop()
-    decode.server = GrpcKVServer("127.0.0.1:0", on_kv, decode.layout)
-    decode.server.start()
+    decode = Server(
+        num_blocks=64, dtype=torch.bfloat16, device="cuda",
+        watch=lambda buffer: received.append(buffer.device.type == "cpu" and buffer.is_pinned()), **dims,
+    )  # fmt: skip
+    assert decode.server.pin_memory  # CUDA is there: receive buffers are pinned by default
     sender = GrpcKVSender(MODEL, socket_min_bytes=socket_min_bytes)
     sources = [make_cache(32, torch.bfloat16, seed=20 + i, **dims).cuda() for i in range(2)]
     try:
@@ -471,175 +389,6 @@ def test_cuda_sends_stage_through_reused_pinned_buffers(socket_min_bytes: int | 
         assert len(received) == 8 and all(received)
         free = sender._staging._free
         assert 1 <= len(free) <= 2 and all(buffer.is_pinned() for buffer in free)
-    finally:
-        sender.close()
-        decode.server.stop()
-
-
-# ---- striped socket transfers: several data connections per buffer -----------------------------
-
-
-@pytest.mark.parametrize("nbytes", [1, 65536, 65537, 200_000, 268_435_456, 268_435_456 + 12_345])
-@pytest.mark.parametrize("max_streams", [1, 3, 4])
-def test_stripes_cover_the_payload_in_order_without_empties(nbytes: int, max_streams: int) -> None:
-    streams = num_data_streams(nbytes, max_streams, min_bytes=1)
-    bounds = stripe_bounds(nbytes, streams)
-    assert len(bounds) == streams <= max_streams
-    assert bounds[0][0] == 0 and bounds[-1][1] == nbytes
-    assert all(a[1] == b[0] for a, b in zip(bounds, bounds[1:], strict=False))  # contiguous
-    assert all(end > start for start, end in bounds)
-    assert all(start % 65536 == 0 for start, _ in bounds)
-    assert num_data_streams(268_435_456, 4) == 4 and num_data_streams(40 << 20, 4) == 1  # 32 MiB each
-
-
-def striped_server(max_streams: int = 3) -> Server:
-    """8 KiB blocks, and every buffer of 3 x 64 KiB or more in `max_streams` stripes."""
-    decode = Server(num_blocks=64, head_dim=64)
-    decode.server.stop()
-    callback = unpack_into(decode.cache, decode.ready.append)
-    decode.server = GrpcKVServer(
-        "127.0.0.1:0", callback, decode.layout, max_data_streams=max_streams, data_stream_min_bytes=1
-    )
-    decode.server.start()
-    return decode
-
-
-def test_a_striped_transfer_arrives_bit_exact_over_one_connection_per_stripe() -> None:
-    decode = striped_server(max_streams=3)
-    sender = GrpcKVSender(MODEL, socket_min_bytes=0)
-    source = make_cache(64, seed=9, head_dim=64)
-    src_ids, dst_ids = list(range(0, 60, 2)), list(range(30, 60))  # 30 blocks: 240 KiB, 3 stripes
-    accepted: list[int] = []
-    listener = decode.server._data_listener
-    original_wait = listener.wait
-    listener.wait = lambda ticket, timeout_s: accepted.append(1) or original_wait(ticket, timeout_s)
-    try:
-        stats = sender.send(decode.handle("striped", dst_ids), src_ids, source)
-        assert stats.nbytes == buffer_nbytes(decode.layout, 30) == 245_760
-        assert len(accepted) == 3 and decode.ready == ["striped"] and decode.pending_tokens() == 0
-        assert torch.equal(bits(decode.cache[:, :, dst_ids]), bits(source[:, :, src_ids]))
-        small = sender.send(decode.handle("one-stripe", [0]), [1], source)  # 8 KiB: one connection
-        assert small.nbytes == 8192 and len(accepted) == 4 and decode.ready[-1] == "one-stripe"
-    finally:
-        sender.close()
-        decode.server.stop()
-
-
-def test_a_striped_transfer_with_a_short_or_missing_stripe_fails_and_frees_every_token() -> None:
-    decode = striped_server(max_streams=3)
-    channel = grpc.insecure_channel(decode.server.address)
-    stub = kv_transfer_pb2_grpc.KVTransferStub(channel)
-    block_ids = list(range(30))
-    nbytes = buffer_nbytes(decode.layout, 30)
-    payload = bits(pack_blocks(make_cache(64, seed=3, head_dim=64), block_ids)).numpy().tobytes()
-    header = kv_transfer_pb2.KVHeader(
-        req_id="x", layout=layout_to_proto(decode.layout), block_ids=block_ids, dtype="float32",
-        shape=list(decode.layout.buffer_shape(30)), total_bytes=nbytes,
-    )  # fmt: skip
-    try:
-        for case, code in (
-            ("short", grpc.StatusCode.DATA_LOSS),
-            ("missing", grpc.StatusCode.DEADLINE_EXCEEDED),
-        ):
-            header.req_id = case
-            call = stub.PushKV.future(
-                iter([kv_transfer_pb2.KVChunk(header=header)]), timeout=2,
-                metadata=((DATA_PLANE_KEY, DATA_PLANE_SOCKET),),
-            )  # fmt: skip
-            metadata = dict(call.initial_metadata())
-            tokens = [bytes.fromhex(t) for t in metadata[DATA_TOKEN_KEY].split(",")]
-            address = ("127.0.0.1", int(metadata[DATA_PORT_KEY]))
-            assert len(tokens) == 3
-            bounds = stripe_bounds(nbytes, 3)
-            conns = []
-            for i, (token, (start, end)) in enumerate(zip(tokens, bounds, strict=True)):
-                if case == "missing" and i == 1:
-                    continue  # this stripe never connects: the deadline ends the call
-                conn = socket.create_connection(address)
-                conn.sendall(token + payload[start : end - (1 if case == "short" and i == 2 else 0)])
-                conn.shutdown(socket.SHUT_WR)
-                conns.append(conn)
-            with pytest.raises(grpc.RpcError) as info:
-                call.result()
-            # (a deadline's details may be the client's own: "Deadline Exceeded")
-            assert info.value.code() == code and (case == "missing" or case in info.value.details())
-            for conn in conns:
-                assert_closed_by_server(conn)
-                conn.close()
-            wait_until(lambda: decode.pending_tokens() == 0)
-        assert decode.ready == [] and torch.count_nonzero(decode.cache) == 0
-    finally:
-        channel.close()
-        decode.server.stop()
-
-
-def test_recv_payload_fills_blocking_and_bounds_a_stalled_sender() -> None:
-    """recv_payload receives with blocking MSG_WAITALL calls (no GIL round trip per packet) and
-    still honours its timeout when the sender stalls mid-payload, or finds extra bytes."""
-    payload = bytes(range(256)) * 4096  # 1 MiB
-    for extra, stall in ((b"", False), (b"!", False), (b"", True)):
-        sender, receiver = socket.socketpair()
-        with sender, receiver:
-
-            def send(sender: socket.socket = sender, extra: bytes = extra, stall: bool = stall) -> None:
-                try:
-                    sender.sendall(payload[: len(payload) // 2] if stall else payload + extra)
-                    if not stall:
-                        sender.shutdown(socket.SHUT_WR)
-                except OSError:  # the stalled case: the receiver gave up and closed
-                    pass
-
-            threading.Thread(target=send, daemon=True).start()
-            view = memoryview(bytearray(len(payload)))
-            if stall:
-                began = time.monotonic()
-                with pytest.raises(TimeoutError):
-                    recv_payload(receiver, view, timeout_s=0.3)
-                assert time.monotonic() - began < 2.0
-                continue
-            received, more = recv_payload(receiver, view, timeout_s=5)
-            assert received == len(payload) and bytes(view) == payload and more == bool(extra)
-
-
-def test_stripe_pieces_cover_each_stripe_and_interleave_across_stripes() -> None:
-    bounds = stripe_bounds(20 << 20, 3)  # ~6.7 MiB stripes
-    pieces = stripe_pieces(bounds, piece_bytes=4 << 20)
-    assert [len(p) for p in pieces] == [2, 2, 2]
-    for (start, end), stripe in zip(bounds, pieces, strict=True):
-        assert stripe[0][0] == start and stripe[-1][1] == end
-        assert all(a[1] == b[0] for a, b in zip(stripe, stripe[1:], strict=False))
-    order = interleaved(pieces)
-    assert order == [pieces[0][0], pieces[1][0], pieces[2][0], pieces[0][1], pieces[1][1], pieces[2][1]]
-    assert interleaved(stripe_pieces([(0, 10), (10, 30)], piece_bytes=10)) == [(0, 10), (10, 20), (20, 30)]
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_a_cuda_server_gets_each_piece_to_the_gpu_as_it_lands(monkeypatch: pytest.MonkeyPatch) -> None:
-    """`device="cuda"`: the callback receives a CUDA tensor, copied to the GPU piece by piece
-    (64 KiB pieces here, so each of the 3 stripes has several) while the sender's copy to host
-    also goes piece by piece; the bytes arrive exact, over and over from two threads."""
-    monkeypatch.setattr(grpc_data, "PIECE_BYTES", 1 << 16)
-    dims = {"layers": 4, "block_size": 16, "head_dim": 64}
-    decode = Server(num_blocks=64, dtype=torch.bfloat16, **dims)
-    decode.server.stop()
-    decode.cache = decode.cache.cuda()
-    devices: list[str] = []
-    callback = unpack_into(decode.cache, decode.ready.append)
-
-    def on_kv(req_id: str, block_ids: list[int], buffer: torch.Tensor) -> None:
-        devices.append(buffer.device.type)
-        callback(req_id, block_ids, buffer)
-
-    decode.server = GrpcKVServer(
-        "127.0.0.1:0", on_kv, decode.layout, max_data_streams=3, data_stream_min_bytes=1, device="cuda"
-    )
-    decode.server.start()
-    sender = GrpcKVSender(MODEL, socket_min_bytes=0)
-    sources = [make_cache(32, torch.bfloat16, seed=40 + i, **dims).cuda() for i in range(2)]
-    try:
-        assert buffer_nbytes(decode.layout, 32) == 1 << 20  # 3 stripes of 5, 5 and 6 pieces
-        push_and_check_from_two_threads(sender, decode, sources)
-        assert devices == ["cuda"] * 8
     finally:
         sender.close()
         decode.server.stop()
