@@ -37,7 +37,8 @@ from bench.datasets import BenchRequest, sample_prefix_repetition, sample_random
 from bench.serve import run_benchmark
 from deploy.launcher import up
 from engine import LLM, SamplingParams
-from engine.llm_engine import EngineConfig, LLMEngine
+from engine.config import EngineConfig
+from engine.llm_engine import LLMEngine
 
 TINY_VOCAB_SIZE, TINY_EOS = 258, 257
 CONFIG_1P1D = "deploy/cpu-1p1d.yaml"

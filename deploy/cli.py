@@ -5,7 +5,7 @@
     pdserve up deploy/local.yaml [--address ADDR] [--detach] [--demo]
     pdserve status [--address ADDR]
     pdserve down [--address ADDR] [--stop-ray]
-    pdserve bench serve|sweep ...                                    # see bench/
+    pdserve bench serve|sweep ...                                    # added by pdserve.cli
 
 Errors a user can cause (bad config, bad model path, bad request) print one line
 naming what is wrong and exit 2, never a traceback.
@@ -18,6 +18,7 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Callable
 
 
 def _sampling_args(p: argparse.ArgumentParser) -> None:
@@ -61,7 +62,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
             )
         return 0
     from engine import SamplingParams
-    from engine.llm_engine import EngineConfig, LLMEngine
+    from engine.config import EngineConfig
+    from engine.llm_engine import LLMEngine
     from engine.output_processor import OutputProcessor
     from engine.tokenizer import load_tokenizer
 
@@ -200,7 +202,10 @@ def cmd_down(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(
+    extra_commands: Callable[[argparse._SubParsersAction], None] | None = None,
+) -> argparse.ArgumentParser:
+    """The parser of deploy's commands; `extra_commands` adds more (pdserve.cli adds bench)."""
     parser = argparse.ArgumentParser(prog="pdserve", description="Disaggregated prefill/decode LLM serving")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -234,25 +239,16 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--stop-ray", action="store_true")
         p.set_defaults(func=func)
 
-    b = sub.add_parser("bench", help="load tests against a deployment (vLLM-style)")
-    b.add_argument("mode", choices=["serve", "sweep"])
-    b.add_argument("rest", nargs=argparse.REMAINDER)
-    b.set_defaults(func=lambda a: _bench(a.mode, a.rest))
+    if extra_commands is not None:
+        extra_commands(sub)
     return parser
 
 
-def _bench(mode: str, rest: list[str]) -> int:
-    if mode == "serve":
-        from bench.serve import main as serve_main
-
-        return serve_main(rest) or 0
-    from bench.sweep import main as sweep_main
-
-    return sweep_main(rest) or 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def main(
+    argv: list[str] | None = None,
+    extra_commands: Callable[[argparse._SubParsersAction], None] | None = None,
+) -> int:
+    args = build_parser(extra_commands).parse_args(argv)
     try:
         return args.func(args)
     except ValueError as exc:  # ConfigError is a ValueError: bad config, model path, request

@@ -25,7 +25,9 @@ from typing import Any
 
 import yaml
 
-from engine.llm_engine import EngineConfig
+from engine.config import EngineConfig
+from transfer.config import TransferConfig
+from transfer.connector import BACKENDS
 
 
 class ConfigError(ValueError):
@@ -36,24 +38,6 @@ class ConfigError(ValueError):
 class PoolConfig:
     count: int = 0
     resources: dict[str, Any] = field(default_factory=lambda: {"num_cpus": 0})
-
-
-@dataclass
-class TransferConfig:
-    backend: str = "grpc"
-    host: str = "127.0.0.1"  # address the decode workers' KV servers bind (grpc backend)
-    # grpc backend: 0 = free ports; else decode-i's KV server takes gRPC port port_base + 2i and its
-    # data port port_base + 2i + 1, a fixed range a firewall can open between the hosts
-    port_base: int = 0
-    # grpc backend: a large KV buffer comes in over up to this many parallel data connections (one
-    # TCP stream tops out at what one core copies; a fast NIC needs several)
-    data_streams: int = 4
-
-    def kv_server_ports(self, decode_index: int) -> tuple[int, int]:
-        """(gRPC port, data port) of decode worker `decode_index`'s KV server; (0, 0) = free ports."""
-        if not self.port_base:
-            return (0, 0)
-        return (self.port_base + 2 * decode_index, self.port_base + 2 * decode_index + 1)
 
 
 @dataclass
@@ -169,8 +153,8 @@ def parse_config(data: dict[str, Any]) -> DeployConfig:
         raise ConfigError("prefill.count / decode.count: a disaggregated deployment needs both pools")
     if cfg.prefill.count + cfg.decode.count + cfg.colocated.count == 0:
         raise ConfigError("prefill.count / decode.count / colocated.count: no workers configured")
-    if cfg.transfer.backend not in ("grpc", "nccl"):
-        raise ConfigError(f"transfer.backend: must be grpc or nccl, got {cfg.transfer.backend!r}")
+    if cfg.transfer.backend not in BACKENDS:
+        raise ConfigError(f"transfer.backend: must be one of {', '.join(BACKENDS)}, got {cfg.transfer.backend!r}")
     if not isinstance(cfg.transfer.data_streams, int) or not 1 <= cfg.transfer.data_streams <= 64:
         raise ConfigError(
             f"transfer.data_streams: must be an integer in [1, 64], got {cfg.transfer.data_streams!r}"

@@ -10,7 +10,6 @@ and `pdserve down` can find them from another process.
 
 from __future__ import annotations
 
-import copy
 import logging
 import os
 from dataclasses import dataclass, field
@@ -72,8 +71,8 @@ def up(
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    from decode_worker.actor import DecodeActor
-    from prefill_worker.actor import PrefillActor
+    from deploy.actors import RayWorkerControl, WorkerActor
+    from deploy.wiring import connect_workers, plan_workers
     from router.actor import RouterActor
     from router.service import ModelSummary
 
@@ -95,36 +94,15 @@ def up(
         started_ray = True
     ns = cfg.ray.namespace
     workers: dict[str, Any] = {}
-    roles: dict[str, str] = {}
-    prefill: dict[str, Any] = {}
-    decode: dict[str, Any] = {}
     try:
-        prefill_cls = ray.remote(PrefillActor)
-        decode_cls = ray.remote(DecodeActor)
-        for i in range(cfg.prefill.count):
-            wid = f"prefill-{i}"
-            opts = _actor_options(cfg.prefill.resources, f"pdserve-{wid}", ns, detached)
-            prefill[wid] = prefill_cls.options(**opts).remote(
-                wid, copy.deepcopy(cfg.engine), cfg.transfer.backend
-            )
-            roles[wid] = "prefill"
-        # Decode and co-located pools are the same actor in two engine roles.
-        for name, pool, role in (("decode", cfg.decode, "decode"), ("colocated", cfg.colocated, "both")):
-            for i in range(pool.count):
-                wid = f"{name}-{i}"
-                opts = _actor_options(pool.resources, f"pdserve-{wid}", ns, detached)
-                ports = cfg.transfer.kv_server_ports(i) if role == "decode" else (0, 0)
-                decode[wid] = decode_cls.options(**opts).remote(
-                    wid, copy.deepcopy(cfg.engine), cfg.transfer.backend, role, cfg.transfer.host, ports,
-                    cfg.transfer.data_streams,
-                )  # fmt: skip
-                roles[wid] = role
-        workers = {**prefill, **decode}
+        specs = plan_workers(cfg)
+        actor_cls = ray.remote(WorkerActor)
+        for spec in specs:
+            opts = _actor_options(spec.resources, f"pdserve-{spec.worker_id}", ns, detached)
+            workers[spec.worker_id] = actor_cls.options(**opts).remote(spec)
+        controls = {w: RayWorkerControl(w, h) for w, h in workers.items()}
         ray.get([h.ready.remote() for h in workers.values()])  # engines built (or their error)
-        if cfg.prefill.count and cfg.transfer.backend == "nccl":
-            _init_nccl(prefill, decode, roles)
-        for handle in prefill.values():
-            ray.get(handle.set_decode_peers.remote({w: h for w, h in decode.items() if roles[w] == "decode"}))
+        connect_workers(specs, controls, cfg.transfer)
         summary = ModelSummary(
             name=model_cfg.name,
             vocab_size=model_cfg.vocab_size,
@@ -137,11 +115,8 @@ def up(
             ray.get_runtime_context().get_node_id(), soft=False
         )
         router_opts.pop("max_concurrency")  # async actor: concurrency is its event loop
-        router = (
-            ray.remote(RouterActor)
-            .options(**router_opts)
-            .remote(summary, cfg.model, prefill, decode, roles, cfg.router)
-        )
+        roles = {spec.worker_id: spec.role for spec in specs}
+        router = ray.remote(RouterActor).options(**router_opts).remote(summary, cfg.model, workers, roles, cfg.router)
         url = ray.get(router.start.remote())
     except BaseException:
         for handle in workers.values():
@@ -153,15 +128,6 @@ def up(
             ray.shutdown()
         raise
     return Deployment(url, cfg, router, workers, started_ray)
-
-
-def _init_nccl(prefill: dict[str, Any], decode: dict[str, Any], roles: dict[str, str]) -> None:
-    """One torch.distributed group over every prefill and decode worker (rank 0 = prefill-0)."""
-    import ray
-
-    members = list(prefill.items()) + [(w, h) for w, h in decode.items() if roles[w] == "decode"]
-    init_method = "tcp://" + ray.get(members[0][1].rendezvous_address.remote())
-    ray.get([h.init_transfer.remote(rank, len(members), init_method) for rank, (_, h) in enumerate(members)])
 
 
 def _python_path() -> list[str]:

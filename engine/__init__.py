@@ -12,12 +12,13 @@ from engine.core.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
     from engine.llm import LLM, CompletionOutput
-    from engine.llm_engine import EngineConfig, LLMEngine
+    from engine.config import EngineConfig
+    from engine.llm_engine import LLMEngine
 
 _LAZY = {
     "LLM": "engine.llm",
     "CompletionOutput": "engine.llm",
-    "EngineConfig": "engine.llm_engine",
+    "EngineConfig": "engine.config",
     "LLMEngine": "engine.llm_engine",
 }
 

@@ -20,6 +20,38 @@ SUPPORTED_ARCHITECTURES = {
 }
 
 TINY_PRESET = "tiny"
+ROLES = ("both", "prefill", "decode")  # an engine's role: co-located, or one side of a pair
+DTYPES = ("float32", "bfloat16", "float16")  # the names `model_runner.parse_dtype` takes
+
+
+@dataclass
+class EngineConfig:
+    """What every engine of a deployment shares (the role is the engine's constructor argument)."""
+
+    model: str = "tiny"
+    device: str = "cpu"
+    dtype: str = "float32"
+    block_size: int = 16
+    num_gpu_blocks: int | None = None
+    enable_prefix_caching: bool = True
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 2048
+    max_model_len: int | None = None
+    attention_backend: str = "auto"
+    load_format: str = "auto"
+    enforce_eager: bool = False  # no CUDA graphs for decode
+    async_scheduling: bool = True  # overlap host work with the GPU (not in the prefill role)
+    # Record BlockStored/BlockRemoved for the router's cache index; off where nothing drains
+    # them (the offline LLM), or the list grows with every block ever cached.
+    kv_events: bool = True
+
+    def validate(self) -> None:
+        if self.block_size < 1 or self.block_size & (self.block_size - 1):
+            raise ValueError(f"block_size must be a power of two, got {self.block_size}")
+        if self.num_gpu_blocks is not None and self.num_gpu_blocks < 1:
+            raise ValueError(f"num_gpu_blocks must be >= 1, got {self.num_gpu_blocks}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
 
 
 @dataclass

@@ -16,27 +16,12 @@ import time
 import uuid
 from collections.abc import Callable
 from concurrent.futures import Future
-from dataclasses import dataclass, field
 from typing import Any
 
-from engine.core.outputs import RequestOutput
+from engine.core.outputs import KVSnapshot, LoadReport, RequestOutput, StepBatch
 from engine.llm_engine import LLMEngine
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class StepBatch:
-    """What a worker reports to the router in one poll."""
-
-    worker_id: str
-    instance_id: str  # new on every worker start, so the router can detect a restart
-    outputs: list[RequestOutput] = field(default_factory=list)
-    kv_events: list = field(default_factory=list)  # BlockStored / BlockRemoved, in order
-    event_seq: int = 0  # sequence number of this batch of kv_events
-    load: dict[str, int] = field(default_factory=dict)
-    timestamp: float = 0.0
-    kv_wait_ms: dict[str, float] = field(default_factory=dict)  # decode role: per started request
 
 
 class EngineLoop:
@@ -102,18 +87,24 @@ class EngineLoop:
             seq = self._event_seq
             if events:
                 self._event_seq += 1
-        load = self.call_sync(lambda e: e.load_stats()) if not self._stopped else {}
-        return StepBatch(self.worker_id, self.instance_id, outputs, events, seq, load, time.time())
+        load = self.load() if not self._stopped else None
+        return StepBatch(self.worker_id, self.instance_id, outputs, events, seq, load)
 
-    def kv_snapshot(self) -> tuple[str, int, list[int]]:
-        """(instance_id, seq, block hashes) of everything cached now, for a router that
-        lost events: `seq` is the last event batch the snapshot already reflects."""
+    def load(self) -> LoadReport:
+        """The engine's load now, stamped with this worker's identity and the time."""
+        counts = self.call_sync(lambda e: e.load_stats())
+        return LoadReport(self.worker_id, self.instance_id, self.engine.role, timestamp=time.time(), **counts)
 
-        def take(engine: LLMEngine) -> tuple[str, int, list[int]]:
+    def kv_snapshot(self) -> KVSnapshot:
+        """Every block hash cached now, for a router that lost events: `seq` is the last
+        event batch the snapshot already reflects."""
+
+        def take(engine: LLMEngine) -> KVSnapshot:
             engine.take_kv_events()  # reflected in the snapshot
             with self._outbox_cv:
                 self._events.clear()  # likewise, not yet polled
-                return self.instance_id, self._event_seq - 1, list(engine.kv_manager.pool.cached)
+                seq = self._event_seq - 1
+            return KVSnapshot(self.worker_id, self.instance_id, seq, list(engine.kv_manager.pool.cached))
 
         return self.call_sync(take)
 
@@ -167,44 +158,18 @@ class LoopWorker:
         self.engine = engine
         self.loop = EngineLoop(engine, worker_id, publish_outputs=publish_outputs)
 
-    def poll(self, timeout: float = 0.5) -> StepBatch:
-        return self.loop.poll(timeout)
+    def ready(self) -> str:
+        """The worker id, once the engine is built (a Ray caller waits on this)."""
+        return self.worker_id
 
-    def load(self) -> dict[str, int]:
-        return self.loop.call_sync(lambda e: e.load_stats())
+    def poll(self, timeout_s: float = 0.5) -> StepBatch:
+        return self.loop.poll(timeout_s)
 
-    def kv_snapshot(self) -> tuple[str, int, list[int]]:
+    def load(self) -> LoadReport:
+        return self.loop.load()
+
+    def kv_snapshot(self) -> KVSnapshot:
         return self.loop.kv_snapshot()
 
     def shutdown(self) -> None:
         self.loop.stop()
-
-
-class WorkerActor:
-    """The calls every worker's Ray actor forwards unchanged (subclasses set `self.worker`)."""
-
-    worker: LoopWorker
-
-    def ready(self) -> str:
-        return self.worker.worker_id
-
-    def node_id(self) -> str:
-        """The Ray node this worker runs on."""
-        import ray
-
-        return ray.get_runtime_context().get_node_id()
-
-    def abort(self, req_id: str) -> bool:
-        return self.worker.abort(req_id)
-
-    def poll(self, timeout: float = 0.5) -> StepBatch:
-        return self.worker.poll(timeout)
-
-    def load(self) -> dict[str, int]:
-        return self.worker.load()
-
-    def kv_snapshot(self) -> tuple[str, int, list[int]]:
-        return self.worker.kv_snapshot()
-
-    def shutdown(self) -> None:
-        self.worker.shutdown()

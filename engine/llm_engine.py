@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
-from engine.config import ModelConfig
+from engine.config import ROLES, EngineConfig, ModelConfig
 from engine.core.kv_cache_manager import KVCacheManager
 from engine.core.outputs import RequestOutput
 from engine.core.request import Request, validate_prompt
@@ -35,39 +35,6 @@ from engine.core.sampling_params import SamplingParams
 from engine.core.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from engine.gc_heap import freeze_startup_heap
 from engine.model_runner import ModelRunner, SampledTokens, parse_dtype
-
-ROLES = ("both", "prefill", "decode")
-
-
-@dataclass
-class EngineConfig:
-    model: str = "tiny"
-    device: str = "cpu"
-    dtype: str = "float32"
-    block_size: int = 16
-    num_gpu_blocks: int | None = None
-    enable_prefix_caching: bool = True
-    max_num_seqs: int = 256
-    max_num_batched_tokens: int = 2048
-    max_model_len: int | None = None
-    attention_backend: str = "auto"
-    load_format: str = "auto"
-    enforce_eager: bool = False  # no CUDA graphs for decode
-    async_scheduling: bool = True  # overlap host work with the GPU (not in the prefill role)
-    role: str = "both"
-    # Record BlockStored/BlockRemoved for the router's cache index; off where nothing drains
-    # them (the offline LLM), or the list grows with every block ever cached.
-    kv_events: bool = True
-
-    def validate(self) -> None:
-        if self.role not in ROLES:
-            raise ValueError(f"role must be one of {', '.join(ROLES)}, got {self.role!r}")
-        if self.block_size < 1 or self.block_size & (self.block_size - 1):
-            raise ValueError(f"block_size must be a power of two, got {self.block_size}")
-        if self.num_gpu_blocks is not None and self.num_gpu_blocks < 1:
-            raise ValueError(f"num_gpu_blocks must be >= 1, got {self.num_gpu_blocks}")
-        parse_dtype(self.dtype)
-
 
 @dataclass
 class RemoteReservation:
@@ -79,7 +46,9 @@ class RemoteReservation:
 
 
 class LLMEngine:
-    def __init__(self, config: EngineConfig) -> None:
+    def __init__(self, config: EngineConfig, role: str = "both") -> None:
+        if role not in ROLES:
+            raise ValueError(f"role must be one of {', '.join(ROLES)}, got {role!r}")
         config.validate()
         self.config = config
         self.model_config = ModelConfig.resolve(config.model)
@@ -107,8 +76,7 @@ class LLMEngine:
             SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens, max_model_len),
             self.kv_manager,
         )
-        self.role = config.role
-        self._held: set[str] = set()  # prefill role: finished prefills whose blocks are still owned
+        self.role = role
         self._ids = itertools.count()
         self.num_steps = 0
         self.async_scheduling = config.async_scheduling and self.role != "prefill"
@@ -153,9 +121,6 @@ class LLMEngine:
 
     def abort_request(self, req_id: str) -> bool:
         """Abort a queued, running, held or KV-awaiting request; free its blocks."""
-        if req_id in self._held:
-            self.release_request(req_id)
-            return True
         return self.scheduler.abort(req_id) is not None
 
     # -- prefill role -------------------------------------------------------
@@ -164,7 +129,6 @@ class LLMEngine:
 
     def release_request(self, req_id: str) -> None:
         """Prefill role: the KV of a finished prefill has been sent (or failed): free it."""
-        self._held.discard(req_id)
         self.scheduler.release_held(req_id)
 
     # -- decode role ----------------------------------------------------------
@@ -211,7 +175,6 @@ class LLMEngine:
             if self.role == "prefill" and not finished:
                 # Stop here; keep the blocks until the worker has shipped them.
                 self.scheduler.hold(request)
-                self._held.add(request.req_id)
             outputs.append(
                 RequestOutput(
                     req_id=request.req_id,
@@ -229,6 +192,10 @@ class LLMEngine:
     def take_kv_events(self) -> list:
         return self.kv_manager.pool.take_events()
 
+    def is_waiting_for_remote_kv(self, req_id: str) -> bool:
+        """Decode role: blocks reserved for `req_id`, its KV not landed yet (any thread)."""
+        return self.scheduler.is_waiting_for_remote_kv(req_id)
+
     def load_stats(self) -> dict[str, int]:
         return {
             "num_free_blocks": self.kv_manager.num_free_blocks,
@@ -237,5 +204,5 @@ class LLMEngine:
             "num_running": len(self.scheduler.running),
             "num_waiting": len(self.scheduler.waiting),
             "num_queued_prefill_tokens": self.scheduler.num_queued_prefill_tokens,
-            "num_held": len(self._held),
+            "num_held": self.scheduler.num_held,
         }

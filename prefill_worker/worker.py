@@ -1,13 +1,15 @@
-"""The prefill worker: the engine in its prefill role, plus the KV sender.
+"""The prefill worker: the engine in its prefill role, plus the KV connector's send side.
 
 `prefill()` queues a prompt and returns a Future that resolves with the first
 sampled token as soon as the step that computed it ends (that is the TTFT).
-The request's blocks stay owned here while a sender thread ships the ones the
-decode worker lacks (one packed buffer, one send); they are freed when the send
-completes or fails. A failure is reported through `on_send_failed` so the decode
-side can drop its reservation.
+The request's blocks stay owned here (the scheduler holds them, HELD_FOR_TRANSFER)
+while a sender thread ships the ones the decode worker lacks, with the first token,
+in one packed buffer; they are freed when the send completes or fails. The decode
+worker starts the request itself once that KV has landed. A failed send, or a
+request that ended at its first token, is reported to the decode worker through its
+`DecodeLink` so it drops the reservation.
 
-Plain class: the Ray actor in `prefill_worker.actor` only forwards calls.
+Plain class: `deploy.actors.WorkerActor` hosts it in a Ray actor and only forwards calls.
 """
 
 from __future__ import annotations
@@ -15,51 +17,47 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
 
-from engine.core.outputs import RequestOutput
+from engine.config import EngineConfig
+from engine.core.outputs import PrefillResult, RequestOutput
 from engine.core.sampling_params import SamplingParams
 from engine.engine_loop import LoopWorker
-from engine.llm_engine import EngineConfig, LLMEngine
-from transfer.contract import KVHandle, TransferStats
+from engine.llm_engine import LLMEngine
+from transfer.connector import DecodeLink, KVConnector
+from transfer.contract import KVHandle
 
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class PrefillResult:
-    req_id: str
-    first_token_id: int
-    finished: bool  # the first token already ends the request (eos, stop token, max_tokens=1)
-    finish_reason: str | None
-    num_prompt_tokens: int
-    num_cached_tokens: int  # prompt tokens this prefill worker served from its own cache
-    prefill_ms: float  # from arrival at the worker to the first token
-    kv_shipped: bool  # False when there was nothing to ship (finished, or no handle)
-
-
-# send(handle, src_block_ids, kv_cache) -> TransferStats; raises on failure.
-SendFn = Callable[[KVHandle, list[int], object], TransferStats]
-
-
 class PrefillWorker(LoopWorker):
-    def __init__(self, worker_id: str, engine_config: EngineConfig, num_send_threads: int = 4) -> None:
-        engine_config.role = "prefill"
-        super().__init__(worker_id, LLMEngine(engine_config), publish_outputs=False)
+    def __init__(
+        self,
+        worker_id: str,
+        engine_config: EngineConfig,
+        connector: KVConnector | None = None,
+        num_send_threads: int = 4,
+    ) -> None:
+        super().__init__(worker_id, LLMEngine(engine_config, role="prefill"), publish_outputs=False)
         self.loop.add_listener(self._on_outputs)
         self._pending: dict[str, tuple[Future, KVHandle | None, float]] = {}
         self._lock = threading.Lock()
         self._senders = ThreadPoolExecutor(num_send_threads, thread_name_prefix=f"kv-send-{worker_id}")
-        self.send_fn: SendFn | None = None
-        self.on_send_failed: Callable[[KVHandle, Exception], None] | None = None
+        # Filled by set_decode_links; the send side holds this very dict.
+        self._links: dict[str, DecodeLink] = {}
+        model_name = self.engine.model_config.name
+        self.send_side = connector.send_side(model_name, self._links) if connector is not None else None
         self.loop.start()
 
     # -- wiring -----------------------------------------------------------------
-    def set_sender(self, send_fn: SendFn, on_send_failed: Callable[[KVHandle, Exception], None]) -> None:
-        self.send_fn = send_fn
-        self.on_send_failed = on_send_failed
+    def set_decode_links(self, links: dict[str, DecodeLink]) -> None:
+        """How to reach each decode worker's control plane (KV notices, failures)."""
+        self._links.clear()
+        self._links.update(links)
+
+    def join_transfer_group(self, rank: int, world_size: int, init_method: str) -> None:
+        """Join the connector's process group (connectors with `uses_process_group`)."""
+        self.send_side.join_group(rank, world_size, init_method, self.engine.kv_cache.device)
 
     # -- requests ----------------------------------------------------------------
     def prefill(
@@ -67,7 +65,7 @@ class PrefillWorker(LoopWorker):
     ) -> Future:
         """Queue a prompt; the Future resolves with a PrefillResult at the first token."""
         fut: Future = Future()
-        if handle is not None and self.send_fn is None:
+        if handle is not None and (self.send_side is None or handle.decode_worker_id not in self._links):
             fut.set_exception(RuntimeError(f"prefill worker {self.worker_id} has no KV sender wired"))
             return fut
         with self._lock:
@@ -94,6 +92,8 @@ class PrefillWorker(LoopWorker):
     def shutdown(self) -> None:
         super().shutdown()
         self._senders.shutdown(wait=False, cancel_futures=True)
+        if self.send_side is not None:
+            self.send_side.close()
 
     # -- internals (loop thread) ---------------------------------------------------
     def _fail(self, req_id: str, exc: BaseException) -> None:
@@ -129,15 +129,18 @@ class PrefillWorker(LoopWorker):
                 kv_shipped=ship,
             )
             if ship:
-                self._senders.submit(self._send, handle, src_block_ids)
-            elif not out.finished:
-                self.engine.release_request(out.req_id)  # co-located callers pass no handle
+                self._senders.submit(self._send, handle, src_block_ids, result.first_token_id)
+            else:
+                if not out.finished:
+                    self.engine.release_request(out.req_id)  # co-located callers pass no handle
+                if handle is not None:  # nothing will come: the decode side drops its reservation
+                    self._senders.submit(self._report, handle, None)
             if not fut.done():
                 fut.set_result(result)
 
-    def _send(self, handle: KVHandle, src_block_ids: list[int]) -> None:
+    def _send(self, handle: KVHandle, src_block_ids: list[int], first_token_id: int) -> None:
         try:
-            stats = self.send_fn(handle, src_block_ids, self.engine.kv_cache)
+            stats = self.send_side.send(handle, src_block_ids, self.engine.kv_cache, first_token_id)
             log.debug(
                 "KV of %s: %d bytes, pack %.2f ms, send %.2f ms",
                 handle.req_id,
@@ -147,10 +150,13 @@ class PrefillWorker(LoopWorker):
             )
         except Exception as exc:  # noqa: BLE001 - reported to the decode side
             log.warning("KV send for %s failed: %s", handle.req_id, exc)
-            if self.on_send_failed is not None:
-                try:
-                    self.on_send_failed(handle, exc)
-                except Exception:  # noqa: BLE001
-                    log.exception("reporting a failed send for %s", handle.req_id)
+            self._report(handle, f"{type(exc).__name__}: {exc}")
         finally:
             self.loop.call(lambda e: e.release_request(handle.req_id))
+
+    def _report(self, handle: KVHandle, reason: str | None) -> None:
+        """Tell the decode worker its KV will not come (reason None: nothing to send)."""
+        try:
+            self._links[handle.decode_worker_id].kv_failed(handle.req_id, reason)
+        except Exception:  # noqa: BLE001 - the decode worker may be gone
+            log.exception("reporting the KV of %s to %s", handle.req_id, handle.decode_worker_id)

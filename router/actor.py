@@ -8,9 +8,9 @@ from __future__ import annotations
 from typing import Any
 
 from engine.gc_heap import freeze_startup_heap
-from router.policy import make_policy
 from router.server import RouterServer
-from router.service import ModelSummary, RayWorkerClient, RouterCore
+from router.service import ModelSummary, RouterCore
+from router.worker_client import RayWorkerClient
 
 
 class RouterActor:
@@ -18,8 +18,7 @@ class RouterActor:
         self,
         model: ModelSummary,
         model_path: str,
-        prefill_handles: dict[str, Any],
-        decode_handles: dict[str, Any],
+        worker_handles: dict[str, Any],
         worker_roles: dict[str, str],
         router_config: Any,
     ) -> None:
@@ -27,17 +26,8 @@ class RouterActor:
 
         self.config = router_config
         tokenizer = load_tokenizer(model_path, model.eos_token_id, None)
-        self.core = RouterCore(
-            model,
-            tokenizer,
-            make_policy(router_config.policy, **router_config.policy_params),
-            {w: RayWorkerClient(h) for w, h in prefill_handles.items()},
-            {w: RayWorkerClient(h) for w, h in decode_handles.items()},
-            worker_roles,
-            use_kv_events=router_config.kv_events,
-            max_queue_len=router_config.max_queue_len,
-            max_wait_s=router_config.max_wait_s,
-        )
+        clients = {w: RayWorkerClient(w, h) for w, h in worker_handles.items()}
+        self.core = RouterCore.from_config(model, tokenizer, clients, worker_roles, router_config)
         self.server = RouterServer(
             self.core, router_config.host, router_config.port, router_config.default_max_tokens
         )

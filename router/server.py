@@ -102,8 +102,8 @@ class GenerationServicer(generate_pb2_grpc.GenerationServicer):
             vocab_size=m.vocab_size,
             max_model_len=m.max_model_len,
             block_size=m.block_size,
-            num_prefill_workers=len(self.core.prefill_workers),
-            num_decode_workers=len(self.core.decode_workers),
+            num_prefill_workers=sum(role == "prefill" for role in self.core.worker_roles.values()),
+            num_decode_workers=sum(role != "prefill" for role in self.core.worker_roles.values()),
         )
         if m.eos_token_id is not None:
             info.eos_token_id = m.eos_token_id

@@ -7,18 +7,15 @@ the real client on 127.0.0.1.
 from __future__ import annotations
 
 import asyncio
-import copy
 import threading
 
-from decode_worker.worker import DecodeWorker
-from engine.llm_engine import EngineConfig
+from deploy.config import RouterConfig
+from deploy.wiring import LocalWorkerControl, WorkerSpec, build_worker, connect_workers
+from engine.config import EngineConfig
 from engine.tokenizer import load_tokenizer
-from prefill_worker.worker import PrefillWorker
-from router.policy import make_policy
 from router.server import RouterServer
-from router.service import LocalWorkerClient, ModelSummary, RouterCore
-from transfer.grpc_backend import GrpcKVSender
-from transfer.grpc_server import GrpcKVServer
+from router.service import ModelSummary, RouterCore
+from transfer.config import TransferConfig
 
 
 class InProcessDeployment:
@@ -34,52 +31,35 @@ class InProcessDeployment:
         max_wait_s: float = 30.0,
     ) -> None:
         engine = engine or EngineConfig(model="tiny", num_gpu_blocks=512)
-        prefill_engine = prefill_engine or engine
-        self.prefill = {
-            f"prefill-{i}": PrefillWorker(f"prefill-{i}", copy.deepcopy(prefill_engine))
-            for i in range(num_prefill)
-        }
-        self.decode = {
-            f"decode-{i}": DecodeWorker(
-                f"decode-{i}", copy.deepcopy(engine), role="decode" if num_prefill else "both"
-            )
-            for i in range(num_decode)
-        }
-        self.kv_servers = []
-        for worker in self.decode.values():
-            if num_prefill:
-                server = GrpcKVServer("127.0.0.1:0", worker.receive_kv, worker.layout)
-                worker.grpc_address = f"127.0.0.1:{server.start()}"
-                self.kv_servers.append(server)
-        for worker in self.prefill.values():
-            sender = GrpcKVSender(worker.engine.model_config.name)
-            worker.set_sender(
-                sender.send,
-                lambda h, exc: self.decode[h.decode_worker_id].kv_failed(
-                    h.req_id, f"{type(exc).__name__}: {exc}"
-                ),
-            )
+        transfer = TransferConfig(backend="grpc", host="127.0.0.1")
+        decode_role = "decode" if num_prefill else "both"
+        specs = [WorkerSpec(f"prefill-{i}", "prefill", prefill_engine or engine, transfer) for i in range(num_prefill)]
+        specs += [WorkerSpec(f"decode-{i}", decode_role, engine, transfer, i) for i in range(num_decode)]
+        built = {spec.worker_id: build_worker(spec) for spec in specs}
+        self.prefill = {w: built[w] for w in built if w.startswith("prefill")}
+        self.decode = {w: built[w] for w in built if w.startswith("decode")}
+        self.controls = {w: LocalWorkerControl(worker) for w, worker in built.items()}
+        connect_workers(specs, self.controls, transfer)  # the wiring `pdserve up` uses
         mc = next(iter(self.decode.values())).engine.model_config
-        roles = {
-            **{w: "prefill" for w in self.prefill},
-            **{w: ("decode" if num_prefill else "both") for w in self.decode},
-        }
-        params = {"local_prefill_threshold_tokens": 0, **(policy_params or {})}
-        self.core = RouterCore(
-            ModelSummary(
-                mc.name,
-                mc.vocab_size,
-                engine.max_model_len or mc.max_position_embeddings,
-                engine.block_size,
-                mc.eos_token_id,
-            ),
-            load_tokenizer(engine.model, mc.eos_token_id, mc.bos_token_id),
-            make_policy(policy, **params),
-            {w: LocalWorkerClient(p) for w, p in self.prefill.items()},
-            {w: LocalWorkerClient(d) for w, d in self.decode.items()},
-            roles,
+        router_config = RouterConfig(
+            policy=policy,
+            policy_params={"local_prefill_threshold_tokens": 0, **(policy_params or {})},
             max_queue_len=max_queue_len,
             max_wait_s=max_wait_s,
+        )
+        summary = ModelSummary(
+            mc.name,
+            mc.vocab_size,
+            engine.max_model_len or mc.max_position_embeddings,
+            engine.block_size,
+            mc.eos_token_id,
+        )
+        self.core = RouterCore.from_config(
+            summary,
+            load_tokenizer(engine.model, mc.eos_token_id, mc.bos_token_id),
+            {w: control.router_client() for w, control in self.controls.items()},
+            {spec.worker_id: spec.role for spec in specs},
+            router_config,
         )
         self.server = RouterServer(self.core, "127.0.0.1", 0)
         self.loop = asyncio.new_event_loop()
@@ -97,7 +77,7 @@ class InProcessDeployment:
     def all_blocks_free(self) -> bool:
         for w in self.workers():
             load = w.load()
-            if load["num_free_blocks"] != load["num_total_blocks"]:
+            if load.num_free_blocks != load.num_total_blocks:
                 return False
         return True
 
@@ -105,7 +85,7 @@ class InProcessDeployment:
         self.run(self.server.stop(0))
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join(5)
-        for s in self.kv_servers:
-            s.stop()
         for w in self.workers():
             w.shutdown()
+        for control in self.controls.values():
+            control.close()

@@ -18,3 +18,61 @@ class RequestOutput:
     num_cached_tokens: int = 0
     num_output_tokens: int = 0
     error: str | None = None  # set when the request ended because something failed
+
+
+@dataclass
+class PrefillResult:
+    """A prefill worker's answer to the router: the first token, at once (that is the TTFT).
+    The KV goes on to the decode worker with that token; the router never relays it."""
+
+    req_id: str
+    first_token_id: int
+    finished: bool  # the first token already ends the request (eos, stop token, max_tokens=1)
+    finish_reason: str | None
+    num_prompt_tokens: int
+    num_cached_tokens: int  # prompt tokens this prefill worker served from its own cache
+    prefill_ms: float  # from arrival at the worker to the first token
+    kv_shipped: bool  # False when there was nothing to ship (finished, or no handle)
+
+
+ROLES = ("prefill", "decode", "both")
+
+
+@dataclass(frozen=True)
+class LoadReport:
+    worker_id: str
+    instance_id: str
+    role: str  # "prefill" | "decode" | "both"
+    num_free_blocks: int  # BlockPool.num_free_blocks (cached-but-free blocks count as free)
+    num_total_blocks: int
+    block_size: int  # must equal the block size the router hashes prompts with
+    num_running: int
+    num_waiting: int
+    num_queued_prefill_tokens: int  # uncached prompt tokens waiting or being computed now
+    timestamp: float  # when the worker took these numbers (same clock as the router's)
+    num_held: int = 0  # prefill role: finished prefills whose blocks wait for their KV send
+
+    def __post_init__(self) -> None:
+        if self.role not in ROLES:
+            raise ValueError(f"LoadReport.role must be one of {ROLES}, got {self.role!r}")
+
+
+@dataclass(frozen=True)
+class KVSnapshot:
+    worker_id: str
+    instance_id: str
+    seq: int  # seq of the last batch already reflected in block_hashes (-1: none)
+    block_hashes: list[int]
+
+
+@dataclass
+class StepBatch:
+    """What a worker reports to the router in one poll."""
+
+    worker_id: str
+    instance_id: str  # new on every worker start, so the router can detect a restart
+    outputs: list[RequestOutput] = field(default_factory=list)
+    kv_events: list = field(default_factory=list)  # BlockStored / BlockRemoved, in order
+    event_seq: int = 0  # sequence number of this batch of kv_events
+    load: LoadReport | None = None  # None once the worker is stopping
+    kv_wait_ms: dict[str, float] = field(default_factory=dict)  # decode role: per started request

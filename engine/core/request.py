@@ -10,9 +10,13 @@ from engine.core.sampling_params import SamplingParams
 
 class RequestStatus(enum.Enum):
     WAITING = "waiting"
-    WAITING_FOR_KV = "waiting_for_kv"  # decode role: blocks reserved, KV in flight
+    # Decode role: blocks reserved, the prompt's KV (and its first token) on the way from a
+    # prefill worker (vLLM v1's WAITING_FOR_REMOTE_KVS). Not scheduled until it lands.
+    WAITING_FOR_REMOTE_KVS = "waiting_for_remote_kvs"
     RUNNING = "running"
     PREEMPTED = "preempted"
+    # Prefill role: the first token is out; the blocks stay owned until the KV has been sent.
+    HELD_FOR_TRANSFER = "held_for_transfer"
     FINISHED_STOPPED = "finished_stopped"
     FINISHED_LENGTH = "finished_length"
     FINISHED_ABORTED = "finished_aborted"

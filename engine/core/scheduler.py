@@ -73,6 +73,7 @@ class Scheduler:
         self.running: list[Request] = []
         self.requests: dict[str, Request] = {}
         self.num_preemptions = 0  # total over the scheduler's life
+        self.num_held = 0  # prefill role: requests in HELD_FOR_TRANSFER
 
     # -- queue management -------------------------------------------------
     def add_request(self, request: Request) -> None:
@@ -94,14 +95,14 @@ class Scheduler:
         if table is None:
             return None
         request.num_cached_tokens = num_hit_tokens
-        request.status = RequestStatus.WAITING_FOR_KV
+        request.status = RequestStatus.WAITING_FOR_REMOTE_KVS
         self.requests[request.req_id] = request
         return table
 
     def finish_remote_kv(self, req_id: str, first_token_id: int) -> Request:
         """Decode role: the prompt's KV has landed; start decoding after `first_token_id`."""
         request = self.requests[req_id]
-        if request.status != RequestStatus.WAITING_FOR_KV:
+        if request.status != RequestStatus.WAITING_FOR_REMOTE_KVS:
             raise RuntimeError(f"request {req_id!r} is not waiting for KV (status {request.status.value})")
         request.num_computed_tokens = request.num_prompt_tokens
         self.kv.cache_full_blocks(request, request.num_prompt_tokens)
@@ -121,6 +122,8 @@ class Scheduler:
             self.running.remove(request)
         elif request in self.waiting:
             self.waiting.remove(request)
+        elif request.status == RequestStatus.HELD_FOR_TRANSFER:
+            self.num_held -= 1
         request.status = RequestStatus.FINISHED_ABORTED
         self._free(request)
         return request
@@ -138,16 +141,26 @@ class Scheduler:
         self.kv.free(request)
         self.requests.pop(request.req_id, None)
 
+    def is_waiting_for_remote_kv(self, req_id: str) -> bool:
+        """Decode role: True while `req_id` has blocks reserved and its KV has not landed.
+        Safe to read from another thread: only `finish_remote_kv` and `abort` end that state."""
+        request = self.requests.get(req_id)
+        return request is not None and request.status == RequestStatus.WAITING_FOR_REMOTE_KVS
+
     def release_held(self, req_id: str) -> None:
         """Prefill role: free blocks held for a finished request's KV transfer."""
         request = self.requests.get(req_id)
         if request is not None:
+            if request.status == RequestStatus.HELD_FOR_TRANSFER:
+                self.num_held -= 1
             self._free(request)
 
     def hold(self, request: Request) -> None:
         """Prefill role: stop scheduling a request but keep its blocks for the send."""
         if request in self.running:
             self.running.remove(request)
+        request.status = RequestStatus.HELD_FOR_TRANSFER
+        self.num_held += 1
 
     @property
     def num_unfinished(self) -> int:

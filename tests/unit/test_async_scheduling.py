@@ -13,7 +13,8 @@ import random
 import pytest
 
 from engine import LLM, SamplingParams
-from engine.llm_engine import EngineConfig, LLMEngine
+from engine.config import EngineConfig
+from engine.llm_engine import LLMEngine
 from engine.model_runner import gemm_warm_up_rows
 
 
@@ -97,7 +98,7 @@ def test_abort_with_a_step_in_flight() -> None:
 
 
 def test_prefill_role_stays_synchronous() -> None:
-    engine = LLMEngine(EngineConfig(num_gpu_blocks=64, role="prefill"))
+    engine = LLMEngine(EngineConfig(num_gpu_blocks=64), role="prefill")
     assert not engine.async_scheduling
     engine.add_request("a", [1, 2, 3], SamplingParams(temperature=0.0, max_tokens=8))
     outputs = engine.step()  # the first token comes back from the step that computed it

@@ -86,7 +86,7 @@ def test_decode_kv_server_takes_the_configured_ports():
     import socket
 
     from decode_worker.actor import DecodeActor
-    from engine.llm_engine import EngineConfig
+    from engine.config import EngineConfig
 
     with socket.socket() as probe:  # two free neighbouring ports are not guaranteed: take two
         probe.bind(("127.0.0.1", 0))

@@ -7,8 +7,9 @@ import time
 
 from engine.core.sampling_params import SamplingParams
 from engine.engine_loop import EngineLoop
-from engine.llm_engine import EngineConfig, LLMEngine
-from router.worker_state import KVEventBatch, KVSnapshot, WorkerStateTracker
+from engine.config import EngineConfig
+from engine.llm_engine import LLMEngine
+from router.worker_state import KVEventBatch, WorkerStateTracker
 
 
 def run_request(loop: EngineLoop, req_id: str, prompt: list[int]) -> None:
@@ -44,8 +45,7 @@ def test_events_track_the_pool_and_a_gap_resyncs():
         run_request(loop, "c", list(range(200, 216)))
         assert not tracker.apply(poll_batch(loop))  # the gap is noticed
         assert tracker.needs_resync("w")
-        instance_id, seq, hashes = loop.kv_snapshot()
-        tracker.apply_snapshot(KVSnapshot("w", instance_id, seq, hashes))
+        tracker.apply_snapshot(loop.kv_snapshot())
         held, cached = indexed(tracker, loop)
         assert held == cached
         run_request(loop, "d", list(range(220, 250)))

@@ -12,7 +12,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from engine import LLM, SamplingParams
-from engine.llm_engine import EngineConfig
+from engine.config import EngineConfig
 from router.client import GenerateChunk, GenerateComplete, PdserveClient, PdserveError
 from tests.inprocess import InProcessDeployment
 

@@ -1,0 +1,42 @@
+"""What the router's request path yields and raises (plain data, shared by its modules)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+class RouterError(Exception):
+    """A request failed; `code` is a gRPC status code name (e.g. "INVALID_ARGUMENT")."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+@dataclass
+class Chunk:
+    token_ids: list[int]
+    text: str
+
+
+@dataclass
+class Completion:
+    finish_reason: str  # "stop" | "length" | "abort"
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int
+    queue_ms: float
+    prefill_ms: float
+    kv_transfer_ms: float
+    decode_ms: float
+    ttft_ms: float
+
+
+@dataclass
+class ModelSummary:
+    name: str
+    vocab_size: int
+    max_model_len: int
+    block_size: int
+    eos_token_id: int | None
