@@ -28,7 +28,8 @@ from collections.abc import Callable
 
 from bench.policy_workloads import BLOCK_SIZE, SimRequest, make_workload, oracle_hit_tokens
 from engine.core.block_pool import BlockPool
-from router.policy import POLICIES, RouteRequest, make_policy
+from router.policy import POLICIES, make_policy
+from router.routing import RouteRequest
 from router.worker_state import KVEventBatch, LoadReport, WorkerStateTracker, cdiv
 
 PREFILL_FIXED_S, PREFILL_PER_TOKEN_S = 3e-3, 30e-6

@@ -19,7 +19,8 @@ import time
 
 from engine.core.block_pool import BlockStored
 from router.kv_index import KVIndex
-from router.policy import POLICIES, RouteRequest, make_policy
+from router.policy import POLICIES, make_policy
+from router.routing import RouteRequest
 from router.worker_state import KVEventBatch, LoadReport, WorkerStateTracker
 
 BLOCK_SIZE = 16

@@ -20,25 +20,12 @@ plus `max_tokens` of output.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
 from dataclasses import dataclass
 
+# RouteDecision and RouteRequest live in router.routing; router/service.py still
+# imports them from here.
+from router.routing import RouteDecision, RouteRequest
 from router.worker_state import WorkerStateTracker
-
-
-@dataclass(frozen=True)
-class RouteRequest:
-    req_id: str
-    num_prompt_tokens: int
-    block_hashes: Sequence[int]  # chained hashes of the prompt's full blocks
-    max_tokens: int
-
-
-@dataclass(frozen=True)
-class RouteDecision:
-    prefill_worker_id: str | None  # None: prefill on the decode worker itself
-    decode_worker_id: str
-    num_prefix_hit_tokens: int  # prompt tokens cached on the worker that prefills
 
 
 @dataclass

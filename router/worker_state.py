@@ -41,7 +41,7 @@ if TYPE_CHECKING:
     # Types only: importing `engine` at run time would pull in torch through
     # engine/__init__.py, and the router must run without torch.
     from engine.core.block_pool import BlockRemoved, BlockStored
-    from router.policy import RouteDecision, RouteRequest
+    from router.routing import RouteDecision, RouteRequest
 
 ROLES = ("prefill", "decode", "both")
 

@@ -12,9 +12,9 @@ from router.policy import (
     LeastLoadedPolicy,
     PolicyConfig,
     RoundRobinPolicy,
-    RouteRequest,
     make_policy,
 )
+from router.routing import RouteRequest
 from router.worker_state import KVEventBatch, LoadReport, WorkerStateTracker
 
 BLOCK = 16

@@ -1,7 +1,7 @@
 """WorkerStateTracker: event streams and resync, load reports, promises, history."""
 
 from engine.core.block_pool import BlockRemoved, BlockStored
-from router.policy import RouteDecision, RouteRequest
+from router.routing import RouteDecision, RouteRequest
 from router.worker_state import KVEventBatch, KVSnapshot, LoadReport, WorkerStateTracker
 
 
