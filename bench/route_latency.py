@@ -18,10 +18,11 @@ import statistics
 import time
 
 from engine.core.block_pool import BlockStored
+from engine.core.outputs import LoadReport
 from router.kv_index import KVIndex
 from router.policy import POLICIES, make_policy
 from router.routing import RouteRequest
-from router.worker_state import KVEventBatch, LoadReport, WorkerStateTracker
+from router.worker_state import KVEventBatch, WorkerStateTracker
 
 BLOCK_SIZE = 16
 

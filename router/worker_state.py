@@ -35,6 +35,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from engine.core.outputs import WORKER_ROLES, KVSnapshot, LoadReport
 from router.kv_index import KVIndex
 
 if TYPE_CHECKING:
@@ -43,26 +44,6 @@ if TYPE_CHECKING:
     from engine.core.block_pool import BlockRemoved, BlockStored
     from router.routing import RouteDecision, RouteRequest
 
-ROLES = ("prefill", "decode", "both")
-
-
-@dataclass(frozen=True)
-class LoadReport:
-    worker_id: str
-    instance_id: str
-    role: str  # "prefill" | "decode" | "both"
-    num_free_blocks: int  # BlockPool.num_free_blocks (cached-but-free blocks count as free)
-    num_total_blocks: int
-    block_size: int  # must equal the block size the router hashes prompts with
-    num_running: int
-    num_waiting: int
-    num_queued_prefill_tokens: int  # uncached prompt tokens waiting or being computed now
-    timestamp: float  # when the worker took these numbers (same clock as the router's)
-
-    def __post_init__(self) -> None:
-        if self.role not in ROLES:
-            raise ValueError(f"LoadReport.role must be one of {ROLES}, got {self.role!r}")
-
 
 @dataclass(frozen=True)
 class KVEventBatch:
@@ -70,14 +51,6 @@ class KVEventBatch:
     instance_id: str  # changes when the worker restarts
     seq: int  # 0, 1, 2, ... per instance
     events: list[BlockStored | BlockRemoved]
-
-
-@dataclass(frozen=True)
-class KVSnapshot:
-    worker_id: str
-    instance_id: str
-    seq: int  # seq of the last batch already reflected in block_hashes (-1: none)
-    block_hashes: list[int]
 
 
 def cdiv(a: int, b: int) -> int:
@@ -142,7 +115,7 @@ class WorkerStateTracker:
     def workers(self, role: str) -> list[str]:
         """Worker ids with a load report of exactly this role, in a stable order."""
         if self._workers_by_role is None:
-            by_role: dict[str, list[str]] = {r: [] for r in ROLES}
+            by_role: dict[str, list[str]] = {r: [] for r in WORKER_ROLES}
             for worker_id, report in self.loads.items():
                 by_role[report.role].append(worker_id)
             self._workers_by_role = by_role

@@ -1,4 +1,4 @@
-"""What one engine step reports per request (pure Python)."""
+"""What a worker reports (pure Python): per request per step, its load, its cache."""
 
 from __future__ import annotations
 
@@ -18,3 +18,36 @@ class RequestOutput:
     num_cached_tokens: int = 0
     num_output_tokens: int = 0
     error: str | None = None  # set when the request ended because something failed
+
+
+WORKER_ROLES = ("prefill", "decode", "both")
+
+
+@dataclass(frozen=True)
+class LoadReport:
+    """A worker's load, sent periodically to the router (see router/worker_state.py)."""
+
+    worker_id: str
+    instance_id: str
+    role: str  # "prefill" | "decode" | "both"
+    num_free_blocks: int  # BlockPool.num_free_blocks (cached-but-free blocks count as free)
+    num_total_blocks: int
+    block_size: int  # must equal the block size the router hashes prompts with
+    num_running: int
+    num_waiting: int
+    num_queued_prefill_tokens: int  # uncached prompt tokens waiting or being computed now
+    timestamp: float  # when the worker took these numbers (same clock as the router's)
+
+    def __post_init__(self) -> None:
+        if self.role not in WORKER_ROLES:
+            raise ValueError(f"LoadReport.role must be one of {WORKER_ROLES}, got {self.role!r}")
+
+
+@dataclass(frozen=True)
+class KVSnapshot:
+    """Every block hash a worker's cache holds, for the router to resync its index from."""
+
+    worker_id: str
+    instance_id: str
+    seq: int  # seq of the last KV event batch already reflected in block_hashes (-1: none)
+    block_hashes: list[int]

@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import time
 
+from engine.core.outputs import KVSnapshot
 from engine.core.sampling_params import SamplingParams
 from engine.engine_loop import EngineLoop
 from engine.llm_engine import EngineConfig, LLMEngine
-from router.worker_state import KVEventBatch, KVSnapshot, WorkerStateTracker
+from router.worker_state import KVEventBatch, WorkerStateTracker
 
 
 def run_request(loop: EngineLoop, req_id: str, prompt: list[int]) -> None:

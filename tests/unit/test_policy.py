@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from engine.core.block_pool import BlockStored
+from engine.core.outputs import LoadReport
 from router.policy import (
     CacheAwarePolicy,
     LeastLoadedPolicy,
@@ -15,7 +16,7 @@ from router.policy import (
     make_policy,
 )
 from router.routing import RouteRequest
-from router.worker_state import KVEventBatch, LoadReport, WorkerStateTracker
+from router.worker_state import KVEventBatch, WorkerStateTracker
 
 BLOCK = 16
 

@@ -1,8 +1,9 @@
 """WorkerStateTracker: event streams and resync, load reports, promises, history."""
 
 from engine.core.block_pool import BlockRemoved, BlockStored
+from engine.core.outputs import KVSnapshot, LoadReport
 from router.routing import RouteDecision, RouteRequest
-from router.worker_state import KVEventBatch, KVSnapshot, LoadReport, WorkerStateTracker
+from router.worker_state import KVEventBatch, WorkerStateTracker
 
 
 def report(
