@@ -8,6 +8,7 @@ import pytest
 
 from engine.core.block_pool import BlockStored
 from engine.core.outputs import LoadReport
+from router.kv_sync import KVEventBatch
 from router.policy import (
     CacheAwarePolicy,
     LeastLoadedPolicy,
@@ -16,7 +17,7 @@ from router.policy import (
     make_policy,
 )
 from router.routing import RouteRequest
-from router.worker_state import KVEventBatch, WorkerStateTracker
+from router.worker_state import WorkerStateTracker
 
 BLOCK = 16
 

@@ -2,8 +2,9 @@
 
 from engine.core.block_pool import BlockRemoved, BlockStored
 from engine.core.outputs import KVSnapshot, LoadReport
+from router.kv_sync import KVEventBatch
 from router.routing import RouteDecision, RouteRequest
-from router.worker_state import KVEventBatch, WorkerStateTracker
+from router.worker_state import WorkerStateTracker
 
 
 def report(
