@@ -18,7 +18,7 @@ one formula, `spare_blocks`; `available_blocks` and `blocks_needed` derive from 
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from engine.core.kv_cache_manager import cdiv
@@ -80,9 +80,14 @@ def shared_in_flight_blocks(hash_refs: dict[int, int], block_hashes: Sequence[in
 
 
 class ReservationBooks:
-    """Routed requests and, per worker, their pending and committed promises."""
+    """Routed requests and, per worker, their pending and committed promises.
 
-    def __init__(self, track_committed_blocks: bool = True) -> None:
+    `loads` is the latest load report per worker; the books read it (for block
+    sizes and headroom) and never write it.
+    """
+
+    def __init__(self, loads: Mapping[str, LoadReport], track_committed_blocks: bool = True) -> None:
+        self.loads = loads
         self.track_committed_blocks = track_committed_blocks
         self._routed: dict[str, _Routed] = {}
         self._decode_books: dict[str, _DecodeBook] = {}
@@ -90,10 +95,11 @@ class ReservationBooks:
 
     # ---- recording ----------------------------------------------------------------
 
-    def on_routed(self, request: RouteRequest, decision: RouteDecision, block_size: int, now: float) -> None:
-        """Record a routing decision made at `now`; `block_size` is the decode worker's."""
+    def on_routed(self, request: RouteRequest, decision: RouteDecision, now: float) -> None:
+        """Record a routing decision made at `now`."""
         if request.req_id in self._routed:
             raise ValueError(f"request {request.req_id!r} is already routed")
+        block_size = self.loads[decision.decode_worker_id].block_size
         routed = _Routed(
             req_id=request.req_id,
             decode_worker_id=decision.decode_worker_id,
@@ -159,8 +165,8 @@ class ReservationBooks:
 
     # ---- headroom -----------------------------------------------------------------
 
-    def spare_blocks(self, report: LoadReport, request: RouteRequest) -> int:
-        """Blocks left on the reporting decode-capable worker after admitting `request`:
+    def spare_blocks(self, worker_id: str, request: RouteRequest) -> int:
+        """Blocks left on a decode-capable worker after admitting `request`:
         available - needed, the one headroom formula (and the policy's hot path).
 
         available = min(reported free - pending reservations, total - committed):
@@ -169,8 +175,9 @@ class ReservationBooks:
         needed = prompt + max_tokens in blocks, less the leading prompt blocks
         in-flight requests on the worker already hold.
         """
+        report = self.loads[worker_id]
         needed = -(-(request.num_prompt_tokens + request.max_tokens) // report.block_size)
-        book = self._decode_books.get(report.worker_id)
+        book = self._decode_books.get(worker_id)
         if book is None:
             return report.num_free_blocks - needed
         available = report.num_free_blocks - book.pending_blocks
@@ -179,15 +186,21 @@ class ReservationBooks:
             needed -= shared_in_flight_blocks(book.hash_refs, request.block_hashes)
         return available - needed
 
-    def available_blocks(self, report: LoadReport) -> int:
+    def available_blocks(self, worker_id: str) -> int:
         """Blocks a new request may still take: all spare for a request that needs none."""
-        return self.spare_blocks(report, _NO_REQUEST)
+        return self.spare_blocks(worker_id, _NO_REQUEST)
 
-    def blocks_needed(self, report: LoadReport, request: RouteRequest) -> int:
-        """Blocks `request` would add on the reporting worker (shared in-flight prompt blocks are free)."""
-        return self.available_blocks(report) - self.spare_blocks(report, request)
+    def blocks_needed(self, worker_id: str, request: RouteRequest) -> int:
+        """Blocks `request` would add on this worker (shared in-flight prompt blocks are free)."""
+        return self.available_blocks(worker_id) - self.spare_blocks(worker_id, request)
 
     # ---- what they hold -----------------------------------------------------------
+
+    def queued_prefill_tokens(self, worker_id: str) -> int:
+        """Reported queued prefill tokens plus those routed since the report."""
+        book = self._prefill_books.get(worker_id)
+        queued = self.loads[worker_id].num_queued_prefill_tokens
+        return queued + book.pending_tokens if book is not None else queued
 
     def pending_prefill_tokens(self, worker_id: str) -> int:
         book = self._prefill_books.get(worker_id)

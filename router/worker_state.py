@@ -30,6 +30,8 @@ __all__ = ["KVEventBatch", "KVSnapshot", "LoadReport", "WorkerStateTracker"]
 
 
 class WorkerStateTracker:
+    """Latest load report per worker, plus the KV index sync and the reservation books."""
+
     def __init__(
         self,
         index: KVIndex | None = None,
@@ -38,10 +40,17 @@ class WorkerStateTracker:
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.clock = clock
-        self.loads: dict[str, LoadReport] = {}
+        self.loads: dict[str, LoadReport] = {}  # the books read it too: update, never rebind
         self.kv_sync = KVIndexSync(index, use_kv_events, total_blocks_of=self._total_blocks_of)
-        self.books = ReservationBooks(track_committed_blocks)
+        self.books = ReservationBooks(self.loads, track_committed_blocks)
         self._workers_by_role: dict[str, list[str]] | None = None  # cache, rebuilt on change
+        # What policies read per candidate worker on every route, bound once so that
+        # delegating costs no extra call (bench/route_latency.py measures it):
+        # available_blocks - blocks_needed; reported queued + pending prefill tokens;
+        # requests routed since the worker's latest report.
+        self.spare_blocks: Callable[[str, RouteRequest], int] = self.books.spare_blocks
+        self.queued_prefill_tokens: Callable[[str], int] = self.books.queued_prefill_tokens
+        self.num_pending_requests: Callable[[str], int] = self.books.num_pending_requests
 
     @property
     def index(self) -> KVIndex:
@@ -115,13 +124,13 @@ class WorkerStateTracker:
         if decode_report is None:
             raise KeyError(f"decode worker {decision.decode_worker_id!r} has no load report")
         now = self.clock() if now is None else now
-        self.books.on_routed(request, decision, decode_report.block_size, now)
+        self.books.on_routed(request, decision, now)
         prefill_worker_id = decision.prefill_worker_id or decision.decode_worker_id
-        holders = [prefill_worker_id]
+        workers_given_prompt = [prefill_worker_id]
         if prefill_worker_id != decision.decode_worker_id:
-            holders.append(decision.decode_worker_id)
+            workers_given_prompt.append(decision.decode_worker_id)
         num_hit_blocks = decision.num_prefix_hit_tokens // decode_report.block_size
-        self.kv_sync.on_routed(holders, request.block_hashes, num_hit_blocks)
+        self.kv_sync.on_routed(workers_given_prompt, request.block_hashes, num_hit_blocks)
 
     def release(self, req_id: str) -> None:
         """The request finished, failed or was aborted: drop every promise for it."""
@@ -131,25 +140,14 @@ class WorkerStateTracker:
 
     def available_blocks(self, worker_id: str) -> int:
         """Blocks a new request may still take on a decode-capable worker."""
-        return self.books.available_blocks(self.loads[worker_id])
+        return self.books.available_blocks(worker_id)
 
     def blocks_needed(self, worker_id: str, request: RouteRequest) -> int:
         """Blocks `request` would add on this worker (shared in-flight prompt blocks are free)."""
-        return self.books.blocks_needed(self.loads[worker_id], request)
-
-    def spare_blocks(self, worker_id: str, request: RouteRequest) -> int:
-        """available_blocks - blocks_needed (the policy's hot path)."""
-        return self.books.spare_blocks(self.loads[worker_id], request)
-
-    def queued_prefill_tokens(self, worker_id: str) -> int:
-        """Reported queued prefill tokens plus those routed since the report."""
-        return self.loads[worker_id].num_queued_prefill_tokens + self.books.pending_prefill_tokens(worker_id)
+        return self.books.blocks_needed(worker_id, request)
 
     def pending_prefill_tokens(self, worker_id: str) -> int:
         return self.books.pending_prefill_tokens(worker_id)
-
-    def num_pending_requests(self, worker_id: str) -> int:
-        return self.books.num_pending_requests(worker_id)
 
     def committed_blocks(self, worker_id: str) -> int:
         return self.books.committed_blocks(worker_id)
