@@ -28,8 +28,12 @@ from collections.abc import Callable
 
 from bench.policy_workloads import BLOCK_SIZE, SimRequest, make_workload, oracle_hit_tokens
 from engine.core.block_pool import BlockPool
-from router.policy import POLICIES, RouteRequest, make_policy
-from router.worker_state import KVEventBatch, LoadReport, WorkerStateTracker, cdiv
+from engine.core.kv_cache_manager import cdiv
+from engine.core.outputs import LoadReport
+from router.kv_sync import KVEventBatch
+from router.policy import POLICIES, make_policy
+from router.routing import RouteRequest
+from router.worker_state import WorkerStateTracker
 
 PREFILL_FIXED_S, PREFILL_PER_TOKEN_S = 3e-3, 30e-6
 DECODE_FIXED_S, DECODE_PER_SEQ_S, DECODE_PER_CTX_TOKEN_S = 12e-3, 0.05e-3, 0.03e-6

@@ -7,7 +7,7 @@ import argparse
 import random
 from dataclasses import dataclass, field
 
-from router.policy import RouteDecision
+from router.routing import RouteDecision
 
 BLOCK_SIZE = 16
 

@@ -18,9 +18,12 @@ import statistics
 import time
 
 from engine.core.block_pool import BlockStored
+from engine.core.outputs import LoadReport
 from router.kv_index import KVIndex
-from router.policy import POLICIES, RouteRequest, make_policy
-from router.worker_state import KVEventBatch, LoadReport, WorkerStateTracker
+from router.kv_sync import KVEventBatch
+from router.policy import POLICIES, make_policy
+from router.routing import RouteRequest
+from router.worker_state import WorkerStateTracker
 
 BLOCK_SIZE = 16
 

@@ -20,7 +20,6 @@ plus `max_tokens` of output.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 from router.routing import RouteDecision, RouteRequest

@@ -1,4 +1,8 @@
-"""Route types shared by the policies, the state tracker and the request path."""
+"""The route types policies exchange with their callers: what to route, where it went.
+
+Kept apart from `router.policy` and `router.worker_state` so that both can use
+them without importing each other.
+"""
 
 from __future__ import annotations
 

@@ -15,7 +15,8 @@ from collections.abc import Callable
 
 from engine.core.outputs import RequestOutput, StepBatch
 from router.worker_client import WorkerClient
-from router.worker_state import KVEventBatch, WorkerStateTracker
+from router.kv_sync import KVEventBatch
+from router.worker_state import WorkerStateTracker
 
 log = logging.getLogger(__name__)
 

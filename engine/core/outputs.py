@@ -1,4 +1,4 @@
-"""What one engine step reports per request (pure Python)."""
+"""What a worker reports (pure Python): per request per step, its load, its cache."""
 
 from __future__ import annotations
 
@@ -35,11 +35,13 @@ class PrefillResult:
     kv_shipped: bool  # False when there was nothing to ship (finished, or no handle)
 
 
-ROLES = ("prefill", "decode", "both")
+WORKER_ROLES = ("prefill", "decode", "both")
 
 
 @dataclass(frozen=True)
 class LoadReport:
+    """A worker's load, sent with every poll to the router (see router/worker_state.py)."""
+
     worker_id: str
     instance_id: str
     role: str  # "prefill" | "decode" | "both"
@@ -53,15 +55,17 @@ class LoadReport:
     num_held: int = 0  # prefill role: finished prefills whose blocks wait for their KV send
 
     def __post_init__(self) -> None:
-        if self.role not in ROLES:
-            raise ValueError(f"LoadReport.role must be one of {ROLES}, got {self.role!r}")
+        if self.role not in WORKER_ROLES:
+            raise ValueError(f"LoadReport.role must be one of {WORKER_ROLES}, got {self.role!r}")
 
 
 @dataclass(frozen=True)
 class KVSnapshot:
+    """Every block hash a worker's cache holds, for the router to resync its index from."""
+
     worker_id: str
     instance_id: str
-    seq: int  # seq of the last batch already reflected in block_hashes (-1: none)
+    seq: int  # seq of the last KV event batch already reflected in block_hashes (-1: none)
     block_hashes: list[int]
 
 

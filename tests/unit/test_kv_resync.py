@@ -9,7 +9,8 @@ from engine.core.sampling_params import SamplingParams
 from engine.engine_loop import EngineLoop
 from engine.config import EngineConfig
 from engine.llm_engine import LLMEngine
-from router.worker_state import KVEventBatch, WorkerStateTracker
+from router.kv_sync import KVEventBatch
+from router.worker_state import WorkerStateTracker
 
 
 def run_request(loop: EngineLoop, req_id: str, prompt: list[int]) -> None:

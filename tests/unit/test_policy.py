@@ -7,15 +7,17 @@ from pathlib import Path
 import pytest
 
 from engine.core.block_pool import BlockStored
+from engine.core.outputs import LoadReport
+from router.kv_sync import KVEventBatch
 from router.policy import (
     CacheAwarePolicy,
     LeastLoadedPolicy,
     PolicyConfig,
     RoundRobinPolicy,
-    RouteRequest,
     make_policy,
 )
-from router.worker_state import KVEventBatch, LoadReport, WorkerStateTracker
+from router.routing import RouteRequest
+from router.worker_state import WorkerStateTracker
 
 BLOCK = 16
 

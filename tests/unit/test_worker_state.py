@@ -1,8 +1,10 @@
 """WorkerStateTracker: event streams and resync, load reports, promises, history."""
 
 from engine.core.block_pool import BlockRemoved, BlockStored
-from router.policy import RouteDecision, RouteRequest
-from router.worker_state import KVEventBatch, KVSnapshot, LoadReport, WorkerStateTracker
+from engine.core.outputs import KVSnapshot, LoadReport
+from router.kv_sync import KVEventBatch
+from router.routing import RouteDecision, RouteRequest
+from router.worker_state import WorkerStateTracker
 
 
 def report(
