@@ -126,6 +126,21 @@ def layout_from_proto(info: kv_transfer_pb2.KVLayoutInfo) -> KVLayout:
     )
 
 
+def encode_header(handle: KVHandle, layout: KVLayout, nbytes: int, first_token_id: int) -> bytes:
+    """The serialized header `KVChunk` of a push of `handle`'s blocks, packed in `layout`."""
+    header = KVHeader(
+        req_id=handle.req_id,
+        layout=layout_to_proto(layout),
+        block_ids=handle.block_ids,
+        dtype=layout.dtype,
+        shape=list(layout.buffer_shape(len(handle.block_ids))),  # [L, 2, n, block_size, Hkv, D]
+        total_bytes=nbytes,
+        num_tokens=handle.num_tokens,
+        first_token_id=int(first_token_id),
+    )
+    return kv_transfer_pb2.KVChunk(header=header).SerializeToString()
+
+
 class _Staged:
     """The host buffer one send's payload sits in, and its way back to its pool: a CUDA cache's
     bytes copied piece by piece (`start`), or a buffer packed on the host (`hold`)."""
@@ -218,18 +233,7 @@ class GrpcKVSender:
         local_layout = KVLayout.from_cache(kv_cache, self.model_name)
         check_send_args(handle, src_block_ids, local_layout, first_token_id)
         nbytes = buffer_nbytes(local_layout, len(src_block_ids))
-        header = kv_transfer_pb2.KVChunk(
-            header=KVHeader(
-                req_id=handle.req_id,
-                layout=layout_to_proto(local_layout),
-                block_ids=handle.block_ids,
-                dtype=local_layout.dtype,
-                shape=list(local_layout.buffer_shape(len(src_block_ids))),
-                total_bytes=nbytes,
-                num_tokens=handle.num_tokens,
-                first_token_id=int(first_token_id),
-            )
-        ).SerializeToString()
+        header = encode_header(handle, local_layout, nbytes, first_token_id)
         rpc = self._rpc_for(address)
         start = time.perf_counter()
         deadline = start + self.timeout_s

@@ -252,17 +252,7 @@ class NcclKVSender:
             # Chunk 0 is packed before the notice: bad block ids raise here, with nothing sent.
             pack_blocks(kv_cache, src_block_ids, out=buffer[chunks[0]], layers=chunks[0])
             pack_s = time.perf_counter() - start
-            notice = NcclTransferNotice(
-                req_id=handle.req_id,
-                src_rank=self.rank,
-                block_ids=tuple(handle.block_ids),
-                shape=tuple(buffer.shape),
-                dtype=normalize_dtype_name(buffer.dtype),
-                layout=KVLayout.from_cache(kv_cache, self.model_name),
-                nbytes=nbytes,
-                first_token_id=int(first_token_id),
-                chunk_layers=chunks[0].stop if len(chunks) > 1 else 0,
-            )
+            notice = self._notice(handle, kv_cache, buffer, first_token_id, chunks)
             try:
                 waitable = notify(notice)
             except Exception as exc:  # nothing was sent: the pair is still in step
@@ -290,6 +280,27 @@ class NcclKVSender:
             pack_ms=pack_s * 1e3,
             send_ms=(done - start - pack_s) * 1e3,
             extra={"chunks": float(len(chunks))},
+        )
+
+    def _notice(
+        self,
+        handle: KVHandle,
+        kv_cache: torch.Tensor,
+        buffer: torch.Tensor,
+        first_token_id: int,
+        chunks: list[slice],
+    ) -> NcclTransferNotice:
+        """What the receiver needs to post its receives: buffer [L, 2, n, bs, Hkv, D] in `chunks`."""
+        return NcclTransferNotice(
+            req_id=handle.req_id,
+            src_rank=self.rank,
+            block_ids=tuple(handle.block_ids),
+            shape=tuple(buffer.shape),
+            dtype=normalize_dtype_name(buffer.dtype),
+            layout=KVLayout.from_cache(kv_cache, self.model_name),
+            nbytes=buffer.numel() * buffer.element_size(),
+            first_token_id=int(first_token_id),
+            chunk_layers=chunks[0].stop if len(chunks) > 1 else 0,
         )
 
     def _wait_for_receiver(self, req_id: str, dst: int, waitable: Waitable, works: list[dist.Work]) -> None:
