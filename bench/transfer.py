@@ -31,6 +31,7 @@ import torch
 
 from transfer.contract import KVHandle
 from transfer.grpc_backend import GrpcKVSender
+from transfer.grpc_connector import GrpcPeer
 from transfer.grpc_data import MAX_DATA_STREAMS, num_data_streams
 from transfer.grpc_server import GrpcKVServer
 from transfer.layout import KVLayout
@@ -187,10 +188,10 @@ def bench_grpc(
     sender = GrpcKVSender("bench", **({"socket_min_bytes": None} if in_band else {}))
     try:
         handle = KVHandle("bench", "decode-0", dst_ids, len(dst_ids) * config.block_size, layout,
-                          grpc_address=server.address)  # fmt: skip
+                          GrpcPeer(server.address))  # fmt: skip
         stats = []
         seconds = best_seconds(
-            lambda: stats.append(sender.send(handle, src_ids, src_cache)), config.grpc_iters, device, 1
+            lambda: stats.append(sender.send(handle, src_ids, src_cache, 0)), config.grpc_iters, device, 1
         )
         assert torch.equal(recv_cache[:, :, dst_ids], src_cache[:, :, src_ids]), "gRPC path lost data"
     finally:

@@ -6,7 +6,7 @@ Llama-3-8B layout (32 layers, 8 KV heads, head_dim 128, bf16, block 16). Each ro
 one request's blocks with `NcclKVSender.send`, which returns once the receiver has
 unpacked them. Two ways, in the same run: pipelined (layer chunks of `--chunk-layers`,
 default: the sender's >= 32 MiB chunks; pack of chunk k+1 and unpack of chunk k overlap the
-send of chunk k; the receiver unpacks through `on_chunk_received`) and serialized (one
+send of chunk k; the receiver's sink, `packing.unpack_into`, unpacks chunk by chunk) and serialized (one
 chunk: gather, send, scatter). It reports both end-to-end rates next to a raw `dist.send`
 of the same bytes, and checks the data arrived bit-exact.
 With `--cpu` it runs on gloo (a smoke run of the same code).
@@ -29,7 +29,8 @@ import torch.multiprocessing as mp
 from transfer.contract import KVHandle
 from transfer.layout import KVLayout
 from transfer.nccl_backend import NcclKVReceiver, NcclKVSender, init_transfer_group
-from transfer.packing import unpack_chunk_into, unpack_into
+from transfer.nccl_connector import NcclPeer
+from transfer.packing import unpack_into
 
 MODEL = "llama3-8b-shape"
 
@@ -102,13 +103,8 @@ def worker(rank: int, args, init: str, notices, replies, results) -> None:
     dst_blocks = list(range(n_blocks, 2 * n_blocks))
     nbytes = n_blocks * cache[:, :, 0].numel() * cache.element_size()
     if rank == 1:  # decode side: serve notices until the sender says stop
-        receiver = NcclKVReceiver(
-            unpack_into(cache),
-            KVLayout.from_cache(cache, MODEL),
-            device,
-            timeout_s=120,
-            on_chunk_received=unpack_chunk_into(cache),
-        )
+        layout = KVLayout.from_cache(cache, MODEL)
+        receiver = NcclKVReceiver(unpack_into(cache), layout, device, timeout_s=120)  # unpacks chunk by chunk
         profiler = None
         while (notice := notices.get()) is not None:
             if notice in ("profile-start", "profile-stop"):  # the sender's profiled rounds
@@ -137,7 +133,7 @@ def worker(rank: int, args, init: str, notices, replies, results) -> None:
         return fut
 
     layout = KVLayout.from_cache(cache, MODEL)
-    handle = KVHandle("r", "decode-0", dst_blocks, args.tokens, layout, nccl_rank=1)
+    handle = KVHandle("r", "decode-0", dst_blocks, args.tokens, layout, NcclPeer(1))
     timed: dict[str, list[float]] = {}
     chunks = 0.0
     senders = {
@@ -149,7 +145,7 @@ def worker(rank: int, args, init: str, notices, replies, results) -> None:
         for i in range(args.warmup + args.rounds):
             _sync(device)
             t0 = time.perf_counter()
-            stats = sender.send(handle, src_blocks, cache)  # returns when the blocks are unpacked there
+            stats = sender.send(handle, src_blocks, cache, 0)  # returns when the blocks are unpacked there
             dt = time.perf_counter() - t0
             if i >= args.warmup:
                 timed[mode].append(dt)
@@ -174,9 +170,8 @@ def worker(rank: int, args, init: str, notices, replies, results) -> None:
         notices.put("profile-start")
         replies.get()
         profiler = start_profiler()
-        for mode, send in [(m, lambda s=s: s.send(handle, src_blocks, cache)) for m, s in senders.items()] + [
-            ("raw", raw_send)
-        ]:
+        sends = [(m, lambda s=s: s.send(handle, src_blocks, cache, 0)) for m, s in senders.items()]
+        for mode, send in sends + [("raw", raw_send)]:
             for r in range(PROFILED_ROUNDS):
                 _sync(device)
                 with torch.profiler.record_function(f"{mode} round {r}"):

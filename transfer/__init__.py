@@ -1,19 +1,38 @@
-"""Moving a request's KV blocks between workers: contract, packing, and the nccl/gloo and gRPC backends.
+"""Moving a request's KV blocks between workers: contract, connectors, packing, and the
+nccl/gloo and gRPC backends.
 
-Importing this package loads only the torch-free pieces (layout, contract); import
-`transfer.packing`, `transfer.nccl_backend` or `transfer.grpc_backend` (sender) and
-`transfer.grpc_server` (receiver) for the rest.
+Importing this package loads only the torch-free pieces (layout, contract, config, the
+connector interface and its registry); `make_connector(config)` loads the chosen backend.
+Import `transfer.packing`, `transfer.nccl_backend`, `transfer.grpc_backend` (sender) or
+`transfer.grpc_server` (receiver) for the lower layers.
 """
 
-from transfer.contract import KVHandle, KVReceiverCallback, KVSender, KVTransferError, TransferStats
+from transfer.config import TransferConfig
+from transfer.connector import (
+    BACKENDS,
+    DecodeLink,
+    KVConnector,
+    KVReceiveSide,
+    KVSendSide,
+    make_connector,
+)
+from transfer.contract import KVArrival, KVHandle, KVSender, KVSink, KVTransferError, TransferStats
 from transfer.layout import KVLayout, KVLayoutMismatch
 
 __all__ = [
+    "BACKENDS",
+    "DecodeLink",
+    "KVArrival",
+    "KVConnector",
     "KVHandle",
     "KVLayout",
     "KVLayoutMismatch",
-    "KVReceiverCallback",
+    "KVReceiveSide",
+    "KVSendSide",
     "KVSender",
+    "KVSink",
     "KVTransferError",
+    "TransferConfig",
     "TransferStats",
+    "make_connector",
 ]

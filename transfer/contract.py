@@ -1,25 +1,30 @@
-"""The two-sided KV transfer contract shared by every backend.
+"""The KV transfer contract shared by every backend: a send side and a receive side.
 
-Decode side: reserves blocks for a request and answers with a `KVHandle` (where to
-send, which of its block ids to fill, the layout fingerprint). It runs a receiver
-(`NcclKVReceiver` or `GrpcKVServer`) that calls `on_kv_received(req_id, block_ids,
-buffer)` once a request's buffer has fully arrived; `transfer.packing.unpack_into`
-builds the usual callback (scatter into the cache, then mark the request ready).
+Receive side (decode worker): reserves blocks for a request and answers with a
+`KVHandle`: which of its block ids to fill, its layout (and fingerprint), and `peer`,
+the opaque descriptor its receive side publishes (`GrpcPeer(address)`,
+`NcclPeer(rank)`; only the matching send side reads it). When a request's KV
+arrives, the receiver hands it to a `KVSink` in layer chunks, in layer order, with a
+`KVArrival` that carries the prefill's first sampled token: once the last chunk is
+in, the decode worker can start the request by itself.
 
-Prefill side: calls `sender.send(handle, src_block_ids, kv_cache)` once per request.
-`src_block_ids[i]` (prefill cache) lands in `handle.block_ids[i]` (decode cache).
-Ownership: the blocks stay the caller's; the sender only reads them while `send`
-runs, so the caller frees them when `send` returns or raises. `send` returns once
-the receiver has the data in place (or raises `KVTransferError`, or
-`KVLayoutMismatch` when the layouts differ).
+Send side (prefill worker): calls `send(handle, src_block_ids, kv_cache,
+first_token_id)` once per request. `src_block_ids[i]` (prefill cache) lands in
+`handle.block_ids[i]` (decode cache). Ownership: the blocks stay the caller's; the
+sender only reads them while `send` runs, so the caller frees them when `send`
+returns or raises. `send` returns once the receiver has the data in place and its
+sink took it (or raises `KVTransferError`, or `KVLayoutMismatch` when the layouts
+differ).
 
-This module imports no torch at load time: handles are built and pickled by the
-router and by Ray without it.
+`transfer.connector` builds both sides of the configured backend. This module
+imports no torch at load time: handles are built and pickled by the router and by
+Ray without it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import operator
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
@@ -29,14 +34,19 @@ if TYPE_CHECKING:
     import torch
 
 __all__ = [
+    "KVArrival",
     "KVHandle",
     "KVLayoutMismatch",
-    "KVReceiverCallback",
     "KVSender",
+    "KVSink",
     "KVTransferError",
     "TransferStats",
     "check_send_args",
+    "check_token_id",
 ]
+
+# Token ids travel as uint32 (the gRPC header's field).
+MAX_TOKEN_ID = (1 << 32) - 1
 
 
 class KVTransferError(RuntimeError):
@@ -52,9 +62,10 @@ class KVHandle:
     block_ids: list[int]  # decode-side blocks to fill, in order
     num_tokens: int  # prompt tokens these blocks cover
     layout: KVLayout  # the decode side's cache layout
+    # The decode worker's receive side's descriptor (`KVReceiveSide.peer()`): a picklable frozen
+    # dataclass only its backend's send side reads, e.g. GrpcPeer(address) or NcclPeer(rank).
+    peer: object
     layout_fingerprint: str = ""  # filled from `layout` when empty; checked against it otherwise
-    nccl_rank: int | None = None  # decode worker's rank in the transfer process group
-    grpc_address: str | None = None  # "host:port" of the decode worker's GrpcKVServer
 
     def __post_init__(self) -> None:
         self.block_ids = [int(block_id) for block_id in self.block_ids]
@@ -68,8 +79,18 @@ class KVHandle:
             )
         if self.num_tokens < 0:
             raise ValueError(f"KVHandle for {self.req_id}: num_tokens must be >= 0, got {self.num_tokens}")
-        if self.nccl_rank is None and self.grpc_address is None:
-            raise ValueError(f"KVHandle for {self.req_id}: give nccl_rank or grpc_address (or both)")
+        if self.peer is None:
+            raise ValueError(f"KVHandle for {self.req_id}: give the decode worker's peer descriptor")
+
+
+@dataclass(frozen=True)
+class KVArrival:
+    """One request's KV as its receiver announces it to the sink. Plain data."""
+
+    req_id: str
+    block_ids: tuple[int, ...]  # decode-side blocks being filled, in buffer order
+    first_token_id: int  # the prefill's first sampled token
+    started_at: float  # time.perf_counter() on the receiver when the header / notice arrived
 
 
 @dataclass
@@ -90,24 +111,50 @@ class TransferStats:
 class KVSender(Protocol):
     """Prefill side of a backend."""
 
-    def send(self, handle: KVHandle, src_block_ids: Sequence[int], kv_cache: torch.Tensor) -> TransferStats:
-        """Ship `kv_cache` blocks `src_block_ids` into the decode blocks `handle.block_ids`.
+    def send(
+        self, handle: KVHandle, src_block_ids: Sequence[int], kv_cache: torch.Tensor, first_token_id: int
+    ) -> TransferStats:
+        """Ship `kv_cache` blocks `src_block_ids` into the decode blocks `handle.block_ids`, with the
+        request's first sampled token.
 
         Blocks until the receiver has the data in place. Raises `KVLayoutMismatch` when
-        the layouts differ, `KVTransferError` on any other failure.
+        the layouts differ, `KVTransferError` on any other failure, ValueError on bad
+        arguments (including a `handle.peer` of another backend) before moving a byte.
         """
         ...
 
     def close(self) -> None: ...
 
 
-# Decode side: called once per request, after its whole buffer has arrived.
-# (req_id, block_ids, buffer [num_layers, 2, len(block_ids), block_size, Hkv, D]) -> None.
-# Runs on a receiver thread; raising reports the failure back to the sender.
-KVReceiverCallback = Callable[[str, list[int], "torch.Tensor"], None]
+@runtime_checkable
+class KVSink(Protocol):
+    """Decode side: where a receiver puts what arrived (the decode worker implements it)."""
+
+    def on_kv_chunk(self, arrival: KVArrival, layers: slice, chunk: torch.Tensor) -> None:
+        """Layers `layers` of request `arrival.req_id`'s blocks.
+
+        chunk: [layers.stop - layers.start, 2, len(arrival.block_ids), block_size, Hkv, D], on any
+        device; valid only during the call. Chunks of one request come in layer order, from one
+        thread; the request is complete once `layers.stop == num_layers`. Raising refuses the KV:
+        the sender's `send` fails (the receiver still drains the rest of the request's bytes).
+        """
+        ...
 
 
-def check_send_args(handle: KVHandle, src_block_ids: Sequence[int], local_layout: KVLayout) -> None:
+def check_token_id(req_id: str, token_id: object) -> int:
+    """`token_id` as an int in [0, 2**32); ValueError otherwise (bools and floats included)."""
+    try:
+        value = operator.index(token_id)  # ints and integer scalars (numpy, 0-dim torch) only
+    except TypeError:
+        value = None
+    if value is None or isinstance(token_id, bool) or not 0 <= value <= MAX_TOKEN_ID:
+        raise ValueError(f"request {req_id}: first_token_id must be an int in [0, 2**32), got {token_id!r}")
+    return value
+
+
+def check_send_args(
+    handle: KVHandle, src_block_ids: Sequence[int], local_layout: KVLayout, first_token_id: int | None = None
+) -> None:
     """Checks every sender does before moving a byte."""
     if len(src_block_ids) != len(handle.block_ids):
         raise ValueError(
@@ -116,4 +163,6 @@ def check_send_args(handle: KVHandle, src_block_ids: Sequence[int], local_layout
         )
     if len(src_block_ids) == 0:
         raise ValueError(f"request {handle.req_id}: no blocks to send")
+    if first_token_id is not None:
+        check_token_id(handle.req_id, first_token_id)
     local_layout.check_compatible(handle.layout, "prefill", "decode")

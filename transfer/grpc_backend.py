@@ -3,13 +3,15 @@
 The sender packs the request's blocks into one buffer
 `[num_layers, 2, n, block_size, Hkv, D]` on host and pushes it with one
 client-streaming `PushKV` call whose first chunk is the header (req_id, layout,
-block ids, dtype, shape, total bytes). The server checks the layout before reading
-any data (a mismatch aborts the call with FAILED_PRECONDITION, which the sender
-re-raises as `KVLayoutMismatch`), receives the bytes into one preallocated host
-buffer, and calls `on_kv_received(req_id, block_ids, tensor)` with a tensor of
-that shape: on the host, or on the server's CUDA `device`, to which socket-plane
-bytes are copied in 8 MiB pieces as they land. The call returns only after the
-callback returns, so when `send` returns the data is in place. The bytes take one of two routes:
+block ids, dtype, shape, total bytes, and the prefill's first sampled token). The
+server checks the layout before reading any data (a mismatch aborts the call with
+FAILED_PRECONDITION, which the sender re-raises as `KVLayoutMismatch`), receives the
+bytes into one preallocated host buffer, and hands the whole buffer to its `KVSink`
+as one chunk of all layers (`sink.on_kv_chunk(arrival, slice(0, num_layers), tensor)`,
+the `KVArrival` carrying the first token and when the header came in): on the host,
+or on the server's CUDA `device`, to which socket-plane bytes are copied in 8 MiB
+pieces as they land. The call returns only after the sink returns, so when `send`
+returns the data is in place. The bytes take one of two routes:
 
 * in band (buffers under `socket_min_bytes`, or `socket_min_bytes=None`): raw-byte
   `KVChunk` data chunks of `chunk_bytes` follow the header on the stream;
@@ -37,7 +39,8 @@ each piece goes on its socket as soon as it lands, so the copy overlaps the send
 CPU caches are packed straight into a reused host buffer.
 
 This module holds the protocol's shared constants and the sender (`GrpcKVSender`);
-the receiving side is `transfer.grpc_server.GrpcKVServer`.
+the receiving side is `transfer.grpc_server.GrpcKVServer`, and `transfer.grpc_connector`
+wraps both as the grpc `KVConnector` (decode worker descriptor: `GrpcPeer(address)`).
 """
 
 from __future__ import annotations
@@ -54,6 +57,7 @@ import torch
 from pdserve.internal import kv_transfer_pb2
 from pdserve.internal.kv_transfer_pb2 import KVHeader
 from transfer.contract import KVHandle, KVTransferError, TransferStats, check_send_args
+from transfer.grpc_connector import check_grpc_peer
 from transfer.grpc_data import (
     DataConnectError,
     encode_data_chunk,
@@ -120,6 +124,21 @@ def layout_from_proto(info: kv_transfer_pb2.KVLayoutInfo) -> KVLayout:
         head_dim=info.head_dim,
         block_size=info.block_size,
     )
+
+
+def encode_header(handle: KVHandle, layout: KVLayout, nbytes: int, first_token_id: int) -> bytes:
+    """The serialized header `KVChunk` of a push of `handle`'s blocks, packed in `layout`."""
+    header = KVHeader(
+        req_id=handle.req_id,
+        layout=layout_to_proto(layout),
+        block_ids=handle.block_ids,
+        dtype=layout.dtype,
+        shape=list(layout.buffer_shape(len(handle.block_ids))),  # [L, 2, n, block_size, Hkv, D]
+        total_bytes=nbytes,
+        num_tokens=handle.num_tokens,
+        first_token_id=int(first_token_id),
+    )
+    return kv_transfer_pb2.KVChunk(header=header).SerializeToString()
 
 
 class _Staged:
@@ -206,28 +225,20 @@ class GrpcKVSender:
             inband_only = address in self._inband_only
         return self.socket_min_bytes is not None and nbytes >= self.socket_min_bytes and not inband_only
 
-    def send(self, handle: KVHandle, src_block_ids: Sequence[int], kv_cache: torch.Tensor) -> TransferStats:
-        if not handle.grpc_address:
-            raise ValueError(f"request {handle.req_id}: the handle has no grpc_address for the grpc backend")
+    def send(
+        self, handle: KVHandle, src_block_ids: Sequence[int], kv_cache: torch.Tensor, first_token_id: int
+    ) -> TransferStats:
+        """kv_cache: [num_layers, 2, num_blocks, block_size, Hkv, D]; `handle.peer` a GrpcPeer."""
+        address = check_grpc_peer(handle)
         local_layout = KVLayout.from_cache(kv_cache, self.model_name)
-        check_send_args(handle, src_block_ids, local_layout)
+        check_send_args(handle, src_block_ids, local_layout, first_token_id)
         nbytes = buffer_nbytes(local_layout, len(src_block_ids))
-        header = kv_transfer_pb2.KVChunk(
-            header=KVHeader(
-                req_id=handle.req_id,
-                layout=layout_to_proto(local_layout),
-                block_ids=handle.block_ids,
-                dtype=local_layout.dtype,
-                shape=list(local_layout.buffer_shape(len(src_block_ids))),
-                total_bytes=nbytes,
-                num_tokens=handle.num_tokens,
-            )
-        ).SerializeToString()
-        rpc = self._rpc_for(handle.grpc_address)
+        header = encode_header(handle, local_layout, nbytes, first_token_id)
+        rpc = self._rpc_for(address)
         start = time.perf_counter()
         deadline = start + self.timeout_s
         call = None
-        if self._use_socket(handle.grpc_address, nbytes):
+        if self._use_socket(address, nbytes):
             # Header first: the server checks the layout and readies its buffer while we pack.
             call = rpc.future(
                 iter([header]), timeout=self.timeout_s, metadata=((DATA_PLANE_KEY, DATA_PLANE_SOCKET),)
@@ -240,7 +251,8 @@ class GrpcKVSender:
                 packed_on_device = pack_blocks(kv_cache, src_block_ids)  # [L, 2, n, bs, Hkv, D]
                 packed = time.perf_counter()
                 call = self._send_socket(
-                    handle,
+                    handle.req_id,
+                    address,
                     call,
                     lambda streams: staged.start(self._staging, packed_on_device, streams),
                     deadline,
@@ -253,13 +265,15 @@ class GrpcKVSender:
                 payload = to_bytes(host_buffer)
                 packed = time.perf_counter()
                 if call is not None:
-                    call = self._send_socket(handle, call, lambda streams: (payload, None), deadline)
+                    call = self._send_socket(
+                        handle.req_id, address, call, lambda streams: (payload, None), deadline
+                    )
             if call is None:  # in band, by choice or after the data port proved unreachable
                 rpc(self._chunks(header, payload), timeout=max(deadline - time.perf_counter(), 0.001))
             else:
                 call.result()
         except grpc.RpcError as exc:
-            raise self._translate(handle, exc) from exc
+            raise self._translate(handle.req_id, address, exc) from exc
         finally:
             if call is not None:
                 call.cancel()  # no-op once it finished; stops the server waiting on an error path
@@ -287,7 +301,8 @@ class GrpcKVSender:
 
     def _send_socket(
         self,
-        handle: KVHandle,
+        req_id: str,
+        address: str,
         call: grpc.Future,
         stage: Callable[[int], tuple[memoryview, Callable[[int], None] | None]],
         deadline: float,
@@ -297,8 +312,8 @@ class GrpcKVSender:
         metadata = dict(call.initial_metadata() or ())  # blocks until the server took the header
         if DATA_PORT_KEY not in metadata:
             call.result()  # the server refused the header: raises its error
-            raise KVTransferError(f"request {handle.req_id}: {handle.grpc_address} opened no data port")
-        host, port = split_host_port(handle.grpc_address)[0], int(metadata[DATA_PORT_KEY])
+            raise KVTransferError(f"request {req_id}: {address} opened no data port")
+        host, port = split_host_port(address)[0], int(metadata[DATA_PORT_KEY])
         tokens = [bytes.fromhex(token) for token in metadata[DATA_TOKEN_KEY].split(",")]  # one per stripe
         payload, ready = stage(len(tokens))
         remaining = max(deadline - time.perf_counter(), 0.001)
@@ -311,15 +326,15 @@ class GrpcKVSender:
             # server stopping), its status is the real error. A port that is unreachable while the
             # call is alive is the network's doing (a firewall): fall back to in band.
             self._raise_call_failure(call, exc)
-            log.warning("%s; sending KV to %s in band from now on", exc, handle.grpc_address)
+            log.warning("%s; sending KV to %s in band from now on", exc, address)
             with self._lock:
-                self._inband_only.add(handle.grpc_address)
+                self._inband_only.add(address)
             call.cancel()
             return None
         except OSError as exc:
             self._raise_call_failure(call, exc)  # the server's error says more than a broken pipe
             raise KVTransferError(
-                f"request {handle.req_id}: data connection to {host}:{port} failed: {exc!r}"
+                f"request {req_id}: data connection to {host}:{port} failed: {exc!r}"
             ) from exc
         return call
 
@@ -339,14 +354,12 @@ class GrpcKVSender:
             yield encode_data_chunk(payload[offset : offset + self.chunk_bytes])
 
     @staticmethod
-    def _translate(handle: KVHandle, exc: grpc.RpcError) -> Exception:
+    def _translate(req_id: str, address: str, exc: grpc.RpcError) -> Exception:
         code, details = exc.code(), exc.details()
         trailing = dict(exc.trailing_metadata() or ())
         if code == grpc.StatusCode.FAILED_PRECONDITION and trailing.get(ERROR_KIND_KEY) == LAYOUT_MISMATCH:
-            return KVLayoutMismatch(f"request {handle.req_id} refused by {handle.grpc_address}: {details}")
-        return KVTransferError(
-            f"request {handle.req_id}: PushKV to {handle.grpc_address} failed: {code.name}: {details}"
-        )
+            return KVLayoutMismatch(f"request {req_id} refused by {address}: {details}")
+        return KVTransferError(f"request {req_id}: PushKV to {address} failed: {code.name}: {details}")
 
     def close(self) -> None:
         with self._lock:

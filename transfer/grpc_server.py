@@ -3,12 +3,15 @@
 The protocol (header chunk, layout check, in-band chunks or the socket data plane) is
 described in `transfer.grpc_backend`, which also holds the sender and the constants both
 ends share. The server is the synchronous `grpc.server` over a thread pool, so it can live
-inside a Ray actor next to the engine loop; the callback runs on a server thread.
+inside a Ray actor next to the engine loop; the sink runs on a server thread, once per
+request, with the whole buffer (`slice(0, num_layers)`) and a `KVArrival` that carries the
+header's first token and `started_at`, when the header came in.
 """
 
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterator
 from concurrent import futures
 
@@ -18,7 +21,7 @@ from google.protobuf.message import DecodeError
 
 from pdserve.internal import kv_transfer_pb2
 from pdserve.internal.kv_transfer_pb2 import KVHeader
-from transfer.contract import KVReceiverCallback, KVTransferError
+from transfer.contract import KVArrival, KVSink, KVTransferError
 from transfer.grpc_backend import (
     CHANNEL_OPTIONS,
     DATA_PLANE_KEY,
@@ -61,14 +64,14 @@ class _KVTransferServicer:
 
     def __init__(
         self,
-        on_kv_received: KVReceiverCallback,
+        sink: KVSink,
         expected_layout: KVLayout,
         pin_memory: bool,
         max_data_streams: int = MAX_DATA_STREAMS,
         data_stream_min_bytes: int = DATA_STREAM_MIN_BYTES,
         device: torch.device | None = None,
     ) -> None:
-        self.on_kv_received = on_kv_received
+        self.sink = sink
         self.expected_layout = expected_layout
         self.pin_memory = pin_memory
         self.max_data_streams = max_data_streams  # stripes per socket transfer, each >= the min bytes
@@ -83,9 +86,11 @@ class _KVTransferServicer:
         self, request_iterator: Iterator[bytes], context: grpc.ServicerContext
     ) -> kv_transfer_pb2.PushKVReply:
         first = next(request_iterator, None)
+        started_at = time.perf_counter()  # the header is in: the receiver's clock for this transfer
         header = None if first is None else self._parse(first, "", context)[0]
         if header is None:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "PushKV: the first chunk must carry the header")
+        arrival = KVArrival(header.req_id, tuple(header.block_ids), header.first_token_id, started_at)
         shape = self._check_header(header, context)
         buffer = host_buffer(header.total_bytes, self.pin_memory)  # uint8 [total_bytes]
         metadata = dict(context.invocation_metadata())
@@ -94,11 +99,12 @@ class _KVTransferServicer:
             arrived = self._receive_socket(header, buffer, request_iterator, context)
         else:
             self._receive_inband(header, buffer, request_iterator, context)
-        tensor = arrived.view(dtype_from_name(header.dtype)).view(shape)  # shares `arrived`
+        # [num_layers, 2, n, block_size, Hkv, D], sharing `arrived`
+        tensor = arrived.view(dtype_from_name(header.dtype)).view(shape)
         try:
-            self.on_kv_received(header.req_id, list(header.block_ids), tensor)
+            self.sink.on_kv_chunk(arrival, slice(0, shape[0]), tensor)
         except Exception as exc:  # report it to the sender rather than as an opaque UNKNOWN
-            context.abort(grpc.StatusCode.INTERNAL, f"{header.req_id}: on_kv_received failed: {exc!r}")
+            context.abort(grpc.StatusCode.INTERNAL, f"{header.req_id}: the KV sink refused it: {exc!r}")
         # Drop the buffer only once the call is over: freeing a few hundred MB (munmap) takes ~15 ms,
         # which the reply, and with it the sender, need not wait for.
         context.add_callback(lambda: buffer)
@@ -254,11 +260,11 @@ class _KVTransferServicer:
 
 
 class GrpcKVServer:
-    """Decode side: receives pushed KV buffers and hands them to `on_kv_received`.
+    """Decode side: receives pushed KV buffers and hands each to `sink.on_kv_chunk` in one piece.
 
     `pin_memory` (default: whether CUDA is available) receives into pinned host memory, so a
-    callback that copies the buffer to the GPU does it at full link speed; torch's caching host
-    allocator recycles those buffers once the callback has dropped them.
+    sink that copies the buffer to the GPU does it at full link speed; torch's caching host
+    allocator recycles those buffers once the sink has dropped them.
 
     `data_port`: the one TCP port, on the bind host, that every socket-plane transfer's bytes come
     in on (0 picks a free one at `start`; the bound one is then `self.data_port`). Opened by `start`,
@@ -268,8 +274,8 @@ class GrpcKVServer:
     once, each a contiguous stripe of at least `data_stream_min_bytes` (the server decides and
     sends the sender one token per stripe).
 
-    `device`: where the callback wants the bytes. A CUDA device gets each socket-plane piece
-    (8 MiB) copied to it as soon as it has arrived, so the callback receives a tensor on that
+    `device`: where the sink wants the bytes. A CUDA device gets each socket-plane piece
+    (8 MiB) copied to it as soon as it has arrived, so the sink receives a tensor on that
     device and the host-to-device copy overlaps the receive; otherwise (and in band) it gets the
     host buffer.
     """
@@ -277,7 +283,7 @@ class GrpcKVServer:
     def __init__(
         self,
         bind: str,
-        on_kv_received: KVReceiverCallback,
+        sink: KVSink,
         expected_layout: KVLayout,
         max_workers: int = 4,
         pin_memory: bool | None = None,
@@ -296,7 +302,7 @@ class GrpcKVServer:
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
         self._data_address = (split_host_port(bind)[0], data_port)  # data connections come in on it only
         self._servicer = _KVTransferServicer(
-            on_kv_received,
+            sink,
             expected_layout,
             self.pin_memory,
             max_data_streams,
@@ -332,7 +338,7 @@ class GrpcKVServer:
 
     @property
     def address(self) -> str:
-        """ "host:port" to put in `KVHandle.grpc_address` (the bind host, with the real port)."""
+        """ "host:port" for this server's `GrpcPeer` (the bind host, with the real port)."""
         if self.port is None:
             raise RuntimeError("GrpcKVServer.address before start()")
         host = self.bind.rsplit(":", 1)[0]

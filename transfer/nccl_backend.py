@@ -11,28 +11,30 @@ apart. So a pair must never have two transfers in flight:
     ---------------------------                 ----------------------------
     lock[dst]
       pack layer chunk 0 -> buffer[c0]
-      notify(NcclTransferNotice) ------------>  (wiring: Ray call / queue to a receive thread)
+      notify(NcclTransferNotice) ------------>  (wiring: DecodeLink.notify_kv -> receive_notice)
+                                                arrival = KVArrival(req_id, block_ids, first_token_id, now)
       isend(buffer[c0], dst)                    irecv(buffer[c0]), irecv(buffer[c1]), ... (all, in order)
-      pack chunk 1; isend(buffer[c1], dst)      wait c0; on_chunk_received(req_id, block_ids, c0, buffer[c0])
-      ...                                       wait c1; on_chunk_received(..., c1, buffer[c1]) ...
-                                                (or, without on_chunk_received, once at the end:
-                                                 on_kv_received(req_id, block_ids, buffer))
+      pack chunk 1; isend(buffer[c1], dst)      wait c0; sink.on_kv_chunk(arrival, c0, buffer[c0])
+      ...                                       wait c1; sink.on_kv_chunk(arrival, c1, buffer[c1]) ...
       waitable.result(timeout) <--------------  completes (or raises)
     unlock[dst]
 
-Pipelining. The buffer `[L, 2, n, block_size, Hkv, D]` is sent as consecutive layer chunks
-`c_k = slice(k*chunk_layers, ...)` (`transfer.packing.layer_chunks`; the notice carries
-`chunk_layers`, 0 = one chunk), so packing chunk k+1 overlaps sending chunk k, and
-unpacking chunk k overlaps receiving chunk k+1. On CUDA nothing blocks the host on the
-sender: each isend is ordered after its pack on the side stream. The pair still has one
-transfer in flight, its chunks matched in issue order, and one confirmation per request.
+Pipelining. The buffer `[L, 2, n, block_size, Hkv, D]` is sent as consecutive layer
+chunks `c_k = slice(k*chunk_layers, ...)` (`transfer.packing.layer_chunks`; the notice
+carries `chunk_layers`, 0 = one chunk), so packing chunk k+1 overlaps sending chunk k,
+and the sink's unpacking of chunk k overlaps receiving chunk k+1. On CUDA nothing blocks
+the host on the sender: each isend is ordered after its pack on the side stream. The
+pair still has one transfer in flight, its chunks matched in issue order, and one
+confirmation per request.
 
-`notify` is provided by the wiring layer: it takes the notice and returns a
-waitable, anything with `.result(timeout)` (a `concurrent.futures.Future`; the
-lead wraps a Ray ObjectRef in one). The receiver validates the notice, but it
-*always* posts the matching receive when it can (into a scratch buffer if the
-request is refused) so the pair stays in step, then raises; the sender turns
-that into `KVTransferError` / `KVLayoutMismatch` and the next request is fine.
+`notify` is provided by the wiring layer (`transfer.nccl_connector` calls the decode
+worker's `DecodeLink.notify_kv`): it takes the notice, which carries the prefill's first
+sampled token, and returns a `Waitable`, anything with `.result(timeout)` (a
+`concurrent.futures.Future`; the wiring wraps a Ray ObjectRef in one). The receiver
+validates the notice, but it *always* posts the matching receive when it can (into a
+scratch buffer if the request is refused) so the pair stays in step, then raises; the
+sender turns that into `KVTransferError` / `KVLayoutMismatch` and the next request is
+fine.
 
 Failure: every wait is bounded (`timeout_s`; also the process group timeout). If
 the receiver never confirms, the sender raises `KVTransferError` and marks that
@@ -51,13 +53,22 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
 
 import torch
 import torch.distributed as dist
 
-from transfer.contract import KVHandle, KVReceiverCallback, KVTransferError, TransferStats, check_send_args
+from transfer.connector import Waitable
+from transfer.contract import (
+    MAX_TOKEN_ID,
+    KVArrival,
+    KVHandle,
+    KVSink,
+    KVTransferError,
+    TransferStats,
+    check_send_args,
+)
 from transfer.layout import KVLayout, KVLayoutMismatch, normalize_dtype_name
+from transfer.nccl_connector import check_nccl_peer
 from transfer.packing import dtype_from_name, layer_chunks, pack_blocks
 
 DEFAULT_TIMEOUT_S = 60.0
@@ -66,10 +77,6 @@ DEFAULT_TIMEOUT_S = 60.0
 MIN_CHUNK_BYTES = 32 << 20
 # Overrides the default chunking of senders built with chunk_layers=None (tests, benchmarks).
 CHUNK_LAYERS_ENV = "PDSERVE_KV_CHUNK_LAYERS"
-
-# Decode side, optional: (req_id, block_ids, layers, chunk) for each layer chunk as it lands, in
-# layer order; chunk: [layers.stop - layers.start, 2, len(block_ids), block_size, Hkv, D].
-KVChunkCallback = Callable[[str, list[int], slice, torch.Tensor], None]
 
 
 def default_chunk_layers(num_layers: int, layer_nbytes: int, min_chunk_bytes: int = MIN_CHUNK_BYTES) -> int:
@@ -132,11 +139,8 @@ class NcclTransferNotice:
     dtype: str  # e.g. "bfloat16"
     layout: KVLayout  # the sender's layout
     nbytes: int
+    first_token_id: int  # the prefill's first sampled token, for the decode worker to start with
     chunk_layers: int = 0  # layers per sent chunk (layer_chunks(shape[0], chunk_layers)); 0 = one chunk
-
-
-class Waitable(Protocol):
-    def result(self, timeout: float | None = None) -> Any: ...
 
 
 # notify(notice) -> waitable whose result() returns once the receiver has the data in place.
@@ -219,17 +223,17 @@ class NcclKVSender:
         handle: KVHandle,
         src_block_ids: Sequence[int],
         kv_cache: torch.Tensor,
+        first_token_id: int,
         notify: NotifyFn | None = None,
     ) -> TransferStats:
+        """kv_cache: [num_layers, 2, num_blocks, block_size, Hkv, D]; `handle.peer` an NcclPeer."""
         notify = notify or self.notify
         if notify is None:
             raise ValueError("NcclKVSender.send needs a notify callable (constructor or argument)")
-        dst = handle.nccl_rank
-        if dst is None:
-            raise ValueError(f"request {handle.req_id}: the handle has no nccl_rank for the nccl backend")
+        dst = check_nccl_peer(handle)
         if dst == self.rank:
             raise ValueError(f"request {handle.req_id}: cannot send to own rank {dst}")
-        check_send_args(handle, src_block_ids, KVLayout.from_cache(kv_cache, self.model_name))
+        check_send_args(handle, src_block_ids, KVLayout.from_cache(kv_cache, self.model_name), first_token_id)
 
         with self._lock_for(dst), self._stream_for(kv_cache.device).active():
             if dst in self._broken:
@@ -248,16 +252,7 @@ class NcclKVSender:
             # Chunk 0 is packed before the notice: bad block ids raise here, with nothing sent.
             pack_blocks(kv_cache, src_block_ids, out=buffer[chunks[0]], layers=chunks[0])
             pack_s = time.perf_counter() - start
-            notice = NcclTransferNotice(
-                req_id=handle.req_id,
-                src_rank=self.rank,
-                block_ids=tuple(handle.block_ids),
-                shape=tuple(buffer.shape),
-                dtype=normalize_dtype_name(buffer.dtype),
-                layout=KVLayout.from_cache(kv_cache, self.model_name),
-                nbytes=nbytes,
-                chunk_layers=chunks[0].stop if len(chunks) > 1 else 0,
-            )
+            notice = self._notice(handle, kv_cache, buffer, first_token_id, chunks)
             try:
                 waitable = notify(notice)
             except Exception as exc:  # nothing was sent: the pair is still in step
@@ -285,6 +280,27 @@ class NcclKVSender:
             pack_ms=pack_s * 1e3,
             send_ms=(done - start - pack_s) * 1e3,
             extra={"chunks": float(len(chunks))},
+        )
+
+    def _notice(
+        self,
+        handle: KVHandle,
+        kv_cache: torch.Tensor,
+        buffer: torch.Tensor,
+        first_token_id: int,
+        chunks: list[slice],
+    ) -> NcclTransferNotice:
+        """What the receiver needs to post its receives: buffer [L, 2, n, bs, Hkv, D] in `chunks`."""
+        return NcclTransferNotice(
+            req_id=handle.req_id,
+            src_rank=self.rank,
+            block_ids=tuple(handle.block_ids),
+            shape=tuple(buffer.shape),
+            dtype=normalize_dtype_name(buffer.dtype),
+            layout=KVLayout.from_cache(kv_cache, self.model_name),
+            nbytes=buffer.numel() * buffer.element_size(),
+            first_token_id=int(first_token_id),
+            chunk_layers=chunks[0].stop if len(chunks) > 1 else 0,
         )
 
     def _wait_for_receiver(self, req_id: str, dst: int, waitable: Waitable, works: list[dist.Work]) -> None:
@@ -318,22 +334,19 @@ class NcclKVSender:
 
 
 class NcclKVReceiver:
-    """Decode side. `recv(notice)` runs on a receive thread (e.g. a Ray actor's concurrency group)."""
+    """Decode side. `recv(notice)` runs on a receive thread (e.g. a Ray actor's concurrency group)
+    and hands each layer chunk to `sink.on_kv_chunk` as it lands, in layer order."""
 
     def __init__(
         self,
-        on_kv_received: KVReceiverCallback,
+        sink: KVSink,
         expected_layout: KVLayout,
         device: str | torch.device,
         timeout_s: float = DEFAULT_TIMEOUT_S,
         group: dist.ProcessGroup | None = None,
         max_nbytes: int = 8 << 30,
-        on_chunk_received: KVChunkCallback | None = None,
     ) -> None:
-        """on_chunk_received: when given, it takes each layer chunk as it lands (in layer order) and
-        `on_kv_received` is not called; otherwise `on_kv_received` gets the whole buffer at the end."""
-        self.on_kv_received = on_kv_received
-        self.on_chunk_received = on_chunk_received
+        self.sink = sink
         self.expected_layout = expected_layout
         self.device = torch.device(device)
         self.timeout_s = timeout_s
@@ -349,11 +362,14 @@ class NcclKVReceiver:
 
     def recv(self, notice: NcclTransferNotice) -> None:
         """Receive one request's buffer from `notice.src_rank` (in layer chunks when the notice says
-        so), handing each chunk to `on_chunk_received` or the whole buffer to `on_kv_received`.
+        so), handing each chunk to the sink with a `KVArrival` (first token from the notice,
+        `started_at` = when this call began, before any wait for an earlier request's receive).
 
         Returns once the data is in place (CUDA work synchronized). Raises `KVLayoutMismatch`
-        or `KVTransferError`; in both cases the bytes were drained when the notice allowed it.
+        or `KVTransferError` (or what the sink raised); in every case the bytes were drained
+        when the notice allowed it.
         """
+        started_at = time.perf_counter()
         with self._recv_lock, self._stream.active():
             if notice.src_rank in self._broken_sources:
                 raise KVTransferError(
@@ -361,37 +377,47 @@ class NcclKVReceiver:
                     "timed out"
                 )
             problem = self._validate(notice)
-            drainable = self._drainable(notice)
-            if problem is not None and not drainable:
+            if problem is not None and not self._drainable(notice):
                 raise KVTransferError(f"request {notice.req_id}: {problem}; could not drain the send")
             dtype = dtype_from_name(notice.dtype)
             buffer = torch.empty(notice.shape, dtype=dtype, device=self.device)  # [L, 2, n, bs, Hkv, D]
-            chunks = layer_chunks(notice.shape[0], notice.chunk_layers)
-            # Post every chunk's receive up front, in the sender's order, into views of one buffer.
-            works = [dist.irecv(buffer[layers], src=notice.src_rank, group=self.group) for layers in chunks]
-            failure: Exception | None = problem
-            for layers, work in zip(chunks, works, strict=True):
-                try:
-                    completed = bool(work.wait(timeout=datetime.timedelta(seconds=self.timeout_s)))
-                    reason = "" if completed else "timed out"
-                except Exception as exc:
-                    completed, reason = False, str(exc)
-                if not completed:
-                    self._broken_sources[notice.src_rank] = (works, buffer)
-                    raise KVTransferError(
-                        f"request {notice.req_id}: recv from rank {notice.src_rank} "
-                        f"(layers {layers.start}..{layers.stop - 1}): {reason}"
-                    )
-                if failure is None and self.on_chunk_received is not None:
-                    try:  # unpack this chunk while the next one is in flight
-                        self.on_chunk_received(notice.req_id, list(notice.block_ids), layers, buffer[layers])
-                    except Exception as exc:
-                        failure = exc  # keep draining the remaining chunks so the pair stays in step
+            arrival = None
+            if problem is None:
+                arrival = KVArrival(notice.req_id, tuple(notice.block_ids), notice.first_token_id, started_at)
+            failure = self._receive_chunks(notice, buffer, arrival)
+            if problem is not None:
+                raise problem
             if failure is not None:
                 raise failure
-            if self.on_chunk_received is None:
-                self.on_kv_received(notice.req_id, list(notice.block_ids), buffer)
             self._stream.synchronize()  # the data is in place before we report completion
+
+    def _receive_chunks(
+        self, notice: NcclTransferNotice, buffer: torch.Tensor, arrival: KVArrival | None
+    ) -> Exception | None:
+        """Receive every chunk into `buffer` [L, 2, n, bs, Hkv, D], handing each to the sink unless
+        `arrival` is None (refused: drain only) or the sink already failed; returns its failure."""
+        chunks = layer_chunks(notice.shape[0], notice.chunk_layers)
+        # Post every chunk's receive up front, in the sender's order, into views of one buffer.
+        works = [dist.irecv(buffer[layers], src=notice.src_rank, group=self.group) for layers in chunks]
+        failure: Exception | None = None
+        for layers, work in zip(chunks, works, strict=True):
+            try:
+                completed = bool(work.wait(timeout=datetime.timedelta(seconds=self.timeout_s)))
+                reason = "" if completed else "timed out"
+            except Exception as exc:
+                completed, reason = False, str(exc)
+            if not completed:
+                self._broken_sources[notice.src_rank] = (works, buffer)
+                raise KVTransferError(
+                    f"request {notice.req_id}: recv from rank {notice.src_rank} "
+                    f"(layers {layers.start}..{layers.stop - 1}): {reason}"
+                )
+            if arrival is not None and failure is None:
+                try:  # the sink unpacks this chunk while the next one is in flight
+                    self.sink.on_kv_chunk(arrival, layers, buffer[layers])
+                except Exception as exc:
+                    failure = exc  # keep draining the remaining chunks so the pair stays in step
+        return failure
 
     def _validate(self, notice: NcclTransferNotice) -> Exception | None:
         try:
@@ -400,6 +426,9 @@ class NcclKVReceiver:
             return exc
         if not isinstance(notice.chunk_layers, int) or notice.chunk_layers < 0:
             return KVTransferError(f"request {notice.req_id}: bad chunk_layers {notice.chunk_layers!r}")
+        token = notice.first_token_id
+        if not isinstance(token, int) or isinstance(token, bool) or not 0 <= token <= MAX_TOKEN_ID:
+            return KVTransferError(f"request {notice.req_id}: bad first_token_id {token!r}")
         expected_shape = self.expected_layout.buffer_shape(len(notice.block_ids))
         if tuple(notice.shape) != expected_shape:
             return KVTransferError(

@@ -25,6 +25,7 @@ from types import ModuleType
 
 import torch
 
+from transfer.contract import KVArrival
 from transfer.layout import KV_CACHE_NDIM, KVLayout, normalize_dtype_name
 
 
@@ -209,35 +210,27 @@ def from_bytes(
     return raw.view(torch_dtype).reshape(tuple(shape))
 
 
-def unpack_into(
-    kv_cache: torch.Tensor, on_ready: Callable[[str], None] | None = None
-) -> Callable[[str, list[int], torch.Tensor], None]:
-    """An `on_kv_received` callback that scatters the arrived buffer into `kv_cache`.
+class UnpackSink:
+    """A `KVSink` that scatters each arrived layer chunk into `kv_cache`
+    [num_layers, 2, num_blocks, block_size, Hkv, D], then calls `on_ready(req_id)` once a
+    request's last layer is in (what a decode worker does, minus its bookkeeping).
 
-    The buffer may be on another device (the gRPC path delivers CPU tensors); it is
-    copied to the cache's device first. `on_ready(req_id)` runs after the scatter.
+    A chunk on another device (the gRPC path delivers host tensors in band) is copied to
+    the cache's device first.
     """
 
-    def on_kv_received(req_id: str, block_ids: list[int], buffer: torch.Tensor) -> None:
-        unpack_blocks(kv_cache, buffer.to(kv_cache.device), block_ids)
-        if on_ready is not None:
-            on_ready(req_id)
+    def __init__(self, kv_cache: torch.Tensor, on_ready: Callable[[str], None] | None = None) -> None:
+        self.kv_cache = kv_cache
+        self.on_ready = on_ready
 
-    return on_kv_received
+    def on_kv_chunk(self, arrival: KVArrival, layers: slice, chunk: torch.Tensor) -> None:
+        """chunk: [layers.stop - layers.start, 2, len(arrival.block_ids), block_size, Hkv, D]."""
+        block_ids = list(arrival.block_ids)
+        unpack_blocks(self.kv_cache, chunk.to(self.kv_cache.device), block_ids, layers=layers)
+        if self.on_ready is not None and layers.stop == self.kv_cache.shape[0]:
+            self.on_ready(arrival.req_id)
 
 
-def unpack_chunk_into(
-    kv_cache: torch.Tensor, on_ready: Callable[[str], None] | None = None
-) -> Callable[[str, list[int], slice, torch.Tensor], None]:
-    """An `on_chunk_received` callback (`NcclKVReceiver`) that scatters each arrived layer chunk.
-
-    chunk: [b - a, 2, len(block_ids), block_size, Hkv, D] for `layers=slice(a, b)`; chunks come
-    in layer order, and `on_ready(req_id)` runs after the last one (stop == num_layers).
-    """
-
-    def on_chunk_received(req_id: str, block_ids: list[int], layers: slice, chunk: torch.Tensor) -> None:
-        unpack_blocks(kv_cache, chunk.to(kv_cache.device), block_ids, layers=layers)
-        if on_ready is not None and layers.stop == kv_cache.shape[0]:
-            on_ready(req_id)
-
-    return on_chunk_received
+def unpack_into(kv_cache: torch.Tensor, on_ready: Callable[[str], None] | None = None) -> UnpackSink:
+    """The `KVSink` that scatters into `kv_cache` (`UnpackSink`)."""
+    return UnpackSink(kv_cache, on_ready)

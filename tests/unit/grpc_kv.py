@@ -11,13 +11,15 @@ from typing import Any
 import torch
 
 from tests.unit.threads import run_in_threads
-from transfer.contract import KVHandle
+from transfer.contract import KVArrival, KVHandle
 from transfer.grpc_backend import GrpcKVSender
+from transfer.grpc_connector import GrpcPeer
 from transfer.grpc_server import GrpcKVServer
 from transfer.layout import KVLayout
 from transfer.packing import unpack_into
 
 MODEL = "tiny"
+FIRST_TOKEN = 4242  # the first sampled token the tests' sends carry
 
 
 def make_cache(
@@ -34,8 +36,9 @@ def bits(tensor: torch.Tensor) -> torch.Tensor:
 
 
 class Server:
-    """A decode side with a cache (on `device`), scattering into it, recording ready request ids.
-    `watch(buffer)` sees every arrived buffer first; `server_options` go to GrpcKVServer."""
+    """A decode side with a cache (on `device`), scattering into it, recording ready request ids
+    and every `KVArrival` (`arrivals`). `watch(buffer)` sees every arrived buffer first;
+    `server_options` go to GrpcKVServer."""
 
     def __init__(
         self,
@@ -50,17 +53,20 @@ class Server:
         self.cache = torch.zeros_like(make_cache(num_blocks, dtype, **dims)).to(device)
         self.layout = KVLayout.from_cache(self.cache, MODEL)
         self.ready: list[str] = []
-        scatter = unpack_into(self.cache, self.ready.append)
-
-        def on_kv(req_id: str, block_ids: list[int], buffer: torch.Tensor) -> None:
-            if watch is not None:
-                watch(buffer)
-            scatter(req_id, block_ids, buffer)
-
+        self.arrivals: list[KVArrival] = []
+        self.scatter = unpack_into(self.cache, self.ready.append)
+        self.watch = watch
         self.server = GrpcKVServer(
-            "127.0.0.1:0", on_kv, self.layout, data_port=data_port, **(server_options or {})
+            "127.0.0.1:0", self, self.layout, data_port=data_port, **(server_options or {})
         )
         self.server.start()
+
+    def on_kv_chunk(self, arrival: KVArrival, layers: slice, chunk: torch.Tensor) -> None:
+        """The server's sink: chunk [layers.stop - layers.start, 2, n, block_size, Hkv, D]."""
+        self.arrivals.append(arrival)
+        if self.watch is not None:
+            self.watch(chunk)
+        self.scatter.on_kv_chunk(arrival, layers, chunk)
 
     def pending_tokens(self) -> int:
         listener = self.server._data_listener
@@ -69,9 +75,7 @@ class Server:
 
     def handle(self, req_id: str, block_ids: list[int]) -> KVHandle:
         n_tokens = len(block_ids) * self.layout.block_size
-        return KVHandle(
-            req_id, "decode-0", block_ids, n_tokens, self.layout, grpc_address=self.server.address
-        )
+        return KVHandle(req_id, "decode-0", block_ids, n_tokens, self.layout, GrpcPeer(self.server.address))
 
 
 def assert_closed_by_server(conn: socket.socket) -> None:
@@ -99,7 +103,7 @@ def push_and_check_from_two_threads(
     def push(i: int) -> None:
         for round_ in range(4):
             dst_ids = [i * 32 + (j + round_) % 32 for j in range(32)]
-            sender.send(decode.handle(f"t{i}-{round_}", dst_ids), list(range(32)), sources[i])
+            sender.send(decode.handle(f"t{i}-{round_}", dst_ids), list(range(32)), sources[i], FIRST_TOKEN)
 
     assert not run_in_threads(push, len(sources), timeout_s=60)
     for i, source in enumerate(sources):

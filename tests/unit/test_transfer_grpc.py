@@ -9,16 +9,18 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from types import SimpleNamespace
 
 import grpc
 import pytest
 import torch
 
 from pdserve.internal import kv_transfer_pb2, kv_transfer_pb2_grpc
-from tests.unit.grpc_kv import MODEL, Server, bits, make_cache
+from tests.unit.grpc_kv import FIRST_TOKEN, MODEL, Server, bits, make_cache
 from tests.unit.threads import run_in_threads
-from transfer.contract import KVHandle, KVSender, KVTransferError
+from transfer.contract import KVArrival, KVHandle, KVSender, KVTransferError
 from transfer.grpc_backend import GrpcKVSender, layout_to_proto
+from transfer.grpc_connector import GrpcPeer
 from transfer.grpc_server import GrpcKVServer
 from transfer.layout import KVLayout, KVLayoutMismatch
 from transfer.packing import pack_blocks
@@ -45,7 +47,7 @@ def test_push_blocks_bit_exact(sender: GrpcKVSender, dtype: torch.dtype) -> None
             "c": (list(range(8)), list(range(8, 16))),
         }
         for req_id, (src_ids, dst_ids) in requests.items():
-            stats = sender.send(receiver.handle(req_id, dst_ids), src_ids, source)
+            stats = sender.send(receiver.handle(req_id, dst_ids), src_ids, source, FIRST_TOKEN)
             assert stats.nbytes == len(src_ids) * 2 * 2 * 4 * 2 * 16 * dtype.itemsize
             assert stats.pack_ms >= 0 and stats.send_ms > 0
         assert receiver.ready == ["a", "b", "c"]  # send returns only after the callback ran
@@ -63,7 +65,8 @@ def test_concurrent_senders_to_one_server(sender: GrpcKVSender) -> None:
         sources = [make_cache(8, torch.bfloat16, seed=seed) for seed in range(4)]
 
         def push(i: int) -> None:
-            sender.send(receiver.handle(f"r{i}", [i * 8 + j for j in range(8)]), list(range(8)), sources[i])
+            handle = receiver.handle(f"r{i}", [i * 8 + j for j in range(8)])
+            sender.send(handle, list(range(8)), sources[i], FIRST_TOKEN)
 
         assert not run_in_threads(push, 4, timeout_s=20)
         assert sorted(receiver.ready) == ["r0", "r1", "r2", "r3"]
@@ -82,10 +85,10 @@ def test_layout_mismatch_is_refused_with_a_clear_message(sender: GrpcKVSender) -
         source = make_cache(4, torch.bfloat16, head_dim=16)
         # A handle that lies about the decode layout gets past the sender's own check; the server refuses.
         lying_layout = KVLayout.from_cache(source, MODEL)
-        handle = KVHandle("bad", "decode-0", [0, 1], 8, lying_layout, grpc_address=receiver.server.address)
+        handle = KVHandle("bad", "decode-0", [0, 1], 8, lying_layout, GrpcPeer(receiver.server.address))
         start = time.monotonic()
         with pytest.raises(KVLayoutMismatch) as info:
-            sender.send(handle, [0, 1], source)
+            sender.send(handle, [0, 1], source, FIRST_TOKEN)
         assert time.monotonic() - start < 5
         message = str(info.value)
         assert "dtype: prefill 'bfloat16' != decode 'float32'" in message
@@ -93,7 +96,7 @@ def test_layout_mismatch_is_refused_with_a_clear_message(sender: GrpcKVSender) -
         assert receiver.ready == [] and torch.count_nonzero(receiver.cache) == 0
         # The honest handle is checked on the sender side before any byte moves.
         with pytest.raises(KVLayoutMismatch, match="head_dim: prefill 16 != decode 8"):
-            sender.send(receiver.handle("bad2", [0, 1]), [0, 1], source)
+            sender.send(receiver.handle("bad2", [0, 1]), [0, 1], source, FIRST_TOKEN)
     finally:
         receiver.server.stop()
 
@@ -101,27 +104,29 @@ def test_layout_mismatch_is_refused_with_a_clear_message(sender: GrpcKVSender) -
 def test_callback_failure_and_unreachable_server_raise_transfer_errors(sender: GrpcKVSender) -> None:
     layout = KVLayout.from_cache(make_cache(4, torch.float32), MODEL)
 
-    def refuse(req_id: str, block_ids: list[int], buffer: torch.Tensor) -> None:
-        raise KeyError(f"unknown request {req_id}")
+    class Refuse:
+        def on_kv_chunk(self, arrival: KVArrival, layers: slice, chunk: torch.Tensor) -> None:
+            raise KeyError(f"unknown request {arrival.req_id}")
 
-    server = GrpcKVServer("127.0.0.1:0", refuse, layout)
+    server = GrpcKVServer("127.0.0.1:0", Refuse(), layout)
     server.start()
-    handle = KVHandle("gone", "decode-0", [0], 4, layout, grpc_address=server.address)
+    handle = KVHandle("gone", "decode-0", [0], 4, layout, GrpcPeer(server.address))
     try:
         with pytest.raises(KVTransferError, match="INTERNAL.*unknown request gone"):
-            sender.send(handle, [1], make_cache(4, torch.float32))
+            sender.send(handle, [1], make_cache(4, torch.float32), FIRST_TOKEN)
     finally:
         server.stop()
     start = time.monotonic()
     with pytest.raises(KVTransferError, match="UNAVAILABLE"):
-        sender.send(handle, [1], make_cache(4, torch.float32))  # nobody listens any more
+        sender.send(handle, [1], make_cache(4, torch.float32), FIRST_TOKEN)  # nobody listens any more
     assert time.monotonic() - start < 5
 
 
 def test_server_rejects_malformed_streams() -> None:
     layout = KVLayout.from_cache(make_cache(4, torch.float32), MODEL)
     received: list[str] = []
-    server = GrpcKVServer("127.0.0.1:0", lambda req_id, *_: received.append(req_id), layout)
+    sink = SimpleNamespace(on_kv_chunk=lambda arrival, *_: received.append(arrival.req_id))
+    server = GrpcKVServer("127.0.0.1:0", sink, layout)
     server.start()
     channel = grpc.insecure_channel(server.address)
     stub = kv_transfer_pb2_grpc.KVTransferStub(channel)

@@ -17,6 +17,7 @@ import transfer.grpc_backend as grpc_backend
 import transfer.grpc_data as grpc_data
 from pdserve.internal import kv_transfer_pb2, kv_transfer_pb2_grpc
 from tests.unit.grpc_kv import (
+    FIRST_TOKEN,
     MODEL,
     Server,
     assert_closed_by_server,
@@ -126,7 +127,7 @@ def test_multi_chunk_buffers_arrive_exactly_both_ways() -> None:
             decode.cache.zero_()
             sender = GrpcKVSender(MODEL, socket_min_bytes=socket_min_bytes)
             try:
-                stats = sender.send(decode.handle(req_id, dst_ids), src_ids, source)
+                stats = sender.send(decode.handle(req_id, dst_ids), src_ids, source, FIRST_TOKEN)
             finally:
                 sender.close()
             assert stats.nbytes == buffer_nbytes(decode.layout, 13) > 3 * grpc_backend.DEFAULT_CHUNK_BYTES
@@ -143,7 +144,7 @@ def test_concurrent_socket_sends_from_two_threads(server: Server) -> None:
     def push(i: int) -> None:
         for round_ in range(5):  # several sends per thread, interleaving on the server
             dst_ids = [i * 16 + (j + round_) % 16 for j in range(16)]
-            sender.send(server.handle(f"t{i}-{round_}", dst_ids), list(range(16)), sources[i])
+            sender.send(server.handle(f"t{i}-{round_}", dst_ids), list(range(16)), sources[i], FIRST_TOKEN)
 
     errors = run_in_threads(push, 2, timeout_s=30)
     sender.close()
@@ -221,7 +222,7 @@ def test_a_cancelled_socket_call_frees_its_server_thread() -> None:
         wait_until(lambda: decode.pending_tokens() == 0)  # and the token is gone
         source = make_cache(4, seed=2)
         start = time.monotonic()
-        sender.send(decode.handle("next", [7]), [1], source)
+        sender.send(decode.handle("next", [7]), [1], source, FIRST_TOKEN)
         assert time.monotonic() - start < 5 and decode.ready == ["next"]
         assert decode.pending_tokens() == 0
         assert torch.equal(bits(decode.cache[:, :, 7]), bits(source[:, :, 1]))
@@ -243,7 +244,7 @@ def test_a_fixed_data_port_is_honoured_and_a_taken_one_is_an_error() -> None:
     try:
         assert decode.server.data_port == port
         source = make_cache(4, seed=4)
-        sender.send(decode.handle("fixed", [3]), [2], source)
+        sender.send(decode.handle("fixed", [3]), [2], source, FIRST_TOKEN)
         assert decode.ready == ["fixed"] and torch.equal(bits(decode.cache[:, :, 3]), bits(source[:, :, 2]))
         with pytest.raises(KVTransferError, match=f"data port 127.0.0.1:{port}"):
             Server(data_port=port)  # taken by the first server's listener
@@ -288,7 +289,7 @@ def test_silent_and_wrong_strays_do_not_delay_a_transfer(server: Server) -> None
         source = make_cache(8, seed=8)
         start = time.monotonic()
         for i in range(3):
-            sender.send(server.handle(f"r{i}", [i, 8 + i]), [i, 4 + i], source)
+            sender.send(server.handle(f"r{i}", [i, 8 + i]), [i, 4 + i], source, FIRST_TOKEN)
         assert time.monotonic() - start < 5
         assert server.ready == ["r0", "r1", "r2"]
         assert torch.equal(bits(server.cache[:, :, [0, 8, 2, 10]]), bits(source[:, :, [0, 4, 2, 6]]))
@@ -361,8 +362,8 @@ def test_unreachable_data_port_falls_back_to_in_band(server: Server, monkeypatch
     sender = GrpcKVSender(MODEL, socket_min_bytes=0)
     source = make_cache(8, seed=5)
     try:
-        sender.send(server.handle("a", [1, 2]), [3, 4], source)
-        sender.send(server.handle("b", [5]), [6], source)  # remembered: straight in band
+        sender.send(server.handle("a", [1, 2]), [3, 4], source, FIRST_TOKEN)
+        sender.send(server.handle("b", [5]), [6], source, FIRST_TOKEN)  # remembered: straight in band
     finally:
         sender.close()
     assert len(attempts) == 1 and server.ready == ["a", "b"]

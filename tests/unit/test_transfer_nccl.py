@@ -22,6 +22,7 @@ import torch
 import torch.multiprocessing as mp
 
 from transfer.contract import KVHandle
+from transfer.grpc_connector import GrpcPeer
 from transfer.layout import KVLayout, KVLayoutMismatch
 from transfer.nccl_backend import (
     NcclKVReceiver,
@@ -30,9 +31,11 @@ from transfer.nccl_backend import (
     destroy_transfer_group,
     init_transfer_group,
 )
+from transfer.nccl_connector import NcclPeer
 from transfer.packing import to_bytes, unpack_into
 
 MODEL = "tiny"
+FIRST_TOKEN = 4242  # the first sampled token every send carries
 SEND_TIMEOUT_S = 3.0  # sender's wait for the receiver's confirmation
 NUM_RECEIVER_BLOCKS = 24
 
@@ -139,9 +142,9 @@ def sender_main(
         if handle_dtype != dtype_name:  # a handle that lies about the decode layout
             layout = KVLayout.from_cache(cache.to(getattr(torch, handle_dtype)), MODEL)
             cache = cache.to(getattr(torch, handle_dtype))
-        handle = KVHandle(req_id, "decode-0", dst_ids, len(dst_ids) * 4, layout, nccl_rank=0)
+        handle = KVHandle(req_id, "decode-0", dst_ids, len(dst_ids) * 4, layout, NcclPeer(0))
         try:
-            stats = sender.send(handle, src_ids, cache)
+            stats = sender.send(handle, src_ids, cache, FIRST_TOKEN)
             outcomes.append((req_id, "ok", stats.nbytes))
         except Exception as exc:
             outcomes.append((req_id, type(exc).__name__, str(exc)))
@@ -280,9 +283,9 @@ def test_sender_refuses_bad_arguments_before_touching_the_group() -> None:
     layout = KVLayout.from_cache(cache, MODEL)
     sender = NcclKVSender(0, MODEL, notify=lambda notice: Future())
     with pytest.raises(ValueError, match="own rank"):
-        sender.send(KVHandle("r", "d", [0], 4, layout, nccl_rank=0), [1], cache)
-    with pytest.raises(ValueError, match="no nccl_rank"):
-        sender.send(KVHandle("r", "d", [0], 4, layout, grpc_address="127.0.0.1:1"), [1], cache)
+        sender.send(KVHandle("r", "d", [0], 4, layout, NcclPeer(0)), [1], cache, FIRST_TOKEN)
+    with pytest.raises(ValueError, match="nccl backend needs an NcclPeer"):
+        sender.send(KVHandle("r", "d", [0], 4, layout, GrpcPeer("127.0.0.1:1")), [1], cache, FIRST_TOKEN)
     other = KVLayout(MODEL, "float32", 2, 2, 16, block_size=8)
     with pytest.raises(KVLayoutMismatch, match="block_size: prefill 4 != decode 8"):
-        sender.send(KVHandle("r", "d", [0], 4, other, nccl_rank=1), [1], cache)
+        sender.send(KVHandle("r", "d", [0], 4, other, NcclPeer(1)), [1], cache, FIRST_TOKEN)

@@ -13,6 +13,7 @@ import pickle
 import subprocess
 import sys
 import textwrap
+import time
 
 import pytest
 import torch
@@ -20,9 +21,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from transfer import nccl_backend
-from transfer.contract import KVHandle, check_send_args
+from transfer.contract import KVArrival, KVHandle, check_send_args
 from transfer.layout import KVLayout, KVLayoutMismatch
 from transfer.nccl_backend import NcclKVReceiver, NcclTransferNotice, default_chunk_layers
+from transfer.nccl_connector import NcclPeer
 from transfer.packing import (
     buffer_nbytes,
     from_bytes,
@@ -30,7 +32,6 @@ from transfer.packing import (
     pack_blocks,
     to_bytes,
     unpack_blocks,
-    unpack_chunk_into,
     unpack_into,
 )
 
@@ -132,8 +133,8 @@ def test_buffer_nbytes_matches_packed_tensor() -> None:
 def test_unpack_into_callback_scatters_then_signals() -> None:
     src, dst = make_cache(seed=5), torch.zeros(3, 2, 10, 4, 2, 8)
     ready: list[str] = []
-    callback = unpack_into(dst, ready.append)
-    callback("req-1", [9, 8], pack_blocks(src, [0, 1]))
+    sink = unpack_into(dst, ready.append)
+    sink.on_kv_chunk(KVArrival("req-1", (9, 8), 11, 0.0), slice(0, 3), pack_blocks(src, [0, 1]))
     assert ready == ["req-1"]
     assert torch.equal(dst[:, :, [9, 8]], src[:, :, [0, 1]])
 
@@ -172,13 +173,13 @@ def test_layout_from_cache() -> None:
 
 def test_handle_is_plain_picklable_data_and_checks_args() -> None:
     layout = KVLayout("tiny", "float32", 3, 2, 8, 4)
-    handle = KVHandle("req-1", "decode-0", [4, 5], 7, layout, nccl_rank=1)
+    handle = KVHandle("req-1", "decode-0", [4, 5], 7, layout, NcclPeer(1))
     assert handle.layout_fingerprint == layout.fingerprint()
     assert pickle.loads(pickle.dumps(handle)) == handle
     with pytest.raises(KVLayoutMismatch, match="fingerprint"):
-        KVHandle("req-1", "decode-0", [4], 3, layout, layout_fingerprint="0" * 32, nccl_rank=1)
-    with pytest.raises(ValueError, match="nccl_rank or grpc_address"):
-        KVHandle("req-1", "decode-0", [4], 3, layout)
+        KVHandle("req-1", "decode-0", [4], 3, layout, NcclPeer(1), layout_fingerprint="0" * 32)
+    with pytest.raises(ValueError, match="give the decode worker's peer descriptor"):
+        KVHandle("req-1", "decode-0", [4], 3, layout, None)
     with pytest.raises(ValueError, match="1 source blocks but the handle asks for 2"):
         check_send_args(handle, [0], layout)
     with pytest.raises(KVLayoutMismatch, match="block_size: prefill 8 != decode 4"):
@@ -237,30 +238,39 @@ def test_receiver_hands_chunks_over_in_order_and_drains_after_a_failing_callback
     monkeypatch.setattr(nccl_backend.dist, "irecv", fake_irecv)
     layout = KVLayout.from_cache(src, "tiny")
     notice = NcclTransferNotice("r1", 1, (0, 5, 7), tuple(sent.shape), "float32", layout,
-                                sent.numel() * 4, chunk_layers=2)  # fmt: skip
+                                sent.numel() * 4, 4242, chunk_layers=2)  # fmt: skip
     dst, ready, seen = torch.zeros_like(src), [], []
-    unpack_chunk = unpack_chunk_into(dst, ready.append)
+    unpack_chunk = unpack_into(dst, ready.append)
+    arrivals: list[KVArrival] = []
 
-    def on_chunk(req_id: str, block_ids: list[int], layers: slice, chunk: torch.Tensor) -> None:
-        seen.append((layers, int(torch.count_nonzero(dst[layers]))))  # nothing there before its unpack
-        unpack_chunk(req_id, block_ids, layers, chunk)
+    class Sink:
+        def on_kv_chunk(self, arrival: KVArrival, layers: slice, chunk: torch.Tensor) -> None:
+            seen.append((layers, int(torch.count_nonzero(dst[layers]))))  # nothing there before its unpack
+            arrivals.append(arrival)
+            unpack_chunk.on_kv_chunk(arrival, layers, chunk)
 
-    whole: list[str] = []
-    receiver = NcclKVReceiver(lambda *a: whole.append(a[0]), layout, "cpu", on_chunk_received=on_chunk)
+    before = time.perf_counter()
+    receiver = NcclKVReceiver(Sink(), layout, "cpu")
     receiver.recv(notice)
     assert posted == [slice(0, 2), slice(2, 3)] and seen == [(slice(0, 2), 0), (slice(2, 3), 0)]
-    assert ready == ["r1"] and whole == []  # with on_chunk_received, no whole-buffer callback
+    # chunk by chunk only: no extra whole-buffer delivery (layers 0..3) at the end
+    assert ready == ["r1"] and slice(0, 3) not in [layers for layers, _ in seen]
     assert torch.equal(dst[:, :, [0, 5, 7]], src[:, :, [2, 8, 4]])
+    # one arrival for the request, the notice's first token on it, stamped when recv began
+    assert arrivals[0] is arrivals[1] and arrivals[0].first_token_id == 4242
+    assert arrivals[0].req_id == "r1" and arrivals[0].block_ids == (0, 5, 7)
+    assert before <= arrivals[0].started_at <= time.perf_counter()
 
-    def failing(req_id: str, block_ids: list[int], layers: slice, chunk: torch.Tensor) -> None:
-        raise KeyError(f"no reservation for {req_id}")
+    class Failing:
+        def on_kv_chunk(self, arrival: KVArrival, layers: slice, chunk: torch.Tensor) -> None:
+            raise KeyError(f"no reservation for {arrival.req_id}")
 
     posted.clear()
-    receiver = NcclKVReceiver(lambda *a: None, layout, "cpu", on_chunk_received=failing)
+    receiver = NcclKVReceiver(Failing(), layout, "cpu")
     with pytest.raises(KeyError, match="no reservation"):
         receiver.recv(notice)
     assert posted == [slice(0, 2), slice(2, 3)]  # every chunk still received: the pair stays in step
-    bad = NcclTransferNotice("r2", 1, (0,), (3, 2, 1, 4, 2, 8), "float32", layout, 3 * 2 * 128 * 4, -1)
+    bad = NcclTransferNotice("r2", 1, (0,), (3, 2, 1, 4, 2, 8), "float32", layout, 3 * 2 * 128 * 4, 0, -1)
     with pytest.raises(nccl_backend.KVTransferError, match="could not drain"):
         receiver.recv(bad)
 

@@ -24,7 +24,7 @@ class KVLayoutInfo(_message.Message):
     def __init__(self, model_name: _Optional[str] = ..., dtype: _Optional[str] = ..., num_layers: _Optional[int] = ..., num_kv_heads: _Optional[int] = ..., head_dim: _Optional[int] = ..., block_size: _Optional[int] = ..., fingerprint: _Optional[str] = ...) -> None: ...
 
 class KVHeader(_message.Message):
-    __slots__ = ("req_id", "layout", "block_ids", "dtype", "shape", "total_bytes", "num_tokens")
+    __slots__ = ("req_id", "layout", "block_ids", "dtype", "shape", "total_bytes", "num_tokens", "first_token_id")
     REQ_ID_FIELD_NUMBER: _ClassVar[int]
     LAYOUT_FIELD_NUMBER: _ClassVar[int]
     BLOCK_IDS_FIELD_NUMBER: _ClassVar[int]
@@ -32,6 +32,7 @@ class KVHeader(_message.Message):
     SHAPE_FIELD_NUMBER: _ClassVar[int]
     TOTAL_BYTES_FIELD_NUMBER: _ClassVar[int]
     NUM_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    FIRST_TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
     req_id: str
     layout: KVLayoutInfo
     block_ids: _containers.RepeatedScalarFieldContainer[int]
@@ -39,7 +40,8 @@ class KVHeader(_message.Message):
     shape: _containers.RepeatedScalarFieldContainer[int]
     total_bytes: int
     num_tokens: int
-    def __init__(self, req_id: _Optional[str] = ..., layout: _Optional[_Union[KVLayoutInfo, _Mapping]] = ..., block_ids: _Optional[_Iterable[int]] = ..., dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., total_bytes: _Optional[int] = ..., num_tokens: _Optional[int] = ...) -> None: ...
+    first_token_id: int
+    def __init__(self, req_id: _Optional[str] = ..., layout: _Optional[_Union[KVLayoutInfo, _Mapping]] = ..., block_ids: _Optional[_Iterable[int]] = ..., dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., total_bytes: _Optional[int] = ..., num_tokens: _Optional[int] = ..., first_token_id: _Optional[int] = ...) -> None: ...
 
 class KVChunk(_message.Message):
     __slots__ = ("header", "data")

@@ -1,0 +1,51 @@
+"""How KV moves between workers: the `transfer:` section of a deploy config.
+
+`make_connector(config)` (`transfer.connector`) turns it into the chosen backend's
+connector. This module imports no torch (the router and the deploy config load it).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class TransferConfig:
+    backend: str = "grpc"
+    host: str = "127.0.0.1"  # address the decode workers' KV servers bind (grpc backend)
+    # grpc backend: 0 = free ports; else decode-i's KV server takes gRPC port port_base + 2i and its
+    # data port port_base + 2i + 1, a fixed range a firewall can open between the hosts
+    port_base: int = 0
+    # grpc backend: a large KV buffer comes in over up to this many parallel data connections (one
+    # TCP stream tops out at what one core copies; a fast NIC needs several)
+    data_streams: int = 4
+
+    def kv_server_ports(self, decode_index: int) -> tuple[int, int]:
+        """(gRPC port, data port) of decode worker `decode_index`'s KV server; (0, 0) = free ports."""
+        if not self.port_base:
+            return (0, 0)
+        return (self.port_base + 2 * decode_index, self.port_base + 2 * decode_index + 1)
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first bad field."""
+        from transfer.connector import BACKENDS  # here: connector imports this module
+
+        if self.backend not in BACKENDS:
+            raise ValueError(
+                f"TransferConfig.backend: unknown backend {self.backend!r} (allowed: {', '.join(BACKENDS)})"
+            )
+        if not _is_int(self.data_streams) or self.data_streams < 1:
+            raise ValueError(
+                f"TransferConfig.data_streams: must be an integer >= 1, got {self.data_streams!r}"
+            )
+        if not _is_int(self.port_base) or not 0 <= self.port_base <= 65535:
+            raise ValueError(
+                f"TransferConfig.port_base: must be an integer in [0, 65535], got {self.port_base!r}"
+            )
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+__all__ = ["TransferConfig"]

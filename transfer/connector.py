@@ -1,0 +1,156 @@
+"""One KV connector per backend: a send side on each prefill worker, a receive side on each
+decode worker, both made from the deploy's `TransferConfig`.
+
+    connector = make_connector(config)               # config.backend picks the class
+    # decode worker
+    receive = connector.receive_side(sink, layout, device, decode_index)
+    # prefill worker; links: decode worker id -> DecodeLink, may be filled in later
+    send = connector.send_side(model_name, links)
+    if connector.uses_process_group:                 # nccl: one torch.distributed group
+        side.join_group(rank, world_size, init_method, device)   # on every side, at once
+    handle = KVHandle(..., peer=receive.peer())      # decode worker's reserve()
+    send.send(handle, src_block_ids, kv_cache, first_token_id)
+    # -> receiver: sink.on_kv_chunk(KVArrival(req_id, block_ids, first_token_id, t), layers, chunk)
+
+`handle.peer` is opaque outside the backend: only its own send side reads it (a handle
+carrying another backend's descriptor is refused with ValueError).
+
+Adding a backend: one module with a `KVConnector` subclass and its peer descriptor, and
+one `_REGISTRY` entry. The registry names modules as strings, imported on first use, so
+this module (like `transfer.contract` and `transfer.config`) imports no torch: the router
+loads it.
+"""
+
+from __future__ import annotations
+
+import importlib
+from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
+
+from transfer.config import TransferConfig
+from transfer.contract import KVHandle, KVSink, TransferStats
+from transfer.layout import KVLayout
+
+if TYPE_CHECKING:
+    import torch
+
+__all__ = [
+    "BACKENDS",
+    "DecodeLink",
+    "KVConnector",
+    "KVReceiveSide",
+    "KVSendSide",
+    "Waitable",
+    "make_connector",
+]
+
+
+class Waitable(Protocol):
+    """Anything with `.result(timeout)`: a `concurrent.futures.Future`, a wrapped Ray ObjectRef."""
+
+    def result(self, timeout: float | None = None) -> Any: ...
+
+
+class DecodeLink(Protocol):
+    """How a prefill worker reaches one decode worker's control plane. Supplied by the wiring
+    layer (a wrapper around a Ray actor handle, or an in-process object)."""
+
+    def notify_kv(self, notice: object) -> Waitable:
+        """Hand the backend's notice to the decode worker's `KVReceiveSide.receive_notice`; the
+        result resolves once the receiver has the data in place (or raises its error). nccl only."""
+        ...
+
+    def kv_failed(self, req_id: str, reason: str | None) -> None:
+        """The request's KV will not arrive: `reason` says why; None = nothing was or will be sent,
+        release the reservation quietly. Called by the prefill worker, not by the send side."""
+        ...
+
+
+class KVSendSide(Protocol):
+    """A prefill worker's end of the connector. Thread-safe."""
+
+    def send(
+        self, handle: KVHandle, src_block_ids: Sequence[int], kv_cache: torch.Tensor, first_token_id: int
+    ) -> TransferStats:
+        """`KVSender.send`: returns once the receiver has the data in place (and its sink took
+        it); KVLayoutMismatch / KVTransferError / ValueError (bad arguments, a peer of another
+        backend) otherwise. kv_cache: [num_layers, 2, num_blocks, block_size, Hkv, D]."""
+        ...
+
+    def join_group(self, rank: int, world_size: int, init_method: str, device: str | torch.device) -> None:
+        """Join the transfer process group (backends with `uses_process_group` only)."""
+        ...
+
+    def close(self) -> None: ...
+
+
+class KVReceiveSide(Protocol):
+    """A decode worker's end of the connector: receives KV and hands it to its `KVSink`."""
+
+    def peer(self) -> object:
+        """The descriptor senders need (goes into `KVHandle.peer`). nccl: only after `join_group`
+        (RuntimeError before)."""
+        ...
+
+    def receive_notice(self, notice: object) -> None:
+        """nccl: the sender's notice (via `DecodeLink.notify_kv`); blocks until the data is in place
+        and the sink took it, or raises. Backends with their own server raise TypeError."""
+        ...
+
+    def join_group(self, rank: int, world_size: int, init_method: str, device: str | torch.device) -> None:
+        """Join the transfer process group (backends with `uses_process_group` only)."""
+        ...
+
+    def close(self) -> None: ...
+
+
+class KVConnector(ABC):
+    """A backend: makes the send and receive sides from one `TransferConfig`."""
+
+    name: ClassVar[str]
+    # True: the wiring forms one torch.distributed group over every prefill and decode worker
+    # and calls `join_group` on each side (all at once) before the first transfer.
+    uses_process_group: ClassVar[bool]
+
+    def __init__(self, config: TransferConfig) -> None:
+        self.config = config
+
+    @abstractmethod
+    def send_side(self, model_name: str, links: Mapping[str, DecodeLink]) -> KVSendSide:
+        """The prefill worker's side. `links`: decode worker id -> DecodeLink; held, not copied,
+        so the wiring may fill it after this call (the side looks `handle.decode_worker_id` up
+        when it needs it)."""
+
+    @abstractmethod
+    def receive_side(
+        self, sink: KVSink, layout: KVLayout, device: str | torch.device, decode_index: int
+    ) -> KVReceiveSide:
+        """The decode worker's side, delivering to `sink` on `device`. `layout`: the decode cache's
+        layout (anything else is refused); `decode_index`: this worker's index in the decode pool
+        (picks its ports). `config.host` must be a concrete address by now ("auto" resolved)."""
+
+
+# backend name -> "module:class"; modules load on first use (they may import torch).
+_REGISTRY: dict[str, str] = {
+    "grpc": "transfer.grpc_connector:GrpcConnector",
+    "nccl": "transfer.nccl_connector:NcclConnector",
+}
+BACKENDS: tuple[str, ...] = tuple(_REGISTRY)
+
+
+def connector_class(backend: str) -> type[KVConnector]:
+    """The registered `KVConnector` subclass for `backend`; ValueError naming the allowed ones."""
+    if backend not in _REGISTRY:
+        raise ValueError(f"unknown transfer backend {backend!r} (allowed: {', '.join(BACKENDS)})")
+    module_name, _, class_name = _REGISTRY[backend].partition(":")
+    cls = getattr(importlib.import_module(module_name), class_name)
+    if not (isinstance(cls, type) and issubclass(cls, KVConnector)) or cls.name != backend:
+        raise TypeError(f"{_REGISTRY[backend]} is not the KVConnector of backend {backend!r}")
+    return cls
+
+
+def make_connector(config: TransferConfig) -> KVConnector:
+    """The connector of `config.backend`, after `config.validate()` (ValueError naming the field)."""
+    config.validate()
+    return connector_class(config.backend)(config)

@@ -1,0 +1,112 @@
+"""The grpc backend as a `KVConnector`: `GrpcKVSender` on the prefill side, a started
+`GrpcKVServer` on the decode side; `GrpcPeer(address)` is the decode worker's descriptor.
+
+The protocol itself is described in `transfer.grpc_backend`. This module imports no torch
+at load time (the backends load when a side is made), so a router unpickling a handle
+with a `GrpcPeer` in it stays torch-free.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, ClassVar
+
+from transfer.connector import DecodeLink, KVConnector, KVReceiveSide, KVSendSide
+from transfer.contract import KVHandle, KVSink, TransferStats
+from transfer.layout import KVLayout
+
+if TYPE_CHECKING:
+    import torch
+
+    from transfer.grpc_backend import GrpcKVSender
+    from transfer.grpc_server import GrpcKVServer
+
+__all__ = ["GrpcConnector", "GrpcPeer", "check_grpc_peer"]
+
+
+@dataclass(frozen=True)
+class GrpcPeer:
+    """Where a decode worker's KV server listens."""
+
+    address: str  # "host:port" of its GrpcKVServer (the data port comes back in the call)
+
+
+def check_grpc_peer(handle: KVHandle) -> str:
+    """The handle's server address; ValueError when its peer belongs to another backend."""
+    if not isinstance(handle.peer, GrpcPeer):
+        raise ValueError(
+            f"request {handle.req_id}: the grpc backend needs a GrpcPeer, but the handle's peer is "
+            f"{handle.peer!r}"
+        )
+    return handle.peer.address
+
+
+class GrpcSendSide:
+    """Prefill side: one `GrpcKVSender` (a channel per decode address). Needs no links."""
+
+    def __init__(self, model_name: str) -> None:
+        from transfer.grpc_backend import GrpcKVSender
+
+        self.sender: GrpcKVSender = GrpcKVSender(model_name)
+
+    def send(
+        self, handle: KVHandle, src_block_ids: Sequence[int], kv_cache: torch.Tensor, first_token_id: int
+    ) -> TransferStats:
+        """kv_cache: [num_layers, 2, num_blocks, block_size, Hkv, D]."""
+        return self.sender.send(handle, src_block_ids, kv_cache, first_token_id)
+
+    def join_group(self, rank: int, world_size: int, init_method: str, device: str | torch.device) -> None:
+        """Nothing to join: the grpc backend uses no process group."""
+
+    def close(self) -> None:
+        self.sender.close()
+
+
+class GrpcReceiveSide:
+    """Decode side: a `GrpcKVServer`, bound and serving from construction until `close`."""
+
+    def __init__(self, server: GrpcKVServer) -> None:
+        self.server = server
+        server.start()
+
+    def peer(self) -> GrpcPeer:
+        return GrpcPeer(self.server.address)
+
+    def receive_notice(self, notice: object) -> None:
+        raise TypeError("the grpc backend takes no notices: senders push to its own KV server")
+
+    def join_group(self, rank: int, world_size: int, init_method: str, device: str | torch.device) -> None:
+        """Nothing to join: the grpc backend uses no process group."""
+
+    def close(self) -> None:
+        self.server.stop()
+
+
+class GrpcConnector(KVConnector):
+    name: ClassVar[str] = "grpc"
+    uses_process_group: ClassVar[bool] = False
+
+    def send_side(self, model_name: str, links: Mapping[str, DecodeLink]) -> KVSendSide:
+        return GrpcSendSide(model_name)
+
+    def receive_side(
+        self, sink: KVSink, layout: KVLayout, device: str | torch.device, decode_index: int
+    ) -> KVReceiveSide:
+        """Binds `config.host` on the ports `config.kv_server_ports(decode_index)` (0 = free ones);
+        on a CUDA `device`, socket-plane bytes go on to it as they land."""
+        from transfer.grpc_server import GrpcKVServer
+
+        grpc_port, data_port = self.config.kv_server_ports(decode_index)
+        host = self.config.host
+        if ":" in host and not host.startswith("["):
+            host = f"[{host}]"  # an IPv6 address
+        server = GrpcKVServer(
+            f"{host}:{grpc_port}",
+            sink,
+            layout,
+            data_port=data_port,
+            max_data_streams=self.config.data_streams,
+            device=device,
+        )
+        return GrpcReceiveSide(server)

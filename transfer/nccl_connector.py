@@ -1,0 +1,141 @@
+"""The nccl backend as a `KVConnector` (NCCL between GPUs, gloo on CPU): `NcclKVSender` on
+the prefill side, `NcclKVReceiver` on the decode side, over one torch.distributed group that
+every worker joins (`uses_process_group`); `NcclPeer(rank)` is the decode worker's descriptor.
+
+    prefill: send_side.send(handle, ...)
+               -> links[handle.decode_worker_id].notify_kv(notice)   (the wiring's DecodeLink)
+    decode:        -> receive_side.receive_notice(notice)            (blocks until the KV is in)
+             isend chunks ------------------------------------------> irecv chunks -> sink
+
+Both sides build their backend object in `join_group` (the sender needs its rank, the
+peer descriptor is the receiver's rank), and `close` leaves the group they joined. The
+protocol is described in `transfer.nccl_backend`. This module imports no torch at load
+time (the backend loads in `join_group`), so a router unpickling a handle with an
+`NcclPeer` in it stays torch-free.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, ClassVar
+
+from transfer.connector import DecodeLink, KVConnector, KVReceiveSide, KVSendSide, Waitable
+from transfer.contract import KVHandle, KVSink, KVTransferError, TransferStats
+from transfer.layout import KVLayout
+
+if TYPE_CHECKING:
+    import torch
+
+    from transfer.nccl_backend import NcclKVReceiver, NcclKVSender
+
+__all__ = ["NcclConnector", "NcclPeer", "check_nccl_peer"]
+
+
+@dataclass(frozen=True)
+class NcclPeer:
+    """A decode worker's rank in the transfer process group."""
+
+    rank: int
+
+
+def check_nccl_peer(handle: KVHandle) -> int:
+    """The handle's destination rank; ValueError when its peer belongs to another backend."""
+    if not isinstance(handle.peer, NcclPeer):
+        raise ValueError(
+            f"request {handle.req_id}: the nccl backend needs an NcclPeer, but the handle's peer is "
+            f"{handle.peer!r}"
+        )
+    return handle.peer.rank
+
+
+class NcclSendSide:
+    """Prefill side: an `NcclKVSender` from `join_group` on, notifying through `links`."""
+
+    def __init__(self, model_name: str, links: Mapping[str, DecodeLink]) -> None:
+        self.model_name = model_name
+        self.links = links  # held, not copied: the wiring may fill it later
+        self.sender: NcclKVSender | None = None
+
+    def join_group(self, rank: int, world_size: int, init_method: str, device: str | torch.device) -> None:
+        from transfer.nccl_backend import NcclKVSender, init_transfer_group
+
+        init_transfer_group(rank, world_size, init_method, device)
+        self.sender = NcclKVSender(rank, self.model_name)
+
+    def send(
+        self, handle: KVHandle, src_block_ids: Sequence[int], kv_cache: torch.Tensor, first_token_id: int
+    ) -> TransferStats:
+        """kv_cache: [num_layers, 2, num_blocks, block_size, Hkv, D]."""
+        check_nccl_peer(handle)
+        if self.sender is None:
+            raise RuntimeError("nccl send side: send before join_group (it needs its rank in the group)")
+
+        def notify(notice: object) -> Waitable:
+            link = self.links.get(handle.decode_worker_id)
+            if link is None:  # raised before any byte moves: the sender reports a KVTransferError
+                raise KVTransferError(f"no link to decode worker {handle.decode_worker_id!r}")
+            return link.notify_kv(notice)
+
+        return self.sender.send(handle, src_block_ids, kv_cache, first_token_id, notify=notify)
+
+    def close(self) -> None:
+        if self.sender is not None:
+            from transfer.nccl_backend import destroy_transfer_group
+
+            self.sender.close()
+            self.sender = None
+            destroy_transfer_group()
+
+
+class NcclReceiveSide:
+    """Decode side: an `NcclKVReceiver` from `join_group` on, fed by `receive_notice`."""
+
+    def __init__(self, sink: KVSink, layout: KVLayout, device: str | torch.device) -> None:
+        self.sink = sink
+        self.layout = layout
+        self.device = device  # where the chunks land (the cache's device)
+        self.rank: int | None = None
+        self.receiver: NcclKVReceiver | None = None
+
+    def join_group(self, rank: int, world_size: int, init_method: str, device: str | torch.device) -> None:
+        from transfer.nccl_backend import NcclKVReceiver, init_transfer_group
+
+        init_transfer_group(rank, world_size, init_method, device)
+        self.receiver = NcclKVReceiver(self.sink, self.layout, self.device)
+        self.rank = rank
+
+    def peer(self) -> NcclPeer:
+        if self.rank is None:
+            raise RuntimeError("nccl receive side: peer() before join_group (the descriptor is its rank)")
+        return NcclPeer(self.rank)
+
+    def receive_notice(self, notice: object) -> None:
+        """Blocks until the request's KV is in place and the sink took every chunk, or raises."""
+        from transfer.nccl_backend import NcclTransferNotice
+
+        if self.receiver is None:
+            raise RuntimeError("nccl receive side: receive_notice before join_group")
+        if not isinstance(notice, NcclTransferNotice):
+            raise TypeError(f"nccl receive side: expected an NcclTransferNotice, got {type(notice).__name__}")
+        self.receiver.recv(notice)
+
+    def close(self) -> None:
+        if self.receiver is not None:
+            from transfer.nccl_backend import destroy_transfer_group
+
+            self.receiver = None
+            destroy_transfer_group()
+
+
+class NcclConnector(KVConnector):
+    name: ClassVar[str] = "nccl"
+    uses_process_group: ClassVar[bool] = True
+
+    def send_side(self, model_name: str, links: Mapping[str, DecodeLink]) -> KVSendSide:
+        return NcclSendSide(model_name, links)
+
+    def receive_side(
+        self, sink: KVSink, layout: KVLayout, device: str | torch.device, decode_index: int
+    ) -> KVReceiveSide:
+        return NcclReceiveSide(sink, layout, device)
