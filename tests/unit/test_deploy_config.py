@@ -85,28 +85,32 @@ def test_decode_kv_server_takes_the_configured_ports():
     base + 2i + 1 (here the plain actor class, as the launcher builds it inside Ray)."""
     import socket
 
-    from decode_worker.actor import DecodeActor
+    from deploy.actors import WorkerActor
+    from deploy.wiring import WorkerSpec
     from engine.config import EngineConfig
+    from transfer.config import TransferConfig
 
-    with socket.socket() as probe:  # two free neighbouring ports are not guaranteed: take two
-        probe.bind(("127.0.0.1", 0))
-        grpc_port = probe.getsockname()[1]
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        data_port = probe.getsockname()[1]
-    actor = DecodeActor(
-        "decode-0",
-        EngineConfig(model="tiny", num_gpu_blocks=64),
-        "grpc",
-        grpc_ports=(grpc_port, data_port),
-        grpc_data_streams=2,
-    )
+    for _ in range(50):  # a free pair of neighbouring ports (decode-1: base + 2, base + 3)
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            base = probe.getsockname()[1] - 2
+        try:
+            with socket.socket() as a, socket.socket() as b:
+                a.bind(("127.0.0.1", base + 2))
+                b.bind(("127.0.0.1", base + 3))
+            break
+        except OSError:
+            continue
+    grpc_port, data_port = base + 2, base + 3
+    transfer = TransferConfig(port_base=base, data_streams=2)
+    actor = WorkerActor(WorkerSpec("decode-1", "decode", EngineConfig(model="tiny", num_gpu_blocks=64), transfer, 1))
+    server = actor.worker.receive_side.server
     try:
-        assert actor.worker.grpc_address == f"127.0.0.1:{grpc_port}"
-        assert actor._grpc_server.data_port == data_port
-        assert actor._grpc_server._servicer.max_data_streams == 2  # transfer.data_streams
+        assert actor.worker.kv_peer().address == f"127.0.0.1:{grpc_port}"
+        assert server.data_port == data_port
+        assert server._servicer.max_data_streams == 2  # transfer.data_streams
     finally:
-        actor._grpc_server.stop(0)
+        actor.shutdown()
     cfg = parse_config({"model": "tiny", "prefill": {"count": 1}, "decode": {"count": 3},
                         "transfer": {"port_base": 20000, "data_streams": 8}})  # fmt: skip
     assert cfg.transfer.data_streams == 8
