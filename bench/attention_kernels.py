@@ -5,7 +5,7 @@ plus q) / time, with a ratio to a large device-to-device copy measured in the sa
 Prefill: TFLOP/s of useful causal-attention FLOPs, with a ratio to a large bf16 matmul
 measured in the same run and to torch SDPA (FlashAttention class) on contiguous tensors.
 
-    PYTHONPATH=$PWD python -m bench.attention_kernels --json out.json
+    PYTHONPATH=$PWD python -m pdserve.bench.attention_kernels --json out.json
 
 `build_paged_batch` is also the input builder of tests/gpu/test_triton_attention.py.
 """
@@ -17,7 +17,7 @@ import json
 
 import torch
 
-from engine.attention.metadata import AttentionMetadata
+from pdserve.engine.attention.metadata import AttentionMetadata
 
 
 def build_paged_batch(
@@ -137,7 +137,7 @@ def bench_decode(
     copy_gbps: float,
     **kernel_args,
 ) -> dict:
-    from engine.attention.triton_backend import TritonAttention
+    from pdserve.engine.attention.triton_backend import TritonAttention
 
     query, key, value, cache, meta = build_paged_batch(
         [1] * batch,
@@ -192,7 +192,7 @@ def bench_decode_layers_graph(
     the engine runs it: no CPU launch cost, and the caches together exceed L2. The engine
     captures with the model's max length as `max_seq_len` (`max_seq_len_bound`), which sets the
     grid; without it the grid fits the context exactly."""
-    from engine.attention.triton_backend import TritonAttention
+    from pdserve.engine.attention.triton_backend import TritonAttention
 
     query, _, _, cache, meta = build_paged_batch(
         [1] * batch,
@@ -250,7 +250,7 @@ def bench_prefill(
     matmul_tflops: float,
     **kernel_args,
 ) -> dict:
-    from engine.attention.triton_backend import TritonAttention
+    from pdserve.engine.attention.triton_backend import TritonAttention
 
     query, key, value, cache, meta = build_paged_batch(
         [query_len],
@@ -309,7 +309,7 @@ def bench_mixed(
     decode_context: int = 1024,
 ) -> dict:
     """One call holding a 2,048-token prefill and 64 decode rows (chunked-prefill style batch)."""
-    from engine.attention.triton_backend import TritonAttention
+    from pdserve.engine.attention.triton_backend import TritonAttention
 
     query_lens = [prefill_len] + [1] * decode_rows
     prefix_lens = [0] + [decode_context - 1] * decode_rows

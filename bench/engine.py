@@ -1,6 +1,6 @@
 """Offline throughput of the engine against transformers' `generate`, same prompts, same run.
 
-    python -m bench.engine [--model tiny] [--num-prompts 32] [--input-len 64] [--output-len 32]
+    python -m pdserve.bench.engine [--model tiny] [--num-prompts 32] [--input-len 64] [--output-len 32]
 
 Prints output tokens/s for `LLM.generate` (all prompts at once: continuous batching
 over the paged cache) and for transformers' `generate` on the same model (one prompt
@@ -18,7 +18,7 @@ import time
 
 import torch
 
-from engine import LLM, SamplingParams
+from pdserve.engine import LLM, SamplingParams
 
 
 def hf_model_from_engine(llm: LLM):
@@ -39,7 +39,7 @@ def hf_model_from_engine(llm: LLM):
         tie_word_embeddings=mc.tie_word_embeddings,
     )
     model = tf.LlamaForCausalLM(cfg).eval()
-    from engine.model.loader import checkpoint_tensors
+    from pdserve.engine.model.loader import checkpoint_tensors
 
     model.load_state_dict(checkpoint_tensors(llm.engine.runner.model), strict=False)
     return model.to(llm.engine.runner.device)

@@ -1,6 +1,6 @@
 """One-row linear layers (batch-1 decode): cuBLAS `F.linear` against the engine's Triton GEMV.
 
-    python -m bench.gemv [--json PATH]
+    python -m pdserve.bench.gemv [--json PATH]
 
 For each Llama-3-8B weight shape (bf16, random values) both run 32 times inside one CUDA
 graph (so launch overhead is out of the picture, as in a captured decode step), over
@@ -17,8 +17,8 @@ import sys
 import torch
 from torch.nn import functional as F
 
-from bench.attention_kernels import measure_copy_gbps
-from engine.model.gemv import gemv_triton
+from pdserve.bench.attention_kernels import measure_copy_gbps
+from pdserve.engine.model.gemv import gemv_triton
 
 # (name, N, K) of Llama-3-8B's linear layers: y[1, N] = x[1, K] @ W[N, K]^T
 SHAPES = (

@@ -1,9 +1,9 @@
 """One-command GPU benchmark: pdserve against the GPU's measured limits and against
 Hugging Face transformers, on a Llama-3-8B-shaped model (random bf16 weights).
 
-    PYTHONPATH=$PWD python -m bench.gpu --json out.json --markdown out.md
-    python -m bench.gpu --small               # tiny shapes on CPU, seconds (the unit test)
-    python -m bench.gpu --only 1,3 --skip-transformers
+    PYTHONPATH=$PWD python -m pdserve.bench.gpu --json out.json --markdown out.md
+    python -m pdserve.bench.gpu --small               # tiny shapes on CPU, seconds (the unit test)
+    python -m pdserve.bench.gpu --only 1,3 --skip-transformers
 
 Rows (pdserve | floor | transformers):
   1 decode, batch 1, 512-token context: tokens/s | HBM floor: (weights + KV read) per
@@ -34,15 +34,16 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 import torch
 
-from bench import gpu_baselines as hf
-from bench.gpu_baselines import synchronize, timed_seconds
-from bench.gpu_limits import ModelCost, measure_limits
-from bench.gpu_report import Report, parse_only
-from bench.transfer import best_seconds
+from pdserve.bench import gpu_baselines as hf
+from pdserve.bench.gpu_baselines import synchronize, timed_seconds
+from pdserve.bench.gpu_limits import ModelCost, measure_limits
+from pdserve.bench.gpu_report import Report, parse_only
+from pdserve.bench.gpu_shapes import SMALL, Shapes
+from pdserve.bench.transfer import best_seconds
 
 # The same Llama-3-8B shape the GPU deploy configs serve (one config.json in the repo).
 _LLAMA3_8B_DIR = os.path.join(
@@ -65,28 +66,7 @@ TINY = dict(
 )
 
 
-@dataclass
-class Shapes:
-    """Sizes of every row; `--small` shrinks them so the whole run takes seconds on CPU."""
-
-    decode_context: int = 512
-    batch_decode_size: int = 128
-    batch_decode_context: int = 1024
-    transformers_batch: int = 32  # the README's transformers figure is at batch 32
-    decode_steps: int = 128  # timed steps (pdserve) = new tokens timed (transformers)
-    warmup_steps: int = 8
-    prefill_tokens: int = 2048
-    prefill_reps: int = 5
-    num_requests: int = 1000
-    transformers_requests: int = 64
-    prompt_len: int = 512
-    output_len: int = 128
-    pack_blocks: int = 128
-    pack_iters: int = 10
-
-
 PACK_BACK_TO_BACK = 8  # pack (unpack) calls per timing in row 5
-SMALL = Shapes(32, 8, 64, 4, 8, 2, 64, 3, 16, 8, 32, 8, 8, 5)
 
 
 def random_prompt(rng: random.Random, length: int, vocab_size: int) -> list[int]:
@@ -96,7 +76,7 @@ def random_prompt(rng: random.Random, length: int, vocab_size: int) -> list[int]
 # -- pdserve rows ---------------------------------------------------------------------
 def pdserve_decode(llm, batch: int, context: int, shapes: Shapes, cost: ModelCost, limits: dict) -> dict:
     """Tokens/s of `engine.step()` once every request of the batch is decoding."""
-    from engine import SamplingParams
+    from pdserve.engine import SamplingParams
 
     engine, device = llm.engine, llm.engine.runner.device
     vocab, rng = engine.model_config.vocab_size, random.Random(batch * 7919 + context)
@@ -152,7 +132,7 @@ def pdserve_decode(llm, batch: int, context: int, shapes: Shapes, cost: ModelCos
 
 def pdserve_prefill(llm, shapes: Shapes, cost: ModelCost, limits: dict) -> dict:
     """Wall time of the step(s) that prefill one prompt and sample its first token."""
-    from engine import SamplingParams
+    from pdserve.engine import SamplingParams
 
     engine, device = llm.engine, llm.engine.runner.device
     vocab, rng = engine.model_config.vocab_size, random.Random(3)
@@ -182,7 +162,7 @@ def pdserve_prefill(llm, shapes: Shapes, cost: ModelCost, limits: dict) -> dict:
 
 def pdserve_throughput(llm, num_requests: int, shapes: Shapes, cost: ModelCost, limits: dict) -> dict:
     """`LLM.generate` over every request at once, greedy, ignore_eos: output tokens/s."""
-    from engine import SamplingParams
+    from pdserve.engine import SamplingParams
 
     device, vocab = llm.engine.runner.device, llm.engine.model_config.vocab_size
     rng = random.Random(4)
@@ -224,8 +204,8 @@ def pdserve_throughput(llm, num_requests: int, shapes: Shapes, cost: ModelCost, 
 def pdserve_pack_unpack(llm, shapes: Shapes, limits: dict) -> dict:
     """transfer.packing on the engine's own cache: gather a prompt's scattered blocks
     into a buffer, scatter it back at other scattered blocks (best of N, as bench.transfer)."""
-    from transfer.layout import KVLayout
-    from transfer.packing import buffer_nbytes, pack_blocks, unpack_blocks
+    from pdserve.transfer.layout import KVLayout
+    from pdserve.transfer.packing import buffer_nbytes, pack_blocks, unpack_blocks
 
     cache = llm.engine.kv_cache  # [L, 2, num_blocks, block_size, Hkv, D]
     n = shapes.pack_blocks
@@ -282,7 +262,7 @@ def row_titles(shapes: Shapes) -> dict[str, str]:
 
 
 def build_llm(model_dir: str, args: argparse.Namespace, device: torch.device, cost: ModelCost):
-    from engine import LLM
+    from pdserve.engine import LLM
 
     num_blocks = args.num_gpu_blocks
     if num_blocks is None and device.type == "cuda":

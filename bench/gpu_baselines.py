@@ -1,4 +1,4 @@
-"""The Hugging Face transformers side of `python -m bench.gpu`: the same measurements on
+"""The Hugging Face transformers side of `python -m pdserve.bench.gpu`: the same measurements on
 the same model shape, on the same device, in the same run.
 
 Every function takes a built model and returns a plain dict of numbers plus a
@@ -16,8 +16,8 @@ from typing import TYPE_CHECKING
 import torch
 
 if TYPE_CHECKING:
-    from bench.gpu import Shapes
-    from bench.gpu_report import Report
+    from pdserve.bench.gpu_report import Report
+    from pdserve.bench.gpu_shapes import Shapes
 
 
 def synchronize(device: torch.device) -> None:

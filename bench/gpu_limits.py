@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from bench.transfer import best_seconds
+from pdserve.bench.transfer import best_seconds
 
 
 class ModelCost:
@@ -59,7 +59,7 @@ def measure_limits(
     functions on CUDA; small best-of-5 stand-ins on CPU). On CUDA with the model's `cfg`, also
     the rate of its decoder layer's GEMMs at `rows` tokens (a prefill step's size)."""
     if device.type == "cuda":
-        from bench.attention_kernels import (
+        from pdserve.bench.attention_kernels import (
             measure_copy_gbps,
             measure_layer_gemm_tflops,
             measure_matmul_tflops,

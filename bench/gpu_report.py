@@ -1,4 +1,4 @@
-"""Results of `python -m bench.gpu`: one row per measurement with a pdserve, a floor
+"""Results of `python -m pdserve.bench.gpu`: one row per measurement with a pdserve, a floor
 and a transformers column, speed ratios, the JSON (rewritten after every
 measurement) and the printed / markdown table."""
 

@@ -12,7 +12,7 @@ Every worker reports load and ships its KV events every --report-interval-ms.
 A decode worker reserves prompt blocks when routed; output grows one slot per
 step; a step that cannot get a block preempts the newest request (recompute).
 
-    python -m bench.policy_sim --num-prefill 16 --num-decode 16 --num-requests 10000 \\
+    python -m pdserve.bench.policy_sim --num-prefill 16 --num-decode 16 --num-requests 10000 \\
         --workload prefix-sharing --policy all
 """
 
@@ -26,14 +26,14 @@ import time
 from collections import deque
 from collections.abc import Callable
 
-from bench.policy_workloads import BLOCK_SIZE, SimRequest, make_workload, oracle_hit_tokens
-from engine.core.block_pool import BlockPool
-from engine.core.kv_cache_manager import cdiv
-from engine.core.outputs import LoadReport
-from router.kv_sync import KVEventBatch
-from router.policy import POLICIES, make_policy
-from router.routing import RouteRequest
-from router.worker_state import WorkerStateTracker
+from pdserve.bench.policy_workloads import BLOCK_SIZE, SimRequest, make_workload, oracle_hit_tokens
+from pdserve.engine.core.block_pool import BlockPool
+from pdserve.engine.core.kv_cache_manager import cdiv
+from pdserve.engine.core.outputs import LoadReport
+from pdserve.router.kv_sync import KVEventBatch
+from pdserve.router.policy import POLICIES, make_policy
+from pdserve.router.routing import RouteRequest
+from pdserve.router.worker_state import WorkerStateTracker
 
 PREFILL_FIXED_S, PREFILL_PER_TOKEN_S = 3e-3, 30e-6
 DECODE_FIXED_S, DECODE_PER_SEQ_S, DECODE_PER_CTX_TOKEN_S = 12e-3, 0.05e-3, 0.03e-6

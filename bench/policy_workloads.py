@@ -7,7 +7,7 @@ import argparse
 import random
 from dataclasses import dataclass, field
 
-from router.routing import RouteDecision
+from pdserve.router.routing import RouteDecision
 
 BLOCK_SIZE = 16
 

@@ -1,7 +1,7 @@
 """Where an engine step's time goes: host phases, GPU kernels, and the gap between them.
 
-    python -m bench.profile_steps                 # Llama-3-8B shape, bf16, on CUDA
-    python -m bench.profile_steps --small         # tiny shapes on CPU (checks the script)
+    python -m pdserve.bench.profile_steps                 # Llama-3-8B shape, bf16, on CUDA
+    python -m pdserve.bench.profile_steps --small         # tiny shapes on CPU (checks the script)
 
 For the engine rows of `bench.gpu` (decode b=1 ctx 512, decode b=128 ctx 1,024, prefill of
 2,048 tokens, and an offline `LLM.generate` call) it prints, per step (per call for offline):
@@ -32,11 +32,12 @@ from typing import Any
 
 import torch
 
-from bench import timeline
-from bench.gpu import LLAMA3_8B, SMALL, TINY, Shapes, build_llm, random_prompt
-from bench.gpu_limits import ModelCost
-from engine import SamplingParams, cuda_graphs, model_runner
-from engine.model_runner import SampledTokens
+from pdserve.bench import timeline
+from pdserve.bench.gpu import LLAMA3_8B, TINY, build_llm, random_prompt
+from pdserve.bench.gpu_limits import ModelCost
+from pdserve.bench.gpu_shapes import SMALL, Shapes
+from pdserve.engine import SamplingParams, cuda_graphs, model_runner
+from pdserve.engine.model_runner import SampledTokens
 
 WINDOW = "profiled window"  # the record_function range around the measured steps
 

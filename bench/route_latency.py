@@ -6,7 +6,7 @@ times `policy.route`, and route + `tracker.on_routed` (the whole decision path
 of a request; `release` runs when it ends and is not timed), for prompts that
 partly hit cached prefixes.
 
-    python -m bench.route_latency [--num-workers 64 --num-blocks 1000000 --json]
+    python -m pdserve.bench.route_latency [--num-workers 64 --num-blocks 1000000 --json]
 """
 
 from __future__ import annotations
@@ -17,13 +17,13 @@ import random
 import statistics
 import time
 
-from engine.core.block_pool import BlockStored
-from engine.core.outputs import LoadReport
-from router.kv_index import KVIndex
-from router.kv_sync import KVEventBatch
-from router.policy import POLICIES, make_policy
-from router.routing import RouteRequest
-from router.worker_state import WorkerStateTracker
+from pdserve.engine.core.block_pool import BlockStored
+from pdserve.engine.core.outputs import LoadReport
+from pdserve.router.kv_index import KVIndex
+from pdserve.router.kv_sync import KVEventBatch
+from pdserve.router.policy import POLICIES, make_policy
+from pdserve.router.routing import RouteRequest
+from pdserve.router.worker_state import WorkerStateTracker
 
 BLOCK_SIZE = 16
 

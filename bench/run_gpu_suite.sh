@@ -24,15 +24,15 @@ case "${1:-}" in
   single)
     timeout 150 python -m pytest tests/gpu/test_engine_gpu.py tests/gpu/test_disagg_gpu.py -q 2>&1 \
       | tail -5 | tee "$OUT/gpu_tests.txt"
-    timeout 330 python -m bench.gpu --json "$OUT/gpu.json" --markdown "$OUT/gpu.md" 2>&1 | tail -40
-    timeout 100 python -m bench.sweep --config colocated=deploy/gpu-colocated-1.yaml \
+    timeout 330 python -m pdserve.bench.gpu --json "$OUT/gpu.json" --markdown "$OUT/gpu.md" 2>&1 | tail -40
+    timeout 100 python -m pdserve.bench.sweep --config colocated=deploy/gpu-colocated-1.yaml \
       --dataset random --random-input-len 256 --random-output-len 256 --num-prompts 48 \
       --request-rates 4,16 --goodput $SLO --output-dir "$OUT/sweep-short" --disable-tqdm 2>&1 | tail -15
     ;;
   pair)
     timeout 120 python -m pytest tests/gpu/test_disagg_gpu.py -q 2>&1 | tail -5 | tee "$OUT/gpu_tests.txt"
-    timeout 90 python -m bench.transfer_nccl --json "$OUT/transfer_nccl.json" 2>&1 | tail -6
-    timeout 330 python -m bench.sweep --config colocated-2=deploy/gpu-colocated-2.yaml \
+    timeout 90 python -m pdserve.bench.transfer_nccl --json "$OUT/transfer_nccl.json" 2>&1 | tail -6
+    timeout 330 python -m pdserve.bench.sweep --config colocated-2=deploy/gpu-colocated-2.yaml \
       --config 1p1d=deploy/gpu-1p1d.yaml --dataset random --random-input-len 2048 \
       --random-output-len 256 --num-prompts 48 --request-rates 2,6 --goodput $SLO \
       --output-dir "$OUT/sweep-long" --disable-tqdm 2>&1 | tail -20
@@ -44,15 +44,15 @@ case "${1:-}" in
       || export PDSERVE_DISABLE_FUSED_OPS=1   # keep measuring with the torch ops
     timeout 110 python -m pytest tests/gpu/test_transfer_gpu.py tests/gpu/test_engine_gpu.py -q 2>&1 \
       | tail -6 | tee "$OUT/gpu_tests.txt"
-    timeout 60 python -m bench.transfer --json "$OUT/transfer.json" 2>&1 | tail -12
-    timeout 270 python -m bench.gpu --json "$OUT/gpu.json" --markdown "$OUT/gpu.md" 2>&1 | tail -14
+    timeout 60 python -m pdserve.bench.transfer --json "$OUT/transfer.json" 2>&1 | tail -12
+    timeout 270 python -m pdserve.bench.gpu --json "$OUT/gpu.json" --markdown "$OUT/gpu.md" 2>&1 | tail -14
     ;;
   fused)
     # The fused RMSNorm/RoPE kernels: their tests, the engine's GPU tests with them on,
     # and pdserve's decode/prefill rows of bench.gpu with them on and off.
     timeout 100 python -m pytest tests/gpu/test_fused_ops.py -q 2>&1 | tail -8 | tee "$OUT/fused_tests.txt"
     timeout 100 python -m pytest tests/gpu/test_engine_gpu.py -q 2>&1 | tail -3 | tee "$OUT/gpu_tests.txt"
-    timeout 100 python -m bench.gpu --skip-transformers --only 1,2,3 --json "$OUT/gpu_fused.json" 2>&1 | tail -6
+    timeout 100 python -m pdserve.bench.gpu --skip-transformers --only 1,2,3 --json "$OUT/gpu_fused.json" 2>&1 | tail -6
     ;;
   tests)
     # One GPU: every single-GPU test in tests/gpu (kernels against the reference, the engine's
@@ -63,28 +63,28 @@ case "${1:-}" in
     ;;
   final)
     # One GPU: the whole bench.gpu (transformers included), bench.gemv and the step profile.
-    timeout 300 python -m bench.gpu --json "$OUT/gpu.json" --markdown "$OUT/gpu.md" 2>&1 | tail -9
-    timeout 60 python -m bench.gemv --json "$OUT/gemv.json" 2>&1 | tail -7
-    timeout 150 python -m bench.profile_steps --json "$OUT/profile.json" 2>&1 | grep "wall\|steps$"
+    timeout 300 python -m pdserve.bench.gpu --json "$OUT/gpu.json" --markdown "$OUT/gpu.md" 2>&1 | tail -9
+    timeout 60 python -m pdserve.bench.gemv --json "$OUT/gemv.json" 2>&1 | tail -7
+    timeout 150 python -m pdserve.bench.profile_steps --json "$OUT/profile.json" 2>&1 | grep "wall\|steps$"
     ;;
   grpc1)
     # One GPU: 1P1D over gRPC with both workers on it (the two-GPU NCCL test skips itself), and
     # bench.transfer: pack/unpack and the gRPC backend's host path (socket data plane, in band).
     timeout 200 python -m pytest tests/gpu/test_disagg_gpu.py -q -p no:cacheprovider 2>&1 | tail -3 \
       | tee "$OUT/disagg_tests.txt"
-    timeout 90 python -m bench.transfer --json "$OUT/transfer.json" 2>&1 | tail -14
-    timeout 90 python -m bench.transfer --grpc-in-band --json "$OUT/transfer_in_band.json" 2>&1 | grep -i grpc
+    timeout 90 python -m pdserve.bench.transfer --json "$OUT/transfer.json" 2>&1 | tail -14
+    timeout 90 python -m pdserve.bench.transfer --grpc-in-band --json "$OUT/transfer_in_band.json" 2>&1 | grep -i grpc
     ;;
   profile)
     # One GPU: where a step's time goes (host phases vs kernels), graphs on and off.
-    timeout 200 python -m bench.profile_steps --json "$OUT/profile.json" 2>&1 | grep -v "USDT\|arn"
+    timeout 200 python -m pdserve.bench.profile_steps --json "$OUT/profile.json" 2>&1 | grep -v "USDT\|arn"
     ;;
   sweep1)
     # One GPU, co-located: the long- and short-prompt sweeps of the bench issue.
-    timeout 200 python -m bench.sweep --config colocated=deploy/gpu-colocated-1.yaml --dataset random \
+    timeout 200 python -m pdserve.bench.sweep --config colocated=deploy/gpu-colocated-1.yaml --dataset random \
       --random-input-len 2048 --random-output-len 256 --num-prompts 48 --request-rates 2,4,8 \
       --goodput $SLO --output-dir "$OUT/sweep-long" --disable-tqdm 2>&1 | tail -8
-    timeout 150 python -m bench.sweep --config colocated=deploy/gpu-colocated-1.yaml --dataset random \
+    timeout 150 python -m pdserve.bench.sweep --config colocated=deploy/gpu-colocated-1.yaml --dataset random \
       --random-input-len 256 --random-output-len 256 --num-prompts 48 --request-rates 4,16 \
       --goodput $SLO --output-dir "$OUT/sweep-short" --disable-tqdm 2>&1 | tail -6
     ;;
@@ -92,7 +92,7 @@ case "${1:-}" in
     # One GPU (H200): 1P1D over gRPC sharing it, long prompts, the data plane with 4 parallel
     # streams against the same deployment held to one (a copy of the config with data_streams: 1).
     sed 's/data_streams: 4/data_streams: 1/' deploy/gpu-1p1d-grpc-1.yaml > /tmp/gpu-1p1d-grpc-1-stream.yaml
-    timeout 420 python -m bench.sweep --config streams4=deploy/gpu-1p1d-grpc-1.yaml \
+    timeout 420 python -m pdserve.bench.sweep --config streams4=deploy/gpu-1p1d-grpc-1.yaml \
       --config streams1=/tmp/gpu-1p1d-grpc-1-stream.yaml --dataset random --random-input-len 2048 \
       --random-output-len 256 --num-prompts 48 --request-rates 2,4 --goodput $SLO \
       --output-dir "$OUT/sweep-1p1d-grpc" --disable-tqdm 2>&1 | tail -12
@@ -100,7 +100,7 @@ case "${1:-}" in
   link)
     # Two GPUs: the pipelined NCCL KV transfer, and the nccl backend's own GPU test.
     timeout 100 python -m pytest tests/unit/test_transfer_nccl.py -m gpu -q 2>&1 | tail -3 | tee "$OUT/nccl_tests.txt"
-    timeout 120 python -m bench.transfer_nccl --json "$OUT/transfer_nccl.json" \
+    timeout 120 python -m pdserve.bench.transfer_nccl --json "$OUT/transfer_nccl.json" \
       --profile "$OUT/transfer_rounds.json" 2>&1 | grep -v "USDT\|arn" | tail -90
     ;;
   *)

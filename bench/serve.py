@@ -1,6 +1,6 @@
 """Load generator against the router's gRPC API (`pdserve bench serve`).
 
-    python -m bench.serve --url 127.0.0.1:50051 --dataset random --num-prompts 200 \\
+    python -m pdserve.bench.serve --url 127.0.0.1:50051 --dataset random --num-prompts 200 \\
         --random-input-len 512 --random-output-len 128 --request-rate 8 --goodput ttft:500 tpot:50
 
 Flags, metric names and definitions follow vLLM's `vllm bench serve` (see
@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.datasets import (
+from pdserve.bench.datasets import (
     DATASET_NAMES,
     BenchRequest,
     check_fits_model,
@@ -31,7 +31,7 @@ from bench.datasets import (
     sample_random,
     sample_sharegpt_synthetic,
 )
-from bench.metrics import (
+from pdserve.bench.metrics import (
     RequestResult,
     compute_metrics,
     format_summary,
@@ -39,8 +39,8 @@ from bench.metrics import (
     parse_metric_percentiles,
     parse_percentile_metrics,
 )
-from engine.gc_heap import frozen_heap
-from router.client import AsyncPdserveClient, GenerateChunk, GenerateComplete, ModelInfo, PdserveError
+from pdserve.engine.gc_heap import frozen_heap
+from pdserve.router.client import AsyncPdserveClient, GenerateChunk, GenerateComplete, ModelInfo, PdserveError
 
 
 def add_workload_arguments(parser: argparse.ArgumentParser) -> None:

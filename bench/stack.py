@@ -1,6 +1,6 @@
 """Measurements of the whole serving stack on CPU with the tiny model (issues 3 and 4).
 
-    python -m bench.stack all --output bench/results/cpu_stack.json
+    python -m pdserve.bench.stack all --output bench/results/cpu_stack.json
 
 `streaming` (issue 3): 1P1D from deploy/cpu-1p1d.yaml.
   - capacity: 64 concurrent streams through the router; output tokens/s delivered
@@ -33,12 +33,12 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.datasets import BenchRequest, sample_prefix_repetition, sample_random
-from bench.serve import run_benchmark
-from deploy.launcher import up
-from engine import LLM, SamplingParams
-from engine.config import EngineConfig
-from engine.llm_engine import LLMEngine
+from pdserve.bench.datasets import BenchRequest, sample_prefix_repetition, sample_random
+from pdserve.bench.serve import run_benchmark
+from pdserve.deploy.launcher import up
+from pdserve.engine import LLM, SamplingParams
+from pdserve.engine.config import EngineConfig
+from pdserve.engine.llm_engine import LLMEngine
 
 TINY_VOCAB_SIZE, TINY_EOS = 258, 257
 CONFIG_1P1D = "deploy/cpu-1p1d.yaml"
@@ -272,7 +272,9 @@ def main(argv: list[str] | None = None) -> int:
     # One intra-op thread, as each Ray worker gets (OMP_NUM_THREADS=1): the offline engine is
     # then the same engine the workers run, and does not fight them for the 2 cores.
     torch.set_num_threads(1)
-    parser = argparse.ArgumentParser(prog="python -m bench.stack", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m pdserve.bench.stack", description=__doc__.splitlines()[0]
+    )
     parser.add_argument("what", choices=("streaming", "policy", "all"), nargs="?", default="all")
     parser.add_argument("--output", default="bench/results/cpu_stack.json")
     parser.add_argument("--streams", type=int, default=64)

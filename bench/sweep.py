@@ -1,6 +1,6 @@
 """Run `bench serve` at a ladder of request rates against one or more deployments.
 
-    python -m bench.sweep --url colocated=127.0.0.1:50051 --config 1p1d=deploy/local.yaml \\
+    python -m pdserve.bench.sweep --url colocated=127.0.0.1:50051 --config 1p1d=deploy/local.yaml \\
         --request-rates 1,2,4,inf --num-prompts 100 --goodput ttft:500 tpot:50 \\
         --output-dir bench/results/sweep
 
@@ -21,10 +21,10 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from bench.datasets import BenchRequest
-from bench.metrics import PERCENTILE_METRICS, parse_goodput, parse_metric_percentiles
-from bench.serve import add_workload_arguments, build_requests, run_benchmark
-from router.client import AsyncPdserveClient, ModelInfo, PdserveError
+from pdserve.bench.datasets import BenchRequest
+from pdserve.bench.metrics import PERCENTILE_METRICS, parse_goodput, parse_metric_percentiles
+from pdserve.bench.serve import add_workload_arguments, build_requests, run_benchmark
+from pdserve.router.client import AsyncPdserveClient, ModelInfo, PdserveError
 
 # (name, start() -> router URL, stop())
 DeploymentSpec = tuple[str, Callable[[], str], Callable[[], None]]
@@ -51,7 +51,7 @@ def _config_deployment(name: str, config_path: str) -> DeploymentSpec:
 
     def start() -> str:
         try:
-            from deploy import launcher
+            from pdserve.deploy import launcher
         except ImportError as error:
             raise RuntimeError(f"--config {name}={config_path} needs deploy.launcher ({error})") from None
         if not hasattr(launcher, "up"):

@@ -1,10 +1,10 @@
 """KV packing and host-path transfer throughput.
 
-    python -m bench.transfer                 # Llama-3-8B-shaped cache, 2,048-token request (GPU)
-    python -m bench.transfer --small         # CPU-sized run, < 30 s
-    python -m bench.transfer --json out.json
-    python -m bench.transfer --chunk-layers 4   # also pack/unpack in 4-layer chunks
-    python -m bench.transfer --grpc-in-band     # gRPC bytes on the stream, not the socket data plane
+    python -m pdserve.bench.transfer                 # Llama-3-8B-shaped cache, 2,048-token request (GPU)
+    python -m pdserve.bench.transfer --small         # CPU-sized run, < 30 s
+    python -m pdserve.bench.transfer --json out.json
+    python -m pdserve.bench.transfer --chunk-layers 4   # also pack/unpack in 4-layer chunks
+    python -m pdserve.bench.transfer --grpc-in-band     # gRPC bytes on the stream, not the socket data plane
 
 Measures, on the current device, for one request's blocks (scattered block ids):
   pack         pack_blocks into a pooled buffer [L, 2, n, bs, Hkv, D] (Triton kernel on CUDA)
@@ -29,13 +29,13 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from transfer.contract import KVHandle
-from transfer.grpc_backend import GrpcKVSender
-from transfer.grpc_connector import GrpcPeer
-from transfer.grpc_data import MAX_DATA_STREAMS, num_data_streams
-from transfer.grpc_server import GrpcKVServer
-from transfer.layout import KVLayout
-from transfer.packing import buffer_nbytes, layer_chunks, pack_blocks, unpack_blocks, unpack_into
+from pdserve.transfer.contract import KVHandle
+from pdserve.transfer.grpc_backend import GrpcKVSender
+from pdserve.transfer.grpc_data import MAX_DATA_STREAMS, num_data_streams
+from pdserve.transfer.grpc_server import GrpcKVServer
+from pdserve.transfer.layout import KVLayout
+from pdserve.transfer.packing import buffer_nbytes, layer_chunks, pack_blocks, unpack_blocks, unpack_into
+from pdserve.transfer.peers import GrpcPeer
 
 
 @dataclass

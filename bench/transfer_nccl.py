@@ -1,6 +1,6 @@
 """KV transfer between two GPUs through the nccl backend, pack and unpack included.
 
-`python -m bench.transfer_nccl [--tokens 2048] [--json PATH]` spawns two processes (one
+`python -m pdserve.bench.transfer_nccl [--tokens 2048] [--json PATH]` spawns two processes (one
 per GPU): rank 0 holds a prefill-side cache, rank 1 a decode-side cache, both in the
 Llama-3-8B layout (32 layers, 8 KV heads, head_dim 128, bf16, block 16). Each round ships
 one request's blocks with `NcclKVSender.send`, which returns once the receiver has
@@ -26,11 +26,11 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from transfer.contract import KVHandle
-from transfer.layout import KVLayout
-from transfer.nccl_backend import NcclKVReceiver, NcclKVSender, init_transfer_group
-from transfer.nccl_connector import NcclPeer
-from transfer.packing import unpack_into
+from pdserve.transfer.contract import KVHandle
+from pdserve.transfer.layout import KVLayout
+from pdserve.transfer.nccl_backend import NcclKVReceiver, NcclKVSender, init_transfer_group
+from pdserve.transfer.packing import unpack_into
+from pdserve.transfer.peers import NcclPeer
 
 MODEL = "llama3-8b-shape"
 

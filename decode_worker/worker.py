@@ -25,15 +25,15 @@ from collections import OrderedDict
 
 import torch
 
-from engine.config import EngineConfig
-from engine.core.outputs import RequestOutput, StepBatch
-from engine.core.sampling_params import SamplingParams
-from engine.engine_loop import LoopWorker
-from engine.llm_engine import LLMEngine
-from transfer.connector import KVConnector, KVReceiveSide
-from transfer.contract import KVArrival, KVHandle
-from transfer.layout import KVLayout
-from transfer.packing import unpack_blocks
+from pdserve.engine.config import EngineConfig
+from pdserve.engine.core.outputs import RequestOutput, StepBatch
+from pdserve.engine.core.sampling_params import SamplingParams
+from pdserve.engine.engine_loop import LoopWorker
+from pdserve.engine.llm_engine import LLMEngine
+from pdserve.transfer.connector import KVConnector, KVReceiveSide
+from pdserve.transfer.contract import KVArrival, KVHandle
+from pdserve.transfer.layout import KVLayout
+from pdserve.transfer.packing import unpack_blocks
 
 log = logging.getLogger(__name__)
 

@@ -13,13 +13,12 @@ import dataclasses
 import socket
 from typing import Any
 
-from engine.core.outputs import KVSnapshot, LoadReport, PrefillResult, StepBatch
-from engine.core.sampling_params import SamplingParams
-from router.worker_client import RayWorkerClient, WorkerClient
-from transfer.connector import DecodeLink, Waitable
-from transfer.contract import KVHandle
-
-from deploy.wiring import WorkerSpec, build_worker
+from pdserve.deploy.wiring import WorkerSpec, build_worker
+from pdserve.engine.core.outputs import KVSnapshot, LoadReport, PrefillResult, StepBatch
+from pdserve.engine.core.sampling_params import SamplingParams
+from pdserve.router.worker_client import RayWorkerClient, WorkerClient
+from pdserve.transfer.connector import DecodeLink, Waitable
+from pdserve.transfer.contract import KVHandle
 
 
 class WorkerActor:

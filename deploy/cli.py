@@ -33,7 +33,7 @@ def _sampling_args(p: argparse.ArgumentParser) -> None:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     if args.url:
-        from router.client import GenerateChunk, PdserveClient
+        from pdserve.router.client import GenerateChunk, PdserveClient
 
         with PdserveClient(args.url) as client:
             client.wait_ready(timeout=args.timeout)
@@ -61,11 +61,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
                 file=sys.stderr,
             )
         return 0
-    from engine import SamplingParams
-    from engine.config import EngineConfig
-    from engine.llm_engine import LLMEngine
-    from engine.output_processor import OutputProcessor
-    from engine.tokenizer import load_tokenizer
+    from pdserve.engine import SamplingParams
+    from pdserve.engine.config import EngineConfig
+    from pdserve.engine.llm_engine import LLMEngine
+    from pdserve.engine.output_processor import OutputProcessor
+    from pdserve.engine.tokenizer import load_tokenizer
 
     engine = LLMEngine(EngineConfig(model=args.model, device=args.device, dtype=args.dtype))
     mc = engine.model_config
@@ -95,7 +95,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_up(args: argparse.Namespace) -> int:
-    from deploy.launcher import up
+    from pdserve.deploy.launcher import up
 
     overrides = {}
     if args.port is not None:
@@ -164,7 +164,7 @@ def _connect(address: str | None, namespace: str):
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from deploy.launcher import ROUTER_NAME
+    from pdserve.deploy.launcher import ROUTER_NAME
 
     ray = _connect(args.address, args.namespace)
     status = ray.get(ray.get_actor(ROUTER_NAME).status.remote())
@@ -257,7 +257,7 @@ def main(
     except KeyboardInterrupt:
         return 130
     except Exception as exc:  # noqa: BLE001 - one line for errors users hit (e.g. no cluster)
-        from router.client import PdserveError
+        from pdserve.router.client import PdserveError
 
         if isinstance(exc, PdserveError):
             print(f"pdserve: error: {exc}", file=sys.stderr)

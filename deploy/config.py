@@ -25,9 +25,8 @@ from typing import Any
 
 import yaml
 
-from engine.config import EngineConfig
-from transfer.config import TransferConfig
-from transfer.connector import BACKENDS
+from pdserve.engine.config import EngineConfig
+from pdserve.transfer.config import BACKENDS, TransferConfig
 
 
 class ConfigError(ValueError):
@@ -154,7 +153,9 @@ def parse_config(data: dict[str, Any]) -> DeployConfig:
     if cfg.prefill.count + cfg.decode.count + cfg.colocated.count == 0:
         raise ConfigError("prefill.count / decode.count / colocated.count: no workers configured")
     if cfg.transfer.backend not in BACKENDS:
-        raise ConfigError(f"transfer.backend: must be one of {', '.join(BACKENDS)}, got {cfg.transfer.backend!r}")
+        raise ConfigError(
+            f"transfer.backend: must be one of {', '.join(BACKENDS)}, got {cfg.transfer.backend!r}"
+        )
     if not isinstance(cfg.transfer.data_streams, int) or not 1 <= cfg.transfer.data_streams <= 64:
         raise ConfigError(
             f"transfer.data_streams: must be an integer in [1, 64], got {cfg.transfer.data_streams!r}"
@@ -165,7 +166,7 @@ def parse_config(data: dict[str, Any]) -> DeployConfig:
             f"transfer.port_base: {cfg.transfer.port_base} .. {last_port} (two ports per decode worker) "
             "must lie in [1024, 65535], or 0 for free ports"
         )
-    from router.policy import POLICIES, PolicyConfig
+    from pdserve.router.policy import POLICIES, PolicyConfig
 
     if cfg.router.policy not in POLICIES:
         raise ConfigError(f"router.policy: must be one of {', '.join(POLICIES)}, got {cfg.router.policy!r}")

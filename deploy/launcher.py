@@ -15,8 +15,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-from deploy.config import DeployConfig, load_config
-from engine.config import ModelConfig
+from pdserve.deploy.config import DeployConfig, load_config
+from pdserve.engine.config import ModelConfig
 
 log = logging.getLogger(__name__)
 
@@ -71,10 +71,10 @@ def up(
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    from deploy.actors import RayWorkerControl, WorkerActor
-    from deploy.wiring import connect_workers, plan_workers
-    from router.actor import RouterActor
-    from router.service import ModelSummary
+    from pdserve.deploy.actors import RayWorkerControl, WorkerActor
+    from pdserve.deploy.wiring import connect_workers, plan_workers
+    from pdserve.router.actor import RouterActor
+    from pdserve.router.service import ModelSummary
 
     cfg = load_config(config, overrides) if isinstance(config, str) else config
     model_cfg = ModelConfig.resolve(cfg.model)  # fail fast on a bad model path
@@ -116,7 +116,11 @@ def up(
         )
         router_opts.pop("max_concurrency")  # async actor: concurrency is its event loop
         roles = {spec.worker_id: spec.role for spec in specs}
-        router = ray.remote(RouterActor).options(**router_opts).remote(summary, cfg.model, workers, roles, cfg.router)
+        router = (
+            ray.remote(RouterActor)
+            .options(**router_opts)
+            .remote(summary, cfg.model, workers, roles, cfg.router)
+        )
         url = ray.get(router.start.remote())
     except BaseException:
         for handle in workers.values():

@@ -19,12 +19,12 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from decode_worker.worker import DecodeWorker
-from engine.config import EngineConfig
-from prefill_worker.worker import PrefillWorker
-from router.worker_client import LocalWorkerClient, WorkerClient
-from transfer.config import TransferConfig
-from transfer.connector import DecodeLink, Waitable, make_connector
+from pdserve.decode_worker.worker import DecodeWorker
+from pdserve.engine.config import EngineConfig
+from pdserve.prefill_worker.worker import PrefillWorker
+from pdserve.router.worker_client import LocalWorkerClient, WorkerClient
+from pdserve.transfer.config import TransferConfig
+from pdserve.transfer.connector import DecodeLink, Waitable, make_connector
 
 GROUP_JOIN_TIMEOUT_S = 120.0
 
@@ -89,7 +89,9 @@ class WorkerControl(Protocol):
     def router_client(self) -> WorkerClient: ...
 
 
-def connect_workers(specs: list[WorkerSpec], controls: dict[str, WorkerControl], transfer: TransferConfig) -> None:
+def connect_workers(
+    specs: list[WorkerSpec], controls: dict[str, WorkerControl], transfer: TransferConfig
+) -> None:
     """Form the connector's process group (if it has one) and link prefill to decode workers."""
     prefill = [s.worker_id for s in specs if s.role == "prefill"]
     decode = [s.worker_id for s in specs if s.role == "decode"]

@@ -8,18 +8,18 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from engine.core.sampling_params import SamplingParams
+from pdserve.engine.core.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
-    from engine.llm import LLM, CompletionOutput
-    from engine.config import EngineConfig
-    from engine.llm_engine import LLMEngine
+    from pdserve.engine.config import EngineConfig
+    from pdserve.engine.llm import LLM, CompletionOutput
+    from pdserve.engine.llm_engine import LLMEngine
 
 _LAZY = {
-    "LLM": "engine.llm",
-    "CompletionOutput": "engine.llm",
-    "EngineConfig": "engine.config",
-    "LLMEngine": "engine.llm_engine",
+    "LLM": "pdserve.engine.llm",
+    "CompletionOutput": "pdserve.engine.llm",
+    "EngineConfig": "pdserve.engine.config",
+    "LLMEngine": "pdserve.engine.llm_engine",
 }
 
 
@@ -28,7 +28,7 @@ def __getattr__(name: str):
         import importlib
 
         return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'engine' has no attribute {name!r}")
+    raise AttributeError(f"module 'pdserve.engine' has no attribute {name!r}")
 
 
 __all__ = ["LLM", "CompletionOutput", "EngineConfig", "LLMEngine", "SamplingParams"]

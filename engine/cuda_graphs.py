@@ -16,8 +16,8 @@ import logging
 
 import torch
 
-from engine.attention.metadata import AttentionMetadata
-from engine.host_tensors import copy_into, padded_table
+from pdserve.engine.attention.metadata import AttentionMetadata
+from pdserve.engine.host_tensors import copy_into, padded_table
 
 log = logging.getLogger(__name__)
 

@@ -18,8 +18,8 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any
 
-from engine.core.outputs import KVSnapshot, LoadReport, RequestOutput, StepBatch
-from engine.llm_engine import LLMEngine
+from pdserve.engine.core.outputs import KVSnapshot, LoadReport, RequestOutput, StepBatch
+from pdserve.engine.llm_engine import LLMEngine
 
 log = logging.getLogger(__name__)
 

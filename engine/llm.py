@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from engine.core.sampling_params import SamplingParams
-from engine.config import EngineConfig
-from engine.llm_engine import LLMEngine
-from engine.output_processor import OutputProcessor
-from engine.tokenizer import load_tokenizer
+from pdserve.engine.config import EngineConfig
+from pdserve.engine.core.sampling_params import SamplingParams
+from pdserve.engine.llm_engine import LLMEngine
+from pdserve.engine.output_processor import OutputProcessor
+from pdserve.engine.tokenizer import load_tokenizer
 
 
 @dataclass

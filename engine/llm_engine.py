@@ -27,14 +27,15 @@ from dataclasses import dataclass
 
 import torch
 
-from engine.config import ROLES, EngineConfig, ModelConfig
-from engine.core.kv_cache_manager import KVCacheManager
-from engine.core.outputs import RequestOutput
-from engine.core.request import Request, validate_prompt
-from engine.core.sampling_params import SamplingParams
-from engine.core.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
-from engine.gc_heap import freeze_startup_heap
-from engine.model_runner import ModelRunner, SampledTokens, parse_dtype
+from pdserve.engine.config import ROLES, EngineConfig, ModelConfig
+from pdserve.engine.core.kv_cache_manager import KVCacheManager
+from pdserve.engine.core.outputs import RequestOutput
+from pdserve.engine.core.request import Request, validate_prompt
+from pdserve.engine.core.sampling_params import SamplingParams
+from pdserve.engine.core.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
+from pdserve.engine.gc_heap import freeze_startup_heap
+from pdserve.engine.model_runner import ModelRunner, SampledTokens, parse_dtype
+
 
 @dataclass
 class RemoteReservation:

@@ -11,15 +11,15 @@ import functools
 
 import torch
 
-from engine.attention import AttentionMetadata, get_backend
-from engine.config import ModelConfig
-from engine.core.request import Request
-from engine.core.sampling_params import SamplingParams
-from engine.core.scheduler import ScheduledRequest, SchedulerOutput
-from engine.host_tensors import host_to_device, padded_table, to_device
-from engine.model.gemv import linear
-from engine.model.loader import load_model
-from engine.sampler import SamplingRow, sample_tokens
+from pdserve.engine.attention import AttentionMetadata, get_backend
+from pdserve.engine.config import ModelConfig
+from pdserve.engine.core.request import Request
+from pdserve.engine.core.sampling_params import SamplingParams
+from pdserve.engine.core.scheduler import ScheduledRequest, SchedulerOutput
+from pdserve.engine.host_tensors import host_to_device, padded_table, to_device
+from pdserve.engine.model.gemv import linear
+from pdserve.engine.model.loader import load_model
+from pdserve.engine.sampler import SamplingRow, sample_tokens
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 CPU_KV_CACHE_BYTES = 128 * 2**20  # default KV cache size on CPU when num_gpu_blocks is None
@@ -93,7 +93,7 @@ class ModelRunner:
         # Decode steps replay CUDA graphs when the attention backend allows capture.
         self.decode_graphs = None
         if self.device.type == "cuda" and not enforce_eager and self.backend.name == "triton":
-            from engine.cuda_graphs import DecodeGraphs
+            from pdserve.engine.cuda_graphs import DecodeGraphs
 
             self.decode_graphs = DecodeGraphs(
                 self.model, self.kv_cache, max_num_seqs, max_model_len, block_size

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from engine.core.sampling_params import SamplingParams
-from engine.tokenizer import IncrementalDetokenizer, Tokenizer
+from pdserve.engine.core.sampling_params import SamplingParams
+from pdserve.engine.tokenizer import IncrementalDetokenizer, Tokenizer
 
 
 @dataclass

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
-from engine.core.sampling_params import SamplingParams
-from engine.host_tensors import host_to_device
+from pdserve.engine.core.sampling_params import SamplingParams
+from pdserve.engine.host_tensors import host_to_device
 
 
 @dataclass

@@ -19,13 +19,13 @@ import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 
-from engine.config import EngineConfig
-from engine.core.outputs import PrefillResult, RequestOutput
-from engine.core.sampling_params import SamplingParams
-from engine.engine_loop import LoopWorker
-from engine.llm_engine import LLMEngine
-from transfer.connector import DecodeLink, KVConnector
-from transfer.contract import KVHandle
+from pdserve.engine.config import EngineConfig
+from pdserve.engine.core.outputs import PrefillResult, RequestOutput
+from pdserve.engine.core.sampling_params import SamplingParams
+from pdserve.engine.engine_loop import LoopWorker
+from pdserve.engine.llm_engine import LLMEngine
+from pdserve.transfer.connector import DecodeLink, KVConnector
+from pdserve.transfer.contract import KVHandle
 
 log = logging.getLogger(__name__)
 

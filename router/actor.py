@@ -7,10 +7,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from engine.gc_heap import freeze_startup_heap
-from router.server import RouterServer
-from router.service import ModelSummary, RouterCore
-from router.worker_client import RayWorkerClient
+from pdserve.engine.gc_heap import freeze_startup_heap
+from pdserve.router.server import RouterServer
+from pdserve.router.service import ModelSummary, RouterCore
+from pdserve.router.worker_client import RayWorkerClient
 
 
 class RouterActor:
@@ -22,7 +22,7 @@ class RouterActor:
         worker_roles: dict[str, str],
         router_config: Any,
     ) -> None:
-        from engine.tokenizer import load_tokenizer
+        from pdserve.engine.tokenizer import load_tokenizer
 
         self.config = router_config
         tokenizer = load_tokenizer(model_path, model.eos_token_id, None)

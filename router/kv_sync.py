@@ -18,9 +18,9 @@ from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from engine.core.block_pool import BlockRemoved, BlockStored
-from engine.core.outputs import KVSnapshot
-from router.kv_index import KVIndex
+from pdserve.engine.core.block_pool import BlockRemoved, BlockStored
+from pdserve.engine.core.outputs import KVSnapshot
+from pdserve.router.kv_index import KVIndex
 
 
 @dataclass(frozen=True)

@@ -22,8 +22,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from router.routing import RouteDecision, RouteRequest
-from router.worker_state import WorkerStateTracker
+from pdserve.router.routing import RouteDecision, RouteRequest
+from pdserve.router.worker_state import WorkerStateTracker
 
 
 @dataclass

@@ -18,16 +18,16 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from engine.core.block_pool import hash_prompt_blocks
-from engine.core.outputs import PrefillResult, RequestOutput
-from engine.core.sampling_params import SamplingParams
-from engine.output_processor import OutputProcessor
-from engine.tokenizer import Tokenizer
-from router.admission import AdmissionController, AdmissionRejected
-from router.events import Chunk, Completion, RouterError
-from router.routing import RouteDecision, RouteRequest
-from router.worker_client import WorkerClient
-from router.worker_state import WorkerStateTracker
+from pdserve.engine.core.block_pool import hash_prompt_blocks
+from pdserve.engine.core.outputs import PrefillResult, RequestOutput
+from pdserve.engine.core.sampling_params import SamplingParams
+from pdserve.engine.output_processor import OutputProcessor
+from pdserve.engine.tokenizer import Tokenizer
+from pdserve.router.admission import AdmissionController, AdmissionRejected
+from pdserve.router.events import Chunk, Completion, RouterError
+from pdserve.router.routing import RouteDecision, RouteRequest
+from pdserve.router.worker_client import WorkerClient
+from pdserve.router.worker_state import WorkerStateTracker
 
 log = logging.getLogger(__name__)
 
@@ -135,7 +135,9 @@ class RequestStream:
         self.prefill_worker_id = decision.prefill_worker_id
         return decision
 
-    async def _prefill_remotely(self, decode: WorkerClient, prefill_worker_id: str) -> AsyncIterator[Chunk | Completion]:
+    async def _prefill_remotely(
+        self, decode: WorkerClient, prefill_worker_id: str
+    ) -> AsyncIterator[Chunk | Completion]:
         """Reserve on the decode worker, prefill with its handle, stream the first token."""
         prompt = self.prompt_token_ids
         handle = await decode.reserve(self.req_id, prompt, self.params)

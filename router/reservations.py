@@ -21,9 +21,9 @@ from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from engine.core.kv_cache_manager import cdiv
-from engine.core.outputs import LoadReport
-from router.routing import RouteDecision, RouteRequest
+from pdserve.engine.core.kv_cache_manager import cdiv
+from pdserve.engine.core.outputs import LoadReport
+from pdserve.router.routing import RouteDecision, RouteRequest
 
 _NO_REQUEST = RouteRequest(req_id="", num_prompt_tokens=0, block_hashes=(), max_tokens=0)  # needs 0 blocks
 

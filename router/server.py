@@ -14,10 +14,10 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from engine.core.request import validate_prompt
-from engine.core.sampling_params import SamplingParams
+from pdserve.engine.core.request import validate_prompt
+from pdserve.engine.core.sampling_params import SamplingParams
+from pdserve.router.service import Chunk, Completion, RouterCore, RouterError
 from pdserve.v1 import generate_pb2, generate_pb2_grpc
-from router.service import Chunk, Completion, RouterCore, RouterError
 
 log = logging.getLogger(__name__)
 

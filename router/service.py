@@ -19,17 +19,17 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
-from engine.core.outputs import RequestOutput
-from engine.core.sampling_params import SamplingParams
-from engine.tokenizer import Tokenizer
-from router.admission import AdmissionController
-from router.events import Chunk, Completion, ModelSummary, RouterError
-from router.policy import Policy, make_policy
-from router.request_stream import RequestStream, StreamDeps
-from router.routing import RouteDecision, RouteRequest
-from router.worker_client import WorkerClient
-from router.worker_monitor import WorkerMonitor
-from router.worker_state import WorkerStateTracker
+from pdserve.engine.core.outputs import RequestOutput
+from pdserve.engine.core.sampling_params import SamplingParams
+from pdserve.engine.tokenizer import Tokenizer
+from pdserve.router.admission import AdmissionController
+from pdserve.router.events import Chunk, Completion, ModelSummary, RouterError
+from pdserve.router.policy import Policy, make_policy
+from pdserve.router.request_stream import RequestStream, StreamDeps
+from pdserve.router.routing import RouteDecision, RouteRequest
+from pdserve.router.worker_client import WorkerClient
+from pdserve.router.worker_monitor import WorkerMonitor
+from pdserve.router.worker_state import WorkerStateTracker
 
 __all__ = ["Chunk", "Completion", "ModelSummary", "RouterCore", "RouterError"]
 

@@ -13,9 +13,9 @@ import asyncio
 from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
-    from engine.core.outputs import KVSnapshot, PrefillResult, StepBatch
-    from engine.core.sampling_params import SamplingParams
-    from transfer.contract import KVHandle
+    from pdserve.engine.core.outputs import KVSnapshot, PrefillResult, StepBatch
+    from pdserve.engine.core.sampling_params import SamplingParams
+    from pdserve.transfer.contract import KVHandle
 
 
 class WorkerClient(Protocol):

@@ -13,10 +13,10 @@ import asyncio
 import logging
 from collections.abc import Callable
 
-from engine.core.outputs import RequestOutput, StepBatch
-from router.worker_client import WorkerClient
-from router.kv_sync import KVEventBatch
-from router.worker_state import WorkerStateTracker
+from pdserve.engine.core.outputs import RequestOutput, StepBatch
+from pdserve.router.kv_sync import KVEventBatch
+from pdserve.router.worker_client import WorkerClient
+from pdserve.router.worker_state import WorkerStateTracker
 
 log = logging.getLogger(__name__)
 

@@ -19,11 +19,11 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
-from engine.core.outputs import WORKER_ROLES, KVSnapshot, LoadReport
-from router.kv_index import KVIndex
-from router.kv_sync import KVEventBatch, KVIndexSync
-from router.reservations import ReservationBooks
-from router.routing import RouteDecision, RouteRequest
+from pdserve.engine.core.outputs import WORKER_ROLES, KVSnapshot, LoadReport
+from pdserve.router.kv_index import KVIndex
+from pdserve.router.kv_sync import KVEventBatch, KVIndexSync
+from pdserve.router.reservations import ReservationBooks
+from pdserve.router.routing import RouteDecision, RouteRequest
 
 
 class WorkerStateTracker:

@@ -9,13 +9,13 @@ from __future__ import annotations
 import asyncio
 import threading
 
-from deploy.config import RouterConfig
-from deploy.wiring import LocalWorkerControl, WorkerSpec, build_worker, connect_workers
-from engine.config import EngineConfig
-from engine.tokenizer import load_tokenizer
-from router.server import RouterServer
-from router.service import ModelSummary, RouterCore
-from transfer.config import TransferConfig
+from pdserve.deploy.config import RouterConfig
+from pdserve.deploy.wiring import LocalWorkerControl, WorkerSpec, build_worker, connect_workers
+from pdserve.engine.config import EngineConfig
+from pdserve.engine.tokenizer import load_tokenizer
+from pdserve.router.server import RouterServer
+from pdserve.router.service import ModelSummary, RouterCore
+from pdserve.transfer.config import TransferConfig
 
 
 class InProcessDeployment:
@@ -33,7 +33,10 @@ class InProcessDeployment:
         engine = engine or EngineConfig(model="tiny", num_gpu_blocks=512)
         transfer = TransferConfig(backend="grpc", host="127.0.0.1")
         decode_role = "decode" if num_prefill else "both"
-        specs = [WorkerSpec(f"prefill-{i}", "prefill", prefill_engine or engine, transfer) for i in range(num_prefill)]
+        specs = [
+            WorkerSpec(f"prefill-{i}", "prefill", prefill_engine or engine, transfer)
+            for i in range(num_prefill)
+        ]
         specs += [WorkerSpec(f"decode-{i}", decode_role, engine, transfer, i) for i in range(num_decode)]
         built = {spec.worker_id: build_worker(spec) for spec in specs}
         self.prefill = {w: built[w] for w in built if w.startswith("prefill")}

@@ -7,8 +7,8 @@ Import `transfer.packing`, `transfer.nccl_backend`, `transfer.grpc_backend` (sen
 `transfer.grpc_server` (receiver) for the lower layers.
 """
 
-from transfer.config import TransferConfig
-from transfer.connector import (
+from pdserve.transfer.config import TransferConfig
+from pdserve.transfer.connector import (
     BACKENDS,
     DecodeLink,
     KVConnector,
@@ -16,8 +16,8 @@ from transfer.connector import (
     KVSendSide,
     make_connector,
 )
-from transfer.contract import KVArrival, KVHandle, KVSender, KVSink, KVTransferError, TransferStats
-from transfer.layout import KVLayout, KVLayoutMismatch
+from pdserve.transfer.contract import KVArrival, KVHandle, KVSender, KVSink, KVTransferError, TransferStats
+from pdserve.transfer.layout import KVLayout, KVLayoutMismatch
 
 __all__ = [
     "BACKENDS",

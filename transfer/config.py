@@ -1,12 +1,20 @@
 """How KV moves between workers: the `transfer:` section of a deploy config.
 
 `make_connector(config)` (`transfer.connector`) turns it into the chosen backend's
-connector. This module imports no torch (the router and the deploy config load it).
+connector, found in `CONNECTORS`. This module imports no torch (the router and the deploy config load it).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+# The connectors: backend name -> "module:class", imported on first use (they may import
+# torch). Adding a backend is one module with a `KVConnector` subclass and one entry here.
+CONNECTORS: dict[str, str] = {
+    "grpc": "pdserve.transfer.grpc_connector:GrpcConnector",
+    "nccl": "pdserve.transfer.nccl_connector:NcclConnector",
+}
+BACKENDS: tuple[str, ...] = tuple(CONNECTORS)
 
 
 @dataclass
@@ -28,8 +36,6 @@ class TransferConfig:
 
     def validate(self) -> None:
         """Raise ValueError naming the first bad field."""
-        from transfer.connector import BACKENDS  # here: connector imports this module
-
         if self.backend not in BACKENDS:
             raise ValueError(
                 f"TransferConfig.backend: unknown backend {self.backend!r} (allowed: {', '.join(BACKENDS)})"

@@ -16,7 +16,7 @@ decode worker, both made from the deploy's `TransferConfig`.
 carrying another backend's descriptor is refused with ValueError).
 
 Adding a backend: one module with a `KVConnector` subclass and its peer descriptor, and
-one `_REGISTRY` entry. The registry names modules as strings, imported on first use, so
+one `CONNECTORS` entry (`transfer.config`). The registry names modules as strings, imported on first use, so
 this module (like `transfer.contract` and `transfer.config`) imports no torch: the router
 loads it.
 """
@@ -28,9 +28,9 @@ from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
-from transfer.config import TransferConfig
-from transfer.contract import KVHandle, KVSink, TransferStats
-from transfer.layout import KVLayout
+from pdserve.transfer.config import BACKENDS, CONNECTORS, TransferConfig
+from pdserve.transfer.contract import KVHandle, KVSink, TransferStats
+from pdserve.transfer.layout import KVLayout
 
 if TYPE_CHECKING:
     import torch
@@ -131,22 +131,14 @@ class KVConnector(ABC):
         (picks its ports). `config.host` must be a concrete address by now ("auto" resolved)."""
 
 
-# backend name -> "module:class"; modules load on first use (they may import torch).
-_REGISTRY: dict[str, str] = {
-    "grpc": "transfer.grpc_connector:GrpcConnector",
-    "nccl": "transfer.nccl_connector:NcclConnector",
-}
-BACKENDS: tuple[str, ...] = tuple(_REGISTRY)
-
-
 def connector_class(backend: str) -> type[KVConnector]:
     """The registered `KVConnector` subclass for `backend`; ValueError naming the allowed ones."""
-    if backend not in _REGISTRY:
+    if backend not in CONNECTORS:
         raise ValueError(f"unknown transfer backend {backend!r} (allowed: {', '.join(BACKENDS)})")
-    module_name, _, class_name = _REGISTRY[backend].partition(":")
+    module_name, _, class_name = CONNECTORS[backend].partition(":")
     cls = getattr(importlib.import_module(module_name), class_name)
     if not (isinstance(cls, type) and issubclass(cls, KVConnector)) or cls.name != backend:
-        raise TypeError(f"{_REGISTRY[backend]} is not the KVConnector of backend {backend!r}")
+        raise TypeError(f"{CONNECTORS[backend]} is not the KVConnector of backend {backend!r}")
     return cls
 
 

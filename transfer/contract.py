@@ -28,7 +28,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
-from transfer.layout import KVLayout, KVLayoutMismatch
+from pdserve.transfer.layout import KVLayout, KVLayoutMismatch
 
 if TYPE_CHECKING:
     import torch

@@ -56,9 +56,8 @@ import torch
 
 from pdserve.internal import kv_transfer_pb2
 from pdserve.internal.kv_transfer_pb2 import KVHeader
-from transfer.contract import KVHandle, KVTransferError, TransferStats, check_send_args
-from transfer.grpc_connector import check_grpc_peer
-from transfer.grpc_data import (
+from pdserve.transfer.contract import KVHandle, KVTransferError, TransferStats, check_send_args
+from pdserve.transfer.grpc_data import (
     DataConnectError,
     encode_data_chunk,
     interleaved,
@@ -67,9 +66,10 @@ from transfer.grpc_data import (
     stripe_bounds,
     stripe_pieces,
 )
-from transfer.layout import KVLayout, KVLayoutMismatch
-from transfer.packing import buffer_nbytes, pack_blocks, to_bytes
-from transfer.staging import StagingPool
+from pdserve.transfer.layout import KVLayout, KVLayoutMismatch
+from pdserve.transfer.packing import buffer_nbytes, pack_blocks, to_bytes
+from pdserve.transfer.peers import check_grpc_peer
+from pdserve.transfer.staging import StagingPool
 
 log = logging.getLogger(__name__)
 

@@ -9,44 +9,27 @@ with a `GrpcPeer` in it stays torch-free.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
 
-from transfer.connector import DecodeLink, KVConnector, KVReceiveSide, KVSendSide
-from transfer.contract import KVHandle, KVSink, TransferStats
-from transfer.layout import KVLayout
+from pdserve.transfer.connector import DecodeLink, KVConnector, KVReceiveSide, KVSendSide
+from pdserve.transfer.contract import KVHandle, KVSink, TransferStats
+from pdserve.transfer.layout import KVLayout
+from pdserve.transfer.peers import GrpcPeer
 
 if TYPE_CHECKING:
     import torch
 
-    from transfer.grpc_backend import GrpcKVSender
-    from transfer.grpc_server import GrpcKVServer
+    from pdserve.transfer.grpc_backend import GrpcKVSender
+    from pdserve.transfer.grpc_server import GrpcKVServer
 
-__all__ = ["GrpcConnector", "GrpcPeer", "check_grpc_peer"]
-
-
-@dataclass(frozen=True)
-class GrpcPeer:
-    """Where a decode worker's KV server listens."""
-
-    address: str  # "host:port" of its GrpcKVServer (the data port comes back in the call)
-
-
-def check_grpc_peer(handle: KVHandle) -> str:
-    """The handle's server address; ValueError when its peer belongs to another backend."""
-    if not isinstance(handle.peer, GrpcPeer):
-        raise ValueError(
-            f"request {handle.req_id}: the grpc backend needs a GrpcPeer, but the handle's peer is "
-            f"{handle.peer!r}"
-        )
-    return handle.peer.address
+__all__ = ["GrpcConnector"]
 
 
 class GrpcSendSide:
     """Prefill side: one `GrpcKVSender` (a channel per decode address). Needs no links."""
 
     def __init__(self, model_name: str) -> None:
-        from transfer.grpc_backend import GrpcKVSender
+        from pdserve.transfer.grpc_backend import GrpcKVSender
 
         self.sender: GrpcKVSender = GrpcKVSender(model_name)
 
@@ -95,7 +78,7 @@ class GrpcConnector(KVConnector):
     ) -> KVReceiveSide:
         """Binds `config.host` on the ports `config.kv_server_ports(decode_index)` (0 = free ones);
         on a CUDA `device`, socket-plane bytes go on to it as they land."""
-        from transfer.grpc_server import GrpcKVServer
+        from pdserve.transfer.grpc_server import GrpcKVServer
 
         grpc_port, data_port = self.config.kv_server_ports(decode_index)
         host = self.config.host

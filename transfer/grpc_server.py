@@ -21,8 +21,8 @@ from google.protobuf.message import DecodeError
 
 from pdserve.internal import kv_transfer_pb2
 from pdserve.internal.kv_transfer_pb2 import KVHeader
-from transfer.contract import KVArrival, KVSink, KVTransferError
-from transfer.grpc_backend import (
+from pdserve.transfer.contract import KVArrival, KVSink, KVTransferError
+from pdserve.transfer.grpc_backend import (
     CHANNEL_OPTIONS,
     DATA_PLANE_KEY,
     DATA_PLANE_SOCKET,
@@ -34,7 +34,7 @@ from transfer.grpc_backend import (
     SERVICE,
     layout_from_proto,
 )
-from transfer.grpc_data import (
+from pdserve.transfer.grpc_data import (
     DATA_STREAM_MIN_BYTES,
     MAX_DATA_STREAMS,
     DataListener,
@@ -45,9 +45,9 @@ from transfer.grpc_data import (
     split_host_port,
     stripe_bounds,
 )
-from transfer.layout import KVLayout, normalize_dtype_name
-from transfer.packing import buffer_nbytes, dtype_from_name
-from transfer.staging import host_buffer
+from pdserve.transfer.layout import KVLayout, normalize_dtype_name
+from pdserve.transfer.packing import buffer_nbytes, dtype_from_name
+from pdserve.transfer.staging import host_buffer
 
 # A failed socket transfer's status, by what went wrong first (one stripe's failure cancels the
 # others, whose own failures then follow from it).

@@ -57,8 +57,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from transfer.connector import Waitable
-from transfer.contract import (
+from pdserve.transfer.connector import Waitable
+from pdserve.transfer.contract import (
     MAX_TOKEN_ID,
     KVArrival,
     KVHandle,
@@ -67,9 +67,9 @@ from transfer.contract import (
     TransferStats,
     check_send_args,
 )
-from transfer.layout import KVLayout, KVLayoutMismatch, normalize_dtype_name
-from transfer.nccl_connector import check_nccl_peer
-from transfer.packing import dtype_from_name, layer_chunks, pack_blocks
+from pdserve.transfer.layout import KVLayout, KVLayoutMismatch, normalize_dtype_name
+from pdserve.transfer.packing import dtype_from_name, layer_chunks, pack_blocks
+from pdserve.transfer.peers import check_nccl_peer
 
 DEFAULT_TIMEOUT_S = 60.0
 # Default chunking: the fewest layers per chunk that make a chunk at least this big (NCCL

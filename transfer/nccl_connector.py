@@ -17,36 +17,19 @@ time (the backend loads in `join_group`), so a router unpickling a handle with a
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
 
-from transfer.connector import DecodeLink, KVConnector, KVReceiveSide, KVSendSide, Waitable
-from transfer.contract import KVHandle, KVSink, KVTransferError, TransferStats
-from transfer.layout import KVLayout
+from pdserve.transfer.connector import DecodeLink, KVConnector, KVReceiveSide, KVSendSide, Waitable
+from pdserve.transfer.contract import KVHandle, KVSink, KVTransferError, TransferStats
+from pdserve.transfer.layout import KVLayout
+from pdserve.transfer.peers import NcclPeer, check_nccl_peer
 
 if TYPE_CHECKING:
     import torch
 
-    from transfer.nccl_backend import NcclKVReceiver, NcclKVSender
+    from pdserve.transfer.nccl_backend import NcclKVReceiver, NcclKVSender
 
-__all__ = ["NcclConnector", "NcclPeer", "check_nccl_peer"]
-
-
-@dataclass(frozen=True)
-class NcclPeer:
-    """A decode worker's rank in the transfer process group."""
-
-    rank: int
-
-
-def check_nccl_peer(handle: KVHandle) -> int:
-    """The handle's destination rank; ValueError when its peer belongs to another backend."""
-    if not isinstance(handle.peer, NcclPeer):
-        raise ValueError(
-            f"request {handle.req_id}: the nccl backend needs an NcclPeer, but the handle's peer is "
-            f"{handle.peer!r}"
-        )
-    return handle.peer.rank
+__all__ = ["NcclConnector"]
 
 
 class NcclSendSide:
@@ -58,7 +41,7 @@ class NcclSendSide:
         self.sender: NcclKVSender | None = None
 
     def join_group(self, rank: int, world_size: int, init_method: str, device: str | torch.device) -> None:
-        from transfer.nccl_backend import NcclKVSender, init_transfer_group
+        from pdserve.transfer.nccl_backend import NcclKVSender, init_transfer_group
 
         init_transfer_group(rank, world_size, init_method, device)
         self.sender = NcclKVSender(rank, self.model_name)
@@ -81,7 +64,7 @@ class NcclSendSide:
 
     def close(self) -> None:
         if self.sender is not None:
-            from transfer.nccl_backend import destroy_transfer_group
+            from pdserve.transfer.nccl_backend import destroy_transfer_group
 
             self.sender.close()
             self.sender = None
@@ -99,7 +82,7 @@ class NcclReceiveSide:
         self.receiver: NcclKVReceiver | None = None
 
     def join_group(self, rank: int, world_size: int, init_method: str, device: str | torch.device) -> None:
-        from transfer.nccl_backend import NcclKVReceiver, init_transfer_group
+        from pdserve.transfer.nccl_backend import NcclKVReceiver, init_transfer_group
 
         init_transfer_group(rank, world_size, init_method, device)
         self.receiver = NcclKVReceiver(self.sink, self.layout, self.device)
@@ -112,7 +95,7 @@ class NcclReceiveSide:
 
     def receive_notice(self, notice: object) -> None:
         """Blocks until the request's KV is in place and the sink took every chunk, or raises."""
-        from transfer.nccl_backend import NcclTransferNotice
+        from pdserve.transfer.nccl_backend import NcclTransferNotice
 
         if self.receiver is None:
             raise RuntimeError("nccl receive side: receive_notice before join_group")
@@ -122,7 +105,7 @@ class NcclReceiveSide:
 
     def close(self) -> None:
         if self.receiver is not None:
-            from transfer.nccl_backend import destroy_transfer_group
+            from pdserve.transfer.nccl_backend import destroy_transfer_group
 
             self.receiver = None
             destroy_transfer_group()

@@ -25,8 +25,8 @@ from types import ModuleType
 
 import torch
 
-from transfer.contract import KVArrival
-from transfer.layout import KV_CACHE_NDIM, KVLayout, normalize_dtype_name
+from pdserve.transfer.contract import KVArrival
+from pdserve.transfer.layout import KV_CACHE_NDIM, KVLayout, normalize_dtype_name
 
 
 def dtype_from_name(name: str) -> torch.dtype:
@@ -67,7 +67,7 @@ def block_index(kv_cache: torch.Tensor, block_ids: Sequence[int]) -> torch.Tenso
 def _triton_module() -> ModuleType | None:
     """`transfer.triton_packing`, or None when triton is not importable."""
     try:
-        from transfer import triton_packing
+        from pdserve.transfer import triton_packing
     except ImportError:
         return None
     return triton_packing

@@ -6,8 +6,8 @@ path. `get_backend("auto")` picks triton on CUDA when it imports, else reference
 
 from __future__ import annotations
 
-from engine.attention.metadata import AttentionMetadata, write_kv
-from engine.attention.reference import ReferenceAttention
+from pdserve.engine.attention.metadata import AttentionMetadata, write_kv
+from pdserve.engine.attention.reference import ReferenceAttention
 
 
 def get_backend(name: str, device: str):
@@ -17,7 +17,7 @@ def get_backend(name: str, device: str):
     if name in ("auto", "triton"):
         if str(device).startswith("cuda"):
             try:
-                from engine.attention.triton_backend import TritonAttention
+                from pdserve.engine.attention.triton_backend import TritonAttention
             except ImportError:
                 if name == "triton":
                     raise

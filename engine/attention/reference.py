@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from engine.attention.metadata import AttentionMetadata, write_kv
+from pdserve.engine.attention.metadata import AttentionMetadata, write_kv
 
 
 class ReferenceAttention:

@@ -16,7 +16,7 @@ import os
 import torch
 from torch.nn import functional as F
 
-from engine.attention.metadata import AttentionMetadata
+from pdserve.engine.attention.metadata import AttentionMetadata
 
 # PDSERVE_DISABLE_SDPA_PREFILL=1 keeps every prefill on the Triton kernel (to compare, or rule SDPA out).
 ENABLED = os.environ.get("PDSERVE_DISABLE_SDPA_PREFILL") != "1"

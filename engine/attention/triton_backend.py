@@ -36,10 +36,10 @@ import torch
 import triton
 import triton.language as tl
 
-from engine.attention.metadata import AttentionMetadata
-from engine.attention.sdpa_prefill import sdpa_prefill, use_sdpa_prefill
-from engine.attention.triton_common import LOG2_E, dot_precision, needs_wide_offsets, num_sms
-from engine.attention.triton_decode import decode_attention, decode_variant_batch_sizes
+from pdserve.engine.attention.metadata import AttentionMetadata
+from pdserve.engine.attention.sdpa_prefill import sdpa_prefill, use_sdpa_prefill
+from pdserve.engine.attention.triton_common import LOG2_E, dot_precision, needs_wide_offsets, num_sms
+from pdserve.engine.attention.triton_decode import decode_attention, decode_variant_batch_sizes
 
 
 # Kernel argument lists are packed by role; `ruff format` would put one per line.

@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from engine.attention.triton_common import LOG2_E, dot_precision, needs_wide_offsets, num_sms
+from pdserve.engine.attention.triton_common import LOG2_E, dot_precision, needs_wide_offsets, num_sms
 
 # Partitions the split-K merge reads per iteration ([GQA group, MERGE_CHUNK, head_dim] float32).
 MERGE_CHUNK = 8

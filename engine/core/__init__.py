@@ -4,12 +4,18 @@ Nothing here imports torch (tests/unit/test_core_no_torch.py enforces it), so th
 router and the policy simulator can use it without a GPU stack.
 """
 
-from engine.core.block_pool import BlockPool, BlockRemoved, BlockStored, hash_block_tokens, hash_prompt_blocks
-from engine.core.kv_cache_manager import KVCacheManager
-from engine.core.outputs import RequestOutput
-from engine.core.request import FinishReason, Request, RequestStatus
-from engine.core.sampling_params import SamplingParams
-from engine.core.scheduler import ScheduledRequest, Scheduler, SchedulerConfig, SchedulerOutput
+from pdserve.engine.core.block_pool import (
+    BlockPool,
+    BlockRemoved,
+    BlockStored,
+    hash_block_tokens,
+    hash_prompt_blocks,
+)
+from pdserve.engine.core.kv_cache_manager import KVCacheManager
+from pdserve.engine.core.outputs import RequestOutput
+from pdserve.engine.core.request import FinishReason, Request, RequestStatus
+from pdserve.engine.core.sampling_params import SamplingParams
+from pdserve.engine.core.scheduler import ScheduledRequest, Scheduler, SchedulerConfig, SchedulerOutput
 
 __all__ = [
     "BlockPool",

@@ -9,8 +9,8 @@ arrived).
 
 from __future__ import annotations
 
-from engine.core.block_pool import NONE_HASH, BlockPool, hash_prompt_blocks
-from engine.core.request import Request
+from pdserve.engine.core.block_pool import NONE_HASH, BlockPool, hash_prompt_blocks
+from pdserve.engine.core.request import Request
 
 
 def cdiv(a: int, b: int) -> int:

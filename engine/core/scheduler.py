@@ -25,8 +25,8 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
-from engine.core.kv_cache_manager import KVCacheManager
-from engine.core.request import Request, RequestStatus
+from pdserve.engine.core.kv_cache_manager import KVCacheManager
+from pdserve.engine.core.request import Request, RequestStatus
 
 
 @dataclass

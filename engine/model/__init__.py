@@ -1,4 +1,4 @@
-from engine.model.llama import LlamaForCausalLM
-from engine.model.loader import load_model
+from pdserve.engine.model.llama import LlamaForCausalLM
+from pdserve.engine.model.loader import load_model
 
 __all__ = ["LlamaForCausalLM", "load_model"]

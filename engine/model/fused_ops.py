@@ -24,7 +24,7 @@ import os
 import torch
 from torch.nn import functional as F
 
-from engine.attention.metadata import write_kv
+from pdserve.engine.attention.metadata import write_kv
 
 try:
     import triton

@@ -24,13 +24,13 @@ import os
 import torch
 from torch.nn import functional as F
 
-from engine.model.fused_ops import interpreting, silu_and_mul
+from pdserve.engine.model.fused_ops import interpreting, silu_and_mul
 
 try:
     import triton
     import triton.language as tl
 
-    from engine.model.fused_ops import silu_mul
+    from pdserve.engine.model.fused_ops import silu_mul
 
     HAS_TRITON = True
 except ImportError:  # pragma: no cover - exercised only where triton is missing

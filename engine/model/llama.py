@@ -14,10 +14,10 @@ import math
 import torch
 from torch import nn
 
-from engine.attention.metadata import AttentionMetadata
-from engine.config import ModelConfig
-from engine.model.fused_ops import fused_add_rms_norm, rms_norm, rotary_embedding_and_store_kv_
-from engine.model.gemv import linear, linear_silu_mul
+from pdserve.engine.attention.metadata import AttentionMetadata
+from pdserve.engine.config import ModelConfig
+from pdserve.engine.model.fused_ops import fused_add_rms_norm, rms_norm, rotary_embedding_and_store_kv_
+from pdserve.engine.model.gemv import linear, linear_silu_mul
 
 
 class RMSNorm(nn.Module):

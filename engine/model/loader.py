@@ -12,8 +12,8 @@ import zlib
 
 import torch
 
-from engine.config import TINY_PRESET, ModelConfig
-from engine.model.llama import LlamaForCausalLM
+from pdserve.engine.config import TINY_PRESET, ModelConfig
+from pdserve.engine.model.llama import LlamaForCausalLM
 
 TINY_SEED = 0
 

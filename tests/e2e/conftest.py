@@ -7,7 +7,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from deploy.config import DeployConfig, parse_config
+from pdserve.deploy.config import DeployConfig, parse_config
 
 ENGINE = {"num_gpu_blocks": 1024, "max_num_seqs": 64, "max_num_batched_tokens": 1024}
 

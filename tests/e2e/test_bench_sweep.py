@@ -15,10 +15,10 @@ import statistics
 
 import pytest
 
-from bench.datasets import sample_random
-from bench.serve import run_benchmark
-from bench.sweep import run_sweep, write_report
-from deploy.launcher import up
+from pdserve.bench.datasets import sample_random
+from pdserve.bench.serve import run_benchmark
+from pdserve.bench.sweep import run_sweep, write_report
+from pdserve.deploy.launcher import up
 from tests.e2e.conftest import tiny_config, two_node_cluster
 
 ray = pytest.importorskip("ray")

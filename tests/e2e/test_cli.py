@@ -12,7 +12,7 @@ import sys
 import pytest
 
 pytest.importorskip("ray")
-PDSERVE = [sys.executable, "-m", "deploy.cli"]
+PDSERVE = [sys.executable, "-m", "pdserve"]
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 

@@ -16,9 +16,9 @@ import time
 
 import pytest
 
-from deploy.launcher import up
-from engine import LLM, SamplingParams
-from router.client import AsyncPdserveClient, GenerateChunk, GenerateComplete
+from pdserve.deploy.launcher import up
+from pdserve.engine import LLM, SamplingParams
+from pdserve.router.client import AsyncPdserveClient, GenerateChunk, GenerateComplete
 from tests.e2e.conftest import tiny_config, two_node_cluster
 
 ray = pytest.importorskip("ray")

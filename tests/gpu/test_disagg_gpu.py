@@ -13,8 +13,8 @@ import random
 import pytest
 import torch
 
-from deploy.config import parse_config
-from engine import LLM, SamplingParams
+from pdserve.deploy.config import parse_config
+from pdserve.engine import LLM, SamplingParams
 
 ray = pytest.importorskip("ray")
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -40,7 +40,7 @@ def make_prompts() -> list[list[int]]:
 
 
 async def stream_all(url: str, prompts):
-    from router.client import AsyncPdserveClient, GenerateChunk
+    from pdserve.router.client import AsyncPdserveClient, GenerateChunk
 
     async with AsyncPdserveClient(url) as client:
 
@@ -55,7 +55,7 @@ async def stream_all(url: str, prompts):
 
 
 def run_1p1d(backend: str, gpus_per_worker: float) -> None:
-    from deploy.launcher import up
+    from pdserve.deploy.launcher import up
 
     prompts = make_prompts()
     colocated = LLM("tiny", device="cuda", num_gpu_blocks=2048, max_num_seqs=64)

@@ -10,7 +10,7 @@ import random
 import pytest
 import torch
 
-from engine import LLM, SamplingParams
+from pdserve.engine import LLM, SamplingParams
 from tests.hf_models import hf_greedy, make_checkpoint
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -66,7 +66,7 @@ def test_triton_float32_greedy_matches_transformers(checkpoint, enforce_eager):
 def test_triton_bf16_logits_match_reference(arch, tmp_path):
     """Same model and cache contents, both backends, a prefill then a decode step.
     Realistic weight scales (transformers' default init), fresh random inputs every run."""
-    from engine.attention import AttentionMetadata, get_backend
+    from pdserve.engine.attention import AttentionMetadata, get_backend
 
     path = str(tmp_path)
     make_checkpoint(arch, path, seed=random.randrange(1 << 30), initializer_range=0.02)
@@ -129,7 +129,7 @@ def test_warm_up_holds_device_memory_for_the_largest_step(tmp_path) -> None:
     for the GPU to drain, so without the warm-up's largest step every step of a ramp stalled."""
     import json
 
-    from bench.gpu import TINY
+    from pdserve.bench.gpu import TINY
 
     config = dict(TINY, vocab_size=32_000, hidden_size=512, intermediate_size=2048, head_dim=64)
     (tmp_path / "config.json").write_text(json.dumps(config))

@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 import torch
 
-from engine.model import fused_ops
-from engine.model.llama import rope_inv_freq
+from pdserve.engine.model import fused_ops
+from pdserve.engine.model.llama import rope_inv_freq
 
 
 # The torch references, written out here in transformers' op order (llama.py itself now
@@ -241,7 +241,7 @@ def test_rotary_embedding_contiguous_and_int32_positions(device: str) -> None:
 def test_rotary_embedding_and_store_kv(dtype: torch.dtype, device: str) -> None:
     """RoPE with the cache write fused in: the same q/k as RoPE alone, and the cache holds the
     rotated k and the untouched v at each slot (write_kv's layout); slots < 0 write nothing."""
-    from engine.attention.metadata import write_kv
+    from pdserve.engine.attention.metadata import write_kv
 
     T, num_q, num_kv, D, num_blocks, block_size = 11, 8, 2, 64, 6, 4
     qkv = (torch.randn(T, (num_q + 2 * num_kv) * D, device=device) * 2).to(dtype)

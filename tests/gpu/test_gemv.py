@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine.model import gemv
+from pdserve.engine.model import gemv
 
 # (N, K): Llama-3-8B-like ratios, small enough for the interpreter; K = 1,536 is not a multiple of
 # 1,024 (the kernel halves its chunk); K = 10,240 takes the long-row config.
@@ -56,7 +56,7 @@ def test_linear_dispatch(device: str) -> None:
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("shape", [(64, 128), (48, 1536), (16, 10240)])
 def test_gemv_silu_mul_epilogue(dtype: torch.dtype, shape: tuple[int, int], device: str) -> None:
-    from engine.model import fused_ops
+    from pdserve.engine.model import fused_ops
 
     n, k = shape  # n = 2 * intermediate: rows [gate | up]
     gen = torch.Generator().manual_seed(7 * n + k)

@@ -12,8 +12,8 @@ import torch
 
 pytest.importorskip("triton")  # the kernels need it; CI machines have none
 
-from transfer import packing, triton_packing
-from transfer.packing import layer_chunks, pack_blocks, unpack_blocks
+from pdserve.transfer import packing, triton_packing
+from pdserve.transfer.packing import layer_chunks, pack_blocks, unpack_blocks
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 

@@ -18,11 +18,11 @@ import torch
 
 pytest.importorskip("triton")  # the kernels need it; CI machines have none
 
-from bench.attention_kernels import build_paged_batch
-from engine.attention import sdpa_prefill, triton_backend, triton_decode
-from engine.attention.reference import ReferenceAttention
-from engine.attention.triton_backend import TritonAttention
-from engine.attention.triton_common import num_sms
+from pdserve.bench.attention_kernels import build_paged_batch
+from pdserve.engine.attention import sdpa_prefill, triton_backend, triton_decode
+from pdserve.engine.attention.reference import ReferenceAttention
+from pdserve.engine.attention.triton_backend import TritonAttention
+from pdserve.engine.attention.triton_common import num_sms
 
 HALF_AND_FULL = [torch.float32, torch.bfloat16, torch.float16]
 TOLERANCE = {torch.bfloat16: 1e-2, torch.float16: 1e-2, torch.float32: 1e-4}
@@ -225,7 +225,7 @@ def test_decode_splits_each_context_under_a_loose_bound(device: str) -> None:
     """The split-K partitions come from the batch size and each sequence's own length, not from
     the bound: under an 8,192-token bound (as captured) short and long contexts still split,
     past one merge chunk for the longest (1,000 tokens in 64-token tiles: 16 partitions)."""
-    from engine.attention.triton_decode import decode_num_partitions
+    from pdserve.engine.attention.triton_decode import decode_num_partitions
 
     contexts = [1, 63, 64, 65, 300, 1000]
     query, key, value, cache, meta = build_paged_batch(
@@ -287,7 +287,7 @@ def test_decode_cuda_graph_replay_with_new_tables() -> None:
 
 
 def _first_rows(meta, count: int):
-    from engine.attention.metadata import AttentionMetadata
+    from pdserve.engine.attention.metadata import AttentionMetadata
 
     return AttentionMetadata(
         slot_mapping=meta.slot_mapping[:count],
@@ -345,7 +345,7 @@ def test_mixed_steps_compile_once_for_any_number_of_decode_rows() -> None:
 def test_warm_up_batch_sizes_reach_every_decode_variant(num_kv_heads: int, device: str) -> None:
     """The runner's warm-up runs mixed steps with these decode-row counts; each must land on the
     other side of a variant threshold (partitions, pipeline stages) than the count before it."""
-    from engine.attention.triton_decode import (
+    from pdserve.engine.attention.triton_decode import (
         decode_num_partitions,
         decode_num_stages,
         decode_variant_batch_sizes,

@@ -10,13 +10,13 @@ from typing import Any
 
 import torch
 
+from pdserve.transfer.contract import KVArrival, KVHandle
+from pdserve.transfer.grpc_backend import GrpcKVSender
+from pdserve.transfer.grpc_server import GrpcKVServer
+from pdserve.transfer.layout import KVLayout
+from pdserve.transfer.packing import unpack_into
+from pdserve.transfer.peers import GrpcPeer
 from tests.unit.threads import run_in_threads
-from transfer.contract import KVArrival, KVHandle
-from transfer.grpc_backend import GrpcKVSender
-from transfer.grpc_connector import GrpcPeer
-from transfer.grpc_server import GrpcKVServer
-from transfer.layout import KVLayout
-from transfer.packing import unpack_into
 
 MODEL = "tiny"
 FIRST_TOKEN = 4242  # the first sampled token the tests' sends carry

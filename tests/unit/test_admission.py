@@ -4,7 +4,7 @@ import asyncio
 
 import pytest
 
-from router.admission import AdmissionController, AdmissionRejected
+from pdserve.router.admission import AdmissionController, AdmissionRejected
 
 
 class Capacity:

@@ -12,10 +12,10 @@ import random
 
 import pytest
 
-from engine import LLM, SamplingParams
-from engine.config import EngineConfig
-from engine.llm_engine import LLMEngine
-from engine.model_runner import gemm_warm_up_rows
+from pdserve.engine import LLM, SamplingParams
+from pdserve.engine.config import EngineConfig
+from pdserve.engine.llm_engine import LLMEngine
+from pdserve.engine.model_runner import gemm_warm_up_rows
 
 
 def _prompts(n: int, seed: int = 0) -> list[list[int]]:

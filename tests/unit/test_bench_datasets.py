@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from bench.datasets import (
+from pdserve.bench.datasets import (
     BenchRequest,
     check_fits_model,
     sample_prefix_repetition,

@@ -1,4 +1,4 @@
-"""`python -m bench.gpu --small`: the one-command GPU benchmark, at tiny shapes on CPU.
+"""`python -m pdserve.bench.gpu --small`: the one-command GPU benchmark, at tiny shapes on CPU.
 
 Checks that every row is measured for pdserve and transformers, that the floors
 and ratios are filled in and sane, and that the cost model matches Llama-3-8B.
@@ -15,9 +15,9 @@ import sys
 import pytest
 import torch
 
-from bench import gpu
-from bench.gpu_limits import ModelCost
-from bench.gpu_report import ROWS, parse_only
+from pdserve.bench import gpu
+from pdserve.bench.gpu_limits import ModelCost
+from pdserve.bench.gpu_report import ROWS, parse_only
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -32,7 +32,7 @@ def test_small_run_fills_every_row(tmp_path) -> None:
         [
             sys.executable,
             "-m",
-            "bench.gpu",
+            "pdserve.bench.gpu",
             "--small",
             "--json",
             str(json_path),

@@ -11,8 +11,8 @@ import grpc
 import pytest
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from bench.datasets import BenchRequest
-from bench.metrics import (
+from pdserve.bench.datasets import BenchRequest
+from pdserve.bench.metrics import (
     RequestResult,
     compute_metrics,
     count_good_requests,
@@ -21,9 +21,9 @@ from bench.metrics import (
     parse_metric_percentiles,
     request_tpot,
 )
-from bench.serve import arrivals, run_benchmark
+from pdserve.bench.serve import arrivals, run_benchmark
+from pdserve.router.client import AsyncPdserveClient, GenerateComplete, PdserveError
 from pdserve.v1 import generate_pb2, generate_pb2_grpc
-from router.client import AsyncPdserveClient, GenerateComplete, PdserveError
 
 # r1: 5 tokens, TTFT 100 ms, gaps 20/30/50/100 ms -> E2EL 300 ms, TPOT 200/4 = 50 ms.
 # r2: 1 token, TTFT = E2EL = 400 ms: no TPOT sample; TPOT counts as 0 for goodput.
@@ -230,7 +230,7 @@ def test_run_benchmark_timeout_counts_unfinished_requests_as_failed() -> None:
 
 
 def test_sweep_finds_the_max_rate_meeting_the_slo_and_writes_a_report(tmp_path) -> None:
-    from bench.sweep import markdown_table, run_sweep, write_report
+    from pdserve.bench.sweep import markdown_table, run_sweep, write_report
 
     stopped, rounds = [], []
 

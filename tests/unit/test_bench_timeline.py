@@ -4,7 +4,15 @@ from __future__ import annotations
 
 import torch
 
-from bench.timeline import OUTSIDE, Span, Trace, busy_intervals, idle_gaps, summarize, trace_from_kineto
+from pdserve.bench.timeline import (
+    OUTSIDE,
+    Span,
+    Trace,
+    busy_intervals,
+    idle_gaps,
+    summarize,
+    trace_from_kineto,
+)
 
 US = 1_000  # ns
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 
-from bench import transfer
+from pdserve.bench import transfer
 
 
 def test_small_transfer_bench_runs_both_socket_paths(tmp_path) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 
-from bench import transfer_nccl
+from pdserve.bench import transfer_nccl
 
 
 def test_transfer_bench_on_gloo_with_both_ranks_profiled(tmp_path) -> None:

@@ -4,8 +4,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from engine.core import BlockPool, BlockRemoved, BlockStored, KVCacheManager, Request, SamplingParams
-from engine.core.block_pool import hash_block_tokens, hash_prompt_blocks
+from pdserve.engine.core import BlockPool, BlockRemoved, BlockStored, KVCacheManager, Request, SamplingParams
+from pdserve.engine.core.block_pool import hash_block_tokens, hash_prompt_blocks
 
 
 def test_hash_chains_parent_and_is_stable():

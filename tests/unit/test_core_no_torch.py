@@ -22,6 +22,6 @@ def test_core_sources_do_not_import_torch():
 
 
 def test_importing_core_loads_no_torch():
-    code = "import sys, engine.core; assert 'torch' not in sys.modules, 'torch was imported'"
+    code = "import sys, pdserve.engine.core; assert 'torch' not in sys.modules, 'torch was imported'"
     root = CORE.parents[1]
     subprocess.run([sys.executable, "-c", code], cwd=root, check=True)

@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from deploy.config import ConfigError, load_config, parse_config
+from pdserve.deploy.config import ConfigError, load_config, parse_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CONFIGS = sorted(
@@ -85,10 +85,10 @@ def test_decode_kv_server_takes_the_configured_ports():
     base + 2i + 1 (here the plain actor class, as the launcher builds it inside Ray)."""
     import socket
 
-    from deploy.actors import WorkerActor
-    from deploy.wiring import WorkerSpec
-    from engine.config import EngineConfig
-    from transfer.config import TransferConfig
+    from pdserve.deploy.actors import WorkerActor
+    from pdserve.deploy.wiring import WorkerSpec
+    from pdserve.engine.config import EngineConfig
+    from pdserve.transfer.config import TransferConfig
 
     for _ in range(50):  # a free pair of neighbouring ports (decode-1: base + 2, base + 3)
         with socket.socket() as probe:
@@ -103,7 +103,9 @@ def test_decode_kv_server_takes_the_configured_ports():
             continue
     grpc_port, data_port = base + 2, base + 3
     transfer = TransferConfig(port_base=base, data_streams=2)
-    actor = WorkerActor(WorkerSpec("decode-1", "decode", EngineConfig(model="tiny", num_gpu_blocks=64), transfer, 1))
+    actor = WorkerActor(
+        WorkerSpec("decode-1", "decode", EngineConfig(model="tiny", num_gpu_blocks=64), transfer, 1)
+    )
     server = actor.worker.receive_side.server
     try:
         assert actor.worker.kv_peer().address == f"127.0.0.1:{grpc_port}"

@@ -11,7 +11,7 @@ import random
 
 import pytest
 
-from engine import LLM, SamplingParams
+from pdserve.engine import LLM, SamplingParams
 from tests.hf_models import ARCHS, hf_greedy, make_checkpoint
 
 MAX_NEW = 32

@@ -2,8 +2,8 @@
 
 import random
 
-from engine.core.block_pool import hash_prompt_blocks
-from router.kv_index import KVIndex
+from pdserve.engine.core.block_pool import hash_prompt_blocks
+from pdserve.router.kv_index import KVIndex
 
 
 def prompt_hashes(tokens: list[int]) -> list[int]:

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import time
 
-from engine.core.sampling_params import SamplingParams
-from engine.engine_loop import EngineLoop
-from engine.config import EngineConfig
-from engine.llm_engine import LLMEngine
-from router.kv_sync import KVEventBatch
-from router.worker_state import WorkerStateTracker
+from pdserve.engine.config import EngineConfig
+from pdserve.engine.core.sampling_params import SamplingParams
+from pdserve.engine.engine_loop import EngineLoop
+from pdserve.engine.llm_engine import LLMEngine
+from pdserve.router.kv_sync import KVEventBatch
+from pdserve.router.worker_state import WorkerStateTracker
 
 
 def run_request(loop: EngineLoop, req_id: str, prompt: list[int]) -> None:

@@ -1,9 +1,9 @@
 """KVIndexSync on its own: event order and resync, hit touches, routing-history prediction."""
 
-from engine.core.block_pool import BlockRemoved, BlockStored
-from engine.core.outputs import KVSnapshot
-from router.kv_index import KVIndex
-from router.kv_sync import KVEventBatch, KVIndexSync
+from pdserve.engine.core.block_pool import BlockRemoved, BlockStored
+from pdserve.engine.core.outputs import KVSnapshot
+from pdserve.router.kv_index import KVIndex
+from pdserve.router.kv_sync import KVEventBatch, KVIndexSync
 
 
 def stored(*hashes: int) -> BlockStored:

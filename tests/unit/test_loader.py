@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from engine import LLM, SamplingParams
+from pdserve.engine import LLM, SamplingParams
 from tests.hf_models import hf_greedy, make_checkpoint
 
 

@@ -6,18 +6,18 @@ from pathlib import Path
 
 import pytest
 
-from engine.core.block_pool import BlockStored
-from engine.core.outputs import LoadReport
-from router.kv_sync import KVEventBatch
-from router.policy import (
+from pdserve.engine.core.block_pool import BlockStored
+from pdserve.engine.core.outputs import LoadReport
+from pdserve.router.kv_sync import KVEventBatch
+from pdserve.router.policy import (
     CacheAwarePolicy,
     LeastLoadedPolicy,
     PolicyConfig,
     RoundRobinPolicy,
     make_policy,
 )
-from router.routing import RouteRequest
-from router.worker_state import WorkerStateTracker
+from pdserve.router.routing import RouteRequest
+from pdserve.router.worker_state import WorkerStateTracker
 
 BLOCK = 16
 
@@ -196,7 +196,8 @@ def test_make_policy_names_unknown_policy_and_parameter() -> None:
 
 def test_routing_modules_do_not_import_torch() -> None:
     code = (
-        "import sys, router.kv_index, router.worker_state, router.policy, router.admission; "
+        "import sys, pdserve.router.kv_index, pdserve.router.worker_state, pdserve.router.policy; "
+        "import pdserve.router.admission; "
         "sys.exit(1 if 'torch' in sys.modules else 0)"
     )
     repo_root = Path(__file__).resolve().parents[2]

@@ -1,7 +1,7 @@
 """A small run of the policy simulator: cache_aware must beat round_robin on shared
 prefixes, match least_loaded on random prompts, and never over-commit decode memory."""
 
-from bench.policy_sim import main
+from pdserve.bench.policy_sim import main
 
 SMALL = [
     "--num-prefill",

@@ -2,9 +2,9 @@
 
 import pytest
 
-from engine.core.outputs import LoadReport
-from router.reservations import ReservationBooks, shared_in_flight_blocks
-from router.routing import RouteDecision, RouteRequest
+from pdserve.engine.core.outputs import LoadReport
+from pdserve.router.reservations import ReservationBooks, shared_in_flight_blocks
+from pdserve.router.routing import RouteDecision, RouteRequest
 
 BLOCK = 4
 

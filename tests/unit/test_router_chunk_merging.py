@@ -15,10 +15,10 @@ from collections.abc import AsyncIterator, Callable
 
 import pytest
 
-from engine import LLM, SamplingParams
-from engine.core.outputs import RequestOutput
-from engine.llm import CompletionOutput
-from router.service import Chunk, Completion, RouterCore, RouterError
+from pdserve.engine import LLM, SamplingParams
+from pdserve.engine.core.outputs import RequestOutput
+from pdserve.engine.llm import CompletionOutput
+from pdserve.router.service import Chunk, Completion, RouterCore, RouterError
 from tests.inprocess import InProcessDeployment
 
 PROMPT = list(range(1, 41))

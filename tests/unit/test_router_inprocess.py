@@ -11,9 +11,9 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from engine import LLM, SamplingParams
-from engine.config import EngineConfig
-from router.client import GenerateChunk, GenerateComplete, PdserveClient, PdserveError
+from pdserve.engine import LLM, SamplingParams
+from pdserve.engine.config import EngineConfig
+from pdserve.router.client import GenerateChunk, GenerateComplete, PdserveClient, PdserveError
 from tests.inprocess import InProcessDeployment
 
 

@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from engine import LLM, SamplingParams
-from engine.sampler import SamplingRow, apply_top_k_top_p, sample
-from engine.tokenizer import ByteTokenizer, IncrementalDetokenizer
+from pdserve.engine import LLM, SamplingParams
+from pdserve.engine.sampler import SamplingRow, apply_top_k_top_p, sample
+from pdserve.engine.tokenizer import ByteTokenizer, IncrementalDetokenizer
 
 
 @pytest.fixture(scope="module")

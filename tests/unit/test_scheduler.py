@@ -3,7 +3,7 @@
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from engine.core import KVCacheManager, Request, SamplingParams, Scheduler, SchedulerConfig
+from pdserve.engine.core import KVCacheManager, Request, SamplingParams, Scheduler, SchedulerConfig
 
 
 def make_scheduler(num_blocks=32, block_size=4, max_num_seqs=4, budget=16):

@@ -20,15 +20,16 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
+from pdserve.transfer.config import TransferConfig
+from pdserve.transfer.connector import BACKENDS, KVConnector, KVReceiveSide, KVSendSide, make_connector
+from pdserve.transfer.contract import KVArrival, KVHandle, KVTransferError
+from pdserve.transfer.grpc_connector import GrpcConnector
+from pdserve.transfer.layout import KVLayout
+from pdserve.transfer.nccl_connector import NcclConnector
+from pdserve.transfer.packing import unpack_into
+from pdserve.transfer.peers import GrpcPeer, NcclPeer
 from tests.unit.grpc_kv import bits, make_cache
 from tests.unit.test_transfer_nccl import free_port
-from transfer.config import TransferConfig
-from transfer.connector import BACKENDS, KVConnector, KVReceiveSide, KVSendSide, make_connector
-from transfer.contract import KVArrival, KVHandle, KVTransferError
-from transfer.grpc_connector import GrpcConnector, GrpcPeer
-from transfer.layout import KVLayout
-from transfer.nccl_connector import NcclConnector, NcclPeer
-from transfer.packing import unpack_into
 
 MODEL = "tiny"
 REPO = pathlib.Path(__file__).resolve().parents[2]
@@ -85,12 +86,14 @@ def test_handle_needs_a_peer_and_pickles_with_either_descriptor() -> None:
 
 def test_torch_free_modules_import_no_torch_and_transfer_imports_no_ray() -> None:
     code = (
-        "import pickle, sys, transfer, transfer.config, transfer.connector, transfer.contract\n"
-        "from transfer import make_connector, TransferConfig\n"
-        "from transfer.grpc_connector import GrpcPeer\n"
-        "from transfer.nccl_connector import NcclPeer\n"
-        "from transfer.contract import KVHandle\n"
-        "from transfer.layout import KVLayout\n"
+        "import pickle, sys\n"
+        "import pdserve.transfer, pdserve.transfer.config\n"
+        "import pdserve.transfer.connector, pdserve.transfer.contract\n"
+        "from pdserve.transfer import make_connector, TransferConfig\n"
+        "from pdserve.transfer.peers import GrpcPeer\n"
+        "from pdserve.transfer.peers import NcclPeer\n"
+        "from pdserve.transfer.contract import KVHandle\n"
+        "from pdserve.transfer.layout import KVLayout\n"
         "for backend in ('grpc', 'nccl'):\n"
         "    make_connector(TransferConfig(backend=backend))\n"
         "layout = KVLayout('tiny', 'float32', 2, 2, 16, 4)\n"

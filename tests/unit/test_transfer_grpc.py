@@ -16,14 +16,14 @@ import pytest
 import torch
 
 from pdserve.internal import kv_transfer_pb2, kv_transfer_pb2_grpc
+from pdserve.transfer.contract import KVArrival, KVHandle, KVSender, KVTransferError
+from pdserve.transfer.grpc_backend import GrpcKVSender, layout_to_proto
+from pdserve.transfer.grpc_server import GrpcKVServer
+from pdserve.transfer.layout import KVLayout, KVLayoutMismatch
+from pdserve.transfer.packing import pack_blocks
+from pdserve.transfer.peers import GrpcPeer
 from tests.unit.grpc_kv import FIRST_TOKEN, MODEL, Server, bits, make_cache
 from tests.unit.threads import run_in_threads
-from transfer.contract import KVArrival, KVHandle, KVSender, KVTransferError
-from transfer.grpc_backend import GrpcKVSender, layout_to_proto
-from transfer.grpc_connector import GrpcPeer
-from transfer.grpc_server import GrpcKVServer
-from transfer.layout import KVLayout, KVLayoutMismatch
-from transfer.packing import pack_blocks
 
 
 @pytest.fixture(params=["inband", "socket"])

@@ -13,9 +13,30 @@ import grpc
 import pytest
 import torch
 
-import transfer.grpc_backend as grpc_backend
-import transfer.grpc_data as grpc_data
+import pdserve.transfer.grpc_backend as grpc_backend
+import pdserve.transfer.grpc_data as grpc_data
 from pdserve.internal import kv_transfer_pb2, kv_transfer_pb2_grpc
+from pdserve.transfer.contract import KVTransferError
+from pdserve.transfer.grpc_backend import (
+    DATA_PLANE_KEY,
+    DATA_PLANE_SOCKET,
+    DATA_PORT_KEY,
+    DATA_TOKEN_KEY,
+    GrpcKVSender,
+    layout_to_proto,
+)
+from pdserve.transfer.grpc_data import (
+    TOKEN_BYTES,
+    DataConnectError,
+    DataListener,
+    encode_data_chunk,
+    encode_varint,
+    parse_chunk,
+    split_host_port,
+)
+from pdserve.transfer.layout import KVLayout
+from pdserve.transfer.packing import buffer_nbytes, pack_blocks
+from pdserve.transfer.staging import StagingPool
 from tests.unit.grpc_kv import (
     FIRST_TOKEN,
     MODEL,
@@ -27,27 +48,6 @@ from tests.unit.grpc_kv import (
     wait_until,
 )
 from tests.unit.threads import run_in_threads
-from transfer.contract import KVTransferError
-from transfer.grpc_backend import (
-    DATA_PLANE_KEY,
-    DATA_PLANE_SOCKET,
-    DATA_PORT_KEY,
-    DATA_TOKEN_KEY,
-    GrpcKVSender,
-    layout_to_proto,
-)
-from transfer.grpc_data import (
-    TOKEN_BYTES,
-    DataConnectError,
-    DataListener,
-    encode_data_chunk,
-    encode_varint,
-    parse_chunk,
-    split_host_port,
-)
-from transfer.layout import KVLayout
-from transfer.packing import buffer_nbytes, pack_blocks
-from transfer.staging import StagingPool
 
 # ---- the raw chunk codec -------------------------------------------------------------------
 

@@ -11,8 +11,24 @@ import grpc
 import pytest
 import torch
 
-import transfer.grpc_data as grpc_data
+import pdserve.transfer.grpc_data as grpc_data
 from pdserve.internal import kv_transfer_pb2, kv_transfer_pb2_grpc
+from pdserve.transfer.grpc_backend import (
+    DATA_PLANE_KEY,
+    DATA_PLANE_SOCKET,
+    DATA_PORT_KEY,
+    DATA_TOKEN_KEY,
+    GrpcKVSender,
+    layout_to_proto,
+)
+from pdserve.transfer.grpc_data import (
+    interleaved,
+    num_data_streams,
+    recv_payload,
+    stripe_bounds,
+    stripe_pieces,
+)
+from pdserve.transfer.packing import buffer_nbytes, pack_blocks
 from tests.unit.grpc_kv import (
     FIRST_TOKEN,
     MODEL,
@@ -23,16 +39,6 @@ from tests.unit.grpc_kv import (
     push_and_check_from_two_threads,
     wait_until,
 )
-from transfer.grpc_backend import (
-    DATA_PLANE_KEY,
-    DATA_PLANE_SOCKET,
-    DATA_PORT_KEY,
-    DATA_TOKEN_KEY,
-    GrpcKVSender,
-    layout_to_proto,
-)
-from transfer.grpc_data import interleaved, num_data_streams, recv_payload, stripe_bounds, stripe_pieces
-from transfer.packing import buffer_nbytes, pack_blocks
 
 
 @pytest.mark.parametrize("nbytes", [1, 65536, 65537, 200_000, 268_435_456, 268_435_456 + 12_345])

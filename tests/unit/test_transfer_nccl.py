@@ -21,18 +21,17 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from transfer.contract import KVHandle
-from transfer.grpc_connector import GrpcPeer
-from transfer.layout import KVLayout, KVLayoutMismatch
-from transfer.nccl_backend import (
+from pdserve.transfer.contract import KVHandle
+from pdserve.transfer.layout import KVLayout, KVLayoutMismatch
+from pdserve.transfer.nccl_backend import (
     NcclKVReceiver,
     NcclKVSender,
     NcclTransferNotice,
     destroy_transfer_group,
     init_transfer_group,
 )
-from transfer.nccl_connector import NcclPeer
-from transfer.packing import to_bytes, unpack_into
+from pdserve.transfer.packing import to_bytes, unpack_into
+from pdserve.transfer.peers import GrpcPeer, NcclPeer
 
 MODEL = "tiny"
 FIRST_TOKEN = 4242  # the first sampled token every send carries

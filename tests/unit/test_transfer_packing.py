@@ -20,12 +20,11 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from transfer import nccl_backend
-from transfer.contract import KVArrival, KVHandle, check_send_args
-from transfer.layout import KVLayout, KVLayoutMismatch
-from transfer.nccl_backend import NcclKVReceiver, NcclTransferNotice, default_chunk_layers
-from transfer.nccl_connector import NcclPeer
-from transfer.packing import (
+from pdserve.transfer import nccl_backend
+from pdserve.transfer.contract import KVArrival, KVHandle, check_send_args
+from pdserve.transfer.layout import KVLayout, KVLayoutMismatch
+from pdserve.transfer.nccl_backend import NcclKVReceiver, NcclTransferNotice, default_chunk_layers
+from pdserve.transfer.packing import (
     buffer_nbytes,
     from_bytes,
     layer_chunks,
@@ -34,6 +33,7 @@ from transfer.packing import (
     unpack_blocks,
     unpack_into,
 )
+from pdserve.transfer.peers import NcclPeer
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
@@ -286,8 +286,8 @@ def test_gloo_worlds_bit_exact_with_one_layer_chunks(monkeypatch: pytest.MonkeyP
 
 TRITON_CHECK = """
 import torch
-from transfer import triton_packing
-from transfer.packing import pack_blocks
+from pdserve.transfer import triton_packing
+from pdserve.transfer.packing import pack_blocks
 
 # 64-byte chunks: several per block, the last one masked (a block is 3*2*8 elements, moved
 # as int64 words); the 3-wide float16 shape moves 2-byte words.

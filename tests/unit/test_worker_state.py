@@ -1,10 +1,10 @@
 """WorkerStateTracker: event streams and resync, load reports, promises, history."""
 
-from engine.core.block_pool import BlockRemoved, BlockStored
-from engine.core.outputs import KVSnapshot, LoadReport
-from router.kv_sync import KVEventBatch
-from router.routing import RouteDecision, RouteRequest
-from router.worker_state import WorkerStateTracker
+from pdserve.engine.core.block_pool import BlockRemoved, BlockStored
+from pdserve.engine.core.outputs import KVSnapshot, LoadReport
+from pdserve.router.kv_sync import KVEventBatch
+from pdserve.router.routing import RouteDecision, RouteRequest
+from pdserve.router.worker_state import WorkerStateTracker
 
 
 def report(

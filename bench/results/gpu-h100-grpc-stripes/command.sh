@@ -7,6 +7,6 @@ export PYTHONPATH=/tmp/site:$PWD:$PWD/proto PYTHONUNBUFFERED=1
 sed 's/num_gpu_blocks: 16384/num_gpu_blocks: 4096/' deploy/gpu-1p1d-grpc-1.yaml > /tmp/s4.yaml  # fits 80 GB
 sed 's/data_streams: 4/data_streams: 1/' /tmp/s4.yaml > /tmp/s1.yaml
 W="--dataset random --random-input-len 2048 --random-output-len 256 --num-prompts 48 --request-rates 2,4 --disable-tqdm"
-python -m bench.sweep --config streams4=/tmp/s4.yaml --config streams1=/tmp/s1.yaml $W --output-dir $OUT/new
+python -m pdserve.bench.sweep --config streams4=/tmp/s4.yaml --config streams1=/tmp/s1.yaml $W --output-dir $OUT/new
 git show 599620f:transfer/grpc_data.py > transfer/grpc_data.py
-python -m bench.sweep --config streams4_nonblocking=/tmp/s4.yaml $W --output-dir $OUT/old
+python -m pdserve.bench.sweep --config streams4_nonblocking=/tmp/s4.yaml $W --output-dir $OUT/old
