@@ -10,6 +10,7 @@
 #   bash bench/run_gpu_suite.sh profile  # one GPU: bench.profile_steps
 #   bash bench/run_gpu_suite.sh grpc1    # one GPU: 1P1D over gRPC on it, bench.transfer (gRPC host path)
 #   bash bench/run_gpu_suite.sh sweep1grpc # one H200: 1P1D over gRPC sharing it, 4 data streams vs 1
+#   bash bench/run_gpu_suite.sh structure  # one GPU: bench.gpu, and 1P1D over gRPC on it (the connector)
 # Results land in $OUT (default bench/results/gpu-run).
 set -uo pipefail
 OUT="${OUT:-bench/results/gpu-run}"
@@ -66,6 +67,14 @@ case "${1:-}" in
     timeout 300 python -m pdserve.bench.gpu --json "$OUT/gpu.json" --markdown "$OUT/gpu.md" 2>&1 | tail -9
     timeout 60 python -m pdserve.bench.gemv --json "$OUT/gemv.json" 2>&1 | tail -7
     timeout 150 python -m pdserve.bench.profile_steps --json "$OUT/profile.json" 2>&1 | grep "wall\|steps$"
+    ;;
+  structure)
+    # After the import-root / connector / three-call restructuring: bench.gpu against the last
+    # stop's rows, and the disaggregated GPU tests (1P1D over gRPC on one GPU; the two-GPU NCCL
+    # test skips itself).
+    timeout 330 python -m pdserve.bench.gpu --json "$OUT/gpu.json" --markdown "$OUT/gpu.md" 2>&1 | tail -12
+    timeout 200 python -m pytest tests/gpu/test_disagg_gpu.py -q -p no:cacheprovider 2>&1 | tail -3 \
+      | tee "$OUT/disagg_tests.txt"
     ;;
   grpc1)
     # One GPU: 1P1D over gRPC with both workers on it (the two-GPU NCCL test skips itself), and

@@ -14,7 +14,7 @@ import socket
 from typing import Any
 
 from pdserve.deploy.wiring import WorkerSpec, build_worker
-from pdserve.engine.core.outputs import KVSnapshot, LoadReport, PrefillResult, StepBatch
+from pdserve.engine.core.outputs import KVSnapshot, PrefillResult, StepBatch
 from pdserve.engine.core.sampling_params import SamplingParams
 from pdserve.router.worker_client import RayWorkerClient, WorkerClient
 from pdserve.transfer.connector import DecodeLink, Waitable
@@ -57,9 +57,6 @@ class WorkerActor:
     # -- the worker API -------------------------------------------------------------------
     def poll(self, timeout_s: float = 0.5) -> StepBatch:
         return self.worker.poll(timeout_s)
-
-    def load(self) -> LoadReport:
-        return self.worker.load()
 
     def abort(self, req_id: str) -> bool:
         return self.worker.abort(req_id)

@@ -101,8 +101,7 @@ def up(
             opts = _actor_options(spec.resources, f"pdserve-{spec.worker_id}", ns, detached)
             workers[spec.worker_id] = actor_cls.options(**opts).remote(spec)
         controls = {w: RayWorkerControl(w, h) for w, h in workers.items()}
-        ray.get([h.ready.remote() for h in workers.values()])  # engines built (or their error)
-        connect_workers(specs, controls, cfg.transfer)
+        connect_workers(specs, controls, cfg.transfer)  # waits for every engine (or its error)
         summary = ModelSummary(
             name=model_cfg.name,
             vocab_size=model_cfg.vocab_size,
@@ -116,10 +115,11 @@ def up(
         )
         router_opts.pop("max_concurrency")  # async actor: concurrency is its event loop
         roles = {spec.worker_id: spec.role for spec in specs}
+        clients = {w: control.router_client() for w, control in controls.items()}
         router = (
             ray.remote(RouterActor)
             .options(**router_opts)
-            .remote(summary, cfg.model, workers, roles, cfg.router)
+            .remote(summary, cfg.model, clients, roles, cfg.router)
         )
         url = ray.get(router.start.remote())
     except BaseException:
@@ -135,9 +135,12 @@ def up(
 
 
 def _python_path() -> list[str]:
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    return [
-        root,
-        os.path.join(root, "proto"),
-        *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep)),
-    ]
+    """What the workers need on their path: the folder holding the `pdserve` package (site-packages
+    when installed, the checkout's proto/ when not) and, from a source checkout, the checkout
+    itself (tests pickle their own helpers); never the package's folder, whose subpackages are
+    not top-level names."""
+    import pdserve
+
+    paths = [os.path.dirname(os.path.dirname(os.path.abspath(pdserve.__file__)))]
+    paths += [p for p in pdserve.__path__ if os.path.isfile(os.path.join(p, "pyproject.toml"))]
+    return [*paths, *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]

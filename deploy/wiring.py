@@ -3,8 +3,9 @@
 1. `plan_workers(cfg)`: one `WorkerSpec` per worker of the config's pools.
 2. `build_worker(spec)`: the plain worker object (in the worker's own process), with its
    side of the KV connector the config names (`transfer.connector.make_connector`).
-3. `connect_workers(specs, controls, transfer)`: forms the connector's process group when
-   it has one (nccl) and gives every prefill worker a `DecodeLink` to each decode worker.
+3. `connect_workers(specs, controls, transfer)`: waits for the engines, forms the
+   connector's process group when it has one (nccl) and gives every prefill worker a
+   `DecodeLink` to each decode worker.
 4. the router gets a `WorkerClient` per worker (`WorkerControl.router_client`).
 
 A `WorkerControl` makes the set-up calls on one worker: `RayWorkerControl` (deploy/actors.py)
@@ -92,7 +93,10 @@ class WorkerControl(Protocol):
 def connect_workers(
     specs: list[WorkerSpec], controls: dict[str, WorkerControl], transfer: TransferConfig
 ) -> None:
-    """Form the connector's process group (if it has one) and link prefill to decode workers."""
+    """Wait for every worker's engine, form the connector's process group (if it has one)
+    and link prefill to decode workers."""
+    for control in controls.values():  # Ray actors build in parallel; this waits for each
+        control.wait_ready()
     prefill = [s.worker_id for s in specs if s.role == "prefill"]
     decode = [s.worker_id for s in specs if s.role == "decode"]
     if not prefill:

@@ -126,7 +126,6 @@ class PrefillWorker(LoopWorker):
                 num_prompt_tokens=out.num_prompt_tokens,
                 num_cached_tokens=out.num_cached_tokens,
                 prefill_ms=(time.perf_counter() - start) * 1e3,
-                kv_shipped=ship,
             )
             if ship:
                 self._senders.submit(self._send, handle, src_block_ids, result.first_token_id)

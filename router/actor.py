@@ -10,7 +10,7 @@ from typing import Any
 from pdserve.engine.gc_heap import freeze_startup_heap
 from pdserve.router.server import RouterServer
 from pdserve.router.service import ModelSummary, RouterCore
-from pdserve.router.worker_client import RayWorkerClient
+from pdserve.router.worker_client import WorkerClient
 
 
 class RouterActor:
@@ -18,7 +18,7 @@ class RouterActor:
         self,
         model: ModelSummary,
         model_path: str,
-        worker_handles: dict[str, Any],
+        clients: dict[str, WorkerClient],
         worker_roles: dict[str, str],
         router_config: Any,
     ) -> None:
@@ -26,7 +26,6 @@ class RouterActor:
 
         self.config = router_config
         tokenizer = load_tokenizer(model_path, model.eos_token_id, None)
-        clients = {w: RayWorkerClient(w, h) for w, h in worker_handles.items()}
         self.core = RouterCore.from_config(model, tokenizer, clients, worker_roles, router_config)
         self.server = RouterServer(
             self.core, router_config.host, router_config.port, router_config.default_max_tokens

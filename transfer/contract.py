@@ -102,10 +102,6 @@ class TransferStats:
     send_ms: float  # from the end of pack until the receiver confirmed the data is in place
     extra: dict[str, float] = field(default_factory=dict)
 
-    @property
-    def total_ms(self) -> float:
-        return self.pack_ms + self.send_ms
-
 
 @runtime_checkable
 class KVSender(Protocol):

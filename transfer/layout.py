@@ -77,10 +77,6 @@ class KVLayout:
         canonical = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canonical.encode("utf-8")).hexdigest()[:32]
 
-    def block_shape(self) -> tuple[int, int, int, int, int]:
-        """One block, all layers, K and V: [num_layers, 2, block_size, Hkv, D]."""
-        return (self.num_layers, 2, self.block_size, self.num_kv_heads, self.head_dim)
-
     def buffer_shape(self, n_blocks: int) -> tuple[int, int, int, int, int, int]:
         """Shape of a packed buffer holding `n_blocks` blocks: [num_layers, 2, n, block_size, Hkv, D]."""
         return (self.num_layers, 2, n_blocks, self.block_size, self.num_kv_heads, self.head_dim)

@@ -32,7 +32,6 @@ class PrefillResult:
     num_prompt_tokens: int
     num_cached_tokens: int  # prompt tokens this prefill worker served from its own cache
     prefill_ms: float  # from arrival at the worker to the first token
-    kv_shipped: bool  # False when there was nothing to ship (finished, or no handle)
 
 
 WORKER_ROLES = ("prefill", "decode", "both")
