@@ -22,13 +22,18 @@ from pdserve.transfer.contract import KVHandle
 
 
 class WorkerActor:
-    def __init__(self, spec: WorkerSpec) -> None:
+    def __init__(self, spec: WorkerSpec, decode_links: dict[str, DecodeLink] | None = None) -> None:
+        """`decode_links`: a prefill worker's links to the decode workers, given at build
+        time too (not only by the wiring) so that the instance Ray restarts after a crash,
+        built from these same arguments, can ship KV again at once."""
         if spec.transfer.host == "auto":  # this node's address, reachable from other nodes
             import ray
 
             transfer = dataclasses.replace(spec.transfer, host=ray.util.get_node_ip_address())
             spec = dataclasses.replace(spec, transfer=transfer)
         self.worker = build_worker(spec)
+        if decode_links is not None:
+            self.worker.set_decode_links(decode_links)
 
     # -- set-up -------------------------------------------------------------------------
     def ready(self) -> str:

@@ -172,14 +172,17 @@ def cmd_status(args: argparse.Namespace) -> int:
         f"router ready: {status['ready']}; streams: {status['num_streams']}; "
         f"waiting for admission: {status['num_waiting_admission']}"
     )
-    print(f"{'worker':<14}{'role':<10}{'KV used':>16}{'running':>9}{'waiting':>9}")
+    stats = status.get("stats", {})
+    print("failures: " + ", ".join(f"{k.removeprefix('num_')} {v}" for k, v in stats.items()))
+    print(f"{'worker':<14}{'role':<10}{'KV used':>16}{'running':>9}{'waiting':>9}{'restarts':>10}  state")
     for wid, w in status["workers"].items():
         total = w.get("num_total_blocks", 0)
         used = total - w.get("num_free_blocks", 0)
         pct = 100.0 * used / total if total else 0.0
+        state = "up" if w.get("alive", True) else f"LOST ({w.get('lost_reason')})"
         print(
             f"{wid:<14}{w['role']:<10}{f'{used}/{total} ({pct:.0f}%)':>16}"
-            f"{w.get('num_running', 0):>9}{w.get('num_waiting', 0):>9}"
+            f"{w.get('num_running', 0):>9}{w.get('num_waiting', 0):>9}{w.get('num_restarts', 0):>10}  {state}"
         )
     return 0
 

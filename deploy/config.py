@@ -12,8 +12,8 @@ the key path (e.g. `decode.count`), raised before anything starts.
     colocated: {count, resources: ...}   # workers that run both phases (the baseline)
     transfer:  {backend: grpc|nccl, host, port_base, data_streams}
     router:    {host, port, policy, policy_params: {...}, kv_events, max_queue_len,
-                max_wait_s, default_max_tokens}
-    ray:       {address, namespace, num_cpus}
+                max_wait_s, default_max_tokens, worker_timeout_s, max_migrations}
+    ray:       {address, namespace, num_cpus, max_worker_restarts}
 """
 
 from __future__ import annotations
@@ -49,6 +49,11 @@ class RouterConfig:
     max_queue_len: int = 256
     max_wait_s: float = 30.0
     default_max_tokens: int = 16
+    # A worker whose poll brings no answer this long past the poll's own wait is lost
+    # (a dead actor is lost at once), and its requests move to other workers.
+    worker_timeout_s: float = 5.0
+    # New attempts a request may take after losing a worker; past it: UNAVAILABLE.
+    max_migrations: int = 3
 
 
 @dataclass
@@ -56,6 +61,10 @@ class RayConfig:
     address: str | None = None  # None: start a local Ray; "auto" or "host:port": join
     namespace: str = "pdserve"
     num_cpus: int | None = None
+    # Ray restarts a crashed worker actor this many times (-1: always); it rejoins routing
+    # with a fresh instance id. With transfer.backend nccl workers are not restarted: a new
+    # process cannot join the running torch.distributed group (see deploy/launcher.py).
+    max_worker_restarts: int = 3
 
 
 @dataclass
@@ -176,6 +185,12 @@ def parse_config(data: dict[str, Any]) -> DeployConfig:
             raise ConfigError(
                 f"router.policy_params.{key}: unknown key (allowed: {', '.join(sorted(policy_fields))})"
             )
+    if not cfg.router.worker_timeout_s > 0:
+        raise ConfigError(f"router.worker_timeout_s: must be > 0, got {cfg.router.worker_timeout_s}")
+    if cfg.router.max_migrations < 0:
+        raise ConfigError(f"router.max_migrations: must be >= 0, got {cfg.router.max_migrations}")
+    if cfg.ray.max_worker_restarts < -1:
+        raise ConfigError(f"ray.max_worker_restarts: must be >= -1, got {cfg.ray.max_worker_restarts}")
     if not 0 <= cfg.router.port < 65536:
         raise ConfigError(f"router.port: must be in [0, 65535], got {cfg.router.port}")
     return cfg

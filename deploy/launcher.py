@@ -44,11 +44,7 @@ class Deployment:
             ray.get(self.router.stop.remote(), timeout=10)
         except Exception as exc:  # noqa: BLE001 - going down anyway
             log.warning("router stop: %s", exc)
-        for handle in [self.router, *self.workers.values()]:
-            try:
-                ray.kill(handle)
-            except Exception:  # noqa: BLE001
-                pass
+        _kill_all({"router": self.router, **self.workers})  # no_restart: down means down
         if self.started_ray:
             ray.shutdown()
 
@@ -61,6 +57,53 @@ def _actor_options(resources: dict[str, Any], name: str, namespace: str, detache
     return opts
 
 
+def worker_max_restarts(cfg: DeployConfig) -> int:
+    """How often Ray restarts a crashed worker. Never with nccl: a restarted process cannot
+    join the torch.distributed group the others formed, so the dead worker stays out of
+    routing and its requests move to the survivors (a decode worker with no prefill worker
+    left prefills locally)."""
+    from pdserve.transfer.connector import make_connector
+
+    if make_connector(cfg.transfer).uses_process_group:
+        return 0
+    return cfg.ray.max_worker_restarts
+
+
+def _start_workers(cfg: DeployConfig, specs: list[Any], detached: bool) -> dict[str, Any]:
+    """One actor per spec. Decode and co-located workers first: the prefill workers are
+    given links to them when they are built, so that a prefill worker Ray restarts after a
+    crash is wired again. Calls are never retried by Ray (max_task_retries 0): the router
+    decides what to run again, and where."""
+    import ray
+
+    from pdserve.deploy.actors import RayDecodeLink, WorkerActor
+
+    actor_cls = ray.remote(WorkerActor)
+    restarts = {"max_restarts": worker_max_restarts(cfg), "max_task_retries": 0}
+    workers: dict[str, Any] = {}
+    try:
+        for spec in sorted(specs, key=lambda s: s.role == "prefill"):
+            opts = _actor_options(spec.resources, f"pdserve-{spec.worker_id}", cfg.ray.namespace, detached)
+            links = None
+            if spec.role == "prefill":
+                links = {w: RayDecodeLink(h) for w, h in workers.items() if w.startswith("decode-")}
+            workers[spec.worker_id] = actor_cls.options(**opts, **restarts).remote(spec, links)
+    except BaseException:
+        _kill_all(workers)
+        raise
+    return {spec.worker_id: workers[spec.worker_id] for spec in specs}  # the specs' order
+
+
+def _kill_all(handles: dict[str, Any]) -> None:
+    import ray
+
+    for handle in handles.values():
+        try:
+            ray.kill(handle, no_restart=True)
+        except Exception:  # noqa: BLE001
+            pass
+
+
 def up(
     config: str | DeployConfig,
     address: str | None = None,
@@ -71,7 +114,7 @@ def up(
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    from pdserve.deploy.actors import RayWorkerControl, WorkerActor
+    from pdserve.deploy.actors import RayWorkerControl
     from pdserve.deploy.wiring import connect_workers, plan_workers
     from pdserve.router.actor import RouterActor
     from pdserve.router.service import ModelSummary
@@ -96,10 +139,7 @@ def up(
     workers: dict[str, Any] = {}
     try:
         specs = plan_workers(cfg)
-        actor_cls = ray.remote(WorkerActor)
-        for spec in specs:
-            opts = _actor_options(spec.resources, f"pdserve-{spec.worker_id}", ns, detached)
-            workers[spec.worker_id] = actor_cls.options(**opts).remote(spec)
+        workers = _start_workers(cfg, specs, detached)
         controls = {w: RayWorkerControl(w, h) for w, h in workers.items()}
         connect_workers(specs, controls, cfg.transfer)  # waits for every engine (or its error)
         summary = ModelSummary(
@@ -123,11 +163,7 @@ def up(
         )
         url = ray.get(router.start.remote())
     except BaseException:
-        for handle in workers.values():
-            try:
-                ray.kill(handle)
-            except Exception:  # noqa: BLE001
-                pass
+        _kill_all(workers)
         if started_ray:
             ray.shutdown()
         raise

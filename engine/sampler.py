@@ -3,8 +3,9 @@
 All rows are sampled on the logits' device. Greedy rows take the argmax. Random
 rows draw by the exponential-race trick (argmax of p / E with E ~ Exp(1)), which
 equals sampling from p. A seeded request draws its noise from its own generator,
-seeded by (seed, number of tokens generated so far), so its tokens do not depend
-on the batch it shares or on earlier runs.
+seeded by (seed, number of tokens generated so far, counting those generated before
+a migration: `SamplingParams.num_prior_output_tokens`), so its tokens do not depend
+on the batch it shares, on earlier runs, or on the worker that resumed it.
 """
 
 from __future__ import annotations
@@ -59,7 +60,8 @@ def sample_tokens(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor
     noise = torch.empty_like(probs).exponential_()
     for i, r in enumerate(rows):
         if r.params.seed is not None:
-            noise[i] = _seeded_exponential((probs.shape[1],), r.params.seed, r.num_output_tokens, device)
+            step = r.params.num_prior_output_tokens + r.num_output_tokens
+            noise[i] = _seeded_exponential((probs.shape[1],), r.params.seed, step, device)
     tokens = (probs / noise).argmax(dim=-1)
     greedy_rows = [r.params.greedy for r in rows]
     if any(greedy_rows):

@@ -7,6 +7,15 @@ is streamed at once, and ships the KV with that token to the decode worker), the
 decode worker starts the request by itself when the KV has landed; its outputs reach
 this stream through the worker monitor's polls (`deliver`). A request prefilled on the
 decode worker takes one call, `add_local`.
+
+Failures (see the worker monitor, router/worker_monitor.py): when the request's decode
+worker is lost, or its prefill worker is lost before the KV landed, the stream starts a
+new attempt: the prompt plus every token already streamed is routed and prefilled again
+(`SamplingParams.resumed_after` keeps the rest of the stream as it would have been, seeded
+draws included), and streaming goes on with no token missing or repeated. Each attempt
+runs on the workers under its own id (`<req_id>` then `<req_id>#2`, ...), so nothing an
+earlier attempt still sends can reach the stream. Past `max_migrations` new attempts the
+stream ends with UNAVAILABLE naming the cause.
 """
 
 from __future__ import annotations
@@ -14,7 +23,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,9 +33,9 @@ from pdserve.engine.core.sampling_params import SamplingParams
 from pdserve.engine.output_processor import OutputProcessor
 from pdserve.engine.tokenizer import Tokenizer
 from pdserve.router.admission import AdmissionController, AdmissionRejected
-from pdserve.router.events import Chunk, Completion, RouterError
+from pdserve.router.events import Chunk, Completion, RouterError, RouterStats
 from pdserve.router.routing import RouteDecision, RouteRequest
-from pdserve.router.worker_client import WorkerClient
+from pdserve.router.worker_client import WorkerClient, WorkerLost
 from pdserve.router.worker_state import WorkerStateTracker
 
 log = logging.getLogger(__name__)
@@ -41,6 +50,14 @@ class StreamDeps:
     tracker: WorkerStateTracker
     tokenizer: Tokenizer | None
     block_size: int
+    report_lost: Callable[[str, str], None]  # (worker_id, reason): a call found it gone
+    stats: RouterStats = field(default_factory=RouterStats)
+    max_migrations: int = 3  # new attempts per request after a worker was lost
+    # Every running attempt by the id the workers know it by: where their outputs go.
+    attempts: dict[str, RequestStream] = field(default_factory=dict)
+    # Aborts sent to workers that may be gone, never awaited by a stream; held here
+    # so that they are not garbage collected while running.
+    background: set[asyncio.Task] = field(default_factory=set)
 
 
 @dataclass
@@ -51,7 +68,7 @@ class _Merged:
     text: str = ""
     last: RequestOutput | None = None  # the output that ended the request
     stopped: bool = False  # a stop string ended it
-    failure: RouterError | None = None  # raised after the chunk
+    failure: RouterError | WorkerLost | None = None  # raised after the chunk
 
 
 def _take_queued(queue: asyncio.Queue, first: Any) -> list[Any]:
@@ -72,10 +89,15 @@ class RequestStream:
         self.prompt_token_ids = prompt_token_ids
         self.params = params
         self.deps = deps
-        # Outputs (RequestOutput) from the decode worker's polls, or a RouterError.
-        self.queue: asyncio.Queue[RequestOutput | RouterError] = asyncio.Queue()
+        self.attempt = 0  # 1 for the first attempt, counted by _start_attempt
+        self.worker_req_id = req_id  # the current attempt's id on the workers
+        # Outputs (RequestOutput) of the current attempt, a RouterError, or WorkerLost.
+        self.queue: asyncio.Queue[RequestOutput | RouterError | WorkerLost] = asyncio.Queue()
+        self._lost: asyncio.Future[WorkerLost] | None = None  # set when this attempt's worker is lost
         self.decode_worker_id: str | None = None
         self.prefill_worker_id: str | None = None
+        self.kv_landed = False  # the decode worker sent an output for this attempt
+        self.output_token_ids: list[int] = []  # every token streamed so far, all attempts
         self.kv_wait_ms = 0.0
         self.processor = OutputProcessor(deps.tokenizer)
         self.processor.add(req_id, prompt_token_ids, params)
@@ -90,47 +112,138 @@ class RequestStream:
     # -- from the worker monitor -------------------------------------------------------
     def deliver(self, output: RequestOutput, kv_wait_ms: float) -> None:
         self.kv_wait_ms += kv_wait_ms
+        self.kv_landed = True
         self.queue.put_nowait(output)
 
-    def fail(self, error: RouterError) -> None:
-        self.queue.put_nowait(error)
-
-    def involves(self, worker_id: str) -> bool:
-        return worker_id in (self.decode_worker_id, self.prefill_worker_id)
+    def on_worker_lost(self, worker_id: str, reason: str) -> None:
+        """A worker is gone: start over elsewhere if this attempt depended on it. A request
+        whose KV already landed on its decode worker no longer needs its prefill worker."""
+        needed = worker_id == self.decode_worker_id or (
+            worker_id == self.prefill_worker_id and not self.kv_landed
+        )
+        if not needed or self._lost is None or self._lost.done():
+            return
+        lost = WorkerLost(worker_id, reason)
+        self._lost.set_result(lost)
+        self.queue.put_nowait(lost)
 
     # -- the stream ----------------------------------------------------------------------
     async def events(self) -> AsyncIterator[Chunk | Completion]:
         """Chunks, then one Completion (or a RouterError). Leaving early aborts the request."""
         try:
-            decision = await self._admit()
-            decode = self.deps.clients[decision.decode_worker_id]
-            if decision.prefill_worker_id is None:
-                await decode.add_local(self.req_id, self.prompt_token_ids, self.params)
-            else:
-                async for event in self._prefill_remotely(decode, decision.prefill_worker_id):
-                    yield event
-                if self.finished:
+            while True:
+                try:
+                    async for event in self._attempt():
+                        yield event
                     return
-            async for event in self._stream_outputs():
-                yield event
+                except WorkerLost as lost:
+                    self._before_next_attempt(lost)
         finally:
-            self.deps.tracker.release(self.req_id)
+            self._end_attempt()
             self.deps.admission.notify_capacity()
             if not self.finished:
                 await self.abort_everywhere()
 
+    async def _attempt(self) -> AsyncIterator[Chunk | Completion]:
+        """Route and run the request (the rest of it, after a migration) once."""
+        self._start_attempt()
+        decision = await self._admit()
+        decode = self.deps.clients[decision.decode_worker_id]
+        if decision.prefill_worker_id is None:
+            await self._guarded(decode.add_local(self.worker_req_id, self._prompt(), self._params()))
+        else:
+            async for event in self._prefill_remotely(decode, decision.prefill_worker_id):
+                yield event
+            if self.finished:
+                return
+        async for event in self._stream_outputs():
+            yield event
+
+    def _start_attempt(self) -> None:
+        self.attempt += 1
+        if self.attempt > 1:
+            self.worker_req_id = f"{self.req_id}#{self.attempt}"
+        self.queue = asyncio.Queue()
+        self._lost = asyncio.get_running_loop().create_future()
+        self.decode_worker_id = self.prefill_worker_id = None
+        self.kv_landed = False
+        self.deps.attempts[self.worker_req_id] = self
+
+    def _end_attempt(self) -> None:
+        self.deps.attempts.pop(self.worker_req_id, None)
+        self.deps.tracker.release(self.worker_req_id)
+
+    def _before_next_attempt(self, lost: WorkerLost) -> None:
+        """The attempt's worker is gone: drop the attempt everywhere (without waiting on a
+        worker that may never answer), or give up past the migration limit."""
+        stats = self.deps.stats
+        decode_lost = lost.worker_id == self.decode_worker_id
+        self._abort_in_background()
+        self._end_attempt()
+        self.decode_worker_id = self.prefill_worker_id = None  # nothing left to abort there
+        if self.attempt > self.deps.max_migrations:
+            stats.num_requests_failed_over_limit += 1
+            log.error("request %s not moved again: %d attempts; last: %s", self.req_id, self.attempt, lost)
+            raise RouterError(
+                "UNAVAILABLE",
+                f"request {self.req_id} ended after {self.attempt} attempts "
+                f"(router.max_migrations={self.deps.max_migrations}); last: {lost}",
+            )
+        if decode_lost:
+            stats.num_migrations += 1
+            what = "migrated"
+        else:
+            stats.num_prefill_retries += 1
+            what = "retried"
+        log.warning(
+            "request %s %s (attempt %d, %d tokens streamed): %s",
+            self.req_id, what, self.attempt + 1, len(self.output_token_ids), lost,
+        )  # fmt: skip
+
+    async def _guarded(self, call: Any) -> Any:
+        """Await a worker call, unless this attempt's worker is lost first (a hung worker
+        never answers): then raise that WorkerLost."""
+        task = asyncio.ensure_future(call)
+        try:
+            await asyncio.wait({task, self._lost}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            if not task.done():
+                task.cancel()
+        if not task.done() or task.cancelled():
+            raise self._lost.result()
+        try:
+            return task.result()
+        except WorkerLost as lost:  # the call saw it first: out of routing now, not at the next poll
+            self.deps.report_lost(lost.worker_id, lost.reason)
+            raise
+
+    def _prompt(self) -> list[int]:
+        return self.prompt_token_ids + self.output_token_ids
+
+    def _params(self) -> SamplingParams:
+        if not self.output_token_ids:
+            return self.params
+        return self.params.resumed_after(len(self.output_token_ids))
+
     async def _admit(self) -> RouteDecision:
+        prompt = self._prompt()
         route = RouteRequest(
-            self.req_id,
-            len(self.prompt_token_ids),
-            hash_prompt_blocks(self.prompt_token_ids, self.deps.block_size),
-            self.params.max_tokens,
+            self.worker_req_id,
+            len(prompt),
+            hash_prompt_blocks(prompt, self.deps.block_size),
+            self.params.max_tokens - len(self.output_token_ids),
         )
         try:
             decision = await self.deps.admission.admit(route)
         except AdmissionRejected as exc:
+            if self.attempt > 1:
+                self.deps.stats.num_requests_failed_over_limit += 1
+                log.error("request %s could not be moved: %s", self.req_id, exc)
+                raise RouterError("UNAVAILABLE", f"request {self.req_id} lost its worker and {exc}") from exc
+            log.warning("request %s rejected: %s", self.req_id, exc)
             raise RouterError("RESOURCE_EXHAUSTED", str(exc)) from exc
-        self.routed = time.perf_counter()
+        if self.attempt == 1:
+            self.routed = time.perf_counter()
         self.decode_worker_id = decision.decode_worker_id
         self.prefill_worker_id = decision.prefill_worker_id
         return decision
@@ -139,23 +252,27 @@ class RequestStream:
         self, decode: WorkerClient, prefill_worker_id: str
     ) -> AsyncIterator[Chunk | Completion]:
         """Reserve on the decode worker, prefill with its handle, stream the first token."""
-        prompt = self.prompt_token_ids
-        handle = await decode.reserve(self.req_id, prompt, self.params)
+        prompt, params, req_id = self._prompt(), self._params(), self.worker_req_id
+        handle = await self._guarded(decode.reserve(req_id, prompt, params))
         if handle is None:
             raise RouterError("RESOURCE_EXHAUSTED", "the decode worker has no free KV blocks")
         cached_on_decode = len(prompt) - handle.num_tokens
         prefill = self.deps.clients[prefill_worker_id]
-        result: PrefillResult = await prefill.prefill(self.req_id, prompt, self.params, handle)
-        self.first_token_at = time.perf_counter()
-        self.prefill_ms = (self.first_token_at - self.routed) * 1e3
-        self.cached_tokens = max(cached_on_decode, result.num_cached_tokens)
-        self.completion_tokens = 1
+        result: PrefillResult = await self._guarded(prefill.prefill(req_id, prompt, params, handle))
+        if self.first_token_at is None:
+            self.first_token_at = time.perf_counter()
+            self.prefill_ms = (self.first_token_at - self.routed) * 1e3
+            self.cached_tokens = max(cached_on_decode, result.num_cached_tokens)
+        self.completion_tokens += 1
+        self.output_token_ids.append(result.first_token_id)
         delta = self.processor.process(self.req_id, [result.first_token_id], result.finished)
         yield Chunk(delta.token_ids, delta.text)
         if result.finished or delta.stopped:
-            if delta.stopped and not result.finished:
-                await decode.abort(self.req_id)  # the decode worker started it meanwhile
+            # The decode worker started the request meanwhile, or waits for the prefill
+            # worker's report that nothing will come: abort either way (it is idempotent),
+            # so its reservation never depends on that report.
             self.finished = True
+            await self._abort_on(decode)
             yield self._completion("stop" if delta.stopped else result.finish_reason, 0.0)
 
     async def _stream_outputs(self) -> AsyncIterator[Chunk | Completion]:
@@ -172,18 +289,18 @@ class RequestStream:
                 raise merged.failure
             last = merged.last
             if last is not None:
-                if merged.stopped and not last.finished:
-                    await self.deps.clients[self.decode_worker_id].abort(self.req_id)
                 self.finished = True
+                if merged.stopped and not last.finished:
+                    await self._abort_on(self.deps.clients[self.decode_worker_id])
                 yield self._completion("stop" if merged.stopped else last.finish_reason, self.kv_wait_ms)
                 return
 
-    def _merge(self, items: list[RequestOutput | RouterError]) -> _Merged:
+    def _merge(self, items: list[RequestOutput | RouterError | WorkerLost]) -> _Merged:
         """Queued outputs as one chunk, up to the output that ended the request or a failure."""
         merged = _Merged()
         text_parts: list[str] = []
         for item in items:
-            if isinstance(item, RouterError):
+            if isinstance(item, (RouterError, WorkerLost)):
                 merged.failure = item
                 break
             if item.error is not None:
@@ -194,6 +311,7 @@ class RequestStream:
                 self.prefill_ms = (self.first_token_at - self.routed) * 1e3
                 self.cached_tokens = item.num_cached_tokens
             self.completion_tokens += len(item.new_token_ids)
+            self.output_token_ids += item.new_token_ids
             # One output at a time, as they came: stop strings and min_tokens are
             # judged at each step's boundary exactly as without merging.
             delta = self.processor.process(self.req_id, item.new_token_ids, item.finished)
@@ -220,14 +338,41 @@ class RequestStream:
             ttft_ms=(first_at - self.arrival) * 1e3,
         )
 
-    async def abort_everywhere(self) -> None:
-        calls = [
-            self.deps.clients[worker_id].abort(self.req_id)
+    async def _abort_on(self, worker: WorkerClient) -> None:
+        """Abort the finished request's leftovers on a worker; a worker gone meanwhile
+        holds nothing of it any more."""
+        try:
+            await worker.abort(self.worker_req_id)
+        except WorkerLost as lost:
+            log.info("request %s: %s", self.req_id, lost)
+
+    def _abort_calls(self) -> list[Any]:
+        return [
+            self.deps.clients[worker_id].abort(self.worker_req_id)
             for worker_id in (self.prefill_worker_id, self.decode_worker_id)
             if worker_id is not None
         ]
+
+    def _abort_in_background(self) -> None:
+        """Abort the current attempt on its workers without waiting: one of them is gone,
+        or hung, or restarting (a call then waits for the new instance)."""
+        for call in self._abort_calls():
+            task = asyncio.ensure_future(call)
+            self.deps.background.add(task)
+            task.add_done_callback(_finish_background_abort(self.deps.background, self.worker_req_id))
+
+    async def abort_everywhere(self) -> None:
         # Shielded: the caller is usually being cancelled, but the abort must happen.
-        results = await asyncio.shield(asyncio.gather(*calls, return_exceptions=True))
+        results = await asyncio.shield(asyncio.gather(*self._abort_calls(), return_exceptions=True))
         for r in results:
             if isinstance(r, Exception):
-                log.warning("abort of %s failed: %s", self.req_id, r)
+                log.warning("abort of %s failed: %s", self.worker_req_id, r)
+
+
+def _finish_background_abort(tasks: set[asyncio.Task], req_id: str) -> Any:
+    def done(task: asyncio.Task) -> None:
+        tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.debug("abort of %s on a lost worker: %s", req_id, task.exception())
+
+    return done

@@ -8,6 +8,7 @@ one `Error` event.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 
 import grpc
@@ -28,6 +29,8 @@ _FINISH = {
     "abort": generate_pb2.FINISH_REASON_ABORT,
 }
 MAX_REQUEST_ID_LEN = 256
+HEALTH_CHECK_INTERVAL_S = 0.25  # how often health follows the workers' liveness
+WORKER_HEALTH_PREFIX = "pdserve.worker."  # health service name of one worker: + its id
 
 
 def sampling_from_proto(msg: generate_pb2.SamplingParams, default_max_tokens: int) -> SamplingParams:
@@ -147,6 +150,7 @@ class RouterServer:
         self.default_max_tokens = default_max_tokens
         self.server: grpc.aio.Server | None = None
         self.health = health.aio.HealthServicer() if hasattr(health, "aio") else health.HealthServicer()
+        self._health_task: asyncio.Task | None = None
 
     async def start(self) -> str:
         self.server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
@@ -173,17 +177,34 @@ class RouterServer:
     async def wait_workers_ready(self, timeout: float = 300.0) -> None:
         await self.core.wait_ready(timeout)
         await self._set_health(True)
+        self._health_task = asyncio.create_task(self._follow_worker_health())
 
-    async def _set_health(self, serving: bool) -> None:
+    async def _set_health(self, serving: bool, names: tuple[str, ...] = ("", SERVICE_NAME)) -> None:
         status = (
             health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
         )
-        for name in ("", SERVICE_NAME):
+        for name in names:
             result = self.health.set(name, status)
             if hasattr(result, "__await__"):
                 await result
 
+    async def _follow_worker_health(self) -> None:
+        """The router is SERVING while a decode-capable worker is alive; each worker's own
+        status is under `pdserve.worker.<id>`."""
+        known: dict[str, bool] = {}
+        while True:
+            current = {"": self.core.serving}
+            current.update({w: self.core.monitor.is_alive(w) for w in self.core.worker_roles})
+            for name, serving in current.items():
+                if known.get(name) != serving:
+                    names = ("", SERVICE_NAME) if name == "" else (WORKER_HEALTH_PREFIX + name,)
+                    await self._set_health(serving, names)
+                    known[name] = serving
+            await asyncio.sleep(HEALTH_CHECK_INTERVAL_S)
+
     async def stop(self, grace: float = 1.0) -> None:
+        if self._health_task is not None:
+            self._health_task.cancel()
         await self.core.stop()
         if self.server is not None:
             await self.server.stop(grace)

@@ -23,7 +23,7 @@ from pdserve.engine.core.outputs import RequestOutput
 from pdserve.engine.core.sampling_params import SamplingParams
 from pdserve.engine.tokenizer import Tokenizer
 from pdserve.router.admission import AdmissionController
-from pdserve.router.events import Chunk, Completion, ModelSummary, RouterError
+from pdserve.router.events import Chunk, Completion, ModelSummary, RouterError, RouterStats
 from pdserve.router.policy import Policy, make_policy
 from pdserve.router.request_stream import RequestStream, StreamDeps
 from pdserve.router.routing import RouteDecision, RouteRequest
@@ -48,6 +48,8 @@ class RouterCore:
         max_queue_len: int = 256,
         max_wait_s: float = 30.0,
         poll_timeout_s: float = 0.2,
+        worker_timeout_s: float = 5.0,
+        max_migrations: int = 3,
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
@@ -55,6 +57,7 @@ class RouterCore:
         self.clients = clients
         self.worker_roles = worker_roles  # worker id -> "prefill" | "decode" | "both"
         self.tracker = WorkerStateTracker(use_kv_events=use_kv_events)
+        self.stats = RouterStats()
         self.admission: AdmissionController[RouteRequest, RouteDecision] = AdmissionController(
             self._try_route,
             max_queue_len,
@@ -65,11 +68,22 @@ class RouterCore:
             clients,
             self.tracker,
             on_outputs=self._deliver,
-            on_worker_failed=self._fail_worker,
+            on_worker_lost=self._on_worker_lost,
+            on_worker_back=self._on_worker_back,
             on_state_change=self.admission.notify_capacity,
             poll_timeout_s=poll_timeout_s,
+            answer_timeout_s=worker_timeout_s,
         )
-        self._deps = StreamDeps(self.admission, clients, self.tracker, tokenizer, model.block_size)
+        self._deps = StreamDeps(
+            self.admission,
+            clients,
+            self.tracker,
+            tokenizer,
+            model.block_size,
+            report_lost=self.monitor.mark_lost,
+            stats=self.stats,
+            max_migrations=max_migrations,
+        )
         self._streams: dict[str, RequestStream] = {}
 
     @classmethod
@@ -87,6 +101,8 @@ class RouterCore:
             use_kv_events=router_config.kv_events,
             max_queue_len=router_config.max_queue_len,
             max_wait_s=router_config.max_wait_s,
+            worker_timeout_s=router_config.worker_timeout_s,
+            max_migrations=router_config.max_migrations,
         )
 
     # -- lifecycle ------------------------------------------------------------------
@@ -104,16 +120,30 @@ class RouterCore:
         await self.monitor.stop()
 
     # -- what the monitor reports ---------------------------------------------------------
-    def _deliver(self, outputs: list[RequestOutput], kv_wait_ms: dict[str, float]) -> None:
+    def _deliver(self, worker_id: str, outputs: list[RequestOutput], kv_wait_ms: dict[str, float]) -> None:
+        attempts = self._deps.attempts
         for out in outputs:
-            stream = self._streams.get(out.req_id)
-            if stream is not None:
+            # By the attempt's id: an attempt given up after a failure gets nothing more.
+            stream = attempts.get(out.req_id)
+            if stream is not None and stream.decode_worker_id == worker_id:
                 stream.deliver(out, kv_wait_ms.get(out.req_id, 0.0))
 
-    def _fail_worker(self, worker_id: str, message: str) -> None:
+    def _on_worker_lost(self, worker_id: str, reason: str) -> None:
+        self.stats.num_worker_failures += 1
         for stream in list(self._streams.values()):
-            if stream.involves(worker_id):
-                stream.fail(RouterError("UNAVAILABLE", message))
+            stream.on_worker_lost(worker_id, reason)
+
+    def _on_worker_back(self, worker_id: str, restarted: bool) -> None:
+        self.stats.num_worker_recoveries += 1
+        self.stats.num_worker_restarts += restarted
+
+    @property
+    def serving(self) -> bool:
+        """Workers reported, and a decode-capable one is alive (without a prefill worker,
+        the policies prefill on the decode worker)."""
+        return self.ready and any(
+            self.monitor.is_alive(w) for w, role in self.worker_roles.items() if role != "prefill"
+        )
 
     def _try_route(self, request: RouteRequest) -> RouteDecision | None:
         decision = self.policy.route(request, self.tracker)
@@ -157,10 +187,16 @@ class RouterCore:
     def status(self) -> dict[str, Any]:
         return {
             "ready": self.ready,
+            "serving": self.serving,
             "num_streams": len(self._streams),
             "num_waiting_admission": self.admission.num_waiting,
+            "stats": vars(self.stats).copy(),
             "workers": {
-                w: {"role": self.worker_roles[w], **(vars(r) if (r := self.tracker.loads.get(w)) else {})}
+                w: {
+                    "role": self.worker_roles[w],
+                    **(vars(r) if (r := self.tracker.loads.get(w)) else {}),
+                    **vars(self.monitor.health[w]),
+                }
                 for w in self.worker_roles
             },
         }

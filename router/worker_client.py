@@ -4,7 +4,8 @@
 forwards each call to the plain worker object); `LocalWorkerClient` an in-process worker.
 Both answer the same `WorkerClient` protocol, so the router neither knows nor names
 (by string) how a worker is reached. A call a worker's role does not answer (`prefill`
-on a decode worker) fails with AttributeError.
+on a decode worker) fails with AttributeError. A call on a worker that is gone (its
+process died, or is restarting) raises `WorkerLost`, whatever carries the call.
 """
 
 from __future__ import annotations
@@ -16,6 +17,15 @@ if TYPE_CHECKING:
     from pdserve.engine.core.outputs import KVSnapshot, PrefillResult, StepBatch
     from pdserve.engine.core.sampling_params import SamplingParams
     from pdserve.transfer.contract import KVHandle
+
+
+class WorkerLost(Exception):
+    """The worker a call went to is gone: its process died or is being restarted."""
+
+    def __init__(self, worker_id: str, reason: str) -> None:
+        super().__init__(f"worker {worker_id} is gone: {reason}")
+        self.worker_id = worker_id
+        self.reason = reason
 
 
 class WorkerClient(Protocol):
@@ -57,27 +67,36 @@ class RayWorkerClient:
         self.worker_id = worker_id
         self.handle = handle
 
+    async def _answer(self, ref: Any) -> Any:
+        """The call's result; Ray's "actor died / unavailable" errors become WorkerLost."""
+        from ray.exceptions import RayActorError
+
+        try:
+            return await ref
+        except RayActorError as exc:
+            raise WorkerLost(self.worker_id, f"{type(exc).__name__}: {str(exc).splitlines()[0]}") from exc
+
     async def poll(self, timeout_s: float) -> StepBatch:
-        return await self.handle.poll.remote(timeout_s)
+        return await self._answer(self.handle.poll.remote(timeout_s))
 
     async def abort(self, req_id: str) -> bool:
-        return await self.handle.abort.remote(req_id)
+        return await self._answer(self.handle.abort.remote(req_id))
 
     async def kv_snapshot(self) -> KVSnapshot:
-        return await self.handle.kv_snapshot.remote()
+        return await self._answer(self.handle.kv_snapshot.remote())
 
     async def prefill(
         self, req_id: str, prompt_token_ids: list[int], params: SamplingParams, handle: KVHandle | None
     ) -> PrefillResult:
-        return await self.handle.prefill.remote(req_id, prompt_token_ids, params, handle)
+        return await self._answer(self.handle.prefill.remote(req_id, prompt_token_ids, params, handle))
 
     async def reserve(
         self, req_id: str, prompt_token_ids: list[int], params: SamplingParams
     ) -> KVHandle | None:
-        return await self.handle.reserve.remote(req_id, prompt_token_ids, params)
+        return await self._answer(self.handle.reserve.remote(req_id, prompt_token_ids, params))
 
     async def add_local(self, req_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
-        await self.handle.add_local.remote(req_id, prompt_token_ids, params)
+        await self._answer(self.handle.add_local.remote(req_id, prompt_token_ids, params))
 
 
 class LocalWorkerClient:

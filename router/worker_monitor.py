@@ -3,8 +3,16 @@
 Each poll returns one `StepBatch` per worker (every request's outputs, the block pool's
 events, a `LoadReport`): one message per worker per poll, never one per token. The
 monitor applies load and events to the `WorkerStateTracker` (a gap or a restarted worker
-triggers a `kv_snapshot` resync), hands outputs to `on_outputs`, reports a worker that
-stopped answering to `on_worker_failed`, and sets `ready` once every worker has reported.
+triggers a `kv_snapshot` resync), hands outputs to `on_outputs`, and sets `ready` once
+every worker has reported.
+
+A worker is lost when a poll fails (its actor died: at once) or brings no answer within
+`answer_timeout_s` past the poll's own wait (a hung worker). A lost worker leaves the
+tracker (so no request is routed to it) and is reported to `on_worker_lost` once; the
+monitor keeps polling it, and when it answers again (a restarted actor, with a new
+instance id; or a worker that was only slow) it rejoins routing and is reported to
+`on_worker_back`. A new instance id without a failed poll in between (a restart between
+two polls) is a loss and a return at once: the old instance's requests are gone.
 """
 
 from __future__ import annotations
@@ -12,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from pdserve.engine.core.outputs import RequestOutput, StepBatch
 from pdserve.router.kv_sync import KVEventBatch
@@ -20,7 +29,18 @@ from pdserve.router.worker_state import WorkerStateTracker
 
 log = logging.getLogger(__name__)
 
-RETRY_AFTER_FAILURE_S = 1.0
+RETRY_AFTER_FAILURE_S = 0.25  # how often a lost worker is polled again
+
+
+@dataclass
+class WorkerHealth:
+    """What the monitor knows of one worker's liveness (router status reads it)."""
+
+    alive: bool = False  # answering now
+    instance_id: str | None = None  # of the latest answer
+    lost_reason: str | None = None  # why it was last lost
+    num_lost: int = 0
+    num_restarts: int = 0  # came back with a new instance id
 
 
 class WorkerMonitor:
@@ -28,20 +48,28 @@ class WorkerMonitor:
         self,
         clients: dict[str, WorkerClient],
         tracker: WorkerStateTracker,
-        on_outputs: Callable[[list[RequestOutput], dict[str, float]], None],
-        on_worker_failed: Callable[[str, str], None],
+        on_outputs: Callable[[str, list[RequestOutput], dict[str, float]], None],
+        on_worker_lost: Callable[[str, str], None],
+        on_worker_back: Callable[[str, bool], None],
         on_state_change: Callable[[], None],
         poll_timeout_s: float = 0.2,
+        answer_timeout_s: float = 5.0,
     ) -> None:
         self.clients = clients
         self.tracker = tracker
-        self.on_outputs = on_outputs  # (outputs, kv_wait_ms by req_id)
-        self.on_worker_failed = on_worker_failed  # (worker_id, message)
+        self.on_outputs = on_outputs  # (worker_id, outputs, kv_wait_ms by req_id)
+        self.on_worker_lost = on_worker_lost  # (worker_id, reason)
+        self.on_worker_back = on_worker_back  # (worker_id, restarted: new instance id)
         self.on_state_change = on_state_change
         self.poll_timeout_s = poll_timeout_s
+        self.answer_timeout_s = answer_timeout_s
+        self.health = {worker_id: WorkerHealth() for worker_id in clients}
         self.ready = asyncio.Event()
         self._tasks: list[asyncio.Task] = []
         self._resyncing: set[str] = set()
+
+    def is_alive(self, worker_id: str) -> bool:
+        return self.health[worker_id].alive
 
     async def start(self) -> None:
         for worker_id in self.clients:
@@ -54,19 +82,60 @@ class WorkerMonitor:
 
     async def _poll_loop(self, worker_id: str) -> None:
         client = self.clients[worker_id]
+        health = self.health[worker_id]
         while True:
             try:
-                batch = await client.poll(self.poll_timeout_s)
+                batch = await asyncio.wait_for(
+                    client.poll(self.poll_timeout_s), self.poll_timeout_s + self.answer_timeout_s
+                )
             except asyncio.CancelledError:
                 raise
-            except Exception as exc:  # noqa: BLE001 - a dead worker: fail its requests
-                log.error("worker %s stopped answering: %s", worker_id, exc)
-                self.on_worker_failed(worker_id, f"worker {worker_id} failed: {exc}")
+            except Exception as exc:  # noqa: BLE001 - a dead or hung worker
+                if isinstance(exc, TimeoutError):
+                    reason = f"no answer within {self.answer_timeout_s:g} s"
+                else:
+                    reason = str(exc) or type(exc).__name__
+                self.mark_lost(worker_id, reason)
                 await asyncio.sleep(RETRY_AFTER_FAILURE_S)
                 continue
+            if health.alive and batch.instance_id != health.instance_id:
+                self.mark_lost(worker_id, f"restarted (instance {health.instance_id} -> {batch.instance_id})")
+            if not health.alive and batch.load is not None:
+                self._rejoin(worker_id, batch.instance_id)
             self._apply_state(batch)
             if batch.outputs:
-                self.on_outputs(batch.outputs, batch.kv_wait_ms)
+                self.on_outputs(worker_id, batch.outputs, batch.kv_wait_ms)
+
+    def mark_lost(self, worker_id: str, reason: str) -> None:
+        """Take a worker out of routing and report it, once per loss (also called by a
+        request that found it gone first)."""
+        health = self.health[worker_id]
+        if not health.alive and health.lost_reason is not None:
+            return  # reported once, when it was lost
+        health.alive = False
+        health.lost_reason = reason
+        health.num_lost += 1
+        self.tracker.remove_worker(worker_id)  # out of routing at once
+        log.error("worker %s lost: %s", worker_id, reason)
+        self.on_worker_lost(worker_id, reason)
+        self.on_state_change()
+
+    def _rejoin(self, worker_id: str, instance_id: str) -> None:
+        health = self.health[worker_id]
+        restarted = health.instance_id is not None and instance_id != health.instance_id
+        first = health.instance_id is None
+        health.alive = True
+        health.instance_id = instance_id
+        if first:
+            return
+        health.num_restarts += restarted
+        log.warning(
+            "worker %s %s (instance %s), back in routing",
+            worker_id,
+            "restarted" if restarted else "answers again",
+            instance_id,
+        )
+        self.on_worker_back(worker_id, restarted)
 
     def _apply_state(self, batch: StepBatch) -> None:
         worker_id = batch.worker_id

@@ -6,6 +6,7 @@ depend on torch.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 
@@ -27,6 +28,10 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)
     stop: list[str] = field(default_factory=list)
     ignore_eos: bool = False
+    # Tokens this request generated before it was started again elsewhere (a migrated
+    # request's prompt ends with them): seeded draws count positions from here, so the
+    # stream goes on exactly as it would have. Set by `resumed_after`, never by clients.
+    num_prior_output_tokens: int = 0
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -38,6 +43,18 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+    def resumed_after(self, num_generated: int) -> SamplingParams:
+        """These parameters for the rest of a request that already generated `num_generated`
+        tokens (now part of its prompt): the same stream, with that many fewer to go."""
+        if not 0 <= num_generated < self.max_tokens:
+            raise ValueError(f"cannot resume after {num_generated} of {self.max_tokens} tokens")
+        return dataclasses.replace(
+            self,
+            max_tokens=self.max_tokens - num_generated,
+            min_tokens=max(0, self.min_tokens - num_generated),
+            num_prior_output_tokens=self.num_prior_output_tokens + num_generated,
+        )
 
     def validate(self) -> None:
         """Raise ValueError naming the first bad field."""
@@ -57,6 +74,9 @@ class SamplingParams:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
         if not isinstance(self.top_k, int) or self.top_k < -1:
             raise ValueError(f"top_k must be an integer >= -1 (0 or -1 = off), got {self.top_k!r}")
+        prior = self.num_prior_output_tokens
+        if not isinstance(prior, int) or prior < 0:
+            raise ValueError(f"num_prior_output_tokens must be an integer >= 0, got {prior!r}")
         if self.seed is not None and not isinstance(self.seed, int):
             raise ValueError(f"seed must be an integer, got {self.seed!r}")
         for tok in self.stop_token_ids:
