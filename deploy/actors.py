@@ -22,18 +22,26 @@ from pdserve.transfer.contract import KVHandle
 
 
 class WorkerActor:
-    def __init__(self, spec: WorkerSpec, decode_links: dict[str, DecodeLink] | None = None) -> None:
-        """`decode_links`: a prefill worker's links to the decode workers, given at build
-        time too (not only by the wiring) so that the instance Ray restarts after a crash,
-        built from these same arguments, can ship KV again at once."""
+    def __init__(
+        self, spec: WorkerSpec, decode_actor_names: dict[str, str] | None = None, namespace: str | None = None
+    ) -> None:
+        """`decode_actor_names`: a prefill worker's decode workers (worker id -> named actor
+        in `namespace`), linked at build time too (not only by the wiring) so that the
+        instance Ray restarts after a crash, built from these same arguments, can ship KV
+        again at once. Names, not handles: plain arguments stay inline in the actor's
+        creation task, so a restart does not depend on objects its creator owned."""
         if spec.transfer.host == "auto":  # this node's address, reachable from other nodes
             import ray
 
             transfer = dataclasses.replace(spec.transfer, host=ray.util.get_node_ip_address())
             spec = dataclasses.replace(spec, transfer=transfer)
         self.worker = build_worker(spec)
-        if decode_links is not None:
-            self.worker.set_decode_links(decode_links)
+        if decode_actor_names:
+            import ray
+
+            self.worker.set_decode_links(
+                {w: RayDecodeLink(ray.get_actor(name, namespace)) for w, name in decode_actor_names.items()}
+            )
 
     # -- set-up -------------------------------------------------------------------------
     def ready(self) -> str:

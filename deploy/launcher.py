@@ -71,12 +71,12 @@ def worker_max_restarts(cfg: DeployConfig) -> int:
 
 def _start_workers(cfg: DeployConfig, specs: list[Any], detached: bool) -> dict[str, Any]:
     """One actor per spec. Decode and co-located workers first: the prefill workers are
-    given links to them when they are built, so that a prefill worker Ray restarts after a
+    given the decode workers' actor names when they are built, so that a prefill worker Ray restarts after a
     crash is wired again. Calls are never retried by Ray (max_task_retries 0): the router
     decides what to run again, and where."""
     import ray
 
-    from pdserve.deploy.actors import RayDecodeLink, WorkerActor
+    from pdserve.deploy.actors import WorkerActor
 
     actor_cls = ray.remote(WorkerActor)
     restarts = {"max_restarts": worker_max_restarts(cfg), "max_task_retries": 0}
@@ -84,10 +84,12 @@ def _start_workers(cfg: DeployConfig, specs: list[Any], detached: bool) -> dict[
     try:
         for spec in sorted(specs, key=lambda s: s.role == "prefill"):
             opts = _actor_options(spec.resources, f"pdserve-{spec.worker_id}", cfg.ray.namespace, detached)
-            links = None
+            decode_names = None
             if spec.role == "prefill":
-                links = {w: RayDecodeLink(h) for w, h in workers.items() if w.startswith("decode-")}
-            workers[spec.worker_id] = actor_cls.options(**opts, **restarts).remote(spec, links)
+                decode_names = {s.worker_id: f"pdserve-{s.worker_id}" for s in specs if s.role == "decode"}
+            workers[spec.worker_id] = actor_cls.options(**opts, **restarts).remote(
+                spec, decode_names, cfg.ray.namespace
+            )
     except BaseException:
         _kill_all(workers)
         raise

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 from pdserve.engine.core.outputs import RequestOutput, StepBatch
 from pdserve.router.kv_sync import KVEventBatch
-from pdserve.router.worker_client import WorkerClient
+from pdserve.router.worker_client import WorkerClient, WorkerLost
 from pdserve.router.worker_state import WorkerStateTracker
 
 log = logging.getLogger(__name__)
@@ -93,8 +93,10 @@ class WorkerMonitor:
             except Exception as exc:  # noqa: BLE001 - a dead or hung worker
                 if isinstance(exc, TimeoutError):
                     reason = f"no answer within {self.answer_timeout_s:g} s"
+                elif isinstance(exc, WorkerLost):
+                    reason = exc.reason
                 else:
-                    reason = str(exc) or type(exc).__name__
+                    reason = f"{type(exc).__name__}: {exc}"
                 self.mark_lost(worker_id, reason)
                 await asyncio.sleep(RETRY_AFTER_FAILURE_S)
                 continue

@@ -1,0 +1,187 @@
+"""Workers die mid-stream: through the router's gRPC API with Ray actors on CPU.
+
+16 streams (half greedy, half seeded sampling) run while a worker is killed (`ray.kill`):
+- a decode worker of two (both transfer backends): its requests move to the other one;
+- the only decode worker, which Ray restarts (grpc; with nccl workers are not restarted,
+  see deploy/launcher.py `worker_max_restarts`): its requests wait for the new instance
+  and move to it;
+- a prefill worker of two while requests are in prefill, in transfer and decoding (both
+  backends): the ones whose KV had not landed are prefilled again on the other one.
+Afterwards, in each: every stream equals the offline engine's tokens (no token missing,
+none repeated; seeded streams too), the router shows the loss (status, health, counters),
+every live worker has all its KV blocks free, and a new request succeeds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from pdserve.bench.chaos import run_with_kill
+from pdserve.deploy.launcher import up
+from pdserve.engine import LLM, SamplingParams
+from pdserve.router.server import WORKER_HEALTH_PREFIX
+from tests.e2e.conftest import tiny_config
+
+ray = pytest.importorskip("ray")
+
+NUM_STREAMS = 16
+MAX_TOKENS = 48
+
+
+def make_requests(prompt_len: int, seed: int) -> tuple[list[list[int]], list[dict]]:
+    rng = random.Random(seed)
+    prompts = [[256] + [rng.randrange(256) for _ in range(prompt_len)] for _ in range(NUM_STREAMS)]
+    sampling = [
+        {"max_tokens": MAX_TOKENS, "ignore_eos": True, "temperature": 0.0}
+        if i % 2 == 0
+        else {"max_tokens": MAX_TOKENS, "ignore_eos": True, "temperature": 1.0, "seed": 1000 + i}
+        for i in range(NUM_STREAMS)
+    ]
+    return prompts, sampling
+
+
+@pytest.fixture(scope="module")
+def offline():
+    llm = LLM("tiny", num_gpu_blocks=2048)
+
+    def expected(prompts: list[list[int]], sampling: list[dict]) -> list[list[int]]:
+        return [
+            llm.generate([p], SamplingParams(**s))[0].token_ids
+            for p, s in zip(prompts, sampling, strict=True)
+        ]
+
+    return expected
+
+
+@pytest.fixture(scope="module")
+def one_node():
+    ray.init(
+        address="local",
+        num_cpus=2,
+        include_dashboard=False,
+        namespace="pdserve-test-chaos",
+        log_to_driver=False,
+        _node_ip_address="127.0.0.1",
+    )
+    yield
+    ray.shutdown()
+
+
+def chaos_config(num_prefill: int, num_decode: int, backend: str):
+    cfg = tiny_config(num_prefill, num_decode, backend)
+    cfg.router.worker_timeout_s = 5.0
+    return cfg
+
+
+def run_and_kill(dep, victim: str, prompts, sampling, kill_after_tokens: int, restart: bool = False):
+    handle = dep.workers[victim]
+    return asyncio.run(
+        run_with_kill(
+            dep.url,
+            prompts,
+            sampling,
+            kill=lambda: ray.kill(handle, no_restart=not restart),
+            kill_after_tokens=kill_after_tokens,
+            timeout_s=90,
+        )
+    )
+
+
+def check_streams(results, want, killed_at) -> None:
+    assert killed_at is not None, "every stream ended before the kill"
+    for i, r in enumerate(results):
+        assert r.error is None, f"stream {i}: {r.error}"
+        assert r.tokens == want[i], f"stream {i} differs from the offline engine"
+        assert r.finish_reason == "length" and r.completion_tokens == MAX_TOKENS, f"stream {i}"
+
+
+def wait_live_workers_free(dep, timeout: float = 20.0) -> dict:
+    deadline = time.monotonic() + timeout
+    status = {}
+    while time.monotonic() < deadline:
+        status = dep.status()
+        live = [w for w in status["workers"].values() if w["alive"]]
+        if not status["num_streams"] and all(w["num_free_blocks"] == w["num_total_blocks"] for w in live):
+            return status
+        time.sleep(0.2)
+    raise AssertionError(f"KV blocks still in use: {status}")
+
+
+def health_of(url: str, service: str) -> int:
+    with grpc.insecure_channel(url) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        return stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=5).status
+
+
+def check_new_request(dep, offline) -> None:
+    prompts, sampling = make_requests(20, seed=99)
+    results, _ = asyncio.run(run_with_kill(dep.url, prompts[:2], sampling[:2], timeout_s=60))
+    want = offline(prompts[:2], sampling[:2])
+    assert [r.tokens for r in results] == want and all(r.error is None for r in results)
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("backend", ["grpc", "nccl"])
+def test_decode_worker_killed_streams_move_to_the_other(one_node, offline, backend):
+    dep = up(chaos_config(1, 2, backend))
+    try:
+        prompts, sampling = make_requests(40, seed=1)
+        results, killed_at = run_and_kill(dep, "decode-0", prompts, sampling, NUM_STREAMS * 6)
+        check_streams(results, offline(prompts, sampling), killed_at)
+        status = wait_live_workers_free(dep)
+        lost = status["workers"]["decode-0"]
+        assert not lost["alive"] and "ActorDiedError" in lost["lost_reason"]
+        assert status["stats"]["num_worker_failures"] == 1
+        assert status["stats"]["num_migrations"] >= 1
+        assert status["serving"]
+        assert health_of(dep.url, "") == health_pb2.HealthCheckResponse.SERVING
+        assert (
+            health_of(dep.url, WORKER_HEALTH_PREFIX + "decode-0")
+            == health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        assert health_of(dep.url, WORKER_HEALTH_PREFIX + "decode-1") == health_pb2.HealthCheckResponse.SERVING
+        check_new_request(dep, offline)
+    finally:
+        dep.down()
+
+
+@pytest.mark.timeout(180)
+def test_only_decode_worker_restarts_and_its_streams_resume_on_it(one_node, offline):
+    dep = up(chaos_config(1, 1, "grpc"))
+    try:
+        prompts, sampling = make_requests(40, seed=2)
+        results, killed_at = run_and_kill(dep, "decode-0", prompts, sampling, NUM_STREAMS * 6, restart=True)
+        check_streams(results, offline(prompts, sampling), killed_at)
+        status = wait_live_workers_free(dep)
+        worker = status["workers"]["decode-0"]
+        assert worker["alive"] and worker["num_restarts"] == 1
+        stats = status["stats"]
+        assert stats["num_worker_failures"] == 1 and stats["num_worker_restarts"] == 1
+        assert stats["num_migrations"] >= 1
+        check_new_request(dep, offline)
+    finally:
+        dep.down()
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("backend", ["grpc", "nccl"])
+def test_prefill_worker_killed_requests_retry_on_the_other(one_node, offline, backend):
+    dep = up(chaos_config(2, 1, backend))
+    try:
+        # Long prompts: at the first streamed token most requests are still in prefill.
+        prompts, sampling = make_requests(400, seed=3)
+        results, killed_at = run_and_kill(dep, "prefill-0", prompts, sampling, kill_after_tokens=1)
+        check_streams(results, offline(prompts, sampling), killed_at)
+        status = wait_live_workers_free(dep)
+        assert not status["workers"]["prefill-0"]["alive"]
+        assert status["stats"]["num_worker_failures"] == 1
+        assert status["stats"]["num_prefill_retries"] >= 1
+        check_new_request(dep, offline)
+    finally:
+        dep.down()
