@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from concurrent.futures import ThreadPoolExecutor
 
 from pdserve.deploy.config import RouterConfig
 from pdserve.deploy.wiring import LocalWorkerControl, WorkerSpec, build_worker, connect_workers
@@ -29,6 +30,7 @@ class InProcessDeployment:
         policy_params: dict | None = None,
         max_queue_len: int = 256,
         max_wait_s: float = 30.0,
+        worker_timeout_s: float = 5.0,
     ) -> None:
         engine = engine or EngineConfig(model="tiny", num_gpu_blocks=512)
         transfer = TransferConfig(backend="grpc", host="127.0.0.1")
@@ -49,6 +51,7 @@ class InProcessDeployment:
             policy_params={"local_prefill_threshold_tokens": 0, **(policy_params or {})},
             max_queue_len=max_queue_len,
             max_wait_s=max_wait_s,
+            worker_timeout_s=worker_timeout_s,
         )
         summary = ModelSummary(
             mc.name,
@@ -66,6 +69,9 @@ class InProcessDeployment:
         )
         self.server = RouterServer(self.core, "127.0.0.1", 0)
         self.loop = asyncio.new_event_loop()
+        # In-process worker calls run in threads (LocalWorkerClient); a hung worker holds
+        # one per call, so give them room beyond asyncio's default of cores + 4.
+        self.loop.set_default_executor(ThreadPoolExecutor(64, thread_name_prefix="worker-call"))
         self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self._thread.start()
         self.url = self.run(self.server.start())
