@@ -10,6 +10,7 @@ worker's send side reaches a decode actor (it travels to the prefill actor pickl
 from __future__ import annotations
 
 import dataclasses
+import logging
 import socket
 from typing import Any
 
@@ -19,6 +20,8 @@ from pdserve.engine.core.sampling_params import SamplingParams
 from pdserve.router.worker_client import RayWorkerClient, WorkerClient
 from pdserve.transfer.connector import DecodeLink, Waitable
 from pdserve.transfer.contract import KVHandle
+
+log = logging.getLogger(__name__)
 
 
 class WorkerActor:
@@ -36,6 +39,7 @@ class WorkerActor:
             transfer = dataclasses.replace(spec.transfer, host=ray.util.get_node_ip_address())
             spec = dataclasses.replace(spec, transfer=transfer)
         self.worker = build_worker(spec)
+        _log_if_restarted(spec.worker_id, self.worker.loop.instance_id)
         if decode_actor_names:
             import ray
 
@@ -97,6 +101,13 @@ class WorkerActor:
 
     def shutdown(self) -> None:
         self.worker.shutdown()
+
+
+def _log_if_restarted(worker_id: str, instance_id: str) -> None:
+    import ray
+
+    if ray.is_initialized() and ray.get_runtime_context().was_current_actor_reconstructed:
+        log.warning("worker %s restarted by Ray after a crash (instance %s)", worker_id, instance_id)
 
 
 class RayDecodeLink:

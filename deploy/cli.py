@@ -147,13 +147,31 @@ def cmd_up(args: argparse.Namespace) -> int:
     print("serving until Ctrl-C", flush=True)
     stop = []
     signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
+    seen, status_failed = 0, False
     try:
         while not stop and (args.serve_seconds is None or time.perf_counter() - t0 < args.serve_seconds):
             time.sleep(0.5)
+            try:
+                seen = _print_lifecycle_events(dep.status(seen)["events"], seen)
+                status_failed = False
+            except Exception as exc:  # noqa: BLE001 - keep serving; say it once per outage
+                if not status_failed:
+                    print(f"router status unavailable: {exc}", flush=True)
+                status_failed = True
     except KeyboardInterrupt:
         pass
     dep.down()
     return 0
+
+
+def _print_lifecycle_events(events: list[dict], seen: int) -> int:
+    """Print the router's lifecycle events (worker lost/back, request migrated, ...);
+    returns the last seq printed."""
+    for event in events:
+        stamp = time.strftime("%H:%M:%S", time.localtime(event["time"]))
+        print(f"[{stamp}] {event['message']}", flush=True)
+        seen = max(seen, event["seq"])
+    return seen
 
 
 def _connect(address: str | None, namespace: str):
@@ -172,6 +190,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         f"router ready: {status['ready']}; streams: {status['num_streams']}; "
         f"waiting for admission: {status['num_waiting_admission']}"
     )
+    _print_lifecycle_events(status.get("events", [])[-10:], 0)
     stats = status.get("stats", {})
     print("failures: " + ", ".join(f"{k.removeprefix('num_')} {v}" for k, v in stats.items()))
     print(f"{'worker':<14}{'role':<10}{'KV used':>16}{'running':>9}{'waiting':>9}{'restarts':>10}  state")

@@ -32,10 +32,11 @@ class Deployment:
     workers: dict[str, Any] = field(default_factory=dict)  # worker id -> actor handle
     started_ray: bool = False
 
-    def status(self) -> dict[str, Any]:
+    def status(self, events_since: int = 0) -> dict[str, Any]:
+        """The router's status; its lifecycle events after `events_since` under "events"."""
         import ray
 
-        return ray.get(self.router.status.remote())
+        return ray.get(self.router.status.remote(events_since))
 
     def down(self) -> None:
         import ray

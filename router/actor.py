@@ -40,8 +40,8 @@ class RouterActor:
         await self.server.wait_workers_ready()
         return url
 
-    async def status(self) -> dict[str, Any]:
-        return self.core.status()
+    async def status(self, events_since: int = 0) -> dict[str, Any]:
+        return self.core.status(events_since)
 
     async def stop(self) -> None:
         await self.server.stop()

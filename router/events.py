@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import logging
+import time
+from collections import deque
 from dataclasses import dataclass
 
 
@@ -53,3 +56,32 @@ class RouterStats:
     num_migrations: int = 0  # requests moved on after their decode worker was lost
     num_prefill_retries: int = 0  # requests prefilled again after their prefill worker was lost
     num_requests_failed_over_limit: int = 0  # ended UNAVAILABLE: max_migrations, or no worker in time
+
+
+@dataclass(frozen=True)
+class LifecycleEvent:
+    seq: int  # 1, 2, ... per router
+    time: float  # time.time()
+    message: str
+
+
+class LifecycleLog:
+    """The router's lifecycle events (worker lost, back, restarted; request migrated,
+    retried, rejected, given up): each is logged once, to `logger` (Ray's log files, and
+    the terminal with `PDSERVE_WORKER_LOGS=1`), and the latest are kept for
+    `pdserve status` and `pdserve up`'s terminal."""
+
+    def __init__(self, logger: logging.Logger, keep: int = 200) -> None:
+        self.logger = logger
+        self.entries: deque[LifecycleEvent] = deque(maxlen=keep)
+        self._seq = 0
+
+    def record(self, level: int, message: str, *args: object) -> None:
+        text = message % args if args else message
+        self._seq += 1
+        self.entries.append(LifecycleEvent(self._seq, time.time(), text))
+        self.logger.log(level, text)
+
+    def since(self, seq: int) -> list[LifecycleEvent]:
+        """The kept events after `seq`, oldest first."""
+        return [e for e in self.entries if e.seq > seq]

@@ -33,7 +33,7 @@ from pdserve.engine.core.sampling_params import SamplingParams
 from pdserve.engine.output_processor import OutputProcessor
 from pdserve.engine.tokenizer import Tokenizer
 from pdserve.router.admission import AdmissionController, AdmissionRejected
-from pdserve.router.events import Chunk, Completion, RouterError, RouterStats
+from pdserve.router.events import Chunk, Completion, LifecycleLog, RouterError, RouterStats
 from pdserve.router.routing import RouteDecision, RouteRequest
 from pdserve.router.worker_client import WorkerClient, WorkerLost
 from pdserve.router.worker_state import WorkerStateTracker
@@ -52,6 +52,7 @@ class StreamDeps:
     block_size: int
     report_lost: Callable[[str, str], None]  # (worker_id, reason): a call found it gone
     stats: RouterStats = field(default_factory=RouterStats)
+    lifecycle: LifecycleLog = field(default_factory=lambda: LifecycleLog(log))
     max_migrations: int = 3  # new attempts per request after a worker was lost
     # Every running attempt by the id the workers know it by: where their outputs go.
     attempts: dict[str, RequestStream] = field(default_factory=dict)
@@ -183,7 +184,13 @@ class RequestStream:
         self.decode_worker_id = self.prefill_worker_id = None  # nothing left to abort there
         if self.attempt > self.deps.max_migrations:
             stats.num_requests_failed_over_limit += 1
-            log.error("request %s not moved again: %d attempts; last: %s", self.req_id, self.attempt, lost)
+            self.deps.lifecycle.record(
+                logging.ERROR,
+                "request %s not moved again: %d attempts; last: %s",
+                self.req_id,
+                self.attempt,
+                lost,
+            )
             raise RouterError(
                 "UNAVAILABLE",
                 f"request {self.req_id} ended after {self.attempt} attempts "
@@ -195,8 +202,8 @@ class RequestStream:
         else:
             stats.num_prefill_retries += 1
             what = "retried"
-        log.warning(
-            "request %s %s (attempt %d, %d tokens streamed): %s",
+        self.deps.lifecycle.record(
+            logging.WARNING, "request %s %s (attempt %d, %d tokens streamed): %s",
             self.req_id, what, self.attempt + 1, len(self.output_token_ids), lost,
         )  # fmt: skip
 
@@ -238,9 +245,11 @@ class RequestStream:
         except AdmissionRejected as exc:
             if self.attempt > 1:
                 self.deps.stats.num_requests_failed_over_limit += 1
-                log.error("request %s could not be moved: %s", self.req_id, exc)
+                self.deps.lifecycle.record(
+                    logging.ERROR, "request %s could not be moved: %s", self.req_id, exc
+                )
                 raise RouterError("UNAVAILABLE", f"request {self.req_id} lost its worker and {exc}") from exc
-            log.warning("request %s rejected: %s", self.req_id, exc)
+            self.deps.lifecycle.record(logging.WARNING, "request %s rejected: %s", self.req_id, exc)
             raise RouterError("RESOURCE_EXHAUSTED", str(exc)) from exc
         if self.attempt == 1:
             self.routed = time.perf_counter()

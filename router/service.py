@@ -23,7 +23,7 @@ from pdserve.engine.core.outputs import RequestOutput
 from pdserve.engine.core.sampling_params import SamplingParams
 from pdserve.engine.tokenizer import Tokenizer
 from pdserve.router.admission import AdmissionController
-from pdserve.router.events import Chunk, Completion, ModelSummary, RouterError, RouterStats
+from pdserve.router.events import Chunk, Completion, LifecycleLog, ModelSummary, RouterError, RouterStats
 from pdserve.router.policy import Policy, make_policy
 from pdserve.router.request_stream import RequestStream, StreamDeps
 from pdserve.router.routing import RouteDecision, RouteRequest
@@ -58,6 +58,7 @@ class RouterCore:
         self.worker_roles = worker_roles  # worker id -> "prefill" | "decode" | "both"
         self.tracker = WorkerStateTracker(use_kv_events=use_kv_events)
         self.stats = RouterStats()
+        self.lifecycle = LifecycleLog(log)
         self.admission: AdmissionController[RouteRequest, RouteDecision] = AdmissionController(
             self._try_route,
             max_queue_len,
@@ -73,6 +74,7 @@ class RouterCore:
             on_state_change=self.admission.notify_capacity,
             poll_timeout_s=poll_timeout_s,
             answer_timeout_s=worker_timeout_s,
+            lifecycle=self.lifecycle,
         )
         self._deps = StreamDeps(
             self.admission,
@@ -82,6 +84,7 @@ class RouterCore:
             model.block_size,
             report_lost=self.monitor.mark_lost,
             stats=self.stats,
+            lifecycle=self.lifecycle,
             max_migrations=max_migrations,
         )
         self._streams: dict[str, RequestStream] = {}
@@ -184,13 +187,15 @@ class RouterCore:
         stream.deliver(RequestOutput(req_id, finished=True, finish_reason="abort"), 0.0)
         return True
 
-    def status(self) -> dict[str, Any]:
+    def status(self, events_since: int = 0) -> dict[str, Any]:
+        """Workers (load, liveness), counters, and the lifecycle events after `events_since`."""
         return {
             "ready": self.ready,
             "serving": self.serving,
             "num_streams": len(self._streams),
             "num_waiting_admission": self.admission.num_waiting,
             "stats": vars(self.stats).copy(),
+            "events": [vars(e) for e in self.lifecycle.since(events_since)],
             "workers": {
                 w: {
                     "role": self.worker_roles[w],

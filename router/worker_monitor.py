@@ -23,6 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from pdserve.engine.core.outputs import RequestOutput, StepBatch
+from pdserve.router.events import LifecycleLog
 from pdserve.router.kv_sync import KVEventBatch
 from pdserve.router.worker_client import WorkerClient, WorkerLost
 from pdserve.router.worker_state import WorkerStateTracker
@@ -54,6 +55,7 @@ class WorkerMonitor:
         on_state_change: Callable[[], None],
         poll_timeout_s: float = 0.2,
         answer_timeout_s: float = 5.0,
+        lifecycle: LifecycleLog | None = None,
     ) -> None:
         self.clients = clients
         self.tracker = tracker
@@ -63,6 +65,7 @@ class WorkerMonitor:
         self.on_state_change = on_state_change
         self.poll_timeout_s = poll_timeout_s
         self.answer_timeout_s = answer_timeout_s
+        self.lifecycle = lifecycle if lifecycle is not None else LifecycleLog(log)
         self.health = {worker_id: WorkerHealth() for worker_id in clients}
         self.ready = asyncio.Event()
         self._tasks: list[asyncio.Task] = []
@@ -118,7 +121,7 @@ class WorkerMonitor:
         health.lost_reason = reason
         health.num_lost += 1
         self.tracker.remove_worker(worker_id)  # out of routing at once
-        log.error("worker %s lost: %s", worker_id, reason)
+        self.lifecycle.record(logging.ERROR, "worker %s lost: %s", worker_id, reason)
         self.on_worker_lost(worker_id, reason)
         self.on_state_change()
 
@@ -131,7 +134,8 @@ class WorkerMonitor:
         if first:
             return
         health.num_restarts += restarted
-        log.warning(
+        self.lifecycle.record(
+            logging.WARNING,
             "worker %s %s (instance %s), back in routing",
             worker_id,
             "restarted" if restarted else "answers again",
