@@ -1,13 +1,15 @@
 """Recovery from a worker's death on a real deployment (Ray actors, tiny model on CPU).
 
-    python -m pdserve.bench.chaos --kill decode --output bench/results/chaos_cpu.json
+    python -m pdserve.bench.chaos --kill decode --output bench/results/chaos_cpu_decode.json
 
-Brings up 1 prefill + 2 decode workers (`--kill prefill`: 2 prefill + 1 decode), streams
-`--num-requests` greedy requests once undisturbed (the baseline), then again killing one
-worker of the `--kill` pool (`ray.kill`; with `--restart` Ray restarts it) once the streams
-have received `--kill-after-tokens` tokens in all. It prints and writes:
-- the time from the kill to each interrupted stream's next token (the first migrated
-  token, for a stream that lived on the killed worker), p50 / p90 / max;
+Brings up 1 prefill + 2 decode workers (`--kill prefill`: 2 prefill + 1 decode; `--kill
+decode --restart`: 1 + 1, the decode worker restarted by Ray), streams `--num-requests`
+greedy requests undisturbed (a warm-up, then the baseline), then again killing one worker
+of the `--kill` pool (`ray.kill`; with `--restart` Ray restarts it) once the streams have
+received `--kill-after-tokens` tokens in all. It prints and writes:
+- the time from the kill to the first migrated token of each stream the router moved
+  (the token that ends its longest pause after the kill), and the same for the others,
+  min / p50 / max;
 - tokens/s delivered to clients, whole run and from the kill on, against the baseline;
 - whether every stream's tokens equal the baseline's (no token missing or repeated), and
   the router's failure counters.
@@ -94,27 +96,35 @@ async def run_with_kill(
     return results, killed_at
 
 
-def recovery_figures(results: list[StreamResult], killed_at: float, started: float) -> dict[str, Any]:
-    """Next token after the kill per interrupted stream, and delivered tokens/s."""
-    delays = []
-    for r in results:
-        before = sum(t < killed_at for t in r.token_times)
-        if 0 < before < len(r.token_times):
-            delays.append((r.token_times[before] - killed_at) * 1e3)
-    delays.sort()
+def recovery_figures(
+    results: list[StreamResult], killed_at: float, started: float, moved: set[int]
+) -> dict[str, Any]:
+    """First migrated token after the kill for the streams the router moved (`moved`: their
+    indexes), the end of the longest pause after it for the others, delivered tokens/s."""
+    delays: dict[bool, list[float]] = {True: [], False: []}
+    for i, r in enumerate(results):
+        after = [killed_at] + [t for t in r.token_times if t >= killed_at]
+        if len(after) > 1:
+            # The token that ends the stream's longest pause after the kill: for a moved
+            # stream its first token from the new attempt (tokens already on their way
+            # when the worker died may arrive just before it).
+            gaps = [(b - a, b) for a, b in zip(after, after[1:], strict=False)]
+            delays[i in moved].append((max(gaps)[1] - killed_at) * 1e3)
     end = max((r.token_times[-1] for r in results if r.token_times), default=killed_at)
     after = sum(t >= killed_at for r in results for t in r.token_times)
     total = sum(len(r.tokens) for r in results)
     return {
-        "num_interrupted_streams": len(delays),
-        "next_token_after_kill_ms": {
-            "p50": _pct(delays, 0.5),
-            "p90": _pct(delays, 0.9),
-            "max": delays[-1] if delays else None,
-        },
+        "num_moved_streams": len(delays[True]),
+        "moved_first_token_after_kill_ms": _summary(delays[True]),
+        "other_longest_pause_end_after_kill_ms": _summary(delays[False]),
         "tokens_per_s": total / (end - started),
         "tokens_per_s_after_kill": after / (end - killed_at) if end > killed_at else None,
     }
+
+
+def _summary(values: list[float]) -> dict[str, float | None]:
+    values = sorted(values)
+    return {"min": values[0] if values else None, "p50": _pct(values, 0.5), "max": _pct(values, 1.0)}
 
 
 def _pct(sorted_values: list[float], q: float) -> float | None:
@@ -123,10 +133,13 @@ def _pct(sorted_values: list[float], q: float) -> float | None:
     return sorted_values[min(len(sorted_values) - 1, int(q * len(sorted_values)))]
 
 
-def _config(kill: str, backend: str) -> Any:
+def _config(kill: str, backend: str, restart: bool) -> Any:
     from pdserve.deploy.config import parse_config
 
-    num_prefill, num_decode = (2, 1) if kill == "prefill" else (1, 2)
+    if kill == "prefill":
+        num_prefill, num_decode = 2, 1
+    else:  # with --restart the only decode worker: its streams wait for the new instance
+        num_prefill, num_decode = (1, 1) if restart else (1, 2)
     return parse_config(
         {
             "model": "tiny",
@@ -144,7 +157,7 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--kill", choices=["decode", "prefill"], default="decode")
     ap.add_argument("--backend", choices=["grpc", "nccl"], default="grpc")
-    ap.add_argument("--restart", action="store_true", help="let Ray restart the killed worker")
+    ap.add_argument("--restart", action="store_true", help="let Ray restart the killed worker (1P1D)")
     ap.add_argument("--num-requests", type=int, default=16)
     ap.add_argument("--prompt-len", type=int, default=64)
     ap.add_argument("--max-tokens", type=int, default=256)
@@ -158,11 +171,13 @@ def main(argv: list[str] | None = None) -> None:
 
     rng = random.Random(0)
     prompts = [[rng.randrange(256) for _ in range(args.prompt_len)] for _ in range(args.num_requests)]
-    sampling = [{"max_tokens": args.max_tokens, "temperature": 0.0, "ignore_eos": True}] * len(prompts)
-    dep = up(_config(args.kill, args.backend))
+    greedy = {"max_tokens": args.max_tokens, "temperature": 0.0, "ignore_eos": True}
+    sampling = [{**greedy, "request_id": f"chaos-{i}"} for i in range(len(prompts))]
+    dep = up(_config(args.kill, args.backend, args.restart))
     try:
+        asyncio.run(run_with_kill(dep.url, prompts, [{**greedy}] * len(prompts)))  # warm-up, not counted
         started = time.perf_counter()
-        baseline, _ = asyncio.run(run_with_kill(dep.url, prompts, sampling))
+        baseline, _ = asyncio.run(run_with_kill(dep.url, prompts, [{**greedy}] * len(prompts)))
         baseline_s = max(t for r in baseline for t in r.token_times) - started
         victim = dep.workers[f"{args.kill}-0"]
         started = time.perf_counter()
@@ -178,12 +193,18 @@ def main(argv: list[str] | None = None) -> None:
         status = dep.status()
     finally:
         dep.down()
+    # The streams the router moved, by the request ids its lifecycle events name.
+    moved = {
+        int(m.split()[1].removeprefix("chaos-"))
+        for m in (e["message"] for e in status["events"])
+        if m.startswith("request chaos-") and (" migrated " in m or " retried " in m)
+    }
     same = sum(r.tokens == b.tokens for r, b in zip(results, baseline, strict=True))
     report = {
         "command": "python -m pdserve.bench.chaos " + " ".join(argv if argv is not None else _argv()),
         "args": vars(args),
         "baseline_tokens_per_s": sum(len(r.tokens) for r in baseline) / baseline_s,
-        **recovery_figures(results, killed_at, started),
+        **recovery_figures(results, killed_at, started, moved),
         "num_streams_equal_to_baseline": same,
         "num_streams_failed": sum(r.error is not None for r in results),
         "errors": sorted({r.error for r in results if r.error}),

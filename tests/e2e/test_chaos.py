@@ -149,6 +149,15 @@ def test_prefill_then_decode_worker_killed(one_node, offline, backend):
         assert status["stats"]["num_worker_failures"] == 2
         assert status["stats"]["num_migrations"] >= 1
         assert status["serving"]
+        # Each lifecycle event logged once, with the request id.
+        messages = [e["message"] for e in status["events"]]
+        assert sum(m.startswith("worker decode-0 lost: ") for m in messages) == 1
+        assert sum(m.startswith("worker prefill-0 lost: ") for m in messages) == 1
+        migrated = [m.split()[1] for m in messages if " migrated (attempt " in m]
+        retried = [m.split()[1] for m in messages if " retried (attempt " in m]
+        assert len(migrated) == status["stats"]["num_migrations"]
+        assert len(retried) == status["stats"]["num_prefill_retries"]
+        assert len(set(migrated)) == len(migrated)  # one request moved once by one kill
         serving, not_serving = (
             health_pb2.HealthCheckResponse.SERVING,
             health_pb2.HealthCheckResponse.NOT_SERVING,
