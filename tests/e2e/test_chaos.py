@@ -6,7 +6,8 @@
   other one), then a decode worker (its requests move to the other one);
 - 1P1D: the only decode worker, which Ray restarts (grpc; with nccl workers are not
   restarted, see deploy/launcher.py `worker_max_restarts`): its requests wait for the
-  new instance and move to it.
+  new instance and move to it; then the only prefill worker, restarted too: it is linked
+  to the decode worker again and serves new requests.
 Afterwards, in each: every stream equals the offline engine's tokens (no token missing,
 none repeated; seeded streams too), the router shows the loss (status, health, counters),
 every live worker has all its KV blocks free, and a new request succeeds.
@@ -172,7 +173,7 @@ def test_prefill_then_decode_worker_killed(one_node, offline, backend):
 
 
 @pytest.mark.timeout(180)
-def test_only_decode_worker_restarts_and_its_streams_resume_on_it(one_node, offline):
+def test_only_workers_restart_and_streams_resume_on_them(one_node, offline):
     dep = up(chaos_config(1, 1, "grpc"))
     try:
         prompts, sampling = make_requests(40, seed=2)
@@ -185,5 +186,22 @@ def test_only_decode_worker_restarts_and_its_streams_resume_on_it(one_node, offl
         assert stats["num_worker_failures"] == 1 and stats["num_worker_restarts"] == 1
         assert stats["num_migrations"] >= 1
         check_new_request(dep, offline)
+
+        # The prefill worker crashes too: its requests are retried (prefilled on the decode
+        # worker while no prefill worker is up); restarted, it is linked to the decode
+        # worker again and new requests take the KV path through it.
+        prompts, sampling = make_requests(400, seed=5)
+        results, killed_at = run_and_kill(
+            dep, "prefill-0", prompts, sampling, kill_after_tokens=1, restart=True
+        )
+        check_streams(results, offline(prompts, sampling), killed_at)
+        deadline = time.monotonic() + 60
+        while not (worker := dep.status()["workers"]["prefill-0"])["alive"] and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert worker["alive"] and worker["num_restarts"] == 1
+        check_new_request(dep, offline)
+        status = wait_live_workers_free(dep)
+        assert status["stats"]["num_worker_restarts"] == 2
+        assert status["workers"]["prefill-0"]["num_queued_prefill_tokens"] == 0
     finally:
         dep.down()
