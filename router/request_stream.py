@@ -51,6 +51,7 @@ class StreamDeps:
     tokenizer: Tokenizer | None
     block_size: int
     report_lost: Callable[[str, str], None]  # (worker_id, reason): a call found it gone
+    lost_workers: Callable[[], str]  # the decode-capable workers lost now and why ("" if none)
     stats: RouterStats = field(default_factory=RouterStats)
     lifecycle: LifecycleLog = field(default_factory=lambda: LifecycleLog(log))
     max_migrations: int = 3  # new attempts per request after a worker was lost
@@ -243,19 +244,24 @@ class RequestStream:
         try:
             decision = await self.deps.admission.admit(route)
         except AdmissionRejected as exc:
-            if self.attempt > 1:
-                self.deps.stats.num_requests_failed_over_limit += 1
-                self.deps.lifecycle.record(
-                    logging.ERROR, "request %s could not be moved: %s", self.req_id, exc
-                )
-                raise RouterError("UNAVAILABLE", f"request {self.req_id} lost its worker and {exc}") from exc
-            self.deps.lifecycle.record(logging.WARNING, "request %s rejected: %s", self.req_id, exc)
-            raise RouterError("RESOURCE_EXHAUSTED", str(exc)) from exc
+            raise self._rejected(exc) from exc
         if self.attempt == 1:
             self.routed = time.perf_counter()
         self.decode_worker_id = decision.decode_worker_id
         self.prefill_worker_id = decision.prefill_worker_id
         return decision
+
+    def _rejected(self, exc: AdmissionRejected) -> RouterError:
+        """No worker took the request in time: UNAVAILABLE when workers are lost (naming
+        them) or the request was moving, RESOURCE_EXHAUSTED when they are only full."""
+        lost = self.deps.lost_workers()
+        why = f"{exc}; lost: {lost}" if lost else str(exc)
+        if self.attempt > 1:
+            self.deps.stats.num_requests_failed_over_limit += 1
+            self.deps.lifecycle.record(logging.ERROR, "request %s could not be moved: %s", self.req_id, why)
+            return RouterError("UNAVAILABLE", f"request {self.req_id} lost its worker and {why}")
+        self.deps.lifecycle.record(logging.WARNING, "request %s rejected: %s", self.req_id, why)
+        return RouterError("UNAVAILABLE" if lost else "RESOURCE_EXHAUSTED", why)
 
     async def _prefill_remotely(
         self, decode: WorkerClient, prefill_worker_id: str

@@ -83,6 +83,7 @@ class RouterCore:
             tokenizer,
             model.block_size,
             report_lost=self.monitor.mark_lost,
+            lost_workers=self._lost_decode_workers,
             stats=self.stats,
             lifecycle=self.lifecycle,
             max_migrations=max_migrations,
@@ -139,6 +140,14 @@ class RouterCore:
     def _on_worker_back(self, worker_id: str, restarted: bool) -> None:
         self.stats.num_worker_recoveries += 1
         self.stats.num_worker_restarts += restarted
+
+    def _lost_decode_workers(self) -> str:
+        health = self.monitor.health
+        return "; ".join(
+            f"{w} ({health[w].lost_reason})"
+            for w, role in self.worker_roles.items()
+            if role != "prefill" and not health[w].alive
+        )
 
     @property
     def serving(self) -> bool:

@@ -72,9 +72,9 @@ def one_node():
     ray.shutdown()
 
 
-def chaos_config(num_prefill: int, num_decode: int, backend: str):
+def chaos_config(num_prefill: int, num_decode: int, backend: str, max_wait_s: float = 30.0):
     cfg = tiny_config(num_prefill, num_decode, backend)
-    cfg.router.worker_timeout_s = 5.0
+    cfg.router.max_wait_s = max_wait_s  # how long a request waits for a decode worker
     return cfg
 
 
@@ -98,6 +98,18 @@ def check_streams(results, want, killed_at) -> None:
         assert r.error is None, f"stream {i}: {r.error}"
         assert r.tokens == want[i], f"stream {i} differs from the offline engine"
         assert r.finish_reason == "length" and r.completion_tokens == MAX_TOKENS, f"stream {i}"
+
+
+def check_ended_unavailable(results, want, killed_at) -> None:
+    assert killed_at is not None, "every stream ended before the kill"
+    for i, r in enumerate(results):
+        assert r.tokens == want[i][: len(r.tokens)], f"stream {i}: not a prefix of the offline tokens"
+        if r.error is None:  # ended before the kill reached it
+            assert r.tokens == want[i] and r.finish_reason == "length", f"stream {i}"
+        else:
+            assert r.error.startswith("UNAVAILABLE: request "), r.error
+            assert "lost its worker and no decode worker had room within max_wait_s=3" in r.error, r.error
+    assert any(r.error for r in results)
 
 
 def wait_live_workers_free(dep, timeout: float = 20.0) -> dict:
@@ -130,7 +142,7 @@ def check_new_request(dep, offline) -> None:
 def test_prefill_then_decode_worker_killed(one_node, offline, backend):
     """2P2D: prefill-0 dies while requests are in prefill, in transfer and decoding; then
     decode-0 dies while 16 streams decode. One deployment for both keeps the file short."""
-    dep = up(chaos_config(2, 2, backend))
+    dep = up(chaos_config(2, 2, backend, max_wait_s=3.0))
     try:
         # Long prompts: at the first streamed token most requests are still in prefill.
         prompts, sampling = make_requests(400, seed=3)
@@ -168,6 +180,17 @@ def test_prefill_then_decode_worker_killed(one_node, offline, backend):
         assert health_of(dep.url, WORKER_HEALTH_PREFIX + "prefill-0") == not_serving
         assert health_of(dep.url, WORKER_HEALTH_PREFIX + "decode-1") == serving
         check_new_request(dep, offline)
+
+        # The last decode worker dies: streams end UNAVAILABLE naming the cause once no
+        # worker took them within max_wait_s, never hang, and hold the tokens they got.
+        prompts, sampling = make_requests(40, seed=6)
+        results, killed_at = run_and_kill(dep, "decode-1", prompts, sampling, NUM_STREAMS * 6)
+        check_ended_unavailable(results, offline(prompts, sampling), killed_at)
+        status = wait_live_workers_free(dep)
+        assert not status["serving"] and health_of(dep.url, "") == not_serving
+        results, _ = asyncio.run(run_with_kill(dep.url, prompts[:1], sampling[:1], timeout_s=30))
+        assert results[0].error.startswith("UNAVAILABLE: no decode worker had room within max_wait_s=3")
+        assert "lost: decode-0 (" in results[0].error and "; decode-1 (" in results[0].error
     finally:
         dep.down()
 
