@@ -20,7 +20,6 @@ SUPPORTED_ARCHITECTURES = {
 }
 
 TINY_PRESET = "tiny"
-ROLES = ("both", "prefill", "decode")  # an engine's role: co-located, or one side of a pair
 DTYPES = ("float32", "bfloat16", "float16")  # the names `model_runner.parse_dtype` takes
 
 

@@ -27,9 +27,9 @@ from dataclasses import dataclass
 
 import torch
 
-from pdserve.engine.config import ROLES, EngineConfig, ModelConfig
+from pdserve.engine.config import EngineConfig, ModelConfig
 from pdserve.engine.core.kv_cache_manager import KVCacheManager
-from pdserve.engine.core.outputs import RequestOutput
+from pdserve.engine.core.outputs import WORKER_ROLES, RequestOutput
 from pdserve.engine.core.request import Request, validate_prompt
 from pdserve.engine.core.sampling_params import SamplingParams
 from pdserve.engine.core.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
@@ -48,8 +48,8 @@ class RemoteReservation:
 
 class LLMEngine:
     def __init__(self, config: EngineConfig, role: str = "both") -> None:
-        if role not in ROLES:
-            raise ValueError(f"role must be one of {', '.join(ROLES)}, got {role!r}")
+        if role not in WORKER_ROLES:
+            raise ValueError(f"role must be one of {', '.join(WORKER_ROLES)}, got {role!r}")
         config.validate()
         self.config = config
         self.model_config = ModelConfig.resolve(config.model)

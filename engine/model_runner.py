@@ -12,7 +12,7 @@ import functools
 import torch
 
 from pdserve.engine.attention import AttentionMetadata, get_backend
-from pdserve.engine.config import ModelConfig
+from pdserve.engine.config import DTYPES, ModelConfig
 from pdserve.engine.core.request import Request
 from pdserve.engine.core.sampling_params import SamplingParams
 from pdserve.engine.core.scheduler import ScheduledRequest, SchedulerOutput
@@ -21,7 +21,7 @@ from pdserve.engine.model.gemv import linear
 from pdserve.engine.model.loader import load_model
 from pdserve.engine.sampler import SamplingRow, sample_tokens
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_DTYPES = {name: getattr(torch, name) for name in DTYPES}  # config names → torch dtypes
 CPU_KV_CACHE_BYTES = 128 * 2**20  # default KV cache size on CPU when num_gpu_blocks is None
 GPU_MEMORY_UTILIZATION = 0.9
 

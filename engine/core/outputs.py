@@ -34,7 +34,7 @@ class PrefillResult:
     prefill_ms: float  # from arrival at the worker to the first token
 
 
-WORKER_ROLES = ("prefill", "decode", "both")
+WORKER_ROLES = ("prefill", "decode", "both")  # an engine's role: one side of a pair, or co-located
 
 
 @dataclass(frozen=True)
