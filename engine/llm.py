@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from pdserve.engine.config import EngineConfig
+from pdserve.engine.core.outputs import TokenLogprobs
 from pdserve.engine.core.sampling_params import SamplingParams
 from pdserve.engine.llm_engine import LLMEngine
 from pdserve.engine.output_processor import OutputProcessor
@@ -19,6 +20,7 @@ class CompletionOutput:
     text: str
     finish_reason: str  # "stop" | "length"
     num_cached_tokens: int  # prompt tokens served from the prefix cache
+    logprobs: list[TokenLogprobs] | None = field(default=None)  # per token, when asked for
 
 
 class LLM:
@@ -99,10 +101,12 @@ class LLM:
         results: dict[str, CompletionOutput] = {}
         texts: dict[str, list[str]] = {r: [] for r in order}
         tokens: dict[str, list[int]] = {r: [] for r in order}
+        logprobs: dict[str, list[TokenLogprobs]] = {r: [] for r in order}
         while engine.has_unfinished():
             for out in engine.step():
                 delta = processor.process(out.req_id, out.new_token_ids, out.finished)
                 tokens[out.req_id].extend(out.new_token_ids)
+                logprobs[out.req_id].extend(out.new_logprobs or [])
                 texts[out.req_id].append(delta.text)
                 if delta.stopped and not out.finished:
                     engine.abort_request(out.req_id)
@@ -114,5 +118,6 @@ class LLM:
                         text="".join(texts[out.req_id]),
                         finish_reason="stop" if delta.stopped else out.finish_reason,
                         num_cached_tokens=out.num_cached_tokens,
+                        logprobs=logprobs[out.req_id] if logprobs[out.req_id] else None,
                     )
         return [results[r] for r in order]

@@ -82,6 +82,7 @@ class LLMEngine:
         self.num_steps = 0
         self.async_scheduling = config.async_scheduling and self.role != "prefill"
         self._in_flight: tuple[SchedulerOutput, SampledTokens] | None = None  # launched, not yet read
+        self._penalized: set[str] = set()  # unfinished requests with penalties (no running ahead)
         freeze_startup_heap()  # last: the model, its kernels and the KV pool are all built
 
     # -- properties ---------------------------------------------------------
@@ -113,6 +114,8 @@ class LLMEngine:
                 f"prompt needs {needed} KV blocks, the cache has only "
                 f"{self.kv_manager.num_blocks} (num_gpu_blocks)"
             )
+        if params.has_penalties:
+            self._penalized.add(req_id)
         return Request(req_id, prompt_token_ids, params, eos_token_id=self.eos_token_id)
 
     def add_request(self, req_id: str, prompt_token_ids: list[int], params: SamplingParams) -> Request:
@@ -122,6 +125,7 @@ class LLMEngine:
 
     def abort_request(self, req_id: str) -> bool:
         """Abort a queued, running, held or KV-awaiting request; free its blocks."""
+        self._penalized.discard(req_id)
         return self.scheduler.abort(req_id) is not None
 
     # -- prefill role -------------------------------------------------------
@@ -130,6 +134,7 @@ class LLMEngine:
 
     def release_request(self, req_id: str) -> None:
         """Prefill role: the KV of a finished prefill has been sent (or failed): free it."""
+        self._penalized.discard(req_id)
         self.scheduler.release_held(req_id)
 
     # -- decode role ----------------------------------------------------------
@@ -144,6 +149,7 @@ class LLMEngine:
         request = self._make_request(req_id, prompt_token_ids, params)
         table = self.scheduler.add_remote_request(request)
         if table is None:
+            self._penalized.discard(req_id)
             return None
         first = request.num_cached_tokens // self.block_size
         last = -(-request.num_prompt_tokens // self.block_size)
@@ -157,6 +163,11 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         """One engine step; returns an output for every request that got a token (under
         async scheduling: in the step launched by the previous call)."""
+        outputs: list[RequestOutput] = []
+        if self._in_flight is not None and self._penalized:
+            # A penalized request's next token depends on the one in flight: take it first.
+            outputs = self._finish_step(*self._in_flight)
+            self._in_flight = None
         sched_out = self.scheduler.schedule()
         launched = None
         if not sched_out.is_empty:
@@ -166,16 +177,22 @@ class LLMEngine:
             done, self._in_flight = self._in_flight, launched
         else:
             done = launched
-        if done is None:
-            return []
-        done_out, sampled = done
+        if done is not None:
+            outputs += self._finish_step(*done)
+        return outputs
+
+    def _finish_step(self, done_out: SchedulerOutput, sampled: SampledTokens) -> list[RequestOutput]:
         touched = self.scheduler.update(done_out, sampled.wait())
+        logprobs = sampled.logprobs_by_req()
         outputs = []
         for request in touched:
             finished = request.is_finished
             if self.role == "prefill" and not finished:
                 # Stop here; keep the blocks until the worker has shipped them.
                 self.scheduler.hold(request)
+            if finished:
+                self._penalized.discard(request.req_id)
+            token_logprobs = logprobs.get(request.req_id)
             outputs.append(
                 RequestOutput(
                     req_id=request.req_id,
@@ -185,6 +202,7 @@ class LLMEngine:
                     num_prompt_tokens=request.num_prompt_tokens,
                     num_cached_tokens=request.num_cached_tokens,
                     num_output_tokens=request.num_output_tokens,
+                    new_logprobs=None if token_logprobs is None else [token_logprobs],
                 )
             )
         return outputs

@@ -13,13 +13,14 @@ import torch
 
 from pdserve.engine.attention import AttentionMetadata, get_backend
 from pdserve.engine.config import DTYPES, ModelConfig
+from pdserve.engine.core.outputs import TokenLogprobs
 from pdserve.engine.core.request import Request
 from pdserve.engine.core.sampling_params import SamplingParams
 from pdserve.engine.core.scheduler import ScheduledRequest, SchedulerOutput
 from pdserve.engine.host_tensors import host_to_device, padded_table, to_device
 from pdserve.engine.model.gemv import linear
 from pdserve.engine.model.loader import load_model
-from pdserve.engine.sampler import SamplingRow, sample_tokens
+from pdserve.engine.sampler import LogprobsTensors, SamplingRow, gather_logprobs, sample_tokens
 
 _DTYPES = {name: getattr(torch, name) for name in DTYPES}  # config names → torch dtypes
 CPU_KV_CACHE_BYTES = 128 * 2**20  # default KV cache size on CPU when num_gpu_blocks is None
@@ -249,7 +250,7 @@ class ModelRunner:
             if entry.sample:
                 # the seeded stream's step: tokens before this one, in flight ones included
                 num_before = request.num_output_tokens + request.num_pending_tokens - 1
-                sample_rows.append(SamplingRow(request.sampling_params, num_before))
+                sample_rows.append(_sampling_row(request, num_before))
                 sample_req_ids.append(entry.req_id)
                 logits_index.append(query_start_loc[-1] - 1)
         dev = self.device
@@ -292,13 +293,16 @@ class ModelRunner:
     def _sample(
         self, hidden: torch.Tensor, logits_index: list[int], rows: list[SamplingRow], req_ids: list[str]
     ) -> SampledTokens:
+        logprobs = None
         if not rows:
             tokens = torch.empty(0, dtype=torch.int64, device=self.device)
         else:
             if len(logits_index) != hidden.shape[0]:  # not every row samples (indices ascend)
                 hidden = hidden.index_select(0, host_to_device(logits_index, torch.int64, self.device))
-            tokens = sample_tokens(self.model.compute_logits(hidden), rows)
-        self._last_sampled = SampledTokens.launch(req_ids, tokens)
+            logits = self.model.compute_logits(hidden)
+            tokens = sample_tokens(logits, rows)
+            logprobs = gather_logprobs(logits, tokens, rows)
+        self._last_sampled = SampledTokens.launch(req_ids, tokens, rows, logprobs)
         return self._last_sampled
 
 
@@ -307,14 +311,25 @@ class SampledTokens:
 
     tokens: [n] int64 on the device, row i for req_ids[i]; the next step reads in-flight
     input tokens from here. On CUDA a non-blocking copy into pinned memory and an event
-    let the host go on (schedule and launch the next step) while the GPU works.
+    let the host go on (schedule and launch the next step) while the GPU works. The
+    logprobs of rows that asked for them come back with the same event.
     """
 
-    def __init__(self, req_ids: list[str], tokens: torch.Tensor, host: torch.Tensor, ready) -> None:
+    def __init__(
+        self,
+        req_ids: list[str],
+        tokens: torch.Tensor,
+        host: torch.Tensor,
+        ready,
+        rows: list[SamplingRow] | None = None,
+        logprobs: LogprobsTensors | None = None,
+    ) -> None:
         self.req_ids = req_ids
         self.tokens = tokens
         self._host = host
         self._ready = ready  # torch.cuda.Event or None
+        self._rows = rows or []
+        self._logprobs = logprobs  # on the host once `_ready` has fired
 
     @functools.cached_property
     def row_of(self) -> dict[str, int]:
@@ -322,17 +337,43 @@ class SampledTokens:
         return {req_id: i for i, req_id in enumerate(self.req_ids)}
 
     @classmethod
-    def launch(cls, req_ids: list[str], tokens: torch.Tensor) -> SampledTokens:
+    def launch(
+        cls,
+        req_ids: list[str],
+        tokens: torch.Tensor,
+        rows: list[SamplingRow] | None = None,
+        logprobs: LogprobsTensors | None = None,
+    ) -> SampledTokens:
         if tokens.device.type != "cuda":
-            return cls(req_ids, tokens, tokens, None)
+            return cls(req_ids, tokens, tokens, None, rows, logprobs)
         host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
         host.copy_(tokens, non_blocking=True)
+        if logprobs is not None:
+            logprobs = logprobs.to_host(non_blocking=True)
         ready = torch.cuda.Event()
         ready.record()
-        return cls(req_ids, tokens, host, ready)
+        return cls(req_ids, tokens, host, ready, rows, logprobs)
 
     def wait(self) -> dict[str, int]:
         """Block until the step is done; its tokens by req_id."""
         if self._ready is not None:
             self._ready.synchronize()
         return dict(zip(self.req_ids, self._host.tolist(), strict=True))
+
+    def logprobs_by_req(self) -> dict[str, TokenLogprobs]:
+        """After `wait()`: the logprobs of the rows that asked for them, by req_id."""
+        if self._logprobs is None:
+            return {}
+        by_row = self._logprobs.to_outputs(self._rows, self._host.tolist())
+        return {self.req_ids[row]: lp for row, lp in by_row.items()}
+
+
+def _sampling_row(request: Request, num_before: int) -> SamplingRow:
+    """The sampler's view of a request; penalties need its tokens so far, which the engine
+    guarantees are all on the host (it does not run ahead of a penalized request)."""
+    params = request.sampling_params
+    if not params.has_penalties:
+        return SamplingRow(params, num_before)
+    if request.num_pending_tokens > 1:
+        raise RuntimeError(f"{request.req_id}: penalties need every earlier token, one is still in flight")
+    return SamplingRow(params, num_before, request.prompt_token_ids, request.output_token_ids)

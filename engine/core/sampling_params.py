@@ -6,7 +6,10 @@ depend on torch.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
+
+MAX_LOGPROBS = 20  # most alternatives a request may ask for per token (vLLM's default max_logprobs)
 
 
 @dataclass
@@ -16,6 +19,15 @@ class SamplingParams:
     temperature == 0 means greedy. top_k <= 0 and top_p == 1 switch those filters
     off. A request with a `seed` draws from its own generator, so its tokens do not
     depend on what else is in the batch.
+
+    Penalties follow vLLM and the OpenAI API: `presence_penalty` and `frequency_penalty`
+    (in [-2, 2]) subtract from the logits of tokens already generated, once or per
+    occurrence; `repetition_penalty` (> 0, 1 = off) divides positive and multiplies
+    negative logits of tokens in the prompt or the output, as transformers does. `min_p`
+    drops tokens less likely than min_p times the most likely one. `logprobs` = N returns,
+    per generated token, its log-probability, its rank and the N most likely tokens
+    (0: the sampled token only), from the model's raw logits (before penalties and
+    temperature, as vLLM's default `raw_logprobs`).
     """
 
     temperature: float = 1.0
@@ -27,6 +39,11 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)
     stop: list[str] = field(default_factory=list)
     ignore_eos: bool = False
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    min_p: float = 0.0
+    logprobs: int | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -38,6 +55,11 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+    @property
+    def has_penalties(self) -> bool:
+        """True when the next token depends on the tokens so far (the sampler needs them)."""
+        return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0)
 
     def validate(self) -> None:
         """Raise ValueError naming the first bad field."""
@@ -59,9 +81,30 @@ class SamplingParams:
             raise ValueError(f"top_k must be an integer >= -1 (0 or -1 = off), got {self.top_k!r}")
         if self.seed is not None and not isinstance(self.seed, int):
             raise ValueError(f"seed must be an integer, got {self.seed!r}")
+        self._validate_penalties()
         for tok in self.stop_token_ids:
             if not isinstance(tok, int) or tok < 0:
                 raise ValueError(f"stop_token_ids must hold non-negative integers, got {tok!r}")
         for s in self.stop:
             if not isinstance(s, str) or not s:
                 raise ValueError(f"stop must hold non-empty strings, got {s!r}")
+
+    def _validate_penalties(self) -> None:
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            if not _is_finite_number(value) or not -2.0 <= value <= 2.0:
+                raise ValueError(f"{name} must be in [-2, 2], got {value!r}")
+        if not _is_finite_number(self.repetition_penalty) or self.repetition_penalty <= 0:
+            raise ValueError(f"repetition_penalty must be > 0 (1 = off), got {self.repetition_penalty!r}")
+        if not _is_finite_number(self.min_p) or not 0.0 <= self.min_p <= 1.0:
+            raise ValueError(f"min_p must be in [0, 1], got {self.min_p!r}")
+        if self.logprobs is not None and (
+            not isinstance(self.logprobs, int)
+            or isinstance(self.logprobs, bool)
+            or not 0 <= self.logprobs <= MAX_LOGPROBS
+        ):
+            raise ValueError(f"logprobs must be an integer in [0, {MAX_LOGPROBS}], got {self.logprobs!r}")
+
+
+def _is_finite_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
