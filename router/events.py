@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from pdserve.engine.core.outputs import TokenLogprobs
+
 
 class RouterError(Exception):
     """A request failed; `code` is a gRPC status code name (e.g. "INVALID_ARGUMENT")."""
@@ -18,6 +20,7 @@ class RouterError(Exception):
 class Chunk:
     token_ids: list[int]
     text: str
+    logprobs: list[TokenLogprobs] | None = None  # one per token id, when the request asked
 
 
 @dataclass

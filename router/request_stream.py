@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pdserve.engine.core.block_pool import hash_prompt_blocks
-from pdserve.engine.core.outputs import PrefillResult, RequestOutput
+from pdserve.engine.core.outputs import PrefillResult, RequestOutput, TokenLogprobs
 from pdserve.engine.core.sampling_params import SamplingParams
 from pdserve.engine.output_processor import OutputProcessor
 from pdserve.engine.tokenizer import Tokenizer
@@ -49,6 +49,7 @@ class _Merged:
 
     token_ids: list[int] = field(default_factory=list)
     text: str = ""
+    logprobs: list[TokenLogprobs] | None = None
     last: RequestOutput | None = None  # the output that ended the request
     stopped: bool = False  # a stop string ended it
     failure: RouterError | None = None  # raised after the chunk
@@ -151,7 +152,8 @@ class RequestStream:
         self.cached_tokens = max(cached_on_decode, result.num_cached_tokens)
         self.completion_tokens = 1
         delta = self.processor.process(self.req_id, [result.first_token_id], result.finished)
-        yield Chunk(delta.token_ids, delta.text)
+        first_logprobs = None if result.first_logprobs is None else [result.first_logprobs]
+        yield Chunk(delta.token_ids, delta.text, first_logprobs if delta.token_ids else None)
         if result.finished or delta.stopped:
             if delta.stopped and not result.finished:
                 await decode.abort(self.req_id)  # the decode worker started it meanwhile
@@ -167,7 +169,7 @@ class RequestStream:
             items = _take_queued(self.queue, await self.queue.get())
             merged = self._merge(items)
             if merged.token_ids or merged.text:
-                yield Chunk(merged.token_ids, merged.text)
+                yield Chunk(merged.token_ids, merged.text, merged.logprobs)
             if merged.failure is not None:
                 raise merged.failure
             last = merged.last
@@ -198,6 +200,8 @@ class RequestStream:
             # judged at each step's boundary exactly as without merging.
             delta = self.processor.process(self.req_id, item.new_token_ids, item.finished)
             merged.token_ids += delta.token_ids
+            if item.new_logprobs is not None and delta.token_ids:
+                merged.logprobs = (merged.logprobs or []) + item.new_logprobs
             text_parts.append(delta.text)
             if item.finished or delta.stopped:
                 merged.last, merged.stopped = item, delta.stopped

@@ -14,6 +14,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from pdserve.engine.core.outputs import TokenLogprobs
 from pdserve.engine.core.request import validate_prompt
 from pdserve.engine.core.sampling_params import SamplingParams
 from pdserve.router.service import Chunk, Completion, RouterCore, RouterError
@@ -30,10 +31,39 @@ _FINISH = {
 MAX_REQUEST_ID_LEN = 256
 
 
+# proto3 `optional` fields that map one to one onto SamplingParams (unset: the default)
+_OPTIONAL_SAMPLING_FIELDS = (
+    "temperature",
+    "top_p",
+    "top_k",
+    "seed",
+    "min_tokens",
+    "presence_penalty",
+    "frequency_penalty",
+    "repetition_penalty",
+    "min_p",
+    "logprobs",
+)
+
+
+def _logprobs_proto(logprobs: list[TokenLogprobs] | None) -> list[generate_pb2.TokenLogprob]:
+    if not logprobs:
+        return []
+    return [
+        generate_pb2.TokenLogprob(
+            token_id=lp.token_id,
+            logprob=lp.logprob,
+            rank=lp.rank,
+            top=[generate_pb2.TopLogprob(token_id=t, logprob=v) for t, v in lp.top],
+        )
+        for lp in logprobs
+    ]
+
+
 def sampling_from_proto(msg: generate_pb2.SamplingParams, default_max_tokens: int) -> SamplingParams:
     """Proto -> SamplingParams; unset optional fields take the engine's defaults."""
     kwargs = {}
-    for name in ("temperature", "top_p", "top_k", "seed", "min_tokens"):
+    for name in _OPTIONAL_SAMPLING_FIELDS:
         if msg.HasField(name):
             kwargs[name] = getattr(msg, name)
     kwargs["max_tokens"] = msg.max_tokens if msg.HasField("max_tokens") else default_max_tokens
@@ -80,7 +110,11 @@ class GenerationServicer(generate_pb2_grpc.GenerationServicer):
                 if isinstance(event, Chunk):
                     yield generate_pb2.GenerateResponse(
                         request_id=req_id,
-                        chunk=generate_pb2.Chunk(token_ids=event.token_ids, text=event.text),
+                        chunk=generate_pb2.Chunk(
+                            token_ids=event.token_ids,
+                            text=event.text,
+                            logprobs=_logprobs_proto(event.logprobs),
+                        ),
                     )
                 else:
                     yield generate_pb2.GenerateResponse(request_id=req_id, complete=_complete_proto(event))

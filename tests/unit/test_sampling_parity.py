@@ -93,7 +93,9 @@ def test_penalties_equal_reference(checkpoint, async_scheduling):
     for penalty in PENALTIES.values():
         for prompt in prompts[-2:]:
             batch_prompts.append(prompt)
-            batch_params.append(SamplingParams(temperature=0.0, max_tokens=MAX_NEW, ignore_eos=True, **penalty))
+            batch_params.append(
+                SamplingParams(temperature=0.0, max_tokens=MAX_NEW, ignore_eos=True, **penalty)
+            )
     batch_prompts.append(prompts[0])
     batch_params.append(SamplingParams(temperature=0.0, max_tokens=MAX_NEW, ignore_eos=True))
     outs = llm.generate(batch_prompts, batch_params)
@@ -163,3 +165,30 @@ def test_min_p_sampling_never_draws_below_the_threshold():
 def test_out_of_range_sampling_fields_are_refused(field, value):
     with pytest.raises(ValueError, match=field):
         SamplingParams(**{field: value})
+
+
+@pytest.mark.parametrize("num_prefill", [1, 0], ids=["disaggregated", "colocated"])
+def test_grpc_streams_logprobs_and_penalties_equal_offline(num_prefill):
+    """Through the router's gRPC API (first token from the prefill worker, the rest from the
+    decode worker, or all co-located): tokens and logprobs equal the offline engine's."""
+    from pdserve.router.client import GenerateChunk, PdserveClient
+    from tests.inprocess import InProcessDeployment
+
+    prompts = [[3, 4, 5, 3, 4, 5, 3, 4], list(range(20, 45))]
+    fields = dict(temperature=0.0, max_tokens=10, ignore_eos=True, logprobs=3, repetition_penalty=1.4)
+    fields["frequency_penalty"] = 0.5
+    expected = LLM("tiny", num_gpu_blocks=256).generate(prompts, SamplingParams(**fields))
+    dep = InProcessDeployment(num_prefill=num_prefill, num_decode=1)
+    try:
+        with PdserveClient(dep.url) as client:
+            for prompt, exp in zip(prompts, expected, strict=True):
+                chunks = [e for e in client.generate(prompt, **fields) if isinstance(e, GenerateChunk)]
+                tokens = [t for c in chunks for t in c.token_ids]
+                logprobs = [lp for c in chunks for lp in c.logprobs]
+                assert tokens == exp.token_ids
+                assert [lp.token_id for lp in logprobs] == tokens
+                for got, want in zip(logprobs, exp.logprobs, strict=True):
+                    assert abs(got.logprob - want.logprob) < 1e-4 and got.rank == want.rank
+                    assert [t for t, _ in got.top] == [t for t, _ in want.top]
+    finally:
+        dep.close()
