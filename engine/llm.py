@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from pdserve.engine.config import EngineConfig
 from pdserve.engine.core.outputs import TokenLogprobs
@@ -20,7 +20,8 @@ class CompletionOutput:
     text: str
     finish_reason: str  # "stop" | "length"
     num_cached_tokens: int  # prompt tokens served from the prefix cache
-    logprobs: list[TokenLogprobs] | None = field(default=None)  # per token, when asked for
+    logprobs: list[TokenLogprobs] | None = None  # per token, when asked for
+    prompt_logprobs: list[TokenLogprobs] | None = None  # prompt tokens 1.., when asked for
 
 
 class LLM:
@@ -102,11 +103,14 @@ class LLM:
         texts: dict[str, list[str]] = {r: [] for r in order}
         tokens: dict[str, list[int]] = {r: [] for r in order}
         logprobs: dict[str, list[TokenLogprobs]] = {r: [] for r in order}
+        prompt_logprobs: dict[str, list[TokenLogprobs] | None] = {}
         while engine.has_unfinished():
             for out in engine.step():
                 delta = processor.process(out.req_id, out.new_token_ids, out.finished)
                 tokens[out.req_id].extend(out.new_token_ids)
                 logprobs[out.req_id].extend(out.new_logprobs or [])
+                if out.prompt_logprobs is not None:
+                    prompt_logprobs[out.req_id] = out.prompt_logprobs
                 texts[out.req_id].append(delta.text)
                 if delta.stopped and not out.finished:
                     engine.abort_request(out.req_id)
@@ -119,5 +123,6 @@ class LLM:
                         finish_reason="stop" if delta.stopped else out.finish_reason,
                         num_cached_tokens=out.num_cached_tokens,
                         logprobs=logprobs[out.req_id] if logprobs[out.req_id] else None,
+                        prompt_logprobs=prompt_logprobs.get(out.req_id),
                     )
         return [results[r] for r in order]

@@ -182,7 +182,13 @@ class LLMEngine:
         return outputs
 
     def _finish_step(self, done_out: SchedulerOutput, sampled: SampledTokens) -> list[RequestOutput]:
-        touched = self.scheduler.update(done_out, sampled.wait())
+        tokens = sampled.wait()
+        for segment, prompt_lps in sampled.prompt_logprobs():  # before update drops finished ones
+            request = self.scheduler.requests.get(segment.req_id)
+            if request is not None and request.prompt_logprobs is not None:
+                at = segment.first_position - 1  # prompt_logprobs[i] is prompt token i + 1's
+                request.prompt_logprobs[at : at + len(prompt_lps)] = prompt_lps
+        touched = self.scheduler.update(done_out, tokens)
         logprobs = sampled.logprobs_by_req()
         outputs = []
         for request in touched:
@@ -203,6 +209,7 @@ class LLMEngine:
                     num_cached_tokens=request.num_cached_tokens,
                     num_output_tokens=request.num_output_tokens,
                     new_logprobs=None if token_logprobs is None else [token_logprobs],
+                    prompt_logprobs=request.prompt_logprobs if request.num_output_tokens == 1 else None,
                 )
             )
         return outputs

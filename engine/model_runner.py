@@ -8,6 +8,7 @@ request's blocks for every layer are one `index_select` on dim 2.
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 
 import torch
 
@@ -20,7 +21,14 @@ from pdserve.engine.core.scheduler import ScheduledRequest, SchedulerOutput
 from pdserve.engine.host_tensors import host_to_device, padded_table, to_device
 from pdserve.engine.model.gemv import linear
 from pdserve.engine.model.loader import load_model
-from pdserve.engine.sampler import LogprobsTensors, SamplingRow, gather_logprobs, sample_tokens
+from pdserve.engine.sampler import (
+    LogprobsTensors,
+    PromptLogprobRows,
+    SamplingRow,
+    gather_logprobs,
+    gather_prompt_logprobs,
+    sample_tokens,
+)
 
 _DTYPES = {name: getattr(torch, name) for name in DTYPES}  # config names → torch dtypes
 CPU_KV_CACHE_BYTES = 128 * 2**20  # default KV cache size on CPU when num_gpu_blocks is None
@@ -216,6 +224,7 @@ class ModelRunner:
         logits_index: list[int] = []
         fill_rows: list[int] = []  # rows of input_ids to take from the previous step's tokens
         fill_src: list[int] = []  # ... and which of its sampled rows
+        prompt_segments: list[PromptLogprobRows] = []
         bs = self.block_size
         # Decode rows first: the fast attention backend runs a mixed step's leading one-token
         # rows through its decode kernel (AttentionMetadata.num_decodes). Sampled tokens are
@@ -237,6 +246,8 @@ class ModelRunner:
                 fill_src.append(self._in_flight_row(entry.req_id))
                 input_ids.append(0)
             table = entry.block_ids
+            if n > 1 and (segment := _prompt_logprob_rows(request, start, end, query_start_loc[-1])):
+                prompt_segments.append(segment)
             if n == 1:  # decode row: skip the range machinery
                 positions.append(start)
                 slot_mapping.append(table[start // bs] * bs + start % bs)
@@ -264,7 +275,7 @@ class ModelRunner:
             and self.decode_graphs.can_run(len(tables))
         ):
             hidden = self.decode_graphs.run(input_ids, positions, slot_mapping, seq_lens, tables, fill)
-            return self._sample(hidden, logits_index, sample_rows, sample_req_ids)
+            return self._sample(hidden, logits_index, sample_rows, sample_req_ids, [])
         # Width rounded up to 16: one Triton specialization of the row stride (a new one would
         # compile mid-serving) and aligned rows.
         width = -(-max(len(t) for t in tables) // 16) * 16
@@ -282,7 +293,7 @@ class ModelRunner:
         if fill is not None:
             input_ids_dev.index_copy_(0, *fill)
         hidden = self.model(input_ids_dev, host_to_device(positions, torch.int64, dev), self.kv_cache, meta)
-        return self._sample(hidden, logits_index, sample_rows, sample_req_ids)
+        return self._sample(hidden, logits_index, sample_rows, sample_req_ids, prompt_segments)
 
     def _in_flight_row(self, req_id: str) -> int:
         last = self._last_sampled
@@ -291,9 +302,21 @@ class ModelRunner:
         return last.row_of[req_id]
 
     def _sample(
-        self, hidden: torch.Tensor, logits_index: list[int], rows: list[SamplingRow], req_ids: list[str]
+        self,
+        hidden: torch.Tensor,
+        logits_index: list[int],
+        rows: list[SamplingRow],
+        req_ids: list[str],
+        prompt_segments: list[PromptLogprobRows],
     ) -> SampledTokens:
-        logprobs = None
+        """hidden [T, H] of every scheduled token -> the sampled rows' tokens (and the
+        logprobs requests asked for), launched."""
+        logprobs = StepLogprobs()
+        if prompt_segments:
+            logprobs.prompt = (
+                prompt_segments,
+                gather_prompt_logprobs(hidden, self.model.compute_logits, prompt_segments),
+            )
         if not rows:
             tokens = torch.empty(0, dtype=torch.int64, device=self.device)
         else:
@@ -301,9 +324,27 @@ class ModelRunner:
                 hidden = hidden.index_select(0, host_to_device(logits_index, torch.int64, self.device))
             logits = self.model.compute_logits(hidden)
             tokens = sample_tokens(logits, rows)
-            logprobs = gather_logprobs(logits, tokens, rows)
-        self._last_sampled = SampledTokens.launch(req_ids, tokens, rows, logprobs)
+            logprobs.sampled = gather_logprobs(logits, tokens, rows)
+        has_logprobs = logprobs.sampled is not None or logprobs.prompt is not None
+        self._last_sampled = SampledTokens.launch(req_ids, tokens, rows, logprobs if has_logprobs else None)
         return self._last_sampled
+
+
+@dataclass
+class StepLogprobs:
+    """What a step computes beyond tokens for the requests that ask: the sampled rows'
+    logprobs (their row indices, then the tensors) and prompt logprobs per segment."""
+
+    sampled: tuple[list[int], LogprobsTensors] | None = None
+    prompt: tuple[list[PromptLogprobRows], LogprobsTensors] | None = None
+
+    def to_host(self) -> StepLogprobs:
+        sampled = prompt = None
+        if self.sampled is not None:
+            sampled = (self.sampled[0], self.sampled[1].to_host())
+        if self.prompt is not None:
+            prompt = (self.prompt[0], self.prompt[1].to_host())
+        return StepLogprobs(sampled, prompt)
 
 
 class SampledTokens:
@@ -312,7 +353,7 @@ class SampledTokens:
     tokens: [n] int64 on the device, row i for req_ids[i]; the next step reads in-flight
     input tokens from here. On CUDA a non-blocking copy into pinned memory and an event
     let the host go on (schedule and launch the next step) while the GPU works. The
-    logprobs of rows that asked for them come back with the same event.
+    logprobs of requests that asked for them come back with the same event.
     """
 
     def __init__(
@@ -322,7 +363,7 @@ class SampledTokens:
         host: torch.Tensor,
         ready,
         rows: list[SamplingRow] | None = None,
-        logprobs: LogprobsTensors | None = None,
+        logprobs: StepLogprobs | None = None,
     ) -> None:
         self.req_ids = req_ids
         self.tokens = tokens
@@ -342,14 +383,14 @@ class SampledTokens:
         req_ids: list[str],
         tokens: torch.Tensor,
         rows: list[SamplingRow] | None = None,
-        logprobs: LogprobsTensors | None = None,
+        logprobs: StepLogprobs | None = None,
     ) -> SampledTokens:
         if tokens.device.type != "cuda":
             return cls(req_ids, tokens, tokens, None, rows, logprobs)
         host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
         host.copy_(tokens, non_blocking=True)
         if logprobs is not None:
-            logprobs = logprobs.to_host(non_blocking=True)
+            logprobs = logprobs.to_host()
         ready = torch.cuda.Event()
         ready.record()
         return cls(req_ids, tokens, host, ready, rows, logprobs)
@@ -361,11 +402,37 @@ class SampledTokens:
         return dict(zip(self.req_ids, self._host.tolist(), strict=True))
 
     def logprobs_by_req(self) -> dict[str, TokenLogprobs]:
-        """After `wait()`: the logprobs of the rows that asked for them, by req_id."""
-        if self._logprobs is None:
+        """After `wait()`: the sampled tokens' logprobs of the requests that asked, by req_id."""
+        if self._logprobs is None or self._logprobs.sampled is None:
             return {}
-        by_row = self._logprobs.to_outputs(self._rows, self._host.tolist())
-        return {self.req_ids[row]: lp for row, lp in by_row.items()}
+        wanted, tensors = self._logprobs.sampled
+        tokens = self._host.tolist()
+        lps = tensors.to_list([tokens[i] for i in wanted], [self._rows[i].params.logprobs for i in wanted])
+        return {self.req_ids[i]: lp for i, lp in zip(wanted, lps, strict=True)}
+
+    def prompt_logprobs(self) -> list[tuple[PromptLogprobRows, list[TokenLogprobs]]]:
+        """After `wait()`: each prompt-logprob segment of the step with its logprobs."""
+        if self._logprobs is None or self._logprobs.prompt is None:
+            return []
+        segments, tensors = self._logprobs.prompt
+        targets = [t for seg in segments for t in seg.token_ids]
+        lps = tensors.to_list(targets, [seg.num_top for seg in segments for _ in seg.token_ids])
+        out, at = [], 0
+        for seg in segments:
+            out.append((seg, lps[at : at + len(seg.token_ids)]))
+            at += len(seg.token_ids)
+        return out
+
+
+def _prompt_logprob_rows(request: Request, start: int, end: int, base: int) -> PromptLogprobRows | None:
+    """The rows of a prefill chunk [start, end) that predict a prompt token, for a request
+    that asked for prompt logprobs and has not had them yet; `base` = the chunk's first row."""
+    num_top = request.sampling_params.prompt_logprobs
+    last = min(end, request.num_prompt_tokens - 1)  # position last - 1 predicts token `last`
+    if num_top is None or request.num_output_tokens or start >= last:
+        return None
+    tokens = request.prompt_token_ids[start + 1 : last + 1]
+    return PromptLogprobRows(request.req_id, range(base, base + last - start), tokens, start + 1, num_top)
 
 
 def _sampling_row(request: Request, num_before: int) -> SamplingRow:

@@ -33,35 +33,53 @@ class SamplingRow:
 
 @dataclass
 class LogprobsTensors:
-    """The logprobs of one step's rows that asked for them, on the logits' device.
+    """Log-probabilities of R chosen tokens under R rows of logits, on one device.
 
-    rows: which sampled rows (indices into the step's rows); token_logprobs [R] and
-    ranks [R] of the sampled tokens; top_ids / top_logprobs [R, K], K = the largest
-    `logprobs` asked for in the step (rows that asked fewer keep their first ones).
+    token_logprobs [R] and ranks [R] of the chosen tokens; top_ids / top_logprobs [R, K],
+    K = the most alternatives any row asked for (each row keeps its own first ones).
     """
 
-    rows: list[int]
     token_logprobs: torch.Tensor
     ranks: torch.Tensor
     top_ids: torch.Tensor
     top_logprobs: torch.Tensor
 
-    def to_host(self, non_blocking: bool) -> LogprobsTensors:
-        tensors = [self.token_logprobs, self.ranks, self.top_ids, self.top_logprobs]
-        if non_blocking:
-            tensors = [t.to("cpu", non_blocking=True) for t in tensors]  # the caller records an event
-        return LogprobsTensors(self.rows, *tensors)
+    @classmethod
+    def compute(cls, logits: torch.Tensor, token_ids: torch.Tensor, num_top: int) -> LogprobsTensors:
+        """logits [R, V] (raw), token_ids [R] int64 on the same device."""
+        logprobs = logits.float().log_softmax(dim=-1)
+        token_lps = logprobs.gather(1, token_ids[:, None]).squeeze(1)
+        ranks = (logprobs > token_lps[:, None]).sum(dim=-1) + 1
+        top_lps, top_ids = logprobs.topk(num_top, dim=-1)
+        return cls(token_lps, ranks, top_ids, top_lps)
 
-    def to_outputs(self, rows: list[SamplingRow], tokens: list[int]) -> dict[int, TokenLogprobs]:
-        """Host tensors -> sampled row -> TokenLogprobs (call after the copies are done)."""
+    def to_host(self) -> LogprobsTensors:
+        """Non-blocking copies (the caller records an event after them)."""
+        tensors = [self.token_logprobs, self.ranks, self.top_ids, self.top_logprobs]
+        return LogprobsTensors(*[t.to("cpu", non_blocking=True) for t in tensors])
+
+    def to_list(self, token_ids: list[int], num_top: list[int]) -> list[TokenLogprobs]:
+        """Host tensors -> one TokenLogprobs per row (call once the copies are done)."""
         token_lps, ranks = self.token_logprobs.tolist(), self.ranks.tolist()
         top_ids, top_lps = self.top_ids.tolist(), self.top_logprobs.tolist()
-        out = {}
-        for j, row in enumerate(self.rows):
-            num_top = rows[row].params.logprobs or 0
-            top = list(zip(top_ids[j][:num_top], top_lps[j][:num_top], strict=True))
-            out[row] = TokenLogprobs(tokens[row], token_lps[j], ranks[j], top)
-        return out
+        return [
+            TokenLogprobs(
+                token_ids[j], token_lps[j], ranks[j], list(zip(top_ids[j][:k], top_lps[j][:k], strict=True))
+            )
+            for j, k in enumerate(num_top)
+        ]
+
+
+@dataclass
+class PromptLogprobRows:
+    """One request's share of a step's prompt logprobs: hidden rows `rows` predict the
+    prompt tokens `token_ids`, which start at prompt position `first_position`."""
+
+    req_id: str
+    rows: range
+    token_ids: list[int]
+    first_position: int
+    num_top: int
 
 
 def _seeded_exponential(shape: tuple[int, ...], seed: int, step: int, device: torch.device) -> torch.Tensor:
@@ -128,18 +146,27 @@ def apply_min_p(logits: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
 
 def gather_logprobs(
     logits: torch.Tensor, tokens: torch.Tensor, rows: list[SamplingRow]
-) -> LogprobsTensors | None:
-    """The raw logprobs of the sampled tokens (and the top ones) of rows that ask for them."""
+) -> tuple[list[int], LogprobsTensors] | None:
+    """The raw logprobs of the sampled tokens (and the top ones) of the rows that ask for
+    them: (those rows' indices, their logprobs); None when no row asks."""
     wanted = [i for i, r in enumerate(rows) if r.params.logprobs is not None]
     if not wanted:
         return None
     idx = host_to_device(wanted, torch.int64, logits.device)
-    logprobs = logits.index_select(0, idx).float().log_softmax(dim=-1)  # [R, V]
-    token_lps = logprobs.gather(1, tokens.index_select(0, idx)[:, None]).squeeze(1)
-    ranks = (logprobs > token_lps[:, None]).sum(dim=-1) + 1
     num_top = max(rows[i].params.logprobs for i in wanted)
-    top_lps, top_ids = logprobs.topk(num_top, dim=-1)
-    return LogprobsTensors(wanted, token_lps, ranks, top_ids, top_lps)
+    return wanted, LogprobsTensors.compute(logits.index_select(0, idx), tokens.index_select(0, idx), num_top)
+
+
+def gather_prompt_logprobs(
+    hidden: torch.Tensor, compute_logits, segments: list[PromptLogprobRows]
+) -> LogprobsTensors:
+    """Prompt logprobs of every segment's rows, in order. hidden [T, H] (the step's hidden
+    states); compute_logits maps [R, H] to [R, V]."""
+    rows = [r for seg in segments for r in seg.rows]
+    device = hidden.device
+    logits = compute_logits(hidden.index_select(0, host_to_device(rows, torch.int64, device)))
+    targets = host_to_device([t for seg in segments for t in seg.token_ids], torch.int64, device)
+    return LogprobsTensors.compute(logits, targets, max(seg.num_top for seg in segments))
 
 
 def sample_tokens(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:

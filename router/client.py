@@ -97,6 +97,7 @@ class GenerateChunk:
     token_ids: list[int]
     text: str
     logprobs: list[TokenLogprob] = field(default_factory=list)  # one per token, when asked for
+    prompt_logprobs: list[TokenLogprob] = field(default_factory=list)  # first chunk, when asked for
 
 
 @dataclass(frozen=True)
@@ -140,6 +141,7 @@ def build_generate_request(
     repetition_penalty: float | None = None,
     min_p: float | None = None,
     logprobs: int | None = None,
+    prompt_logprobs: int | None = None,
     request_id: str | None = None,
 ) -> generate_pb2.GenerateRequest:
     """The request message; None leaves a sampling field unset (the server's default)."""
@@ -158,6 +160,7 @@ def build_generate_request(
         ("repetition_penalty", repetition_penalty),
         ("min_p", min_p),
         ("logprobs", logprobs),
+        ("prompt_logprobs", prompt_logprobs),
     ):
         if value is not None:
             setattr(sampling, name, value)
@@ -174,11 +177,13 @@ def event_from_response(response: generate_pb2.GenerateResponse) -> GenerateEven
     kind = response.WhichOneof("event")
     if kind == "chunk":
         chunk = response.chunk
-        logprobs = [
-            TokenLogprob(lp.token_id, lp.logprob, lp.rank, [(t.token_id, t.logprob) for t in lp.top])
-            for lp in chunk.logprobs
-        ]
-        return GenerateChunk(response.request_id, list(chunk.token_ids), chunk.text, logprobs)
+        return GenerateChunk(
+            response.request_id,
+            list(chunk.token_ids),
+            chunk.text,
+            _logprobs_from_proto(chunk.logprobs),
+            _logprobs_from_proto(chunk.prompt_logprobs),
+        )
     if kind == "complete":
         complete = response.complete
         usage, timings = complete.usage, complete.timings
@@ -200,6 +205,13 @@ def event_from_response(response: generate_pb2.GenerateResponse) -> GenerateEven
     raise PdserveError(
         grpc.StatusCode.INTERNAL, "server sent an empty GenerateResponse", response.request_id or None
     )
+
+
+def _logprobs_from_proto(logprobs) -> list[TokenLogprob]:
+    return [
+        TokenLogprob(lp.token_id, lp.logprob, lp.rank, [(t.token_id, t.logprob) for t in lp.top])
+        for lp in logprobs
+    ]
 
 
 def _model_info_from_proto(info: generate_pb2.ModelInfo) -> ModelInfo:

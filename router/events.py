@@ -21,6 +21,7 @@ class Chunk:
     token_ids: list[int]
     text: str
     logprobs: list[TokenLogprobs] | None = None  # one per token id, when the request asked
+    prompt_logprobs: list[TokenLogprobs] | None = None  # first chunk only, when asked
 
 
 @dataclass

@@ -50,6 +50,7 @@ class _Merged:
     token_ids: list[int] = field(default_factory=list)
     text: str = ""
     logprobs: list[TokenLogprobs] | None = None
+    prompt_logprobs: list[TokenLogprobs] | None = None
     last: RequestOutput | None = None  # the output that ended the request
     stopped: bool = False  # a stop string ended it
     failure: RouterError | None = None  # raised after the chunk
@@ -153,7 +154,7 @@ class RequestStream:
         self.completion_tokens = 1
         delta = self.processor.process(self.req_id, [result.first_token_id], result.finished)
         first_logprobs = None if result.first_logprobs is None else [result.first_logprobs]
-        yield Chunk(delta.token_ids, delta.text, first_logprobs if delta.token_ids else None)
+        yield Chunk(delta.token_ids, delta.text, first_logprobs, result.prompt_logprobs)
         if result.finished or delta.stopped:
             if delta.stopped and not result.finished:
                 await decode.abort(self.req_id)  # the decode worker started it meanwhile
@@ -169,7 +170,7 @@ class RequestStream:
             items = _take_queued(self.queue, await self.queue.get())
             merged = self._merge(items)
             if merged.token_ids or merged.text:
-                yield Chunk(merged.token_ids, merged.text, merged.logprobs)
+                yield Chunk(merged.token_ids, merged.text, merged.logprobs, merged.prompt_logprobs)
             if merged.failure is not None:
                 raise merged.failure
             last = merged.last
@@ -202,6 +203,8 @@ class RequestStream:
             merged.token_ids += delta.token_ids
             if item.new_logprobs is not None and delta.token_ids:
                 merged.logprobs = (merged.logprobs or []) + item.new_logprobs
+            if item.prompt_logprobs is not None:
+                merged.prompt_logprobs = item.prompt_logprobs
             text_parts.append(delta.text)
             if item.finished or delta.stopped:
                 merged.last, merged.stopped = item, delta.stopped

@@ -43,6 +43,7 @@ _OPTIONAL_SAMPLING_FIELDS = (
     "repetition_penalty",
     "min_p",
     "logprobs",
+    "prompt_logprobs",
 )
 
 
@@ -114,6 +115,7 @@ class GenerationServicer(generate_pb2_grpc.GenerationServicer):
                             token_ids=event.token_ids,
                             text=event.text,
                             logprobs=_logprobs_proto(event.logprobs),
+                            prompt_logprobs=_logprobs_proto(event.prompt_logprobs),
                         ),
                     )
                 else:

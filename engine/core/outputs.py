@@ -30,6 +30,8 @@ class RequestOutput:
     error: str | None = None  # set when the request ended because something failed
     # one entry per new token when the request asked for logprobs, else None
     new_logprobs: list[TokenLogprobs] | None = None
+    # with the first token, when asked: logprobs of prompt tokens 1.. (token 0 has none)
+    prompt_logprobs: list[TokenLogprobs] | None = None
 
 
 @dataclass
@@ -45,6 +47,7 @@ class PrefillResult:
     num_cached_tokens: int  # prompt tokens this prefill worker served from its own cache
     prefill_ms: float  # from arrival at the worker to the first token
     first_logprobs: TokenLogprobs | None = None  # when the request asked for logprobs
+    prompt_logprobs: list[TokenLogprobs] | None = None  # when it asked for prompt logprobs
 
 
 WORKER_ROLES = ("prefill", "decode", "both")  # an engine's role: one side of a pair, or co-located

@@ -27,7 +27,9 @@ class SamplingParams:
     drops tokens less likely than min_p times the most likely one. `logprobs` = N returns,
     per generated token, its log-probability, its rank and the N most likely tokens
     (0: the sampled token only), from the model's raw logits (before penalties and
-    temperature, as vLLM's default `raw_logprobs`).
+    temperature, as vLLM's default `raw_logprobs`). `prompt_logprobs` = N does the same
+    for each prompt token after the first; such a request computes its whole prompt
+    (no prefix-cache hits), as in vLLM.
     """
 
     temperature: float = 1.0
@@ -44,6 +46,7 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     min_p: float = 0.0
     logprobs: int | None = None
+    prompt_logprobs: int | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -98,12 +101,12 @@ class SamplingParams:
             raise ValueError(f"repetition_penalty must be > 0 (1 = off), got {self.repetition_penalty!r}")
         if not _is_finite_number(self.min_p) or not 0.0 <= self.min_p <= 1.0:
             raise ValueError(f"min_p must be in [0, 1], got {self.min_p!r}")
-        if self.logprobs is not None and (
-            not isinstance(self.logprobs, int)
-            or isinstance(self.logprobs, bool)
-            or not 0 <= self.logprobs <= MAX_LOGPROBS
-        ):
-            raise ValueError(f"logprobs must be an integer in [0, {MAX_LOGPROBS}], got {self.logprobs!r}")
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            if value is not None and (
+                not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= MAX_LOGPROBS
+            ):
+                raise ValueError(f"{name} must be an integer in [0, {MAX_LOGPROBS}], got {value!r}")
 
 
 def _is_finite_number(value: object) -> bool:

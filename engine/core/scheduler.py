@@ -219,7 +219,8 @@ class Scheduler:
             if request.num_pending_tokens:
                 break  # preempted with a token in flight: admit it once the token is back
             hits, num_hit_tokens = ([], 0)
-            if request.num_computed_tokens == 0:
+            # prompt logprobs need every prompt position's logits: no cached prefix (as vLLM)
+            if request.num_computed_tokens == 0 and request.sampling_params.prompt_logprobs is None:
                 hits, num_hit_tokens = self.kv.get_computed_blocks(request)
             num_new = min(request.num_tokens - request.num_computed_tokens - num_hit_tokens, budget)
             table = self.kv.allocate_slots(request, num_new, hits)

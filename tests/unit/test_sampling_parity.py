@@ -176,7 +176,7 @@ def test_grpc_streams_logprobs_and_penalties_equal_offline(num_prefill):
 
     prompts = [[3, 4, 5, 3, 4, 5, 3, 4], list(range(20, 45))]
     fields = dict(temperature=0.0, max_tokens=10, ignore_eos=True, logprobs=3, repetition_penalty=1.4)
-    fields["frequency_penalty"] = 0.5
+    fields.update(frequency_penalty=0.5, prompt_logprobs=2)
     expected = LLM("tiny", num_gpu_blocks=256).generate(prompts, SamplingParams(**fields))
     dep = InProcessDeployment(num_prefill=num_prefill, num_decode=1)
     try:
@@ -187,8 +187,29 @@ def test_grpc_streams_logprobs_and_penalties_equal_offline(num_prefill):
                 logprobs = [lp for c in chunks for lp in c.logprobs]
                 assert tokens == exp.token_ids
                 assert [lp.token_id for lp in logprobs] == tokens
-                for got, want in zip(logprobs, exp.logprobs, strict=True):
-                    assert abs(got.logprob - want.logprob) < 1e-4 and got.rank == want.rank
+                prompt_lps = [lp for c in chunks for lp in c.prompt_logprobs]
+                assert len(prompt_lps) == len(prompt) - 1 and chunks[0].prompt_logprobs
+                for got, want in zip(logprobs + prompt_lps, exp.logprobs + exp.prompt_logprobs, strict=True):
+                    assert got.token_id == want.token_id and got.rank == want.rank
+                    assert abs(got.logprob - want.logprob) < 1e-4
                     assert [t for t, _ in got.top] == [t for t, _ in want.top]
     finally:
         dep.close()
+
+
+@pytest.mark.parametrize("budget", [2048, 16], ids=["one_chunk", "chunked"])
+def test_prompt_logprobs_equal_transformers(checkpoint, budget):
+    path, model, prompts = checkpoint
+    llm = LLM(path, num_gpu_blocks=256, max_num_batched_tokens=budget)
+    llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=2))  # fills the prefix cache
+    params = SamplingParams(temperature=0.0, max_tokens=1, prompt_logprobs=4)
+    for prompt, out in zip(prompts, llm.generate(prompts, params), strict=True):
+        ref = hf_logits(model, prompt).log_softmax(dim=-1)
+        assert out.num_cached_tokens == 0  # computed whole, cache or not
+        assert len(out.prompt_logprobs) == len(prompt) - 1
+        for i, lp in enumerate(out.prompt_logprobs):
+            token = prompt[i + 1]
+            assert lp.token_id == token
+            assert abs(lp.logprob - ref[i, token].item()) < 1e-4
+            assert lp.rank == int((ref[i] > ref[i, token]).sum()) + 1
+            assert [t for t, _ in lp.top] == ref[i].topk(4).indices.tolist()
