@@ -107,6 +107,8 @@ class LLMEngine:
 
     def _make_request(self, req_id: str, prompt_token_ids: list[int], params: SamplingParams) -> Request:
         params.validate()
+        if params.n != 1:
+            raise ValueError(f"n = {params.n}: an engine request is one sample; the router expands n")
         validate_prompt(prompt_token_ids, self.model_config.vocab_size, self.max_model_len)
         needed = -(-(len(prompt_token_ids) + 1) // self.block_size)
         if needed > self.kv_manager.num_blocks:

@@ -98,6 +98,7 @@ class GenerateChunk:
     text: str
     logprobs: list[TokenLogprob] = field(default_factory=list)  # one per token, when asked for
     prompt_logprobs: list[TokenLogprob] = field(default_factory=list)  # first chunk, when asked for
+    index: int = 0  # which of the request's n samples
 
 
 @dataclass(frozen=True)
@@ -108,6 +109,7 @@ class GenerateComplete:
     finish_reason: str  # "stop" | "length" | "abort" | "unspecified"
     usage: Usage
     timings: Timings
+    index: int = 0  # which of the request's n samples
 
 
 GenerateEvent = GenerateChunk | GenerateComplete
@@ -142,6 +144,7 @@ def build_generate_request(
     min_p: float | None = None,
     logprobs: int | None = None,
     prompt_logprobs: int | None = None,
+    n: int | None = None,
     request_id: str | None = None,
 ) -> generate_pb2.GenerateRequest:
     """The request message; None leaves a sampling field unset (the server's default)."""
@@ -161,6 +164,7 @@ def build_generate_request(
         ("min_p", min_p),
         ("logprobs", logprobs),
         ("prompt_logprobs", prompt_logprobs),
+        ("n", n),
     ):
         if value is not None:
             setattr(sampling, name, value)
@@ -183,6 +187,7 @@ def event_from_response(response: generate_pb2.GenerateResponse) -> GenerateEven
             chunk.text,
             _logprobs_from_proto(chunk.logprobs),
             _logprobs_from_proto(chunk.prompt_logprobs),
+            response.index,
         )
     if kind == "complete":
         complete = response.complete
@@ -198,6 +203,7 @@ def event_from_response(response: generate_pb2.GenerateResponse) -> GenerateEven
                 timings.decode_ms,
                 timings.ttft_ms,
             ),
+            index=response.index,
         )
     if kind == "error":
         code = _STATUS_BY_NUMBER.get(response.error.code, grpc.StatusCode.UNKNOWN)

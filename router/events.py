@@ -22,6 +22,7 @@ class Chunk:
     text: str
     logprobs: list[TokenLogprobs] | None = None  # one per token id, when the request asked
     prompt_logprobs: list[TokenLogprobs] | None = None  # first chunk only, when asked
+    index: int = 0  # which of the request's n samples
 
 
 @dataclass
@@ -35,6 +36,7 @@ class Completion:
     kv_transfer_ms: float
     decode_ms: float
     ttft_ms: float
+    index: int = 0  # which of the request's n samples
 
 
 @dataclass

@@ -44,6 +44,7 @@ _OPTIONAL_SAMPLING_FIELDS = (
     "min_p",
     "logprobs",
     "prompt_logprobs",
+    "n",
 )
 
 
@@ -111,6 +112,7 @@ class GenerationServicer(generate_pb2_grpc.GenerationServicer):
                 if isinstance(event, Chunk):
                     yield generate_pb2.GenerateResponse(
                         request_id=req_id,
+                        index=event.index,
                         chunk=generate_pb2.Chunk(
                             token_ids=event.token_ids,
                             text=event.text,
@@ -119,7 +121,9 @@ class GenerationServicer(generate_pb2_grpc.GenerationServicer):
                         ),
                     )
                 else:
-                    yield generate_pb2.GenerateResponse(request_id=req_id, complete=_complete_proto(event))
+                    yield generate_pb2.GenerateResponse(
+                        request_id=req_id, index=event.index, complete=_complete_proto(event)
+                    )
         except RouterError as exc:
             if exc.code in ("INVALID_ARGUMENT", "ALREADY_EXISTS", "RESOURCE_EXHAUSTED", "UNAVAILABLE"):
                 await context.abort(getattr(grpc.StatusCode, exc.code), exc.message)

@@ -24,6 +24,7 @@ from pdserve.engine.core.sampling_params import SamplingParams
 from pdserve.engine.tokenizer import Tokenizer
 from pdserve.router.admission import AdmissionController
 from pdserve.router.events import Chunk, Completion, ModelSummary, RouterError
+from pdserve.router.parallel_sampling import generate_samples, is_sample_of
 from pdserve.router.policy import Policy, make_policy
 from pdserve.router.request_stream import RequestStream, StreamDeps
 from pdserve.router.routing import RouteDecision, RouteRequest
@@ -133,7 +134,18 @@ class RouterCore:
     async def generate(
         self, req_id: str, prompt_token_ids: list[int], params: SamplingParams
     ) -> AsyncIterator[Chunk | Completion]:
-        """Stream one request. Cancelling the consumer aborts it on every worker."""
+        """Stream one request (its n samples when params.n > 1). Cancelling the consumer
+        aborts it on every worker."""
+        if params.n > 1:
+            async for event in generate_samples(self._generate_one, req_id, prompt_token_ids, params):
+                yield event
+            return
+        async for event in self._generate_one(req_id, prompt_token_ids, params):
+            yield event
+
+    async def _generate_one(
+        self, req_id: str, prompt_token_ids: list[int], params: SamplingParams
+    ) -> AsyncIterator[Chunk | Completion]:
         if req_id in self._streams:
             raise RouterError("ALREADY_EXISTS", f"request_id {req_id!r} is already running")
         if not self.ready:
@@ -147,12 +159,12 @@ class RouterCore:
             self._streams.pop(req_id, None)
 
     async def abort(self, req_id: str) -> bool:
-        stream = self._streams.get(req_id)
-        if stream is None:
-            return False
-        await stream.abort_everywhere()
-        stream.deliver(RequestOutput(req_id, finished=True, finish_reason="abort"), 0.0)
-        return True
+        """Abort a request (all its samples); False when none runs under that id."""
+        streams = [s for child_id, s in self._streams.items() if is_sample_of(child_id, req_id)]
+        for stream in streams:
+            await stream.abort_everywhere()
+            stream.deliver(RequestOutput(stream.req_id, finished=True, finish_reason="abort"), 0.0)
+        return bool(streams)
 
     def status(self) -> dict[str, Any]:
         return {

@@ -10,6 +10,7 @@ import math
 from dataclasses import dataclass, field
 
 MAX_LOGPROBS = 20  # most alternatives a request may ask for per token (vLLM's default max_logprobs)
+MAX_N = 64  # most parallel samples one request may ask for
 
 
 @dataclass
@@ -29,7 +30,8 @@ class SamplingParams:
     (0: the sampled token only), from the model's raw logits (before penalties and
     temperature, as vLLM's default `raw_logprobs`). `prompt_logprobs` = N does the same
     for each prompt token after the first; such a request computes its whole prompt
-    (no prefix-cache hits), as in vLLM.
+    (no prefix-cache hits), as in vLLM. `n` > 1 asks the router for n samples of the
+    prompt (`router.parallel_sampling`); an engine takes one sample per request.
     """
 
     temperature: float = 1.0
@@ -47,6 +49,7 @@ class SamplingParams:
     min_p: float = 0.0
     logprobs: int | None = None
     prompt_logprobs: int | None = None
+    n: int = 1
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -101,6 +104,8 @@ class SamplingParams:
             raise ValueError(f"repetition_penalty must be > 0 (1 = off), got {self.repetition_penalty!r}")
         if not _is_finite_number(self.min_p) or not 0.0 <= self.min_p <= 1.0:
             raise ValueError(f"min_p must be in [0, 1], got {self.min_p!r}")
+        if not isinstance(self.n, int) or isinstance(self.n, bool) or not 1 <= self.n <= MAX_N:
+            raise ValueError(f"n must be an integer in [1, {MAX_N}], got {self.n!r}")
         for name in ("logprobs", "prompt_logprobs"):
             value = getattr(self, name)
             if value is not None and (
