@@ -62,6 +62,13 @@ case "${1:-}" in
       tests/gpu/test_engine_gpu.py tests/gpu/test_transfer_gpu.py -q -p no:cacheprovider 2>&1 | tail -15 \
       | tee "$OUT/gpu_tests.txt"
     ;;
+  sampling)
+    # One GPU: logprobs, prompt logprobs and penalties on the fast backend against the CPU
+    # reference, the engine's exactness, and bench.gpu's decode and prefill rows.
+    timeout 200 python -m pytest tests/gpu/test_sampling_gpu.py tests/gpu/test_engine_gpu.py -q \
+      -p no:cacheprovider 2>&1 | tail -3 | tee "$OUT/gpu_tests.txt"
+    timeout 300 python -m pdserve.bench.gpu --skip-transformers --only 1,2,3 --json "$OUT/gpu.json" 2>&1 | tail -8
+    ;;
   final)
     # One GPU: the whole bench.gpu (transformers included), bench.gemv and the step profile.
     timeout 300 python -m pdserve.bench.gpu --json "$OUT/gpu.json" --markdown "$OUT/gpu.md" 2>&1 | tail -9
