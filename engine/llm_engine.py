@@ -70,8 +70,13 @@ class LLMEngine:
             max_model_len=max_model_len,
             enforce_eager=config.enforce_eager,
         )
+        num_host_blocks = self.runner.enable_host_tier(config.num_host_blocks, config.host_cache_gb)
         self.kv_manager = KVCacheManager(
-            self.runner.num_blocks, config.block_size, config.enable_prefix_caching, config.kv_events
+            self.runner.num_blocks,
+            config.block_size,
+            config.enable_prefix_caching,
+            config.kv_events,
+            num_host_blocks,
         )
         self.scheduler = Scheduler(
             SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens, max_model_len),
@@ -150,6 +155,9 @@ class LLMEngine:
         """
         request = self._make_request(req_id, prompt_token_ids, params)
         table = self.scheduler.add_remote_request(request)
+        # The transfer writes the reserved blocks from another thread: blocks this evicted
+        # are saved, and host-tier hits loaded, before the handle leaves.
+        self.runner.run_block_copies(self.kv_manager.take_block_copies(), wait=True)
         if table is None:
             self._penalized.discard(req_id)
             return None
@@ -218,7 +226,7 @@ class LLMEngine:
 
     # -- state for the router ---------------------------------------------------
     def take_kv_events(self) -> list:
-        return self.kv_manager.pool.take_events()
+        return self.kv_manager.take_events()
 
     def is_waiting_for_remote_kv(self, req_id: str) -> bool:
         """Decode role: blocks reserved for `req_id`, its KV not landed yet (any thread)."""

@@ -14,10 +14,12 @@ import torch
 
 from pdserve.engine.attention import AttentionMetadata, get_backend
 from pdserve.engine.config import DTYPES, ModelConfig
+from pdserve.engine.core.host_tier import BlockCopies
 from pdserve.engine.core.outputs import TokenLogprobs
 from pdserve.engine.core.request import Request
 from pdserve.engine.core.sampling_params import SamplingParams
 from pdserve.engine.core.scheduler import ScheduledRequest, SchedulerOutput
+from pdserve.engine.host_kv import HostKVPool
 from pdserve.engine.host_tensors import host_to_device, padded_table, to_device
 from pdserve.engine.model.gemv import linear
 from pdserve.engine.model.loader import load_model
@@ -86,6 +88,7 @@ class ModelRunner:
         if num_blocks is None:
             num_blocks = self._blocks_from_memory(max_num_tokens)
         self.num_blocks = num_blocks
+        self.host_kv: HostKVPool | None = None  # the prefix cache's host tier (enable_host_tier)
         self.kv_cache = torch.zeros(
             (
                 config.num_hidden_layers,
@@ -203,6 +206,25 @@ class ModelRunner:
             raise ValueError("not enough memory for a single KV block; set num_gpu_blocks explicitly")
         return int(num_blocks)
 
+    def enable_host_tier(self, num_host_blocks: int | None, host_cache_gb: float) -> int:
+        """Allocate the host tier's slots (num_host_blocks, else host_cache_gb's worth);
+        returns the slot count (0: no tier)."""
+        bytes_per_block = self.kv_cache[:, :, 0].numel() * self.kv_cache.element_size()
+        num = (
+            num_host_blocks if num_host_blocks is not None else int(host_cache_gb * 2**30) // bytes_per_block
+        )
+        self.host_kv = HostKVPool(self.kv_cache, num) if num else None
+        return num
+
+    @torch.inference_mode()
+    def run_block_copies(self, copies: BlockCopies, wait: bool = False) -> None:
+        """Queue host-tier copies on the engine's stream; `wait`: until they are done."""
+        if not copies:
+            return
+        self.host_kv.run(copies)
+        if wait and self.device.type == "cuda":
+            torch.cuda.current_stream(self.device).synchronize()
+
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput, requests: dict[str, Request]) -> SampledTokens:
         """Launch one forward pass over every scheduled token and the sampling of its tokens.
@@ -212,6 +234,7 @@ class ModelRunner:
         previous step, not yet appended: async scheduling) takes it from that step's
         device tensor.
         """
+        self.run_block_copies(out.block_copies)  # before the forward writes or reads those blocks
         input_ids: list[int] = []
         positions: list[int] = []
         slot_mapping: list[int] = []
