@@ -6,7 +6,7 @@ the key path (e.g. `decode.count`), raised before anything starts.
     model: tiny                      # a local Hugging Face directory, or "tiny"
     engine: {device, dtype, block_size, num_gpu_blocks, max_num_seqs,
              max_num_batched_tokens, max_model_len, enable_prefix_caching,
-             attention_backend, load_format}
+             host_cache_gb, num_host_blocks, attention_backend, load_format}
     prefill:   {count, resources: {num_cpus, num_gpus, resources: {NAME: amount}}}
     decode:    {count, resources: ...}
     colocated: {count, resources: ...}   # workers that run both phases (the baseline)

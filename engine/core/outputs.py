@@ -82,6 +82,7 @@ class KVSnapshot:
     instance_id: str
     seq: int  # seq of the last KV event batch already reflected in block_hashes (-1: none)
     block_hashes: list[int]
+    host_block_hashes: list[int] = field(default_factory=list)  # held by the host tier
 
 
 @dataclass
