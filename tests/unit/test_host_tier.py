@@ -95,3 +95,37 @@ def test_thousand_requests_with_evictions_leak_nothing():
     assert len(set(tier.cached.values())) == len(tier.cached)  # one hash per slot
     assert not tier._pinned and not tier.copies
     assert not llm.engine.scheduler.requests
+
+
+def test_disaggregated_serving_with_host_tiers_equals_offline():
+    """1P1D over gRPC, both workers with small GPU caches and a host tier: a prompt evicted
+    from both GPUs comes back from the host tiers (the prefill worker copies instead of
+    computing; the decode worker's reservation asks for fewer blocks) and still equals the
+    offline engine's tokens."""
+    from pdserve.engine.config import EngineConfig
+    from pdserve.router.client import GenerateChunk, GenerateComplete, PdserveClient
+    from tests.inprocess import InProcessDeployment
+
+    rng = random.Random(2)
+    prompts = [[rng.randrange(256) for _ in range(120)] for _ in range(5)]
+    params = SamplingParams(temperature=0.0, max_tokens=5, ignore_eos=True)
+    expected = [o.token_ids for o in LLM("tiny", num_gpu_blocks=256).generate(prompts, params)]
+    engine = EngineConfig(model="tiny", num_gpu_blocks=20, num_host_blocks=64)
+    dep = InProcessDeployment(num_prefill=1, num_decode=1, engine=engine)
+    try:
+        with PdserveClient(dep.url) as client:
+
+            def run(i: int) -> tuple[list[int], GenerateComplete]:
+                events = list(client.generate(prompts[i], temperature=0.0, max_tokens=5, ignore_eos=True))
+                tokens = [t for e in events if isinstance(e, GenerateChunk) for t in e.token_ids]
+                return tokens, events[-1]
+
+            for i in range(5):  # each prompt evicts the one before it from both GPUs
+                assert run(i)[0] == expected[i]
+            tokens, complete = run(0)
+            assert tokens == expected[0] and complete.usage.cached_tokens >= 96
+        for worker in [*dep.prefill.values(), *dep.decode.values()]:
+            assert worker.engine.kv_manager.host.num_hits >= 6, worker
+        assert dep.all_blocks_free()
+    finally:
+        dep.close()
