@@ -75,7 +75,7 @@ case "${1:-}" in
     timeout 200 python -m pdserve.bench.host_tier --json "$OUT/host_tier_8k.json" 2>&1 | tail -11
     timeout 300 python -m pdserve.bench.host_tier --prompt-tokens 32000 --max-position 131072 \
       --json "$OUT/host_tier_32k.json" 2>&1 | tail -11
-    timeout 100 python -m pytest tests/unit/test_host_tier.py -q -p no:cacheprovider 2>&1 | tail -2
+    timeout 100 python -m pytest tests/unit/test_host_tier.py tests/gpu/test_host_tier_gpu.py -q -p no:cacheprovider 2>&1 | tail -2
     ;;
   final)
     # One GPU: the whole bench.gpu (transformers included), bench.gemv and the step profile.
