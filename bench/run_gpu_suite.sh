@@ -69,6 +69,12 @@ case "${1:-}" in
       -p no:cacheprovider 2>&1 | tail -3 | tee "$OUT/gpu_tests.txt"
     timeout 300 python -m pdserve.bench.gpu --skip-transformers --only 1,2,3 --json "$OUT/gpu.json" 2>&1 | tail -8
     ;;
+  long)
+    # One GPU: bench.gpu's long-context rows 6-10 (32k and ~128k prefill and decode) against their
+    # floors and transformers in the same run.
+    timeout 590 python -m pdserve.bench.gpu_long --json "$OUT/gpu_long.json" --markdown "$OUT/gpu_long.md" \
+      2>&1 | tail -14
+    ;;
   hosttier)
     # One GPU: TTFT of a long prompt served from the prefix cache's host tier against computing
     # it again (8,000 tokens at the model's own 8,192 positions; 32,000 with positions raised).
