@@ -13,6 +13,7 @@ from pdserve.deploy.config import RouterConfig
 from pdserve.deploy.wiring import LocalWorkerControl, WorkerSpec, build_worker, connect_workers
 from pdserve.engine.config import EngineConfig
 from pdserve.engine.tokenizer import load_tokenizer
+from pdserve.router.request_limits import RequestLimits
 from pdserve.router.server import RouterServer
 from pdserve.router.service import ModelSummary, RouterCore
 from pdserve.transfer.config import TransferConfig
@@ -29,7 +30,9 @@ class InProcessDeployment:
         policy_params: dict | None = None,
         max_queue_len: int = 256,
         max_wait_s: float = 30.0,
+        router_overrides: dict | None = None,
     ) -> None:
+        """`router_overrides`: more RouterConfig keys (admission and request bounds)."""
         engine = engine or EngineConfig(model="tiny", num_gpu_blocks=512)
         transfer = TransferConfig(backend="grpc", host="127.0.0.1")
         decode_role = "decode" if num_prefill else "both"
@@ -49,6 +52,7 @@ class InProcessDeployment:
             policy_params={"local_prefill_threshold_tokens": 0, **(policy_params or {})},
             max_queue_len=max_queue_len,
             max_wait_s=max_wait_s,
+            **(router_overrides or {}),
         )
         summary = ModelSummary(
             mc.name,
@@ -64,7 +68,13 @@ class InProcessDeployment:
             {spec.worker_id: spec.role for spec in specs},
             router_config,
         )
-        self.server = RouterServer(self.core, "127.0.0.1", 0)
+        self.server = RouterServer(
+            self.core,
+            "127.0.0.1",
+            0,
+            router_config.default_max_tokens,
+            RequestLimits.from_config(router_config),
+        )
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self._thread.start()
