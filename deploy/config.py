@@ -28,6 +28,7 @@ from typing import Any
 import yaml
 
 from pdserve.engine.config import EngineConfig
+from pdserve.router.request_limits import RequestLimits
 from pdserve.transfer.config import BACKENDS, TransferConfig
 
 
@@ -56,12 +57,12 @@ class RouterConfig:
     max_bypasses: int = 16
     default_max_tokens: int = 16  # for a request without max_tokens, cut to what its context leaves
     # Request bounds (INVALID_ARGUMENT past them) and gRPC server limits: router/request_limits.py.
-    max_stop_strings: int = 16
-    max_stop_string_chars: int = 256
-    max_stop_token_ids: int = 256
-    max_message_bytes: int = 16 << 20
-    max_concurrent_rpcs: int = 1024
-    max_pending_rpcs: int = 65536
+    max_stop_strings: int = RequestLimits.max_stop_strings
+    max_stop_string_chars: int = RequestLimits.max_stop_string_chars
+    max_stop_token_ids: int = RequestLimits.max_stop_token_ids
+    max_message_bytes: int = RequestLimits.max_message_bytes
+    max_concurrent_rpcs: int = RequestLimits.max_concurrent_rpcs
+    max_pending_rpcs: int = RequestLimits.max_pending_rpcs
 
 
 @dataclass

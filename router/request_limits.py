@@ -27,7 +27,7 @@ class RequestLimits:
     # gRPC server: RPCs in progress at once (streams, health checks, aborts); past it gRPC
     # answers RESOURCE_EXHAUSTED "Concurrent RPC limit exceeded!" without running a handler,
     # so an overload never piles up calls the server has accepted but cannot serve.
-    max_concurrent_rpcs: int = 1024
+    max_concurrent_rpcs: int = 2048
     # gRPC core: calls received but not yet taken by the server's loop (a burst queues
     # here before the concurrency limit sees it). gRPC cancels calls past this backlog
     # (CANCELLED, no message), so it stays far above any burst; each costs a few KB.
