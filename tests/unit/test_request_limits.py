@@ -23,6 +23,10 @@ from pdserve.router.service import RouterCore
         (dict(temperature=math.nan), "temperature"),
         (dict(top_p=math.nan), "top_p"),
         (dict(top_p=math.inf), "top_p"),
+        (dict(presence_penalty=math.inf), "presence_penalty"),
+        (dict(frequency_penalty=-math.inf), "frequency_penalty"),
+        (dict(repetition_penalty=math.nan), "repetition_penalty"),
+        (dict(min_p=math.nan), "min_p"),
     ],
 )
 def test_non_finite_sampling_values_are_refused(kwargs, field):

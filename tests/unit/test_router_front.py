@@ -203,6 +203,9 @@ def test_undecodable_requests_are_invalid_argument(dep):
     [
         (dict(temperature=float("inf")), "sampling.temperature must be a finite number"),
         (dict(temperature=float("nan")), "sampling.temperature must be a finite number"),
+        (dict(top_p=float("nan")), "sampling.top_p"),
+        (dict(presence_penalty=float("inf")), "sampling.presence_penalty"),
+        (dict(repetition_penalty=float("inf")), "sampling.repetition_penalty"),
         (dict(stop=["x" * (1 << 20)]), "a stop string of 1048576 characters, at most 256"),
         (dict(stop=[str(i) for i in range(20_000)]), "20000 stop strings, at most 16"),
         (dict(stop_token_ids=list(range(1000))), "1000 ids, at most 256"),
