@@ -17,8 +17,8 @@ from pdserve.router.client import AsyncPdserveClient, GenerateComplete, PdserveC
 from pdserve.v1 import generate_pb2
 from tests.inprocess import InProcessDeployment
 
-MAX_MODEL_LEN = 512
-NUM_BLOCKS = 48  # 768 tokens of decode cache: two 32-block requests do not fit together
+MAX_MODEL_LEN = 4096
+NUM_BLOCKS = 384  # 6,144 tokens of decode cache
 MAX_CONCURRENT_RPCS = 8
 MAX_MESSAGE_BYTES = 2 << 20
 
@@ -97,15 +97,16 @@ def test_unset_max_tokens_defaults_to_what_the_context_leaves(dep):
 
 def test_a_waiting_big_request_is_passed_by_small_ones_then_runs(dep):
     with PdserveClient(dep.url) as client:
+        # 252 of 384 blocks committed until it ends (4,000 decode steps: seconds on a CPU)
         holder = client.generate(
-            [11] * 20, max_tokens=490, temperature=0.0, ignore_eos=True, request_id="holder"
+            [11] * 20, max_tokens=4000, temperature=0.0, ignore_eos=True, request_id="holder"
         )
-        next(holder)  # 32 of 48 blocks committed until it ends
+        next(holder)
         big: dict[str, object] = {}
 
         def send_big() -> None:
             with PdserveClient(dep.url) as own:
-                big["done"] = complete(own, [12] * 20, max_tokens=490)
+                big["done"] = complete(own, [12] * 2000, max_tokens=520)  # 158 blocks: waits
                 big["at"] = time.monotonic()
 
         waiter = threading.Thread(target=send_big)
@@ -122,18 +123,20 @@ def test_a_waiting_big_request_is_passed_by_small_ones_then_runs(dep):
         assert client.abort("holder")
         list(holder)
         waiter.join(60)
-        assert big["done"].usage.completion_tokens == 490
+        assert big["done"].usage.completion_tokens == 520
     wait_all_free(dep)
 
 
-async def _overload(url: str, num_calls: int) -> collections.Counter:
+async def _overload(url: str, num_calls: int, prompt_len: int, max_tokens: int) -> collections.Counter:
     async with AsyncPdserveClient(url) as client:
 
         async def one(i: int) -> tuple[str, str]:
+            # Distinct prompts: the router's books count a prompt block that in-flight
+            # requests share once, but a decode worker shares it only once its KV landed,
+            # so identical long prompts at once can fail `reserve` (RESOURCE_EXHAUSTED too).
+            prompt = [i // 256, i % 256] + [7] * (prompt_len - 2)
             try:
-                async for _ in client.generate(
-                    [30 + i % 50] * 20, max_tokens=200, ignore_eos=True, timeout=60
-                ):
+                async for _ in client.generate(prompt, max_tokens=max_tokens, ignore_eos=True, timeout=60):
                     pass
                 return "OK", ""
             except PdserveError as exc:
@@ -142,14 +145,19 @@ async def _overload(url: str, num_calls: int) -> collections.Counter:
         return collections.Counter(await asyncio.gather(*(one(i) for i in range(num_calls))))
 
 
-# 10x the RPC limit; and a burst of 2,000 at once, which outruns the server's loop: with
-# gRPC's default backlog limits (1,000 soft, 3,000 hard) about 200 of them came back
-# CANCELLED with no message (measured on this 2-core machine); router.max_pending_rpcs
-# raises both, so the limiter answers each one RESOURCE_EXHAUSTED instead.
-@pytest.mark.parametrize("num_calls", [10 * MAX_CONCURRENT_RPCS, 2000])
-def test_a_bounded_overload_ends_every_call_ok_or_resource_exhausted_with_a_message(dep, num_calls):
+# 10x the RPC limit, with requests of 2,000 tokens (125 blocks: three run at once, four
+# wait, the rest are refused); and a burst of 2,000 small ones at once, which outruns the
+# server's loop: with gRPC's default backlog limits (1,000 soft, 3,000 hard) about 200 of
+# them came back CANCELLED with no message (measured on this 2-core machine);
+# router.max_pending_rpcs raises both, so the limiter answers each RESOURCE_EXHAUSTED.
+@pytest.mark.parametrize(
+    "num_calls, prompt_len, max_tokens", [(10 * MAX_CONCURRENT_RPCS, 1900, 100), (2000, 20, 8)]
+)
+def test_a_bounded_overload_ends_every_call_ok_or_resource_exhausted_with_a_message(
+    dep, num_calls, prompt_len, max_tokens
+):
     start = time.monotonic()
-    outcomes = asyncio.run(_overload(dep.url, num_calls))
+    outcomes = asyncio.run(_overload(dep.url, num_calls, prompt_len, max_tokens))
     elapsed = time.monotonic() - start
     codes = collections.Counter()
     for (code, message), count in outcomes.items():
