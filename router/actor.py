@@ -8,7 +8,6 @@ from __future__ import annotations
 from typing import Any
 
 from pdserve.engine.gc_heap import freeze_startup_heap
-from pdserve.router.request_limits import RequestLimits
 from pdserve.router.server import RouterServer
 from pdserve.router.service import ModelSummary, RouterCore
 from pdserve.router.worker_client import WorkerClient
@@ -28,13 +27,7 @@ class RouterActor:
         self.config = router_config
         tokenizer = load_tokenizer(model_path, model.eos_token_id, None)
         self.core = RouterCore.from_config(model, tokenizer, clients, worker_roles, router_config)
-        self.server = RouterServer(
-            self.core,
-            router_config.host,
-            router_config.port,
-            router_config.default_max_tokens,
-            RequestLimits.from_config(router_config),
-        )
+        self.server = RouterServer.from_config(self.core, router_config)
 
     async def start(self) -> str:
         """Bind, wait until every worker has reported, then report SERVING. Returns host:port."""

@@ -9,6 +9,7 @@ one `Error` event.
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -204,6 +205,17 @@ class RouterServer:
         self.limits = limits or RequestLimits()
         self.server: grpc.aio.Server | None = None
         self.health = health.aio.HealthServicer() if hasattr(health, "aio") else health.HealthServicer()
+
+    @classmethod
+    def from_config(cls, core: RouterCore, router_config: Any) -> RouterServer:
+        """The server a deploy config's `router` section describes."""
+        return cls(
+            core,
+            router_config.host,
+            router_config.port,
+            router_config.default_max_tokens,
+            RequestLimits.from_config(router_config),
+        )
 
     async def start(self) -> str:
         self.server = grpc.aio.server(

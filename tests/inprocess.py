@@ -13,7 +13,6 @@ from pdserve.deploy.config import RouterConfig
 from pdserve.deploy.wiring import LocalWorkerControl, WorkerSpec, build_worker, connect_workers
 from pdserve.engine.config import EngineConfig
 from pdserve.engine.tokenizer import load_tokenizer
-from pdserve.router.request_limits import RequestLimits
 from pdserve.router.server import RouterServer
 from pdserve.router.service import ModelSummary, RouterCore
 from pdserve.transfer.config import TransferConfig
@@ -48,6 +47,8 @@ class InProcessDeployment:
         connect_workers(specs, self.controls, transfer)  # the wiring `pdserve up` uses
         mc = next(iter(self.decode.values())).engine.model_config
         router_config = RouterConfig(
+            host="127.0.0.1",
+            port=0,
             policy=policy,
             policy_params={"local_prefill_threshold_tokens": 0, **(policy_params or {})},
             max_queue_len=max_queue_len,
@@ -68,13 +69,7 @@ class InProcessDeployment:
             {spec.worker_id: spec.role for spec in specs},
             router_config,
         )
-        self.server = RouterServer(
-            self.core,
-            "127.0.0.1",
-            0,
-            router_config.default_max_tokens,
-            RequestLimits.from_config(router_config),
-        )
+        self.server = RouterServer.from_config(self.core, router_config)
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self._thread.start()
