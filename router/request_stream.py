@@ -41,6 +41,7 @@ class StreamDeps:
     tracker: WorkerStateTracker
     tokenizer: Tokenizer | None
     block_size: int
+    max_model_len: int
 
 
 @dataclass
@@ -122,11 +123,13 @@ class RequestStream:
                 await self.abort_everywhere()
 
     async def _admit(self) -> RouteDecision:
+        num_prompt_tokens = len(self.prompt_token_ids)
         route = RouteRequest(
             self.req_id,
-            len(self.prompt_token_ids),
+            num_prompt_tokens,
             hash_prompt_blocks(self.prompt_token_ids, self.deps.block_size),
-            self.params.max_tokens,
+            # Reserve what the engine can generate: it stops at max_model_len.
+            min(self.params.max_tokens, self.deps.max_model_len - num_prompt_tokens),
         )
         try:
             decision = await self.deps.admission.admit(route)
