@@ -127,6 +127,9 @@ def cmd_up(args: argparse.Namespace) -> int:
         f"transfer {dep.config.transfer.backend}; up in {time.perf_counter() - t0:.1f} s)",
         flush=True,
     )
+    from pdserve.router.request_limits import RequestLimits
+
+    print(f"router limits: {RequestLimits.from_config(dep.config.router).describe()}", flush=True)
     if args.demo:
         print(f"$ pdserve generate --url {dep.url} --prompt 'Hello, pdserve!'", flush=True)
         demo = argparse.Namespace(

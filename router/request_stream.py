@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pdserve.engine.core.block_pool import hash_prompt_blocks
-from pdserve.engine.core.outputs import PrefillResult, RequestOutput
+from pdserve.engine.core.outputs import PrefillResult, RequestOutput, TokenLogprobs
 from pdserve.engine.core.sampling_params import SamplingParams
 from pdserve.engine.output_processor import OutputProcessor
 from pdserve.engine.tokenizer import Tokenizer
@@ -50,6 +50,7 @@ class StreamDeps:
     tracker: WorkerStateTracker
     tokenizer: Tokenizer | None
     block_size: int
+    max_model_len: int
     report_lost: Callable[[str, str], None]  # (worker_id, reason): a call found it gone
     lost_workers: Callable[[], str]  # the decode-capable workers lost now and why ("" if none)
     stats: RouterStats = field(default_factory=RouterStats)
@@ -68,6 +69,8 @@ class _Merged:
 
     token_ids: list[int] = field(default_factory=list)
     text: str = ""
+    logprobs: list[TokenLogprobs] | None = None
+    prompt_logprobs: list[TokenLogprobs] | None = None
     last: RequestOutput | None = None  # the output that ended the request
     stopped: bool = False  # a stop string ended it
     failure: RouterError | WorkerLost | None = None  # raised after the chunk
@@ -165,6 +168,8 @@ class RequestStream:
         self.attempt += 1
         if self.attempt > 1:
             self.worker_req_id = f"{self.req_id}#{self.attempt}"
+            while self.worker_req_id in self.deps.attempts:  # a client chose that id
+                self.worker_req_id += "#"
         self.queue = asyncio.Queue()
         self._lost = asyncio.get_running_loop().create_future()
         self.decode_worker_id = self.prefill_worker_id = None
@@ -239,7 +244,8 @@ class RequestStream:
             self.worker_req_id,
             len(prompt),
             hash_prompt_blocks(prompt, self.deps.block_size),
-            self.params.max_tokens - len(self.output_token_ids),
+            # Reserve what the engine can generate: it stops at max_model_len.
+            min(self.params.max_tokens - len(self.output_token_ids), self.deps.max_model_len - len(prompt)),
         )
         try:
             decision = await self.deps.admission.admit(route)
@@ -281,7 +287,8 @@ class RequestStream:
         self.completion_tokens += 1
         self.output_token_ids.append(result.first_token_id)
         delta = self.processor.process(self.req_id, [result.first_token_id], result.finished)
-        yield Chunk(delta.token_ids, delta.text)
+        first_logprobs = None if result.first_logprobs is None else [result.first_logprobs]
+        yield Chunk(delta.token_ids, delta.text, first_logprobs, result.prompt_logprobs)
         if result.finished or delta.stopped:
             # The decode worker started the request meanwhile, or waits for the prefill
             # worker's report that nothing will come: abort either way (it is idempotent),
@@ -299,7 +306,7 @@ class RequestStream:
             items = _take_queued(self.queue, await self.queue.get())
             merged = self._merge(items)
             if merged.token_ids or merged.text:
-                yield Chunk(merged.token_ids, merged.text)
+                yield Chunk(merged.token_ids, merged.text, merged.logprobs, merged.prompt_logprobs)
             if merged.failure is not None:
                 raise merged.failure
             last = merged.last
@@ -331,6 +338,10 @@ class RequestStream:
             # judged at each step's boundary exactly as without merging.
             delta = self.processor.process(self.req_id, item.new_token_ids, item.finished)
             merged.token_ids += delta.token_ids
+            if item.new_logprobs is not None and delta.token_ids:
+                merged.logprobs = (merged.logprobs or []) + item.new_logprobs
+            if item.prompt_logprobs is not None:
+                merged.prompt_logprobs = item.prompt_logprobs
             text_parts.append(delta.text)
             if item.finished or delta.stopped:
                 merged.last, merged.stopped = item, delta.stopped

@@ -30,8 +30,9 @@ class InProcessDeployment:
         policy_params: dict | None = None,
         max_queue_len: int = 256,
         max_wait_s: float = 30.0,
-        worker_timeout_s: float = 5.0,
+        router_overrides: dict | None = None,
     ) -> None:
+        """`router_overrides`: more RouterConfig keys (admission and request bounds)."""
         engine = engine or EngineConfig(model="tiny", num_gpu_blocks=512)
         transfer = TransferConfig(backend="grpc", host="127.0.0.1")
         decode_role = "decode" if num_prefill else "both"
@@ -47,11 +48,13 @@ class InProcessDeployment:
         connect_workers(specs, self.controls, transfer)  # the wiring `pdserve up` uses
         mc = next(iter(self.decode.values())).engine.model_config
         router_config = RouterConfig(
+            host="127.0.0.1",
+            port=0,
             policy=policy,
             policy_params={"local_prefill_threshold_tokens": 0, **(policy_params or {})},
             max_queue_len=max_queue_len,
             max_wait_s=max_wait_s,
-            worker_timeout_s=worker_timeout_s,
+            **(router_overrides or {}),
         )
         summary = ModelSummary(
             mc.name,
@@ -67,7 +70,7 @@ class InProcessDeployment:
             {spec.worker_id: spec.role for spec in specs},
             router_config,
         )
-        self.server = RouterServer(self.core, "127.0.0.1", 0)
+        self.server = RouterServer.from_config(self.core, router_config)
         self.loop = asyncio.new_event_loop()
         # In-process worker calls run in threads (LocalWorkerClient); a hung worker holds
         # one per call, so give them room beyond asyncio's default of cores + 4.

@@ -25,7 +25,9 @@ MAX_TOKENS = 40
 
 @pytest.fixture(scope="module")
 def dep():
-    d = InProcessDeployment(num_prefill=1, num_decode=2, policy="round_robin", worker_timeout_s=1.0)
+    d = InProcessDeployment(
+        num_prefill=1, num_decode=2, policy="round_robin", router_overrides={"worker_timeout_s": 1.0}
+    )
     yield d
     d.close()
 
