@@ -87,6 +87,7 @@ class RouterCore:
             self.tracker,
             tokenizer,
             model.block_size,
+            model.max_model_len,
             report_lost=self.monitor.mark_lost,
             lost_workers=self._lost_decode_workers,
             stats=self.stats,
