@@ -2,7 +2,8 @@
 
 The router moves a request whose decode worker died by prefilling its prompt plus the
 tokens already streamed, with `SamplingParams.resumed_after(n)`. Greedy and seeded
-streams must continue token for token; min_tokens and max_tokens count the whole request.
+streams must continue token for token, with penalties too (the earlier tokens still count
+as outputs); min_tokens and max_tokens count the whole request.
 """
 
 from __future__ import annotations
@@ -25,8 +26,18 @@ def llm():
         SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True),
         SamplingParams(temperature=1.0, seed=1234, max_tokens=20, ignore_eos=True),
         SamplingParams(temperature=0.8, top_k=20, top_p=0.9, seed=7, max_tokens=20, ignore_eos=True),
+        SamplingParams(
+            temperature=0.9,
+            seed=11,
+            presence_penalty=0.8,
+            frequency_penalty=0.5,
+            repetition_penalty=1.3,
+            max_tokens=20,
+            ignore_eos=True,
+        ),
+        SamplingParams(temperature=0.0, frequency_penalty=1.5, max_tokens=20, ignore_eos=True),
     ],
-    ids=["greedy", "seeded", "seeded-top-k-top-p"],
+    ids=["greedy", "seeded", "seeded-top-k-top-p", "seeded-penalties", "greedy-frequency-penalty"],
 )
 @pytest.mark.parametrize("moved_after", [1, 6, 19])
 def test_resumed_request_continues_the_same_stream(llm, params, moved_after):
@@ -51,6 +62,7 @@ def test_resumed_after_counts_the_whole_request():
     assert (rest.max_tokens, rest.min_tokens, rest.num_prior_output_tokens) == (7, 1, 3)
     again = rest.resumed_after(5)
     assert (again.max_tokens, again.min_tokens, again.num_prior_output_tokens) == (2, 0, 8)
+    assert SamplingParams(prompt_logprobs=2).resumed_after(1).prompt_logprobs is None  # sent once
     with pytest.raises(ValueError, match="cannot resume after 10 of 10"):
         params.resumed_after(10)
     with pytest.raises(ValueError, match="num_prior_output_tokens"):
