@@ -86,30 +86,38 @@ class WorkerMonitor:
     async def _poll_loop(self, worker_id: str) -> None:
         client = self.clients[worker_id]
         health = self.health[worker_id]
-        while True:
-            try:
-                batch = await asyncio.wait_for(
-                    client.poll(self.poll_timeout_s), self.poll_timeout_s + self.answer_timeout_s
-                )
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # noqa: BLE001 - a dead or hung worker
-                if isinstance(exc, TimeoutError):
-                    reason = f"no answer within {self.answer_timeout_s:g} s"
-                elif isinstance(exc, WorkerLost):
-                    reason = exc.reason
-                else:
-                    reason = f"{type(exc).__name__}: {exc}"
-                self.mark_lost(worker_id, reason)
-                await asyncio.sleep(RETRY_AFTER_FAILURE_S)
-                continue
-            if health.alive and batch.instance_id != health.instance_id:
-                self.mark_lost(worker_id, f"restarted (instance {health.instance_id} -> {batch.instance_id})")
-            if not health.alive and batch.load is not None:
-                self._rejoin(worker_id, batch.instance_id)
-            self._apply_state(batch)
-            if batch.outputs:
-                self.on_outputs(worker_id, batch.outputs, batch.kv_wait_ms)
+        poll: asyncio.Future | None = None
+        try:
+            while True:
+                # A poll is never abandoned: one that outlasts the bound marks the worker
+                # lost and is still awaited, so a batch it brings later (outputs, KV events)
+                # is never dropped, and polls never pile up on a hung or restarting worker.
+                if poll is None:
+                    poll = asyncio.ensure_future(client.poll(self.poll_timeout_s))
+                done, _ = await asyncio.wait({poll}, timeout=self.poll_timeout_s + self.answer_timeout_s)
+                if not done:
+                    self.mark_lost(worker_id, f"no answer within {self.answer_timeout_s:g} s")
+                    continue
+                finished, poll = poll, None
+                try:
+                    batch = finished.result()
+                except Exception as exc:  # noqa: BLE001 - a dead worker
+                    reason = exc.reason if isinstance(exc, WorkerLost) else f"{type(exc).__name__}: {exc}"
+                    self.mark_lost(worker_id, reason)
+                    await asyncio.sleep(RETRY_AFTER_FAILURE_S)
+                    continue
+                if health.alive and batch.instance_id != health.instance_id:
+                    self.mark_lost(
+                        worker_id, f"restarted (instance {health.instance_id} -> {batch.instance_id})"
+                    )
+                if not health.alive and batch.load is not None:
+                    self._rejoin(worker_id, batch.instance_id)
+                self._apply_state(batch)
+                if batch.outputs:
+                    self.on_outputs(worker_id, batch.outputs, batch.kv_wait_ms)
+        finally:
+            if poll is not None:
+                poll.cancel()
 
     def mark_lost(self, worker_id: str, reason: str) -> None:
         """Take a worker out of routing and report it, once per loss (also called by a
