@@ -4,8 +4,8 @@ decode-0's engine thread is held (a real hang: every call into the worker waits)
 its polls bring no answer: within `worker_timeout_s` it is out of routing, its streams
 move to decode-1 and finish with exactly the offline engine's tokens; once it answers
 again (same instance, not restarted) it rejoins routing, the aborted attempts free its
-blocks, and new requests are served. Ray's actor deaths are covered by
-tests/e2e/test_chaos.py.
+blocks, and new requests are served. With `max_migrations` 0 the streams it held end
+UNAVAILABLE naming the cause. Ray's actor deaths are covered by tests/e2e/test_chaos.py.
 """
 
 from __future__ import annotations
@@ -107,3 +107,36 @@ def test_hung_decode_worker_is_dropped_and_rejoins(dep):
 
 async def _status(dep):
     return dep.core.status()
+
+
+def test_past_max_migrations_the_stream_ends_unavailable_naming_the_cause():
+    """router.max_migrations 0: a stream whose decode worker is lost is not moved; it ends
+    with UNAVAILABLE naming the worker and the limit, after the tokens it already had."""
+    d = InProcessDeployment(
+        num_prefill=1,
+        num_decode=2,
+        policy="round_robin",
+        router_overrides={"worker_timeout_s": 1.0, "max_migrations": 0},
+    )
+    gate = threading.Event()
+    try:
+        rng = random.Random(8)
+        prompts = [[rng.randrange(256) for _ in range(30)] for _ in range(4)]
+        progress = [0] * len(prompts)
+        threads, results = stream_all(d.url, prompts, progress)
+        wait_for(lambda: min(progress) >= 2, 60, "every stream's first tokens")
+        d.decode["decode-0"].loop.call(lambda engine: gate.wait(60))
+        for t in threads:
+            t.join(60)
+        failed = [errors[0] for _, errors in results if errors]
+        assert 1 <= len(failed) < len(prompts)  # round robin: decode-0 held some, not all
+        for exc in failed:
+            assert exc.code.name == "UNAVAILABLE"
+            assert "ended after 1 attempts (router.max_migrations=0)" in exc.message
+            assert "worker decode-0 is gone: no answer within 1 s" in exc.message
+        assert all(len(tokens) == MAX_TOKENS for tokens, errors in results if not errors)
+        stats = d.core.stats
+        assert stats.num_requests_failed_over_limit == len(failed) and stats.num_migrations == 0
+    finally:
+        gate.set()
+        d.close()
