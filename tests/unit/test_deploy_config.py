@@ -46,6 +46,9 @@ def test_shipped_configs_parse(path):
         ),
         ({"colocated": {"count": 1}, "transfer": {"data_streams": 0}}, "transfer.data_streams"),
         ({"colocated": {"count": 1}, "transfer": {"data_streams": "4"}}, "transfer.data_streams"),
+        ({"colocated": {"count": 1}, "router": {"max_migrations": -1}}, "router.max_migrations"),
+        ({"colocated": {"count": 1}, "router": {"worker_timeout_s": 0}}, "router.worker_timeout_s"),
+        ({"colocated": {"count": 1}, "ray": {"max_worker_restarts": -2}}, "ray.max_worker_restarts"),
     ],
 )
 def test_bad_configs_name_the_key(data, key):
@@ -122,3 +125,14 @@ def test_decode_kv_server_takes_the_configured_ports():
         (20004, 20005),
     ]
     assert parse_config({"model": "tiny", "colocated": {"count": 1}}).transfer.kv_server_ports(0) == (0, 0)
+
+
+def test_workers_restart_except_in_a_process_group():
+    from pdserve.deploy.launcher import worker_max_restarts
+
+    cfg = parse_config({"model": "tiny", "prefill": {"count": 1}, "decode": {"count": 1}})
+    assert (cfg.router.max_migrations, cfg.router.worker_timeout_s, worker_max_restarts(cfg)) == (3, 5.0, 3)
+    cfg = parse_config(
+        {"model": "tiny", "prefill": {"count": 1}, "decode": {"count": 1}, "transfer": {"backend": "nccl"}}
+    )
+    assert worker_max_restarts(cfg) == 0  # a new process cannot join the torch.distributed group
