@@ -11,7 +11,7 @@ the key path (e.g. `decode.count`), raised before anything starts.
     decode:    {count, resources: ...}
     colocated: {count, resources: ...}   # workers that run both phases (the baseline)
     transfer:  {backend: grpc|nccl, host, port_base, data_streams}
-    router:    {host, port, policy, policy_params: {...}, kv_events, max_queue_len,
+    router:    {host, port, http_port, policy, policy_params: {...}, kv_events, max_queue_len,
                 max_wait_s, default_max_tokens}
     ray:       {address, namespace, num_cpus}
 """
@@ -43,6 +43,9 @@ class PoolConfig:
 class RouterConfig:
     host: str = "127.0.0.1"
     port: int = 50051
+    # OpenAI-compatible HTTP (router/http_server.py) on the same host: 0 picks a free port,
+    # null (the default) serves none.
+    http_port: int | None = None
     policy: str = "cache_aware"
     policy_params: dict[str, float] = field(default_factory=dict)
     kv_events: bool = True
@@ -178,6 +181,11 @@ def parse_config(data: dict[str, Any]) -> DeployConfig:
             )
     if not 0 <= cfg.router.port < 65536:
         raise ConfigError(f"router.port: must be in [0, 65535], got {cfg.router.port}")
+    http_port = cfg.router.http_port
+    if http_port is not None and not 0 <= http_port < 65536:
+        raise ConfigError(f"router.http_port: must be in [0, 65535] or null (off), got {http_port}")
+    if http_port and http_port == cfg.router.port:
+        raise ConfigError(f"router.http_port: {http_port} is router.port already")
     return cfg
 
 

@@ -31,6 +31,7 @@ class Deployment:
     router: Any
     workers: dict[str, Any] = field(default_factory=dict)  # worker id -> actor handle
     started_ray: bool = False
+    http_url: str | None = None  # the OpenAI-compatible base URL, None when router.http_port is null
 
     def status(self) -> dict[str, Any]:
         import ray
@@ -102,12 +103,8 @@ def up(
             workers[spec.worker_id] = actor_cls.options(**opts).remote(spec)
         controls = {w: RayWorkerControl(w, h) for w, h in workers.items()}
         connect_workers(specs, controls, cfg.transfer)  # waits for every engine (or its error)
-        summary = ModelSummary(
-            name=model_cfg.name,
-            vocab_size=model_cfg.vocab_size,
-            max_model_len=cfg.engine.max_model_len or model_cfg.max_position_embeddings,
-            block_size=cfg.engine.block_size,
-            eos_token_id=model_cfg.eos_token_id,
+        summary = ModelSummary.of(
+            model_cfg, cfg.engine.max_model_len or model_cfg.max_position_embeddings, cfg.engine.block_size
         )
         router_opts = _actor_options({"num_cpus": 0}, ROUTER_NAME, ns, detached)
         router_opts["scheduling_strategy"] = NodeAffinitySchedulingStrategy(
@@ -119,9 +116,10 @@ def up(
         router = (
             ray.remote(RouterActor)
             .options(**router_opts)
-            .remote(summary, cfg.model, clients, roles, cfg.router)
+            .remote(summary, cfg.model, clients, roles, cfg.router, cfg.transfer.backend)
         )
         url = ray.get(router.start.remote())
+        http_url = ray.get(router.http_url.remote())
     except BaseException:
         for handle in workers.values():
             try:
@@ -131,7 +129,7 @@ def up(
         if started_ray:
             ray.shutdown()
         raise
-    return Deployment(url, cfg, router, workers, started_ray)
+    return Deployment(url, cfg, router, workers, started_ray, http_url)
 
 
 def _python_path() -> list[str]:

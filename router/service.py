@@ -23,7 +23,9 @@ from pdserve.engine.core.outputs import RequestOutput
 from pdserve.engine.core.sampling_params import SamplingParams
 from pdserve.engine.tokenizer import Tokenizer
 from pdserve.router.admission import AdmissionController
+from pdserve.router.chat_template import ChatTemplate, ChatTemplateError
 from pdserve.router.events import Chunk, Completion, ModelSummary, RouterError
+from pdserve.router.metrics import RequestTimer, RouterMetrics
 from pdserve.router.policy import Policy, make_policy
 from pdserve.router.request_stream import RequestStream, StreamDeps
 from pdserve.router.routing import RouteDecision, RouteRequest
@@ -48,9 +50,12 @@ class RouterCore:
         max_queue_len: int = 256,
         max_wait_s: float = 30.0,
         poll_timeout_s: float = 0.2,
+        chat_template: ChatTemplate | None = None,
+        transfer_backend: str = "grpc",
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
+        self.chat_template = chat_template
         self.policy = policy
         self.clients = clients
         self.worker_roles = worker_roles  # worker id -> "prefill" | "decode" | "both"
@@ -69,13 +74,21 @@ class RouterCore:
             on_state_change=self.admission.notify_capacity,
             poll_timeout_s=poll_timeout_s,
         )
+        self.metrics = RouterMetrics(
+            model.name,
+            model.max_model_len,
+            lambda: self.tracker.loads,
+            lambda: self.admission.num_waiting,
+            transfer_backend,
+        )
         self._deps = StreamDeps(self.admission, clients, self.tracker, tokenizer, model.block_size)
         self._streams: dict[str, RequestStream] = {}
 
     @classmethod
     def from_config(
         cls, model: ModelSummary, tokenizer: Tokenizer | None, clients: dict[str, WorkerClient],
-        worker_roles: dict[str, str], router_config: Any,
+        worker_roles: dict[str, str], router_config: Any, chat_template: ChatTemplate | None = None,
+        transfer_backend: str = "grpc",
     ) -> RouterCore:  # fmt: skip
         """The router a deploy config's `router` section describes."""
         return cls(
@@ -87,6 +100,8 @@ class RouterCore:
             use_kv_events=router_config.kv_events,
             max_queue_len=router_config.max_queue_len,
             max_wait_s=router_config.max_wait_s,
+            chat_template=chat_template,
+            transfer_backend=transfer_backend,
         )
 
     # -- lifecycle ------------------------------------------------------------------
@@ -119,6 +134,7 @@ class RouterCore:
         decision = self.policy.route(request, self.tracker)
         if decision is not None:
             self.tracker.on_routed(request, decision)
+            self.metrics.on_routed(decision)
         return decision
 
     # -- requests ----------------------------------------------------------------------
@@ -130,6 +146,23 @@ class RouterCore:
             raise RouterError("INVALID_ARGUMENT", "input.text: this model has no tokenizer; send token_ids")
         return self.tokenizer.encode(text)
 
+    def render_chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> list[int]:
+        """A chat's prompt tokens, rendered as transformers' `apply_chat_template` renders it."""
+        if self.tokenizer is None or self.chat_template is None:
+            raise RouterError(
+                "INVALID_ARGUMENT",
+                "messages: this model has no chat template (tokenizer_config.json: chat_template)",
+            )
+        try:
+            return self.chat_template.encode(self.tokenizer, messages, add_generation_prompt)
+        except ChatTemplateError as exc:
+            raise RouterError("INVALID_ARGUMENT", str(exc)) from exc
+
+    def sampling_defaults(self, default_max_tokens: int) -> dict[str, Any]:
+        """What a request's unset sampling fields take: generation_config.json's values,
+        else the router's `default_max_tokens` and the engine's defaults."""
+        return {"max_tokens": default_max_tokens, **self.model.generation_defaults}
+
     async def generate(
         self, req_id: str, prompt_token_ids: list[int], params: SamplingParams
     ) -> AsyncIterator[Chunk | Completion]:
@@ -140,11 +173,28 @@ class RouterCore:
             raise RouterError("UNAVAILABLE", "workers are not ready yet")
         stream = RequestStream(req_id, prompt_token_ids, params, self._deps)
         self._streams[req_id] = stream
+        timer = RequestTimer(params.max_tokens)
         try:
             async for event in stream.events():
+                if isinstance(event, Chunk):
+                    timer.on_tokens(len(event.token_ids))
+                else:
+                    self._observe(stream, timer, event)
                 yield event
+        except RouterError as exc:
+            if exc.code == "RESOURCE_EXHAUSTED":
+                self.metrics.on_rejected()
+            else:
+                self.metrics.on_failed(exc.code)
+            raise
         finally:
             self._streams.pop(req_id, None)
+
+    def _observe(self, stream: RequestStream, timer: RequestTimer, done: Completion) -> None:
+        timer.prefill_worker = stream.prefill_worker_id
+        timer.decode_worker = stream.decode_worker_id
+        timer.decode_role = self.worker_roles.get(stream.decode_worker_id or "", "decode")
+        self.metrics.observe(timer, done)
 
     async def abort(self, req_id: str) -> bool:
         stream = self._streams.get(req_id)

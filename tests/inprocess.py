@@ -13,6 +13,8 @@ from pdserve.deploy.config import RouterConfig
 from pdserve.deploy.wiring import LocalWorkerControl, WorkerSpec, build_worker, connect_workers
 from pdserve.engine.config import EngineConfig
 from pdserve.engine.tokenizer import load_tokenizer
+from pdserve.router.chat_template import ChatTemplate
+from pdserve.router.http_server import HttpServer
 from pdserve.router.server import RouterServer
 from pdserve.router.service import ModelSummary, RouterCore
 from pdserve.transfer.config import TransferConfig
@@ -29,6 +31,7 @@ class InProcessDeployment:
         policy_params: dict | None = None,
         max_queue_len: int = 256,
         max_wait_s: float = 30.0,
+        http: bool = True,
     ) -> None:
         engine = engine or EngineConfig(model="tiny", num_gpu_blocks=512)
         transfer = TransferConfig(backend="grpc", host="127.0.0.1")
@@ -50,25 +53,23 @@ class InProcessDeployment:
             max_queue_len=max_queue_len,
             max_wait_s=max_wait_s,
         )
-        summary = ModelSummary(
-            mc.name,
-            mc.vocab_size,
-            engine.max_model_len or mc.max_position_embeddings,
-            engine.block_size,
-            mc.eos_token_id,
-        )
+        summary = ModelSummary.of(mc, engine.max_model_len or mc.max_position_embeddings, engine.block_size)
         self.core = RouterCore.from_config(
             summary,
             load_tokenizer(engine.model, mc.eos_token_id, mc.bos_token_id),
             {w: control.router_client() for w, control in self.controls.items()},
             {spec.worker_id: spec.role for spec in specs},
             router_config,
+            ChatTemplate.from_model(engine.model),
+            transfer.backend,
         )
         self.server = RouterServer(self.core, "127.0.0.1", 0)
+        self.http = HttpServer(self.core, "127.0.0.1", 0) if http else None
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self._thread.start()
         self.url = self.run(self.server.start())
+        self.http_url = self.run(self.http.start()) if self.http is not None else None
         self.run(self.server.wait_workers_ready(60))
 
     def run(self, coro, timeout: float = 120):
@@ -85,6 +86,8 @@ class InProcessDeployment:
         return True
 
     def close(self) -> None:
+        if self.http is not None:
+            self.run(self.http.stop())
         self.run(self.server.stop(0))
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join(5)
