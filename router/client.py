@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import grpc
@@ -112,7 +112,7 @@ class ModelInfo:
 
 
 def build_generate_request(
-    prompt: str | Sequence[int],
+    prompt: str | Sequence[int] | Sequence[Mapping[str, str]],
     *,
     max_tokens: int | None = None,
     temperature: float | None = None,
@@ -142,6 +142,10 @@ def build_generate_request(
     request = generate_pb2.GenerateRequest(request_id=request_id or "", sampling=sampling)
     if isinstance(prompt, str):
         request.text = prompt
+    elif prompt and isinstance(prompt[0], Mapping):  # chat messages: {"role", "content"}
+        request.chat.messages.extend(
+            generate_pb2.ChatMessage(role=m["role"], content=m["content"]) for m in prompt
+        )
     else:
         request.token_ids.ids.extend(int(token) for token in prompt)
     return request
@@ -205,7 +209,7 @@ class PdserveClient:
 
     def generate(
         self,
-        prompt: str | Sequence[int],
+        prompt: str | Sequence[int] | Sequence[Mapping[str, str]],
         *,
         max_tokens: int | None = None,
         temperature: float | None = None,
@@ -221,7 +225,8 @@ class PdserveClient:
     ) -> Iterator[GenerateEvent]:
         """Stream events: GenerateChunk..., then one GenerateComplete.
 
-        A str prompt is tokenized by the router; a list of ints is sent as token ids.
+        A str prompt is tokenized by the router; a list of ints is sent as token ids; a list
+        of {"role", "content"} dicts is a chat, rendered with the model's chat template.
         None leaves a sampling field to the server's default. `timeout` bounds the
         whole stream (seconds). Leaving the loop early cancels the call.
         """
@@ -302,7 +307,7 @@ class AsyncPdserveClient:
 
     async def generate(
         self,
-        prompt: str | Sequence[int],
+        prompt: str | Sequence[int] | Sequence[Mapping[str, str]],
         *,
         max_tokens: int | None = None,
         temperature: float | None = None,

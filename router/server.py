@@ -30,13 +30,18 @@ _FINISH = {
 MAX_REQUEST_ID_LEN = 256
 
 
-def sampling_from_proto(msg: generate_pb2.SamplingParams, default_max_tokens: int) -> SamplingParams:
-    """Proto -> SamplingParams; unset optional fields take the engine's defaults."""
-    kwargs = {}
+def sampling_from_proto(
+    msg: generate_pb2.SamplingParams, default_max_tokens: int, defaults: dict | None = None
+) -> SamplingParams:
+    """Proto -> SamplingParams; unset optional fields take `defaults` (generation_config.json's),
+    else the engine's."""
+    kwargs = dict(defaults or {})
     for name in ("temperature", "top_p", "top_k", "seed", "min_tokens"):
         if msg.HasField(name):
             kwargs[name] = getattr(msg, name)
-    kwargs["max_tokens"] = msg.max_tokens if msg.HasField("max_tokens") else default_max_tokens
+    kwargs["max_tokens"] = (
+        msg.max_tokens if msg.HasField("max_tokens") else kwargs.get("max_tokens", default_max_tokens)
+    )
     try:
         return SamplingParams(
             **kwargs, stop=list(msg.stop), stop_token_ids=list(msg.stop_token_ids), ignore_eos=msg.ignore_eos
@@ -60,13 +65,21 @@ class GenerationServicer(generate_pb2_grpc.GenerationServicer):
             if not request.text:
                 raise RouterError("INVALID_ARGUMENT", "input.text: must not be empty")
             prompt = self.core.tokenize(request.text)
+        elif which == "chat":
+            messages = [{"role": m.role, "content": m.content} for m in request.chat.messages]
+            add_prompt = (
+                request.chat.add_generation_prompt if request.chat.HasField("add_generation_prompt") else True
+            )
+            prompt = self.core.render_chat(messages, add_prompt)
         else:
             prompt = list(request.token_ids.ids)
         try:
             validate_prompt(prompt, self.core.model.vocab_size, self.core.model.max_model_len)
         except ValueError as exc:
             raise RouterError("INVALID_ARGUMENT", f"input.{which}: {exc}") from exc
-        params = sampling_from_proto(request.sampling, self.default_max_tokens)
+        params = sampling_from_proto(
+            request.sampling, self.default_max_tokens, self.core.model.generation_defaults
+        )
         return request.request_id or self.core.new_request_id(), prompt, params
 
     async def Generate(self, request, context: grpc.aio.ServicerContext):
