@@ -58,6 +58,11 @@ def _json_response(body: dict[str, Any], status: int = 200) -> web.Response:
     )
 
 
+def _router_error_response(exc: RouterError) -> web.Response:
+    status, body = _router_error_body(exc)
+    return _json_response(body, status)
+
+
 def _router_error_body(exc: RouterError) -> tuple[int, dict[str, Any]]:
     status, err_type = STATUS_OF_CODE.get(exc.code, (500, "InternalServerError"))
     param = exc.message.split(":", 1)[0].split(".", 1)[0] if status == 400 and ":" in exc.message else None
@@ -142,15 +147,15 @@ class HttpServer:
         except ProtocolError as exc:
             return _json_response(exc.body(), exc.status)
         except RouterError as exc:
-            return _json_response(*reversed(_router_error_body(exc)))
-        builder = ResponseBuilder(self.core.model.name, chat)
+            return _router_error_response(exc)
+        builder = ResponseBuilder(self.core.model.name, chat, prompt if parsed.return_token_ids else None)
         events = self.core.generate(self.core.new_request_id(), prompt, params)
         async with aclosing(events):
             try:
                 # Admission happens before the first event: overload is an HTTP status.
                 first = await anext(events)
             except RouterError as exc:
-                return _json_response(*reversed(_router_error_body(exc)))
+                return _router_error_response(exc)
             except Exception as exc:  # noqa: BLE001 - a worker failed before the first token
                 log.exception("request failed")
                 return _json_response(error_body(str(exc), "InternalServerError", None, 500), 500)
@@ -162,17 +167,19 @@ class HttpServer:
         self, builder: ResponseBuilder, first: Chunk | Completion, events: AsyncIterator[Chunk | Completion]
     ) -> web.Response:
         texts: list[str] = []
+        token_ids: list[int] = []
         event = first
         try:
             while isinstance(event, Chunk):
                 texts.append(event.text)
+                token_ids += event.token_ids
                 event = await anext(events)
         except RouterError as exc:
-            return _json_response(*reversed(_router_error_body(exc)))
+            return _router_error_response(exc)
         except Exception as exc:  # noqa: BLE001 - a worker failed mid-request
             log.exception("request failed")
             return _json_response(error_body(str(exc), "InternalServerError", None, 500), 500)
-        return _json_response(builder.full("".join(texts), event))
+        return _json_response(builder.full("".join(texts), event, token_ids))
 
     async def _stream(
         self,
@@ -193,10 +200,13 @@ class HttpServer:
         if builder.chat:
             await response.write(_sse(builder.chunk(None, role=True)))
         event: Chunk | Completion | None = first
+        with_ids = builder.prompt_token_ids is not None
         try:
             while isinstance(event, Chunk):
-                if event.text:
-                    await response.write(_sse(builder.chunk(event.text)))
+                # A chunk whose text is held back (an incomplete character) is skipped,
+                # unless the client asked for token ids.
+                if event.text or (with_ids and event.token_ids):
+                    await response.write(_sse(builder.chunk(event.text, token_ids=event.token_ids)))
                 event = await anext(events)
             await response.write(_sse(builder.chunk(None if builder.chat else "", event.finish_reason)))
             if include_usage:

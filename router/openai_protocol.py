@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from pdserve.engine.core.request import validate_prompt
@@ -86,7 +86,9 @@ class ParsedRequest:
     max_tokens: int | None
     stream: bool
     include_usage: bool
-    extra: dict[str, Any] = field(default_factory=dict)
+    # vLLM's `return_token_ids`: each choice also carries `token_ids` (and the whole
+    # response `prompt_token_ids`), for clients that compare tokens, not text.
+    return_token_ids: bool = False
 
 
 def _check_model(body: dict[str, Any], model: ModelSummary) -> None:
@@ -167,7 +169,8 @@ def parse_completion(body: Any, model: ModelSummary) -> ParsedRequest:
     stream, include_usage = _stream_options(body)
     # OpenAI's default for completions is 16 tokens.
     max_tokens = _max_tokens(body, "max_tokens")
-    return ParsedRequest(ids, text, None, False, kwargs, max_tokens, stream, include_usage)
+    return_ids = bool(body.get("return_token_ids", False))
+    return ParsedRequest(ids, text, None, False, kwargs, max_tokens, stream, include_usage, return_ids)
 
 
 def _message_text(content: Any, index: int) -> Any:
@@ -250,8 +253,9 @@ def usage_body(done: Completion) -> dict[str, Any]:
 class ResponseBuilder:
     """The response objects of one request (ids, timestamps and model name shared)."""
 
-    def __init__(self, model_name: str, chat: bool) -> None:
+    def __init__(self, model_name: str, chat: bool, prompt_token_ids: list[int] | None = None) -> None:
         self.chat = chat
+        self.prompt_token_ids = prompt_token_ids  # set: vLLM's return_token_ids
         self.id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         self.created = int(time.time())
         self.model = model_name
@@ -266,7 +270,7 @@ class ResponseBuilder:
             "choices": choices,
         }
 
-    def full(self, text: str, done: Completion) -> dict[str, Any]:
+    def full(self, text: str, done: Completion, token_ids: list[int]) -> dict[str, Any]:
         if self.chat:
             choice = {
                 "index": 0,
@@ -278,10 +282,19 @@ class ResponseBuilder:
         else:
             choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": done.finish_reason}
             body = self._envelope("text_completion", [choice])
+        if self.prompt_token_ids is not None:
+            choice["token_ids"] = token_ids
+            body["prompt_token_ids"] = self.prompt_token_ids
         body["usage"] = usage_body(done)
         return body
 
-    def chunk(self, text: str | None, finish_reason: str | None = None, role: bool = False) -> dict[str, Any]:
+    def chunk(
+        self,
+        text: str | None,
+        finish_reason: str | None = None,
+        role: bool = False,
+        token_ids: list[int] | None = None,
+    ) -> dict[str, Any]:
         if self.chat:
             delta: dict[str, Any] = {"role": "assistant", "content": ""} if role else {}
             if text is not None:
@@ -289,6 +302,8 @@ class ResponseBuilder:
             choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
         else:
             choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish_reason}
+        if self.prompt_token_ids is not None and token_ids is not None:
+            choice["token_ids"] = token_ids
         return self._envelope(self.object, [choice])
 
     def usage_chunk(self, done: Completion) -> dict[str, Any]:

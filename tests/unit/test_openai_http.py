@@ -1,0 +1,299 @@
+"""The router's OpenAI-compatible HTTP API, driven by the real `openai` SDK.
+
+An in-process deployment wired like `deploy/local.yaml` (tiny model, one prefill and one
+decode worker, KV over gRPC): completions and chat, streamed and not, usage, errors as the
+SDK's exception types, greedy tokens equal to the gRPC path and the offline engine, and
+`/metrics` parsed with prometheus_client's parser.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import urllib.error
+import urllib.request
+
+import openai
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from pdserve.engine import LLM, SamplingParams
+from pdserve.engine.config import EngineConfig
+from pdserve.router.client import GenerateChunk, PdserveClient
+from tests.inprocess import InProcessDeployment
+
+PROMPT = "The quick brown fox"
+
+
+@pytest.fixture(scope="module")
+def dep():
+    d = InProcessDeployment(engine=EngineConfig(model="tiny", num_gpu_blocks=512, max_num_seqs=64))
+    yield d
+    d.close()
+
+
+@pytest.fixture(scope="module")
+def client(dep):
+    return openai.OpenAI(base_url=dep.http_url + "/v1", api_key="unused", max_retries=0, timeout=60)
+
+
+def _get(url: str) -> tuple[int, bytes]:
+    try:
+        with urllib.request.urlopen(url, timeout=30) as r:
+            return r.status, r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read()
+
+
+def _post_raw(url: str, data: bytes) -> tuple[int, dict]:
+    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def test_models_and_health(dep, client):
+    models = client.models.list()
+    assert [m.id for m in models.data] == ["tiny"]
+    assert _get(dep.http_url + "/health")[0] == 200
+
+
+def test_completion_stream_equals_non_stream_with_usage(client):
+    full = client.completions.create(
+        model="tiny", prompt=PROMPT, max_tokens=12, temperature=0, extra_body={"ignore_eos": True}
+    )
+    assert full.object == "text_completion"
+    assert full.choices[0].finish_reason == "length"
+    assert full.usage.prompt_tokens == len(PROMPT) + 1  # bytes + <bos>
+    assert full.usage.completion_tokens == 12
+    assert full.usage.total_tokens == full.usage.prompt_tokens + 12
+    chunks = list(
+        client.completions.create(
+            model="tiny",
+            prompt=PROMPT,
+            max_tokens=12,
+            temperature=0,
+            extra_body={"ignore_eos": True},
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
+    text = "".join(c.choices[0].text for c in chunks if c.choices)
+    assert text == full.choices[0].text
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+    assert not chunks[-1].choices and chunks[-1].usage.completion_tokens == 12  # the usage chunk comes last
+    assert all(c.usage is None for c in chunks[:-1])
+
+
+def test_stream_without_include_usage_has_no_usage_chunk(client):
+    chunks = list(
+        client.completions.create(model="tiny", prompt=PROMPT, max_tokens=4, temperature=0, stream=True)
+    )
+    assert all(c.choices and c.usage is None for c in chunks)
+
+
+def test_chat_stream_and_non_stream(dep, client):
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there"}]
+    full = client.chat.completions.create(
+        model="tiny", messages=messages, max_tokens=10, temperature=0, extra_body={"ignore_eos": True}
+    )
+    assert full.object == "chat.completion"
+    assert full.choices[0].message.role == "assistant"
+    # The tiny preset's plain template, tokenized without an added <bos>.
+    rendered = dep.core.chat_template.render(messages)
+    assert rendered == "<|system|>\nBe brief.\n<|user|>\nHi there\n<|assistant|>\n"
+    assert full.usage.prompt_tokens == len(rendered.encode())
+    stream = client.chat.completions.create(
+        model="tiny",
+        messages=messages,
+        max_tokens=10,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+        extra_body={"ignore_eos": True},
+    )
+    chunks = list(stream)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    content = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert content == full.choices[0].message.content
+    assert chunks[-1].usage.prompt_tokens == full.usage.prompt_tokens
+    assert chunks[-1].usage.completion_tokens == 10
+
+
+def test_greedy_tokens_equal_grpc_and_offline(dep, client):
+    """Token for token: HTTP (vLLM's return_token_ids), the gRPC API, the offline engine."""
+    n = 24
+    http = client.completions.create(
+        model="tiny", prompt=PROMPT, max_tokens=n, temperature=0, extra_body={"return_token_ids": True}
+    )
+    http_ids = http.choices[0].model_extra["token_ids"]
+    streamed = client.completions.create(
+        model="tiny",
+        prompt=PROMPT,
+        max_tokens=n,
+        temperature=0,
+        stream=True,
+        extra_body={"return_token_ids": True},
+    )
+    streamed_ids = [t for c in streamed for t in c.choices[0].model_extra.get("token_ids", [])]
+    with PdserveClient(dep.url) as grpc_client:
+        grpc_ids = [
+            t
+            for e in grpc_client.generate(PROMPT, max_tokens=n, temperature=0)
+            if isinstance(e, GenerateChunk)
+            for t in e.token_ids
+        ]
+    offline = LLM("tiny", num_gpu_blocks=64).generate([PROMPT], SamplingParams(temperature=0, max_tokens=n))[
+        0
+    ]
+    assert http_ids == streamed_ids == grpc_ids == offline.token_ids
+    assert http.model_extra["prompt_token_ids"] == offline.prompt_token_ids
+    assert http.choices[0].text == offline.text
+
+
+def test_vllm_extra_fields_are_honoured(client):
+    base = dict(model="tiny", prompt=PROMPT, temperature=0, max_tokens=16)
+    ids = client.completions.create(**base, extra_body={"return_token_ids": True, "ignore_eos": True})
+    tokens = ids.choices[0].model_extra["token_ids"]
+    # stop_token_ids: ends at the first occurrence of the fourth token
+    stop_at = tokens[3]
+    stopped = client.completions.create(
+        **base, extra_body={"return_token_ids": True, "stop_token_ids": [stop_at], "ignore_eos": True}
+    )
+    assert stopped.choices[0].finish_reason == "stop"
+    assert stopped.choices[0].model_extra["token_ids"] == tokens[: tokens.index(stop_at) + 1]
+    # seeded sampling is reproducible; top_k=1 is greedy
+    seeded = dict(model="tiny", prompt=PROMPT, max_tokens=8, temperature=1.0, seed=7)
+    assert (
+        client.completions.create(**seeded).choices[0].text
+        == client.completions.create(**seeded).choices[0].text
+    )
+    top1 = client.completions.create(
+        model="tiny",
+        prompt=PROMPT,
+        max_tokens=16,
+        temperature=1.0,
+        extra_body={"top_k": 1, "ignore_eos": True},
+    )
+    assert top1.choices[0].text == ids.choices[0].text
+    min_tok = client.completions.create(
+        **base, extra_body={"min_tokens": 5, "stop_token_ids": [tokens[0]], "return_token_ids": True}
+    )
+    assert len(min_tok.choices[0].model_extra["token_ids"]) >= 5
+
+
+@pytest.mark.parametrize(
+    "kwargs, param",
+    [
+        (dict(temperature=-1), "temperature"),
+        (dict(top_p=0), "top_p"),
+        (dict(max_tokens=0), "max_tokens"),
+        (dict(n=2), "n"),
+        (dict(logprobs=2), "logprobs"),
+        (dict(echo=True), "echo"),
+        (dict(presence_penalty=0.5), "presence_penalty"),
+        (dict(extra_body={"min_p": 0.1}), "min_p"),
+        (dict(extra_body={"skip_special_tokens": False}), "skip_special_tokens"),
+        (dict(extra_body={"include_stop_str_in_output": True}), "include_stop_str_in_output"),
+        (dict(extra_body={"top_k": -5}), "top_k"),
+        (dict(prompt=[1, 2, 999]), "prompt"),
+        (dict(prompt="x" * 5000), "prompt"),
+        (dict(prompt=""), "prompt"),
+        (dict(prompt=["a", "b"]), "prompt"),
+    ],
+)
+def test_bad_values_are_400(client, kwargs, param):
+    args = {"model": "tiny", "prompt": PROMPT, "max_tokens": 4, **kwargs}
+    with pytest.raises(openai.BadRequestError) as info:
+        client.completions.create(**args)
+    assert info.value.status_code == 400
+    err = info.value.body
+    assert err["param"] == param and err["code"] == 400 and err["type"] == "BadRequestError"
+    assert err["message"]
+
+
+def test_unknown_model_is_404_and_bad_json_400(dep, client):
+    with pytest.raises(openai.NotFoundError) as info:
+        client.completions.create(model="gpt-4", prompt="x", max_tokens=2)
+    assert info.value.body["message"] == "The model `gpt-4` does not exist."
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="gpt-4", messages=[{"role": "user", "content": "x"}])
+    status, body = _post_raw(dep.http_url + "/v1/completions", b"{not json")
+    assert status == 400 and body["error"]["type"] == "BadRequestError"
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(model="tiny", messages=[])
+    with pytest.raises(openai.BadRequestError, match="role"):
+        client.chat.completions.create(model="tiny", messages=[{"role": "wizard", "content": "x"}])
+
+
+def test_overload_is_429_with_openai_error_body():
+    """No decode headroom and no queue: the second concurrent request is refused at once."""
+    engine = EngineConfig(model="tiny", num_gpu_blocks=8, max_num_seqs=4)
+    d = InProcessDeployment(engine=engine, max_queue_len=0)
+    try:
+        c = openai.OpenAI(base_url=d.http_url + "/v1", api_key="unused", max_retries=0, timeout=60)
+        long = c.completions.create(
+            model="tiny",
+            prompt="hi",
+            max_tokens=100,
+            temperature=0,
+            stream=True,
+            extra_body={"ignore_eos": True},
+        )
+        next(iter(long))  # admitted and holding the blocks
+        with pytest.raises(openai.RateLimitError) as info:
+            c.completions.create(model="tiny", prompt="hi", max_tokens=100, extra_body={"ignore_eos": True})
+        assert info.value.status_code == 429
+        assert "max_queue_len=0" in info.value.body["message"]
+        assert sum(1 for _ in long) > 0
+        long.close()
+        metrics = _metrics(d)
+        assert metrics["pdserve:admission_rejections"][("tiny",)] == 1
+    finally:
+        d.close()
+
+
+def _metrics(d: InProcessDeployment) -> dict[str, dict[tuple, float]]:
+    """name -> {label values (sorted by label name, `le` and the like included): value}."""
+    status, body = _get(d.http_url + "/metrics")
+    assert status == 200
+    out: dict[str, dict[tuple, float]] = {}
+    for family in text_string_to_metric_families(body.decode()):
+        for sample in family.samples:
+            key = tuple(v for _, v in sorted(sample.labels.items()))
+            out.setdefault(sample.name.removesuffix("_total"), {})[key] = sample.value
+    return out
+
+
+def test_metrics_after_requests():
+    d = InProcessDeployment()
+    try:
+        c = openai.OpenAI(base_url=d.http_url + "/v1", api_key="unused", max_retries=0, timeout=60)
+        n, usage = 5, []
+        for i in range(n):
+            r = c.completions.create(model="tiny", prompt=f"{i} {PROMPT}", max_tokens=6, temperature=0)
+            usage.append(r.usage)
+        m = _metrics(d)
+        assert sum(m["pdserve:time_to_first_token_seconds_count"].values()) == n
+        assert sum(m["pdserve:e2e_request_latency_seconds_count"].values()) == n
+        assert sum(m["pdserve:request_success"].values()) == n
+        assert sum(m["pdserve:prompt_tokens"].values()) == sum(u.prompt_tokens for u in usage)
+        assert sum(m["pdserve:generation_tokens"].values()) == sum(u.completion_tokens for u in usage)
+        assert sum(m["pdserve:kv_transfer_seconds_count"].values()) == n  # every request went 1P1D
+        assert sum(m["pdserve:routing_decisions"].values()) == n
+        # vLLM's bucket edges
+        ttft_edges = sorted({float(k[0]) for k in m["pdserve:time_to_first_token_seconds_bucket"]})
+        assert ttft_edges[:3] == [0.001, 0.005, 0.01] and ttft_edges[-2] == 2560.0
+        # the workers report their blocks free again (cached blocks count as free)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            usage_by_worker = _metrics(d)["pdserve:kv_cache_usage_perc"]
+            if set(usage_by_worker.values()) == {0.0}:
+                break
+            time.sleep(0.1)
+        assert set(usage_by_worker) == {("tiny", "decode", "decode-0"), ("tiny", "prefill", "prefill-0")}
+        assert set(usage_by_worker.values()) == {0.0}
+    finally:
+        d.close()
