@@ -199,8 +199,9 @@ def parse_chat(body: Any, model: ModelSummary) -> ParsedRequest:
     max_tokens = _max_tokens(body, "max_completion_tokens", "max_tokens")
     add_generation_prompt = body.get("add_generation_prompt", True)
     return ParsedRequest(
-        None, None, converted, bool(add_generation_prompt), kwargs, max_tokens, stream, include_usage
-    )
+        None, None, converted, bool(add_generation_prompt), kwargs, max_tokens, stream, include_usage,
+        bool(body.get("return_token_ids", False)),
+    )  # fmt: skip
 
 
 def build_sampling(
