@@ -83,8 +83,9 @@ def test_openai_sdk_against_pdserve_up(dep):
     assert got == [o.token_ids for o in expected]
 
     client = openai.OpenAI(base_url=dep.http_url + "/v1", api_key="unused", max_retries=0, timeout=60)
+    hello = [{"role": "user", "content": "Hello"}]
     chat = client.chat.completions.create(
-        model="tiny", messages=[{"role": "user", "content": "Hello"}], max_tokens=5, extra_body={"ignore_eos": True}
+        model="tiny", messages=hello, max_tokens=5, extra_body={"ignore_eos": True}
     )
     assert chat.usage.completion_tokens == 5 and chat.choices[0].finish_reason == "length"
     with pytest.raises(openai.NotFoundError):

@@ -18,16 +18,9 @@ from pdserve.engine.config import EngineConfig, ModelConfig
 from pdserve.engine.tokenizer import load_tokenizer
 from pdserve.router.chat_template import ChatTemplate, ChatTemplateError
 from pdserve.router.client import GenerateChunk, GenerateComplete, PdserveClient
-from tests.hf_models import make_checkpoint
+from tests.hf_models import LLAMA3_TEMPLATE, make_checkpoint, save_chat_tokenizer
 from tests.inprocess import InProcessDeployment
 
-SPECIALS = ["<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>", "<|end_of_text|>"]
-LLAMA3_TEMPLATE = (
-    "{{ bos_token }}{% for message in messages %}"
-    "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n'"
-    " + message['content'] | trim + '<|eot_id|>' }}{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
-)
 # Exercises what transformers' environment provides: raise_exception, loop controls,
 # namespace, tojson, trim_blocks / lstrip_blocks.
 STRICT_TEMPLATE = """{% set ns = namespace(system='') %}
@@ -57,27 +50,11 @@ CONVERSATIONS = [
 ]
 
 
-def _save_tokenizer(directory: str, template: str) -> None:
-    import transformers as tf
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=300, special_tokens=SPECIALS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
-    )
-    tok.train_from_iterator(["hello world, the quick brown fox jumps over the lazy dog"] * 10, trainer)
-    fast = tf.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=SPECIALS[0], eos_token="<|eot_id|>")
-    fast.chat_template = template
-    fast.save_pretrained(directory)
-
-
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     directory = str(tmp_path_factory.mktemp("instruct"))
     make_checkpoint("llama", directory)
-    _save_tokenizer(directory, LLAMA3_TEMPLATE)
+    save_chat_tokenizer(directory, LLAMA3_TEMPLATE)
     return directory
 
 
@@ -87,7 +64,7 @@ def test_chat_prompts_render_as_transformers(tmp_path, template, add_generation_
     import transformers as tf
 
     make_checkpoint("llama", str(tmp_path))
-    _save_tokenizer(str(tmp_path), template)
+    save_chat_tokenizer(str(tmp_path), template)
     hf = tf.AutoTokenizer.from_pretrained(str(tmp_path))
     ours = ChatTemplate.from_model(str(tmp_path))
     tokenizer = load_tokenizer(str(tmp_path), None, None)
@@ -107,7 +84,7 @@ def test_chat_prompts_render_as_transformers(tmp_path, template, add_generation_
 
 def test_template_errors_are_refusals(tmp_path):
     make_checkpoint("llama", str(tmp_path))
-    _save_tokenizer(str(tmp_path), STRICT_TEMPLATE)
+    save_chat_tokenizer(str(tmp_path), STRICT_TEMPLATE)
     ours = ChatTemplate.from_model(str(tmp_path))
     with pytest.raises(ChatTemplateError, match="must alternate"):
         ours.render([{"role": "user", "content": "a"}, {"role": "user", "content": "b"}])
