@@ -130,7 +130,9 @@ def measure(args: argparse.Namespace) -> dict[str, object]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--output", default="bench/results/cpu_http_stack.json")
     parser.add_argument("--streams", type=int, default=64)
     parser.add_argument("--waves", type=int, default=2, help="requests per run = streams * waves")
@@ -139,7 +141,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=3, help="runs of each API, alternating")
     args = parser.parse_args(argv)
     result = measure(args)
-    result["command"] = "python -m pdserve.bench.http_stack " + " ".join(argv if argv is not None else sys.argv[1:])
+    given = argv if argv is not None else sys.argv[1:]
+    result["command"] = " ".join(["python -m pdserve.bench.http_stack", *given])
     result["date"] = datetime.now().isoformat(timespec="seconds")
     print(f"{'API':<6}{'tok/s (median)':>16}   runs")
     for api in ("grpc", "http"):
