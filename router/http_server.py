@@ -138,7 +138,7 @@ class HttpServer:
         else:
             prompt = parsed.prompt_token_ids
         check_prompt_ids(prompt, model)
-        params = build_sampling(parsed, len(prompt), model, self.core.sampling_defaults(16), chat)
+        params = build_sampling(parsed, len(prompt), model, chat)
         return parsed, prompt, params
 
     async def _generate(self, request: web.Request, chat: bool) -> web.StreamResponse:

@@ -222,6 +222,10 @@ class RouterMetrics:
     def on_rejected(self) -> None:
         self.rejections.labels(self.model_name).inc()
 
+    def on_client_abort(self, decode_worker: str) -> None:
+        """A client left before its request finished (the router aborted it on the workers)."""
+        self.success.labels(self.model_name, decode_worker, "abort").inc()
+
     def on_failed(self, code: str) -> None:
         self.failures.labels(self.model_name, code).inc()
 

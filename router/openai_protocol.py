@@ -5,11 +5,12 @@
 the response objects and stream chunks. No I/O here: router/http_server.py serves them.
 
 Accepted as vLLM accepts them: the OpenAI fields, and vLLM's extras `top_k`, `min_tokens`,
-`ignore_eos`, `stop_token_ids`, `seed`. Fields the engine does not implement yet answer
-400 naming the field when set to anything but their neutral value (`n` > 1, `logprobs`,
-`echo`, `best_of`, `logit_bias`, `suffix`, the penalties, `min_p`, `skip_special_tokens`
-false, `include_stop_str_in_output` true, `tools`, `response_format` other than text).
-Unknown fields are ignored, as OpenAI's server does.
+`ignore_eos`, `stop_token_ids`, `seed`, `return_token_ids` (each choice also carries its
+`token_ids`, the response its `prompt_token_ids`), `add_generation_prompt` (chat). Fields
+the engine does not implement yet answer 400 naming the field when set to anything but
+their neutral value (`n` > 1, `logprobs`, `echo`, `best_of`, `logit_bias`, `suffix`, the
+penalties, `min_p`, `skip_special_tokens` false, `include_stop_str_in_output` true, `tools`,
+`response_format` other than text). Unknown fields are ignored, as OpenAI's server does.
 """
 
 from __future__ import annotations
@@ -204,11 +205,10 @@ def parse_chat(body: Any, model: ModelSummary) -> ParsedRequest:
     )  # fmt: skip
 
 
-def build_sampling(
-    parsed: ParsedRequest, prompt_len: int, model: ModelSummary, defaults: dict[str, Any], chat: bool
-) -> SamplingParams:
-    """The request's SamplingParams over the defaults. Unset max_tokens: the defaults' (or
-    16) for completions, the rest of the context for chat (vLLM's rules)."""
+def build_sampling(parsed: ParsedRequest, prompt_len: int, model: ModelSummary, chat: bool) -> SamplingParams:
+    """The request's SamplingParams over generation_config.json's defaults. Unset max_tokens:
+    generation_config's max_new_tokens, else 16 for completions and the rest of the context
+    for chat (vLLM's rules)."""
     validate_prompt_len(prompt_len, model, "messages" if chat else "prompt")
     room = model.max_model_len - prompt_len
     max_tokens = parsed.max_tokens
@@ -217,7 +217,7 @@ def build_sampling(
             max_tokens = model.generation_defaults["max_tokens"]
         else:
             max_tokens = room if chat else 16
-    kwargs = {**defaults, **parsed.params_kwargs, "max_tokens": min(max_tokens, room)}
+    kwargs = {**model.generation_defaults, **parsed.params_kwargs, "max_tokens": min(max_tokens, room)}
     try:
         return SamplingParams(**kwargs)
     except (ValueError, TypeError) as exc:

@@ -158,11 +158,6 @@ class RouterCore:
         except ChatTemplateError as exc:
             raise RouterError("INVALID_ARGUMENT", str(exc)) from exc
 
-    def sampling_defaults(self, default_max_tokens: int) -> dict[str, Any]:
-        """What a request's unset sampling fields take: generation_config.json's values,
-        else the router's `default_max_tokens` and the engine's defaults."""
-        return {"max_tokens": default_max_tokens, **self.model.generation_defaults}
-
     async def generate(
         self, req_id: str, prompt_token_ids: list[int], params: SamplingParams
     ) -> AsyncIterator[Chunk | Completion]:
@@ -174,11 +169,13 @@ class RouterCore:
         stream = RequestStream(req_id, prompt_token_ids, params, self._deps)
         self._streams[req_id] = stream
         timer = RequestTimer(params.max_tokens)
+        completed = False
         try:
             async for event in stream.events():
                 if isinstance(event, Chunk):
                     timer.on_tokens(len(event.token_ids))
                 else:
+                    completed = True
                     self._observe(stream, timer, event)
                 yield event
         except RouterError as exc:
@@ -186,6 +183,10 @@ class RouterCore:
                 self.metrics.on_rejected()
             else:
                 self.metrics.on_failed(exc.code)
+            raise
+        except (GeneratorExit, asyncio.CancelledError):
+            if not completed:  # the client left: counted as vLLM counts an abort
+                self.metrics.on_client_abort(stream.decode_worker_id or "")
             raise
         finally:
             self._streams.pop(req_id, None)

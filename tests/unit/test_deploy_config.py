@@ -122,3 +122,15 @@ def test_decode_kv_server_takes_the_configured_ports():
         (20004, 20005),
     ]
     assert parse_config({"model": "tiny", "colocated": {"count": 1}}).transfer.kv_server_ports(0) == (0, 0)
+
+
+def test_router_http_port():
+    """router.http_port: null (the default) serves no HTTP, 0 a free port; local.yaml serves 8000."""
+    assert parse_config({"colocated": {"count": 1}}).router.http_port is None
+    assert parse_config({"colocated": {"count": 1}, "router": {"http_port": 0}}).router.http_port == 0
+    assert load_config(os.path.join(ROOT, "deploy", "local.yaml")).router.http_port == 8000
+    for bad in (70000, -1, "8000"):
+        with pytest.raises(ConfigError, match="router.http_port"):
+            parse_config({"colocated": {"count": 1}, "router": {"http_port": bad}})
+    with pytest.raises(ConfigError, match="router.http_port: 9000 is router.port"):
+        parse_config({"colocated": {"count": 1}, "router": {"port": 9000, "http_port": 9000}})

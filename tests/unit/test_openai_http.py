@@ -297,3 +297,28 @@ def test_metrics_after_requests():
         assert set(usage_by_worker.values()) == {0.0}
     finally:
         d.close()
+
+
+def test_client_leaving_mid_stream_aborts_the_request(dep, client):
+    aborted_before = sum(v for k, v in _metrics(dep)["pdserve:request_success"].items() if "abort" in k)
+    stream = client.completions.create(
+        model="tiny",
+        prompt=PROMPT,
+        max_tokens=3000,
+        temperature=0,
+        stream=True,
+        extra_body={"ignore_eos": True},
+    )
+    chunks = iter(stream)
+    for _ in range(3):
+        next(chunks)
+    stream.close()
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline and not (
+        dep.core.status()["num_streams"] == 0 and dep.all_blocks_free()
+    ):
+        time.sleep(0.1)
+    assert dep.core.status()["num_streams"] == 0
+    assert dep.all_blocks_free()
+    aborted = sum(v for k, v in _metrics(dep)["pdserve:request_success"].items() if "abort" in k)
+    assert aborted == aborted_before + 1  # it ended by the abort, not by running out its 3000 tokens
