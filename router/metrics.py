@@ -57,6 +57,62 @@ KV_TRANSFER_BUCKETS = [
     60.0,
 ]
 FINISH_REASONS = ("stop", "length", "abort")
+REQUEST_LABELS = ["model_name", "worker"]  # the worker that decoded the request
+WORKER_LABELS = ["model_name", "worker", "role"]
+# attribute, name, documentation (vLLM's), for the per-worker token counters
+WORKER_COUNTERS = [
+    ("prompt_tokens", "prompt_tokens", "Number of prefill tokens processed."),
+    ("generation_tokens", "generation_tokens", "Number of generation tokens processed."),
+    ("cache_queries", "prefix_cache_queries", "Prefix cache queries, in terms of number of queried tokens."),
+    ("cache_hits", "prefix_cache_hits", "Prefix cache hits, in terms of number of cached tokens."),
+]
+
+
+def _request_histograms(max_model_len: int) -> list[tuple[str, str, str, list]]:
+    """attribute, name, documentation (vLLM's) and buckets of the per-request histograms."""
+    tokens = build_1_2_5_buckets(max_model_len)
+    return [
+        ("ttft", "time_to_first_token_seconds", "Histogram of time to first token in seconds.", TTFT_BUCKETS),
+        (
+            "itl",
+            "inter_token_latency_seconds",
+            "Histogram of inter-token latency in seconds.",
+            TOKEN_LATENCY_BUCKETS,
+        ),
+        (
+            "tpot",
+            "time_per_output_token_seconds",
+            "Histogram of time per output token in seconds.",
+            TOKEN_LATENCY_BUCKETS,
+        ),
+        (
+            "e2e",
+            "e2e_request_latency_seconds",
+            "Histogram of e2e request latency in seconds.",
+            REQUEST_LATENCY_BUCKETS,
+        ),
+        (
+            "queue",
+            "request_queue_time_seconds",
+            "Histogram of time spent in WAITING phase for request.",
+            REQUEST_LATENCY_BUCKETS,
+        ),
+        (
+            "prefill_time",
+            "request_prefill_time_seconds",
+            "Histogram of time spent in PREFILL phase for request.",
+            REQUEST_LATENCY_BUCKETS,
+        ),
+        (
+            "decode_time",
+            "request_decode_time_seconds",
+            "Histogram of time spent in DECODE phase for request.",
+            REQUEST_LATENCY_BUCKETS,
+        ),
+        ("prompt_len", "request_prompt_tokens", "Number of prefill tokens processed.", tokens),
+        ("generation_len", "request_generation_tokens", "Number of generation tokens processed.", tokens),
+        ("max_tokens", "request_params_max_tokens", "Histogram of the max_tokens request parameter.", tokens),
+    ]
 
 
 def build_1_2_5_buckets(max_value: int) -> list[int]:
@@ -128,89 +184,41 @@ class RouterMetrics:
         self.transfer_backend = transfer_backend
         self.registry = CollectorRegistry(auto_describe=True)
         self.registry.register(_WorkerGauges(model_name, loads, queue_len))
-        reg, req_labels = self.registry, ["model_name", "worker"]
-
-        def hist(name: str, doc: str, buckets: list, labels: list[str] = req_labels) -> Histogram:
-            return Histogram(f"{PREFIX}{name}", doc, labels, buckets=buckets, registry=reg)
-
-        def counter(name: str, doc: str, labels: list[str]) -> Counter:
-            return Counter(f"{PREFIX}{name}", doc, labels, registry=reg)
-
-        token_buckets = build_1_2_5_buckets(max_model_len)
-        self.ttft = hist(
-            "time_to_first_token_seconds", "Histogram of time to first token in seconds.", TTFT_BUCKETS
+        for attr, name, doc, buckets in _request_histograms(max_model_len):
+            setattr(self, attr, self._histogram(name, doc, buckets, REQUEST_LABELS))
+        for attr, name, doc in WORKER_COUNTERS:
+            setattr(self, attr, self._counter(name, doc, WORKER_LABELS))
+        self.success = self._counter(
+            "request_success",
+            "Count of successfully processed requests.",
+            [*REQUEST_LABELS, "finished_reason"],
         )
-        self.itl = hist(
-            "inter_token_latency_seconds",
-            "Histogram of inter-token latency in seconds.",
-            TOKEN_LATENCY_BUCKETS,
-        )
-        self.tpot = hist(
-            "time_per_output_token_seconds",
-            "Histogram of time per output token in seconds.",
-            TOKEN_LATENCY_BUCKETS,
-        )
-        self.e2e = hist(
-            "e2e_request_latency_seconds",
-            "Histogram of e2e request latency in seconds.",
-            REQUEST_LATENCY_BUCKETS,
-        )
-        self.queue = hist(
-            "request_queue_time_seconds",
-            "Histogram of time spent in WAITING phase for request.",
-            REQUEST_LATENCY_BUCKETS,
-        )
-        self.prefill_time = hist(
-            "request_prefill_time_seconds",
-            "Histogram of time spent in PREFILL phase for request.",
-            REQUEST_LATENCY_BUCKETS,
-        )
-        self.decode_time = hist(
-            "request_decode_time_seconds",
-            "Histogram of time spent in DECODE phase for request.",
-            REQUEST_LATENCY_BUCKETS,
-        )
-        self.prompt_len = hist("request_prompt_tokens", "Number of prefill tokens processed.", token_buckets)
-        self.generation_len = hist(
-            "request_generation_tokens", "Number of generation tokens processed.", token_buckets
-        )
-        self.max_tokens = hist(
-            "request_params_max_tokens", "Histogram of the max_tokens request parameter.", token_buckets
-        )
-        worker_labels = ["model_name", "worker", "role"]
-        self.prompt_tokens = counter("prompt_tokens", "Number of prefill tokens processed.", worker_labels)
-        self.generation_tokens = counter(
-            "generation_tokens", "Number of generation tokens processed.", worker_labels
-        )
-        self.cache_queries = counter(
-            "prefix_cache_queries",
-            "Prefix cache queries, in terms of number of queried tokens.",
-            worker_labels,
-        )
-        self.cache_hits = counter(
-            "prefix_cache_hits", "Prefix cache hits, in terms of number of cached tokens.", worker_labels
-        )
-        self.success = counter(
-            "request_success", "Count of successfully processed requests.", [*req_labels, "finished_reason"]
-        )
-        self.kv_transfer = hist(
+        self.kv_transfer = self._histogram(
             "kv_transfer_seconds",
             "Histogram of the wait for a request's KV to land on its decode worker, in seconds.",
             KV_TRANSFER_BUCKETS,
             ["model_name", "backend"],
         )
-        self.rejections = counter(
+        self.rejections = self._counter(
             "admission_rejections",
             "Requests refused for want of decode headroom (queue full or wait too long).",
             ["model_name"],
         )
-        self.routing = counter("routing_decisions", "Routing decisions by reason.", ["model_name", "reason"])
-        self.failures = counter(
+        self.routing = self._counter(
+            "routing_decisions", "Routing decisions by reason.", ["model_name", "reason"]
+        )
+        self.failures = self._counter(
             "request_failure", "Requests that ended in an error, by gRPC status code.", ["model_name", "code"]
         )
         for reason in FINISH_REASONS:
             self.success.labels(model_name, "", reason)  # present (at 0) from the start, as in vLLM
         self.rejections.labels(model_name)
+
+    def _histogram(self, name: str, doc: str, buckets: list, labels: list[str]) -> Histogram:
+        return Histogram(f"{PREFIX}{name}", doc, labels, buckets=buckets, registry=self.registry)
+
+    def _counter(self, name: str, doc: str, labels: list[str]) -> Counter:
+        return Counter(f"{PREFIX}{name}", doc, labels, registry=self.registry)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
