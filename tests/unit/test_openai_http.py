@@ -322,3 +322,37 @@ def test_client_leaving_mid_stream_aborts_the_request(dep, client):
     assert dep.all_blocks_free()
     aborted = sum(v for k, v in _metrics(dep)["pdserve:request_success"].items() if "abort" in k)
     assert aborted == aborted_before + 1  # it ended by the abort, not by running out its 3000 tokens
+
+
+def test_metrics_routing_reasons_and_prefix_cache(dep, client):
+    """1P1D: a repeated prompt is routed for its cache hit and counted as prefix cache hits;
+    co-located: every request prefills on its decode worker and ships no KV."""
+    long_prompt = "a shared system prompt, long enough for several KV blocks. " * 2
+    before = _metrics(dep)
+    for _ in range(2):
+        client.completions.create(model="tiny", prompt=long_prompt, max_tokens=2)
+        time.sleep(0.5)  # the prefill worker's KV events reach the router's index
+    after = _metrics(dep)
+
+    def delta(name: str, key: tuple | None = None) -> float:
+        def total(m):
+            samples = m.get(name, {})
+            return samples.get(key, 0.0) if key is not None else sum(samples.values())
+
+        return total(after) - total(before)
+
+    assert delta("pdserve:routing_decisions", ("tiny", "cache_hit")) >= 1
+    assert delta("pdserve:prefix_cache_hits") >= 2 * dep.core.model.block_size
+    assert delta("pdserve:prefix_cache_queries") == 2 * (len(long_prompt) + 1)
+
+    colocated = InProcessDeployment(num_prefill=0, num_decode=1)
+    try:
+        c = openai.OpenAI(base_url=colocated.http_url + "/v1", api_key="unused", max_retries=0)
+        for i in range(3):
+            c.completions.create(model="tiny", prompt=f"{i} {PROMPT}", max_tokens=2)
+        m = _metrics(colocated)
+        assert m["pdserve:routing_decisions"] == {("tiny", "local_prefill"): 3.0}
+        assert sum(m.get("pdserve:kv_transfer_seconds_count", {}).values()) == 0
+        assert set(m["pdserve:prompt_tokens"]) == {("tiny", "both", "decode-0")}
+    finally:
+        colocated.close()
