@@ -58,6 +58,29 @@ def _json_response(body: dict[str, Any], status: int = 200) -> web.Response:
     )
 
 
+def _usage_so_far(prompt_len: int, generated: int) -> dict[str, int]:
+    return {
+        "prompt_tokens": prompt_len,
+        "completion_tokens": generated,
+        "total_tokens": prompt_len + generated,
+    }
+
+
+@web.middleware
+async def _openai_errors(request: web.Request, handler) -> web.StreamResponse:
+    """aiohttp's own refusals (unknown path, wrong method, body too large) in OpenAI's body."""
+    try:
+        return await handler(request)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        err_type = "NotFoundError" if exc.status == 404 else "BadRequestError"
+        return _json_response(
+            error_body(f"{exc.reason}: {request.method} {request.path}", err_type, None, exc.status),
+            exc.status,
+        )
+
+
 def _router_error_response(exc: RouterError) -> web.Response:
     status, body = _router_error_body(exc)
     return _json_response(body, status)
@@ -83,7 +106,7 @@ class HttpServer:
 
     async def start(self) -> str:
         """Bind (port 0: a free one) and serve; returns the base URL."""
-        app = web.Application(client_max_size=MAX_BODY_BYTES)
+        app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=[_openai_errors])
         app.router.add_post("/v1/completions", self._completions)
         app.router.add_post("/v1/chat/completions", self._chat)
         app.router.add_get("/v1/models", self._models)
@@ -160,7 +183,7 @@ class HttpServer:
                 log.exception("request failed")
                 return _json_response(error_body(str(exc), "InternalServerError", None, 500), 500)
             if parsed.stream:
-                return await self._stream(request, builder, first, events, parsed.include_usage)
+                return await self._stream(request, builder, first, events, parsed, len(prompt))
             return await self._collect(builder, first, events)
 
     async def _collect(
@@ -187,7 +210,8 @@ class HttpServer:
         builder: ResponseBuilder,
         first: Chunk | Completion,
         events: AsyncIterator[Chunk | Completion],
-        include_usage: bool,
+        parsed: ParsedRequest,
+        prompt_len: int,
     ) -> web.StreamResponse:
         response = web.StreamResponse(
             headers={
@@ -201,15 +225,20 @@ class HttpServer:
             await response.write(_sse(builder.chunk(None, role=True)))
         event: Chunk | Completion | None = first
         with_ids = builder.prompt_token_ids is not None
+        generated = 0
         try:
             while isinstance(event, Chunk):
+                generated += len(event.token_ids)
                 # A chunk whose text is held back (an incomplete character) is skipped,
                 # unless the client asked for token ids.
                 if event.text or (with_ids and event.token_ids):
-                    await response.write(_sse(builder.chunk(event.text, token_ids=event.token_ids)))
+                    usage = _usage_so_far(prompt_len, generated) if parsed.continuous_usage else None
+                    await response.write(
+                        _sse(builder.chunk(event.text, token_ids=event.token_ids, usage=usage))
+                    )
                 event = await anext(events)
             await response.write(_sse(builder.chunk(None if builder.chat else "", event.finish_reason)))
-            if include_usage:
+            if parsed.include_usage:
                 await response.write(_sse(builder.usage_chunk(event)))
         except RouterError as exc:
             await response.write(_sse(_router_error_body(exc)[1]))

@@ -90,6 +90,8 @@ class ParsedRequest:
     # vLLM's `return_token_ids`: each choice also carries `token_ids` (and the whole
     # response `prompt_token_ids`), for clients that compare tokens, not text.
     return_token_ids: bool = False
+    # vLLM's `stream_options.continuous_usage_stats`: every chunk carries the usage so far.
+    continuous_usage: bool = False
 
 
 def _check_model(body: dict[str, Any], model: ModelSummary) -> None:
@@ -138,6 +140,10 @@ def _max_tokens(body: dict[str, Any], *names: str) -> int | None:
     return None
 
 
+def _continuous_usage(body: dict[str, Any]) -> bool:
+    return bool((body.get("stream_options") or {}).get("continuous_usage_stats", False))
+
+
 def _stream_options(body: dict[str, Any]) -> tuple[bool, bool]:
     stream = bool(body.get("stream", False))
     options = body.get("stream_options")
@@ -171,7 +177,9 @@ def parse_completion(body: Any, model: ModelSummary) -> ParsedRequest:
     # OpenAI's default for completions is 16 tokens.
     max_tokens = _max_tokens(body, "max_tokens")
     return_ids = bool(body.get("return_token_ids", False))
-    return ParsedRequest(ids, text, None, False, kwargs, max_tokens, stream, include_usage, return_ids)
+    parsed = ParsedRequest(ids, text, None, False, kwargs, max_tokens, stream, include_usage, return_ids)
+    parsed.continuous_usage = _continuous_usage(body)
+    return parsed
 
 
 def _message_text(content: Any, index: int) -> Any:
@@ -199,10 +207,12 @@ def parse_chat(body: Any, model: ModelSummary) -> ParsedRequest:
     stream, include_usage = _stream_options(body)
     max_tokens = _max_tokens(body, "max_completion_tokens", "max_tokens")
     add_generation_prompt = body.get("add_generation_prompt", True)
-    return ParsedRequest(
+    parsed = ParsedRequest(
         None, None, converted, bool(add_generation_prompt), kwargs, max_tokens, stream, include_usage,
         bool(body.get("return_token_ids", False)),
     )  # fmt: skip
+    parsed.continuous_usage = _continuous_usage(body)
+    return parsed
 
 
 def build_sampling(parsed: ParsedRequest, prompt_len: int, model: ModelSummary, chat: bool) -> SamplingParams:
@@ -295,6 +305,7 @@ class ResponseBuilder:
         finish_reason: str | None = None,
         role: bool = False,
         token_ids: list[int] | None = None,
+        usage: dict[str, int] | None = None,
     ) -> dict[str, Any]:
         if self.chat:
             delta: dict[str, Any] = {"role": "assistant", "content": ""} if role else {}
@@ -305,7 +316,10 @@ class ResponseBuilder:
             choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish_reason}
         if self.prompt_token_ids is not None and token_ids is not None:
             choice["token_ids"] = token_ids
-        return self._envelope(self.object, [choice])
+        body = self._envelope(self.object, [choice])
+        if usage is not None:
+            body["usage"] = usage
+        return body
 
     def usage_chunk(self, done: Completion) -> dict[str, Any]:
         body = self._envelope(self.object, [])

@@ -356,3 +356,29 @@ def test_metrics_routing_reasons_and_prefix_cache(dep, client):
         assert set(m["pdserve:prompt_tokens"]) == {("tiny", "both", "decode-0")}
     finally:
         colocated.close()
+
+
+def test_unknown_paths_and_methods_answer_openai_errors(dep):
+    status, body = _get(dep.http_url + "/v1/embeddings")
+    assert status == 404 and json.loads(body)["error"]["type"] == "NotFoundError"
+    status, body = _get(dep.http_url + "/v1/completions")
+    assert status == 405 and json.loads(body)["error"]["code"] == 405
+
+
+def test_continuous_usage_stats(client):
+    stream = client.completions.create(
+        model="tiny",
+        prompt=PROMPT,
+        max_tokens=10,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True, "continuous_usage_stats": True},
+        extra_body={"ignore_eos": True, "return_token_ids": True},
+    )
+    chunks = [c for c in stream if c.choices and c.choices[0].finish_reason is None]
+    counts = [c.usage.completion_tokens for c in chunks]
+    assert counts == sorted(counts) and counts[-1] == 10
+    seen = 0
+    for c in chunks:
+        seen += len(c.choices[0].model_extra["token_ids"])
+        assert c.usage.completion_tokens == seen and c.usage.prompt_tokens == len(PROMPT) + 1
