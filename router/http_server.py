@@ -117,7 +117,13 @@ class HttpServer:
         self._runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.host, self.port, reuse_port=False)
-        await site.start()
+        try:
+            await site.start()
+        except OSError as exc:
+            await self._runner.cleanup()
+            raise OSError(
+                exc.errno, f"router.http_port: cannot bind {self.host}:{self.port}: {exc.strerror}"
+            ) from exc
         self.port = self._runner.addresses[0][1]
         return self.url
 

@@ -382,3 +382,11 @@ def test_continuous_usage_stats(client):
     for c in chunks:
         seen += len(c.choices[0].model_extra["token_ids"])
         assert c.usage.completion_tokens == seen and c.usage.prompt_tokens == len(PROMPT) + 1
+
+
+def test_http_port_in_use_is_one_clear_error(dep):
+    from pdserve.router.http_server import HttpServer
+
+    taken = int(dep.http_url.rsplit(":", 1)[1])
+    with pytest.raises(OSError, match=f"router.http_port: cannot bind 127.0.0.1:{taken}"):
+        dep.run(HttpServer(dep.core, "127.0.0.1", taken).start())
