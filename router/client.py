@@ -109,6 +109,7 @@ class ModelInfo:
     eos_token_id: int | None
     num_prefill_workers: int
     num_decode_workers: int
+    eos_token_ids: tuple[int, ...] = ()  # every id that ends a request
 
 
 def build_generate_request(
@@ -188,6 +189,7 @@ def _model_info_from_proto(info: generate_pb2.ModelInfo) -> ModelInfo:
         eos_token_id=info.eos_token_id if info.HasField("eos_token_id") else None,
         num_prefill_workers=info.num_prefill_workers,
         num_decode_workers=info.num_decode_workers,
+        eos_token_ids=tuple(info.eos_token_ids),
     )
 
 

@@ -120,6 +120,7 @@ class GenerationServicer(generate_pb2_grpc.GenerationServicer):
         )
         if m.eos_token_id is not None:
             info.eos_token_id = m.eos_token_id
+        info.eos_token_ids.extend(m.eos_token_ids or ([m.eos_token_id] if m.eos_token_id is not None else []))
         return info
 
 

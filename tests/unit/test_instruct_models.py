@@ -129,6 +129,8 @@ def test_every_eos_id_stops_a_request(checkpoint):
     dep = InProcessDeployment(engine=EngineConfig(model=checkpoint, num_gpu_blocks=128))
     try:
         with PdserveClient(dep.url) as grpc_client:
+            info = grpc_client.model_info()
+            assert info.eos_token_id == eos_ids[0] and info.eos_token_ids == tuple(eos_ids)
             start = 0
             for position, eos in zip(positions, eos_ids, strict=True):
                 # Continue the greedy output from where the previous eos id stopped it.

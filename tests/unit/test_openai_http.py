@@ -178,6 +178,12 @@ def test_vllm_extra_fields_are_honoured(client):
         extra_body={"top_k": 1, "ignore_eos": True},
     )
     assert top1.choices[0].text == ids.choices[0].text
+    # a stop string: the text ends before its first occurrence, finish_reason "stop"
+    text = ids.choices[0].text
+    stop = next(text[i : i + 2] for i in range(2, len(text) - 1) if text[i : i + 2].isprintable())
+    with_stop = client.completions.create(**base, stop=[stop], extra_body={"ignore_eos": True})
+    assert with_stop.choices[0].text == text[: text.index(stop)]
+    assert with_stop.choices[0].finish_reason == "stop"
     min_tok = client.completions.create(
         **base, extra_body={"min_tokens": 5, "stop_token_ids": [tokens[0]], "return_token_ids": True}
     )
