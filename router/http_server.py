@@ -45,6 +45,7 @@ from pdserve.router.service import RouterCore
 log = logging.getLogger(__name__)
 
 MAX_BODY_BYTES = 64 << 20
+SHUTDOWN_TIMEOUT_S = 1.0
 SSE_DONE = b"data: [DONE]\n\n"
 
 
@@ -114,7 +115,11 @@ class HttpServer:
         app.router.add_get("/metrics", self._metrics)
         # handler_cancellation: a client that hangs up cancels its handler, which aborts
         # the request on the workers (RouterCore.generate's contract).
-        self._runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
+        # shutdown_timeout: stopping waits at most this long for open streams, then cancels
+        # them (each aborts its request), instead of aiohttp's default minute.
+        self._runner = web.AppRunner(
+            app, handler_cancellation=True, access_log=None, shutdown_timeout=SHUTDOWN_TIMEOUT_S
+        )
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.host, self.port, reuse_port=False)
         try:

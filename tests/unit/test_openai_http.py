@@ -396,3 +396,40 @@ def test_http_port_in_use_is_one_clear_error(dep):
     taken = int(dep.http_url.rsplit(":", 1)[1])
     with pytest.raises(OSError, match=f"router.http_port: cannot bind 127.0.0.1:{taken}"):
         dep.run(HttpServer(dep.core, "127.0.0.1", taken).start())
+
+
+def test_stopping_the_server_ends_open_streams_at_once():
+    """Stopping HTTP with a stream open takes about a second, ends the stream, frees its blocks."""
+    import threading
+
+    d = InProcessDeployment()
+    try:
+        c = openai.OpenAI(base_url=d.http_url + "/v1", api_key="unused", max_retries=0, timeout=60)
+        stream = c.completions.create(
+            model="tiny", prompt=PROMPT, max_tokens=3000, stream=True, extra_body={"ignore_eos": True}
+        )
+        chunks = iter(stream)
+        next(chunks)
+        outcome: list[object] = []
+
+        def drain():
+            try:
+                outcome.append(sum(1 for _ in chunks))
+            except Exception as exc:  # noqa: BLE001 - what the client sees is the point
+                outcome.append(exc)
+
+        reader = threading.Thread(target=drain)
+        reader.start()
+        start = time.monotonic()
+        d.run(d.http.stop())
+        assert time.monotonic() - start < 5
+        reader.join(10)
+        assert not reader.is_alive() and outcome
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and not (
+            d.core.status()["num_streams"] == 0 and d.all_blocks_free()
+        ):
+            time.sleep(0.1)
+        assert d.core.status()["num_streams"] == 0 and d.all_blocks_free()
+    finally:
+        d.close()
