@@ -244,6 +244,9 @@ def build_parser(
             p.add_argument("--stop-ray", action="store_true")
         p.set_defaults(func=func)
 
+    from pdserve.deploy.top import add_parser as add_top
+
+    add_top(sub)
     if extra_commands is not None:
         extra_commands(sub)
     return parser

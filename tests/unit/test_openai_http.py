@@ -433,3 +433,15 @@ def test_stopping_the_server_ends_open_streams_at_once():
         assert d.core.status()["num_streams"] == 0 and d.all_blocks_free()
     finally:
         d.close()
+
+
+def test_pdserve_top_reads_metrics(dep, client, capsys):
+    from pdserve.deploy.cli import main as cli_main
+
+    client.completions.create(model="tiny", prompt=PROMPT, max_tokens=3)
+    assert cli_main(["top", "--url", dep.http_url, "--iterations", "2", "--interval", "0.2"]) == 0
+    out = capsys.readouterr().out
+    assert "decode-0" in out and "prefill-0" in out and "generated" in out and "tok/s" in out
+    assert "length " in out.splitlines()[-1]  # finished requests by reason
+    assert cli_main(["top", "--url", "http://127.0.0.1:1", "--iterations", "1"]) == 2
+    assert "pdserve: error: http://127.0.0.1:1/metrics" in capsys.readouterr().err
