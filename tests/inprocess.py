@@ -29,9 +29,10 @@ class InProcessDeployment:
         policy_params: dict | None = None,
         max_queue_len: int = 256,
         max_wait_s: float = 30.0,
+        transfer_options: dict | None = None,
     ) -> None:
         engine = engine or EngineConfig(model="tiny", num_gpu_blocks=512)
-        transfer = TransferConfig(backend="grpc", host="127.0.0.1")
+        transfer = TransferConfig(backend="grpc", host="127.0.0.1", **(transfer_options or {})).with_secret()
         decode_role = "decode" if num_prefill else "both"
         specs = [
             WorkerSpec(f"prefill-{i}", "prefill", prefill_engine or engine, transfer)

@@ -7,6 +7,7 @@ whose connections all come in on the server's one data port.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Iterator
 from types import SimpleNamespace
@@ -17,12 +18,13 @@ import torch
 
 from pdserve.internal import kv_transfer_pb2, kv_transfer_pb2_grpc
 from pdserve.transfer.contract import KVArrival, KVHandle, KVSender, KVTransferError
+from pdserve.transfer.credentials import KVGate
 from pdserve.transfer.grpc_backend import GrpcKVSender, layout_to_proto
 from pdserve.transfer.grpc_server import GrpcKVServer
 from pdserve.transfer.layout import KVLayout, KVLayoutMismatch
-from pdserve.transfer.packing import pack_blocks
+from pdserve.transfer.packing import buffer_nbytes, pack_blocks
 from pdserve.transfer.peers import GrpcPeer
-from tests.unit.grpc_kv import FIRST_TOKEN, MODEL, Server, bits, make_cache
+from tests.unit.grpc_kv import FIRST_TOKEN, MODEL, SECRET, Server, auth_metadata, bits, make_cache
 from tests.unit.threads import run_in_threads
 
 
@@ -30,7 +32,9 @@ from tests.unit.threads import run_in_threads
 def sender(request: pytest.FixtureRequest) -> Iterator[GrpcKVSender]:
     # In band: small chunks so even these tiny buffers span many messages.
     socket_min_bytes = None if request.param == "inband" else 0
-    grpc_sender = GrpcKVSender(MODEL, chunk_bytes=1000, timeout_s=10, socket_min_bytes=socket_min_bytes)
+    grpc_sender = GrpcKVSender(
+        MODEL, SECRET, chunk_bytes=1000, timeout_s=10, socket_min_bytes=socket_min_bytes
+    )
     yield grpc_sender
     grpc_sender.close()
 
@@ -85,7 +89,9 @@ def test_layout_mismatch_is_refused_with_a_clear_message(sender: GrpcKVSender) -
         source = make_cache(4, torch.bfloat16, head_dim=16)
         # A handle that lies about the decode layout gets past the sender's own check; the server refuses.
         lying_layout = KVLayout.from_cache(source, MODEL)
-        handle = KVHandle("bad", "decode-0", [0, 1], 8, lying_layout, GrpcPeer(receiver.server.address))
+        handle = dataclasses.replace(
+            receiver.handle("bad", [0, 1]), layout=lying_layout, layout_fingerprint=""
+        )
         start = time.monotonic()
         with pytest.raises(KVLayoutMismatch) as info:
             sender.send(handle, [0, 1], source, FIRST_TOKEN)
@@ -108,9 +114,11 @@ def test_callback_failure_and_unreachable_server_raise_transfer_errors(sender: G
         def on_kv_chunk(self, arrival: KVArrival, layers: slice, chunk: torch.Tensor) -> None:
             raise KeyError(f"unknown request {arrival.req_id}")
 
-    server = GrpcKVServer("127.0.0.1:0", Refuse(), layout)
+    gate = KVGate(SECRET)
+    server = GrpcKVServer("127.0.0.1:0", Refuse(), layout, gate=gate)
     server.start()
-    handle = KVHandle("gone", "decode-0", [0], 4, layout, GrpcPeer(server.address))
+    credential = gate.issue("gone", [0], buffer_nbytes(layout, 1))
+    handle = KVHandle("gone", "decode-0", [0], 4, layout, GrpcPeer(server.address), credential=credential)
     try:
         with pytest.raises(KVTransferError, match="INTERNAL.*unknown request gone"):
             sender.send(handle, [1], make_cache(4, torch.float32), FIRST_TOKEN)
@@ -126,8 +134,14 @@ def test_server_rejects_malformed_streams() -> None:
     layout = KVLayout.from_cache(make_cache(4, torch.float32), MODEL)
     received: list[str] = []
     sink = SimpleNamespace(on_kv_chunk=lambda arrival, *_: received.append(arrival.req_id))
-    server = GrpcKVServer("127.0.0.1:0", sink, layout)
+    gate = KVGate(SECRET)
+    server = GrpcKVServer("127.0.0.1:0", sink, layout, gate=gate)
     server.start()
+    nbytes = buffer_nbytes(layout, 1)
+
+    def auth() -> tuple[tuple[str, str], ...]:  # a fresh reservation of block 0 per call
+        return auth_metadata("short", gate.issue("short", [0], nbytes))
+
     channel = grpc.insecure_channel(server.address)
     stub = kv_transfer_pb2_grpc.KVTransferStub(channel)
     good_header = kv_transfer_pb2.KVHeader(
@@ -136,26 +150,30 @@ def test_server_rejects_malformed_streams() -> None:
     )  # fmt: skip
     try:
         with pytest.raises(grpc.RpcError) as info:
-            stub.PushKV(iter([kv_transfer_pb2.KVChunk(data=b"xx")]), timeout=5)
+            stub.PushKV(iter([kv_transfer_pb2.KVChunk(data=b"xx")]), timeout=5, metadata=auth())
         assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         with pytest.raises(grpc.RpcError) as info:  # stream stops short of total_bytes
             stub.PushKV(
-                iter([kv_transfer_pb2.KVChunk(header=good_header), kv_transfer_pb2.KVChunk(data=b"x")])
+                iter([kv_transfer_pb2.KVChunk(header=good_header), kv_transfer_pb2.KVChunk(data=b"x")]),
+                timeout=5,
+                metadata=auth(),
             )
         assert info.value.code() == grpc.StatusCode.DATA_LOSS
         wrong_shape = kv_transfer_pb2.KVHeader()
         wrong_shape.CopyFrom(good_header)
         wrong_shape.shape[2] = 2
         with pytest.raises(grpc.RpcError) as info:
-            stub.PushKV(iter([kv_transfer_pb2.KVChunk(header=wrong_shape)]), timeout=5)
+            stub.PushKV(iter([kv_transfer_pb2.KVChunk(header=wrong_shape)]), timeout=5, metadata=auth())
         assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert received == []
         payload = (
             pack_blocks(make_cache(4, torch.float32), [2]).reshape(-1).view(torch.uint8).numpy().tobytes()
         )
-        reply = stub.PushKV(
-            iter([kv_transfer_pb2.KVChunk(header=good_header), kv_transfer_pb2.KVChunk(data=payload)])
-        )
+        chunks = [kv_transfer_pb2.KVChunk(header=good_header), kv_transfer_pb2.KVChunk(data=payload)]
+        with pytest.raises(grpc.RpcError) as info:  # no deadline: it could hold a thread forever
+            stub.PushKV(iter(chunks), metadata=auth())
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "deadline" in info.value.details()
+        reply = stub.PushKV(iter(chunks), timeout=5, metadata=auth())
         assert reply.received_bytes == len(payload) and received == ["short"]
     finally:
         channel.close()
