@@ -446,12 +446,6 @@ class NcclKVReceiver:
     def _validate(self, notice: NcclTransferNotice, reservation: Reservation | None) -> Exception | None:
         if reservation is None:
             return None  # refused already
-        if tuple(notice.block_ids) != reservation.block_ids or notice.nbytes != reservation.nbytes:
-            return KVTransferError(
-                f"request {notice.req_id}: the notice names {len(notice.block_ids)} blocks / "
-                f"{notice.nbytes} bytes, not the {len(reservation.block_ids)} blocks / "
-                f"{reservation.nbytes} bytes reserved"
-            )
         try:
             notice.layout.check_compatible(self.expected_layout, "prefill", "decode")
         except KVLayoutMismatch as exc:
@@ -465,6 +459,12 @@ class NcclKVReceiver:
         if tuple(notice.shape) != expected_shape:
             return KVTransferError(
                 f"request {notice.req_id}: buffer shape {tuple(notice.shape)} != expected {expected_shape}"
+            )
+        if tuple(notice.block_ids) != reservation.block_ids or notice.nbytes != reservation.nbytes:
+            return KVTransferError(
+                f"request {notice.req_id}: the notice names {len(notice.block_ids)} blocks / "
+                f"{notice.nbytes} bytes, not the {len(reservation.block_ids)} blocks / "
+                f"{reservation.nbytes} bytes reserved"
             )
         return None
 

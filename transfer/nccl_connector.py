@@ -29,6 +29,7 @@ from pdserve.transfer.connector import (
     Waitable,
 )
 from pdserve.transfer.contract import KVHandle, KVSink, KVTransferError, TransferStats
+from pdserve.transfer.credentials import secret_bytes
 from pdserve.transfer.layout import KVLayout
 from pdserve.transfer.peers import NcclPeer, check_nccl_peer
 
@@ -44,6 +45,7 @@ class NcclSendSide:
     """Prefill side: an `NcclKVSender` from `join_group` on, notifying through `links`."""
 
     def __init__(self, model_name: str, links: Mapping[str, DecodeLink], config: TransferConfig) -> None:
+        secret_bytes(config.secret)  # no side without the deployment's secret (ValueError)
         self.model_name = model_name
         self.config = config
         self.links = links  # held, not copied: the wiring may fill it later
