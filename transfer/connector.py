@@ -30,6 +30,7 @@ loads it.
 from __future__ import annotations
 
 import importlib
+import math
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
@@ -134,9 +135,12 @@ class GatedReceiveSide:
         self.layout = layout
 
     def expect(self, req_id: str, block_ids: Sequence[int]) -> bytes:
-        from pdserve.transfer.packing import buffer_nbytes  # torch: only on a decode worker
+        import torch  # only on a decode worker, which has it loaded anyway
 
-        return self.gate.issue(req_id, block_ids, buffer_nbytes(self.layout, len(block_ids)))
+        nbytes = (
+            math.prod(self.layout.buffer_shape(len(block_ids))) * getattr(torch, self.layout.dtype).itemsize
+        )
+        return self.gate.issue(req_id, block_ids, nbytes)
 
     def forget(self, req_id: str) -> None:
         self.gate.revoke(req_id)

@@ -102,7 +102,7 @@ def test_decode_kv_server_takes_the_configured_ports():
         except OSError:
             continue
     grpc_port, data_port = base + 2, base + 3
-    transfer = TransferConfig(port_base=base, data_streams=2)
+    transfer = TransferConfig(port_base=base, data_streams=2).with_secret()
     actor = WorkerActor(
         WorkerSpec("decode-1", "decode", EngineConfig(model="tiny", num_gpu_blocks=64), transfer, 1)
     )
