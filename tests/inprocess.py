@@ -39,6 +39,7 @@ class InProcessDeployment:
             for i in range(num_prefill)
         ]
         specs += [WorkerSpec(f"decode-{i}", decode_role, engine, transfer, i) for i in range(num_decode)]
+        self.transfer = transfer  # its secret: what a test plays the deployment's own sender with
         built = {spec.worker_id: build_worker(spec) for spec in specs}
         self.prefill = {w: built[w] for w in built if w.startswith("prefill")}
         self.decode = {w: built[w] for w in built if w.startswith("decode")}
