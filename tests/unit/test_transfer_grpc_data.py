@@ -304,6 +304,22 @@ def test_silent_and_wrong_strays_do_not_delay_a_transfer(server: Server) -> None
         partial.close()
 
 
+def test_a_flood_of_silent_connections_does_not_lock_senders_out(server: Server) -> None:
+    address = ("127.0.0.1", server.server.data_port)
+    flood = [socket.create_connection(address) for _ in range(grpc_data.MAX_UNCLAIMED_CONNECTIONS + 4)]
+    sender = GrpcKVSender(MODEL, SECRET, timeout_s=10, socket_min_bytes=0)
+    try:
+        source = make_cache(8, seed=9)
+        start = time.monotonic()
+        sender.send(server.handle("after-flood", [3, 5]), [1, 2], source, FIRST_TOKEN)
+        assert time.monotonic() - start < 5  # long before the strays' 10 s token timeout
+        assert torch.equal(bits(server.cache[:, :, [3, 5]]), bits(source[:, :, [1, 2]]))
+    finally:
+        sender.close()
+        for conn in flood:
+            conn.close()
+
+
 def test_stop_returns_promptly_with_a_stray_connection_open() -> None:
     decode = Server()
     stray = socket.create_connection(("127.0.0.1", decode.server.data_port))
