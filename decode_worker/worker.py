@@ -45,7 +45,6 @@ from pdserve.transfer.packing import unpack_blocks
 log = logging.getLogger(__name__)
 
 MAX_DROPPED = 10_000  # ids of requests aborted while their KV was in flight, remembered
-DEFAULT_LEASE_S = 30.0  # without a connector (co-located role): unused
 
 
 class DecodeWorker(LoopWorker):
@@ -67,9 +66,9 @@ class DecodeWorker(LoopWorker):
         # req_id -> (its reserved block ids, time.monotonic() of reserve) until it lands or ends
         self._reserved: dict[str, tuple[tuple[int, ...], float]] = {}
         self.receive_side: KVReceiveSide | None = None
-        self.lease_s = connector.config.timeout_s if connector is not None else DEFAULT_LEASE_S
         self._stopping = threading.Event()
         if role == "decode" and connector is not None:
+            self.lease_s = connector.config.timeout_s  # the transfer lease (`transfer.timeout_s`)
             self.receive_side = connector.receive_side(
                 self, self.layout, self.engine.kv_cache.device, decode_index
             )

@@ -163,7 +163,7 @@ def parse_config(data: dict[str, Any]) -> DeployConfig:
     try:
         cfg.transfer.validate()
     except ValueError as exc:
-        raise ConfigError(f"transfer: {exc}") from None
+        raise ConfigError(str(exc).replace("TransferConfig.", "transfer.")) from None
     last_port = cfg.transfer.port_base + 2 * cfg.decode.count - 1
     if cfg.transfer.port_base and not (1024 <= cfg.transfer.port_base and last_port <= 65535):
         raise ConfigError(

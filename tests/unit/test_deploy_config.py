@@ -46,6 +46,9 @@ def test_shipped_configs_parse(path):
         ),
         ({"colocated": {"count": 1}, "transfer": {"data_streams": 0}}, "transfer.data_streams"),
         ({"colocated": {"count": 1}, "transfer": {"data_streams": "4"}}, "transfer.data_streams"),
+        ({"colocated": {"count": 1}, "transfer": {"timeout_s": 0}}, "transfer.timeout_s"),
+        ({"colocated": {"count": 1}, "transfer": {"timeout_s": "30"}}, "transfer.timeout_s"),
+        ({"colocated": {"count": 1}, "transfer": {"secret": 12345}}, "transfer.secret"),
     ],
 )
 def test_bad_configs_name_the_key(data, key):
