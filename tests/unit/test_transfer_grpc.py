@@ -8,6 +8,7 @@ whose connections all come in on the server's one data port.
 from __future__ import annotations
 
 import dataclasses
+import threading
 import time
 from collections.abc import Iterator
 from types import SimpleNamespace
@@ -19,7 +20,7 @@ import torch
 from pdserve.internal import kv_transfer_pb2, kv_transfer_pb2_grpc
 from pdserve.transfer.contract import KVArrival, KVHandle, KVSender, KVTransferError
 from pdserve.transfer.credentials import KVGate
-from pdserve.transfer.grpc_backend import GrpcKVSender, layout_to_proto
+from pdserve.transfer.grpc_backend import PUSH_KV, GrpcKVSender, encode_header, layout_to_proto
 from pdserve.transfer.grpc_server import GrpcKVServer
 from pdserve.transfer.layout import KVLayout, KVLayoutMismatch
 from pdserve.transfer.packing import buffer_nbytes, pack_blocks
@@ -178,3 +179,42 @@ def test_server_rejects_malformed_streams() -> None:
     finally:
         channel.close()
         server.stop()
+
+
+def test_stalled_senders_hold_nobody_up_and_end_by_their_deadline() -> None:
+    receiver = Server(server_options={"timeout_s": 2.0})
+    stall = threading.Event()
+    channel = grpc.insecure_channel(receiver.server.address)
+    push = channel.stream_unary(PUSH_KV, response_deserializer=kv_transfer_pb2.PushKVReply.FromString)
+    nbytes = buffer_nbytes(receiver.layout, 1)
+
+    def stalled(handle: KVHandle) -> Iterator[bytes]:
+        yield encode_header(handle, receiver.layout, nbytes, FIRST_TOKEN)  # admitted, header read ...
+        stall.wait(30)  # ... and then nothing: a sender that stopped
+
+    sender = GrpcKVSender(MODEL, SECRET, timeout_s=2.0)
+    try:
+        calls = []
+        for i in range(8):  # more stalled calls than the server once had threads
+            handle = receiver.handle(f"stalled-{i}", [i])
+            metadata = auth_metadata(handle.req_id, handle.credential)
+            calls.append(push.future(stalled(handle), timeout=2.0, metadata=metadata))
+        time.sleep(0.3)  # every stalled call is in, holding a server thread
+        source = make_cache(4, seed=3)
+        start = time.monotonic()
+        sender.send(receiver.handle("real", [20, 21]), [0, 1], source, FIRST_TOKEN)
+        assert time.monotonic() - start < 1.5  # nobody waited for the stalled ones (2 s deadlines)
+        assert torch.equal(bits(receiver.cache[:, :, [20, 21]]), bits(source[:, :, [0, 1]]))
+        codes = {call.exception(timeout=10).code() for call in calls}
+        assert codes == {grpc.StatusCode.DEADLINE_EXCEEDED}  # the deadline ended each
+        assert receiver.ready == ["real"]
+        # A call asking for more time than the transfer timeout (+ slack) is refused up front.
+        handle = receiver.handle("greedy", [30])
+        with pytest.raises(grpc.RpcError) as info:
+            push(iter([b""]), timeout=60, metadata=auth_metadata(handle.req_id, handle.credential))
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "deadline" in info.value.details()
+    finally:
+        stall.set()
+        sender.close()
+        channel.close()
+        receiver.server.stop()
