@@ -6,6 +6,7 @@ The Triton kernel is checked bit for bit under Triton's CPU interpreter in a sub
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import importlib.util
 import os
@@ -283,6 +284,14 @@ def test_receiver_hands_chunks_over_in_order_and_drains_after_a_failing_callback
     with pytest.raises(KeyError, match="no reservation"):
         receiver.recv(reserved_notice())
     assert posted == [slice(0, 2), slice(2, 3)]  # every chunk still received: the pair stays in step
+    # A notice naming other blocks than its reservation's: drained, refused, nothing written.
+    posted.clear()
+    dst.zero_()
+    elsewhere = dataclasses.replace(reserved_notice(), block_ids=(1, 5, 7))
+    receiver = NcclKVReceiver(Sink(), layout, "cpu", gate)
+    with pytest.raises(nccl_backend.KVTransferError, match="not the 3 blocks"):
+        receiver.recv(elsewhere)
+    assert posted == [slice(0, 2), slice(2, 3)] and torch.count_nonzero(dst) == 0
     bad = NcclTransferNotice("r2", 1, (0,), (3, 2, 1, 4, 2, 8), "float32", layout, 3 * 2 * 128 * 4, 0, -1)
     with pytest.raises(nccl_backend.KVTransferError, match="could not drain"):
         receiver.recv(bad)
