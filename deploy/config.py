@@ -10,7 +10,7 @@ the key path (e.g. `decode.count`), raised before anything starts.
     prefill:   {count, resources: {num_cpus, num_gpus, resources: {NAME: amount}}}
     decode:    {count, resources: ...}
     colocated: {count, resources: ...}   # workers that run both phases (the baseline)
-    transfer:  {backend: grpc|nccl, host, port_base, data_streams}
+    transfer:  {backend: grpc|nccl, host, port_base, data_streams, timeout_s, secret}
     router:    {host, port, policy, policy_params: {...}, kv_events, max_queue_len,
                 max_wait_s, max_bypasses, default_max_tokens, max_stop_strings,
                 max_stop_string_chars, max_stop_token_ids, max_message_bytes,
@@ -174,6 +174,10 @@ def parse_config(data: dict[str, Any]) -> DeployConfig:
         raise ConfigError(
             f"transfer.data_streams: must be an integer in [1, 64], got {cfg.transfer.data_streams!r}"
         )
+    try:
+        cfg.transfer.validate()
+    except ValueError as exc:
+        raise ConfigError(str(exc).replace("TransferConfig.", "transfer.")) from None
     last_port = cfg.transfer.port_base + 2 * cfg.decode.count - 1
     if cfg.transfer.port_base and not (1024 <= cfg.transfer.port_base and last_port <= 65535):
         raise ConfigError(

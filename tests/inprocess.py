@@ -30,16 +30,19 @@ class InProcessDeployment:
         max_queue_len: int = 256,
         max_wait_s: float = 30.0,
         router_overrides: dict | None = None,
+        transfer_options: dict | None = None,
     ) -> None:
-        """`router_overrides`: more RouterConfig keys (admission and request bounds)."""
+        """`router_overrides`: more RouterConfig keys (admission and request bounds);
+        `transfer_options`: more TransferConfig keys (e.g. timeout_s)."""
         engine = engine or EngineConfig(model="tiny", num_gpu_blocks=512)
-        transfer = TransferConfig(backend="grpc", host="127.0.0.1")
+        transfer = TransferConfig(backend="grpc", host="127.0.0.1", **(transfer_options or {})).with_secret()
         decode_role = "decode" if num_prefill else "both"
         specs = [
             WorkerSpec(f"prefill-{i}", "prefill", prefill_engine or engine, transfer)
             for i in range(num_prefill)
         ]
         specs += [WorkerSpec(f"decode-{i}", decode_role, engine, transfer, i) for i in range(num_decode)]
+        self.transfer = transfer  # its secret: what a test plays the deployment's own sender with
         built = {spec.worker_id: build_worker(spec) for spec in specs}
         self.prefill = {w: built[w] for w in built if w.startswith("prefill")}
         self.decode = {w: built[w] for w in built if w.startswith("decode")}
