@@ -131,6 +131,9 @@ def cmd_up(args: argparse.Namespace) -> int:
     )
     if dep.http_url:
         print(f"OpenAI-compatible HTTP at {dep.http_url}/v1 (metrics: {dep.http_url}/metrics)", flush=True)
+    from pdserve.router.request_limits import RequestLimits
+
+    print(f"router limits: {RequestLimits.from_config(dep.config.router).describe()}", flush=True)
     if args.demo:
         print(f"$ pdserve generate --url {dep.url} --prompt 'Hello, pdserve!'", flush=True)
         demo = argparse.Namespace(

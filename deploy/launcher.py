@@ -10,6 +10,7 @@ and `pdserve down` can find them from another process.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from dataclasses import dataclass, field
@@ -78,6 +79,9 @@ def up(
     from pdserve.router.service import ModelSummary
 
     cfg = load_config(config, overrides) if isinstance(config, str) else config
+    # One KV secret per deployment, generated here unless the config pins one; it reaches every
+    # worker in its WorkerSpec (over Ray) and is never logged.
+    cfg = dataclasses.replace(cfg, transfer=cfg.transfer.with_secret())
     model_cfg = ModelConfig.resolve(cfg.model)  # fail fast on a bad model path
     started_ray = False
     if not ray.is_initialized():

@@ -38,9 +38,7 @@ class RouterActor:
             ChatTemplate.from_model(model_path),
             transfer_backend,
         )
-        self.server = RouterServer(
-            self.core, router_config.host, router_config.port, router_config.default_max_tokens
-        )
+        self.server = RouterServer.from_config(self.core, router_config)
         self.http = (
             None
             if router_config.http_port is None
