@@ -25,6 +25,8 @@ GENERATION_DEFAULT_KEYS = {
     "temperature": "temperature",
     "top_p": "top_p",
     "top_k": "top_k",
+    "min_p": "min_p",
+    "repetition_penalty": "repetition_penalty",
     "max_new_tokens": "max_tokens",
 }
 DTYPES = ("float32", "bfloat16", "float16")  # the names `model_runner.parse_dtype` takes

@@ -26,13 +26,13 @@ from typing import Any
 
 from aiohttp import web
 
+from pdserve.engine.core.sampling_params import SamplingParams
 from pdserve.router.events import Chunk, Completion, RouterError
 from pdserve.router.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from pdserve.router.openai_protocol import (
     STATUS_OF_CODE,
     ParsedRequest,
     ProtocolError,
-    ResponseBuilder,
     build_sampling,
     check_prompt_ids,
     error_body,
@@ -40,6 +40,7 @@ from pdserve.router.openai_protocol import (
     parse_chat,
     parse_completion,
 )
+from pdserve.router.openai_responses import ChoiceState, ResponseBuilder
 from pdserve.router.service import RouterCore
 
 log = logging.getLogger(__name__)
@@ -57,6 +58,10 @@ def _json_response(body: dict[str, Any], status: int = 200) -> web.Response:
     return web.Response(
         body=json.dumps(body, ensure_ascii=False).encode(), status=status, content_type="application/json"
     )
+
+
+def _token_id_text(token_id: int) -> str:
+    return f"token_id:{token_id}"
 
 
 def _usage_so_far(prompt_len: int, generated: int) -> dict[str, int]:
@@ -89,7 +94,8 @@ def _router_error_response(exc: RouterError) -> web.Response:
 
 def _router_error_body(exc: RouterError) -> tuple[int, dict[str, Any]]:
     status, err_type = STATUS_OF_CODE.get(exc.code, (500, "InternalServerError"))
-    param = exc.message.split(":", 1)[0].split(".", 1)[0] if status == 400 and ":" in exc.message else None
+    # "sampling.max_tokens: ..." names max_tokens, "messages: ..." messages
+    param = exc.message.split(":", 1)[0].rsplit(".", 1)[-1] if status == 400 and ":" in exc.message else None
     return status, error_body(exc.message, err_type, param, status)
 
 
@@ -182,7 +188,10 @@ class HttpServer:
             return _json_response(exc.body(), exc.status)
         except RouterError as exc:
             return _router_error_response(exc)
-        builder = ResponseBuilder(self.core.model.name, chat, prompt if parsed.return_token_ids else None)
+        token_text = _token_id_text if parsed.tokens_as_ids else self._token_text
+        builder = ResponseBuilder(
+            self.core.model.name, chat, prompt if parsed.return_token_ids else None, token_text
+        )
         events = self.core.generate(self.core.new_request_id(), prompt, params)
         async with aclosing(events):
             try:
@@ -194,26 +203,37 @@ class HttpServer:
                 log.exception("request failed")
                 return _json_response(error_body(str(exc), "InternalServerError", None, 500), 500)
             if parsed.stream:
-                return await self._stream(request, builder, first, events, parsed, len(prompt))
-            return await self._collect(builder, first, events)
+                return await self._stream(request, builder, first, events, parsed, params, len(prompt))
+            return await self._collect(builder, first, events, params.logprobs is not None)
+
+    def _token_text(self, token_id: int) -> str:
+        """One token's own text, for logprobs (the tokenizer's decoding of it alone)."""
+        tokenizer = self.core.tokenizer
+        return tokenizer.decode([token_id]) if tokenizer is not None else _token_id_text(token_id)
 
     async def _collect(
-        self, builder: ResponseBuilder, first: Chunk | Completion, events: AsyncIterator[Chunk | Completion]
+        self,
+        builder: ResponseBuilder,
+        first: Chunk | Completion,
+        events: AsyncIterator[Chunk | Completion],
+        want_logprobs: bool,
     ) -> web.Response:
-        texts: list[str] = []
-        token_ids: list[int] = []
-        event = first
+        choices: dict[int, ChoiceState] = {}
+        event: Chunk | Completion | None = first
         try:
-            while isinstance(event, Chunk):
-                texts.append(event.text)
-                token_ids += event.token_ids
-                event = await anext(events)
+            while event is not None:
+                state = choices.setdefault(event.index, ChoiceState())
+                if isinstance(event, Chunk):
+                    state.add(event)
+                else:
+                    state.done = event
+                event = await anext(events, None)
         except RouterError as exc:
             return _router_error_response(exc)
         except Exception as exc:  # noqa: BLE001 - a worker failed mid-request
             log.exception("request failed")
             return _json_response(error_body(str(exc), "InternalServerError", None, 500), 500)
-        return _json_response(builder.full("".join(texts), event, token_ids))
+        return _json_response(builder.full(choices, want_logprobs))
 
     async def _stream(
         self,
@@ -222,6 +242,7 @@ class HttpServer:
         first: Chunk | Completion,
         events: AsyncIterator[Chunk | Completion],
         parsed: ParsedRequest,
+        params: SamplingParams,
         prompt_len: int,
     ) -> web.StreamResponse:
         response = web.StreamResponse(
@@ -233,24 +254,31 @@ class HttpServer:
         )
         await response.prepare(request)
         if builder.chat:
-            await response.write(_sse(builder.chunk(None, role=True)))
+            for index in range(params.n):
+                await response.write(_sse(builder.chunk(index, None, role=True)))
+        # A chunk whose text is held back (an incomplete character) is skipped, unless the
+        # client asked for its token ids or logprobs.
+        keep_empty = builder.prompt_token_ids is not None or params.logprobs is not None
+        generated, done = 0, []
         event: Chunk | Completion | None = first
-        with_ids = builder.prompt_token_ids is not None
-        generated = 0
         try:
-            while isinstance(event, Chunk):
-                generated += len(event.token_ids)
-                # A chunk whose text is held back (an incomplete character) is skipped,
-                # unless the client asked for token ids.
-                if event.text or (with_ids and event.token_ids):
-                    usage = _usage_so_far(prompt_len, generated) if parsed.continuous_usage else None
-                    await response.write(
-                        _sse(builder.chunk(event.text, token_ids=event.token_ids, usage=usage))
-                    )
-                event = await anext(events)
-            await response.write(_sse(builder.chunk(None if builder.chat else "", event.finish_reason)))
+            while event is not None:
+                if isinstance(event, Chunk):
+                    generated += len(event.token_ids)
+                    if event.text or (keep_empty and event.token_ids):
+                        usage = _usage_so_far(prompt_len, generated) if parsed.continuous_usage else None
+                        logprobs = builder.logprobs_body(event.index, event.logprobs)
+                        chunk = builder.chunk(
+                            event.index, event.text, None, False, event.token_ids, logprobs, usage
+                        )
+                        await response.write(_sse(chunk))
+                else:
+                    done.append(event)
+                    finish = builder.chunk(event.index, None if builder.chat else "", event.finish_reason)
+                    await response.write(_sse(finish))
+                event = await anext(events, None)
             if parsed.include_usage:
-                await response.write(_sse(builder.usage_chunk(event)))
+                await response.write(_sse(builder.usage_chunk(done)))
         except RouterError as exc:
             await response.write(_sse(_router_error_body(exc)[1]))
         except (ConnectionResetError, ConnectionError):

@@ -4,25 +4,26 @@
 `RouterCore.generate` takes (prompt token ids, `SamplingParams`); `ResponseBuilder` makes
 the response objects and stream chunks. No I/O here: router/http_server.py serves them.
 
-Accepted as vLLM accepts them: the OpenAI fields, and vLLM's extras `top_k`, `min_tokens`,
-`ignore_eos`, `stop_token_ids`, `seed`, `return_token_ids` (each choice also carries its
-`token_ids`, the response its `prompt_token_ids`), `add_generation_prompt` (chat). Fields
-the engine does not implement yet answer 400 naming the field when set to anything but
-their neutral value (`n` > 1, `logprobs`, `echo`, `best_of`, `logit_bias`, `suffix`, the
-penalties, `min_p`, `skip_special_tokens` false, `include_stop_str_in_output` true, `tools`,
-`response_format` other than text). Unknown fields are ignored, as OpenAI's server does.
+Accepted as OpenAI and vLLM accept them: `n` (choices; sample i seeded seed + i),
+`logprobs` (completions: an integer; chat: `logprobs` with `top_logprobs`), the penalties,
+and vLLM's extras `top_k`, `min_p`, `min_tokens`, `ignore_eos`, `stop_token_ids`, `seed`,
+`repetition_penalty`, `return_token_ids` (each choice also carries its `token_ids`, the
+response its `prompt_token_ids`), `return_tokens_as_token_ids` (logprobs name tokens
+"token_id:N"), `add_generation_prompt` (chat). Fields not implemented
+yet answer 400 naming the field when set to anything but their neutral value (`echo`,
+`best_of`, `logit_bias`, `suffix`, `prompt_logprobs`, `skip_special_tokens` false,
+`include_stop_str_in_output` true, `tools`, `response_format` other than text). Unknown
+fields are ignored, as OpenAI's server does.
 """
 
 from __future__ import annotations
 
-import time
-import uuid
 from dataclasses import dataclass
 from typing import Any
 
 from pdserve.engine.core.request import validate_prompt
 from pdserve.engine.core.sampling_params import SamplingParams
-from pdserve.router.events import Completion, ModelSummary
+from pdserve.router.events import ModelSummary
 
 # HTTP status and OpenAI error type per RouterError code (gRPC status names).
 STATUS_OF_CODE = {
@@ -34,25 +35,21 @@ STATUS_OF_CODE = {
 }
 # field -> its neutral value; anything else is refused until the engine implements it.
 UNSUPPORTED_UNLESS = {
-    "n": 1,
     "best_of": 1,
     "echo": False,
-    "logprobs": None,
-    "top_logprobs": None,
     "prompt_logprobs": None,
     "logit_bias": None,
     "suffix": None,
-    "presence_penalty": 0,
-    "frequency_penalty": 0,
-    "repetition_penalty": 1,
-    "min_p": 0,
     "skip_special_tokens": True,
     "include_stop_str_in_output": False,
     "tools": None,
     "tool_choice": None,
     "continue_final_message": False,
 }
-SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "seed", "min_tokens", "ignore_eos")
+SAMPLING_FIELDS = (
+    "temperature", "top_p", "top_k", "seed", "min_tokens", "ignore_eos", "n",
+    "presence_penalty", "frequency_penalty", "repetition_penalty", "min_p",
+)  # fmt: skip
 
 
 class ProtocolError(Exception):
@@ -92,6 +89,9 @@ class ParsedRequest:
     return_token_ids: bool = False
     # vLLM's `stream_options.continuous_usage_stats`: every chunk carries the usage so far.
     continuous_usage: bool = False
+    # vLLM's `return_tokens_as_token_ids`: logprobs name tokens "token_id:N", not their text
+    # (several ids can decode to the same text, e.g. the halves of a UTF-8 character).
+    tokens_as_ids: bool = False
 
 
 def _check_model(body: dict[str, Any], model: ModelSummary) -> None:
@@ -155,6 +155,13 @@ def _stream_options(body: dict[str, Any]) -> tuple[bool, bool]:
 
 def parse_completion(body: Any, model: ModelSummary) -> ParsedRequest:
     kwargs = _common(body, model)
+    logprobs = body.get("logprobs")
+    if logprobs is not None:
+        if isinstance(logprobs, bool) or not isinstance(logprobs, int):
+            raise ProtocolError(
+                400, f"logprobs: must be an integer (0..20) or null, got {logprobs!r}", "logprobs"
+            )
+        kwargs["logprobs"] = logprobs
     prompt = body.get("prompt")
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
         prompt = prompt[0]  # a batch of one
@@ -179,6 +186,7 @@ def parse_completion(body: Any, model: ModelSummary) -> ParsedRequest:
     return_ids = bool(body.get("return_token_ids", False))
     parsed = ParsedRequest(ids, text, None, False, kwargs, max_tokens, stream, include_usage, return_ids)
     parsed.continuous_usage = _continuous_usage(body)
+    parsed.tokens_as_ids = bool(body.get("return_tokens_as_token_ids", False))
     return parsed
 
 
@@ -196,6 +204,13 @@ def _message_text(content: Any, index: int) -> Any:
 
 def parse_chat(body: Any, model: ModelSummary) -> ParsedRequest:
     kwargs = _common(body, model)
+    top = body.get("top_logprobs")
+    if body.get("logprobs"):
+        if top is not None and (isinstance(top, bool) or not isinstance(top, int)):
+            raise ProtocolError(400, f"top_logprobs: must be an integer (0..20), got {top!r}", "top_logprobs")
+        kwargs["logprobs"] = top or 0
+    elif top is not None:
+        raise ProtocolError(400, "top_logprobs: only allowed when logprobs is true", "top_logprobs")
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise ProtocolError(400, "messages: must be a non-empty list", "messages")
@@ -212,6 +227,7 @@ def parse_chat(body: Any, model: ModelSummary) -> ParsedRequest:
         bool(body.get("return_token_ids", False)),
     )  # fmt: skip
     parsed.continuous_usage = _continuous_usage(body)
+    parsed.tokens_as_ids = bool(body.get("return_tokens_as_token_ids", False))
     return parsed
 
 
@@ -227,7 +243,10 @@ def build_sampling(parsed: ParsedRequest, prompt_len: int, model: ModelSummary, 
             max_tokens = model.generation_defaults["max_tokens"]
         else:
             max_tokens = room if chat else 16
-    kwargs = {**model.generation_defaults, **parsed.params_kwargs, "max_tokens": min(max_tokens, room)}
+    if parsed.max_tokens is None:
+        max_tokens = min(max_tokens, room)  # a default fits the context; an explicit value
+        # beyond it is refused by the router core with both numbers, as vLLM does
+    kwargs = {**model.generation_defaults, **parsed.params_kwargs, "max_tokens": max_tokens}
     try:
         return SamplingParams(**kwargs)
     except (ValueError, TypeError) as exc:
@@ -250,81 +269,6 @@ def check_prompt_ids(ids: list[int], model: ModelSummary) -> None:
         validate_prompt(ids, model.vocab_size, model.max_model_len)
     except ValueError as exc:
         raise ProtocolError(400, f"prompt: {exc}", "prompt") from exc
-
-
-def usage_body(done: Completion) -> dict[str, Any]:
-    return {
-        "prompt_tokens": done.prompt_tokens,
-        "completion_tokens": done.completion_tokens,
-        "total_tokens": done.prompt_tokens + done.completion_tokens,
-        "prompt_tokens_details": {"cached_tokens": done.cached_tokens},
-    }
-
-
-class ResponseBuilder:
-    """The response objects of one request (ids, timestamps and model name shared)."""
-
-    def __init__(self, model_name: str, chat: bool, prompt_token_ids: list[int] | None = None) -> None:
-        self.chat = chat
-        self.prompt_token_ids = prompt_token_ids  # set: vLLM's return_token_ids
-        self.id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
-        self.created = int(time.time())
-        self.model = model_name
-        self.object = "chat.completion.chunk" if chat else "text_completion"
-
-    def _envelope(self, obj: str, choices: list[dict[str, Any]]) -> dict[str, Any]:
-        return {
-            "id": self.id,
-            "object": obj,
-            "created": self.created,
-            "model": self.model,
-            "choices": choices,
-        }
-
-    def full(self, text: str, done: Completion, token_ids: list[int]) -> dict[str, Any]:
-        if self.chat:
-            choice = {
-                "index": 0,
-                "message": {"role": "assistant", "content": text},
-                "logprobs": None,
-                "finish_reason": done.finish_reason,
-            }
-            body = self._envelope("chat.completion", [choice])
-        else:
-            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": done.finish_reason}
-            body = self._envelope("text_completion", [choice])
-        if self.prompt_token_ids is not None:
-            choice["token_ids"] = token_ids
-            body["prompt_token_ids"] = self.prompt_token_ids
-        body["usage"] = usage_body(done)
-        return body
-
-    def chunk(
-        self,
-        text: str | None,
-        finish_reason: str | None = None,
-        role: bool = False,
-        token_ids: list[int] | None = None,
-        usage: dict[str, int] | None = None,
-    ) -> dict[str, Any]:
-        if self.chat:
-            delta: dict[str, Any] = {"role": "assistant", "content": ""} if role else {}
-            if text is not None:
-                delta["content"] = text
-            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
-        else:
-            choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish_reason}
-        if self.prompt_token_ids is not None and token_ids is not None:
-            choice["token_ids"] = token_ids
-        body = self._envelope(self.object, [choice])
-        if usage is not None:
-            body["usage"] = usage
-        return body
-
-    def usage_chunk(self, done: Completion) -> dict[str, Any]:
-        body = self._envelope(self.object, [])
-        body["usage"] = usage_body(done)
-        return body
 
 
 def models_body(model: ModelSummary, created: int) -> dict[str, Any]:

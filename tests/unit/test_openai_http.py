@@ -196,16 +196,19 @@ def test_vllm_extra_fields_are_honoured(client):
         (dict(temperature=-1), "temperature"),
         (dict(top_p=0), "top_p"),
         (dict(max_tokens=0), "max_tokens"),
-        (dict(n=2), "n"),
-        (dict(logprobs=2), "logprobs"),
+        (dict(n=0), "n"),
+        (dict(logprobs=99), "logprobs"),
         (dict(echo=True), "echo"),
-        (dict(presence_penalty=0.5), "presence_penalty"),
-        (dict(extra_body={"min_p": 0.1}), "min_p"),
+        (dict(presence_penalty=5), "presence_penalty"),
+        (dict(extra_body={"min_p": 2}), "min_p"),
+        (dict(extra_body={"repetition_penalty": 0}), "repetition_penalty"),
+        (dict(extra_body={"prompt_logprobs": 2}), "prompt_logprobs"),
         (dict(extra_body={"skip_special_tokens": False}), "skip_special_tokens"),
         (dict(extra_body={"include_stop_str_in_output": True}), "include_stop_str_in_output"),
         (dict(extra_body={"top_k": -5}), "top_k"),
         (dict(prompt=[1, 2, 999]), "prompt"),
         (dict(prompt="x" * 5000), "prompt"),
+        (dict(max_tokens=5000), "max_tokens"),
         (dict(prompt=""), "prompt"),
         (dict(prompt=["a", "b"]), "prompt"),
     ],
@@ -445,3 +448,115 @@ def test_pdserve_top_reads_metrics(dep, client, capsys):
     assert "length " in out.splitlines()[-1]  # finished requests by reason
     assert cli_main(["top", "--url", "http://127.0.0.1:1", "--iterations", "1"]) == 2
     assert "pdserve: error: http://127.0.0.1:1/metrics" in capsys.readouterr().err
+
+
+def test_logprobs_equal_the_offline_engine(client):
+    """Completions' and chat's logprobs shapes, with the offline engine's values."""
+    n_tok, k = 6, 3
+    offline = LLM("tiny", num_gpu_blocks=64).generate(
+        [PROMPT], SamplingParams(temperature=0, max_tokens=n_tok, logprobs=k, ignore_eos=True)
+    )[0]
+    r = client.completions.create(
+        model="tiny",
+        prompt=PROMPT,
+        max_tokens=n_tok,
+        temperature=0,
+        logprobs=k,
+        extra_body={"ignore_eos": True},
+    )
+    lp = r.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == n_tok
+    assert lp.token_logprobs == pytest.approx([t.logprob for t in offline.logprobs], abs=1e-5)
+    by_id = (
+        client.completions.create(
+            model="tiny",
+            prompt=PROMPT,
+            max_tokens=n_tok,
+            temperature=0,
+            logprobs=k,
+            extra_body={"ignore_eos": True, "return_tokens_as_token_ids": True},
+        )
+        .choices[0]
+        .logprobs
+    )
+    assert by_id.tokens == [f"token_id:{t}" for t in offline.token_ids]
+    for top, ref in zip(by_id.top_logprobs, offline.logprobs, strict=True):
+        # the k best (greedy: the sampled token is the best of them)
+        assert len(top) == k and top == pytest.approx({f"token_id:{t}": v for t, v in ref.top}, abs=1e-5)
+    assert lp.text_offset[0] == 0 and lp.text_offset == sorted(lp.text_offset)
+    streamed = client.completions.create(
+        model="tiny",
+        prompt=PROMPT,
+        max_tokens=n_tok,
+        temperature=0,
+        logprobs=k,
+        stream=True,
+        extra_body={"ignore_eos": True},
+    )
+    streamed_lp = [v for c in streamed if c.choices[0].logprobs for v in c.choices[0].logprobs.token_logprobs]
+    assert streamed_lp == pytest.approx(lp.token_logprobs, abs=1e-6)
+    chat = client.chat.completions.create(
+        model="tiny",
+        messages=[{"role": "user", "content": PROMPT}],
+        max_tokens=n_tok,
+        temperature=0,
+        logprobs=True,
+        top_logprobs=2,
+        extra_body={"ignore_eos": True},
+    )
+    content = chat.choices[0].logprobs.content
+    assert len(content) == n_tok and all(len(t.top_logprobs) == 2 for t in content)
+    assert all(t.logprob == pytest.approx(t.top_logprobs[0].logprob) for t in content)  # greedy: the best
+    with pytest.raises(openai.BadRequestError, match="top_logprobs"):
+        client.chat.completions.create(
+            model="tiny", messages=[{"role": "user", "content": "x"}], top_logprobs=2
+        )
+
+
+def test_n_choices_streamed_and_not(client):
+    base = dict(model="tiny", prompt=PROMPT, max_tokens=5, temperature=1.0, seed=3, n=3)
+    r = client.completions.create(**base, extra_body={"ignore_eos": True})
+    assert sorted(c.index for c in r.choices) == [0, 1, 2]
+    assert r.usage.completion_tokens == 15 and r.usage.prompt_tokens == len(PROMPT) + 1
+    texts = {c.index: c.text for c in r.choices}
+    assert len(set(texts.values())) > 1  # sample i draws from seed + i
+    chunks = list(
+        client.completions.create(
+            **base, stream=True, stream_options={"include_usage": True}, extra_body={"ignore_eos": True}
+        )
+    )
+    streamed: dict[int, str] = {}
+    finished = set()
+    for c in chunks:
+        for choice in c.choices:
+            streamed[choice.index] = streamed.get(choice.index, "") + choice.text
+            if choice.finish_reason:
+                finished.add(choice.index)
+    assert streamed == texts and finished == {0, 1, 2}
+    assert chunks[-1].usage.completion_tokens == 15
+    chat = client.chat.completions.create(
+        model="tiny",
+        messages=[{"role": "user", "content": "hi"}],
+        max_tokens=4,
+        n=2,
+        extra_body={"ignore_eos": True},
+    )
+    assert [c.index for c in chat.choices] == [0, 1] and chat.usage.completion_tokens == 8
+
+
+def test_penalties_and_min_p_equal_the_grpc_path(dep, client):
+    sampling = dict(presence_penalty=1.5, frequency_penalty=0.5, repetition_penalty=1.3, min_p=0.05, seed=11)
+    r = client.completions.create(
+        model="tiny",
+        prompt=PROMPT,
+        max_tokens=16,
+        temperature=0.8,
+        presence_penalty=1.5,
+        frequency_penalty=0.5,
+        extra_body={"repetition_penalty": 1.3, "min_p": 0.05, "return_token_ids": True, "ignore_eos": True},
+        seed=11,
+    )
+    with PdserveClient(dep.url) as grpc_client:
+        events = grpc_client.generate(PROMPT, max_tokens=16, temperature=0.8, ignore_eos=True, **sampling)
+        grpc_ids = [t for e in events if isinstance(e, GenerateChunk) for t in e.token_ids]
+    assert r.choices[0].model_extra["token_ids"] == grpc_ids
