@@ -1,7 +1,11 @@
-"""Load generator against the router's gRPC API (`pdserve bench serve`).
+"""Load generator against the router's gRPC API (`pdserve bench serve`), or any OpenAI-compatible server.
 
     python -m pdserve.bench.serve --url 127.0.0.1:50051 --dataset random --num-prompts 200 \\
         --random-input-len 512 --random-output-len 128 --request-rate 8 --goodput ttft:500 tpot:50
+    python -m pdserve.bench.serve --backend openai --url http://127.0.0.1:8000 --vocab-size 258 ...
+
+`--backend openai` streams `/v1/completions` (bench/openai_backend.py): pdserve's HTTP API,
+vLLM or SGLang, measured the same way.
 
 Flags, metric names and definitions follow vLLM's `vllm bench serve` (see
 bench/metrics.py). Requests are token ids with `ignore_eos` and exact
@@ -39,6 +43,7 @@ from pdserve.bench.metrics import (
     parse_metric_percentiles,
     parse_percentile_metrics,
 )
+from pdserve.bench.openai_backend import OpenAIBackendError, OpenAISender
 from pdserve.engine.gc_heap import frozen_heap
 from pdserve.router.client import AsyncPdserveClient, GenerateChunk, GenerateComplete, ModelInfo, PdserveError
 
@@ -93,8 +98,41 @@ def add_workload_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--url", required=True, help="router gRPC address HOST:PORT")
+    parser.add_argument("--url", required=True, help="router gRPC address HOST:PORT (openai: the base URL)")
+    parser.add_argument(
+        "--backend",
+        choices=("pdserve", "openai"),
+        default="pdserve",
+        help="pdserve: the gRPC API; openai: POST /v1/completions of any OpenAI-compatible server",
+    )
+    parser.add_argument(
+        "--model", default=None, help="openai backend: the model name (default: the first listed)"
+    )
     add_workload_arguments(parser)
+
+
+class _GrpcSender:
+    """The gRPC API behind the interface `OpenAISender` has (wait_ready, send)."""
+
+    def __init__(self, target: str) -> None:
+        self.client = AsyncPdserveClient(target)
+
+    async def __aenter__(self) -> _GrpcSender:
+        await self.client.__aenter__()
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.client.__aexit__(*exc)
+
+    async def wait_ready(self, timeout: float) -> None:
+        await self.client.wait_ready(timeout)
+
+    async def send(self, request: BenchRequest, temperature: float, deadline: float) -> RequestResult:
+        return await send_one(self.client, request, temperature, deadline)
+
+
+def open_sender(backend: str, target: str, model: str | None = None) -> _GrpcSender | OpenAISender:
+    return OpenAISender(target, model) if backend == "openai" else _GrpcSender(target)
 
 
 def build_requests(args: argparse.Namespace, info: ModelInfo, seed: int | None = None) -> list[BenchRequest]:
@@ -239,8 +277,10 @@ async def run_benchmark(
     metric_percentiles: Sequence[float] = (99.0,),
     timeout: float = 3600.0,
     disable_progress: bool = True,
+    backend: str = "pdserve",
+    model: str | None = None,
 ) -> dict[str, object]:
-    """Send `requests` to the router at `target` and return the metrics dict.
+    """Send `requests` to the router at `target` (through `backend`) and return the metrics dict.
 
     Requests unfinished when `timeout` seconds have passed are cancelled and
     counted as failed.
@@ -252,17 +292,17 @@ async def run_benchmark(
     progress = _Progress(len(requests), disable_progress)
     deadline = time.monotonic() + timeout
 
-    async with AsyncPdserveClient(target) as client:
+    async with open_sender(backend, target, model) as client:
         # Connect before the clock starts: otherwise the first request's TTFT also holds
         # the TCP + HTTP/2 handshake (~6 ms on loopback), which the server never sees.
         await client.wait_ready(timeout)
 
         async def limited(index: int, request: BenchRequest) -> None:
             if limiter is None:
-                results[index] = await send_one(client, request, temperature, deadline)
+                results[index] = await client.send(request, temperature, deadline)
             else:
                 async with limiter:
-                    results[index] = await send_one(client, request, temperature, deadline)
+                    results[index] = await client.send(request, temperature, deadline)
             progress.update()
 
         async def dispatch() -> None:
@@ -310,10 +350,20 @@ def default_result_filename(label: str | None, request_rate: float, max_concurre
     return f"{label or 'pdserve'}-{request_rate:g}qps-concurrency{max_concurrency or 'none'}-{stamp}.json"
 
 
-async def _main_async(args: argparse.Namespace) -> dict[str, object]:
+async def _model_info(args: argparse.Namespace) -> ModelInfo:
+    if args.backend == "openai":
+        async with OpenAISender(args.url, args.model) as sender:
+            await sender.wait_ready(args.ready_timeout)
+            info = await sender.model_info(args.vocab_size)
+        args.model = info.model_name
+        return info
     async with AsyncPdserveClient(args.url) as client:
         await client.wait_ready(args.ready_timeout)
-        info = await client.model_info()
+        return await client.model_info()
+
+
+async def _main_async(args: argparse.Namespace) -> dict[str, object]:
+    info = await _model_info(args)
     requests = build_requests(args, info)
     goodput = parse_goodput(args.goodput)
     percentile_metrics = parse_percentile_metrics(args.percentile_metrics)
@@ -336,11 +386,13 @@ async def _main_async(args: argparse.Namespace) -> dict[str, object]:
         percentiles,
         args.timeout,
         args.disable_tqdm,
+        args.backend,
+        args.model,
     )
     print(format_summary(metrics, percentile_metrics, percentiles))
     metrics.update(
         date=datetime.now().strftime("%Y%m%d-%H%M%S"),
-        backend="pdserve-grpc",
+        backend="pdserve-grpc" if args.backend == "pdserve" else "openai",
         label=args.label,
         model_id=info.model_name,
         dataset=args.dataset,
@@ -364,7 +416,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         asyncio.run(_main_async(args))
-    except (PdserveError, ValueError) as error:
+    except (PdserveError, OpenAIBackendError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     return 0

@@ -100,6 +100,8 @@ def cmd_up(args: argparse.Namespace) -> int:
     overrides = {}
     if args.port is not None:
         overrides["router.port"] = args.port
+    if args.http_port is not None:
+        overrides["router.http_port"] = None if args.http_port < 0 else args.http_port
     address = args.address
     if args.detach and address is None:
         import subprocess
@@ -127,6 +129,8 @@ def cmd_up(args: argparse.Namespace) -> int:
         f"transfer {dep.config.transfer.backend}; up in {time.perf_counter() - t0:.1f} s)",
         flush=True,
     )
+    if dep.http_url:
+        print(f"OpenAI-compatible HTTP at {dep.http_url}/v1 (metrics: {dep.http_url}/metrics)", flush=True)
     from pdserve.router.request_limits import RequestLimits
 
     print(f"router limits: {RequestLimits.from_config(dep.config.router).describe()}", flush=True)
@@ -248,6 +252,7 @@ def build_parser(
     u.add_argument("config")
     u.add_argument("--address", help="join this Ray cluster instead of starting one")
     u.add_argument("--port", type=int, help="override router.port")
+    u.add_argument("--http-port", type=int, help="override router.http_port (0: a free port, -1: off)")
     u.add_argument("--detach", action="store_true", help="leave it running (detached Ray actors)")
     u.add_argument("--demo", action="store_true", help="stream one sample completion once up")
     u.add_argument("--serve-seconds", type=float, default=None, help="stop after this long (default: Ctrl-C)")
@@ -264,6 +269,9 @@ def build_parser(
             p.add_argument("--stop-ray", action="store_true")
         p.set_defaults(func=func)
 
+    from pdserve.deploy.top import add_parser as add_top
+
+    add_top(sub)
     if extra_commands is not None:
         extra_commands(sub)
     return parser

@@ -10,8 +10,8 @@ the key path (e.g. `decode.count`), raised before anything starts.
     prefill:   {count, resources: {num_cpus, num_gpus, resources: {NAME: amount}}}
     decode:    {count, resources: ...}
     colocated: {count, resources: ...}   # workers that run both phases (the baseline)
-    transfer:  {backend: grpc|nccl, host, port_base, data_streams}
-    router:    {host, port, policy, policy_params: {...}, kv_events, max_queue_len,
+    transfer:  {backend: grpc|nccl, host, port_base, data_streams, timeout_s, secret}
+    router:    {host, port, http_port, policy, policy_params: {...}, kv_events, max_queue_len,
                 max_wait_s, max_bypasses, default_max_tokens, max_stop_strings,
                 max_stop_string_chars, max_stop_token_ids, max_message_bytes,
                 max_concurrent_rpcs, max_pending_rpcs, worker_timeout_s,
@@ -47,6 +47,9 @@ class PoolConfig:
 class RouterConfig:
     host: str = "127.0.0.1"
     port: int = 50051
+    # OpenAI-compatible HTTP (router/http_server.py) on the same host: 0 picks a free port,
+    # null (the default) serves none.
+    http_port: int | None = None
     policy: str = "cache_aware"
     policy_params: dict[str, float] = field(default_factory=dict)
     kv_events: bool = True
@@ -184,6 +187,10 @@ def parse_config(data: dict[str, Any]) -> DeployConfig:
         raise ConfigError(
             f"transfer.data_streams: must be an integer in [1, 64], got {cfg.transfer.data_streams!r}"
         )
+    try:
+        cfg.transfer.validate()
+    except ValueError as exc:
+        raise ConfigError(str(exc).replace("TransferConfig.", "transfer.")) from None
     last_port = cfg.transfer.port_base + 2 * cfg.decode.count - 1
     if cfg.transfer.port_base and not (1024 <= cfg.transfer.port_base and last_port <= 65535):
         raise ConfigError(
@@ -208,6 +215,11 @@ def parse_config(data: dict[str, Any]) -> DeployConfig:
         raise ConfigError(f"ray.max_worker_restarts: must be >= -1, got {cfg.ray.max_worker_restarts}")
     if not 0 <= cfg.router.port < 65536:
         raise ConfigError(f"router.port: must be in [0, 65535], got {cfg.router.port}")
+    http_port = cfg.router.http_port
+    if http_port is not None and not 0 <= http_port < 65536:
+        raise ConfigError(f"router.http_port: must be in [0, 65535] or null (off), got {http_port}")
+    if http_port and http_port == cfg.router.port:
+        raise ConfigError(f"router.http_port: {http_port} is router.port already")
     _check_router_bounds(cfg.router)
     return cfg
 

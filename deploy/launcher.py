@@ -10,6 +10,7 @@ and `pdserve down` can find them from another process.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from dataclasses import dataclass, field
@@ -31,6 +32,7 @@ class Deployment:
     router: Any
     workers: dict[str, Any] = field(default_factory=dict)  # worker id -> actor handle
     started_ray: bool = False
+    http_url: str | None = None  # the OpenAI-compatible base URL, None when router.http_port is null
 
     def status(self, events_since: int = 0) -> dict[str, Any]:
         """The router's status; its lifecycle events after `events_since` under "events"."""
@@ -123,6 +125,9 @@ def up(
     from pdserve.router.service import ModelSummary
 
     cfg = load_config(config, overrides) if isinstance(config, str) else config
+    # One KV secret per deployment, generated here unless the config pins one; it reaches every
+    # worker in its WorkerSpec (over Ray) and is never logged.
+    cfg = dataclasses.replace(cfg, transfer=cfg.transfer.with_secret())
     model_cfg = ModelConfig.resolve(cfg.model)  # fail fast on a bad model path
     started_ray = False
     if not ray.is_initialized():
@@ -145,12 +150,8 @@ def up(
         workers = _start_workers(cfg, specs, detached)
         controls = {w: RayWorkerControl(w, h) for w, h in workers.items()}
         connect_workers(specs, controls, cfg.transfer)  # waits for every engine (or its error)
-        summary = ModelSummary(
-            name=model_cfg.name,
-            vocab_size=model_cfg.vocab_size,
-            max_model_len=cfg.engine.max_model_len or model_cfg.max_position_embeddings,
-            block_size=cfg.engine.block_size,
-            eos_token_id=model_cfg.eos_token_id,
+        summary = ModelSummary.of(
+            model_cfg, cfg.engine.max_model_len or model_cfg.max_position_embeddings, cfg.engine.block_size
         )
         router_opts = _actor_options({"num_cpus": 0}, ROUTER_NAME, ns, detached)
         router_opts["scheduling_strategy"] = NodeAffinitySchedulingStrategy(
@@ -162,15 +163,16 @@ def up(
         router = (
             ray.remote(RouterActor)
             .options(**router_opts)
-            .remote(summary, cfg.model, clients, roles, cfg.router)
+            .remote(summary, cfg.model, clients, roles, cfg.router, cfg.transfer.backend)
         )
         url = ray.get(router.start.remote())
+        http_url = ray.get(router.http_url.remote())
     except BaseException:
         _kill_all(workers)
         if started_ray:
             ray.shutdown()
         raise
-    return Deployment(url, cfg, router, workers, started_ray)
+    return Deployment(url, cfg, router, workers, started_ray, http_url)
 
 
 def _python_path() -> list[str]:

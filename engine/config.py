@@ -20,6 +20,15 @@ SUPPORTED_ARCHITECTURES = {
 }
 
 TINY_PRESET = "tiny"
+# generation_config.json key -> SamplingParams field, for the defaults the engine honours.
+GENERATION_DEFAULT_KEYS = {
+    "temperature": "temperature",
+    "top_p": "top_p",
+    "top_k": "top_k",
+    "min_p": "min_p",
+    "repetition_penalty": "repetition_penalty",
+    "max_new_tokens": "max_tokens",
+}
 DTYPES = ("float32", "bfloat16", "float16")  # the names `model_runner.parse_dtype` takes
 
 
@@ -88,6 +97,9 @@ class ModelConfig:
     bos_token_id: int | None = None
     sliding_window: int | None = None
     path: str | None = None  # local HF directory, None for presets
+    # generation_config.json's sampling defaults, by SamplingParams field name: what a request
+    # that leaves a field unset gets (vLLM's `--generation-config auto`).
+    generation_defaults: dict[str, Any] = field(default_factory=dict)
 
     @property
     def eos_token_id(self) -> int | None:
@@ -149,7 +161,23 @@ class ModelConfig:
         if not os.path.isfile(cfg_path):
             raise ValueError(f"model path {path!r} has no config.json")
         with open(cfg_path) as f:
-            return cls.from_hf_dict(json.load(f), name=os.path.basename(os.path.normpath(path)), path=path)
+            config = cls.from_hf_dict(json.load(f), name=os.path.basename(os.path.normpath(path)), path=path)
+        gen_path = os.path.join(path, "generation_config.json")
+        if os.path.isfile(gen_path):
+            with open(gen_path) as f:
+                config.apply_generation_config(json.load(f))
+        return config
+
+    def apply_generation_config(self, gen: dict[str, Any]) -> None:
+        """Take generation_config.json's eos ids (added to config.json's: every one stops a
+        request) and the sampling defaults the engine supports."""
+        eos = gen.get("eos_token_id")
+        for tok in [] if eos is None else ([eos] if isinstance(eos, int) else eos):
+            if tok not in self.eos_token_ids:
+                self.eos_token_ids.append(tok)
+        for hf_key, field_name in GENERATION_DEFAULT_KEYS.items():
+            if gen.get(hf_key) is not None:
+                self.generation_defaults[field_name] = gen[hf_key]
 
     @classmethod
     def tiny(cls) -> ModelConfig:

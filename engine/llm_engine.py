@@ -123,7 +123,9 @@ class LLMEngine:
             )
         if params.has_penalties:
             self._penalized.add(req_id)
-        return Request(req_id, prompt_token_ids, params, eos_token_id=self.eos_token_id)
+        return Request(
+            req_id, prompt_token_ids, params, self.eos_token_id, eos_token_ids=self.model_config.eos_token_ids
+        )
 
     def add_request(self, req_id: str, prompt_token_ids: list[int], params: SamplingParams) -> Request:
         request = self._make_request(req_id, prompt_token_ids, params)

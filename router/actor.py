@@ -8,6 +8,8 @@ from __future__ import annotations
 from typing import Any
 
 from pdserve.engine.gc_heap import freeze_startup_heap
+from pdserve.router.chat_template import ChatTemplate
+from pdserve.router.http_server import HttpServer
 from pdserve.router.server import RouterServer
 from pdserve.router.service import ModelSummary, RouterCore
 from pdserve.router.worker_client import WorkerClient
@@ -21,25 +23,47 @@ class RouterActor:
         clients: dict[str, WorkerClient],
         worker_roles: dict[str, str],
         router_config: Any,
+        transfer_backend: str = "grpc",
     ) -> None:
         from pdserve.engine.tokenizer import load_tokenizer
 
         self.config = router_config
         tokenizer = load_tokenizer(model_path, model.eos_token_id, None)
-        self.core = RouterCore.from_config(model, tokenizer, clients, worker_roles, router_config)
+        self.core = RouterCore.from_config(
+            model,
+            tokenizer,
+            clients,
+            worker_roles,
+            router_config,
+            ChatTemplate.from_model(model_path),
+            transfer_backend,
+        )
         self.server = RouterServer.from_config(self.core, router_config)
+        self.http = (
+            None
+            if router_config.http_port is None
+            else HttpServer(self.core, router_config.host, router_config.http_port)
+        )
 
     async def start(self) -> str:
         """Bind, wait until every worker has reported, then report SERVING. Returns host:port."""
         url = await self.server.start()
+        if self.http is not None:
+            await self.http.start()
         # Before SERVING, so this one collection holds up no request: a full collection
         # otherwise stops the event loop, and every stream and call waiting to be accepted.
         freeze_startup_heap()
         await self.server.wait_workers_ready()
         return url
 
+    async def http_url(self) -> str | None:
+        """The OpenAI-compatible base URL (http://host:port), None when HTTP is off."""
+        return None if self.http is None else self.http.url
+
     async def status(self, events_since: int = 0) -> dict[str, Any]:
         return self.core.status(events_since)
 
     async def stop(self) -> None:
+        if self.http is not None:
+            await self.http.stop()
         await self.server.stop()

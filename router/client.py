@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -124,10 +124,11 @@ class ModelInfo:
     eos_token_id: int | None
     num_prefill_workers: int
     num_decode_workers: int
+    eos_token_ids: tuple[int, ...] = ()  # every id that ends a request
 
 
 def build_generate_request(
-    prompt: str | Sequence[int],
+    prompt: str | Sequence[int] | Sequence[Mapping[str, str]],
     *,
     max_tokens: int | None = None,
     temperature: float | None = None,
@@ -171,6 +172,10 @@ def build_generate_request(
     request = generate_pb2.GenerateRequest(request_id=request_id or "", sampling=sampling)
     if isinstance(prompt, str):
         request.text = prompt
+    elif prompt and isinstance(prompt[0], Mapping):  # chat messages: {"role", "content"}
+        request.chat.messages.extend(
+            generate_pb2.ChatMessage(role=m["role"], content=m["content"]) for m in prompt
+        )
     else:
         request.token_ids.ids.extend(int(token) for token in prompt)
     return request
@@ -229,6 +234,7 @@ def _model_info_from_proto(info: generate_pb2.ModelInfo) -> ModelInfo:
         eos_token_id=info.eos_token_id if info.HasField("eos_token_id") else None,
         num_prefill_workers=info.num_prefill_workers,
         num_decode_workers=info.num_decode_workers,
+        eos_token_ids=tuple(info.eos_token_ids),
     )
 
 
@@ -250,7 +256,7 @@ class PdserveClient:
 
     def generate(
         self,
-        prompt: str | Sequence[int],
+        prompt: str | Sequence[int] | Sequence[Mapping[str, str]],
         *,
         request_id: str | None = None,
         timeout: float | None = None,
@@ -258,7 +264,8 @@ class PdserveClient:
     ) -> Iterator[GenerateEvent]:
         """Stream events: GenerateChunk..., then one GenerateComplete.
 
-        A str prompt is tokenized by the router; a list of ints is sent as token ids.
+        A str prompt is tokenized by the router; a list of ints is sent as token ids; a list
+        of {"role", "content"} dicts is a chat, rendered with the model's chat template.
         `sampling` takes `build_generate_request`'s keywords (max_tokens, temperature,
         ..., logprobs); None leaves a sampling field to the server's default. `timeout` bounds the
         whole stream (seconds). Leaving the loop early cancels the call.
@@ -328,7 +335,7 @@ class AsyncPdserveClient:
 
     async def generate(
         self,
-        prompt: str | Sequence[int],
+        prompt: str | Sequence[int] | Sequence[Mapping[str, str]],
         *,
         request_id: str | None = None,
         timeout: float | None = None,

@@ -5,7 +5,8 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 from pdserve.engine.core.outputs import TokenLogprobs
 
@@ -49,6 +50,22 @@ class ModelSummary:
     max_model_len: int
     block_size: int
     eos_token_id: int | None
+    eos_token_ids: list[int] = field(default_factory=list)  # every id that ends a request
+    # generation_config.json's sampling defaults (SamplingParams field names), for unset fields
+    generation_defaults: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, model_config: Any, max_model_len: int, block_size: int) -> ModelSummary:
+        """The summary of an engine's `ModelConfig`."""
+        return cls(
+            model_config.name,
+            model_config.vocab_size,
+            max_model_len,
+            block_size,
+            model_config.eos_token_id,
+            list(model_config.eos_token_ids),
+            dict(model_config.generation_defaults),
+        )
 
 
 @dataclass

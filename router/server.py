@@ -69,14 +69,18 @@ def _logprobs_proto(logprobs: list[TokenLogprobs] | None) -> list[generate_pb2.T
     ]
 
 
-def sampling_from_proto(msg: generate_pb2.SamplingParams, default_max_tokens: int) -> SamplingParams:
-    """Proto -> SamplingParams; unset optional fields take the engine's defaults
-    (`default_max_tokens` for max_tokens: the caller makes it fit the context)."""
-    kwargs = {}
+def sampling_from_proto(
+    msg: generate_pb2.SamplingParams, default_max_tokens: int, defaults: dict | None = None
+) -> SamplingParams:
+    """Proto -> SamplingParams; unset optional fields take `defaults` (generation_config.json's),
+    else the engine's (`default_max_tokens` for max_tokens: the caller makes both fit the context)."""
+    kwargs = dict(defaults or {})
     for name in _OPTIONAL_SAMPLING_FIELDS:
         if msg.HasField(name):
             kwargs[name] = getattr(msg, name)
-    kwargs["max_tokens"] = msg.max_tokens if msg.HasField("max_tokens") else default_max_tokens
+    kwargs["max_tokens"] = (
+        msg.max_tokens if msg.HasField("max_tokens") else kwargs.get("max_tokens", default_max_tokens)
+    )
     try:
         return SamplingParams(
             **kwargs, stop=list(msg.stop), stop_token_ids=list(msg.stop_token_ids), ignore_eos=msg.ignore_eos
@@ -103,16 +107,26 @@ class GenerationServicer(generate_pb2_grpc.GenerationServicer):
             if not request.text:
                 raise RouterError("INVALID_ARGUMENT", "input.text: must not be empty")
             prompt = self.core.tokenize(request.text)
+        elif which == "chat":
+            messages = [{"role": m.role, "content": m.content} for m in request.chat.messages]
+            add_prompt = (
+                request.chat.add_generation_prompt if request.chat.HasField("add_generation_prompt") else True
+            )
+            prompt = self.core.render_chat(messages, add_prompt)
         else:
             prompt = list(request.token_ids.ids)
         try:
             validate_prompt(prompt, self.core.model.vocab_size, self.core.model.max_model_len)
         except ValueError as exc:
             raise RouterError("INVALID_ARGUMENT", f"input.{which}: {exc}") from exc
-        # An unset max_tokens takes the default, cut to what the context leaves (as vLLM does);
-        # an explicit one beyond the context is refused by the core, naming both numbers.
+        # An unset max_tokens takes the default (generation_config.json's max_new_tokens, else
+        # the router's), cut to what the context leaves (as vLLM does); an explicit one beyond
+        # the context is refused by the core, naming both numbers.
         room = self.core.model.max_model_len - len(prompt)
-        params = sampling_from_proto(request.sampling, min(self.default_max_tokens, room))
+        defaults = dict(self.core.model.generation_defaults)
+        if "max_tokens" in defaults:
+            defaults["max_tokens"] = min(defaults["max_tokens"], room)
+        params = sampling_from_proto(request.sampling, min(self.default_max_tokens, room), defaults)
         self.limits.check_stops(params)
         return request.request_id or self.core.new_request_id(), prompt, params
 
@@ -162,6 +176,7 @@ class GenerationServicer(generate_pb2_grpc.GenerationServicer):
         )
         if m.eos_token_id is not None:
             info.eos_token_id = m.eos_token_id
+        info.eos_token_ids.extend(m.eos_token_ids or ([m.eos_token_id] if m.eos_token_id is not None else []))
         return info
 
 

@@ -23,7 +23,9 @@ from pdserve.engine.core.outputs import RequestOutput
 from pdserve.engine.core.sampling_params import SamplingParams
 from pdserve.engine.tokenizer import Tokenizer
 from pdserve.router.admission import AdmissionController
+from pdserve.router.chat_template import ChatTemplate, ChatTemplateError
 from pdserve.router.events import Chunk, Completion, LifecycleLog, ModelSummary, RouterError, RouterStats
+from pdserve.router.metrics import FailureMetrics, RequestTimer, RouterMetrics
 from pdserve.router.parallel_sampling import generate_samples, is_sample_of
 from pdserve.router.policy import Policy, make_policy
 from pdserve.router.request_stream import RequestStream, StreamDeps
@@ -50,12 +52,15 @@ class RouterCore:
         max_queue_len: int = 256,
         max_wait_s: float = 30.0,
         poll_timeout_s: float = 0.2,
+        chat_template: ChatTemplate | None = None,
+        transfer_backend: str = "grpc",
         max_bypasses: int = 16,
         worker_timeout_s: float = 5.0,
         max_migrations: int = 3,
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
+        self.chat_template = chat_template
         self.policy = policy
         self.clients = clients
         self.worker_roles = worker_roles  # worker id -> "prefill" | "decode" | "both"
@@ -81,6 +86,18 @@ class RouterCore:
             answer_timeout_s=worker_timeout_s,
             lifecycle=self.lifecycle,
         )
+        self.metrics = RouterMetrics(
+            model.name,
+            model.max_model_len,
+            lambda: self.tracker.loads,
+            lambda: self.admission.num_waiting,
+            transfer_backend,
+        )
+        self.metrics.registry.register(
+            FailureMetrics(
+                model.name, self.stats, lambda: {w: h.alive for w, h in self.monitor.health.items()}
+            )
+        )
         self._deps = StreamDeps(
             self.admission,
             clients,
@@ -99,7 +116,8 @@ class RouterCore:
     @classmethod
     def from_config(
         cls, model: ModelSummary, tokenizer: Tokenizer | None, clients: dict[str, WorkerClient],
-        worker_roles: dict[str, str], router_config: Any,
+        worker_roles: dict[str, str], router_config: Any, chat_template: ChatTemplate | None = None,
+        transfer_backend: str = "grpc",
     ) -> RouterCore:  # fmt: skip
         """The router a deploy config's `router` section describes."""
         return cls(
@@ -111,6 +129,8 @@ class RouterCore:
             use_kv_events=router_config.kv_events,
             max_queue_len=router_config.max_queue_len,
             max_wait_s=router_config.max_wait_s,
+            chat_template=chat_template,
+            transfer_backend=transfer_backend,
             max_bypasses=router_config.max_bypasses,
             worker_timeout_s=router_config.worker_timeout_s,
             max_migrations=router_config.max_migrations,
@@ -168,6 +188,7 @@ class RouterCore:
         decision = self.policy.route(request, self.tracker)
         if decision is not None:
             self.tracker.on_routed(request, decision)
+            self.metrics.on_routed(decision)
         return decision
 
     # -- requests ----------------------------------------------------------------------
@@ -178,6 +199,18 @@ class RouterCore:
         if self.tokenizer is None:
             raise RouterError("INVALID_ARGUMENT", "input.text: this model has no tokenizer; send token_ids")
         return self.tokenizer.encode(text)
+
+    def render_chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> list[int]:
+        """A chat's prompt tokens, rendered as transformers' `apply_chat_template` renders it."""
+        if self.tokenizer is None or self.chat_template is None:
+            raise RouterError(
+                "INVALID_ARGUMENT",
+                "messages: this model has no chat template (tokenizer_config.json: chat_template)",
+            )
+        try:
+            return self.chat_template.encode(self.tokenizer, messages, add_generation_prompt)
+        except ChatTemplateError as exc:
+            raise RouterError("INVALID_ARGUMENT", str(exc)) from exc
 
     async def generate(
         self, req_id: str, prompt_token_ids: list[int], params: SamplingParams
@@ -201,11 +234,34 @@ class RouterCore:
         self.check_fits(len(prompt_token_ids), params.max_tokens)
         stream = RequestStream(req_id, prompt_token_ids, params, self._deps)
         self._streams[req_id] = stream
+        timer = RequestTimer(params.max_tokens)
+        completed = False
         try:
             async for event in stream.events():
+                if isinstance(event, Chunk):
+                    timer.on_tokens(len(event.token_ids))
+                else:
+                    completed = True
+                    self._observe(stream, timer, event)
                 yield event
+        except RouterError as exc:
+            if exc.code == "RESOURCE_EXHAUSTED":
+                self.metrics.on_rejected()
+            else:
+                self.metrics.on_failed(exc.code)
+            raise
+        except (GeneratorExit, asyncio.CancelledError):
+            if not completed:  # the client left: counted as vLLM counts an abort
+                self.metrics.on_client_abort(stream.decode_worker_id or "")
+            raise
         finally:
             self._streams.pop(req_id, None)
+
+    def _observe(self, stream: RequestStream, timer: RequestTimer, done: Completion) -> None:
+        timer.prefill_worker = stream.prefill_worker_id
+        timer.decode_worker = stream.decode_worker_id
+        timer.decode_role = self.worker_roles.get(stream.decode_worker_id or "", "decode")
+        self.metrics.observe(timer, done)
 
     def check_fits(self, num_prompt_tokens: int, max_tokens: int) -> None:
         """Refuse at once (INVALID_ARGUMENT, naming the numbers) a request that can never

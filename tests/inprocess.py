@@ -14,6 +14,8 @@ from pdserve.deploy.config import RouterConfig
 from pdserve.deploy.wiring import LocalWorkerControl, WorkerSpec, build_worker, connect_workers
 from pdserve.engine.config import EngineConfig
 from pdserve.engine.tokenizer import load_tokenizer
+from pdserve.router.chat_template import ChatTemplate
+from pdserve.router.http_server import HttpServer
 from pdserve.router.server import RouterServer
 from pdserve.router.service import ModelSummary, RouterCore
 from pdserve.transfer.config import TransferConfig
@@ -30,17 +32,21 @@ class InProcessDeployment:
         policy_params: dict | None = None,
         max_queue_len: int = 256,
         max_wait_s: float = 30.0,
+        http: bool = True,
         router_overrides: dict | None = None,
+        transfer_options: dict | None = None,
     ) -> None:
-        """`router_overrides`: more RouterConfig keys (admission and request bounds)."""
+        """`router_overrides`: more RouterConfig keys (admission and request bounds);
+        `transfer_options`: more TransferConfig keys (e.g. timeout_s)."""
         engine = engine or EngineConfig(model="tiny", num_gpu_blocks=512)
-        transfer = TransferConfig(backend="grpc", host="127.0.0.1")
+        transfer = TransferConfig(backend="grpc", host="127.0.0.1", **(transfer_options or {})).with_secret()
         decode_role = "decode" if num_prefill else "both"
         specs = [
             WorkerSpec(f"prefill-{i}", "prefill", prefill_engine or engine, transfer)
             for i in range(num_prefill)
         ]
         specs += [WorkerSpec(f"decode-{i}", decode_role, engine, transfer, i) for i in range(num_decode)]
+        self.transfer = transfer  # its secret: what a test plays the deployment's own sender with
         built = {spec.worker_id: build_worker(spec) for spec in specs}
         self.prefill = {w: built[w] for w in built if w.startswith("prefill")}
         self.decode = {w: built[w] for w in built if w.startswith("decode")}
@@ -56,21 +62,18 @@ class InProcessDeployment:
             max_wait_s=max_wait_s,
             **(router_overrides or {}),
         )
-        summary = ModelSummary(
-            mc.name,
-            mc.vocab_size,
-            engine.max_model_len or mc.max_position_embeddings,
-            engine.block_size,
-            mc.eos_token_id,
-        )
+        summary = ModelSummary.of(mc, engine.max_model_len or mc.max_position_embeddings, engine.block_size)
         self.core = RouterCore.from_config(
             summary,
             load_tokenizer(engine.model, mc.eos_token_id, mc.bos_token_id),
             {w: control.router_client() for w, control in self.controls.items()},
             {spec.worker_id: spec.role for spec in specs},
             router_config,
+            ChatTemplate.from_model(engine.model),
+            transfer.backend,
         )
         self.server = RouterServer.from_config(self.core, router_config)
+        self.http = HttpServer(self.core, "127.0.0.1", 0) if http else None
         self.loop = asyncio.new_event_loop()
         # In-process worker calls run in threads (LocalWorkerClient); a hung worker holds
         # one per call, so give them room beyond asyncio's default of cores + 4.
@@ -78,6 +81,7 @@ class InProcessDeployment:
         self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self._thread.start()
         self.url = self.run(self.server.start())
+        self.http_url = self.run(self.http.start()) if self.http is not None else None
         self.run(self.server.wait_workers_ready(60))
 
     def run(self, coro, timeout: float = 120):
@@ -94,6 +98,8 @@ class InProcessDeployment:
         return True
 
     def close(self) -> None:
+        if self.http is not None:
+            self.run(self.http.stop())
         self.run(self.server.stop(0))
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join(5)

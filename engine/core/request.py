@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 import time
+from collections.abc import Collection
 
 from pdserve.engine.core.sampling_params import SamplingParams
 
@@ -74,11 +75,16 @@ class Request:
         sampling_params: SamplingParams,
         eos_token_id: int | None = None,
         arrival_time: float | None = None,
+        eos_token_ids: Collection[int] = (),
     ) -> None:
         self.req_id = req_id
         self.prompt_token_ids = list(prompt_token_ids)
         self.sampling_params = sampling_params
         self.eos_token_id = eos_token_id
+        # Instruct models end a turn with any of several ids (Llama-3.1: 128001, 128008, 128009).
+        self.eos_token_ids = frozenset(eos_token_ids) | (
+            {eos_token_id} if eos_token_id is not None else set()
+        )
         self.arrival_time = time.monotonic() if arrival_time is None else arrival_time
         self.output_token_ids: list[int] = []
         self.all_token_ids: list[int] = list(self.prompt_token_ids)
@@ -135,7 +141,7 @@ class Request:
             return False
         last = self.output_token_ids[-1]
         if self.num_output_tokens >= params.min_tokens:
-            if not params.ignore_eos and last == self.eos_token_id:
+            if not params.ignore_eos and last in self.eos_token_ids:
                 self.status = RequestStatus.FINISHED_STOPPED
                 return True
             if last in params.stop_token_ids:

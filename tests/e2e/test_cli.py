@@ -24,11 +24,14 @@ def test_serve_local_yaml_streams_a_demo_completion():
     subprocess.run(
         [os.path.join(os.path.dirname(sys.executable), "ray"), "stop", "--force"], capture_output=True
     )
-    out = pdserve("up", "deploy/local.yaml", "--port", "0", "--demo", "--serve-seconds", "1")
+    out = pdserve(
+        "up", "deploy/local.yaml", "--port", "0", "--http-port", "0", "--demo", "--serve-seconds", "1"
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     assert re.search(
         r"pdserve is serving tiny at 127\.0\.0\.1:\d+ \(1P/1D/0 co-located, transfer grpc", out.stdout
     )
+    assert re.search(r"OpenAI-compatible HTTP at http://127\.0\.0\.1:\d+/v1 \(metrics: ", out.stdout)
     assert "[length] prompt 16 tokens" in out.stderr and "32 generated" in out.stderr
 
 
@@ -37,7 +40,7 @@ def test_detached_deployment_status_generate_down():
         [os.path.join(os.path.dirname(sys.executable), "ray"), "stop", "--force"], capture_output=True
     )
     try:
-        out = pdserve("up", "deploy/local.yaml", "--port", "0", "--detach")
+        out = pdserve("up", "deploy/local.yaml", "--port", "0", "--http-port", "0", "--detach")
         assert out.returncode == 0, out.stderr[-2000:]
         url = re.search(r"at (127\.0\.0\.1:\d+)", out.stdout).group(1)
         gen = pdserve("generate", "--url", url, "--prompt", "Hello", "--max-tokens", "8")

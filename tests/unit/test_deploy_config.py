@@ -46,6 +46,9 @@ def test_shipped_configs_parse(path):
         ),
         ({"colocated": {"count": 1}, "transfer": {"data_streams": 0}}, "transfer.data_streams"),
         ({"colocated": {"count": 1}, "transfer": {"data_streams": "4"}}, "transfer.data_streams"),
+        ({"colocated": {"count": 1}, "transfer": {"timeout_s": 0}}, "transfer.timeout_s"),
+        ({"colocated": {"count": 1}, "transfer": {"timeout_s": "30"}}, "transfer.timeout_s"),
+        ({"colocated": {"count": 1}, "transfer": {"secret": 12345}}, "transfer.secret"),
         ({"colocated": {"count": 1}, "router": {"max_migrations": -1}}, "router.max_migrations"),
         ({"colocated": {"count": 1}, "router": {"worker_timeout_s": 0}}, "router.worker_timeout_s"),
         ({"colocated": {"count": 1}, "ray": {"max_worker_restarts": -2}}, "ray.max_worker_restarts"),
@@ -105,7 +108,7 @@ def test_decode_kv_server_takes_the_configured_ports():
         except OSError:
             continue
     grpc_port, data_port = base + 2, base + 3
-    transfer = TransferConfig(port_base=base, data_streams=2)
+    transfer = TransferConfig(port_base=base, data_streams=2).with_secret()
     actor = WorkerActor(
         WorkerSpec("decode-1", "decode", EngineConfig(model="tiny", num_gpu_blocks=64), transfer, 1)
     )
@@ -125,6 +128,18 @@ def test_decode_kv_server_takes_the_configured_ports():
         (20004, 20005),
     ]
     assert parse_config({"model": "tiny", "colocated": {"count": 1}}).transfer.kv_server_ports(0) == (0, 0)
+
+
+def test_router_http_port():
+    """router.http_port: null (the default) serves no HTTP, 0 a free port; local.yaml serves 8000."""
+    assert parse_config({"colocated": {"count": 1}}).router.http_port is None
+    assert parse_config({"colocated": {"count": 1}, "router": {"http_port": 0}}).router.http_port == 0
+    assert load_config(os.path.join(ROOT, "deploy", "local.yaml")).router.http_port == 8000
+    for bad in (70000, -1, "8000"):
+        with pytest.raises(ConfigError, match="router.http_port"):
+            parse_config({"colocated": {"count": 1}, "router": {"http_port": bad}})
+    with pytest.raises(ConfigError, match="router.http_port: 9000 is router.port"):
+        parse_config({"colocated": {"count": 1}, "router": {"port": 9000, "http_port": 9000}})
 
 
 def test_workers_restart_except_in_a_process_group():

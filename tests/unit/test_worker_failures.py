@@ -15,6 +15,7 @@ import threading
 import time
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from pdserve.engine import LLM, SamplingParams
 from pdserve.router.client import GenerateChunk, PdserveClient
@@ -89,6 +90,13 @@ def test_hung_decode_worker_is_dropped_and_rejoins(dep):
         assert status["workers"]["decode-0"]["lost_reason"] == "no answer within 1 s"
         assert status["stats"]["num_worker_failures"] == 1 and status["stats"]["num_migrations"] >= 1
         assert status["serving"]
+        metrics = scrape(dep)
+        assert metrics[("pdserve:worker_failures_total", "")] == 1
+        assert metrics[("pdserve:migrations_total", "")] == status["stats"]["num_migrations"]
+        assert (
+            metrics[("pdserve:worker_up", "decode-0")] == 0
+            and metrics[("pdserve:worker_up", "decode-1")] == 1
+        )
     finally:
         gate.set()
     status = wait_for(
@@ -103,6 +111,16 @@ def test_hung_decode_worker_is_dropped_and_rejoins(dep):
     for t in threads:
         t.join(60)
     assert [r[0] for r in results] == expected[:2]
+
+
+def scrape(dep) -> dict[tuple[str, str], float]:
+    """The router's /metrics samples by (name, worker label)."""
+    text = dep.core.metrics.render().decode()
+    return {
+        (sample.name, sample.labels.get("worker", "")): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
 
 
 async def _status(dep):
