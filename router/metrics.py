@@ -235,6 +235,11 @@ class RouterMetrics:
             KV_TRANSFER_BUCKETS,
             ["model_name", "backend"],
         )
+        self.kv_transfer_bytes = self._counter(
+            "kv_transfer_bytes",
+            "Bytes of packed KV shipped from prefill to decode workers.",
+            ["model_name", "backend"],
+        )
         self.rejections = self._counter(
             "admission_rejections",
             "Requests refused for want of decode headroom (queue full or wait too long).",
@@ -300,6 +305,7 @@ class RouterMetrics:
         self.generation_tokens.labels(name, worker, timer.decode_role).inc(done.completion_tokens)
         if timer.prefill_worker is not None:
             self.kv_transfer.labels(name, self.transfer_backend).observe(done.kv_transfer_ms / 1e3)
+            self.kv_transfer_bytes.labels(name, self.transfer_backend).inc(timer.kv_bytes)
 
 
 class RequestTimer:
@@ -313,6 +319,7 @@ class RequestTimer:
         self.prefill_worker: str | None = None
         self.decode_worker: str | None = None
         self.decode_role = "decode"
+        self.kv_bytes = 0  # the KV shipped to the decode worker
 
     def on_tokens(self, count: int) -> None:
         """`count` tokens arrived in one chunk: the gap since the last one, shared between them."""

@@ -110,6 +110,7 @@ class RequestStream:
         self.routed = self.arrival
         self.first_token_at: float | None = None
         self.prefill_ms = 0.0
+        self.kv_bytes = 0  # the packed KV the prefill worker ships to the decode worker
         self.completion_tokens = 0
         self.cached_tokens = 0
         self.finished = False
@@ -280,6 +281,8 @@ class RequestStream:
         cached_on_decode = len(prompt) - handle.num_tokens
         prefill = self.deps.clients[prefill_worker_id]
         result: PrefillResult = await self._guarded(prefill.prefill(req_id, prompt, params, handle))
+        if not result.finished:  # the prefill worker ships the blocks the decode worker lacks
+            self.kv_bytes += handle.layout.buffer_bytes(len(handle.block_ids))
         if self.first_token_at is None:
             self.first_token_at = time.perf_counter()
             self.prefill_ms = (self.first_token_at - self.routed) * 1e3

@@ -261,6 +261,7 @@ class RouterCore:
         timer.prefill_worker = stream.prefill_worker_id
         timer.decode_worker = stream.decode_worker_id
         timer.decode_role = self.worker_roles.get(stream.decode_worker_id or "", "decode")
+        timer.kv_bytes = stream.kv_bytes
         self.metrics.observe(timer, done)
 
     def check_fits(self, num_prompt_tokens: int, max_tokens: int) -> None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -27,6 +28,10 @@ KV_CACHE_NDIM = 6
 
 class KVLayoutMismatch(ValueError):
     """Two KV layouts differ; the message names every differing field with both values."""
+
+
+# Element sizes of the KV cache dtypes (engine/config.py DTYPES), by torch's names.
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 
 def normalize_dtype_name(dtype: Any) -> str:
@@ -76,6 +81,10 @@ class KVLayout:
         """A stable hex digest of every field (same value in every process and Python version)."""
         canonical = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canonical.encode("utf-8")).hexdigest()[:32]
+
+    def buffer_bytes(self, n_blocks: int) -> int:
+        """Bytes of a packed buffer holding `n_blocks` blocks (no torch: the router counts them)."""
+        return math.prod(self.buffer_shape(n_blocks)) * DTYPE_BYTES[self.dtype]
 
     def buffer_shape(self, n_blocks: int) -> tuple[int, int, int, int, int, int]:
         """Shape of a packed buffer holding `n_blocks` blocks: [num_layers, 2, n, block_size, Hkv, D]."""

@@ -560,3 +560,25 @@ def test_penalties_and_min_p_equal_the_grpc_path(dep, client):
         events = grpc_client.generate(PROMPT, max_tokens=16, temperature=0.8, ignore_eos=True, **sampling)
         grpc_ids = [t for e in events if isinstance(e, GenerateChunk) for t in e.token_ids]
     assert r.choices[0].model_extra["token_ids"] == grpc_ids
+
+
+def test_kv_transfer_bytes_equal_the_blocks_shipped():
+    """Distinct prompts on a fresh 1P1D deployment: every prompt block goes over, at the size
+    the prefill worker's own cache tensor gives a block."""
+    d = InProcessDeployment()
+    try:
+        c = openai.OpenAI(base_url=d.http_url + "/v1", api_key="unused", max_retries=0)
+        prompt_lens = []
+        for i in range(4):
+            r = c.completions.create(
+                model="tiny", prompt=f"{i}" * (20 + 17 * i), max_tokens=3, extra_body={"ignore_eos": True}
+            )
+            prompt_lens.append(r.usage.prompt_tokens)
+        cache = next(iter(d.prefill.values())).engine.kv_cache
+        block_size = d.core.model.block_size
+        num_blocks = next(iter(d.prefill.values())).load().num_total_blocks
+        block_bytes = cache.numel() * cache.element_size() // num_blocks
+        expected = sum(-(-n // block_size) for n in prompt_lens) * block_bytes
+        assert _metrics(d)["pdserve:kv_transfer_bytes"] == {("grpc", "tiny"): float(expected)}
+    finally:
+        d.close()
