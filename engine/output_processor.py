@@ -36,7 +36,9 @@ class OutputProcessor:
         self.states: dict[str, RequestTextState] = {}
 
     def add(self, req_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
-        detok = IncrementalDetokenizer(self.tokenizer, prompt_token_ids) if self.tokenizer else None
+        detok = None
+        if self.tokenizer is not None:
+            detok = IncrementalDetokenizer(self.tokenizer, prompt_token_ids, params.skip_special_tokens)
         if params.stop and detok is None:
             raise ValueError("stop strings need a tokenizer; this model has no tokenizer.json")
         self.states[req_id] = RequestTextState(params, detok)
@@ -54,23 +56,30 @@ class OutputProcessor:
         if finished:
             state.detok.flush()
         text = state.detok.output_text
-        stop_at = self._find_stop(state, text)
-        if stop_at is not None:
+        stop = self._find_stop(state, text)
+        if stop is not None:
+            start, length = stop
+            cut = start + length if state.params.include_stop_str_in_output else start
             state.stopped = True
-            delta = text[state.emitted_text_len : stop_at]
-            state.emitted_text_len = stop_at
+            delta = text[state.emitted_text_len : cut]
+            state.emitted_text_len = cut
             return TextDelta(list(new_token_ids), delta, stopped=True)
-        delta = text[state.emitted_text_len :]
-        state.emitted_text_len = len(text)
+        # Hold back the tail that may be the start of a stop string (vLLM's stop buffer): text
+        # once streamed cannot be taken back when the rest of the stop string arrives.
+        hold = max(len(s) for s in state.params.stop) - 1 if state.params.stop and not finished else 0
+        end = max(state.emitted_text_len, len(text) - hold)
+        delta = text[state.emitted_text_len : end]
+        state.emitted_text_len = end
         return TextDelta(list(new_token_ids), delta)
 
-    def _find_stop(self, state: RequestTextState, text: str) -> int | None:
+    def _find_stop(self, state: RequestTextState, text: str) -> tuple[int, int] | None:
+        """(start, length) of the earliest stop string in the text not yet emitted."""
         params = state.params
         if not params.stop or state.num_output_tokens < params.min_tokens:
             return None
         longest = max(len(s) for s in params.stop)
         window_start = max(0, state.emitted_text_len - longest + 1)
-        hits = [i for s in params.stop if (i := text.find(s, window_start)) != -1]
+        hits = [(i, len(s)) for s in params.stop if (i := text.find(s, window_start)) != -1]
         return min(hits) if hits else None
 
     def remove(self, req_id: str) -> None:

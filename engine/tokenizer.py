@@ -21,7 +21,7 @@ class Tokenizer(Protocol):
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]: ...
 
-    def decode(self, token_ids: list[int]) -> str: ...
+    def decode(self, token_ids: list[int], skip_special_tokens: bool = True) -> str: ...
 
 
 class ByteTokenizer:
@@ -35,8 +35,22 @@ class ByteTokenizer:
         ids = list(text.encode("utf-8"))
         return [self.bos_token_id, *ids] if add_special_tokens else ids
 
-    def decode(self, token_ids: list[int]) -> str:
-        return bytes(t for t in token_ids if t < 256).decode("utf-8", errors="replace")
+    SPECIAL_TEXT = {256: "<bos>", 257: "<eos>"}
+
+    def decode(self, token_ids: list[int], skip_special_tokens: bool = True) -> str:
+        if skip_special_tokens:
+            return bytes(t for t in token_ids if t < 256).decode("utf-8", errors="replace")
+        parts: list[str] = []
+        run: list[int] = []
+        for t in token_ids:
+            if t < 256:
+                run.append(t)
+                continue
+            parts.append(bytes(run).decode("utf-8", errors="replace"))
+            parts.append(self.SPECIAL_TEXT.get(t, ""))
+            run = []
+        parts.append(bytes(run).decode("utf-8", errors="replace"))
+        return "".join(parts)
 
 
 class HFTokenizer:
@@ -51,8 +65,8 @@ class HFTokenizer:
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
 
-    def decode(self, token_ids: list[int]) -> str:
-        return self._tok.decode(token_ids, skip_special_tokens=True)
+    def decode(self, token_ids: list[int], skip_special_tokens: bool = True) -> str:
+        return self._tok.decode(token_ids, skip_special_tokens=skip_special_tokens)
 
 
 def load_tokenizer(model: str, eos_token_id: int | None, bos_token_id: int | None) -> Tokenizer | None:
@@ -72,8 +86,11 @@ class IncrementalDetokenizer:
     until the next token completes the character.
     """
 
-    def __init__(self, tokenizer: Tokenizer, prompt_token_ids: list[int]) -> None:
+    def __init__(
+        self, tokenizer: Tokenizer, prompt_token_ids: list[int], skip_special_tokens: bool = True
+    ) -> None:
         self.tokenizer = tokenizer
+        self.skip_special_tokens = skip_special_tokens
         self.token_ids = list(prompt_token_ids)
         self.prefix_offset = max(len(self.token_ids) - 6, 0)
         self.read_offset = len(self.token_ids)
@@ -81,8 +98,8 @@ class IncrementalDetokenizer:
 
     def add_tokens(self, new_token_ids: list[int]) -> str:
         self.token_ids.extend(new_token_ids)
-        prefix_text = self.tokenizer.decode(self.token_ids[self.prefix_offset : self.read_offset])
-        full_text = self.tokenizer.decode(self.token_ids[self.prefix_offset :])
+        prefix_text = self._decode(self.token_ids[self.prefix_offset : self.read_offset])
+        full_text = self._decode(self.token_ids[self.prefix_offset :])
         if len(full_text) > len(prefix_text) and not full_text.endswith(REPLACEMENT_CHAR):
             delta = full_text[len(prefix_text) :]
             self.prefix_offset = self.read_offset
@@ -91,10 +108,13 @@ class IncrementalDetokenizer:
             return delta
         return ""
 
+    def _decode(self, token_ids: list[int]) -> str:
+        return self.tokenizer.decode(token_ids, skip_special_tokens=self.skip_special_tokens)
+
     def flush(self) -> str:
         """At the end of a stream, release whatever is held back (even a broken character)."""
-        prefix_text = self.tokenizer.decode(self.token_ids[self.prefix_offset : self.read_offset])
-        full_text = self.tokenizer.decode(self.token_ids[self.prefix_offset :])
+        prefix_text = self._decode(self.token_ids[self.prefix_offset : self.read_offset])
+        full_text = self._decode(self.token_ids[self.prefix_offset :])
         delta = full_text[len(prefix_text) :] if len(full_text) > len(prefix_text) else ""
         self.prefix_offset = self.read_offset = len(self.token_ids)
         self.output_text += delta

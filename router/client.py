@@ -139,6 +139,8 @@ def build_generate_request(
     stop: Sequence[str] = (),
     stop_token_ids: Sequence[int] = (),
     ignore_eos: bool = False,
+    skip_special_tokens: bool | None = None,
+    include_stop_str_in_output: bool = False,
     presence_penalty: float | None = None,
     frequency_penalty: float | None = None,
     repetition_penalty: float | None = None,
@@ -150,7 +152,10 @@ def build_generate_request(
 ) -> generate_pb2.GenerateRequest:
     """The request message; None leaves a sampling field unset (the server's default)."""
     sampling = generate_pb2.SamplingParams(
-        stop=list(stop), stop_token_ids=list(stop_token_ids), ignore_eos=ignore_eos
+        stop=list(stop),
+        stop_token_ids=list(stop_token_ids),
+        ignore_eos=ignore_eos,
+        include_stop_str_in_output=include_stop_str_in_output,
     )
     for name, value in (
         ("max_tokens", max_tokens),
@@ -166,6 +171,7 @@ def build_generate_request(
         ("logprobs", logprobs),
         ("prompt_logprobs", prompt_logprobs),
         ("n", n),
+        ("skip_special_tokens", skip_special_tokens),
     ):
         if value is not None:
             setattr(sampling, name, value)

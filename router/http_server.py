@@ -265,12 +265,14 @@ class HttpServer:
             while event is not None:
                 if isinstance(event, Chunk):
                     generated += len(event.token_ids)
-                    if event.text or (keep_empty and event.token_ids):
+                    if event.text or event.prompt_logprobs or (keep_empty and event.token_ids):
                         usage = _usage_so_far(prompt_len, generated) if parsed.continuous_usage else None
                         logprobs = builder.logprobs_body(event.index, event.logprobs)
                         chunk = builder.chunk(
                             event.index, event.text, None, False, event.token_ids, logprobs, usage
                         )
+                        if event.prompt_logprobs:
+                            chunk = builder.add_prompt_logprobs(chunk, event.prompt_logprobs)
                         await response.write(_sse(chunk))
                 else:
                     done.append(event)

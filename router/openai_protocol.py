@@ -9,10 +9,11 @@ Accepted as OpenAI and vLLM accept them: `n` (choices; sample i seeded seed + i)
 and vLLM's extras `top_k`, `min_p`, `min_tokens`, `ignore_eos`, `stop_token_ids`, `seed`,
 `repetition_penalty`, `return_token_ids` (each choice also carries its `token_ids`, the
 response its `prompt_token_ids`), `return_tokens_as_token_ids` (logprobs name tokens
-"token_id:N"), `add_generation_prompt` (chat). Fields not implemented
+"token_id:N"), `prompt_logprobs` (vLLM's shape: per prompt position, None for the first,
+then {token id: {logprob, rank, decoded_token}}), `skip_special_tokens`,
+`include_stop_str_in_output`, `add_generation_prompt` (chat). Fields not implemented
 yet answer 400 naming the field when set to anything but their neutral value (`echo`,
-`best_of`, `logit_bias`, `suffix`, `prompt_logprobs`, `skip_special_tokens` false,
-`include_stop_str_in_output` true, `tools`, `response_format` other than text). Unknown
+`best_of`, `logit_bias`, `suffix`, `tools`, `response_format` other than text). Unknown
 fields are ignored, as OpenAI's server does.
 """
 
@@ -37,11 +38,8 @@ STATUS_OF_CODE = {
 UNSUPPORTED_UNLESS = {
     "best_of": 1,
     "echo": False,
-    "prompt_logprobs": None,
     "logit_bias": None,
     "suffix": None,
-    "skip_special_tokens": True,
-    "include_stop_str_in_output": False,
     "tools": None,
     "tool_choice": None,
     "continue_final_message": False,
@@ -49,6 +47,7 @@ UNSUPPORTED_UNLESS = {
 SAMPLING_FIELDS = (
     "temperature", "top_p", "top_k", "seed", "min_tokens", "ignore_eos", "n",
     "presence_penalty", "frequency_penalty", "repetition_penalty", "min_p",
+    "prompt_logprobs", "skip_special_tokens", "include_stop_str_in_output",
 )  # fmt: skip
 
 

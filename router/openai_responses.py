@@ -27,12 +27,15 @@ class ChoiceState:
     texts: list[str] = field(default_factory=list)
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[TokenLogprobs] = field(default_factory=list)
+    prompt_logprobs: list[TokenLogprobs] | None = None
     done: Completion | None = None
 
     def add(self, chunk: Chunk) -> None:
         self.texts.append(chunk.text)
         self.token_ids += chunk.token_ids
         self.logprobs += chunk.logprobs or []
+        if chunk.prompt_logprobs is not None:
+            self.prompt_logprobs = chunk.prompt_logprobs
 
 
 def usage_body(completions: list[Completion], prompt_tokens: int | None = None) -> dict[str, Any]:
@@ -98,6 +101,20 @@ class ResponseBuilder:
             "text_offset": offsets,
         }
 
+    def prompt_logprobs_body(self, logprobs: list[TokenLogprobs]) -> list[dict[str, Any] | None]:
+        """vLLM's prompt_logprobs: None for the first prompt token, then per token a dict of
+        the prompt token and the top alternatives, {token id: {logprob, rank, decoded_token}}."""
+        body: list[dict[str, Any] | None] = [None]
+        for lp in logprobs:
+            entry = {str(lp.token_id): self._vllm_logprob(lp.token_id, lp.logprob, lp.rank)}
+            for rank, (token_id, value) in enumerate(lp.top, start=1):
+                entry.setdefault(str(token_id), self._vllm_logprob(token_id, value, rank))
+            body.append(entry)
+        return body
+
+    def _vllm_logprob(self, token_id: int, logprob: float, rank: int) -> dict[str, Any]:
+        return {"logprob": logprob, "rank": rank, "decoded_token": self.token_text(token_id)}
+
     def _chat_logprob(self, lp: TokenLogprobs) -> dict[str, Any]:
         token = self.token_text(lp.token_id)
         return {
@@ -124,8 +141,13 @@ class ResponseBuilder:
             choice.update(logprobs=logprobs, finish_reason=finish)
             if self.prompt_token_ids is not None:
                 choice["token_ids"] = state.token_ids
+            if state.prompt_logprobs is not None and not self.chat:
+                choice["prompt_logprobs"] = self.prompt_logprobs_body(state.prompt_logprobs)
             bodies.append(choice)
         body = self._envelope("chat.completion" if self.chat else "text_completion", bodies)
+        first = choices.get(0)
+        if self.chat and first is not None and first.prompt_logprobs is not None:
+            body["prompt_logprobs"] = self.prompt_logprobs_body(first.prompt_logprobs)
         if self.prompt_token_ids is not None:
             body["prompt_token_ids"] = self.prompt_token_ids
         body["usage"] = usage_body([s.done for _, s in sorted(choices.items()) if s.done is not None])
@@ -158,6 +180,13 @@ class ResponseBuilder:
         body = self._envelope(self.object, [choice])
         if usage is not None:
             body["usage"] = usage
+        return body
+
+    def add_prompt_logprobs(self, body: dict[str, Any], logprobs: list[TokenLogprobs]) -> dict[str, Any]:
+        """Put a stream's prompt logprobs into its chunk (the choice's for completions, the
+        chunk's own for chat, as vLLM)."""
+        target = body if self.chat else body["choices"][0]
+        target["prompt_logprobs"] = self.prompt_logprobs_body(logprobs)
         return body
 
     def usage_chunk(self, completions: list[Completion]) -> dict[str, Any]:

@@ -52,6 +52,7 @@ _OPTIONAL_SAMPLING_FIELDS = (
     "logprobs",
     "prompt_logprobs",
     "n",
+    "skip_special_tokens",
 )
 
 
@@ -83,7 +84,11 @@ def sampling_from_proto(
     )
     try:
         return SamplingParams(
-            **kwargs, stop=list(msg.stop), stop_token_ids=list(msg.stop_token_ids), ignore_eos=msg.ignore_eos
+            **kwargs,
+            stop=list(msg.stop),
+            stop_token_ids=list(msg.stop_token_ids),
+            ignore_eos=msg.ignore_eos,
+            include_stop_str_in_output=msg.include_stop_str_in_output,
         )
     except ValueError as exc:
         raise RouterError("INVALID_ARGUMENT", f"sampling.{exc}") from exc

@@ -51,6 +51,10 @@ class SamplingParams:
     logprobs: int | None = None
     prompt_logprobs: int | None = None
     n: int = 1
+    # text: special tokens (bos, eos, chat markers) left out of the text, as vLLM by default;
+    # a matched stop string cut from the text unless include_stop_str_in_output
+    skip_special_tokens: bool = True
+    include_stop_str_in_output: bool = False
     # Tokens this request generated before it was started again elsewhere (a migrated
     # request's prompt ends with them): seeded draws count positions from here, so the
     # stream goes on exactly as it would have. Set by `resumed_after`, never by clients.
@@ -124,6 +128,9 @@ class SamplingParams:
             raise ValueError(f"min_p must be in [0, 1], got {self.min_p!r}")
         if not isinstance(self.n, int) or isinstance(self.n, bool) or not 1 <= self.n <= MAX_N:
             raise ValueError(f"n must be an integer in [1, {MAX_N}], got {self.n!r}")
+        for name in ("skip_special_tokens", "include_stop_str_in_output", "ignore_eos"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
         for name in ("logprobs", "prompt_logprobs"):
             value = getattr(self, name)
             if value is not None and (

@@ -202,9 +202,9 @@ def test_vllm_extra_fields_are_honoured(client):
         (dict(presence_penalty=5), "presence_penalty"),
         (dict(extra_body={"min_p": 2}), "min_p"),
         (dict(extra_body={"repetition_penalty": 0}), "repetition_penalty"),
-        (dict(extra_body={"prompt_logprobs": 2}), "prompt_logprobs"),
-        (dict(extra_body={"skip_special_tokens": False}), "skip_special_tokens"),
-        (dict(extra_body={"include_stop_str_in_output": True}), "include_stop_str_in_output"),
+        (dict(extra_body={"prompt_logprobs": 99}), "prompt_logprobs"),
+        (dict(extra_body={"skip_special_tokens": "no"}), "skip_special_tokens"),
+        (dict(extra_body={"include_stop_str_in_output": 1}), "include_stop_str_in_output"),
         (dict(extra_body={"top_k": -5}), "top_k"),
         (dict(prompt=[1, 2, 999]), "prompt"),
         (dict(prompt="x" * 5000), "prompt"),
@@ -582,3 +582,60 @@ def test_kv_transfer_bytes_equal_the_blocks_shipped():
         assert _metrics(d)["pdserve:kv_transfer_bytes"] == {("grpc", "tiny"): float(expected)}
     finally:
         d.close()
+
+
+def test_prompt_logprobs_in_vllm_shape_equal_the_offline_engine(client):
+    """prompt_logprobs (vLLM's extra field): None for the first prompt token, then the prompt
+    token and its top alternatives with the offline engine's values, streamed and not."""
+    offline = LLM("tiny", num_gpu_blocks=64).generate(
+        [PROMPT], SamplingParams(temperature=0, max_tokens=2, prompt_logprobs=2)
+    )[0]
+    body = {"prompt_logprobs": 2}
+    full = client.completions.create(
+        model="tiny", prompt=PROMPT, max_tokens=2, temperature=0, extra_body=body
+    )
+    got = full.choices[0].model_extra["prompt_logprobs"]
+    assert got[0] is None and len(got) == len(offline.prompt_token_ids)
+    for entry, ref in zip(got[1:], offline.prompt_logprobs, strict=True):
+        assert entry[str(ref.token_id)]["logprob"] == pytest.approx(ref.logprob, abs=1e-5)
+        assert entry[str(ref.token_id)]["rank"] == ref.rank
+        assert {str(t) for t, _ in ref.top} <= set(entry)
+    chunks = list(
+        client.completions.create(
+            model="tiny", prompt=PROMPT, max_tokens=2, temperature=0, stream=True, extra_body=body
+        )
+    )
+    streamed = [c.choices[0].model_extra.get("prompt_logprobs") for c in chunks if c.choices]
+    assert [p for p in streamed if p] == [got]  # once, in the first chunk
+    chat = client.chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": PROMPT}], max_tokens=2, extra_body=body
+    )
+    assert chat.model_extra["prompt_logprobs"][0] is None and len(chat.model_extra["prompt_logprobs"]) > 1
+
+
+def test_include_stop_str_in_output_and_skip_special_tokens(client):
+    plain = (
+        client.completions.create(
+            model="tiny", prompt=PROMPT, max_tokens=24, temperature=0, extra_body={"ignore_eos": True}
+        )
+        .choices[0]
+        .text
+    )
+    stop = plain[6:8]  # a string the greedy text holds
+    at = plain.find(stop)
+    cut = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=24, temperature=0, stop=[stop])
+    kept = client.completions.create(
+        model="tiny",
+        prompt=PROMPT,
+        max_tokens=24,
+        temperature=0,
+        stop=[stop],
+        extra_body={"include_stop_str_in_output": True},
+    )
+    assert cut.choices[0].text == plain[:at] and cut.choices[0].finish_reason == "stop"
+    assert kept.choices[0].text == plain[: at + len(stop)]
+    # the tiny model's tokenizer: <bos> leads every encoded prompt; kept when not skipped
+    special = client.completions.create(
+        model="tiny", prompt=[256, 104, 105], max_tokens=1, extra_body={"skip_special_tokens": True}
+    )
+    assert "<bos>" not in special.choices[0].text

@@ -101,3 +101,19 @@ def test_bad_prompts_and_paths(llm, tmp_path):
         LLM(str(tmp_path))
     # nothing leaked from the failed calls
     assert not llm.engine.scheduler.requests
+
+
+def test_output_text_keeps_special_tokens_and_stop_strings_when_asked():
+    from pdserve.engine.output_processor import OutputProcessor
+    from pdserve.engine.tokenizer import ByteTokenizer
+
+    def text(params: SamplingParams, tokens: list[int]) -> str:
+        processor = OutputProcessor(ByteTokenizer())
+        processor.add("r", [256, 104], params)
+        return "".join(processor.process("r", [t], i == len(tokens) - 1).text for i, t in enumerate(tokens))
+
+    tokens = [*b"ab", 257, *b"cd"]
+    assert text(SamplingParams(), tokens) == "abcd"
+    assert text(SamplingParams(skip_special_tokens=False), tokens) == "ab<eos>cd"
+    assert text(SamplingParams(stop=["bc"]), [*b"abcde"]) == "a"
+    assert text(SamplingParams(stop=["bc"], include_stop_str_in_output=True), [*b"abcde"]) == "abc"
