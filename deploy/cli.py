@@ -183,6 +183,14 @@ def _pid_alive(pid: int) -> bool:
         return True
 
 
+def _cmdline(pid: int) -> bytes:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read()
+    except OSError:
+        return b""
+
+
 def _connect(args: argparse.Namespace):
     """Join the cluster of deployment `--name` (its record, or `--address`) in its namespace."""
     import ray
@@ -250,6 +258,9 @@ def cmd_down(args: argparse.Namespace) -> int:
                 killed += 1
         ray.shutdown()
     print(f"stopped {killed} pdserve actor(s) of deployment {record.name!r}")
+    if record.owner_pid and _pid_alive(record.owner_pid) and b"pdserve" in _cmdline(record.owner_pid):
+        os.kill(record.owner_pid, signal.SIGTERM)  # a foreground `pdserve up`: let it exit
+        print(f"asked its `pdserve up` (pid {record.owner_pid}) to exit")
     for head in record.started_heads:
         if cluster.stop_head(head):
             print(f"stopped the Ray head it started (pid {head.pid})")

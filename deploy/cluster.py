@@ -9,8 +9,10 @@ offers, a model directory missing on a node.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -148,6 +150,33 @@ def _stderr_to_log() -> Iterator[None]:
             os.close(saved)
 
 
+# -- the code the workers run ---------------------------------------------------------------
+SUBPACKAGES = ("engine", "transfer", "prefill_worker", "decode_worker", "router", "deploy", "bench")
+_NOT_SHIPPED = shutil.ignore_patterns("__pycache__", "*.pyc", "results", "*.egg-info")
+
+
+def code_runtime_env() -> dict[str, Any]:
+    """Ray's `runtime_env` that carries this `pdserve` to every node (`py_modules`: Ray zips it
+    into the cluster's store, and each node's workers import it from there), so no node needs
+    the driver's paths. From a source checkout the package is assembled first as installed
+    (proto/pdserve with the top-level folders as its subpackages)."""
+    import pdserve
+
+    roots = list(pdserve.__path__)
+    if all(os.path.isdir(os.path.join(roots[0], name)) for name in SUBPACKAGES):
+        return {"py_modules": [roots[0]]}  # an installed package: ship it as it is
+    stage = tempfile.mkdtemp(prefix="pdserve-code-")
+    atexit.register(shutil.rmtree, stage, ignore_errors=True)
+    package = os.path.join(stage, "pdserve")
+    shutil.copytree(roots[0], package, ignore=_NOT_SHIPPED)
+    for name in SUBPACKAGES:
+        source = next((os.path.join(r, name) for r in roots if os.path.isdir(os.path.join(r, name))), None)
+        if source is None:
+            raise ClusterError(f"pdserve.{name} not found next to {roots[0]}: reinstall pdserve")
+        shutil.copytree(source, os.path.join(package, name), ignore=_NOT_SHIPPED)
+    return {"py_modules": [package]}
+
+
 # -- the head `pdserve up --detach` starts ------------------------------------------------------
 def _free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
@@ -221,21 +250,59 @@ def _is_our_head(head: StartedHead) -> bool:
     return "start" in cmdline and f"--temp-dir={head.temp_dir}" in cmdline
 
 
-def stop_head(head: StartedHead, timeout_s: float = 20.0) -> bool:
-    """Stop the Ray head `start_head` started: SIGTERM to its process group, SIGKILL to what
-    is left after `timeout_s`. Only that group: never `ray stop`, which ends every Ray of
-    the user on the host. Returns whether it was running."""
-    if not _is_our_head(head) or not _group_alive(head.pgid):
+def _read_proc(pid: int, name: str) -> bytes:
+    try:
+        with open(f"/proc/{pid}/{name}", "rb") as f:
+            return f.read()
+    except OSError:
+        return b""
+
+
+def head_processes(head: StartedHead) -> list[int]:
+    """The head's processes: its process group (`ray start`, GCS, raylet, agents) and the
+    worker processes its raylet started, which Ray puts in process groups of their own
+    (found by the RAY_RAYLET_PID their raylet gave them)."""
+    pids = [int(p) for p in os.listdir("/proc") if p.isdigit()]
+    group = [pid for pid in pids if _pgid(pid) == head.pgid]
+    raylets = {pid for pid in group if b"raylet" in _read_proc(pid, "cmdline").split(b"\0")[0]}
+    marks = {f"RAY_RAYLET_PID={pid}".encode() for pid in raylets}
+    workers = [
+        pid for pid in pids if pid not in group and marks & set(_read_proc(pid, "environ").split(b"\0"))
+    ]
+    return group + workers
+
+
+def _pgid(pid: int) -> int | None:
+    try:
+        return os.getpgid(pid)
+    except OSError:
+        return None
+
+
+def stop_head(head: StartedHead, grace_s: float = 5.0) -> bool:
+    """Stop the Ray head `start_head` started and every process it started: SIGTERM, then
+    SIGKILL to what is left after `grace_s` (its actors are gone by now; Ray's own drain would
+    wait 30 s for nothing). Only those processes: never `ray stop`, which ends every Ray of the
+    user on the host. Removes its temp dir. Returns whether it was running."""
+    if not head_running(head):
         return False
-    os.killpg(head.pgid, signal.SIGTERM)
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline and _group_alive(head.pgid):
-        time.sleep(0.2)
-    if _group_alive(head.pgid):
-        os.killpg(head.pgid, signal.SIGKILL)
+    pids = head_processes(head)
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in pids:
+            with contextlib.suppress(OSError):
+                os.kill(pid, sig)
+        deadline = time.monotonic() + grace_s
+        while time.monotonic() < deadline and any(_alive(pid) for pid in pids):
+            time.sleep(0.1)
     with contextlib.suppress(ChildProcessError):
         os.waitpid(head.pid, os.WNOHANG)
+    shutil.rmtree(head.temp_dir, ignore_errors=True)
     return True
+
+
+def _alive(pid: int) -> bool:
+    state = _read_proc(pid, "stat").rsplit(b")", 1)[-1].split()[:1]
+    return bool(state) and state[0] != b"Z"  # a zombie is gone, only not yet reaped
 
 
 # -- can the cluster run this config? --------------------------------------------------------
@@ -315,7 +382,8 @@ def wait_for_resources(cfg: Any, timeout_s: float) -> list[dict[str, Any]]:
         if why is None:
             return nodes
         if time.monotonic() >= deadline:
-            raise ClusterError(f"{why} (waited {timeout_s:.0f} s for nodes to join)")
+            waited = f" (waited {timeout_s:g} s for nodes to join)" if timeout_s else ""
+            raise ClusterError(why + waited)
         time.sleep(1.0)
 
 

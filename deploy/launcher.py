@@ -94,7 +94,7 @@ def up(
     if not ray.is_initialized():
         join = address or cfg.ray.address
         if join:
-            cluster.connect(join, ns, _runtime_env())
+            cluster.connect(join, ns, cluster.code_runtime_env())  # other hosts: ship the code
         else:  # a local cluster of this process, on loopback
             ray.init(
                 _node_ip_address="127.0.0.1",
@@ -103,13 +103,15 @@ def up(
                 num_cpus=cfg.ray.num_cpus,
                 include_dashboard=False,
                 log_to_driver=os.environ.get("PDSERVE_WORKER_LOGS", "0") == "1",
-                runtime_env=_runtime_env(),
+                runtime_env=_local_runtime_env(),
             )
         started_ray = True
     try:
         if name is not None:
             _refuse_if_running(label, ns)
-        dep = _place(cfg, model_cfg, ns, detached)
+        # a cluster this process just started has all the nodes it will have
+        wait_s = cfg.ray.resource_wait_s if (address or cfg.ray.address) else 0.0
+        dep = _place(cfg, model_cfg, ns, detached, wait_s)
     except BaseException:
         if started_ray:
             ray.shutdown()
@@ -145,7 +147,9 @@ def _refuse_if_running(name: str, namespace: str) -> None:
     )
 
 
-def _place(cfg: DeployConfig, model_cfg: ModelConfig, ns: str, detached: bool) -> Deployment:
+def _place(
+    cfg: DeployConfig, model_cfg: ModelConfig, ns: str, detached: bool, resource_wait_s: float
+) -> Deployment:
     """Check the cluster can run `cfg`, place its workers and router in namespace `ns`."""
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
@@ -155,7 +159,7 @@ def _place(cfg: DeployConfig, model_cfg: ModelConfig, ns: str, detached: bool) -
     from pdserve.router.actor import RouterActor
     from pdserve.router.service import ModelSummary
 
-    nodes = cluster.wait_for_resources(cfg, cfg.ray.resource_wait_s)
+    nodes = cluster.wait_for_resources(cfg, resource_wait_s)
     cluster.check_device(cfg, nodes)
     cluster.check_model_on_nodes(cfg, nodes)
     workers: dict[str, Any] = {}
@@ -233,5 +237,6 @@ def _python_path() -> list[str]:
     return [*paths, *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
 
 
-def _runtime_env() -> dict[str, Any]:
+def _local_runtime_env() -> dict[str, Any]:
+    """A cluster of this process runs on this host: its workers take the driver's path."""
     return {"env_vars": {"PYTHONPATH": os.pathsep.join(_python_path())}}

@@ -38,10 +38,25 @@ def test_serve_local_yaml_streams_a_demo_completion(home):
     assert not os.listdir(home / "deployments")  # the foreground deployment's record went with it
 
 
-def _head_processes(name: str) -> list[str]:
-    """Processes of the Ray head `pdserve up --detach --name NAME` started (its temp dir)."""
-    ps = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout
-    return [line for line in ps.splitlines() if f"pdserve-ray/{name}" in line and "ps -eo" not in line]
+def _processes(cmdline_part: str = "", environ_part: str = "") -> list[int]:
+    """This host's processes whose command line and environment hold these strings."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                cmdline = f.read().decode(errors="replace")
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                environ = f.read().decode(errors="replace")
+        except OSError:
+            continue
+        if cmdline_part in cmdline and environ_part in environ:
+            found.append(int(pid))
+    return found
+
+
+def _head_processes(name: str) -> list[int]:
+    """The `ray start` / GCS / raylet of the head `pdserve up --detach --name NAME` started."""
+    return _processes(cmdline_part=f"pdserve-ray/{name}")
 
 
 def test_two_detached_deployments_are_isolated(home):
@@ -80,6 +95,8 @@ def test_two_detached_deployments_are_isolated(home):
         downs = [pdserve("down", "--name", name) for name in names]
     assert all(d.returncode == 0 for d in downs), [d.stderr[-1000:] for d in downs]
     assert not _head_processes(names[0]) and not _head_processes(names[1])
+    # nothing this test's commands started is left, Ray's worker processes included
+    assert not _processes(environ_part=f"PDSERVE_HOME={home}\0")
     assert not os.listdir(home / "deployments")
 
 

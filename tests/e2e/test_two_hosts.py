@@ -7,7 +7,8 @@ pool on node 1 and the decode pool on node 2 (Ray custom resources); 32 concurre
 with shared prefixes, sent from the head's namespace, equal the offline engine's tokens; the
 veth's byte counters show the KV crossing; over `grpc` (a model whose KV takes the data port)
 and `nccl` (gloo on CPU); `pdserve bench serve` runs against it; `pdserve down` stops it.
-A config that keeps a loopback `transfer.host`, and a user without the token, get one line.
+A config that keeps a loopback `transfer.host`, a user without the token, and a model
+directory missing on node 2 each get one line.
 
 Each Ray node runs as the first process of its own PID namespace (`unshare --pid --fork
 --kill-child`): killing it ends every process of that node and nothing else (`ray stop`
@@ -65,6 +66,7 @@ class TwoHosts:
     head_veth: str
     env: dict[str, str]  # token, PYTHONPATH, PDSERVE_HOME for every command in the namespaces
     tmp: str
+    head_only: str  # a folder node 2 does not see (a tmpfs over it in its mount namespace)
 
     def run(self, ns: str, *argv: str, env: dict[str, str] | None = None, timeout: float = 180):
         return subprocess.run(
@@ -160,7 +162,9 @@ def two_hosts() -> Iterator[TwoHosts]:
             f"--temp-dir={tmp}/ra",
             "--include-dashboard=false",
         ]
-        nodes.append(_start_node(head_ns, head_args, env, head_log))
+        # the nodes run without this checkout on their path: workers get pdserve as `up` ships it
+        node_env = {k: v for k, v in env.items() if k != "PYTHONPATH"}
+        nodes.append(_start_node(head_ns, head_args, node_env, head_log))
         _wait_started(nodes[0], head_log)
         worker_args = [
             f"--address={RAY_ADDRESS}",
@@ -169,9 +173,14 @@ def two_hosts() -> Iterator[TwoHosts]:
             '--resources={"decode_node": 4}',
             f"--temp-dir={tmp}/rb",
         ]
-        nodes.append(_start_node(worker_ns, worker_args, env, worker_log))
+        nodes.append(_start_node(worker_ns, worker_args, node_env, worker_log))
         _wait_started(nodes[1], worker_log)
-        yield TwoHosts(head_ns, worker_ns, head_veth, env, tmp)
+        head_only = os.path.join(tmp, "head-only")
+        os.makedirs(head_only)
+        with open(f"/proc/{nodes[1].pid}/task/{nodes[1].pid}/children") as f:
+            worker_init = f.read().split()[0]  # unshare's child: PID 1 of node 2's namespaces
+        _sh("nsenter", "-t", worker_init, "-m", "mount", "-t", "tmpfs", "tmpfs", head_only)
+        yield TwoHosts(head_ns, worker_ns, head_veth, env, tmp, head_only)
     finally:
         for node in nodes:  # unshare --kill-child: its PID namespace, every Ray process of the node, dies
             node.send_signal(signal.SIGKILL)
@@ -233,17 +242,25 @@ def offline_tokens(model: str, prompts: list[list[int]], **engine) -> list[list[
     return [o.token_ids for o in outs]
 
 
-def write_config(path: str, model: str, backend: str, engine: dict | None = None, **transfer) -> str:
+def write_config(
+    path: str,
+    model: str,
+    backend: str,
+    engine: dict | None = None,
+    decode_node: str = "decode_node",
+    wait_s: float = 10,
+    **transfer,
+) -> str:
     import yaml
 
     config = {
         "model": model,
         "engine": {**ENGINE, **(engine or {})},
         "prefill": {"count": 1, "resources": {"num_cpus": 0, "resources": {"prefill_node": 1}}},
-        "decode": {"count": 1, "resources": {"num_cpus": 0, "resources": {"decode_node": 1}}},
+        "decode": {"count": 1, "resources": {"num_cpus": 0, "resources": {decode_node: 1}}},
         "transfer": {"backend": backend, **transfer},
         "router": {"host": "0.0.0.0", "port": 50051, "policy_params": {"local_prefill_threshold_tokens": 0}},
-        "ray": {"resource_wait_s": 10},
+        "ray": {"resource_wait_s": wait_s},
     }
     with open(path, "w") as f:
         yaml.safe_dump(config, f)
@@ -326,7 +343,7 @@ def test_nccl_across_hosts_on_gloo(hosts):
         down(hosts, "two-hosts-nccl")
 
 
-def test_loopback_transfer_host_and_missing_token_are_one_line_refusals(hosts):
+def test_loopback_host_missing_token_and_missing_model_are_one_line_refusals(hosts):
     config = write_config(os.path.join(hosts.tmp, "loopback.yaml"), "tiny", "grpc", host="127.0.0.1")
     out = hosts.pdserve("up", config, "--address", RAY_ADDRESS, "--detach", "--name", "loopback")
     assert out.returncode == 2, out.stdout + out.stderr
@@ -345,6 +362,25 @@ def test_loopback_transfer_host_and_missing_token_are_one_line_refusals(hosts):
         "set RAY_AUTH_TOKEN (the token) or RAY_AUTH_TOKEN_PATH (a file holding it)"
     )
     assert time.monotonic() - t0 < 15
+    model = os.path.join(hosts.head_only, "wide-kv")  # on node 1 only
+    os.makedirs(model)
+    with open(os.path.join(model, "config.json"), "w") as f:
+        json.dump(WIDE_KV_MODEL, f)
+    config = write_config(os.path.join(hosts.tmp, "head-only.yaml"), model, "grpc", {"load_format": "dummy"})
+    out = hosts.pdserve("up", config, "--address", RAY_ADDRESS, "--name", "head-only")
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
+    assert out.stderr.strip().splitlines()[-1] == (
+        f"pdserve: error: model: {model} does not exist on node {WORKER_IP} "
+        "(copy the model directory to the same path on every node that runs workers)"
+    )
+    config = write_config(
+        os.path.join(hosts.tmp, "no-gpu-node.yaml"), "tiny", "grpc", decode_node="gpu_node", wait_s=2
+    )
+    out = hosts.pdserve("up", config, "--address", RAY_ADDRESS, "--name", "no-gpu-node")
+    assert out.returncode == 2 and out.stderr.strip().splitlines()[-1] == (
+        "pdserve: error: decode.resources.resources.gpu_node: no node of the Ray cluster offers 1 gpu_node "
+        "(the most any node has: 0) (waited 2 s for nodes to join)"
+    ), out.stderr
     out = hosts.pdserve("status", "--name", "loopback")
     assert out.returncode == 2
     assert out.stderr.strip().startswith("pdserve: error: no deployment named 'loopback'")
