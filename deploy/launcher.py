@@ -159,7 +159,11 @@ def _place(
     from pdserve.router.actor import RouterActor
     from pdserve.router.service import ModelSummary
 
-    nodes = cluster.wait_for_resources(cfg, resource_wait_s)
+    try:
+        nodes = cluster.wait_for_resources(cfg, resource_wait_s)
+    except cluster.ClusterError:  # `device: cuda` on a cluster without GPUs: say so first
+        cluster.check_device(cfg, cluster.alive_node_resources())
+        raise
     cluster.check_device(cfg, nodes)
     cluster.check_model_on_nodes(cfg, nodes)
     workers: dict[str, Any] = {}
