@@ -120,15 +120,13 @@ def connect(address: str, namespace: str, runtime_env: dict[str, Any] | None = N
                 runtime_env=runtime_env,
             )
     except (ConnectionError, ray.exceptions.AuthenticationError, RuntimeError) as exc:
-        if not token_given():
-            raise ClusterError(
-                f"could not join the Ray cluster at {address}: it may require token authentication "
-                f"and no token is given: set {TOKEN_VARS}"
-            ) from None
-        raise ClusterError(
-            f"could not join the Ray cluster at {address} ({type(exc).__name__}): check that "
-            f"{TOKEN_VARS} holds the cluster's token"
-        ) from None
+        lines = str(exc).strip().splitlines()
+        why = lines[0] if lines else type(exc).__name__
+        if token_given():
+            hint = f"if it requires token authentication, check that {TOKEN_VARS} holds its token"
+        else:
+            hint = f"if it requires token authentication, set {TOKEN_VARS}"
+        raise ClusterError(f"could not join the Ray cluster at {address}: {why} ({hint})") from None
 
 
 @contextlib.contextmanager
