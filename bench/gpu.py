@@ -130,8 +130,11 @@ def pdserve_decode(llm, batch: int, context: int, shapes: Shapes, cost: ModelCos
     }
 
 
-def pdserve_prefill(llm, shapes: Shapes, cost: ModelCost, limits: dict) -> dict:
-    """Wall time of the step(s) that prefill one prompt and sample its first token."""
+def pdserve_prefill(
+    llm, shapes: Shapes, cost: ModelCost, limits: dict, num_tokens: int | None = None, reps: int | None = None
+) -> dict:
+    """Wall time of the step(s) that prefill one prompt (`num_tokens`, default the shapes'
+    prefill_tokens) and sample its first token."""
     from pdserve.engine import SamplingParams
 
     engine, device = llm.engine, llm.engine.runner.device
@@ -140,7 +143,9 @@ def pdserve_prefill(llm, shapes: Shapes, cost: ModelCost, limits: dict) -> dict:
 
     # A fresh random prompt each time, so the prefix cache never serves it; made before the
     # clock starts (2,048 rng.randrange calls are about a millisecond of Python).
-    prompts = [random_prompt(rng, shapes.prefill_tokens, vocab) for _ in range(2 + shapes.prefill_reps)]
+    num_tokens = num_tokens or shapes.prefill_tokens
+    reps = reps or shapes.prefill_reps
+    prompts = [random_prompt(rng, num_tokens, vocab) for _ in range(2 + reps)]
 
     def prefill_once() -> None:
         engine.add_request(engine.new_request_id(), prompts.pop(), params)
@@ -149,14 +154,14 @@ def pdserve_prefill(llm, shapes: Shapes, cost: ModelCost, limits: dict) -> dict:
 
     for _ in range(2):
         prefill_once()
-    times = [timed_seconds(prefill_once, device) for _ in range(shapes.prefill_reps)]
-    flops = cost.prefill_flops(shapes.prefill_tokens)
+    times = [timed_seconds(prefill_once, device) for _ in range(reps)]
+    flops = cost.prefill_flops(num_tokens)
     return {
         "value": statistics.median(times) * 1e3,
         "floor": flops / (limits["matmul_tflops"] * 1e12) * 1e3,
         "best_ms": min(times) * 1e3,
         "flops": flops,
-        "method": f"engine.step() until done, max_tokens=1: median of {shapes.prefill_reps} after 2 warm-ups",
+        "method": f"engine.step() until done, max_tokens=1: median of {reps} after 2 warm-ups",
     }
 
 

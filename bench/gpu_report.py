@@ -22,11 +22,12 @@ class Report:
     """Holds the results; rewrites the JSON after every measurement so a run cut short
     still leaves everything measured so far."""
 
-    def __init__(self, result: dict, json_path: str | None) -> None:
+    def __init__(self, result: dict, json_path: str | None, rows: dict | None = None) -> None:
         self.result, self.json_path = result, json_path
+        self.rows = ROWS if rows is None else rows  # key: (number, metric, higher is better)
 
     def row(self, key: str) -> dict:
-        number, metric, higher = ROWS[key]
+        number, metric, higher = self.rows[key]
         return self.result["rows"].setdefault(
             key, {"row": number, "metric": metric, "higher_is_better": higher}
         )
@@ -110,14 +111,19 @@ class Report:
         )
 
 
-def parse_only(text: str | None) -> list[str]:
+def parse_only(text: str | None, rows: dict | None = None) -> list[str]:
+    rows = ROWS if rows is None else rows
     if not text:
-        return list(ROWS)
-    by_number = {str(number): key for key, (number, _, _) in ROWS.items()}
+        return list(rows)
+    by_number = {str(number): key for key, (number, _, _) in rows.items()}
     chosen = []
     for token in (t.strip() for t in text.split(",") if t.strip()):
         key = by_number.get(token, token)
-        if key not in ROWS:
-            raise SystemExit(f"--only: unknown row {token!r}; give numbers 1-5 or names {', '.join(ROWS)}")
+        if key not in rows:
+            numbers = sorted(number for number, _, _ in rows.values())
+            raise SystemExit(
+                f"--only: unknown row {token!r}; give numbers {numbers[0]}-{numbers[-1]} "
+                f"or names {', '.join(rows)}"
+            )
         chosen.append(key)
     return chosen

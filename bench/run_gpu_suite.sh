@@ -62,6 +62,27 @@ case "${1:-}" in
       tests/gpu/test_engine_gpu.py tests/gpu/test_transfer_gpu.py -q -p no:cacheprovider 2>&1 | tail -15 \
       | tee "$OUT/gpu_tests.txt"
     ;;
+  sampling)
+    # One GPU: logprobs, prompt logprobs and penalties on the fast backend against the CPU
+    # reference, the engine's exactness, and bench.gpu's decode and prefill rows.
+    timeout 200 python -m pytest tests/gpu/test_sampling_gpu.py tests/gpu/test_engine_gpu.py -q \
+      -p no:cacheprovider 2>&1 | tail -3 | tee "$OUT/gpu_tests.txt"
+    timeout 300 python -m pdserve.bench.gpu --skip-transformers --only 1,2,3 --json "$OUT/gpu.json" 2>&1 | tail -8
+    ;;
+  long)
+    # One GPU: bench.gpu's long-context rows 6-10 (32k and ~128k prefill and decode) against their
+    # floors and transformers in the same run.
+    timeout 590 python -m pdserve.bench.gpu_long --json "$OUT/gpu_long.json" --markdown "$OUT/gpu_long.md" \
+      2>&1 | tail -14
+    ;;
+  hosttier)
+    # One GPU: TTFT of a long prompt served from the prefix cache's host tier against computing
+    # it again (8,000 tokens at the model's own 8,192 positions; 32,000 with positions raised).
+    timeout 200 python -m pdserve.bench.host_tier --json "$OUT/host_tier_8k.json" 2>&1 | tail -11
+    timeout 300 python -m pdserve.bench.host_tier --prompt-tokens 32000 --max-position 131072 \
+      --json "$OUT/host_tier_32k.json" 2>&1 | tail -11
+    timeout 100 python -m pytest tests/unit/test_host_tier.py tests/gpu/test_host_tier_gpu.py -q -p no:cacheprovider 2>&1 | tail -2
+    ;;
   final)
     # One GPU: the whole bench.gpu (transformers included), bench.gemv and the step profile.
     timeout 300 python -m pdserve.bench.gpu --json "$OUT/gpu.json" --markdown "$OUT/gpu.md" 2>&1 | tail -9

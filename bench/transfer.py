@@ -30,6 +30,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from pdserve.transfer.contract import KVHandle
+from pdserve.transfer.credentials import KVGate
 from pdserve.transfer.grpc_backend import GrpcKVSender
 from pdserve.transfer.grpc_data import MAX_DATA_STREAMS, num_data_streams
 from pdserve.transfer.grpc_server import GrpcKVServer
@@ -51,6 +52,7 @@ class BenchConfig:
     grpc_iters: int
 
 
+BENCH_SECRET = "bench-transfer"  # the deployment secret of the bench's sender and server
 FULL = BenchConfig(
     32, 8, 128, 16, "bfloat16", num_cache_blocks=512, request_blocks=128, iters=20, grpc_iters=5
 )
@@ -181,17 +183,23 @@ def bench_grpc(
     max_data_streams: int = MAX_DATA_STREAMS,
 ) -> dict[str, float]:
     recv_cache = torch.zeros_like(src_cache)
+    gate = KVGate(BENCH_SECRET)
     server = GrpcKVServer(  # as a decode worker runs it: bytes go on to its device as they land
-        "127.0.0.1:0", unpack_into(recv_cache), layout, max_data_streams=max_data_streams, device=device
-    )
+        "127.0.0.1:0", unpack_into(recv_cache), layout, gate=gate, max_data_streams=max_data_streams,
+        device=device,
+    )  # fmt: skip
     server.start()
-    sender = GrpcKVSender("bench", **({"socket_min_bytes": None} if in_band else {}))
+    sender = GrpcKVSender("bench", BENCH_SECRET, **({"socket_min_bytes": None} if in_band else {}))
+
+    def handle() -> KVHandle:  # a fresh reservation per send, as the decode worker's reserve makes it
+        credential = gate.issue("bench", dst_ids, buffer_nbytes(layout, len(dst_ids)))
+        return KVHandle("bench", "decode-0", dst_ids, len(dst_ids) * config.block_size, layout,
+                        GrpcPeer(server.address), credential=credential)  # fmt: skip
+
     try:
-        handle = KVHandle("bench", "decode-0", dst_ids, len(dst_ids) * config.block_size, layout,
-                          GrpcPeer(server.address))  # fmt: skip
         stats = []
         seconds = best_seconds(
-            lambda: stats.append(sender.send(handle, src_ids, src_cache, 0)), config.grpc_iters, device, 1
+            lambda: stats.append(sender.send(handle(), src_ids, src_cache, 0)), config.grpc_iters, device, 1
         )
         assert torch.equal(recv_cache[:, :, dst_ids], src_cache[:, :, src_ids]), "gRPC path lost data"
     finally:

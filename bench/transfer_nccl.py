@@ -27,6 +27,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from pdserve.transfer.contract import KVHandle
+from pdserve.transfer.credentials import KVGate
 from pdserve.transfer.layout import KVLayout
 from pdserve.transfer.nccl_backend import NcclKVReceiver, NcclKVSender, init_transfer_group
 from pdserve.transfer.packing import unpack_into
@@ -45,6 +46,7 @@ def _sync(device: str) -> None:
 
 
 PROFILED_ROUNDS = 3
+SECRET = "bench-transfer-nccl"  # both ranks' deployment secret
 SHOWN_HOST_CALL_NS = 20_000  # host CUDA/NCCL calls and ops at least this long are listed
 
 
@@ -104,7 +106,13 @@ def worker(rank: int, args, init: str, notices, replies, results) -> None:
     nbytes = n_blocks * cache[:, :, 0].numel() * cache.element_size()
     if rank == 1:  # decode side: serve notices until the sender says stop
         layout = KVLayout.from_cache(cache, MODEL)
-        receiver = NcclKVReceiver(unpack_into(cache), layout, device, timeout_s=120)  # unpacks chunk by chunk
+        gate = KVGate(SECRET)
+        receiver = NcclKVReceiver(
+            unpack_into(cache), layout, device, gate, timeout_s=120
+        )  # unpacks chunk by chunk
+        # One reservation (credential) per send the sender will make, as reserve() would issue them.
+        sends = 2 * (args.warmup + args.rounds + PROFILED_ROUNDS)
+        replies.put([gate.issue(f"r{i}", dst_blocks, nbytes) for i in range(sends)])
         profiler = None
         while (notice := notices.get()) is not None:
             if notice in ("profile-start", "profile-stop"):  # the sender's profiled rounds
@@ -133,11 +141,18 @@ def worker(rank: int, args, init: str, notices, replies, results) -> None:
         return fut
 
     layout = KVLayout.from_cache(cache, MODEL)
-    handle = KVHandle("r", "decode-0", dst_blocks, args.tokens, layout, NcclPeer(1))
+    credentials = iter(enumerate(replies.get()))  # the decode rank's reservations, one per send
+
+    def handle() -> KVHandle:
+        i, credential = next(credentials)
+        return KVHandle(
+            f"r{i}", "decode-0", dst_blocks, args.tokens, layout, NcclPeer(1), credential=credential
+        )
+
     timed: dict[str, list[float]] = {}
     chunks = 0.0
     senders = {
-        mode: NcclKVSender(0, MODEL, notify=notify, timeout_s=120, chunk_layers=chunk_layers)
+        mode: NcclKVSender(0, MODEL, SECRET, notify=notify, timeout_s=120, chunk_layers=chunk_layers)
         for mode, chunk_layers in (("pipelined", args.chunk_layers), ("serial", 0))
     }
     for mode, sender in senders.items():
@@ -145,7 +160,7 @@ def worker(rank: int, args, init: str, notices, replies, results) -> None:
         for i in range(args.warmup + args.rounds):
             _sync(device)
             t0 = time.perf_counter()
-            stats = sender.send(handle, src_blocks, cache, 0)  # returns when the blocks are unpacked there
+            stats = sender.send(handle(), src_blocks, cache, 0)  # returns when the blocks are unpacked there
             dt = time.perf_counter() - t0
             if i >= args.warmup:
                 timed[mode].append(dt)
@@ -170,7 +185,7 @@ def worker(rank: int, args, init: str, notices, replies, results) -> None:
         notices.put("profile-start")
         replies.get()
         profiler = start_profiler()
-        sends = [(m, lambda s=s: s.send(handle, src_blocks, cache, 0)) for m, s in senders.items()]
+        sends = [(m, lambda s=s: s.send(handle(), src_blocks, cache, 0)) for m, s in senders.items()]
         for mode, send in sends + [("raw", raw_send)]:
             for r in range(PROFILED_ROUNDS):
                 _sync(device)

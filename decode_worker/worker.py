@@ -3,10 +3,17 @@
 A disaggregated request takes two calls here, in order:
 1. `reserve()` (router): blocks for the prompt and first token, reusing cached prefix
    blocks; the request waits in the scheduler (WAITING_FOR_REMOTE_KVS) and the answer is
-   a KVHandle naming only the blocks to fill and this worker's peer descriptor.
+   a KVHandle naming only the blocks to fill, this worker's peer descriptor and a one-time
+   credential the receive side issued for exactly those blocks (`transfer.credentials`).
 2. the KV lands, with the prefill's first token (`on_kv_chunk`, called by the receive
-   side, in layer chunks): it is scattered into the reserved blocks, and after the last
-   layer the request joins the running batch. Nobody else has to say "start".
+   side, in layer chunks, once it admitted the sender's credential): it is scattered into
+   the blocks reserved in step 1 (never others), and after the last layer the request
+   joins the running batch. Nobody else has to say "start".
+
+The lease: a reservation whose KV has not begun to arrive `transfer.timeout_s` after
+`reserve`, or has not landed `transfer.timeout_s` after it began, is dropped by a
+watchdog thread: its credential is revoked, its blocks freed, and the request ends with
+an error naming the timeout (the router answers ABORTED).
 `add_local()` prefills a request here instead (conditional disaggregation, co-located mode).
 
 Aborts never free blocks that a transfer may be writing: the scatter happens under the
@@ -50,16 +57,22 @@ class DecodeWorker(LoopWorker):
         decode_index: int = 0,
     ) -> None:
         super().__init__(worker_id, LLMEngine(engine_config, role=role))
+        self.role = role
         self.layout = KVLayout.from_cache(self.engine.kv_cache, self.engine.model_config.name)
         self._dropped: OrderedDict[str, None] = OrderedDict()  # aborted before their KV came
         self._landed: set[str] = set()  # all layers in, not yet started: refuse more bytes
         self._lock = threading.Lock()
         self.kv_wait_ms: dict[str, float] = {}  # req_id -> transfer time, until polled
+        # req_id -> (its reserved block ids, time.monotonic() of reserve) until it lands or ends
+        self._reserved: dict[str, tuple[tuple[int, ...], float]] = {}
         self.receive_side: KVReceiveSide | None = None
+        self._stopping = threading.Event()
         if role == "decode" and connector is not None:
+            self.lease_s = connector.config.timeout_s  # the transfer lease (`transfer.timeout_s`)
             self.receive_side = connector.receive_side(
                 self, self.layout, self.engine.kv_cache.device, decode_index
             )
+            threading.Thread(target=self._watch_leases, name=f"kv-lease-{worker_id}", daemon=True).start()
         self.loop.start()
 
     # -- wiring ---------------------------------------------------------------------
@@ -69,21 +82,32 @@ class DecodeWorker(LoopWorker):
 
     def kv_peer(self) -> object:
         """This worker's peer descriptor: what a KVHandle carries to the sender."""
+        if self.receive_side is None:
+            raise RuntimeError(
+                f"decode worker {self.worker_id} has no KV receive side (role {self.role!r}, "
+                "or built without a connector): it cannot take KV from a prefill worker"
+            )
         return self.receive_side.peer()
 
     # -- router calls -------------------------------------------------------------
     def reserve(self, req_id: str, prompt_token_ids: list[int], params: SamplingParams) -> KVHandle | None:
         """Reserve blocks for a prompt coming from a prefill worker; None if full now."""
+        peer = self.kv_peer()  # first: a worker that cannot receive reserves nothing
         reservation = self.loop.call_sync(lambda e: e.reserve_remote(req_id, prompt_token_ids, params))
         if reservation is None:
             return None
+        block_ids = tuple(reservation.block_ids)
+        with self._lock:
+            self._reserved[req_id] = (block_ids, time.monotonic())
+            credential = self.receive_side.expect(req_id, block_ids)
         return KVHandle(
             req_id=req_id,
             decode_worker_id=self.worker_id,
-            block_ids=reservation.block_ids,
+            block_ids=list(block_ids),
             num_tokens=len(prompt_token_ids) - reservation.num_cached_tokens,
             layout=self.layout,
-            peer=self.kv_peer(),
+            peer=peer,
+            credential=credential,
         )
 
     def add_local(self, req_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
@@ -100,6 +124,8 @@ class DecodeWorker(LoopWorker):
                 while len(self._dropped) > MAX_DROPPED:
                     self._dropped.popitem(last=False)
             self._landed.discard(req_id)
+            self.kv_wait_ms.pop(req_id, None)
+            self._forget_reservation(req_id)
             return self.loop.call_sync(lambda e: e.abort_request(req_id))
 
     def poll(self, timeout_s: float = 0.5) -> StepBatch:
@@ -122,18 +148,23 @@ class DecodeWorker(LoopWorker):
         req_id = arrival.req_id
         kv_cache = self.engine.kv_cache
         with self._lock:
-            if not self.engine.is_waiting_for_remote_kv(req_id) or req_id in self._landed:
+            reserved = self._reserved.get(req_id)
+            if reserved is None or not self.engine.is_waiting_for_remote_kv(req_id) or req_id in self._landed:
                 if req_id in self._dropped:
                     return  # aborted while in flight: drop the bytes, nothing to free
                 raise KeyError(f"decode worker {self.worker_id} has no reservation for {req_id}")
+            block_ids = list(reserved[0])  # ours, whatever the sender named
+            if tuple(arrival.block_ids) != reserved[0] or chunk.shape[2] != len(block_ids):
+                raise ValueError(f"{req_id}: KV for other blocks than the {len(block_ids)} reserved")
             if not 0 <= arrival.first_token_id < self.engine.model_config.vocab_size:
                 raise ValueError(f"{req_id}: first token {arrival.first_token_id} is outside the vocabulary")
-            unpack_blocks(kv_cache, chunk.to(kv_cache.device), list(arrival.block_ids), layers=layers)
+            unpack_blocks(kv_cache, chunk.to(kv_cache.device), block_ids, layers=layers)
             if layers.stop < kv_cache.shape[0]:
                 return
             if kv_cache.is_cuda:
                 torch.cuda.current_stream().synchronize()
             self._landed.add(req_id)
+            self._forget_reservation(req_id)
             self.kv_wait_ms[req_id] = (time.perf_counter() - arrival.started_at) * 1e3
         self.loop.call(lambda engine: self._begin(engine, req_id, arrival.first_token_id))
 
@@ -154,9 +185,43 @@ class DecodeWorker(LoopWorker):
             self.loop.publish([RequestOutput(req_id, finished=True, finish_reason="abort", error=reason)])
 
     def shutdown(self) -> None:
+        self._stopping.set()
         if self.receive_side is not None:
             self.receive_side.close()
         super().shutdown()
+
+    # -- the transfer lease (its own thread) --------------------------------------------
+    def _forget_reservation(self, req_id: str) -> None:
+        """Under self._lock: the request no longer waits for KV (landed, aborted, expired)."""
+        if self._reserved.pop(req_id, None) is not None and self.receive_side is not None:
+            self.receive_side.forget(req_id)
+
+    def _watch_leases(self) -> None:
+        while not self._stopping.wait(min(1.0, self.lease_s / 4)):
+            try:
+                for req_id, why in self._expired_leases():
+                    log.warning("KV for %s: %s", req_id, why)
+                    self.kv_failed(req_id, why)
+            except Exception:  # noqa: BLE001 - the watchdog must outlive one bad round
+                log.exception("decode worker %s: lease watchdog", self.worker_id)
+
+    def _expired_leases(self) -> list[tuple[str, str]]:
+        """(req_id, why) of each reservation whose KV did not begin to arrive within the lease
+        after `reserve`, or did not land within it after it began."""
+        now, expired = time.monotonic(), []
+        with self._lock:
+            for req_id, (_, reserved_at) in self._reserved.items():
+                began_at = self.receive_side.began_at(req_id)
+                if now - (began_at or reserved_at) > self.lease_s:
+                    what = "did not land" if began_at else "did not begin to arrive"
+                    expired.append(
+                        (
+                            req_id,
+                            f"KV transfer timed out: it {what} within {self.lease_s:g} s "
+                            "(transfer.timeout_s); the reservation is released",
+                        )
+                    )
+        return expired
 
     # -- internals (loop thread) ---------------------------------------------------------
     def _begin(self, engine: LLMEngine, req_id: str, first_token_id: int) -> None:

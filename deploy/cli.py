@@ -123,6 +123,9 @@ def cmd_up(args: argparse.Namespace) -> int:
         f"deployment {name!r})",
         flush=True,
     )
+    from pdserve.router.request_limits import RequestLimits
+
+    print(f"router limits: {RequestLimits.from_config(dep.config.router).describe()}", flush=True)
     if args.demo:
         print(f"$ pdserve generate --url {dep.url} --prompt 'Hello, pdserve!'", flush=True)
         demo = argparse.Namespace(

@@ -6,13 +6,16 @@ the key path (e.g. `decode.count`), raised before anything starts.
     model: tiny                      # a local Hugging Face directory, or "tiny"
     engine: {device, dtype, block_size, num_gpu_blocks, max_num_seqs,
              max_num_batched_tokens, max_model_len, enable_prefix_caching,
-             attention_backend, load_format}
+             host_cache_gb, num_host_blocks, attention_backend, load_format}
     prefill:   {count, resources: {num_cpus, num_gpus, resources: {NAME: amount}}}
     decode:    {count, resources: ...}
     colocated: {count, resources: ...}   # workers that run both phases (the baseline)
-    transfer:  {backend: grpc|nccl, host, port_base, data_streams, rendezvous_port}
+    transfer:  {backend: grpc|nccl, host, port_base, data_streams, timeout_s, secret,
+                rendezvous_port}
     router:    {host, port, policy, policy_params: {...}, kv_events, max_queue_len,
-                max_wait_s, default_max_tokens}
+                max_wait_s, max_bypasses, default_max_tokens, max_stop_strings,
+                max_stop_string_chars, max_stop_token_ids, max_message_bytes,
+                max_concurrent_rpcs, max_pending_rpcs}   # see RouterConfig
     ray:       {address, namespace, num_cpus, resource_wait_s}
 """
 
@@ -26,6 +29,7 @@ from typing import Any
 import yaml
 
 from pdserve.engine.config import EngineConfig
+from pdserve.router.request_limits import RequestLimits
 from pdserve.transfer.config import BACKENDS, TransferConfig
 
 
@@ -46,9 +50,20 @@ class RouterConfig:
     policy: str = "cache_aware"
     policy_params: dict[str, float] = field(default_factory=dict)
     kv_events: bool = True
+    # Admission: requests that fit but find no room wait, at most max_queue_len of them,
+    # each at most max_wait_s (then RESOURCE_EXHAUSTED). Later requests that fit may pass
+    # one that does not yet, but at most max_bypasses times (0: strict FIFO).
     max_queue_len: int = 256
     max_wait_s: float = 30.0
-    default_max_tokens: int = 16
+    max_bypasses: int = 16
+    default_max_tokens: int = 16  # for a request without max_tokens, cut to what its context leaves
+    # Request bounds (INVALID_ARGUMENT past them) and gRPC server limits: router/request_limits.py.
+    max_stop_strings: int = RequestLimits.max_stop_strings
+    max_stop_string_chars: int = RequestLimits.max_stop_string_chars
+    max_stop_token_ids: int = RequestLimits.max_stop_token_ids
+    max_message_bytes: int = RequestLimits.max_message_bytes
+    max_concurrent_rpcs: int = RequestLimits.max_concurrent_rpcs
+    max_pending_rpcs: int = RequestLimits.max_pending_rpcs
 
 
 @dataclass
@@ -166,6 +181,10 @@ def parse_config(data: dict[str, Any]) -> DeployConfig:
         raise ConfigError(
             f"transfer.data_streams: must be an integer in [1, 64], got {cfg.transfer.data_streams!r}"
         )
+    try:
+        cfg.transfer.validate()
+    except ValueError as exc:
+        raise ConfigError(str(exc).replace("TransferConfig.", "transfer.")) from None
     last_port = cfg.transfer.port_base + 2 * cfg.decode.count - 1
     if cfg.transfer.port_base and not (1024 <= cfg.transfer.port_base and last_port <= 65535):
         raise ConfigError(
@@ -190,7 +209,31 @@ def parse_config(data: dict[str, Any]) -> DeployConfig:
             )
     if not 0 <= cfg.router.port < 65536:
         raise ConfigError(f"router.port: must be in [0, 65535], got {cfg.router.port}")
+    _check_router_bounds(cfg.router)
     return cfg
+
+
+def _check_router_bounds(router: RouterConfig) -> None:
+    minimums = {
+        "max_queue_len": 0,
+        "max_wait_s": 0,
+        "max_bypasses": 0,
+        "default_max_tokens": 1,
+        "max_stop_strings": 0,
+        "max_stop_string_chars": 1,
+        "max_stop_token_ids": 0,
+        "max_message_bytes": 1024,
+        "max_concurrent_rpcs": 1,
+        "max_pending_rpcs": 1,
+    }
+    for key, minimum in minimums.items():
+        value = getattr(router, key)
+        if value < minimum:
+            raise ConfigError(f"router.{key}: must be >= {minimum}, got {value}")
+    if router.max_message_bytes >= 1 << 31:
+        raise ConfigError(
+            f"router.max_message_bytes: must be < 2 GiB (gRPC's limit), got {router.max_message_bytes}"
+        )
 
 
 def load_config(path: str, overrides: dict[str, Any] | None = None) -> DeployConfig:

@@ -11,6 +11,7 @@ and `pdserve down` find its cluster and namespace from another process.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from dataclasses import dataclass, field
@@ -86,6 +87,9 @@ def up(
     import ray
 
     cfg = load_config(config, overrides) if isinstance(config, str) else config
+    # One KV secret per deployment, generated here unless the config pins one; it reaches every
+    # worker in its WorkerSpec (over Ray) and is never logged.
+    cfg = dataclasses.replace(cfg, transfer=cfg.transfer.with_secret())
     model_cfg = ModelConfig.resolve(cfg.model)  # fail fast on a bad model path
     default = records.default_name(config) if isinstance(config, str) else "pdserve"
     label = records.check_name(name or default)

@@ -20,7 +20,6 @@ SUPPORTED_ARCHITECTURES = {
 }
 
 TINY_PRESET = "tiny"
-ROLES = ("both", "prefill", "decode")  # an engine's role: co-located, or one side of a pair
 DTYPES = ("float32", "bfloat16", "float16")  # the names `model_runner.parse_dtype` takes
 
 
@@ -34,6 +33,11 @@ class EngineConfig:
     block_size: int = 16
     num_gpu_blocks: int | None = None
     enable_prefix_caching: bool = True
+    # The prefix cache's host-memory tier: evicted full blocks are kept in (pinned) host
+    # memory and copied back on a hit. host_cache_gb sizes it; num_host_blocks, when set,
+    # gives the slot count directly (tests). 0 / None: no tier.
+    host_cache_gb: float = 0.0
+    num_host_blocks: int | None = None
     max_num_seqs: int = 256
     max_num_batched_tokens: int = 2048
     max_model_len: int | None = None
@@ -50,6 +54,14 @@ class EngineConfig:
             raise ValueError(f"block_size must be a power of two, got {self.block_size}")
         if self.num_gpu_blocks is not None and self.num_gpu_blocks < 1:
             raise ValueError(f"num_gpu_blocks must be >= 1, got {self.num_gpu_blocks}")
+        if not isinstance(self.host_cache_gb, (int, float)) or not 0 <= self.host_cache_gb < float("inf"):
+            raise ValueError(f"host_cache_gb must be a finite number >= 0, got {self.host_cache_gb!r}")
+        if self.num_host_blocks is not None and self.num_host_blocks < 0:
+            raise ValueError(f"num_host_blocks must be >= 0, got {self.num_host_blocks}")
+        if (self.host_cache_gb or self.num_host_blocks) and not self.enable_prefix_caching:
+            raise ValueError(
+                "a host cache tier (host_cache_gb / num_host_blocks) needs enable_prefix_caching"
+            )
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
 

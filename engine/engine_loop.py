@@ -104,7 +104,9 @@ class EngineLoop:
             with self._outbox_cv:
                 self._events.clear()  # likewise, not yet polled
                 seq = self._event_seq - 1
-            return KVSnapshot(self.worker_id, self.instance_id, seq, list(engine.kv_manager.pool.cached))
+            kv = engine.kv_manager
+            host = list(kv.host.cached) if kv.host is not None else []
+            return KVSnapshot(self.worker_id, self.instance_id, seq, list(kv.pool.cached), host)
 
         return self.call_sync(take)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from pdserve.engine.config import EngineConfig
+from pdserve.engine.core.outputs import TokenLogprobs
 from pdserve.engine.core.sampling_params import SamplingParams
 from pdserve.engine.llm_engine import LLMEngine
 from pdserve.engine.output_processor import OutputProcessor
@@ -19,6 +20,8 @@ class CompletionOutput:
     text: str
     finish_reason: str  # "stop" | "length"
     num_cached_tokens: int  # prompt tokens served from the prefix cache
+    logprobs: list[TokenLogprobs] | None = None  # per token, when asked for
+    prompt_logprobs: list[TokenLogprobs] | None = None  # prompt tokens 1.., when asked for
 
 
 class LLM:
@@ -30,6 +33,8 @@ class LLM:
         block_size: int = 16,
         num_gpu_blocks: int | None = None,
         enable_prefix_caching: bool = True,
+        host_cache_gb: float = 0.0,
+        num_host_blocks: int | None = None,
         max_num_seqs: int = 256,
         max_num_batched_tokens: int = 2048,
         max_model_len: int | None = None,
@@ -46,6 +51,8 @@ class LLM:
                 block_size=block_size,
                 num_gpu_blocks=num_gpu_blocks,
                 enable_prefix_caching=enable_prefix_caching,
+                host_cache_gb=host_cache_gb,
+                num_host_blocks=num_host_blocks,
                 max_num_seqs=max_num_seqs,
                 max_num_batched_tokens=max_num_batched_tokens,
                 max_model_len=max_model_len,
@@ -99,10 +106,15 @@ class LLM:
         results: dict[str, CompletionOutput] = {}
         texts: dict[str, list[str]] = {r: [] for r in order}
         tokens: dict[str, list[int]] = {r: [] for r in order}
+        logprobs: dict[str, list[TokenLogprobs]] = {r: [] for r in order}
+        prompt_logprobs: dict[str, list[TokenLogprobs] | None] = {}
         while engine.has_unfinished():
             for out in engine.step():
                 delta = processor.process(out.req_id, out.new_token_ids, out.finished)
                 tokens[out.req_id].extend(out.new_token_ids)
+                logprobs[out.req_id].extend(out.new_logprobs or [])
+                if out.prompt_logprobs is not None:
+                    prompt_logprobs[out.req_id] = out.prompt_logprobs
                 texts[out.req_id].append(delta.text)
                 if delta.stopped and not out.finished:
                     engine.abort_request(out.req_id)
@@ -114,5 +126,7 @@ class LLM:
                         text="".join(texts[out.req_id]),
                         finish_reason="stop" if delta.stopped else out.finish_reason,
                         num_cached_tokens=out.num_cached_tokens,
+                        logprobs=logprobs[out.req_id] if logprobs[out.req_id] else None,
+                        prompt_logprobs=prompt_logprobs.get(out.req_id),
                     )
         return [results[r] for r in order]

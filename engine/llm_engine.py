@@ -27,9 +27,9 @@ from dataclasses import dataclass
 
 import torch
 
-from pdserve.engine.config import ROLES, EngineConfig, ModelConfig
+from pdserve.engine.config import EngineConfig, ModelConfig
 from pdserve.engine.core.kv_cache_manager import KVCacheManager
-from pdserve.engine.core.outputs import RequestOutput
+from pdserve.engine.core.outputs import WORKER_ROLES, RequestOutput
 from pdserve.engine.core.request import Request, validate_prompt
 from pdserve.engine.core.sampling_params import SamplingParams
 from pdserve.engine.core.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
@@ -48,8 +48,8 @@ class RemoteReservation:
 
 class LLMEngine:
     def __init__(self, config: EngineConfig, role: str = "both") -> None:
-        if role not in ROLES:
-            raise ValueError(f"role must be one of {', '.join(ROLES)}, got {role!r}")
+        if role not in WORKER_ROLES:
+            raise ValueError(f"role must be one of {', '.join(WORKER_ROLES)}, got {role!r}")
         config.validate()
         self.config = config
         self.model_config = ModelConfig.resolve(config.model)
@@ -70,8 +70,13 @@ class LLMEngine:
             max_model_len=max_model_len,
             enforce_eager=config.enforce_eager,
         )
+        num_host_blocks = self.runner.enable_host_tier(config.num_host_blocks, config.host_cache_gb)
         self.kv_manager = KVCacheManager(
-            self.runner.num_blocks, config.block_size, config.enable_prefix_caching, config.kv_events
+            self.runner.num_blocks,
+            config.block_size,
+            config.enable_prefix_caching,
+            config.kv_events,
+            num_host_blocks,
         )
         self.scheduler = Scheduler(
             SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens, max_model_len),
@@ -82,6 +87,7 @@ class LLMEngine:
         self.num_steps = 0
         self.async_scheduling = config.async_scheduling and self.role != "prefill"
         self._in_flight: tuple[SchedulerOutput, SampledTokens] | None = None  # launched, not yet read
+        self._penalized: set[str] = set()  # unfinished requests with penalties (no running ahead)
         freeze_startup_heap()  # last: the model, its kernels and the KV pool are all built
 
     # -- properties ---------------------------------------------------------
@@ -106,6 +112,8 @@ class LLMEngine:
 
     def _make_request(self, req_id: str, prompt_token_ids: list[int], params: SamplingParams) -> Request:
         params.validate()
+        if params.n != 1:
+            raise ValueError(f"n = {params.n}: an engine request is one sample; the router expands n")
         validate_prompt(prompt_token_ids, self.model_config.vocab_size, self.max_model_len)
         needed = -(-(len(prompt_token_ids) + 1) // self.block_size)
         if needed > self.kv_manager.num_blocks:
@@ -113,6 +121,8 @@ class LLMEngine:
                 f"prompt needs {needed} KV blocks, the cache has only "
                 f"{self.kv_manager.num_blocks} (num_gpu_blocks)"
             )
+        if params.has_penalties:
+            self._penalized.add(req_id)
         return Request(req_id, prompt_token_ids, params, eos_token_id=self.eos_token_id)
 
     def add_request(self, req_id: str, prompt_token_ids: list[int], params: SamplingParams) -> Request:
@@ -122,6 +132,7 @@ class LLMEngine:
 
     def abort_request(self, req_id: str) -> bool:
         """Abort a queued, running, held or KV-awaiting request; free its blocks."""
+        self._penalized.discard(req_id)
         return self.scheduler.abort(req_id) is not None
 
     # -- prefill role -------------------------------------------------------
@@ -130,6 +141,7 @@ class LLMEngine:
 
     def release_request(self, req_id: str) -> None:
         """Prefill role: the KV of a finished prefill has been sent (or failed): free it."""
+        self._penalized.discard(req_id)
         self.scheduler.release_held(req_id)
 
     # -- decode role ----------------------------------------------------------
@@ -143,7 +155,11 @@ class LLMEngine:
         """
         request = self._make_request(req_id, prompt_token_ids, params)
         table = self.scheduler.add_remote_request(request)
+        # The transfer writes the reserved blocks from another thread: blocks this evicted
+        # are saved, and host-tier hits loaded, before the handle leaves.
+        self.runner.run_block_copies(self.kv_manager.take_block_copies(), wait=True)
         if table is None:
+            self._penalized.discard(req_id)
             return None
         first = request.num_cached_tokens // self.block_size
         last = -(-request.num_prompt_tokens // self.block_size)
@@ -157,6 +173,11 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         """One engine step; returns an output for every request that got a token (under
         async scheduling: in the step launched by the previous call)."""
+        outputs: list[RequestOutput] = []
+        if self._in_flight is not None and self._penalized:
+            # A penalized request's next token depends on the one in flight: take it first.
+            outputs = self._finish_step(*self._in_flight)
+            self._in_flight = None
         sched_out = self.scheduler.schedule()
         launched = None
         if not sched_out.is_empty:
@@ -166,16 +187,28 @@ class LLMEngine:
             done, self._in_flight = self._in_flight, launched
         else:
             done = launched
-        if done is None:
-            return []
-        done_out, sampled = done
-        touched = self.scheduler.update(done_out, sampled.wait())
+        if done is not None:
+            outputs += self._finish_step(*done)
+        return outputs
+
+    def _finish_step(self, done_out: SchedulerOutput, sampled: SampledTokens) -> list[RequestOutput]:
+        tokens = sampled.wait()
+        for segment, prompt_lps in sampled.prompt_logprobs():  # before update drops finished ones
+            request = self.scheduler.requests.get(segment.req_id)
+            if request is not None and request.prompt_logprobs is not None:
+                at = segment.first_position - 1  # prompt_logprobs[i] is prompt token i + 1's
+                request.prompt_logprobs[at : at + len(prompt_lps)] = prompt_lps
+        touched = self.scheduler.update(done_out, tokens)
+        logprobs = sampled.logprobs_by_req()
         outputs = []
         for request in touched:
             finished = request.is_finished
             if self.role == "prefill" and not finished:
                 # Stop here; keep the blocks until the worker has shipped them.
                 self.scheduler.hold(request)
+            if finished:
+                self._penalized.discard(request.req_id)
+            token_logprobs = logprobs.get(request.req_id)
             outputs.append(
                 RequestOutput(
                     req_id=request.req_id,
@@ -185,13 +218,15 @@ class LLMEngine:
                     num_prompt_tokens=request.num_prompt_tokens,
                     num_cached_tokens=request.num_cached_tokens,
                     num_output_tokens=request.num_output_tokens,
+                    new_logprobs=None if token_logprobs is None else [token_logprobs],
+                    prompt_logprobs=request.prompt_logprobs if request.num_output_tokens == 1 else None,
                 )
             )
         return outputs
 
     # -- state for the router ---------------------------------------------------
     def take_kv_events(self) -> list:
-        return self.kv_manager.pool.take_events()
+        return self.kv_manager.take_events()
 
     def is_waiting_for_remote_kv(self, req_id: str) -> bool:
         """Decode role: blocks reserved for `req_id`, its KV not landed yet (any thread)."""

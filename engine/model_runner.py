@@ -8,20 +8,31 @@ request's blocks for every layer are one `index_select` on dim 2.
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 
 import torch
 
 from pdserve.engine.attention import AttentionMetadata, get_backend
-from pdserve.engine.config import ModelConfig
+from pdserve.engine.config import DTYPES, ModelConfig
+from pdserve.engine.core.host_tier import BlockCopies
+from pdserve.engine.core.outputs import TokenLogprobs
 from pdserve.engine.core.request import Request
 from pdserve.engine.core.sampling_params import SamplingParams
 from pdserve.engine.core.scheduler import ScheduledRequest, SchedulerOutput
+from pdserve.engine.host_kv import HostKVPool
 from pdserve.engine.host_tensors import host_to_device, padded_table, to_device
 from pdserve.engine.model.gemv import linear
 from pdserve.engine.model.loader import load_model
-from pdserve.engine.sampler import SamplingRow, sample_tokens
+from pdserve.engine.sampler import (
+    LogprobsTensors,
+    PromptLogprobRows,
+    SamplingRow,
+    gather_logprobs,
+    gather_prompt_logprobs,
+    sample_tokens,
+)
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_DTYPES = {name: getattr(torch, name) for name in DTYPES}  # config names → torch dtypes
 CPU_KV_CACHE_BYTES = 128 * 2**20  # default KV cache size on CPU when num_gpu_blocks is None
 GPU_MEMORY_UTILIZATION = 0.9
 
@@ -77,6 +88,7 @@ class ModelRunner:
         if num_blocks is None:
             num_blocks = self._blocks_from_memory(max_num_tokens)
         self.num_blocks = num_blocks
+        self.host_kv: HostKVPool | None = None  # the prefix cache's host tier (enable_host_tier)
         self.kv_cache = torch.zeros(
             (
                 config.num_hidden_layers,
@@ -194,6 +206,25 @@ class ModelRunner:
             raise ValueError("not enough memory for a single KV block; set num_gpu_blocks explicitly")
         return int(num_blocks)
 
+    def enable_host_tier(self, num_host_blocks: int | None, host_cache_gb: float) -> int:
+        """Allocate the host tier's slots (num_host_blocks, else host_cache_gb's worth);
+        returns the slot count (0: no tier)."""
+        bytes_per_block = self.kv_cache[:, :, 0].numel() * self.kv_cache.element_size()
+        num = (
+            num_host_blocks if num_host_blocks is not None else int(host_cache_gb * 2**30) // bytes_per_block
+        )
+        self.host_kv = HostKVPool(self.kv_cache, num) if num else None
+        return num
+
+    @torch.inference_mode()
+    def run_block_copies(self, copies: BlockCopies, wait: bool = False) -> None:
+        """Queue host-tier copies on the engine's stream; `wait`: until they are done."""
+        if not copies:
+            return
+        self.host_kv.run(copies)
+        if wait and self.device.type == "cuda":
+            torch.cuda.current_stream(self.device).synchronize()
+
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput, requests: dict[str, Request]) -> SampledTokens:
         """Launch one forward pass over every scheduled token and the sampling of its tokens.
@@ -203,6 +234,7 @@ class ModelRunner:
         previous step, not yet appended: async scheduling) takes it from that step's
         device tensor.
         """
+        self.run_block_copies(out.block_copies)  # before the forward writes or reads those blocks
         input_ids: list[int] = []
         positions: list[int] = []
         slot_mapping: list[int] = []
@@ -215,6 +247,7 @@ class ModelRunner:
         logits_index: list[int] = []
         fill_rows: list[int] = []  # rows of input_ids to take from the previous step's tokens
         fill_src: list[int] = []  # ... and which of its sampled rows
+        prompt_segments: list[PromptLogprobRows] = []
         bs = self.block_size
         # Decode rows first: the fast attention backend runs a mixed step's leading one-token
         # rows through its decode kernel (AttentionMetadata.num_decodes). Sampled tokens are
@@ -236,6 +269,8 @@ class ModelRunner:
                 fill_src.append(self._in_flight_row(entry.req_id))
                 input_ids.append(0)
             table = entry.block_ids
+            if n > 1 and (segment := _prompt_logprob_rows(request, start, end, query_start_loc[-1])):
+                prompt_segments.append(segment)
             if n == 1:  # decode row: skip the range machinery
                 positions.append(start)
                 slot_mapping.append(table[start // bs] * bs + start % bs)
@@ -249,7 +284,7 @@ class ModelRunner:
             if entry.sample:
                 # the seeded stream's step: tokens before this one, in flight ones included
                 num_before = request.num_output_tokens + request.num_pending_tokens - 1
-                sample_rows.append(SamplingRow(request.sampling_params, num_before))
+                sample_rows.append(_sampling_row(request, num_before))
                 sample_req_ids.append(entry.req_id)
                 logits_index.append(query_start_loc[-1] - 1)
         dev = self.device
@@ -263,7 +298,7 @@ class ModelRunner:
             and self.decode_graphs.can_run(len(tables))
         ):
             hidden = self.decode_graphs.run(input_ids, positions, slot_mapping, seq_lens, tables, fill)
-            return self._sample(hidden, logits_index, sample_rows, sample_req_ids)
+            return self._sample(hidden, logits_index, sample_rows, sample_req_ids, [])
         # Width rounded up to 16: one Triton specialization of the row stride (a new one would
         # compile mid-serving) and aligned rows.
         width = -(-max(len(t) for t in tables) // 16) * 16
@@ -281,7 +316,7 @@ class ModelRunner:
         if fill is not None:
             input_ids_dev.index_copy_(0, *fill)
         hidden = self.model(input_ids_dev, host_to_device(positions, torch.int64, dev), self.kv_cache, meta)
-        return self._sample(hidden, logits_index, sample_rows, sample_req_ids)
+        return self._sample(hidden, logits_index, sample_rows, sample_req_ids, prompt_segments)
 
     def _in_flight_row(self, req_id: str) -> int:
         last = self._last_sampled
@@ -290,16 +325,49 @@ class ModelRunner:
         return last.row_of[req_id]
 
     def _sample(
-        self, hidden: torch.Tensor, logits_index: list[int], rows: list[SamplingRow], req_ids: list[str]
+        self,
+        hidden: torch.Tensor,
+        logits_index: list[int],
+        rows: list[SamplingRow],
+        req_ids: list[str],
+        prompt_segments: list[PromptLogprobRows],
     ) -> SampledTokens:
+        """hidden [T, H] of every scheduled token -> the sampled rows' tokens (and the
+        logprobs requests asked for), launched."""
+        logprobs = StepLogprobs()
+        if prompt_segments:
+            logprobs.prompt = (
+                prompt_segments,
+                gather_prompt_logprobs(hidden, self.model.compute_logits, prompt_segments),
+            )
         if not rows:
             tokens = torch.empty(0, dtype=torch.int64, device=self.device)
         else:
             if len(logits_index) != hidden.shape[0]:  # not every row samples (indices ascend)
                 hidden = hidden.index_select(0, host_to_device(logits_index, torch.int64, self.device))
-            tokens = sample_tokens(self.model.compute_logits(hidden), rows)
-        self._last_sampled = SampledTokens.launch(req_ids, tokens)
+            logits = self.model.compute_logits(hidden)
+            tokens = sample_tokens(logits, rows)
+            logprobs.sampled = gather_logprobs(logits, tokens, rows)
+        has_logprobs = logprobs.sampled is not None or logprobs.prompt is not None
+        self._last_sampled = SampledTokens.launch(req_ids, tokens, rows, logprobs if has_logprobs else None)
         return self._last_sampled
+
+
+@dataclass
+class StepLogprobs:
+    """What a step computes beyond tokens for the requests that ask: the sampled rows'
+    logprobs (their row indices, then the tensors) and prompt logprobs per segment."""
+
+    sampled: tuple[list[int], LogprobsTensors] | None = None
+    prompt: tuple[list[PromptLogprobRows], LogprobsTensors] | None = None
+
+    def to_host(self) -> StepLogprobs:
+        sampled = prompt = None
+        if self.sampled is not None:
+            sampled = (self.sampled[0], self.sampled[1].to_host())
+        if self.prompt is not None:
+            prompt = (self.prompt[0], self.prompt[1].to_host())
+        return StepLogprobs(sampled, prompt)
 
 
 class SampledTokens:
@@ -307,14 +375,25 @@ class SampledTokens:
 
     tokens: [n] int64 on the device, row i for req_ids[i]; the next step reads in-flight
     input tokens from here. On CUDA a non-blocking copy into pinned memory and an event
-    let the host go on (schedule and launch the next step) while the GPU works.
+    let the host go on (schedule and launch the next step) while the GPU works. The
+    logprobs of requests that asked for them come back with the same event.
     """
 
-    def __init__(self, req_ids: list[str], tokens: torch.Tensor, host: torch.Tensor, ready) -> None:
+    def __init__(
+        self,
+        req_ids: list[str],
+        tokens: torch.Tensor,
+        host: torch.Tensor,
+        ready,
+        rows: list[SamplingRow] | None = None,
+        logprobs: StepLogprobs | None = None,
+    ) -> None:
         self.req_ids = req_ids
         self.tokens = tokens
         self._host = host
         self._ready = ready  # torch.cuda.Event or None
+        self._rows = rows or []
+        self._logprobs = logprobs  # on the host once `_ready` has fired
 
     @functools.cached_property
     def row_of(self) -> dict[str, int]:
@@ -322,17 +401,69 @@ class SampledTokens:
         return {req_id: i for i, req_id in enumerate(self.req_ids)}
 
     @classmethod
-    def launch(cls, req_ids: list[str], tokens: torch.Tensor) -> SampledTokens:
+    def launch(
+        cls,
+        req_ids: list[str],
+        tokens: torch.Tensor,
+        rows: list[SamplingRow] | None = None,
+        logprobs: StepLogprobs | None = None,
+    ) -> SampledTokens:
         if tokens.device.type != "cuda":
-            return cls(req_ids, tokens, tokens, None)
+            return cls(req_ids, tokens, tokens, None, rows, logprobs)
         host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
         host.copy_(tokens, non_blocking=True)
+        if logprobs is not None:
+            logprobs = logprobs.to_host()
         ready = torch.cuda.Event()
         ready.record()
-        return cls(req_ids, tokens, host, ready)
+        return cls(req_ids, tokens, host, ready, rows, logprobs)
 
     def wait(self) -> dict[str, int]:
         """Block until the step is done; its tokens by req_id."""
         if self._ready is not None:
             self._ready.synchronize()
         return dict(zip(self.req_ids, self._host.tolist(), strict=True))
+
+    def logprobs_by_req(self) -> dict[str, TokenLogprobs]:
+        """After `wait()`: the sampled tokens' logprobs of the requests that asked, by req_id."""
+        if self._logprobs is None or self._logprobs.sampled is None:
+            return {}
+        wanted, tensors = self._logprobs.sampled
+        tokens = self._host.tolist()
+        lps = tensors.to_list([tokens[i] for i in wanted], [self._rows[i].params.logprobs for i in wanted])
+        return {self.req_ids[i]: lp for i, lp in zip(wanted, lps, strict=True)}
+
+    def prompt_logprobs(self) -> list[tuple[PromptLogprobRows, list[TokenLogprobs]]]:
+        """After `wait()`: each prompt-logprob segment of the step with its logprobs."""
+        if self._logprobs is None or self._logprobs.prompt is None:
+            return []
+        segments, tensors = self._logprobs.prompt
+        targets = [t for seg in segments for t in seg.token_ids]
+        lps = tensors.to_list(targets, [seg.num_top for seg in segments for _ in seg.token_ids])
+        out, at = [], 0
+        for seg in segments:
+            out.append((seg, lps[at : at + len(seg.token_ids)]))
+            at += len(seg.token_ids)
+        return out
+
+
+def _prompt_logprob_rows(request: Request, start: int, end: int, base: int) -> PromptLogprobRows | None:
+    """The rows of a prefill chunk [start, end) that predict a prompt token, for a request
+    that asked for prompt logprobs and has not had them yet; `base` = the chunk's first row."""
+    num_top = request.sampling_params.prompt_logprobs
+    last = min(end, request.num_prompt_tokens - 1)  # position last - 1 predicts token `last`
+    if num_top is None or request.num_output_tokens or start >= last:
+        return None
+    tokens = request.prompt_token_ids[start + 1 : last + 1]
+    return PromptLogprobRows(request.req_id, range(base, base + last - start), tokens, start + 1, num_top)
+
+
+def _sampling_row(request: Request, num_before: int) -> SamplingRow:
+    """The sampler's view of a request; penalties need its tokens so far, which the engine
+    guarantees are all on the host (it does not run ahead of a penalized request)."""
+    params = request.sampling_params
+    if not params.has_penalties:
+        return SamplingRow(params, num_before)
+    if request.num_pending_tokens > 1:
+        raise RuntimeError(f"{request.req_id}: penalties need every earlier token, one is still in flight")
+    return SamplingRow(params, num_before, request.prompt_token_ids, request.output_token_ids)

@@ -126,6 +126,8 @@ class PrefillWorker(LoopWorker):
                 num_prompt_tokens=out.num_prompt_tokens,
                 num_cached_tokens=out.num_cached_tokens,
                 prefill_ms=(time.perf_counter() - start) * 1e3,
+                first_logprobs=out.new_logprobs[0] if out.new_logprobs else None,
+                prompt_logprobs=out.prompt_logprobs,
             )
             if ship:
                 self._senders.submit(self._send, handle, src_block_ids, result.first_token_id)

@@ -27,9 +27,7 @@ class RouterActor:
         self.config = router_config
         tokenizer = load_tokenizer(model_path, model.eos_token_id, None)
         self.core = RouterCore.from_config(model, tokenizer, clients, worker_roles, router_config)
-        self.server = RouterServer(
-            self.core, router_config.host, router_config.port, router_config.default_max_tokens
-        )
+        self.server = RouterServer.from_config(self.core, router_config)
 
     async def start(self) -> str:
         """Bind, wait until every worker has reported, then report SERVING. Returns host:port."""

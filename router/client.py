@@ -17,7 +17,8 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -79,12 +80,25 @@ class Timings:
 
 
 @dataclass(frozen=True)
+class TokenLogprob:
+    """A generated token's log-probability (raw logits), its rank and the top alternatives."""
+
+    token_id: int
+    logprob: float
+    rank: int
+    top: list[tuple[int, float]]
+
+
+@dataclass(frozen=True)
 class GenerateChunk:
     """New tokens (and their text) since the previous chunk."""
 
     request_id: str
     token_ids: list[int]
     text: str
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # one per token, when asked for
+    prompt_logprobs: list[TokenLogprob] = field(default_factory=list)  # first chunk, when asked for
+    index: int = 0  # which of the request's n samples
 
 
 @dataclass(frozen=True)
@@ -95,6 +109,7 @@ class GenerateComplete:
     finish_reason: str  # "stop" | "length" | "abort" | "unspecified"
     usage: Usage
     timings: Timings
+    index: int = 0  # which of the request's n samples
 
 
 GenerateEvent = GenerateChunk | GenerateComplete
@@ -123,6 +138,13 @@ def build_generate_request(
     stop: Sequence[str] = (),
     stop_token_ids: Sequence[int] = (),
     ignore_eos: bool = False,
+    presence_penalty: float | None = None,
+    frequency_penalty: float | None = None,
+    repetition_penalty: float | None = None,
+    min_p: float | None = None,
+    logprobs: int | None = None,
+    prompt_logprobs: int | None = None,
+    n: int | None = None,
     request_id: str | None = None,
 ) -> generate_pb2.GenerateRequest:
     """The request message; None leaves a sampling field unset (the server's default)."""
@@ -136,6 +158,13 @@ def build_generate_request(
         ("top_k", top_k),
         ("seed", seed),
         ("min_tokens", min_tokens),
+        ("presence_penalty", presence_penalty),
+        ("frequency_penalty", frequency_penalty),
+        ("repetition_penalty", repetition_penalty),
+        ("min_p", min_p),
+        ("logprobs", logprobs),
+        ("prompt_logprobs", prompt_logprobs),
+        ("n", n),
     ):
         if value is not None:
             setattr(sampling, name, value)
@@ -151,7 +180,15 @@ def event_from_response(response: generate_pb2.GenerateResponse) -> GenerateEven
     """Convert one streamed message; an `Error` event raises PdserveError."""
     kind = response.WhichOneof("event")
     if kind == "chunk":
-        return GenerateChunk(response.request_id, list(response.chunk.token_ids), response.chunk.text)
+        chunk = response.chunk
+        return GenerateChunk(
+            response.request_id,
+            list(chunk.token_ids),
+            chunk.text,
+            _logprobs_from_proto(chunk.logprobs),
+            _logprobs_from_proto(chunk.prompt_logprobs),
+            response.index,
+        )
     if kind == "complete":
         complete = response.complete
         usage, timings = complete.usage, complete.timings
@@ -166,6 +203,7 @@ def event_from_response(response: generate_pb2.GenerateResponse) -> GenerateEven
                 timings.decode_ms,
                 timings.ttft_ms,
             ),
+            index=response.index,
         )
     if kind == "error":
         code = _STATUS_BY_NUMBER.get(response.error.code, grpc.StatusCode.UNKNOWN)
@@ -173,6 +211,13 @@ def event_from_response(response: generate_pb2.GenerateResponse) -> GenerateEven
     raise PdserveError(
         grpc.StatusCode.INTERNAL, "server sent an empty GenerateResponse", response.request_id or None
     )
+
+
+def _logprobs_from_proto(logprobs) -> list[TokenLogprob]:
+    return [
+        TokenLogprob(lp.token_id, lp.logprob, lp.rank, [(t.token_id, t.logprob) for t in lp.top])
+        for lp in logprobs
+    ]
 
 
 def _model_info_from_proto(info: generate_pb2.ModelInfo) -> ModelInfo:
@@ -207,37 +252,18 @@ class PdserveClient:
         self,
         prompt: str | Sequence[int],
         *,
-        max_tokens: int | None = None,
-        temperature: float | None = None,
-        top_p: float | None = None,
-        top_k: int | None = None,
-        seed: int | None = None,
-        min_tokens: int | None = None,
-        stop: Sequence[str] = (),
-        stop_token_ids: Sequence[int] = (),
-        ignore_eos: bool = False,
         request_id: str | None = None,
         timeout: float | None = None,
+        **sampling: Any,
     ) -> Iterator[GenerateEvent]:
         """Stream events: GenerateChunk..., then one GenerateComplete.
 
         A str prompt is tokenized by the router; a list of ints is sent as token ids.
-        None leaves a sampling field to the server's default. `timeout` bounds the
+        `sampling` takes `build_generate_request`'s keywords (max_tokens, temperature,
+        ..., logprobs); None leaves a sampling field to the server's default. `timeout` bounds the
         whole stream (seconds). Leaving the loop early cancels the call.
         """
-        request = build_generate_request(
-            prompt,
-            max_tokens=max_tokens,
-            temperature=temperature,
-            top_p=top_p,
-            top_k=top_k,
-            seed=seed,
-            min_tokens=min_tokens,
-            stop=stop,
-            stop_token_ids=stop_token_ids,
-            ignore_eos=ignore_eos,
-            request_id=request_id,
-        )
+        request = build_generate_request(prompt, request_id=request_id, **sampling)
         call = self._stub.Generate(request, timeout=timeout)
         try:
             for response in call:
@@ -304,32 +330,12 @@ class AsyncPdserveClient:
         self,
         prompt: str | Sequence[int],
         *,
-        max_tokens: int | None = None,
-        temperature: float | None = None,
-        top_p: float | None = None,
-        top_k: int | None = None,
-        seed: int | None = None,
-        min_tokens: int | None = None,
-        stop: Sequence[str] = (),
-        stop_token_ids: Sequence[int] = (),
-        ignore_eos: bool = False,
         request_id: str | None = None,
         timeout: float | None = None,
+        **sampling: Any,
     ) -> AsyncIterator[GenerateEvent]:
         """Async version of PdserveClient.generate."""
-        request = build_generate_request(
-            prompt,
-            max_tokens=max_tokens,
-            temperature=temperature,
-            top_p=top_p,
-            top_k=top_k,
-            seed=seed,
-            min_tokens=min_tokens,
-            stop=stop,
-            stop_token_ids=stop_token_ids,
-            ignore_eos=ignore_eos,
-            request_id=request_id,
-        )
+        request = build_generate_request(prompt, request_id=request_id, **sampling)
         call = self._stub.Generate(request, timeout=timeout)
         try:
             async for response in call:

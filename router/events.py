@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from pdserve.engine.core.outputs import TokenLogprobs
+
 
 class RouterError(Exception):
     """A request failed; `code` is a gRPC status code name (e.g. "INVALID_ARGUMENT")."""
@@ -18,6 +20,9 @@ class RouterError(Exception):
 class Chunk:
     token_ids: list[int]
     text: str
+    logprobs: list[TokenLogprobs] | None = None  # one per token id, when the request asked
+    prompt_logprobs: list[TokenLogprobs] | None = None  # first chunk only, when asked
+    index: int = 0  # which of the request's n samples
 
 
 @dataclass
@@ -31,6 +36,7 @@ class Completion:
     kv_transfer_ms: float
     decode_ms: float
     ttft_ms: float
+    index: int = 0  # which of the request's n samples
 
 
 @dataclass

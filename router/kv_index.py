@@ -136,6 +136,17 @@ class KVIndex:
             if h in holders:
                 holders.move_to_end(h)
 
+    def run_length(self, worker_id: str, block_hashes: Sequence[int]) -> int:
+        """How many leading blocks of `block_hashes` `worker_id` holds."""
+        bit = self._bit_of.get(worker_id)
+        if bit is None:
+            return 0
+        holders = self._holders
+        for i, h in enumerate(block_hashes):
+            if not holders.get(h, 0) & bit:
+                return i
+        return len(block_hashes)
+
     def overlaps(self, block_hashes: Sequence[int]) -> dict[str, int]:
         """Worker id -> number of leading blocks of `block_hashes` it holds.
 

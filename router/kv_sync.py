@@ -43,6 +43,8 @@ class KVIndexSync:
     ) -> None:
         """`total_blocks_of(worker_id)` bounds a worker's routing history (None: unbounded)."""
         self.index = index if index is not None else KVIndex()
+        # blocks in workers' host tiers ("cpu" medium): a hit there is a copy, not a compute
+        self.host_index = KVIndex()
         self.use_kv_events = use_kv_events
         self._total_blocks_of = total_blocks_of
         self._event_stream: dict[str, tuple[str, int]] = {}  # worker -> (instance_id, next seq)
@@ -69,12 +71,14 @@ class KVIndexSync:
                 self._needs_resync.add(worker_id)
                 self._event_stream.pop(worker_id, None)
                 self.index.remove_worker(worker_id)
+                self.host_index.remove_worker(worker_id)
             return False
         for event in batch.events:
+            index = self.host_index if getattr(event, "medium", "gpu") == "cpu" else self.index
             if hasattr(event, "parent_hash"):  # BlockStored (BlockRemoved has no parent)
-                self.index.store(worker_id, event.block_hashes)
+                index.store(worker_id, event.block_hashes)
             else:
-                self.index.remove(worker_id, event.block_hashes)
+                index.remove(worker_id, event.block_hashes)
         self._event_stream[worker_id] = (batch.instance_id, batch.seq + 1)
         return True
 
@@ -82,6 +86,8 @@ class KVIndexSync:
         """Replace everything indexed for the worker with the snapshot's contents."""
         self.index.remove_worker(snapshot.worker_id)
         self.index.store(snapshot.worker_id, snapshot.block_hashes)
+        self.host_index.remove_worker(snapshot.worker_id)
+        self.host_index.store(snapshot.worker_id, snapshot.host_block_hashes)
         self._needs_resync.discard(snapshot.worker_id)
         self._event_stream[snapshot.worker_id] = (snapshot.instance_id, snapshot.seq + 1)
 
@@ -105,6 +111,7 @@ class KVIndexSync:
     def forget_worker(self, worker_id: str) -> None:
         """Drop the worker's index entries, event stream, resync mark and history."""
         self.index.remove_worker(worker_id)
+        self.host_index.remove_worker(worker_id)
         self._event_stream.pop(worker_id, None)
         self._needs_resync.discard(worker_id)
         self._history.pop(worker_id, None)

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pdserve.engine.core.block_pool import hash_prompt_blocks
-from pdserve.engine.core.outputs import PrefillResult, RequestOutput
+from pdserve.engine.core.outputs import PrefillResult, RequestOutput, TokenLogprobs
 from pdserve.engine.core.sampling_params import SamplingParams
 from pdserve.engine.output_processor import OutputProcessor
 from pdserve.engine.tokenizer import Tokenizer
@@ -41,6 +41,7 @@ class StreamDeps:
     tracker: WorkerStateTracker
     tokenizer: Tokenizer | None
     block_size: int
+    max_model_len: int
 
 
 @dataclass
@@ -49,6 +50,8 @@ class _Merged:
 
     token_ids: list[int] = field(default_factory=list)
     text: str = ""
+    logprobs: list[TokenLogprobs] | None = None
+    prompt_logprobs: list[TokenLogprobs] | None = None
     last: RequestOutput | None = None  # the output that ended the request
     stopped: bool = False  # a stop string ended it
     failure: RouterError | None = None  # raised after the chunk
@@ -120,11 +123,13 @@ class RequestStream:
                 await self.abort_everywhere()
 
     async def _admit(self) -> RouteDecision:
+        num_prompt_tokens = len(self.prompt_token_ids)
         route = RouteRequest(
             self.req_id,
-            len(self.prompt_token_ids),
+            num_prompt_tokens,
             hash_prompt_blocks(self.prompt_token_ids, self.deps.block_size),
-            self.params.max_tokens,
+            # Reserve what the engine can generate: it stops at max_model_len.
+            min(self.params.max_tokens, self.deps.max_model_len - num_prompt_tokens),
         )
         try:
             decision = await self.deps.admission.admit(route)
@@ -151,7 +156,8 @@ class RequestStream:
         self.cached_tokens = max(cached_on_decode, result.num_cached_tokens)
         self.completion_tokens = 1
         delta = self.processor.process(self.req_id, [result.first_token_id], result.finished)
-        yield Chunk(delta.token_ids, delta.text)
+        first_logprobs = None if result.first_logprobs is None else [result.first_logprobs]
+        yield Chunk(delta.token_ids, delta.text, first_logprobs, result.prompt_logprobs)
         if result.finished or delta.stopped:
             if delta.stopped and not result.finished:
                 await decode.abort(self.req_id)  # the decode worker started it meanwhile
@@ -167,7 +173,7 @@ class RequestStream:
             items = _take_queued(self.queue, await self.queue.get())
             merged = self._merge(items)
             if merged.token_ids or merged.text:
-                yield Chunk(merged.token_ids, merged.text)
+                yield Chunk(merged.token_ids, merged.text, merged.logprobs, merged.prompt_logprobs)
             if merged.failure is not None:
                 raise merged.failure
             last = merged.last
@@ -198,6 +204,10 @@ class RequestStream:
             # judged at each step's boundary exactly as without merging.
             delta = self.processor.process(self.req_id, item.new_token_ids, item.finished)
             merged.token_ids += delta.token_ids
+            if item.new_logprobs is not None and delta.token_ids:
+                merged.logprobs = (merged.logprobs or []) + item.new_logprobs
+            if item.prompt_logprobs is not None:
+                merged.prompt_logprobs = item.prompt_logprobs
             text_parts.append(delta.text)
             if item.finished or delta.stopped:
                 merged.last, merged.stopped = item, delta.stopped

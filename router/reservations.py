@@ -60,6 +60,12 @@ class _PrefillBook:
     pending: OrderedDict[str, _Routed] = field(default_factory=OrderedDict)
 
 
+def fits_in_cache(report: LoadReport, num_tokens: int) -> bool:
+    """Whether a request of `num_tokens` (prompt + max_tokens) fits the worker's whole
+    cache: if not, no amount of waiting makes room for it (same formula as `spare_blocks`)."""
+    return cdiv(num_tokens, report.block_size) <= report.num_total_blocks
+
+
 def shared_in_flight_blocks(hash_refs: dict[int, int], block_hashes: Sequence[int]) -> int:
     """Leading blocks of `block_hashes` that in-flight requests already hold (`hash_refs`).
 

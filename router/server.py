@@ -9,19 +9,24 @@ one `Error` event.
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from pdserve.engine.core.outputs import TokenLogprobs
 from pdserve.engine.core.request import validate_prompt
 from pdserve.engine.core.sampling_params import SamplingParams
+from pdserve.router.grpc_strict import add_strict_service
+from pdserve.router.request_limits import RequestLimits
 from pdserve.router.service import Chunk, Completion, RouterCore, RouterError
 from pdserve.v1 import generate_pb2, generate_pb2_grpc
 
 log = logging.getLogger(__name__)
 
-SERVICE_NAME = generate_pb2.DESCRIPTOR.services_by_name["Generation"].full_name
+SERVICE = generate_pb2.DESCRIPTOR.services_by_name["Generation"]
+SERVICE_NAME = SERVICE.full_name
 _FINISH = {
     "stop": generate_pb2.FINISH_REASON_STOP,
     "length": generate_pb2.FINISH_REASON_LENGTH,
@@ -30,10 +35,42 @@ _FINISH = {
 MAX_REQUEST_ID_LEN = 256
 
 
+# proto3 `optional` fields that map one to one onto SamplingParams (unset: the default)
+_OPTIONAL_SAMPLING_FIELDS = (
+    "temperature",
+    "top_p",
+    "top_k",
+    "seed",
+    "min_tokens",
+    "presence_penalty",
+    "frequency_penalty",
+    "repetition_penalty",
+    "min_p",
+    "logprobs",
+    "prompt_logprobs",
+    "n",
+)
+
+
+def _logprobs_proto(logprobs: list[TokenLogprobs] | None) -> list[generate_pb2.TokenLogprob]:
+    if not logprobs:
+        return []
+    return [
+        generate_pb2.TokenLogprob(
+            token_id=lp.token_id,
+            logprob=lp.logprob,
+            rank=lp.rank,
+            top=[generate_pb2.TopLogprob(token_id=t, logprob=v) for t, v in lp.top],
+        )
+        for lp in logprobs
+    ]
+
+
 def sampling_from_proto(msg: generate_pb2.SamplingParams, default_max_tokens: int) -> SamplingParams:
-    """Proto -> SamplingParams; unset optional fields take the engine's defaults."""
+    """Proto -> SamplingParams; unset optional fields take the engine's defaults
+    (`default_max_tokens` for max_tokens: the caller makes it fit the context)."""
     kwargs = {}
-    for name in ("temperature", "top_p", "top_k", "seed", "min_tokens"):
+    for name in _OPTIONAL_SAMPLING_FIELDS:
         if msg.HasField(name):
             kwargs[name] = getattr(msg, name)
     kwargs["max_tokens"] = msg.max_tokens if msg.HasField("max_tokens") else default_max_tokens
@@ -46,9 +83,12 @@ def sampling_from_proto(msg: generate_pb2.SamplingParams, default_max_tokens: in
 
 
 class GenerationServicer(generate_pb2_grpc.GenerationServicer):
-    def __init__(self, core: RouterCore, default_max_tokens: int = 16) -> None:
+    def __init__(
+        self, core: RouterCore, default_max_tokens: int = 16, limits: RequestLimits | None = None
+    ) -> None:
         self.core = core
         self.default_max_tokens = default_max_tokens
+        self.limits = limits or RequestLimits()
 
     def _parse(self, request: generate_pb2.GenerateRequest) -> tuple[str, list[int], SamplingParams]:
         if len(request.request_id) > MAX_REQUEST_ID_LEN:
@@ -66,7 +106,11 @@ class GenerationServicer(generate_pb2_grpc.GenerationServicer):
             validate_prompt(prompt, self.core.model.vocab_size, self.core.model.max_model_len)
         except ValueError as exc:
             raise RouterError("INVALID_ARGUMENT", f"input.{which}: {exc}") from exc
-        params = sampling_from_proto(request.sampling, self.default_max_tokens)
+        # An unset max_tokens takes the default, cut to what the context leaves (as vLLM does);
+        # an explicit one beyond the context is refused by the core, naming both numbers.
+        room = self.core.model.max_model_len - len(prompt)
+        params = sampling_from_proto(request.sampling, min(self.default_max_tokens, room))
+        self.limits.check_stops(params)
         return request.request_id or self.core.new_request_id(), prompt, params
 
     async def Generate(self, request, context: grpc.aio.ServicerContext):
@@ -80,10 +124,18 @@ class GenerationServicer(generate_pb2_grpc.GenerationServicer):
                 if isinstance(event, Chunk):
                     yield generate_pb2.GenerateResponse(
                         request_id=req_id,
-                        chunk=generate_pb2.Chunk(token_ids=event.token_ids, text=event.text),
+                        index=event.index,
+                        chunk=generate_pb2.Chunk(
+                            token_ids=event.token_ids,
+                            text=event.text,
+                            logprobs=_logprobs_proto(event.logprobs),
+                            prompt_logprobs=_logprobs_proto(event.prompt_logprobs),
+                        ),
                     )
                 else:
-                    yield generate_pb2.GenerateResponse(request_id=req_id, complete=_complete_proto(event))
+                    yield generate_pb2.GenerateResponse(
+                        request_id=req_id, index=event.index, complete=_complete_proto(event)
+                    )
         except RouterError as exc:
             if exc.code in ("INVALID_ARGUMENT", "ALREADY_EXISTS", "RESOURCE_EXHAUSTED", "UNAVAILABLE"):
                 await context.abort(getattr(grpc.StatusCode, exc.code), exc.message)
@@ -139,19 +191,43 @@ class RouterServer:
     """grpc.aio server hosting the Generation, health and reflection services."""
 
     def __init__(
-        self, core: RouterCore, host: str = "127.0.0.1", port: int = 0, default_max_tokens: int = 16
+        self,
+        core: RouterCore,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        default_max_tokens: int = 16,
+        limits: RequestLimits | None = None,
     ):
         self.core = core
         self.host = host
         self.port = port
         self.default_max_tokens = default_max_tokens
+        self.limits = limits or RequestLimits()
         self.server: grpc.aio.Server | None = None
         self.health = health.aio.HealthServicer() if hasattr(health, "aio") else health.HealthServicer()
 
+    @classmethod
+    def from_config(cls, core: RouterCore, router_config: Any) -> RouterServer:
+        """The server a deploy config's `router` section describes."""
+        return cls(
+            core,
+            router_config.host,
+            router_config.port,
+            router_config.default_max_tokens,
+            RequestLimits.from_config(router_config),
+        )
+
     async def start(self) -> str:
-        self.server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
-        generate_pb2_grpc.add_GenerationServicer_to_server(
-            GenerationServicer(self.core, self.default_max_tokens), self.server
+        self.server = grpc.aio.server(
+            options=[("grpc.so_reuseport", 0), *self.limits.grpc_server_options()],
+            maximum_concurrent_rpcs=self.limits.max_concurrent_rpcs,
+        )
+        # Requests arrive as bytes and are parsed by the handler: undecodable ones are
+        # INVALID_ARGUMENT (a raising deserializer would make them UNKNOWN).
+        add_strict_service(
+            self.server,
+            SERVICE,
+            GenerationServicer(self.core, self.default_max_tokens, self.limits),
         )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
@@ -168,6 +244,7 @@ class RouterServer:
         await self._set_health(False)
         await self.server.start()
         await self.core.start()
+        log.info("router serving on %s:%d (%s)", self.host, self.port, self.limits.describe())
         return f"{self.host}:{self.port}"
 
     async def wait_workers_ready(self, timeout: float = 300.0) -> None:

@@ -24,8 +24,10 @@ from pdserve.engine.core.sampling_params import SamplingParams
 from pdserve.engine.tokenizer import Tokenizer
 from pdserve.router.admission import AdmissionController
 from pdserve.router.events import Chunk, Completion, ModelSummary, RouterError
+from pdserve.router.parallel_sampling import generate_samples, is_sample_of
 from pdserve.router.policy import Policy, make_policy
 from pdserve.router.request_stream import RequestStream, StreamDeps
+from pdserve.router.reservations import fits_in_cache
 from pdserve.router.routing import RouteDecision, RouteRequest
 from pdserve.router.worker_client import WorkerClient
 from pdserve.router.worker_monitor import WorkerMonitor
@@ -48,6 +50,7 @@ class RouterCore:
         max_queue_len: int = 256,
         max_wait_s: float = 30.0,
         poll_timeout_s: float = 0.2,
+        max_bypasses: int = 16,
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
@@ -60,6 +63,8 @@ class RouterCore:
             max_queue_len,
             max_wait_s,
             on_abandoned=lambda r, d: self.tracker.release(r.req_id),
+            max_bypasses=max_bypasses,
+            size_of=lambda r: r.num_prompt_tokens + r.max_tokens,
         )
         self.monitor = WorkerMonitor(
             clients,
@@ -69,7 +74,9 @@ class RouterCore:
             on_state_change=self.admission.notify_capacity,
             poll_timeout_s=poll_timeout_s,
         )
-        self._deps = StreamDeps(self.admission, clients, self.tracker, tokenizer, model.block_size)
+        self._deps = StreamDeps(
+            self.admission, clients, self.tracker, tokenizer, model.block_size, model.max_model_len
+        )
         self._streams: dict[str, RequestStream] = {}
 
     @classmethod
@@ -87,6 +94,7 @@ class RouterCore:
             use_kv_events=router_config.kv_events,
             max_queue_len=router_config.max_queue_len,
             max_wait_s=router_config.max_wait_s,
+            max_bypasses=router_config.max_bypasses,
         )
 
     # -- lifecycle ------------------------------------------------------------------
@@ -133,11 +141,23 @@ class RouterCore:
     async def generate(
         self, req_id: str, prompt_token_ids: list[int], params: SamplingParams
     ) -> AsyncIterator[Chunk | Completion]:
-        """Stream one request. Cancelling the consumer aborts it on every worker."""
+        """Stream one request (its n samples when params.n > 1). Cancelling the consumer
+        aborts it on every worker."""
+        if params.n > 1:
+            async for event in generate_samples(self._generate_one, req_id, prompt_token_ids, params):
+                yield event
+            return
+        async for event in self._generate_one(req_id, prompt_token_ids, params):
+            yield event
+
+    async def _generate_one(
+        self, req_id: str, prompt_token_ids: list[int], params: SamplingParams
+    ) -> AsyncIterator[Chunk | Completion]:
         if req_id in self._streams:
             raise RouterError("ALREADY_EXISTS", f"request_id {req_id!r} is already running")
         if not self.ready:
             raise RouterError("UNAVAILABLE", "workers are not ready yet")
+        self.check_fits(len(prompt_token_ids), params.max_tokens)
         stream = RequestStream(req_id, prompt_token_ids, params, self._deps)
         self._streams[req_id] = stream
         try:
@@ -146,13 +166,36 @@ class RouterCore:
         finally:
             self._streams.pop(req_id, None)
 
+    def check_fits(self, num_prompt_tokens: int, max_tokens: int) -> None:
+        """Refuse at once (INVALID_ARGUMENT, naming the numbers) a request that can never
+        run: beyond the model's context, as vLLM words it, or beyond the KV cache of
+        every decode-capable worker. Anything else that finds no room waits for it."""
+        total = num_prompt_tokens + max_tokens
+        if total > self.model.max_model_len:
+            raise RouterError(
+                "INVALID_ARGUMENT",
+                f"sampling.max_tokens: this model's maximum context length is {self.model.max_model_len} "
+                f"tokens. However, you requested {total} tokens ({num_prompt_tokens} in the prompt, "
+                f"{max_tokens} in the completion). Please reduce the prompt or max_tokens.",
+            )
+        decode_reports = [r for r in self.tracker.loads.values() if r.role != "prefill"]
+        if decode_reports and not any(fits_in_cache(r, total) for r in decode_reports):
+            largest = max(decode_reports, key=lambda r: r.num_total_blocks * r.block_size)
+            raise RouterError(
+                "INVALID_ARGUMENT",
+                f"sampling.max_tokens: the request needs KV cache for {total} tokens ({num_prompt_tokens} "
+                f"in the prompt, {max_tokens} in the completion), but the largest decode worker's cache "
+                f"holds {largest.num_total_blocks * largest.block_size} tokens ({largest.num_total_blocks} "
+                f"blocks of {largest.block_size}). Please reduce the prompt or max_tokens.",
+            )
+
     async def abort(self, req_id: str) -> bool:
-        stream = self._streams.get(req_id)
-        if stream is None:
-            return False
-        await stream.abort_everywhere()
-        stream.deliver(RequestOutput(req_id, finished=True, finish_reason="abort"), 0.0)
-        return True
+        """Abort a request (all its samples); False when none runs under that id."""
+        streams = [s for child_id, s in self._streams.items() if is_sample_of(child_id, req_id)]
+        for stream in streams:
+            await stream.abort_everywhere()
+            stream.deliver(RequestOutput(stream.req_id, finished=True, finish_reason="abort"), 0.0)
+        return bool(streams)
 
     def status(self) -> dict[str, Any]:
         return {

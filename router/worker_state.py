@@ -53,6 +53,11 @@ class WorkerStateTracker:
     def index(self) -> KVIndex:
         return self.kv_sync.index
 
+    def host_hit_blocks(self, worker_id: str, block_hashes: list[int], start: int) -> int:
+        """Blocks of `block_hashes` from `start` on that `worker_id`'s host tier holds in a
+        row (they continue its GPU hits: copied back, not recomputed)."""
+        return self.kv_sync.host_index.run_length(worker_id, block_hashes[start:])
+
     @property
     def use_kv_events(self) -> bool:
         return self.kv_sync.use_kv_events

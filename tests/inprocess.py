@@ -29,15 +29,20 @@ class InProcessDeployment:
         policy_params: dict | None = None,
         max_queue_len: int = 256,
         max_wait_s: float = 30.0,
+        router_overrides: dict | None = None,
+        transfer_options: dict | None = None,
     ) -> None:
+        """`router_overrides`: more RouterConfig keys (admission and request bounds);
+        `transfer_options`: more TransferConfig keys (e.g. timeout_s)."""
         engine = engine or EngineConfig(model="tiny", num_gpu_blocks=512)
-        transfer = TransferConfig(backend="grpc", host="127.0.0.1")
+        transfer = TransferConfig(backend="grpc", host="127.0.0.1", **(transfer_options or {})).with_secret()
         decode_role = "decode" if num_prefill else "both"
         specs = [
             WorkerSpec(f"prefill-{i}", "prefill", prefill_engine or engine, transfer)
             for i in range(num_prefill)
         ]
         specs += [WorkerSpec(f"decode-{i}", decode_role, engine, transfer, i) for i in range(num_decode)]
+        self.transfer = transfer  # its secret: what a test plays the deployment's own sender with
         built = {spec.worker_id: build_worker(spec) for spec in specs}
         self.prefill = {w: built[w] for w in built if w.startswith("prefill")}
         self.decode = {w: built[w] for w in built if w.startswith("decode")}
@@ -45,10 +50,13 @@ class InProcessDeployment:
         connect_workers(specs, self.controls, transfer)  # the wiring `pdserve up` uses
         mc = next(iter(self.decode.values())).engine.model_config
         router_config = RouterConfig(
+            host="127.0.0.1",
+            port=0,
             policy=policy,
             policy_params={"local_prefill_threshold_tokens": 0, **(policy_params or {})},
             max_queue_len=max_queue_len,
             max_wait_s=max_wait_s,
+            **(router_overrides or {}),
         )
         summary = ModelSummary(
             mc.name,
@@ -64,7 +72,7 @@ class InProcessDeployment:
             {spec.worker_id: spec.role for spec in specs},
             router_config,
         )
-        self.server = RouterServer(self.core, "127.0.0.1", 0)
+        self.server = RouterServer.from_config(self.core, router_config)
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self._thread.start()

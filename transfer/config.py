@@ -6,7 +6,9 @@ connector, found in `CONNECTORS`. This module imports no torch (the router and t
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import dataclasses
+import secrets
+from dataclasses import dataclass, field
 
 # The connectors: backend name -> "module:class", imported on first use (they may import
 # torch). Adding a backend is one module with a `KVConnector` subclass and one entry here.
@@ -28,9 +30,23 @@ class TransferConfig:
     # grpc backend: a large KV buffer comes in over up to this many parallel data connections (one
     # TCP stream tops out at what one core copies; a fast NIC needs several)
     data_streams: int = 4
+    # The transfer lease: a decode worker drops a reservation whose KV has not begun to arrive this
+    # long after `reserve`, or has not landed this long after it began, and a sender gives up on a
+    # transfer after it; either way the blocks are freed on both sides and the request fails with
+    # a status naming the timeout.
+    timeout_s: float = 30.0
+    # The per-deployment secret every KV transfer is authenticated with (`transfer.credentials`).
+    # Empty: `pdserve up` generates one per deployment (`with_secret`). Never logged (repr=False).
+    secret: str = field(default="", repr=False)
     # nccl backend: the port of the process group's rendezvous store on rank 0's node (prefill-0);
     # 0 = a free one. gloo and NCCL then connect the ranks on ports of their own choosing.
     rendezvous_port: int = 0
+
+    def with_secret(self) -> TransferConfig:
+        """This config, with a fresh random secret if it has none."""
+        if self.secret:
+            return self
+        return dataclasses.replace(self, secret=secrets.token_hex(32))
 
     def kv_server_ports(self, decode_index: int) -> tuple[int, int]:
         """(gRPC port, data port) of decode worker `decode_index`'s KV server; (0, 0) = free ports."""
@@ -57,6 +73,11 @@ class TransferConfig:
             raise ValueError(
                 f"TransferConfig.port_base: must be an integer in [0, 65535], got {self.port_base!r}"
             )
+        timeout = self.timeout_s
+        if isinstance(timeout, bool) or not isinstance(timeout, int | float) or not 0 < timeout <= 3600:
+            raise ValueError(f"TransferConfig.timeout_s: must be a number in (0, 3600], got {timeout!r}")
+        if not isinstance(self.secret, str):
+            raise ValueError("TransferConfig.secret: must be a string")  # the value is never echoed
 
 
 def _is_int(value: object) -> bool:

@@ -8,9 +8,15 @@ decode worker, both made from the deploy's `TransferConfig`.
     send = connector.send_side(model_name, links)
     if connector.uses_process_group:                 # nccl: one torch.distributed group
         side.join_group(rank, world_size, init_method, device)   # on every side, at once
-    handle = KVHandle(..., peer=receive.peer())      # decode worker's reserve()
+    credential = receive.expect(req_id, block_ids)   # decode worker's reserve()
+    handle = KVHandle(..., peer=receive.peer(), credential=credential)
     send.send(handle, src_block_ids, kv_cache, first_token_id)
-    # -> receiver: sink.on_kv_chunk(KVArrival(req_id, block_ids, first_token_id, t), layers, chunk)
+    # -> receiver: checks the credential (once), then
+    #    sink.on_kv_chunk(KVArrival(req_id, reserved block_ids, first_token_id, t), layers, chunk)
+    receive.forget(req_id)                           # an abort or an expired lease: refuse it now
+
+Both sides need `config.secret` (the deployment's; `transfer.credentials`) and take
+`config.timeout_s` as the longest one transfer may take.
 
 `handle.peer` is opaque outside the backend: only its own send side reads it (a handle
 carrying another backend's descriptor is refused with ValueError).
@@ -24,12 +30,14 @@ loads it.
 from __future__ import annotations
 
 import importlib
+import math
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 from pdserve.transfer.config import BACKENDS, CONNECTORS, TransferConfig
 from pdserve.transfer.contract import KVHandle, KVSink, TransferStats
+from pdserve.transfer.credentials import KVGate
 from pdserve.transfer.layout import KVLayout
 
 if TYPE_CHECKING:
@@ -38,6 +46,7 @@ if TYPE_CHECKING:
 __all__ = [
     "BACKENDS",
     "DecodeLink",
+    "GatedReceiveSide",
     "KVConnector",
     "KVReceiveSide",
     "KVSendSide",
@@ -93,6 +102,19 @@ class KVReceiveSide(Protocol):
         (RuntimeError before)."""
         ...
 
+    def expect(self, req_id: str, block_ids: Sequence[int]) -> bytes:
+        """Open `req_id`'s reservation of `block_ids`: its KV is accepted once, into exactly these
+        blocks, from a sender presenting the returned credential (it goes in `KVHandle.credential`)."""
+        ...
+
+    def forget(self, req_id: str) -> None:
+        """Close `req_id`'s reservation if still open: a transfer presenting it is refused."""
+        ...
+
+    def began_at(self, req_id: str) -> float | None:
+        """time.monotonic() when `req_id`'s transfer presented its credential; None if not yet."""
+        ...
+
     def receive_notice(self, notice: object) -> None:
         """nccl: the sender's notice (via `DecodeLink.notify_kv`); blocks until the data is in place
         and the sink took it, or raises. Backends with their own server raise TypeError."""
@@ -103,6 +125,28 @@ class KVReceiveSide(Protocol):
         ...
 
     def close(self) -> None: ...
+
+
+class GatedReceiveSide:
+    """What every receive side shares: its open reservations (`KVGate`) and their byte counts."""
+
+    def __init__(self, config: TransferConfig, layout: KVLayout) -> None:
+        self.gate = KVGate(config.secret)  # ValueError when the deployment has no secret
+        self.layout = layout
+
+    def expect(self, req_id: str, block_ids: Sequence[int]) -> bytes:
+        import torch  # only on a decode worker, which has it loaded anyway
+
+        nbytes = (
+            math.prod(self.layout.buffer_shape(len(block_ids))) * getattr(torch, self.layout.dtype).itemsize
+        )
+        return self.gate.issue(req_id, block_ids, nbytes)
+
+    def forget(self, req_id: str) -> None:
+        self.gate.revoke(req_id)
+
+    def began_at(self, req_id: str) -> float | None:
+        return self.gate.claimed_at(req_id)
 
 
 class KVConnector(ABC):

@@ -4,7 +4,8 @@ Receive side (decode worker): reserves blocks for a request and answers with a
 `KVHandle`: which of its block ids to fill, its layout (and fingerprint), and `peer`,
 the opaque descriptor its receive side publishes (`GrpcPeer(address)`,
 `NcclPeer(rank)`; only the matching send side reads it). When a request's KV
-arrives, the receiver hands it to a `KVSink` in layer chunks, in layer order, with a
+arrives (with the handle's one-time `credential`, checked before anything is read:
+`transfer.credentials`), the receiver hands it to a `KVSink` in layer chunks, in layer order, with a
 `KVArrival` that carries the prefill's first sampled token: once the last chunk is
 in, the decode worker can start the request by itself.
 
@@ -66,6 +67,9 @@ class KVHandle:
     # dataclass only its backend's send side reads, e.g. GrpcPeer(address) or NcclPeer(rank).
     peer: object
     layout_fingerprint: str = ""  # filled from `layout` when empty; checked against it otherwise
+    # The decode worker's one-time credential for this reservation (`transfer.credentials`): the
+    # sender presents it, signed with the deployment secret; the receiver accepts it once.
+    credential: bytes = field(default=b"", repr=False)
 
     def __post_init__(self) -> None:
         self.block_ids = [int(block_id) for block_id in self.block_ids]
@@ -88,7 +92,7 @@ class KVArrival:
     """One request's KV as its receiver announces it to the sink. Plain data."""
 
     req_id: str
-    block_ids: tuple[int, ...]  # decode-side blocks being filled, in buffer order
+    block_ids: tuple[int, ...]  # the blocks reserved for the request (never a header's), in buffer order
     first_token_id: int  # the prefill's first sampled token
     started_at: float  # time.perf_counter() on the receiver when the header / notice arrived
 

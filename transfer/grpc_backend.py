@@ -25,7 +25,8 @@ returns the data is in place. The bytes take one of two routes:
   sender connects there, writes its token then exactly that stripe's bytes, and
   half-closes; the stripes travel in parallel.
   Every error still comes back as the call's status. If the data port cannot be
-  reached at all, the sender falls back to in band for that address. gRPC's own
+  reached at all, that transfer fails (its one-time credential went to the call) and
+  the sender goes in band for that address from then on. gRPC's own
   path costs three user-space copies of every byte plus HTTP/2 framing; the socket
   costs none (`transfer.grpc_data` has the details).
 
@@ -57,6 +58,7 @@ import torch
 from pdserve.internal import kv_transfer_pb2
 from pdserve.internal.kv_transfer_pb2 import KVHeader
 from pdserve.transfer.contract import KVHandle, KVTransferError, TransferStats, check_send_args
+from pdserve.transfer.credentials import auth_tag, secret_bytes
 from pdserve.transfer.grpc_data import (
     DataConnectError,
     encode_data_chunk,
@@ -91,6 +93,15 @@ DATA_PLANE_KEY = "pdserve-data-plane"
 DATA_PLANE_SOCKET = "socket"
 DATA_PORT_KEY = "pdserve-data-port"
 DATA_TOKEN_KEY = "pdserve-data-token"
+# Who may push (invocation metadata, checked before the server reads or allocates anything;
+# `transfer.credentials`): the request, its credential (hex) from the decode worker's reserve,
+# and the HMAC tag of both under the deployment secret.
+REQ_ID_KEY = "pdserve-kv-request"
+CREDENTIAL_KEY = "pdserve-kv-credential"
+AUTH_KEY = "pdserve-kv-auth"
+# How much longer than the server's transfer timeout a call's own deadline may be (slack for the
+# sender's packing before its clock and the server's start).
+DEADLINE_SLACK_S = 5.0
 
 SERVICE = "pdserve.internal.KVTransfer"
 PUSH_KV = f"/{SERVICE}/PushKV"
@@ -162,13 +173,6 @@ class _Staged:
     def hold(self, pool: StagingPool, buffer: torch.Tensor) -> None:
         self._held = (pool, buffer)
 
-    def whole(self) -> memoryview | None:
-        """Every staged byte, once all pieces have landed (None if nothing was staged)."""
-        if self._host is None:
-            return None
-        self._ready(-1)
-        return memoryview(self._host.numpy())
-
     def release(self) -> None:
         if self._ready is not None:
             self._ready(-1)  # no copy may still be writing into the buffer we give back
@@ -182,12 +186,15 @@ class GrpcKVSender:
     """Prefill side. Thread-safe; one cached channel per decode address.
 
     `socket_min_bytes`: buffers of at least this many bytes go over the socket data plane,
-    smaller ones in band; None keeps every byte on the gRPC stream.
+    smaller ones in band; None keeps every byte on the gRPC stream. `secret`: the deployment's
+    (`transfer.secret`); each push presents its handle's credential signed with it.
+    `timeout_s`: the longest one transfer may take (`transfer.timeout_s`), its call's deadline.
     """
 
     def __init__(
         self,
         model_name: str,
+        secret: str | bytes,
         chunk_bytes: int = DEFAULT_CHUNK_BYTES,
         timeout_s: float = DEFAULT_TIMEOUT_S,
         socket_min_bytes: int | None = DEFAULT_SOCKET_MIN_BYTES,
@@ -197,6 +204,7 @@ class GrpcKVSender:
                 f"chunk_bytes must be in (0, {MAX_MESSAGE_BYTES - (1 << 20)}], got {chunk_bytes}"
             )
         self.model_name = model_name
+        self._secret = secret_bytes(secret)  # the deployment's; signs each push (never logged)
         self.chunk_bytes = chunk_bytes
         self.timeout_s = timeout_s
         self.socket_min_bytes = socket_min_bytes
@@ -220,6 +228,17 @@ class GrpcKVSender:
                 )
             return self._rpcs[address]
 
+    def _auth_metadata(self, handle: KVHandle) -> tuple[tuple[str, str], ...]:
+        """The push's credentials: the decode worker's one-time credential, signed with the secret."""
+        if not handle.credential:
+            raise ValueError(f"request {handle.req_id}: the handle carries no transfer credential")
+        tag = auth_tag(self._secret, handle.req_id, handle.credential)
+        return (
+            (REQ_ID_KEY, handle.req_id),
+            (CREDENTIAL_KEY, handle.credential.hex()),
+            (AUTH_KEY, tag),
+        )
+
     def _use_socket(self, address: str, nbytes: int) -> bool:
         with self._lock:
             inband_only = address in self._inband_only
@@ -235,13 +254,14 @@ class GrpcKVSender:
         nbytes = buffer_nbytes(local_layout, len(src_block_ids))
         header = encode_header(handle, local_layout, nbytes, first_token_id)
         rpc = self._rpc_for(address)
+        auth = self._auth_metadata(handle)
         start = time.perf_counter()
         deadline = start + self.timeout_s
         call = None
         if self._use_socket(address, nbytes):
             # Header first: the server checks the layout and readies its buffer while we pack.
             call = rpc.future(
-                iter([header]), timeout=self.timeout_s, metadata=((DATA_PLANE_KEY, DATA_PLANE_SOCKET),)
+                iter([header]), timeout=self.timeout_s, metadata=(*auth, (DATA_PLANE_KEY, DATA_PLANE_SOCKET))
             )
         staged = _Staged()
         try:
@@ -250,30 +270,27 @@ class GrpcKVSender:
                 # in the order the stripes send them: it overlaps the send instead of preceding it.
                 packed_on_device = pack_blocks(kv_cache, src_block_ids)  # [L, 2, n, bs, Hkv, D]
                 packed = time.perf_counter()
-                call = self._send_socket(
+                self._send_socket(
                     handle.req_id,
                     address,
                     call,
                     lambda streams: staged.start(self._staging, packed_on_device, streams),
                     deadline,
                 )
-                if call is None:  # the data port proved unreachable: in band, once all bytes landed
-                    payload = staged.whole()
             else:
                 host_buffer, staging = self._to_host(kv_cache, src_block_ids)  # [L, 2, n, bs, Hkv, D], CPU
                 staged.hold(*staging)
                 payload = to_bytes(host_buffer)
                 packed = time.perf_counter()
                 if call is not None:
-                    call = self._send_socket(
-                        handle.req_id, address, call, lambda streams: (payload, None), deadline
-                    )
-            if call is None:  # in band, by choice or after the data port proved unreachable
-                rpc(self._chunks(header, payload), timeout=max(deadline - time.perf_counter(), 0.001))
+                    self._send_socket(handle.req_id, address, call, lambda streams: (payload, None), deadline)
+            if call is None:  # in band
+                remaining = max(deadline - time.perf_counter(), 0.001)
+                rpc(self._chunks(header, payload), timeout=remaining, metadata=auth)
             else:
                 call.result()
         except grpc.RpcError as exc:
-            raise self._translate(handle.req_id, address, exc) from exc
+            raise self._translate(handle.req_id, address, exc, self.timeout_s) from exc
         finally:
             if call is not None:
                 call.cancel()  # no-op once it finished; stops the server waiting on an error path
@@ -306,9 +323,10 @@ class GrpcKVSender:
         call: grpc.Future,
         stage: Callable[[int], tuple[memoryview, Callable[[int], None] | None]],
         deadline: float,
-    ) -> grpc.Future | None:
-        """Ship the payload over the server's data connections; None when the port was unreachable
-        (go in band). `stage(num_streams)` gives the payload and its pieces' `ready` (None: all there)."""
+    ) -> None:
+        """Ship the payload over the server's data connections. `stage(num_streams)` gives the payload
+        and its pieces' `ready` (None: all there). An unreachable data port fails this transfer (its
+        one-time credential is spent on the call) and sends later ones to `address` in band."""
         metadata = dict(call.initial_metadata() or ())  # blocks until the server took the header
         if DATA_PORT_KEY not in metadata:
             call.result()  # the server refused the header: raises its error
@@ -329,14 +347,15 @@ class GrpcKVSender:
             log.warning("%s; sending KV to %s in band from now on", exc, address)
             with self._lock:
                 self._inband_only.add(address)
-            call.cancel()
-            return None
+            raise KVTransferError(
+                f"request {req_id}: {exc}; this transfer fails (its credential is spent), later ones to "
+                f"{address} go in band"
+            ) from exc
         except OSError as exc:
             self._raise_call_failure(call, exc)  # the server's error says more than a broken pipe
             raise KVTransferError(
                 f"request {req_id}: data connection to {host}:{port} failed: {exc!r}"
             ) from exc
-        return call
 
     @staticmethod
     def _raise_call_failure(call: grpc.Future, cause: BaseException, wait_s: float = 0.5) -> None:
@@ -354,11 +373,16 @@ class GrpcKVSender:
             yield encode_data_chunk(payload[offset : offset + self.chunk_bytes])
 
     @staticmethod
-    def _translate(req_id: str, address: str, exc: grpc.RpcError) -> Exception:
+    def _translate(req_id: str, address: str, exc: grpc.RpcError, timeout_s: float) -> Exception:
         code, details = exc.code(), exc.details()
         trailing = dict(exc.trailing_metadata() or ())
         if code == grpc.StatusCode.FAILED_PRECONDITION and trailing.get(ERROR_KIND_KEY) == LAYOUT_MISMATCH:
             return KVLayoutMismatch(f"request {req_id} refused by {address}: {details}")
+        if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+            return KVTransferError(
+                f"request {req_id}: KV transfer to {address} timed out after {timeout_s:g} s "
+                f"(transfer.timeout_s): {details}"
+            )
         return KVTransferError(f"request {req_id}: PushKV to {address} failed: {code.name}: {details}")
 
     def close(self) -> None:

@@ -11,7 +11,8 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, ClassVar
 
-from pdserve.transfer.connector import DecodeLink, KVConnector, KVReceiveSide, KVSendSide
+from pdserve.transfer.config import TransferConfig
+from pdserve.transfer.connector import DecodeLink, GatedReceiveSide, KVConnector, KVReceiveSide, KVSendSide
 from pdserve.transfer.contract import KVHandle, KVSink, TransferStats
 from pdserve.transfer.layout import KVLayout
 from pdserve.transfer.peers import GrpcPeer
@@ -28,10 +29,10 @@ __all__ = ["GrpcConnector"]
 class GrpcSendSide:
     """Prefill side: one `GrpcKVSender` (a channel per decode address). Needs no links."""
 
-    def __init__(self, model_name: str) -> None:
+    def __init__(self, model_name: str, config: TransferConfig) -> None:
         from pdserve.transfer.grpc_backend import GrpcKVSender
 
-        self.sender: GrpcKVSender = GrpcKVSender(model_name)
+        self.sender: GrpcKVSender = GrpcKVSender(model_name, config.secret, timeout_s=config.timeout_s)
 
     def send(
         self, handle: KVHandle, src_block_ids: Sequence[int], kv_cache: torch.Tensor, first_token_id: int
@@ -46,12 +47,31 @@ class GrpcSendSide:
         self.sender.close()
 
 
-class GrpcReceiveSide:
-    """Decode side: a `GrpcKVServer`, bound and serving from construction until `close`."""
+class GrpcReceiveSide(GatedReceiveSide):
+    """Decode side: a `GrpcKVServer` admitting pushes through this side's gate, bound and serving
+    from construction until `close`."""
 
-    def __init__(self, server: GrpcKVServer) -> None:
-        self.server = server
-        server.start()
+    def __init__(
+        self, config: TransferConfig, sink: KVSink, layout: KVLayout, device: str | torch.device, index: int
+    ) -> None:
+        from pdserve.transfer.grpc_server import GrpcKVServer
+
+        super().__init__(config, layout)
+        grpc_port, data_port = config.kv_server_ports(index)
+        host = config.host
+        if ":" in host and not host.startswith("["):
+            host = f"[{host}]"  # an IPv6 address
+        self.server: GrpcKVServer = GrpcKVServer(
+            f"{host}:{grpc_port}",
+            sink,
+            layout,
+            gate=self.gate,
+            timeout_s=config.timeout_s,
+            data_port=data_port,
+            max_data_streams=config.data_streams,
+            device=device,
+        )
+        self.server.start()
 
     def peer(self) -> GrpcPeer:
         return GrpcPeer(self.server.address)
@@ -71,25 +91,11 @@ class GrpcConnector(KVConnector):
     uses_process_group: ClassVar[bool] = False
 
     def send_side(self, model_name: str, links: Mapping[str, DecodeLink]) -> KVSendSide:
-        return GrpcSendSide(model_name)
+        return GrpcSendSide(model_name, self.config)
 
     def receive_side(
         self, sink: KVSink, layout: KVLayout, device: str | torch.device, decode_index: int
     ) -> KVReceiveSide:
         """Binds `config.host` on the ports `config.kv_server_ports(decode_index)` (0 = free ones);
         on a CUDA `device`, socket-plane bytes go on to it as they land."""
-        from pdserve.transfer.grpc_server import GrpcKVServer
-
-        grpc_port, data_port = self.config.kv_server_ports(decode_index)
-        host = self.config.host
-        if ":" in host and not host.startswith("["):
-            host = f"[{host}]"  # an IPv6 address
-        server = GrpcKVServer(
-            f"{host}:{grpc_port}",
-            sink,
-            layout,
-            data_port=data_port,
-            max_data_streams=self.config.data_streams,
-            device=device,
-        )
-        return GrpcReceiveSide(server)
+        return GrpcReceiveSide(self.config, sink, layout, device, decode_index)

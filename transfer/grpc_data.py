@@ -39,7 +39,7 @@ log = logging.getLogger(__name__)
 DATA_FIELD_TAG = b"\x12"
 TOKEN_BYTES = 16  # per-transfer secret the sender presents first on its data connection
 TOKEN_TIMEOUT_S = 10.0  # how long a new data connection may take to present its token
-MAX_UNCLAIMED_CONNECTIONS = 64  # connections still presenting their token; more are closed at once
+MAX_UNCLAIMED_CONNECTIONS = 64  # connections still presenting their token; more close the oldest
 _MAX_VARINT_BYTES = 10
 MAX_DATA_STREAMS = 4  # data connections (stripes) per transfer, at most
 DATA_STREAM_MIN_BYTES = 32 << 20  # a stripe carries at least this much: small buffers use fewer
@@ -267,8 +267,12 @@ class DataListener:
                 time.sleep(0.05)  # e.g. out of file descriptors: do not spin
                 continue
             with self._lock:
-                accepted = not self._closed and len(self._unclaimed) < MAX_UNCLAIMED_CONNECTIONS
+                accepted = not self._closed
                 if accepted:
+                    if len(self._unclaimed) >= MAX_UNCLAIMED_CONNECTIONS:
+                        # Full of connections still silent: drop the oldest (its reader closes it) rather
+                        # than the newcomer, so idle peers cannot lock real senders out of the port.
+                        shutdown_quietly([next(iter(self._unclaimed))])
                     reader = threading.Thread(target=self._read_token, args=(conn,), daemon=True)
                     self._unclaimed[conn] = reader
                     reader.start()  # under the lock, so `close` never joins a thread not started

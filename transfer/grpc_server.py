@@ -22,15 +22,20 @@ from google.protobuf.message import DecodeError
 from pdserve.internal import kv_transfer_pb2
 from pdserve.internal.kv_transfer_pb2 import KVHeader
 from pdserve.transfer.contract import KVArrival, KVSink, KVTransferError
+from pdserve.transfer.credentials import KVAuthError, KVGate, Reservation
 from pdserve.transfer.grpc_backend import (
+    AUTH_KEY,
     CHANNEL_OPTIONS,
+    CREDENTIAL_KEY,
     DATA_PLANE_KEY,
     DATA_PLANE_SOCKET,
     DATA_PORT_KEY,
     DATA_TOKEN_KEY,
+    DEADLINE_SLACK_S,
     DEFAULT_TIMEOUT_S,
     ERROR_KIND_KEY,
     LAYOUT_MISMATCH,
+    REQ_ID_KEY,
     SERVICE,
     layout_from_proto,
 )
@@ -46,7 +51,7 @@ from pdserve.transfer.grpc_data import (
     stripe_bounds,
 )
 from pdserve.transfer.layout import KVLayout, normalize_dtype_name
-from pdserve.transfer.packing import buffer_nbytes, dtype_from_name
+from pdserve.transfer.packing import dtype_from_name
 from pdserve.transfer.staging import host_buffer
 
 # A failed socket transfer's status, by what went wrong first (one stripe's failure cancels the
@@ -77,6 +82,8 @@ class _KVTransferServicer:
         self.max_data_streams = max_data_streams  # stripes per socket transfer, each >= the min bytes
         self.data_stream_min_bytes = data_stream_min_bytes
         self.data_listener: DataListener | None = None  # the server's data port, set by start()
+        self.gate: KVGate  # who may push where; set by GrpcKVServer
+        self.timeout_s = DEFAULT_TIMEOUT_S  # the longest a transfer may take (transfer.timeout_s)
         # A CUDA device: socket-plane bytes go on to it piece by piece as they land (one copy
         # stream for the server: the transfers share the host-to-device link anyway).
         self.device = device if device is not None and device.type == "cuda" else None
@@ -85,14 +92,16 @@ class _KVTransferServicer:
     def PushKV(  # noqa: N802 (gRPC method name)
         self, request_iterator: Iterator[bytes], context: grpc.ServicerContext
     ) -> kv_transfer_pb2.PushKVReply:
+        reservation = self._admit(context)  # from the call's metadata, before reading a byte
         first = next(request_iterator, None)
         started_at = time.perf_counter()  # the header is in: the receiver's clock for this transfer
-        header = None if first is None else self._parse(first, "", context)[0]
+        header = None if first is None else self._parse(first, reservation.req_id, context)[0]
         if header is None:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "PushKV: the first chunk must carry the header")
-        arrival = KVArrival(header.req_id, tuple(header.block_ids), header.first_token_id, started_at)
-        shape = self._check_header(header, context)
-        buffer = host_buffer(header.total_bytes, self.pin_memory)  # uint8 [total_bytes]
+        shape = self._check_header(header, reservation, context)  # sizes checked before allocating
+        # The reserved blocks, whatever the header says (`_check_header` refused any other).
+        arrival = KVArrival(reservation.req_id, reservation.block_ids, header.first_token_id, started_at)
+        buffer = host_buffer(reservation.nbytes, self.pin_memory)  # uint8 [nbytes]
         metadata = dict(context.invocation_metadata())
         arrived = buffer  # uint8 [total_bytes]: the host buffer, or its copy on `self.device`
         if metadata.get(DATA_PLANE_KEY) == DATA_PLANE_SOCKET:
@@ -109,6 +118,28 @@ class _KVTransferServicer:
         # which the reply, and with it the sender, need not wait for.
         context.add_callback(lambda: buffer)
         return kv_transfer_pb2.PushKVReply(req_id=header.req_id, received_bytes=header.total_bytes)
+
+    def _admit(self, context: grpc.ServicerContext) -> Reservation:
+        """The reservation this call's credentials open (consumed), or abort: UNAUTHENTICATED /
+        PERMISSION_DENIED (`KVGate.claim`), INVALID_ARGUMENT for a call without a deadline within
+        the transfer timeout (so no call, even a stalled one, holds a server thread for longer)."""
+        metadata = dict(context.invocation_metadata())
+        req_id = str(metadata.get(REQ_ID_KEY, ""))
+        try:
+            credential = bytes.fromhex(str(metadata.get(CREDENTIAL_KEY, "")))
+        except ValueError:
+            credential = b""
+        try:
+            reservation = self.gate.claim(req_id, credential, metadata.get(AUTH_KEY))
+        except KVAuthError as exc:
+            context.abort(getattr(grpc.StatusCode, exc.code), f"PushKV refused: {exc}")
+        longest = self.timeout_s + DEADLINE_SLACK_S
+        if context.time_remaining() > longest:
+            context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"{req_id}: PushKV needs a deadline of at most {longest:g} s (transfer.timeout_s)",
+            )
+        return reservation
 
     @staticmethod
     def _parse(raw: bytes, req_id: str, context: grpc.ServicerContext) -> tuple[KVHeader | None, memoryview]:
@@ -158,7 +189,7 @@ class _KVTransferServicer:
         req_id, total, listener = header.req_id, header.total_bytes, self.data_listener
         if listener is None:
             context.abort(grpc.StatusCode.UNAVAILABLE, f"{req_id}: the server has no data port open")
-        timeout_s = min(context.time_remaining() or DEFAULT_TIMEOUT_S, DEFAULT_TIMEOUT_S)
+        timeout_s = min(context.time_remaining() or self.timeout_s, self.timeout_s)
         streams = num_data_streams(total, self.max_data_streams, self.data_stream_min_bytes)
         bounds = stripe_bounds(total, streams)
         tickets = [listener.expect() for _ in bounds]  # fresh one-time tokens, one per stripe's connection
@@ -225,7 +256,16 @@ class _KVTransferServicer:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{req_id}: in-band chunk in a socket transfer")
         return buffer if on_device is None else on_device
 
-    def _check_header(self, header: KVHeader, context: grpc.ServicerContext) -> tuple[int, ...]:
+    def _check_header(
+        self, header: KVHeader, reservation: Reservation, context: grpc.ServicerContext
+    ) -> tuple[int, ...]:
+        """The buffer's shape, once the header matches the layout and the reservation exactly."""
+        if header.req_id != reservation.req_id or tuple(header.block_ids) != reservation.block_ids:
+            context.abort(
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"{reservation.req_id}: the header names request {header.req_id!r}, blocks "
+                f"{list(header.block_ids)[:8]}..., not the {len(reservation.block_ids)} reserved for it",
+            )
         try:
             incoming = layout_from_proto(header.layout)
         except ValueError as exc:
@@ -249,12 +289,11 @@ class _KVTransferServicer:
                 f"{header.req_id}: buffer {header.dtype}{list(shape)} != expected "
                 f"{self.expected_layout.dtype}{list(expected_shape)} for {len(header.block_ids)} blocks",
             )
-        expected_bytes = buffer_nbytes(self.expected_layout, len(header.block_ids))
-        if header.total_bytes != expected_bytes:
+        if header.total_bytes != reservation.nbytes:  # what the buffer about to be allocated holds
             context.abort(
                 grpc.StatusCode.INVALID_ARGUMENT,
-                f"{header.req_id}: total_bytes {header.total_bytes} != {expected_bytes} "
-                f"for shape {list(shape)}",
+                f"{header.req_id}: total_bytes {header.total_bytes} != the reservation's "
+                f"{reservation.nbytes} for shape {list(shape)}",
             )
         return shape
 
@@ -274,6 +313,12 @@ class GrpcKVServer:
     once, each a contiguous stripe of at least `data_stream_min_bytes` (the server decides and
     sends the sender one token per stripe).
 
+    `gate`: the decode worker's open reservations (`transfer.credentials`): a call is admitted
+    only with the credentials of one, checked from its metadata before any byte is read or
+    allocated, and it writes only that reservation's blocks. `timeout_s`: the longest a transfer
+    may take (`transfer.timeout_s`); a call whose deadline is later, or that has none, is refused,
+    so a stalled sender holds one of the `max_workers` threads for that long at most.
+
     `device`: where the sink wants the bytes. A CUDA device gets each socket-plane piece
     (8 MiB) copied to it as soon as it has arrived, so the sink receives a tensor on that
     device and the host-to-device copy overlaps the receive; otherwise (and in band) it gets the
@@ -285,7 +330,9 @@ class GrpcKVServer:
         bind: str,
         sink: KVSink,
         expected_layout: KVLayout,
-        max_workers: int = 4,
+        gate: KVGate,
+        timeout_s: float = DEFAULT_TIMEOUT_S,
+        max_workers: int = 32,
         pin_memory: bool | None = None,
         data_port: int = 0,
         max_data_streams: int = MAX_DATA_STREAMS,
@@ -309,6 +356,8 @@ class GrpcKVServer:
             data_stream_min_bytes,
             None if device is None else torch.device(device),
         )
+        self._servicer.gate = gate
+        self._servicer.timeout_s = timeout_s
         # Requests stay raw bytes (no deserializer): the servicer slices the payload out itself.
         push_kv = grpc.stream_unary_rpc_method_handler(
             self._servicer.PushKV, response_serializer=kv_transfer_pb2.PushKVReply.SerializeToString

@@ -52,7 +52,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
@@ -67,6 +67,7 @@ from pdserve.transfer.contract import (
     TransferStats,
     check_send_args,
 )
+from pdserve.transfer.credentials import KVGate, Reservation, auth_tag, secret_bytes
 from pdserve.transfer.layout import KVLayout, KVLayoutMismatch, normalize_dtype_name
 from pdserve.transfer.packing import dtype_from_name, layer_chunks, pack_blocks
 from pdserve.transfer.peers import check_nccl_peer
@@ -141,6 +142,9 @@ class NcclTransferNotice:
     nbytes: int
     first_token_id: int  # the prefill's first sampled token, for the decode worker to start with
     chunk_layers: int = 0  # layers per sent chunk (layer_chunks(shape[0], chunk_layers)); 0 = one chunk
+    # The handle's one-time credential and its tag under the deployment secret (`transfer.credentials`)
+    credential: bytes = field(default=b"", repr=False)
+    auth_tag: str = field(default="", repr=False)
 
 
 # notify(notice) -> waitable whose result() returns once the receiver has the data in place.
@@ -182,6 +186,7 @@ class NcclKVSender:
         self,
         rank: int,
         model_name: str,
+        secret: str | bytes,
         notify: NotifyFn | None = None,
         timeout_s: float = DEFAULT_TIMEOUT_S,
         group: dist.ProcessGroup | None = None,
@@ -190,6 +195,7 @@ class NcclKVSender:
         """chunk_layers: layers per pipelined chunk; 0 = never split; None = $PDSERVE_KV_CHUNK_LAYERS
         if set, else `default_chunk_layers` (chunks of >= MIN_CHUNK_BYTES)."""
         self.rank = rank
+        self._secret = secret_bytes(secret)  # signs each notice's credential (never logged)
         if chunk_layers is None and os.environ.get(CHUNK_LAYERS_ENV):
             chunk_layers = int(os.environ[CHUNK_LAYERS_ENV])
         if chunk_layers is not None and chunk_layers < 0:
@@ -231,6 +237,8 @@ class NcclKVSender:
         if notify is None:
             raise ValueError("NcclKVSender.send needs a notify callable (constructor or argument)")
         dst = check_nccl_peer(handle)
+        if not handle.credential:
+            raise ValueError(f"request {handle.req_id}: the handle carries no transfer credential")
         if dst == self.rank:
             raise ValueError(f"request {handle.req_id}: cannot send to own rank {dst}")
         check_send_args(handle, src_block_ids, KVLayout.from_cache(kv_cache, self.model_name), first_token_id)
@@ -301,6 +309,8 @@ class NcclKVSender:
             nbytes=buffer.numel() * buffer.element_size(),
             first_token_id=int(first_token_id),
             chunk_layers=chunks[0].stop if len(chunks) > 1 else 0,
+            credential=handle.credential,
+            auth_tag=auth_tag(self._secret, handle.req_id, handle.credential),
         )
 
     def _wait_for_receiver(self, req_id: str, dst: int, waitable: Waitable, works: list[dist.Work]) -> None:
@@ -312,7 +322,10 @@ class NcclKVSender:
                 self._broken[dst] = f"request {req_id}: send did not complete after a refusal"
             raise
         except TimeoutError as exc:
-            self._broken[dst] = f"request {req_id} got no confirmation within {self.timeout_s} s"
+            self._broken[dst] = (
+                f"request {req_id} got no confirmation within {self.timeout_s:g} s: KV transfer timed out "
+                "(transfer.timeout_s)"
+            )
             raise KVTransferError(f"request {req_id}: {self._broken[dst]} from rank {dst}") from exc
         except Exception as exc:
             # The receiver refused after draining (its recv matched our send), or died; find out which.
@@ -342,12 +355,14 @@ class NcclKVReceiver:
         sink: KVSink,
         expected_layout: KVLayout,
         device: str | torch.device,
+        gate: KVGate,
         timeout_s: float = DEFAULT_TIMEOUT_S,
         group: dist.ProcessGroup | None = None,
         max_nbytes: int = 8 << 30,
     ) -> None:
         self.sink = sink
         self.expected_layout = expected_layout
+        self.gate = gate  # the decode worker's open reservations: a notice must present one
         self.device = torch.device(device)
         self.timeout_s = timeout_s
         self.group = group
@@ -362,34 +377,43 @@ class NcclKVReceiver:
 
     def recv(self, notice: NcclTransferNotice) -> None:
         """Receive one request's buffer from `notice.src_rank` (in layer chunks when the notice says
-        so), handing each chunk to the sink with a `KVArrival` (first token from the notice,
-        `started_at` = when this call began, before any wait for an earlier request's receive).
+        so), handing each chunk to the sink with a `KVArrival` (first token from the notice, the
+        reserved block ids, `started_at` = when this transfer's turn came, after any earlier one).
 
-        Returns once the data is in place (CUDA work synchronized). Raises `KVLayoutMismatch`
-        or `KVTransferError` (or what the sink raised); in every case the bytes were drained
-        when the notice allowed it.
+        The notice must present its reservation's credential (`KVGate.claim`) and match it exactly
+        (block ids, bytes). Returns once the data is in place (CUDA work synchronized). Raises
+        `KVLayoutMismatch`, `KVAuthError` or `KVTransferError` (or what the sink raised); in every
+        case the bytes were drained when the notice allowed it (the pair stays in step).
         """
-        started_at = time.perf_counter()
         with self._recv_lock, self._stream.active():
+            started_at = time.perf_counter()  # kv_transfer_ms measures this transfer, not the queue
             if notice.src_rank in self._broken_sources:
                 raise KVTransferError(
                     f"request {notice.req_id}: rank {notice.src_rank} is unusable after an earlier recv "
                     "timed out"
                 )
-            problem = self._validate(notice)
+            reservation, problem = self._admit(notice)
+            problem = problem or self._validate(notice, reservation)
             if problem is not None and not self._drainable(notice):
                 raise KVTransferError(f"request {notice.req_id}: {problem}; could not drain the send")
             dtype = dtype_from_name(notice.dtype)
             buffer = torch.empty(notice.shape, dtype=dtype, device=self.device)  # [L, 2, n, bs, Hkv, D]
             arrival = None
             if problem is None:
-                arrival = KVArrival(notice.req_id, tuple(notice.block_ids), notice.first_token_id, started_at)
+                arrival = KVArrival(notice.req_id, reservation.block_ids, notice.first_token_id, started_at)
             failure = self._receive_chunks(notice, buffer, arrival)
             if problem is not None:
                 raise problem
             if failure is not None:
                 raise failure
             self._stream.synchronize()  # the data is in place before we report completion
+
+    def _admit(self, notice: NcclTransferNotice) -> tuple[Reservation | None, Exception | None]:
+        """(the reservation the notice's credential opens, consumed; or None and why not)."""
+        try:
+            return self.gate.claim(notice.req_id, bytes(notice.credential), notice.auth_tag), None
+        except (KVTransferError, TypeError) as exc:
+            return None, exc
 
     def _receive_chunks(
         self, notice: NcclTransferNotice, buffer: torch.Tensor, arrival: KVArrival | None
@@ -419,7 +443,9 @@ class NcclKVReceiver:
                     failure = exc  # keep draining the remaining chunks so the pair stays in step
         return failure
 
-    def _validate(self, notice: NcclTransferNotice) -> Exception | None:
+    def _validate(self, notice: NcclTransferNotice, reservation: Reservation | None) -> Exception | None:
+        if reservation is None:
+            return None  # refused already
         try:
             notice.layout.check_compatible(self.expected_layout, "prefill", "decode")
         except KVLayoutMismatch as exc:
@@ -433,6 +459,12 @@ class NcclKVReceiver:
         if tuple(notice.shape) != expected_shape:
             return KVTransferError(
                 f"request {notice.req_id}: buffer shape {tuple(notice.shape)} != expected {expected_shape}"
+            )
+        if tuple(notice.block_ids) != reservation.block_ids or notice.nbytes != reservation.nbytes:
+            return KVTransferError(
+                f"request {notice.req_id}: the notice names {len(notice.block_ids)} blocks / "
+                f"{notice.nbytes} bytes, not the {len(reservation.block_ids)} blocks / "
+                f"{reservation.nbytes} bytes reserved"
             )
         return None
 

@@ -19,8 +19,17 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, ClassVar
 
-from pdserve.transfer.connector import DecodeLink, KVConnector, KVReceiveSide, KVSendSide, Waitable
+from pdserve.transfer.config import TransferConfig
+from pdserve.transfer.connector import (
+    DecodeLink,
+    GatedReceiveSide,
+    KVConnector,
+    KVReceiveSide,
+    KVSendSide,
+    Waitable,
+)
 from pdserve.transfer.contract import KVHandle, KVSink, KVTransferError, TransferStats
+from pdserve.transfer.credentials import secret_bytes
 from pdserve.transfer.layout import KVLayout
 from pdserve.transfer.peers import NcclPeer, check_nccl_peer
 
@@ -35,8 +44,10 @@ __all__ = ["NcclConnector"]
 class NcclSendSide:
     """Prefill side: an `NcclKVSender` from `join_group` on, notifying through `links`."""
 
-    def __init__(self, model_name: str, links: Mapping[str, DecodeLink]) -> None:
+    def __init__(self, model_name: str, links: Mapping[str, DecodeLink], config: TransferConfig) -> None:
+        secret_bytes(config.secret)  # no side without the deployment's secret (ValueError)
         self.model_name = model_name
+        self.config = config
         self.links = links  # held, not copied: the wiring may fill it later
         self.sender: NcclKVSender | None = None
 
@@ -44,7 +55,7 @@ class NcclSendSide:
         from pdserve.transfer.nccl_backend import NcclKVSender, init_transfer_group
 
         init_transfer_group(rank, world_size, init_method, device)
-        self.sender = NcclKVSender(rank, self.model_name)
+        self.sender = NcclKVSender(rank, self.model_name, self.config.secret, timeout_s=self.config.timeout_s)
 
     def send(
         self, handle: KVHandle, src_block_ids: Sequence[int], kv_cache: torch.Tensor, first_token_id: int
@@ -71,12 +82,16 @@ class NcclSendSide:
             destroy_transfer_group()
 
 
-class NcclReceiveSide:
-    """Decode side: an `NcclKVReceiver` from `join_group` on, fed by `receive_notice`."""
+class NcclReceiveSide(GatedReceiveSide):
+    """Decode side: an `NcclKVReceiver` from `join_group` on, fed by `receive_notice`, admitting
+    notices through this side's gate."""
 
-    def __init__(self, sink: KVSink, layout: KVLayout, device: str | torch.device) -> None:
+    def __init__(
+        self, config: TransferConfig, sink: KVSink, layout: KVLayout, device: str | torch.device
+    ) -> None:
+        super().__init__(config, layout)
+        self.timeout_s = config.timeout_s
         self.sink = sink
-        self.layout = layout
         self.device = device  # where the chunks land (the cache's device)
         self.rank: int | None = None
         self.receiver: NcclKVReceiver | None = None
@@ -85,7 +100,9 @@ class NcclReceiveSide:
         from pdserve.transfer.nccl_backend import NcclKVReceiver, init_transfer_group
 
         init_transfer_group(rank, world_size, init_method, device)
-        self.receiver = NcclKVReceiver(self.sink, self.layout, self.device)
+        self.receiver = NcclKVReceiver(
+            self.sink, self.layout, self.device, self.gate, timeout_s=self.timeout_s
+        )
         self.rank = rank
 
     def peer(self) -> NcclPeer:
@@ -116,9 +133,9 @@ class NcclConnector(KVConnector):
     uses_process_group: ClassVar[bool] = True
 
     def send_side(self, model_name: str, links: Mapping[str, DecodeLink]) -> KVSendSide:
-        return NcclSendSide(model_name, links)
+        return NcclSendSide(model_name, links, self.config)
 
     def receive_side(
         self, sink: KVSink, layout: KVLayout, device: str | torch.device, decode_index: int
     ) -> KVReceiveSide:
-        return NcclReceiveSide(sink, layout, device)
+        return NcclReceiveSide(self.config, sink, layout, device)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import hashlib
 import struct
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 NONE_HASH = 0  # parent hash of a prompt's first block
@@ -42,12 +42,14 @@ def hash_prompt_blocks(
 @dataclass(frozen=True)
 class BlockStored:
     block_hashes: tuple[int, ...]
-    parent_hash: int
+    parent_hash: int | None
+    medium: str = "gpu"  # which tier holds the blocks: "gpu" or "cpu" (the host tier)
 
 
 @dataclass(frozen=True)
 class BlockRemoved:
     block_hashes: tuple[int, ...]
+    medium: str = "gpu"
 
 
 KVEvent = BlockStored | BlockRemoved
@@ -56,7 +58,13 @@ KVEvent = BlockStored | BlockRemoved
 class BlockPool:
     """Hands out block ids, counts references, and remembers full blocks by hash."""
 
-    def __init__(self, num_blocks: int, enable_caching: bool = True, record_events: bool = True) -> None:
+    def __init__(
+        self,
+        num_blocks: int,
+        enable_caching: bool = True,
+        record_events: bool = True,
+        on_evict: Callable[[int, int, int | None], None] | None = None,
+    ) -> None:
         if num_blocks < 1:
             raise ValueError(f"num_blocks must be >= 1, got {num_blocks}")
         self.num_blocks = num_blocks
@@ -68,6 +76,10 @@ class BlockPool:
         self.cached: dict[int, int] = {}  # block hash -> block id
         self.record_events = record_events  # off: `events` stays empty
         self.events: list[KVEvent] = []
+        self.parent_of: dict[int, int] = {}  # cached block hash -> its parent's (for tier events)
+        # on_evict(block id, hash, parent hash): a cached block is handed out again (the host
+        # tier keeps a copy); called before the new owner can write it
+        self.on_evict = on_evict
 
     @property
     def num_free_blocks(self) -> int:
@@ -103,6 +115,9 @@ class BlockPool:
                 if self.cached.get(old_hash) == block_id:
                     del self.cached[old_hash]
                     removed.append(old_hash)
+                    parent = self.parent_of.pop(old_hash, None)
+                    if self.on_evict is not None:
+                        self.on_evict(block_id, old_hash, parent)
             self.ref_counts[block_id] = 1
             block_ids.append(block_id)
         if removed and self.record_events:
@@ -131,13 +146,14 @@ class BlockPool:
         if not self.enable_caching:
             return
         stored = []
-        for block_id, h in zip(block_ids, block_hashes, strict=True):
+        for i, (block_id, h) in enumerate(zip(block_ids, block_hashes, strict=True)):
             if self.block_hash[block_id] is not None:
                 continue  # already registered (a prefix hit, or cached last step)
             if h in self.cached:
                 continue  # the same content lives in another block; keep that one
             self.block_hash[block_id] = h
             self.cached[h] = block_id
+            self.parent_of[h] = block_hashes[i - 1] if i else parent_hash
             stored.append(h)
         if stored and self.record_events:
             self.events.append(BlockStored(tuple(stored), parent_hash))
@@ -154,6 +170,7 @@ class BlockPool:
             if h is not None:
                 self.block_hash[block_id] = None
                 self.cached.pop(h, None)
+                self.parent_of.pop(h, None)
                 removed.append(h)
         if removed and self.record_events:
             self.events.append(BlockRemoved(tuple(removed)))

@@ -6,6 +6,16 @@ from dataclasses import dataclass, field
 
 
 @dataclass
+class TokenLogprobs:
+    """One generated token's log-probability under the model's raw logits."""
+
+    token_id: int
+    logprob: float
+    rank: int  # 1 = the most likely token
+    top: list[tuple[int, float]] = field(default_factory=list)  # (token id, logprob), best first
+
+
+@dataclass
 class RequestOutput:
     """New tokens of one request from one step, or its final state. Token ids only:
     text is made by `engine.output_processor` in the front end (LLM, router)."""
@@ -18,6 +28,10 @@ class RequestOutput:
     num_cached_tokens: int = 0
     num_output_tokens: int = 0
     error: str | None = None  # set when the request ended because something failed
+    # one entry per new token when the request asked for logprobs, else None
+    new_logprobs: list[TokenLogprobs] | None = None
+    # with the first token, when asked: logprobs of prompt tokens 1.. (token 0 has none)
+    prompt_logprobs: list[TokenLogprobs] | None = None
 
 
 @dataclass
@@ -32,9 +46,11 @@ class PrefillResult:
     num_prompt_tokens: int
     num_cached_tokens: int  # prompt tokens this prefill worker served from its own cache
     prefill_ms: float  # from arrival at the worker to the first token
+    first_logprobs: TokenLogprobs | None = None  # when the request asked for logprobs
+    prompt_logprobs: list[TokenLogprobs] | None = None  # when it asked for prompt logprobs
 
 
-WORKER_ROLES = ("prefill", "decode", "both")
+WORKER_ROLES = ("prefill", "decode", "both")  # an engine's role: one side of a pair, or co-located
 
 
 @dataclass(frozen=True)
@@ -66,6 +82,7 @@ class KVSnapshot:
     instance_id: str
     seq: int  # seq of the last KV event batch already reflected in block_hashes (-1: none)
     block_hashes: list[int]
+    host_block_hashes: list[int] = field(default_factory=list)  # held by the host tier
 
 
 @dataclass

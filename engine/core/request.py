@@ -89,6 +89,8 @@ class Request:
         self.num_preemptions = 0
         self.block_hashes: list[int] = []  # chained hashes of full blocks, filled lazily
         self.stop_reason: int | str | None = None
+        # prompt_logprobs[i]: logprobs of prompt token i + 1 (filled chunk by chunk), when asked
+        self.prompt_logprobs: list | None = None if sampling_params.prompt_logprobs is None else []
 
     @property
     def num_tokens(self) -> int:

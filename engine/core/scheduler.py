@@ -25,6 +25,7 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
+from pdserve.engine.core.host_tier import BlockCopies
 from pdserve.engine.core.kv_cache_manager import KVCacheManager
 from pdserve.engine.core.request import Request, RequestStatus
 
@@ -42,6 +43,8 @@ class ScheduledRequest:
 class SchedulerOutput:
     scheduled: list[ScheduledRequest] = field(default_factory=list)
     preempted_req_ids: list[str] = field(default_factory=list)
+    # host-tier copies to run before this step's forward (evicted blocks saved, hits loaded)
+    block_copies: BlockCopies = field(default_factory=BlockCopies)
 
     @property
     def total_num_tokens(self) -> int:
@@ -218,8 +221,9 @@ class Scheduler:
             request = self.waiting[0]
             if request.num_pending_tokens:
                 break  # preempted with a token in flight: admit it once the token is back
-            hits, num_hit_tokens = ([], 0)
-            if request.num_computed_tokens == 0:
+            hits, num_hit_tokens = (None, 0)
+            # prompt logprobs need every prompt position's logits: no cached prefix (as vLLM)
+            if request.num_computed_tokens == 0 and request.sampling_params.prompt_logprobs is None:
                 hits, num_hit_tokens = self.kv.get_computed_blocks(request)
             num_new = min(request.num_tokens - request.num_computed_tokens - num_hit_tokens, budget)
             table = self.kv.allocate_slots(request, num_new, hits)
@@ -233,6 +237,7 @@ class Scheduler:
             self.running.append(request)
             out.scheduled.append(self._entry(request, num_new, table))
             budget -= num_new
+        out.block_copies = self.kv.take_block_copies()
         return out
 
     def _entry(self, request: Request, num_new: int, table: list[int]) -> ScheduledRequest:

@@ -11,14 +11,16 @@ from typing import Any
 import torch
 
 from pdserve.transfer.contract import KVArrival, KVHandle
-from pdserve.transfer.grpc_backend import GrpcKVSender
+from pdserve.transfer.credentials import KVGate, auth_tag
+from pdserve.transfer.grpc_backend import AUTH_KEY, CREDENTIAL_KEY, REQ_ID_KEY, GrpcKVSender
 from pdserve.transfer.grpc_server import GrpcKVServer
 from pdserve.transfer.layout import KVLayout
-from pdserve.transfer.packing import unpack_into
+from pdserve.transfer.packing import buffer_nbytes, unpack_into
 from pdserve.transfer.peers import GrpcPeer
 from tests.unit.threads import run_in_threads
 
 MODEL = "tiny"
+SECRET = "grpc-kv-tests-deployment-secret"  # the deployment secret both ends of these tests share
 FIRST_TOKEN = 4242  # the first sampled token the tests' sends carry
 
 
@@ -56,9 +58,9 @@ class Server:
         self.arrivals: list[KVArrival] = []
         self.scatter = unpack_into(self.cache, self.ready.append)
         self.watch = watch
-        self.server = GrpcKVServer(
-            "127.0.0.1:0", self, self.layout, data_port=data_port, **(server_options or {})
-        )
+        self.gate = KVGate(SECRET)
+        options = {"gate": self.gate, **(server_options or {})}
+        self.server = GrpcKVServer("127.0.0.1:0", self, self.layout, data_port=data_port, **options)
         self.server.start()
 
     def on_kv_chunk(self, arrival: KVArrival, layers: slice, chunk: torch.Tensor) -> None:
@@ -74,8 +76,25 @@ class Server:
         return listener.pending_tokens()
 
     def handle(self, req_id: str, block_ids: list[int]) -> KVHandle:
+        """A reservation of `block_ids` for `req_id`, as a decode worker's reserve makes it."""
         n_tokens = len(block_ids) * self.layout.block_size
-        return KVHandle(req_id, "decode-0", block_ids, n_tokens, self.layout, GrpcPeer(self.server.address))
+        credential = self.gate.issue(req_id, block_ids, buffer_nbytes(self.layout, len(block_ids)))
+        peer = GrpcPeer(self.server.address)
+        return KVHandle(req_id, "decode-0", block_ids, n_tokens, self.layout, peer, credential=credential)
+
+
+def auth_metadata(req_id: str, credential: bytes, secret: str = SECRET) -> tuple[tuple[str, str], ...]:
+    """A push's credentials, as `GrpcKVSender` presents them."""
+    return (
+        (REQ_ID_KEY, req_id),
+        (CREDENTIAL_KEY, credential.hex()),
+        (AUTH_KEY, auth_tag(secret, req_id, credential)),
+    )
+
+
+def server_auth(server: Server, req_id: str, block_ids: list[int]) -> tuple[tuple[str, str], ...]:
+    """Reserve `block_ids` for `req_id` on `server` and give the push's credentials for it."""
+    return auth_metadata(req_id, server.handle(req_id, block_ids).credential)
 
 
 def assert_closed_by_server(conn: socket.socket) -> None:

@@ -99,3 +99,19 @@ def test_cost_model_is_llama3_8b() -> None:
     assert cost.kv_bytes_per_token == 32 * 2 * 8 * 128 * 2  # 128 KiB per token
     # A batch-1 decode step reads ~15 GB of weights (no embedding table) plus the context's KV.
     assert cost.decode_step_bytes(512) == pytest.approx(15.08e9, rel=1e-3)
+
+
+def test_small_long_context_run_fills_rows_6_to_10(tmp_path) -> None:
+    """`python -m pdserve.bench.gpu_long --small`: every long-context row measured on both
+    sides, with floors, at the model's raised position limit."""
+    from pdserve.bench.gpu_long import LONG_ROWS, main
+
+    result = main(["--small", "--json", str(tmp_path / "long.json"), "--markdown", str(tmp_path / "long.md")])
+    assert result["errors"] == {}
+    assert set(result["rows"]) == set(LONG_ROWS)
+    for key, row in result["rows"].items():
+        assert positive(row["pdserve_value"]) and positive(row["floor"]), key
+        assert positive(row["transformers_value"]) and positive(row["vs_transformers"]), key
+    assert json.loads((tmp_path / "long.json").read_text())["rows"].keys() == result["rows"].keys()
+    assert sorted(number for number, _, _ in LONG_ROWS.values()) == [6, 7, 8, 9, 10]
+    assert parse_only("6,decode_b1_128k", LONG_ROWS) == ["prefill_32k", "decode_b1_128k"]

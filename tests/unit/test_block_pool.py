@@ -89,3 +89,42 @@ def test_manager_invariants(ops):
         kv.free(req)
     assert kv.num_free_blocks == kv.num_blocks
     assert all(c == 0 for c in kv.pool.ref_counts)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.lists(
+        st.tuples(st.sampled_from(["alloc", "free"]), st.integers(0, 5), st.integers(1, 40)),
+        min_size=1,
+        max_size=40,
+    )
+)
+def test_manager_with_host_tier_invariants(ops):
+    """With a host tier: a GPU block is offloaded only when evicted with its hash, every
+    onload targets a new block of the request that hit, and no slot holds two hashes."""
+    kv = KVCacheManager(num_blocks=16, block_size=4, num_host_blocks=6)
+    reqs: dict[str, Request] = {}
+    shared = list(range(12))
+    for op, idx, n in ops:
+        rid = f"r{idx}"
+        if op == "alloc" and rid not in reqs:
+            req = _req(rid, shared[: n % 12] + [100 + idx] * n)
+            hits, num_hit = kv.get_computed_blocks(req)
+            table = kv.allocate_slots(req, req.num_tokens - num_hit, hits)
+            copies = kv.take_block_copies()
+            if table is not None:
+                req.num_computed_tokens = req.num_tokens
+                reqs[rid] = req
+                loaded = table[len(hits.block_ids) : len(hits)]
+                assert [b for _, b in copies.onloads] == loaded
+            else:
+                assert not copies.onloads
+            assert len({slot for _, slot in copies.offloads}) == len(copies.offloads)
+        elif op == "free" and rid in reqs:
+            kv.free(reqs.pop(rid))
+        tier = kv.host
+        assert len(set(tier.cached.values())) == len(tier.cached) <= tier.num_slots
+        assert not tier._pinned
+    for req in list(reqs.values()):
+        kv.free(req)
+    assert kv.num_free_blocks == kv.num_blocks

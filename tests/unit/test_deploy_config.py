@@ -46,6 +46,9 @@ def test_shipped_configs_parse(path):
         ),
         ({"colocated": {"count": 1}, "transfer": {"data_streams": 0}}, "transfer.data_streams"),
         ({"colocated": {"count": 1}, "transfer": {"data_streams": "4"}}, "transfer.data_streams"),
+        ({"colocated": {"count": 1}, "transfer": {"timeout_s": 0}}, "transfer.timeout_s"),
+        ({"colocated": {"count": 1}, "transfer": {"timeout_s": "30"}}, "transfer.timeout_s"),
+        ({"colocated": {"count": 1}, "transfer": {"secret": 12345}}, "transfer.secret"),
     ],
 )
 def test_bad_configs_name_the_key(data, key):
@@ -111,7 +114,7 @@ def test_decode_kv_server_takes_the_configured_ports():
         except OSError:
             continue
     grpc_port, data_port = base + 2, base + 3
-    transfer = TransferConfig(port_base=base, data_streams=2)
+    transfer = TransferConfig(port_base=base, data_streams=2).with_secret()
     actor = WorkerActor(
         WorkerSpec("decode-1", "decode", EngineConfig(model="tiny", num_gpu_blocks=64), transfer, 1)
     )

@@ -202,3 +202,35 @@ def test_routing_modules_do_not_import_torch() -> None:
     )
     repo_root = Path(__file__).resolve().parents[2]
     assert subprocess.run([sys.executable, "-c", code], cwd=repo_root, check=False).returncode == 0
+
+
+def test_host_tier_hits_count_at_their_cost() -> None:
+    """A prefix in p1's host tier (continuing its GPU hits) is worth host_hit_weight of a GPU
+    hit: it beats no hit, loses to the same prefix on the GPU, and counts whole in the
+    decision's hit tokens (it is copied, not computed)."""
+    from pdserve.engine.core.block_pool import BlockRemoved
+
+    tracker = cluster(num_prefill=3)
+    # p0: the first 16 blocks on the GPU, the next 48 only in its host tier
+    hold(tracker, "p0", PREFIX[:16])
+    assert tracker.apply(KVEventBatch("p0", "i0", 1, [BlockStored(tuple(PREFIX[16:]), PREFIX[15], "cpu")]))
+    decision = CacheAwarePolicy().route(request("r", PREFIX), tracker)
+    assert decision is not None and decision.prefill_worker_id == "p0"
+    assert decision.num_prefix_hit_tokens == 64 * BLOCK
+    hold(tracker, "p2", PREFIX)  # the whole prefix on p2's GPU wins over p0's copy
+    decision = CacheAwarePolicy().route(request("r2", PREFIX), tracker)
+    assert decision is not None and decision.prefill_worker_id == "p2"
+    # the host tier dropping the blocks removes them from the router's host index only
+    assert tracker.apply(KVEventBatch("p0", "i0", 2, [BlockRemoved(tuple(PREFIX[16:]), "cpu")]))
+    assert tracker.host_hit_blocks("p0", PREFIX, 16) == 0
+    assert tracker.index.run_length("p0", PREFIX) == 16
+
+
+def test_a_resync_snapshot_restores_the_host_index() -> None:
+    from pdserve.engine.core.outputs import KVSnapshot
+
+    tracker = cluster()
+    assert not tracker.apply(KVEventBatch("p1", "i1", 5, []))  # a gap: resync needed
+    tracker.apply_snapshot(KVSnapshot("p1", "i1", 5, PREFIX[:8], host_block_hashes=PREFIX[8:20]))
+    assert tracker.index.run_length("p1", PREFIX) == 8
+    assert tracker.host_hit_blocks("p1", PREFIX, 8) == 12

@@ -138,14 +138,18 @@ def test_layout_mismatch_is_refused_with_a_clear_error():
         dep.close()
 
 
-def test_no_headroom_gives_resource_exhausted():
-    dep = InProcessDeployment(
-        engine=EngineConfig(model="tiny", num_gpu_blocks=8), max_queue_len=0, max_wait_s=0.5
-    )
+def test_request_beyond_every_cache_is_refused_at_once():
+    # Issue 16: it used to wait max_wait_s for room that can never exist, then end
+    # RESOURCE_EXHAUSTED; now it is INVALID_ARGUMENT at once, naming both numbers.
+    dep = InProcessDeployment(engine=EngineConfig(model="tiny", num_gpu_blocks=8), max_wait_s=30)
     try:
         with PdserveClient(dep.url) as client:
+            start = time.monotonic()
             with pytest.raises(PdserveError) as info:
-                list(client.generate([1] * 100, max_tokens=200))  # needs 19 blocks of 8
-        assert info.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+                list(client.generate([1] * 100, max_tokens=200))  # needs 19 blocks of 16
+            assert time.monotonic() - start < 5
+        assert info.value.code == grpc.StatusCode.INVALID_ARGUMENT
+        assert "300 tokens (100 in the prompt, 200 in the completion)" in str(info.value)
+        assert "holds 128 tokens (8 blocks of 16)" in str(info.value)
     finally:
         dep.close()

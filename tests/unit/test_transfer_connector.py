@@ -28,7 +28,7 @@ from pdserve.transfer.layout import KVLayout
 from pdserve.transfer.nccl_connector import NcclConnector
 from pdserve.transfer.packing import unpack_into
 from pdserve.transfer.peers import GrpcPeer, NcclPeer
-from tests.unit.grpc_kv import bits, make_cache
+from tests.unit.grpc_kv import SECRET, bits, make_cache
 from tests.unit.test_transfer_nccl import free_port
 
 MODEL = "tiny"
@@ -49,15 +49,15 @@ class RecordingSink:
 
 def test_registry_makes_each_backend_and_names_the_allowed_ones() -> None:
     assert BACKENDS == ("grpc", "nccl")
-    grpc_connector = make_connector(TransferConfig(backend="grpc", data_streams=2))
+    grpc_connector = make_connector(TransferConfig(secret=SECRET, backend="grpc", data_streams=2))
     assert isinstance(grpc_connector, GrpcConnector) and isinstance(grpc_connector, KVConnector)
     assert grpc_connector.name == "grpc" and not grpc_connector.uses_process_group
     assert grpc_connector.config.data_streams == 2
-    nccl_connector = make_connector(TransferConfig(backend="nccl"))
+    nccl_connector = make_connector(TransferConfig(secret=SECRET, backend="nccl"))
     assert isinstance(nccl_connector, NcclConnector)
     assert nccl_connector.name == "nccl" and nccl_connector.uses_process_group
     with pytest.raises(ValueError, match=r"backend.*'nixl'.*allowed: grpc, nccl"):
-        make_connector(TransferConfig(backend="nixl"))
+        make_connector(TransferConfig(secret=SECRET, backend="nixl"))
 
 
 def test_transfer_config_validate_names_the_field() -> None:
@@ -114,8 +114,8 @@ def test_torch_free_modules_import_no_torch_and_transfer_imports_no_ray() -> Non
 def test_each_send_side_refuses_another_backends_descriptor() -> None:
     cache = make_cache(4)
     layout = KVLayout.from_cache(cache, MODEL)
-    grpc_side = make_connector(TransferConfig(backend="grpc")).send_side(MODEL, {})
-    nccl_side = make_connector(TransferConfig(backend="nccl")).send_side(MODEL, {})
+    grpc_side = make_connector(TransferConfig(secret=SECRET, backend="grpc")).send_side(MODEL, {})
+    nccl_side = make_connector(TransferConfig(secret=SECRET, backend="nccl")).send_side(MODEL, {})
     try:
         with pytest.raises(ValueError, match="grpc backend needs a GrpcPeer.*NcclPeer"):
             grpc_side.send(KVHandle("r", "decode-0", [0], 4, layout, NcclPeer(1)), [1], cache, 5)
@@ -126,11 +126,19 @@ def test_each_send_side_refuses_another_backends_descriptor() -> None:
     finally:
         grpc_side.close()
         nccl_side.close()
-    receive_side = make_connector(TransferConfig(backend="nccl")).receive_side(
+    receive_side = make_connector(TransferConfig(secret=SECRET, backend="nccl")).receive_side(
         RecordingSink(cache), layout, "cpu", 0
     )
     with pytest.raises(RuntimeError, match="join_group"):
         receive_side.peer()
+    for backend in BACKENDS:  # no side without the deployment's secret, and the error never shows one
+        with pytest.raises(ValueError, match="transfer.secret is empty"):
+            make_connector(TransferConfig(backend=backend)).receive_side(
+                RecordingSink(cache), layout, "cpu", 0
+            )
+        with pytest.raises(ValueError, match="transfer.secret is empty"):
+            make_connector(TransferConfig(backend=backend)).send_side(MODEL, {})
+    assert SECRET not in repr(TransferConfig(secret=SECRET))
 
 
 @pytest.mark.parametrize("route", ["inband", "socket"])
@@ -138,7 +146,9 @@ def test_grpc_first_token_arrives_with_the_kv(route: str) -> None:
     source = make_cache(8, seed=3)  # [2, 2, 8, 4, 2, 16]
     cache = torch.zeros_like(make_cache(16))
     sink = RecordingSink(cache)
-    connector = make_connector(TransferConfig(backend="grpc", host="127.0.0.1", data_streams=3))
+    connector = make_connector(
+        TransferConfig(secret=SECRET, backend="grpc", host="127.0.0.1", data_streams=3)
+    )
     receive: KVReceiveSide = connector.receive_side(sink, KVLayout.from_cache(cache, MODEL), "cpu", 0)
     send: KVSendSide = connector.send_side(MODEL, {})
     send.sender.socket_min_bytes = None if route == "inband" else 0
@@ -149,11 +159,20 @@ def test_grpc_first_token_arrives_with_the_kv(route: str) -> None:
         with pytest.raises(TypeError, match="no notices"):
             receive.receive_notice(object())
         layout = KVLayout.from_cache(cache, MODEL)
+
+        def handle(req_id: str, block_ids: list[int]) -> KVHandle:  # as the decode worker's reserve
+            credential = receive.expect(req_id, block_ids)
+            return KVHandle(
+                req_id, "decode-0", block_ids, 4 * len(block_ids), layout, peer, credential=credential
+            )
+
         before = time.perf_counter()
-        send.send(KVHandle("a", "decode-0", [9, 2, 14], 12, layout, peer), [5, 0, 7], source, 128_000)
-        send.send(KVHandle("b", "decode-0", [3], 4, layout, peer), [1], source, 0)
+        send.send(handle("a", [9, 2, 14]), [5, 0, 7], source, 128_000)
+        send.send(handle("b", [3]), [1], source, 0)
         with pytest.raises(ValueError, match="first_token_id"):  # not a uint32: refused before sending
-            send.send(KVHandle("c", "decode-0", [4], 4, layout, peer), [1], source, -1)
+            send.send(handle("c", [4]), [1], source, -1)
+        with pytest.raises(ValueError, match="no transfer credential"):
+            send.send(KVHandle("d", "decode-0", [4], 4, layout, peer), [1], source, 1)
         after = time.perf_counter()
     finally:
         send.close()
@@ -192,11 +211,12 @@ class QueueLink:
 def gloo_decode_main(init: str, notices: Any, replies: Any, peers: Any, results: Any) -> None:
     cache = torch.zeros_like(make_cache(16))  # [2, 2, 16, 4, 2, 16]
     sink = RecordingSink(cache)
-    side = make_connector(TransferConfig(backend="nccl")).receive_side(
+    side = make_connector(TransferConfig(secret=SECRET, backend="nccl")).receive_side(
         sink, KVLayout.from_cache(cache, MODEL), "cpu", 0
     )
     side.join_group(0, 2, init, "cpu")  # returns once the prefill side has joined too
-    peers.put(side.peer())  # what reserve() would put in each handle
+    # what reserve() would put in each handle: the peer, and each request's credential
+    peers.put((side.peer(), {r: side.expect(r, [2 * len(r), 11]) for r in ("a", "lost", "b")}))
     results.put(("peer", side.peer()))
     while (notice := notices.get(timeout=30)) is not None:
         try:
@@ -212,15 +232,17 @@ def gloo_decode_main(init: str, notices: Any, replies: Any, peers: Any, results:
 def gloo_prefill_main(init: str, notices: Any, replies: Any, peers: Any, results: Any) -> None:
     os.environ["PDSERVE_KV_CHUNK_LAYERS"] = "1"  # 2 layer chunks per request: pipelined delivery
     links: dict[str, QueueLink] = {}
-    side = make_connector(TransferConfig(backend="nccl")).send_side(MODEL, links)
+    side = make_connector(TransferConfig(secret=SECRET, backend="nccl")).send_side(MODEL, links)
     links["decode-0"] = QueueLink(notices, replies)  # filled in after the side was made
     side.join_group(1, 2, init, "cpu")
-    peer = peers.get(timeout=30)
+    peer, credentials = peers.get(timeout=30)
     source = make_cache(8, seed=4)
     layout = KVLayout.from_cache(source, MODEL)
     outcomes = []
     for req_id, worker, token in (("a", "decode-0", 31_999), ("lost", "decode-9", 1), ("b", "decode-0", 7)):
-        handle = KVHandle(req_id, worker, [2 * len(req_id), 11], 8, layout, peer)
+        handle = KVHandle(
+            req_id, worker, [2 * len(req_id), 11], 8, layout, peer, credential=credentials[req_id]
+        )
         try:
             side.send(handle, [3, 6], source, token)
             outcomes.append((req_id, "ok"))

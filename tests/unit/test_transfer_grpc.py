@@ -7,6 +7,8 @@ whose connections all come in on the server's one data port.
 
 from __future__ import annotations
 
+import dataclasses
+import threading
 import time
 from collections.abc import Iterator
 from types import SimpleNamespace
@@ -17,12 +19,13 @@ import torch
 
 from pdserve.internal import kv_transfer_pb2, kv_transfer_pb2_grpc
 from pdserve.transfer.contract import KVArrival, KVHandle, KVSender, KVTransferError
-from pdserve.transfer.grpc_backend import GrpcKVSender, layout_to_proto
+from pdserve.transfer.credentials import KVGate
+from pdserve.transfer.grpc_backend import PUSH_KV, GrpcKVSender, encode_header, layout_to_proto
 from pdserve.transfer.grpc_server import GrpcKVServer
 from pdserve.transfer.layout import KVLayout, KVLayoutMismatch
-from pdserve.transfer.packing import pack_blocks
+from pdserve.transfer.packing import buffer_nbytes, pack_blocks
 from pdserve.transfer.peers import GrpcPeer
-from tests.unit.grpc_kv import FIRST_TOKEN, MODEL, Server, bits, make_cache
+from tests.unit.grpc_kv import FIRST_TOKEN, MODEL, SECRET, Server, auth_metadata, bits, make_cache
 from tests.unit.threads import run_in_threads
 
 
@@ -30,7 +33,9 @@ from tests.unit.threads import run_in_threads
 def sender(request: pytest.FixtureRequest) -> Iterator[GrpcKVSender]:
     # In band: small chunks so even these tiny buffers span many messages.
     socket_min_bytes = None if request.param == "inband" else 0
-    grpc_sender = GrpcKVSender(MODEL, chunk_bytes=1000, timeout_s=10, socket_min_bytes=socket_min_bytes)
+    grpc_sender = GrpcKVSender(
+        MODEL, SECRET, chunk_bytes=1000, timeout_s=10, socket_min_bytes=socket_min_bytes
+    )
     yield grpc_sender
     grpc_sender.close()
 
@@ -85,7 +90,9 @@ def test_layout_mismatch_is_refused_with_a_clear_message(sender: GrpcKVSender) -
         source = make_cache(4, torch.bfloat16, head_dim=16)
         # A handle that lies about the decode layout gets past the sender's own check; the server refuses.
         lying_layout = KVLayout.from_cache(source, MODEL)
-        handle = KVHandle("bad", "decode-0", [0, 1], 8, lying_layout, GrpcPeer(receiver.server.address))
+        handle = dataclasses.replace(
+            receiver.handle("bad", [0, 1]), layout=lying_layout, layout_fingerprint=""
+        )
         start = time.monotonic()
         with pytest.raises(KVLayoutMismatch) as info:
             sender.send(handle, [0, 1], source, FIRST_TOKEN)
@@ -108,9 +115,11 @@ def test_callback_failure_and_unreachable_server_raise_transfer_errors(sender: G
         def on_kv_chunk(self, arrival: KVArrival, layers: slice, chunk: torch.Tensor) -> None:
             raise KeyError(f"unknown request {arrival.req_id}")
 
-    server = GrpcKVServer("127.0.0.1:0", Refuse(), layout)
+    gate = KVGate(SECRET)
+    server = GrpcKVServer("127.0.0.1:0", Refuse(), layout, gate=gate)
     server.start()
-    handle = KVHandle("gone", "decode-0", [0], 4, layout, GrpcPeer(server.address))
+    credential = gate.issue("gone", [0], buffer_nbytes(layout, 1))
+    handle = KVHandle("gone", "decode-0", [0], 4, layout, GrpcPeer(server.address), credential=credential)
     try:
         with pytest.raises(KVTransferError, match="INTERNAL.*unknown request gone"):
             sender.send(handle, [1], make_cache(4, torch.float32), FIRST_TOKEN)
@@ -126,8 +135,14 @@ def test_server_rejects_malformed_streams() -> None:
     layout = KVLayout.from_cache(make_cache(4, torch.float32), MODEL)
     received: list[str] = []
     sink = SimpleNamespace(on_kv_chunk=lambda arrival, *_: received.append(arrival.req_id))
-    server = GrpcKVServer("127.0.0.1:0", sink, layout)
+    gate = KVGate(SECRET)
+    server = GrpcKVServer("127.0.0.1:0", sink, layout, gate=gate)
     server.start()
+    nbytes = buffer_nbytes(layout, 1)
+
+    def auth() -> tuple[tuple[str, str], ...]:  # a fresh reservation of block 0 per call
+        return auth_metadata("short", gate.issue("short", [0], nbytes))
+
     channel = grpc.insecure_channel(server.address)
     stub = kv_transfer_pb2_grpc.KVTransferStub(channel)
     good_header = kv_transfer_pb2.KVHeader(
@@ -136,27 +151,70 @@ def test_server_rejects_malformed_streams() -> None:
     )  # fmt: skip
     try:
         with pytest.raises(grpc.RpcError) as info:
-            stub.PushKV(iter([kv_transfer_pb2.KVChunk(data=b"xx")]), timeout=5)
+            stub.PushKV(iter([kv_transfer_pb2.KVChunk(data=b"xx")]), timeout=5, metadata=auth())
         assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         with pytest.raises(grpc.RpcError) as info:  # stream stops short of total_bytes
             stub.PushKV(
-                iter([kv_transfer_pb2.KVChunk(header=good_header), kv_transfer_pb2.KVChunk(data=b"x")])
+                iter([kv_transfer_pb2.KVChunk(header=good_header), kv_transfer_pb2.KVChunk(data=b"x")]),
+                timeout=5,
+                metadata=auth(),
             )
         assert info.value.code() == grpc.StatusCode.DATA_LOSS
         wrong_shape = kv_transfer_pb2.KVHeader()
         wrong_shape.CopyFrom(good_header)
         wrong_shape.shape[2] = 2
         with pytest.raises(grpc.RpcError) as info:
-            stub.PushKV(iter([kv_transfer_pb2.KVChunk(header=wrong_shape)]), timeout=5)
+            stub.PushKV(iter([kv_transfer_pb2.KVChunk(header=wrong_shape)]), timeout=5, metadata=auth())
         assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert received == []
         payload = (
             pack_blocks(make_cache(4, torch.float32), [2]).reshape(-1).view(torch.uint8).numpy().tobytes()
         )
-        reply = stub.PushKV(
-            iter([kv_transfer_pb2.KVChunk(header=good_header), kv_transfer_pb2.KVChunk(data=payload)])
-        )
+        chunks = [kv_transfer_pb2.KVChunk(header=good_header), kv_transfer_pb2.KVChunk(data=payload)]
+        with pytest.raises(grpc.RpcError) as info:  # no deadline: it could hold a thread forever
+            stub.PushKV(iter(chunks), metadata=auth())
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "deadline" in info.value.details()
+        reply = stub.PushKV(iter(chunks), timeout=5, metadata=auth())
         assert reply.received_bytes == len(payload) and received == ["short"]
     finally:
         channel.close()
         server.stop()
+
+
+def test_stalled_senders_hold_nobody_up_and_end_by_their_deadline() -> None:
+    receiver = Server(server_options={"timeout_s": 2.0})
+    stall = threading.Event()
+    channel = grpc.insecure_channel(receiver.server.address)
+    push = channel.stream_unary(PUSH_KV, response_deserializer=kv_transfer_pb2.PushKVReply.FromString)
+    nbytes = buffer_nbytes(receiver.layout, 1)
+
+    def stalled(handle: KVHandle) -> Iterator[bytes]:
+        yield encode_header(handle, receiver.layout, nbytes, FIRST_TOKEN)  # admitted, header read ...
+        stall.wait(30)  # ... and then nothing: a sender that stopped
+
+    sender = GrpcKVSender(MODEL, SECRET, timeout_s=2.0)
+    try:
+        calls = []
+        for i in range(8):  # more stalled calls than the server once had threads
+            handle = receiver.handle(f"stalled-{i}", [i])
+            metadata = auth_metadata(handle.req_id, handle.credential)
+            calls.append(push.future(stalled(handle), timeout=2.0, metadata=metadata))
+        time.sleep(0.3)  # every stalled call is in, holding a server thread
+        source = make_cache(4, seed=3)
+        start = time.monotonic()
+        sender.send(receiver.handle("real", [20, 21]), [0, 1], source, FIRST_TOKEN)
+        assert time.monotonic() - start < 1.5  # nobody waited for the stalled ones (2 s deadlines)
+        assert torch.equal(bits(receiver.cache[:, :, [20, 21]]), bits(source[:, :, [0, 1]]))
+        codes = {call.exception(timeout=10).code() for call in calls}
+        assert codes == {grpc.StatusCode.DEADLINE_EXCEEDED}  # the deadline ended each
+        assert receiver.ready == ["real"]
+        # A call asking for more time than the transfer timeout (+ slack) is refused up front.
+        handle = receiver.handle("greedy", [30])
+        with pytest.raises(grpc.RpcError) as info:
+            push(iter([b""]), timeout=60, metadata=auth_metadata(handle.req_id, handle.credential))
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "deadline" in info.value.details()
+    finally:
+        stall.set()
+        sender.close()
+        channel.close()
+        receiver.server.stop()

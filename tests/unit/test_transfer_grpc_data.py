@@ -40,11 +40,13 @@ from pdserve.transfer.staging import StagingPool
 from tests.unit.grpc_kv import (
     FIRST_TOKEN,
     MODEL,
+    SECRET,
     Server,
     assert_closed_by_server,
     bits,
     make_cache,
     push_and_check_from_two_threads,
+    server_auth,
     wait_until,
 )
 from tests.unit.threads import run_in_threads
@@ -125,7 +127,7 @@ def test_multi_chunk_buffers_arrive_exactly_both_ways() -> None:
     try:
         for req_id, socket_min_bytes in (("inband", None), ("socket", 1)):
             decode.cache.zero_()
-            sender = GrpcKVSender(MODEL, socket_min_bytes=socket_min_bytes)
+            sender = GrpcKVSender(MODEL, SECRET, socket_min_bytes=socket_min_bytes)
             try:
                 stats = sender.send(decode.handle(req_id, dst_ids), src_ids, source, FIRST_TOKEN)
             finally:
@@ -138,7 +140,7 @@ def test_multi_chunk_buffers_arrive_exactly_both_ways() -> None:
 
 
 def test_concurrent_socket_sends_from_two_threads(server: Server) -> None:
-    sender = GrpcKVSender(MODEL, socket_min_bytes=0)
+    sender = GrpcKVSender(MODEL, SECRET, socket_min_bytes=0)
     sources = [make_cache(16, seed=10 + i) for i in range(2)]
 
     def push(i: int) -> None:
@@ -168,7 +170,7 @@ def open_socket_call(
     call = stub.PushKV.future(
         iter([kv_transfer_pb2.KVChunk(header=header)]),
         timeout=timeout,
-        metadata=((DATA_PLANE_KEY, DATA_PLANE_SOCKET),),
+        metadata=(*server_auth(server, req_id, [block_id]), (DATA_PLANE_KEY, DATA_PLANE_SOCKET)),
     )
     metadata = dict(call.initial_metadata())
     call.add_done_callback(lambda _: channel.close())
@@ -214,7 +216,7 @@ def test_socket_plane_skips_strays_and_times_out_without_a_sender(server: Server
 
 def test_a_cancelled_socket_call_frees_its_server_thread() -> None:
     decode = Server(server_options={"max_workers": 1})
-    sender = GrpcKVSender(MODEL, timeout_s=5, socket_min_bytes=0)
+    sender = GrpcKVSender(MODEL, SECRET, timeout_s=5, socket_min_bytes=0)
     try:
         call, _, _ = open_socket_call(decode, "abandoned", timeout=60)
         assert decode.pending_tokens() == 1
@@ -240,7 +242,7 @@ def free_port() -> int:
 def test_a_fixed_data_port_is_honoured_and_a_taken_one_is_an_error() -> None:
     port = free_port()
     decode = Server(data_port=port)
-    sender = GrpcKVSender(MODEL, socket_min_bytes=0)
+    sender = GrpcKVSender(MODEL, SECRET, socket_min_bytes=0)
     try:
         assert decode.server.data_port == port
         source = make_cache(4, seed=4)
@@ -284,7 +286,7 @@ def test_silent_and_wrong_strays_do_not_delay_a_transfer(server: Server) -> None
     silent = socket.create_connection(address)  # connects, never sends a byte
     partial = socket.create_connection(address)
     partial.sendall(b"\x00" * (TOKEN_BYTES - 1))  # one byte short of a token
-    sender = GrpcKVSender(MODEL, timeout_s=10, socket_min_bytes=0)
+    sender = GrpcKVSender(MODEL, SECRET, timeout_s=10, socket_min_bytes=0)
     try:
         source = make_cache(8, seed=8)
         start = time.monotonic()
@@ -300,6 +302,22 @@ def test_silent_and_wrong_strays_do_not_delay_a_transfer(server: Server) -> None
         sender.close()
         silent.close()
         partial.close()
+
+
+def test_a_flood_of_silent_connections_does_not_lock_senders_out(server: Server) -> None:
+    address = ("127.0.0.1", server.server.data_port)
+    flood = [socket.create_connection(address) for _ in range(grpc_data.MAX_UNCLAIMED_CONNECTIONS + 4)]
+    sender = GrpcKVSender(MODEL, SECRET, timeout_s=10, socket_min_bytes=0)
+    try:
+        source = make_cache(8, seed=9)
+        start = time.monotonic()
+        sender.send(server.handle("after-flood", [3, 5]), [1, 2], source, FIRST_TOKEN)
+        assert time.monotonic() - start < 5  # long before the strays' 10 s token timeout
+        assert torch.equal(bits(server.cache[:, :, [3, 5]]), bits(source[:, :, [1, 2]]))
+    finally:
+        sender.close()
+        for conn in flood:
+            conn.close()
 
 
 def test_stop_returns_promptly_with_a_stray_connection_open() -> None:
@@ -351,7 +369,9 @@ def test_data_listener_closes_unknown_and_late_connections() -> None:
         listener.close()
 
 
-def test_unreachable_data_port_falls_back_to_in_band(server: Server, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_unreachable_data_port_fails_that_transfer_then_goes_in_band(
+    server: Server, monkeypatch: pytest.MonkeyPatch
+) -> None:
     attempts: list[int] = []
 
     def refuse(host: str, port: int, *args: object, **kwargs: object) -> None:
@@ -359,15 +379,18 @@ def test_unreachable_data_port_falls_back_to_in_band(server: Server, monkeypatch
         raise DataConnectError(f"cannot connect to the data port {host}:{port}: firewalled")
 
     monkeypatch.setattr(grpc_data, "connect_and_send", refuse)  # every stripe
-    sender = GrpcKVSender(MODEL, socket_min_bytes=0)
+    sender = GrpcKVSender(MODEL, SECRET, socket_min_bytes=0)
     source = make_cache(8, seed=5)
     try:
-        sender.send(server.handle("a", [1, 2]), [3, 4], source, FIRST_TOKEN)
+        # The call that found the port unreachable spent the one-time credential: that transfer fails.
+        with pytest.raises(KVTransferError, match="firewalled; this transfer fails"):
+            sender.send(server.handle("a", [1, 2]), [3, 4], source, FIRST_TOKEN)
         sender.send(server.handle("b", [5]), [6], source, FIRST_TOKEN)  # remembered: straight in band
     finally:
         sender.close()
-    assert len(attempts) == 1 and server.ready == ["a", "b"]
-    assert torch.equal(bits(server.cache[:, :, [1, 2, 5]]), bits(source[:, :, [3, 4, 6]]))
+    assert len(attempts) == 1 and server.ready == ["b"]
+    assert torch.equal(bits(server.cache[:, :, [5]]), bits(source[:, :, [6]]))
+    assert torch.count_nonzero(server.cache[:, :, [1, 2]]) == 0
 
 
 # ---- CUDA: pinned staging on the sender, pinned receive buffers ---------------------------------
@@ -383,7 +406,7 @@ def test_cuda_sends_stage_through_reused_pinned_buffers(socket_min_bytes: int | 
         watch=lambda buffer: received.append(buffer.device.type == "cpu" and buffer.is_pinned()), **dims,
     )  # fmt: skip
     assert decode.server.pin_memory  # CUDA is there: receive buffers are pinned by default
-    sender = GrpcKVSender(MODEL, socket_min_bytes=socket_min_bytes)
+    sender = GrpcKVSender(MODEL, SECRET, socket_min_bytes=socket_min_bytes)
     sources = [make_cache(32, torch.bfloat16, seed=20 + i, **dims).cuda() for i in range(2)]
     try:
         push_and_check_from_two_threads(sender, decode, sources)

@@ -32,11 +32,13 @@ from pdserve.transfer.packing import buffer_nbytes, pack_blocks
 from tests.unit.grpc_kv import (
     FIRST_TOKEN,
     MODEL,
+    SECRET,
     Server,
     assert_closed_by_server,
     bits,
     make_cache,
     push_and_check_from_two_threads,
+    server_auth,
     wait_until,
 )
 
@@ -62,7 +64,7 @@ def striped_server(max_streams: int = 3) -> Server:
 
 def test_a_striped_transfer_arrives_bit_exact_over_one_connection_per_stripe() -> None:
     decode = striped_server(max_streams=3)
-    sender = GrpcKVSender(MODEL, socket_min_bytes=0)
+    sender = GrpcKVSender(MODEL, SECRET, socket_min_bytes=0)
     source = make_cache(64, seed=9, head_dim=64)
     src_ids, dst_ids = list(range(0, 60, 2)), list(range(30, 60))  # 30 blocks: 240 KiB, 3 stripes
     accepted: list[int] = []
@@ -101,7 +103,7 @@ def test_a_striped_transfer_with_a_short_or_missing_stripe_fails_and_frees_every
             header.req_id = case
             call = stub.PushKV.future(
                 iter([kv_transfer_pb2.KVChunk(header=header)]), timeout=2,
-                metadata=((DATA_PLANE_KEY, DATA_PLANE_SOCKET),),
+                metadata=(*server_auth(decode, case, block_ids), (DATA_PLANE_KEY, DATA_PLANE_SOCKET)),
             )  # fmt: skip
             metadata = dict(call.initial_metadata())
             tokens = [bytes.fromhex(t) for t in metadata[DATA_TOKEN_KEY].split(",")]
@@ -183,7 +185,7 @@ def test_a_cuda_server_gets_each_piece_to_the_gpu_as_it_lands(monkeypatch: pytes
         num_blocks=64, dtype=torch.bfloat16, device="cuda", server_options=options,
         watch=lambda buffer: devices.append(buffer.device.type), **dims,
     )  # fmt: skip
-    sender = GrpcKVSender(MODEL, socket_min_bytes=0)
+    sender = GrpcKVSender(MODEL, SECRET, socket_min_bytes=0)
     sources = [make_cache(32, torch.bfloat16, seed=40 + i, **dims).cuda() for i in range(2)]
     try:
         assert buffer_nbytes(decode.layout, 32) == 1 << 20  # 3 stripes of 5, 5 and 6 pieces

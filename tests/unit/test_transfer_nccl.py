@@ -22,6 +22,7 @@ import torch
 import torch.multiprocessing as mp
 
 from pdserve.transfer.contract import KVHandle
+from pdserve.transfer.credentials import KVGate
 from pdserve.transfer.layout import KVLayout, KVLayoutMismatch
 from pdserve.transfer.nccl_backend import (
     NcclKVReceiver,
@@ -30,13 +31,14 @@ from pdserve.transfer.nccl_backend import (
     destroy_transfer_group,
     init_transfer_group,
 )
-from pdserve.transfer.packing import to_bytes, unpack_into
+from pdserve.transfer.packing import buffer_nbytes, to_bytes, unpack_into
 from pdserve.transfer.peers import GrpcPeer, NcclPeer
 
 MODEL = "tiny"
 FIRST_TOKEN = 4242  # the first sampled token every send carries
 SEND_TIMEOUT_S = 3.0  # sender's wait for the receiver's confirmation
 NUM_RECEIVER_BLOCKS = 24
+SECRET = "nccl-tests-deployment-secret"
 
 
 def make_cache(num_blocks: int, dtype: torch.dtype | str, seed: int) -> torch.Tensor:
@@ -65,6 +67,7 @@ def receiver_main(
     results: Any,
     slow_released: Any,
     use_cuda: bool,
+    plans: dict[int, list[tuple]],
 ) -> None:
     device = device_for(rank, use_cuda)
     init_transfer_group(rank, world, init, device, timeout_s=20)
@@ -72,10 +75,20 @@ def receiver_main(
         dtype: torch.zeros_like(make_cache(NUM_RECEIVER_BLOCKS, dtype, 0)).to(device)
         for dtype in ("float32", "bfloat16")
     }
+    gates = {name: KVGate(SECRET) for name in caches}
     receivers = {
-        name: NcclKVReceiver(unpack_into(cache), KVLayout.from_cache(cache, MODEL), device, timeout_s=10)
+        name: NcclKVReceiver(
+            unpack_into(cache), KVLayout.from_cache(cache, MODEL), device, gates[name], timeout_s=10
+        )
         for name, cache in caches.items()
     }
+    for sender_rank, plan in plans.items():  # each request's reservation, as reserve() makes it
+        credentials = {}
+        for req_id, _, _, dst_ids, handle_dtype in plan:
+            name = handle_dtype if handle_dtype in receivers else "float32"
+            nbytes = buffer_nbytes(receivers[name].expected_layout, len(dst_ids))
+            credentials[req_id] = gates[name].issue(req_id, dst_ids, nbytes)
+        replies[sender_rank].put(("credentials", credentials))
     senders_left = world - 1
     while senders_left:
         notice: NcclTransferNotice | None = notices.get(timeout=30)
@@ -111,6 +124,7 @@ def sender_main(
     init_transfer_group(rank, world, init, device, timeout_s=20)
     pending: dict[str, Future] = {}
     pending_lock = threading.Lock()
+    _, credentials = reply_queue.get(timeout=30)  # the receiver's reservations of our plan
 
     def listen() -> None:  # completes futures as the receiver's replies arrive
         while True:
@@ -133,7 +147,7 @@ def sender_main(
         notices.put(notice)
         return future
 
-    sender = NcclKVSender(rank, MODEL, notify, timeout_s=SEND_TIMEOUT_S)
+    sender = NcclKVSender(rank, MODEL, SECRET, notify, timeout_s=SEND_TIMEOUT_S)
     outcomes = []
     for req_id, dtype_name, src_ids, dst_ids, handle_dtype in plan:
         cache = make_cache(16, getattr(torch, dtype_name), seed=rank).to(device)
@@ -141,7 +155,10 @@ def sender_main(
         if handle_dtype != dtype_name:  # a handle that lies about the decode layout
             layout = KVLayout.from_cache(cache.to(getattr(torch, handle_dtype)), MODEL)
             cache = cache.to(getattr(torch, handle_dtype))
-        handle = KVHandle(req_id, "decode-0", dst_ids, len(dst_ids) * 4, layout, NcclPeer(0))
+        credential = credentials[req_id]
+        handle = KVHandle(
+            req_id, "decode-0", dst_ids, len(dst_ids) * 4, layout, NcclPeer(0), credential=credential
+        )
         try:
             stats = sender.send(handle, src_ids, cache, FIRST_TOKEN)
             outcomes.append((req_id, "ok", stats.nbytes))
@@ -166,7 +183,7 @@ def run_world(plans: dict[int, list[tuple]], use_cuda: bool = False) -> dict[str
     init = f"tcp://127.0.0.1:{free_port()}"
     notices, results, slow_released = ctx.Queue(), ctx.Queue(), ctx.Event()
     replies = [ctx.Queue() for _ in range(world)]
-    receiver_args = (0, world, init, notices, replies, results, slow_released, use_cuda)
+    receiver_args = (0, world, init, notices, replies, results, slow_released, use_cuda, plans)
     processes = [ctx.Process(target=receiver_main, args=receiver_args)]
     for rank, plan in plans.items():
         args = (rank, world, init, plan, notices, replies[rank], results, slow_released, use_cuda)
@@ -280,11 +297,13 @@ def test_senders_to_one_receiver_bit_exact_over_nccl(num_senders: int) -> None:
 def test_sender_refuses_bad_arguments_before_touching_the_group() -> None:
     cache = make_cache(4, torch.float32, 0)
     layout = KVLayout.from_cache(cache, MODEL)
-    sender = NcclKVSender(0, MODEL, notify=lambda notice: Future())
+    sender = NcclKVSender(0, MODEL, SECRET, notify=lambda notice: Future())
+    with pytest.raises(ValueError, match="no transfer credential"):
+        sender.send(KVHandle("r", "d", [0], 4, layout, NcclPeer(1)), [1], cache, FIRST_TOKEN)
     with pytest.raises(ValueError, match="own rank"):
-        sender.send(KVHandle("r", "d", [0], 4, layout, NcclPeer(0)), [1], cache, FIRST_TOKEN)
+        sender.send(KVHandle("r", "d", [0], 4, layout, NcclPeer(0), credential=b"c"), [1], cache, FIRST_TOKEN)
     with pytest.raises(ValueError, match="nccl backend needs an NcclPeer"):
         sender.send(KVHandle("r", "d", [0], 4, layout, GrpcPeer("127.0.0.1:1")), [1], cache, FIRST_TOKEN)
     other = KVLayout(MODEL, "float32", 2, 2, 16, block_size=8)
     with pytest.raises(KVLayoutMismatch, match="block_size: prefill 4 != decode 8"):
-        sender.send(KVHandle("r", "d", [0], 4, other, NcclPeer(1)), [1], cache, FIRST_TOKEN)
+        sender.send(KVHandle("r", "d", [0], 4, other, NcclPeer(1), credential=b"c"), [1], cache, FIRST_TOKEN)

@@ -6,6 +6,7 @@ The Triton kernel is checked bit for bit under Triton's CPU interpreter in a sub
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import importlib.util
 import os
@@ -22,6 +23,7 @@ from hypothesis import strategies as st
 
 from pdserve.transfer import nccl_backend
 from pdserve.transfer.contract import KVArrival, KVHandle, check_send_args
+from pdserve.transfer.credentials import KVAuthError, KVGate, auth_tag
 from pdserve.transfer.layout import KVLayout, KVLayoutMismatch
 from pdserve.transfer.nccl_backend import NcclKVReceiver, NcclTransferNotice, default_chunk_layers
 from pdserve.transfer.packing import (
@@ -237,8 +239,15 @@ def test_receiver_hands_chunks_over_in_order_and_drains_after_a_failing_callback
 
     monkeypatch.setattr(nccl_backend.dist, "irecv", fake_irecv)
     layout = KVLayout.from_cache(src, "tiny")
-    notice = NcclTransferNotice("r1", 1, (0, 5, 7), tuple(sent.shape), "float32", layout,
-                                sent.numel() * 4, 4242, chunk_layers=2)  # fmt: skip
+    gate = KVGate("packing-tests-secret")
+
+    def reserved_notice() -> NcclTransferNotice:  # a fresh reservation of blocks 0, 5, 7 for "r1"
+        credential = gate.issue("r1", [0, 5, 7], sent.numel() * 4)
+        return NcclTransferNotice("r1", 1, (0, 5, 7), tuple(sent.shape), "float32", layout,
+                                  sent.numel() * 4, 4242, chunk_layers=2, credential=credential,
+                                  auth_tag=auth_tag("packing-tests-secret", "r1", credential))  # fmt: skip
+
+    notice = reserved_notice()
     dst, ready, seen = torch.zeros_like(src), [], []
     unpack_chunk = unpack_into(dst, ready.append)
     arrivals: list[KVArrival] = []
@@ -250,7 +259,7 @@ def test_receiver_hands_chunks_over_in_order_and_drains_after_a_failing_callback
             unpack_chunk.on_kv_chunk(arrival, layers, chunk)
 
     before = time.perf_counter()
-    receiver = NcclKVReceiver(Sink(), layout, "cpu")
+    receiver = NcclKVReceiver(Sink(), layout, "cpu", gate)
     receiver.recv(notice)
     assert posted == [slice(0, 2), slice(2, 3)] and seen == [(slice(0, 2), 0), (slice(2, 3), 0)]
     # chunk by chunk only: no extra whole-buffer delivery (layers 0..3) at the end
@@ -266,10 +275,23 @@ def test_receiver_hands_chunks_over_in_order_and_drains_after_a_failing_callback
             raise KeyError(f"no reservation for {arrival.req_id}")
 
     posted.clear()
-    receiver = NcclKVReceiver(Failing(), layout, "cpu")
-    with pytest.raises(KeyError, match="no reservation"):
+    receiver = NcclKVReceiver(Failing(), layout, "cpu", gate)
+    posted.clear()
+    with pytest.raises(KVAuthError, match="no open reservation"):  # a replay: drained, refused
         receiver.recv(notice)
+    assert posted == [slice(0, 2), slice(2, 3)]
+    posted.clear()
+    with pytest.raises(KeyError, match="no reservation"):
+        receiver.recv(reserved_notice())
     assert posted == [slice(0, 2), slice(2, 3)]  # every chunk still received: the pair stays in step
+    # A notice naming other blocks than its reservation's: drained, refused, nothing written.
+    posted.clear()
+    dst.zero_()
+    elsewhere = dataclasses.replace(reserved_notice(), block_ids=(1, 5, 7))
+    receiver = NcclKVReceiver(Sink(), layout, "cpu", gate)
+    with pytest.raises(nccl_backend.KVTransferError, match="not the 3 blocks"):
+        receiver.recv(elsewhere)
+    assert posted == [slice(0, 2), slice(2, 3)] and torch.count_nonzero(dst) == 0
     bad = NcclTransferNotice("r2", 1, (0,), (3, 2, 1, 4, 2, 8), "float32", layout, 3 * 2 * 128 * 4, 0, -1)
     with pytest.raises(nccl_backend.KVTransferError, match="could not drain"):
         receiver.recv(bad)

@@ -56,8 +56,21 @@ class GenerationServicer(object):
 
     def Generate(self, request, context):
         """Streams Chunk messages with new tokens, then exactly one Complete (success)
-        or one Error. A request the router refuses before starting (bad input)
-        fails the RPC with INVALID_ARGUMENT instead of streaming an Error.
+        or one Error. A request the router refuses before starting fails the RPC
+        instead of streaming an Error:
+        - INVALID_ARGUMENT, naming the field: bad input, including bytes that do not
+        parse as a GenerateRequest (malformed protobuf, text that is not UTF-8), and
+        a request that can never run: prompt + max_tokens beyond the model's context
+        ("This model's maximum context length is N tokens. However, you requested M
+        tokens (P in the prompt, K in the completion)..."), or beyond the KV cache of
+        the largest decode worker. Refused at once; it never waits.
+        - RESOURCE_EXHAUSTED, with a message: the router is at a limit. No decode
+        worker has room now and the admission queue is full (router.max_queue_len) or
+        the request waited router.max_wait_s; the server runs router.max_concurrent_rpcs
+        RPCs already (gRPC's own "Concurrent RPC limit exceeded!"); or the request is
+        larger than router.max_message_bytes (gRPC's "Received message larger than max").
+        A request that fits but finds no room waits in the admission queue; later
+        requests that fit may pass it, at most router.max_bypasses times.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
