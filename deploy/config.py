@@ -191,10 +191,6 @@ def parse_config(data: dict[str, Any]) -> DeployConfig:
             f"transfer.port_base: {cfg.transfer.port_base} .. {last_port} (two ports per decode worker) "
             "must lie in [1024, 65535], or 0 for free ports"
         )
-    if not 0 <= cfg.transfer.rendezvous_port <= 65535:
-        raise ConfigError(
-            f"transfer.rendezvous_port: must be in [0, 65535], got {cfg.transfer.rendezvous_port}"
-        )
     if cfg.ray.resource_wait_s < 0:
         raise ConfigError(f"ray.resource_wait_s: must be >= 0, got {cfg.ray.resource_wait_s}")
     from pdserve.router.policy import POLICIES, PolicyConfig

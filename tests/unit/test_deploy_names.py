@@ -66,7 +66,7 @@ def test_transfer_defaults_and_new_keys():
     cfg = parse_config({"prefill": {"count": 1}, "decode": {"count": 1}})
     assert cfg.transfer.host == "auto" and cfg.transfer.rendezvous_port == 0
     assert cfg.ray.namespace is None
-    with pytest.raises(ConfigError, match=r"^transfer\.rendezvous_port: must be in \[0, 65535\]"):
+    with pytest.raises(ConfigError, match=r"^transfer\.rendezvous_port: must be an integer in \[0, 65535\]"):
         parse_config({"colocated": {"count": 1}, "transfer": {"rendezvous_port": 70000}})
     with pytest.raises(ConfigError, match=r"^ray\.resource_wait_s: must be >= 0"):
         parse_config({"colocated": {"count": 1}, "ray": {"resource_wait_s": -1}})
