@@ -113,8 +113,9 @@ def up(
     try:
         if name is not None:
             _refuse_if_running(label, ns)
-        # a cluster this process just started has all the nodes it will have
-        wait_s = cfg.ray.resource_wait_s if (address or cfg.ray.address) else 0.0
+        # a cluster started for this deployment has all the nodes it will have
+        joined = bool(address or cfg.ray.address) and started_head is None
+        wait_s = cfg.ray.resource_wait_s if joined else 0.0
         dep = _place(cfg, model_cfg, ns, detached, wait_s)
     except BaseException:
         if started_ray:

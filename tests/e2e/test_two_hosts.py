@@ -371,6 +371,12 @@ def test_loopback_host_missing_token_and_missing_model_are_one_line_refusals(hos
         "set RAY_AUTH_TOKEN (the token) or RAY_AUTH_TOKEN_PATH (a file holding it)"
     )
     assert time.monotonic() - t0 < 15
+    wrong_token = {**no_token, "RAY_AUTH_TOKEN": "0" * 64}
+    out = hosts.pdserve("status", "--name", "x", "--address", RAY_ADDRESS, env=wrong_token)
+    assert out.returncode == 2 and out.stderr.strip() == (
+        f"pdserve: error: the Ray cluster at {RAY_ADDRESS} rejected the token: "
+        "set RAY_AUTH_TOKEN (the token) or RAY_AUTH_TOKEN_PATH (a file holding it) to the cluster's token"
+    ), out.stderr
     model = os.path.join(hosts.head_only, "wide-kv")  # on node 1 only
     os.makedirs(model)
     with open(os.path.join(model, "config.json"), "w") as f:
