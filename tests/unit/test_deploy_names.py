@@ -152,3 +152,27 @@ def test_token_lookup_order(tmp_path, monkeypatch):
     assert cluster.auth_token() == "from-file"
     monkeypatch.setenv("RAY_AUTH_TOKEN", "from-env")
     assert cluster.auth_token() == "from-env"
+
+
+def test_the_code_shipped_to_workers_imports_on_its_own(tmp_path):
+    """`up` on a joined cluster ships pdserve as Ray's `py_modules`: the folder it hands Ray is
+    the whole package, importable with nothing of this checkout on the path."""
+    env = cluster.code_runtime_env()
+    (package,) = env["py_modules"]
+    assert os.path.basename(package) == "pdserve"
+    assert not any(name == "results" for _, dirs, _ in os.walk(package) for name in dirs)
+    probe = (
+        "import pdserve.deploy.actors, pdserve.engine.config, pdserve.transfer.grpc_connector, pdserve.v1; "
+        "print(pdserve.__file__); print(pdserve.engine.config.__file__)"
+    )
+    clean = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    out = subprocess.run(
+        [sys.executable, "-c", probe],
+        env={**clean, "PYTHONPATH": os.path.dirname(package)},
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert all(line.startswith(package) for line in out.stdout.split()), out.stdout
