@@ -13,6 +13,7 @@ import dataclasses
 import socket
 from typing import Any
 
+from pdserve.deploy.netaddr import pin_socket_interface
 from pdserve.deploy.wiring import WorkerSpec, build_worker
 from pdserve.engine.core.outputs import KVSnapshot, PrefillResult, StepBatch
 from pdserve.engine.core.sampling_params import SamplingParams
@@ -23,11 +24,13 @@ from pdserve.transfer.contract import KVHandle
 
 class WorkerActor:
     def __init__(self, spec: WorkerSpec) -> None:
-        if spec.transfer.host == "auto":  # this node's address, reachable from other nodes
-            import ray
+        import ray
 
-            transfer = dataclasses.replace(spec.transfer, host=ray.util.get_node_ip_address())
-            spec = dataclasses.replace(spec, transfer=transfer)
+        node_ip = ray.util.get_node_ip_address()
+        pin_socket_interface(node_ip)  # gloo/NCCL on this node's Ray address, not the hostname's
+        if spec.transfer.host == "auto":  # this node's address, reachable from other nodes
+            spec = dataclasses.replace(spec, transfer=dataclasses.replace(spec.transfer, host=node_ip))
+        self.rendezvous_port = spec.transfer.rendezvous_port
         self.worker = build_worker(spec)
 
     # -- set-up -------------------------------------------------------------------------
@@ -44,8 +47,8 @@ class WorkerActor:
         import ray
 
         host = ray.util.get_node_ip_address()
-        with socket.socket() as s:
-            s.bind((host, 0))
+        with socket.socket() as s:  # a pinned port (transfer.rendezvous_port) for a firewall
+            s.bind((host, self.rendezvous_port))
             return f"{host}:{s.getsockname()[1]}"
 
     def join_transfer_group(self, rank: int, world_size: int, init_method: str) -> None:
