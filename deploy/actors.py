@@ -14,6 +14,7 @@ import logging
 import socket
 from typing import Any
 
+from pdserve.deploy.netaddr import pin_socket_interface
 from pdserve.deploy.wiring import WorkerSpec, build_worker
 from pdserve.engine.core.outputs import KVSnapshot, PrefillResult, StepBatch
 from pdserve.engine.core.sampling_params import SamplingParams
@@ -33,16 +34,16 @@ class WorkerActor:
         instance Ray restarts after a crash, built from these same arguments, can ship KV
         again at once. Names, not handles: plain arguments stay inline in the actor's
         creation task, so a restart does not depend on objects its creator owned."""
-        if spec.transfer.host == "auto":  # this node's address, reachable from other nodes
-            import ray
+        import ray
 
-            transfer = dataclasses.replace(spec.transfer, host=ray.util.get_node_ip_address())
-            spec = dataclasses.replace(spec, transfer=transfer)
+        node_ip = ray.util.get_node_ip_address()
+        pin_socket_interface(node_ip)  # gloo/NCCL on this node's Ray address, not the hostname's
+        if spec.transfer.host == "auto":  # this node's address, reachable from other nodes
+            spec = dataclasses.replace(spec, transfer=dataclasses.replace(spec.transfer, host=node_ip))
+        self.rendezvous_port = spec.transfer.rendezvous_port
         self.worker = build_worker(spec)
         _log_if_restarted(spec.worker_id, self.worker.loop.instance_id)
         if decode_actor_names:
-            import ray
-
             self.worker.set_decode_links(
                 {w: RayDecodeLink(ray.get_actor(name, namespace)) for w, name in decode_actor_names.items()}
             )
@@ -61,8 +62,8 @@ class WorkerActor:
         import ray
 
         host = ray.util.get_node_ip_address()
-        with socket.socket() as s:
-            s.bind((host, 0))
+        with socket.socket() as s:  # a pinned port (transfer.rendezvous_port) for a firewall
+            s.bind((host, self.rendezvous_port))
             return f"{host}:{s.getsockname()[1]}"
 
     def join_transfer_group(self, rank: int, world_size: int, init_method: str) -> None:

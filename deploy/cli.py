@@ -2,9 +2,9 @@
 
     pdserve generate --model tiny --prompt "Hello" --max-tokens 32   # offline engine
     pdserve generate --url 127.0.0.1:50051 --prompt "Hello"          # a running deployment
-    pdserve up deploy/local.yaml [--address ADDR] [--detach] [--demo]
-    pdserve status [--address ADDR]
-    pdserve down [--address ADDR] [--stop-ray]
+    pdserve up deploy/local.yaml [--name NAME] [--address ADDR] [--detach] [--demo]
+    pdserve status [--name NAME] [--address ADDR]
+    pdserve down [--name NAME] [--address ADDR]
     pdserve bench serve|sweep ...                                    # added by pdserve.cli
 
 Errors a user can cause (bad config, bad model path, bad request) print one line
@@ -95,6 +95,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_up(args: argparse.Namespace) -> int:
+    from pdserve.deploy import cluster, records
+    from pdserve.deploy.config import load_config
     from pdserve.deploy.launcher import up
 
     overrides = {}
@@ -102,31 +104,25 @@ def cmd_up(args: argparse.Namespace) -> int:
         overrides["router.port"] = args.port
     if args.http_port is not None:
         overrides["router.http_port"] = None if args.http_port < 0 else args.http_port
-    address = args.address
-    if args.detach and address is None:
-        import subprocess
-
-        # A local cluster that outlives this process, on loopback (join a real one with --address).
-        ray_bin = os.path.join(os.path.dirname(sys.executable), "ray")
-        subprocess.run(
-            [
-                ray_bin,
-                "start",
-                "--head",
-                "--node-ip-address=127.0.0.1",
-                "--disable-usage-stats",
-                "--include-dashboard=false",
-            ],
-            check=True,
-            capture_output=True,
-        )
-        address = "auto"
+    cfg = load_config(args.config, overrides)
+    name = records.check_name(args.name or records.default_name(args.config))
+    _refuse_if_recorded(name)
+    address, head = args.address or cfg.ray.address, None
+    if args.detach and address is None:  # a local cluster that outlives this process, on loopback
+        cluster.enable_token_auth()
+        address, head = cluster.start_head(name, cfg.ray.num_cpus)
     t0 = time.perf_counter()
-    dep = up(args.config, address=address, overrides=overrides, detached=args.detach)
+    try:
+        dep = up(cfg, address=address, detached=args.detach, name=name, started_head=head)
+    except BaseException:
+        if head is not None:
+            cluster.stop_head(head)
+        raise
     print(
         f"pdserve is serving {dep.config.model} at {dep.url} "
         f"({dep.config.prefill.count}P/{dep.config.decode.count}D/{dep.config.colocated.count} co-located, "
-        f"transfer {dep.config.transfer.backend}; up in {time.perf_counter() - t0:.1f} s)",
+        f"transfer {dep.config.transfer.backend}; up in {time.perf_counter() - t0:.1f} s; "
+        f"deployment {name!r})",
         flush=True,
     )
     if dep.http_url:
@@ -149,7 +145,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         )
         cmd_generate(demo)
     if args.detach:
-        print("detached: stop it with `pdserve down --stop-ray`")
+        print(f"detached: stop it with `pdserve down --name {name}`")
         return 0
     print("serving until Ctrl-C", flush=True)
     stop = []
@@ -181,18 +177,74 @@ def _print_lifecycle_events(events: list[dict], seen: int) -> int:
     return seen
 
 
-def _connect(address: str | None, namespace: str):
+def _refuse_if_recorded(name: str) -> None:
+    """One deployment per name on a host: refuse while the recorded one still runs (its `up`
+    process or the Ray head it started); a record whose processes are gone is stale."""
+    from pdserve.deploy import cluster, records
+
+    if not records.exists(name):
+        return
+    record = records.load(name)
+    owner_alive = record.owner_pid and _pid_alive(record.owner_pid)
+    if (
+        owner_alive
+        or any(cluster.head_running(h) for h in record.started_heads)
+        or (record.detached and not record.started_heads)
+    ):
+        raise ValueError(
+            f"deployment {name!r} is already up (router at {record.router_url}): "
+            f"`pdserve down --name {name}` first, or pick another --name"
+        )
+    records.remove(name)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read()
+    except OSError:
+        return b""
+
+
+def _connect(args: argparse.Namespace):
+    """Join the cluster of deployment `--name` (its record, or `--address`) in its namespace."""
     import ray
 
-    ray.init(address=address or "auto", namespace=namespace, log_to_driver=False)
-    return ray
+    from pdserve.deploy import cluster, records
+
+    name = records.resolve_name(args.name) if args.address is None else records.check_name(args.name or "")
+    if args.address is not None:
+        namespace = records.namespace_for(name)
+        record = records.DeploymentRecord(name=name, namespace=namespace, address=args.address)
+    else:
+        record = records.load(name)
+    cluster.connect(record.address, record.namespace)
+    return ray, record
 
 
 def cmd_status(args: argparse.Namespace) -> int:
     from pdserve.deploy.launcher import ROUTER_NAME
 
-    ray = _connect(args.address, args.namespace)
-    status = ray.get(ray.get_actor(ROUTER_NAME).status.remote())
+    ray, record = _connect(args)
+    try:
+        router = ray.get_actor(ROUTER_NAME)
+    except ValueError:
+        raise ValueError(
+            f"deployment {record.name!r} has no router on the Ray cluster at {record.address} "
+            f"(stopped? `pdserve down --name {record.name}` clears it)"
+        ) from None
+    print(f"deployment {record.name!r} (namespace {record.namespace}, Ray at {record.address})")
+    status = ray.get(router.status.remote())
     print(
         f"router ready: {status['ready']}; streams: {status['num_streams']}; "
         f"waiting for admission: {status['num_waiting_admission']}"
@@ -214,20 +266,35 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_down(args: argparse.Namespace) -> int:
-    ray = _connect(args.address, args.namespace)
-    killed = 0
-    for actor in ray.util.list_named_actors(all_namespaces=True):
-        if actor["namespace"] == args.namespace and actor["name"].startswith("pdserve-"):
-            ray.kill(ray.get_actor(actor["name"], namespace=args.namespace))
-            killed += 1
-    print(f"stopped {killed} pdserve actor(s)")
-    if args.stop_ray:
-        import subprocess
+    """Stop deployment `--name`'s actors, and the Ray head its `up --detach` started (by its
+    process group; never `ray stop`, never a Ray process it did not start)."""
+    from pdserve.deploy import cluster, records
 
+    try:
+        ray, record = _connect(args)
+    except cluster.ClusterError:
+        if args.address is not None:
+            raise
+        record = records.load(records.resolve_name(args.name))
+        if not record.started_heads:
+            raise
+        ray = None  # the head it started does not answer: stop what is left of it
+    killed = 0
+    if ray is not None:
+        for actor in ray.util.list_named_actors(all_namespaces=True):
+            if actor["namespace"] == record.namespace and actor["name"].startswith("pdserve-"):
+                ray.kill(ray.get_actor(actor["name"], namespace=record.namespace))
+                killed += 1
         ray.shutdown()
-        subprocess.run(
-            [os.path.join(os.path.dirname(sys.executable), "ray"), "stop"], check=False, capture_output=True
-        )
+    print(f"stopped {killed} pdserve actor(s) of deployment {record.name!r}")
+    if record.owner_pid and _pid_alive(record.owner_pid) and b"pdserve" in _cmdline(record.owner_pid):
+        os.kill(record.owner_pid, signal.SIGTERM)  # a foreground `pdserve up`: let it exit
+        print(f"asked its `pdserve up` (pid {record.owner_pid}) to exit")
+    for head in record.started_heads:
+        if cluster.stop_head(head):
+            print(f"stopped the Ray head it started (pid {head.pid})")
+    if args.address is None:
+        records.remove(record.name)
     return 0
 
 
@@ -250,7 +317,8 @@ def build_parser(
 
     u = sub.add_parser("up", help="start a deployment from a YAML config")
     u.add_argument("config")
-    u.add_argument("--address", help="join this Ray cluster instead of starting one")
+    u.add_argument("--address", help="join this Ray cluster (HOST:PORT of its head) instead of starting one")
+    u.add_argument("--name", help="the deployment's name (default: the config file's name)")
     u.add_argument("--port", type=int, help="override router.port")
     u.add_argument("--http-port", type=int, help="override router.http_port (0: a free port, -1: off)")
     u.add_argument("--detach", action="store_true", help="leave it running (detached Ray actors)")
@@ -263,10 +331,8 @@ def build_parser(
         ("down", cmd_down, "stop a detached deployment"),
     ):
         p = sub.add_parser(name, help=help_)
-        p.add_argument("--address", default=None)
-        p.add_argument("--namespace", default="pdserve")
-        if name == "down":
-            p.add_argument("--stop-ray", action="store_true")
+        p.add_argument("--name", help="the deployment (default: the only one recorded on this host)")
+        p.add_argument("--address", default=None, help="its Ray cluster, for one `up` on another host")
         p.set_defaults(func=func)
 
     from pdserve.deploy.top import add_parser as add_top

@@ -10,13 +10,14 @@ the key path (e.g. `decode.count`), raised before anything starts.
     prefill:   {count, resources: {num_cpus, num_gpus, resources: {NAME: amount}}}
     decode:    {count, resources: ...}
     colocated: {count, resources: ...}   # workers that run both phases (the baseline)
-    transfer:  {backend: grpc|nccl, host, port_base, data_streams, timeout_s, secret}
+    transfer:  {backend: grpc|nccl, host, port_base, data_streams, timeout_s, secret,
+                rendezvous_port}
     router:    {host, port, http_port, policy, policy_params: {...}, kv_events, max_queue_len,
                 max_wait_s, max_bypasses, default_max_tokens, max_stop_strings,
                 max_stop_string_chars, max_stop_token_ids, max_message_bytes,
                 max_concurrent_rpcs, max_pending_rpcs, worker_timeout_s,
                 max_migrations}   # see RouterConfig
-    ray:       {address, namespace, num_cpus, max_worker_restarts}
+    ray:       {address, namespace, num_cpus, resource_wait_s, max_worker_restarts}
 """
 
 from __future__ import annotations
@@ -77,8 +78,9 @@ class RouterConfig:
 @dataclass
 class RayConfig:
     address: str | None = None  # None: start a local Ray; "auto" or "host:port": join
-    namespace: str = "pdserve"
+    namespace: str | None = None  # None: `pdserve-<deployment name>` (deploy/records.py)
     num_cpus: int | None = None
+    resource_wait_s: float = 30.0  # how long `up` waits for nodes offering the pools' resources
     # Ray restarts a crashed worker actor this many times (-1: always); it rejoins routing
     # with a fresh instance id. With transfer.backend nccl workers are not restarted: a new
     # process cannot join the running torch.distributed group (see deploy/launcher.py).
@@ -177,6 +179,11 @@ def parse_config(data: dict[str, Any]) -> DeployConfig:
                 )
     if (cfg.prefill.count > 0) != (cfg.decode.count > 0):
         raise ConfigError("prefill.count / decode.count: a disaggregated deployment needs both pools")
+    if cfg.prefill.count and cfg.colocated.count:
+        raise ConfigError(
+            "colocated.count: a deployment runs either co-located workers or prefill and decode pools, "
+            "not both (the router would pick a co-located worker as another request's prefill side)"
+        )
     if cfg.prefill.count + cfg.decode.count + cfg.colocated.count == 0:
         raise ConfigError("prefill.count / decode.count / colocated.count: no workers configured")
     if cfg.transfer.backend not in BACKENDS:
@@ -197,6 +204,8 @@ def parse_config(data: dict[str, Any]) -> DeployConfig:
             f"transfer.port_base: {cfg.transfer.port_base} .. {last_port} (two ports per decode worker) "
             "must lie in [1024, 65535], or 0 for free ports"
         )
+    if cfg.ray.resource_wait_s < 0:
+        raise ConfigError(f"ray.resource_wait_s: must be >= 0, got {cfg.ray.resource_wait_s}")
     from pdserve.router.policy import POLICIES, PolicyConfig
 
     if cfg.router.policy not in POLICIES:

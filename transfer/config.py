@@ -22,7 +22,8 @@ BACKENDS: tuple[str, ...] = tuple(CONNECTORS)
 @dataclass
 class TransferConfig:
     backend: str = "grpc"
-    host: str = "127.0.0.1"  # address the decode workers' KV servers bind (grpc backend)
+    # address the decode workers' KV servers bind (grpc backend); "auto": each one's node address
+    host: str = "auto"
     # grpc backend: 0 = free ports; else decode-i's KV server takes gRPC port port_base + 2i and its
     # data port port_base + 2i + 1, a fixed range a firewall can open between the hosts
     port_base: int = 0
@@ -37,6 +38,9 @@ class TransferConfig:
     # The per-deployment secret every KV transfer is authenticated with (`transfer.credentials`).
     # Empty: `pdserve up` generates one per deployment (`with_secret`). Never logged (repr=False).
     secret: str = field(default="", repr=False)
+    # nccl backend: the port of the process group's rendezvous store on rank 0's node (prefill-0);
+    # 0 = a free one. gloo and NCCL then connect the ranks on ports of their own choosing.
+    rendezvous_port: int = 0
 
     def with_secret(self) -> TransferConfig:
         """This config, with a fresh random secret if it has none."""
@@ -59,6 +63,11 @@ class TransferConfig:
         if not _is_int(self.data_streams) or self.data_streams < 1:
             raise ValueError(
                 f"TransferConfig.data_streams: must be an integer >= 1, got {self.data_streams!r}"
+            )
+        if not _is_int(self.rendezvous_port) or not 0 <= self.rendezvous_port <= 65535:
+            raise ValueError(
+                "TransferConfig.rendezvous_port: must be an integer in [0, 65535], "
+                f"got {self.rendezvous_port!r}"
             )
         if not _is_int(self.port_base) or not 0 <= self.port_base <= 65535:
             raise ValueError(

@@ -78,7 +78,16 @@ def test_ray_cluster_yaml_passes_ray_up_validation():
     assert config["max_workers"] == len(workers)
     head = " ".join(config["head_start_ray_commands"])
     assert "--autoscaling-config=~/ray_bootstrap_config.yaml" in head
-    assert '"prefill_node"' in head and '"decode_node"' in " ".join(config["worker_start_ray_commands"])
+    workers_cmd = " ".join(config["worker_start_ray_commands"])
+    assert '"prefill_node"' in head and '"decode_node"' in workers_cmd
+    # it runs as written: Ray from the environment setup builds, a failed setup stops the launch,
+    # each node starts on its own address, and every node reads the token
+    assert not any("|| true" in cmd for cmd in config["setup_commands"])
+    for cmd in (head, workers_cmd):
+        assert "~/pdserve/.venv/bin/ray start" in cmd and " ray " not in f" {cmd} ".replace(
+            ".venv/bin/ray", ""
+        )
+        assert "--node-ip-address=" in cmd and "RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH=" in cmd
     # the custom resources the multi-node deploy config places its pools on
     multinode = load_config(os.path.join(ROOT, "deploy", "multinode.yaml"))
     assert "prefill_node" in str(multinode.prefill.resources) and "decode_node" in str(
