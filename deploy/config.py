@@ -31,7 +31,7 @@ import yaml
 
 from pdserve.engine.config import EngineConfig
 from pdserve.router.request_limits import RequestLimits
-from pdserve.transfer.config import BACKENDS, TransferConfig
+from pdserve.transfer.config import TransferConfig
 
 
 class ConfigError(ValueError):
@@ -186,14 +186,6 @@ def parse_config(data: dict[str, Any]) -> DeployConfig:
         )
     if cfg.prefill.count + cfg.decode.count + cfg.colocated.count == 0:
         raise ConfigError("prefill.count / decode.count / colocated.count: no workers configured")
-    if cfg.transfer.backend not in BACKENDS:
-        raise ConfigError(
-            f"transfer.backend: must be one of {', '.join(BACKENDS)}, got {cfg.transfer.backend!r}"
-        )
-    if not isinstance(cfg.transfer.data_streams, int) or not 1 <= cfg.transfer.data_streams <= 64:
-        raise ConfigError(
-            f"transfer.data_streams: must be an integer in [1, 64], got {cfg.transfer.data_streams!r}"
-        )
     try:
         cfg.transfer.validate()
     except ValueError as exc:

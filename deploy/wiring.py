@@ -25,7 +25,7 @@ from pdserve.engine.config import EngineConfig
 from pdserve.prefill_worker.worker import PrefillWorker
 from pdserve.router.worker_client import LocalWorkerClient, WorkerClient
 from pdserve.transfer.config import TransferConfig
-from pdserve.transfer.connector import DecodeLink, Waitable, make_connector
+from pdserve.transfer.connector import DecodeLink, Waitable, connector_class, make_connector
 
 GROUP_JOIN_TIMEOUT_S = 120.0
 
@@ -101,7 +101,7 @@ def connect_workers(
     decode = [s.worker_id for s in specs if s.role == "decode"]
     if not prefill:
         return
-    if make_connector(transfer).uses_process_group:
+    if connector_class(transfer.backend).uses_process_group:
         members = prefill + decode  # rank 0 = prefill-0
         init_method = "tcp://" + controls[members[0]].rendezvous_address()
         joins = [

@@ -17,6 +17,7 @@ CONNECTORS: dict[str, str] = {
     "nccl": "pdserve.transfer.nccl_connector:NcclConnector",
 }
 BACKENDS: tuple[str, ...] = tuple(CONNECTORS)
+MAX_DATA_STREAMS = 64
 
 
 @dataclass
@@ -60,9 +61,10 @@ class TransferConfig:
             raise ValueError(
                 f"TransferConfig.backend: unknown backend {self.backend!r} (allowed: {', '.join(BACKENDS)})"
             )
-        if not _is_int(self.data_streams) or self.data_streams < 1:
+        if not _is_int(self.data_streams) or not 1 <= self.data_streams <= MAX_DATA_STREAMS:
             raise ValueError(
-                f"TransferConfig.data_streams: must be an integer >= 1, got {self.data_streams!r}"
+                f"TransferConfig.data_streams: must be an integer in [1, {MAX_DATA_STREAMS}], "
+                f"got {self.data_streams!r}"
             )
         if not _is_int(self.rendezvous_port) or not 0 <= self.rendezvous_port <= 65535:
             raise ValueError(

@@ -44,7 +44,6 @@ if TYPE_CHECKING:
     import torch
 
 __all__ = [
-    "BACKENDS",
     "DecodeLink",
     "GatedReceiveSide",
     "KVConnector",

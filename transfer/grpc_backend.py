@@ -70,7 +70,7 @@ from pdserve.transfer.grpc_data import (
 )
 from pdserve.transfer.layout import KVLayout, KVLayoutMismatch
 from pdserve.transfer.packing import buffer_nbytes, pack_blocks, to_bytes
-from pdserve.transfer.peers import check_grpc_peer
+from pdserve.transfer.peers import GrpcPeer, check_peer
 from pdserve.transfer.staging import StagingPool
 
 log = logging.getLogger(__name__)
@@ -248,7 +248,7 @@ class GrpcKVSender:
         self, handle: KVHandle, src_block_ids: Sequence[int], kv_cache: torch.Tensor, first_token_id: int
     ) -> TransferStats:
         """kv_cache: [num_layers, 2, num_blocks, block_size, Hkv, D]; `handle.peer` a GrpcPeer."""
-        address = check_grpc_peer(handle)
+        address = check_peer(handle, GrpcPeer).address
         local_layout = KVLayout.from_cache(kv_cache, self.model_name)
         check_send_args(handle, src_block_ids, local_layout, first_token_id)
         nbytes = buffer_nbytes(local_layout, len(src_block_ids))

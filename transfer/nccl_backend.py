@@ -70,7 +70,7 @@ from pdserve.transfer.contract import (
 from pdserve.transfer.credentials import KVGate, Reservation, auth_tag, secret_bytes
 from pdserve.transfer.layout import KVLayout, KVLayoutMismatch, normalize_dtype_name
 from pdserve.transfer.packing import dtype_from_name, layer_chunks, pack_blocks
-from pdserve.transfer.peers import check_nccl_peer
+from pdserve.transfer.peers import NcclPeer, check_peer
 
 DEFAULT_TIMEOUT_S = 60.0
 # Default chunking: the fewest layers per chunk that make a chunk at least this big (NCCL
@@ -236,7 +236,7 @@ class NcclKVSender:
         notify = notify or self.notify
         if notify is None:
             raise ValueError("NcclKVSender.send needs a notify callable (constructor or argument)")
-        dst = check_nccl_peer(handle)
+        dst = check_peer(handle, NcclPeer).rank
         if not handle.credential:
             raise ValueError(f"request {handle.req_id}: the handle carries no transfer credential")
         if dst == self.rank:

@@ -31,7 +31,7 @@ from pdserve.transfer.connector import (
 from pdserve.transfer.contract import KVHandle, KVSink, KVTransferError, TransferStats
 from pdserve.transfer.credentials import secret_bytes
 from pdserve.transfer.layout import KVLayout
-from pdserve.transfer.peers import NcclPeer, check_nccl_peer
+from pdserve.transfer.peers import NcclPeer, check_peer
 
 if TYPE_CHECKING:
     import torch
@@ -61,7 +61,7 @@ class NcclSendSide:
         self, handle: KVHandle, src_block_ids: Sequence[int], kv_cache: torch.Tensor, first_token_id: int
     ) -> TransferStats:
         """kv_cache: [num_layers, 2, num_blocks, block_size, Hkv, D]."""
-        check_nccl_peer(handle)
+        check_peer(handle, NcclPeer)
         if self.sender is None:
             raise RuntimeError("nccl send side: send before join_group (it needs its rank in the group)")
 

@@ -7,10 +7,11 @@ reads it. Plain frozen dataclasses, no torch: the router unpickles handles.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar, TypeVar
 
 from pdserve.transfer.contract import KVHandle
 
-__all__ = ["GrpcPeer", "NcclPeer", "check_grpc_peer", "check_nccl_peer"]
+__all__ = ["GrpcPeer", "NcclPeer", "check_peer"]
 
 
 @dataclass(frozen=True)
@@ -18,6 +19,7 @@ class GrpcPeer:
     """Where a decode worker's KV server listens."""
 
     address: str  # "host:port" of its GrpcKVServer (the data port comes back in the call)
+    backend: ClassVar[str] = "grpc"
 
 
 @dataclass(frozen=True)
@@ -25,23 +27,18 @@ class NcclPeer:
     """A decode worker's rank in the transfer process group."""
 
     rank: int
+    backend: ClassVar[str] = "nccl"
 
 
-def check_grpc_peer(handle: KVHandle) -> str:
-    """The handle's server address; ValueError when its peer belongs to another backend."""
-    if not isinstance(handle.peer, GrpcPeer):
+PeerT = TypeVar("PeerT", GrpcPeer, NcclPeer)
+
+
+def check_peer(handle: KVHandle, peer_type: type[PeerT]) -> PeerT:
+    """The handle's peer as `peer_type`; ValueError when it belongs to another backend."""
+    if not isinstance(handle.peer, peer_type):
+        name = peer_type.__name__
         raise ValueError(
-            f"request {handle.req_id}: the grpc backend needs a GrpcPeer, but the handle's peer is "
-            f"{handle.peer!r}"
+            f"request {handle.req_id}: the {peer_type.backend} backend needs "
+            f"{'an' if name.startswith('N') else 'a'} {name}, but the handle's peer is {handle.peer!r}"
         )
-    return handle.peer.address
-
-
-def check_nccl_peer(handle: KVHandle) -> int:
-    """The handle's destination rank; ValueError when its peer belongs to another backend."""
-    if not isinstance(handle.peer, NcclPeer):
-        raise ValueError(
-            f"request {handle.req_id}: the nccl backend needs an NcclPeer, but the handle's peer is "
-            f"{handle.peer!r}"
-        )
-    return handle.peer.rank
+    return handle.peer

@@ -20,8 +20,8 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from pdserve.transfer.config import TransferConfig
-from pdserve.transfer.connector import BACKENDS, KVConnector, KVReceiveSide, KVSendSide, make_connector
+from pdserve.transfer.config import BACKENDS, TransferConfig
+from pdserve.transfer.connector import KVConnector, KVReceiveSide, KVSendSide, make_connector
 from pdserve.transfer.contract import KVArrival, KVHandle, KVTransferError
 from pdserve.transfer.grpc_connector import GrpcConnector
 from pdserve.transfer.layout import KVLayout
