@@ -73,9 +73,9 @@ def worker_max_restarts(cfg: DeployConfig) -> int:
     join the torch.distributed group the others formed, so the dead worker stays out of
     routing and its requests move to the survivors (a decode worker with no prefill worker
     left prefills locally)."""
-    from pdserve.transfer.connector import make_connector
+    from pdserve.transfer.connector import connector_class
 
-    if make_connector(cfg.transfer).uses_process_group:
+    if connector_class(cfg.transfer.backend).uses_process_group:
         return 0
     return cfg.ray.max_worker_restarts
 
