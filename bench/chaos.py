@@ -14,6 +14,15 @@ received `--kill-after-tokens` tokens in all. It prints and writes:
 - whether every stream's tokens equal the baseline's (no token missing or repeated), and
   the router's failure counters.
 `run_with_kill` is the driver `tests/e2e/test_chaos.py` uses too.
+
+    python -m pdserve.bench.chaos --soak 10000 --kill-every 15 --cancel-fraction 0.2 \
+        --max-tokens 16 --output bench/results/chaos_cpu_soak.json
+
+`--soak N` (bench/soak.py; not part of CI): 2P2D, N short greedy requests with
+`--concurrency` in flight, `--cancel-fraction` of them cancelled by the client at a random
+moment, one random live worker killed every `--kill-every` seconds (Ray restarts it).
+Prints lost, duplicated, failed-with-status and leaked blocks (after quiescing, each
+worker's blocks in use), every outcome's count and the throughput.
 """
 
 from __future__ import annotations
@@ -163,7 +172,19 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--max-tokens", type=int, default=256)
     ap.add_argument("--kill-after-tokens", type=int, default=16 * 32)
     ap.add_argument("--output", help="write the figures here (JSON)")
+    soak = ap.add_argument_group("soak (--soak N)")
+    soak.add_argument("--soak", type=int, metavar="N", help="run N requests with random kills and cancels")
+    soak.add_argument("--kill-every", type=float, default=15.0, help="seconds between kills")
+    soak.add_argument("--cancel-fraction", type=float, default=0.2)
+    soak.add_argument("--concurrency", type=int, default=64)
+    soak.add_argument(
+        "--num-prompts", type=int, default=500, help="distinct prompts the requests cycle through"
+    )
+    soak.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
+    if args.soak:
+        _soak(args, argv)
+        return
 
     import ray
 
@@ -217,6 +238,21 @@ def main(argv: list[str] | None = None) -> None:
             f.write("\n")
     if report["num_streams_equal_to_baseline"] != len(prompts):
         raise SystemExit("some streams differ from the undisturbed run")
+
+
+def _soak(args: argparse.Namespace, argv: list[str] | None) -> None:
+    from pdserve.bench.soak import soak_main
+
+    report = soak_main(
+        args, "python -m pdserve.bench.chaos " + " ".join(argv if argv is not None else _argv())
+    )
+    print(json.dumps(report, indent=2))
+    if args.output:
+        with open(args.output, "w") as f:
+            json.dump(report, f, indent=2)
+            f.write("\n")
+    if report["lost"] or report["duplicated"] or report["leaked_blocks"] or report["counts"]["mismatched"]:
+        raise SystemExit("lost, duplicated, mismatched requests or leaked blocks")
 
 
 def _argv() -> list[str]:

@@ -53,12 +53,14 @@ class SoakOutcome:
     outcome: str
     num_tokens: int
     error: str | None = None
+    tokens: list[int] | None = None  # kept for the anomalies (lost, duplicated, mismatched, undocumented)
 
 
 @dataclass
 class SoakReport:
     counts: Counter = field(default_factory=Counter)
     errors: Counter = field(default_factory=Counter)  # "CODE: message" (request ids cut) -> count
+    anomalies: list[dict[str, Any]] = field(default_factory=list)  # what a wrong outcome got, to debug it
     num_tokens: int = 0
     wall_s: float = 0.0
 
@@ -71,6 +73,7 @@ class SoakReport:
             "requests_per_s": sum(self.counts.values()) / self.wall_s if self.wall_s else None,
             "tokens_per_s": self.num_tokens / self.wall_s if self.wall_s else None,
             "errors": dict(self.errors.most_common()),
+            "anomalies": self.anomalies,
         }
 
 
@@ -142,13 +145,20 @@ async def _one_request(
     done, _ = await asyncio.wait({task, waiter}, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
     waiter.cancel()
     if task in done:
-        return classify_outcome(req, tokens, completes, error)
-    task.cancel()  # leaving the stream cancels the gRPC call
-    await asyncio.gather(task, return_exceptions=True)
-    if waiter not in done:
-        return SoakOutcome("lost", len(tokens))  # no end within the bound
-    # Cancelled by us (a stream that ended just as we cancelled counts as it ended).
-    return classify_outcome(req, tokens, completes, error, cancelled=True)
+        out = classify_outcome(req, tokens, completes, error)
+    else:
+        task.cancel()  # leaving the stream cancels the gRPC call
+        await asyncio.gather(task, return_exceptions=True)
+        # Cancelled by us (a stream that ended just as we cancelled counts as it ended),
+        # or no end within the bound.
+        cancelled = waiter in done
+        out = (
+            classify_outcome(req, tokens, completes, error, cancelled)
+            if cancelled
+            else SoakOutcome("lost", 0)
+        )
+    out.num_tokens, out.tokens = len(tokens), tokens
+    return out
 
 
 async def run_soak(
@@ -171,6 +181,17 @@ async def run_soak(
             report.num_tokens += out.num_tokens
             if out.error is not None:
                 report.errors[out.error.replace(f"{id_prefix}-{i}", "<id>")] += 1
+            if out.outcome not in ("ok", "cancelled", "failed_with_status"):
+                report.anomalies.append(
+                    {
+                        "request_id": f"{id_prefix}-{i}",
+                        "outcome": out.outcome,
+                        "error": out.error,
+                        "cancel_after_tokens": req.cancel_after_tokens,
+                        "tokens": out.tokens,
+                        "expected": req.expected,
+                    }
+                )
             if on_progress is not None:
                 maybe = on_progress(i, report)
                 if maybe is not None:
@@ -181,3 +202,110 @@ async def run_soak(
         await asyncio.gather(*(sender(client) for _ in range(concurrency)))
     report.wall_s = time.perf_counter() - started
     return report
+
+
+# --- The Ray soak: `python -m pdserve.bench.chaos --soak N` -------------------------------
+
+
+def soak_config(backend: str, num_prefill: int = 2, num_decode: int = 2) -> Any:
+    """2P2D tiny model; Ray restarts a killed worker as often as it dies."""
+    from pdserve.deploy.config import parse_config
+
+    return parse_config(
+        {
+            "model": "tiny",
+            "engine": {"num_gpu_blocks": 1024, "max_num_seqs": 64, "max_num_batched_tokens": 1024},
+            "prefill": {"count": num_prefill},
+            "decode": {"count": num_decode},
+            "transfer": {"backend": backend},
+            "router": {"port": 0, "policy_params": {"local_prefill_threshold_tokens": 0}},
+            "ray": {"num_cpus": 2, "namespace": "pdserve-soak", "max_worker_restarts": -1},
+        }
+    )
+
+
+async def kill_workers_periodically(dep: Any, every_s: float, rng: random.Random, kills: list[dict]) -> None:
+    """Every `every_s` seconds `ray.kill` one random live worker (Ray restarts it)."""
+    import ray
+
+    started = time.perf_counter()
+    while True:
+        await asyncio.sleep(every_s)
+        status = await asyncio.to_thread(dep.status)
+        alive = sorted(w for w, s in status["workers"].items() if s.get("alive"))
+        if not alive:
+            continue
+        victim = rng.choice(alive)
+        ray.kill(dep.workers[victim], no_restart=False)
+        kills.append({"at_s": round(time.perf_counter() - started, 2), "worker": victim})
+        print(f"[soak] killed {victim} at {kills[-1]['at_s']} s", flush=True)
+
+
+def quiesce(dep: Any, timeout_s: float = 120.0) -> tuple[dict[str, Any], dict[str, int]]:
+    """Wait until every worker is alive again, no stream is open and every worker's blocks
+    are free (or `timeout_s`). Returns the last status and each worker's blocks in use."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        status = dep.status()
+        workers = status["workers"]
+        in_use = {w: s.get("num_total_blocks", 0) - s.get("num_free_blocks", 0) for w, s in workers.items()}
+        settled = all(s.get("alive") for s in workers.values()) and not status["num_streams"]
+        if (settled and not any(in_use.values())) or time.monotonic() > deadline:
+            return status, in_use
+        time.sleep(0.5)
+
+
+def soak_main(args: Any, command: str) -> dict[str, Any]:
+    from pdserve.deploy.launcher import up
+    from pdserve.engine import LLM, SamplingParams
+
+    rng = random.Random(args.seed)
+    prompts = [
+        [rng.randrange(256) for _ in range(rng.randrange(8, args.prompt_len + 1))]
+        for _ in range(args.num_prompts)
+    ]
+    greedy = SamplingParams(temperature=0, max_tokens=args.max_tokens, ignore_eos=True)
+    expected = [o.token_ids for o in LLM("tiny", num_gpu_blocks=2048).generate(prompts, greedy)]
+    requests = make_requests(args.soak, prompts, expected, args.cancel_fraction, args.max_tokens, args.seed)
+    dep = up(soak_config(args.backend))
+    kills: list[dict] = []
+
+    async def progress(i: int, report: SoakReport) -> None:
+        done = sum(report.counts.values())
+        if done % 500 == 0:
+            print(f"[soak] {done} done: {dict(report.counts)}", flush=True)
+
+    async def soak() -> SoakReport:
+        killer = asyncio.ensure_future(kill_workers_periodically(dep, args.kill_every, rng, kills))
+        try:
+            return await run_soak(dep.url, requests, args.max_tokens, args.concurrency, on_progress=progress)
+        finally:
+            killer.cancel()
+            await asyncio.gather(killer, return_exceptions=True)
+
+    try:
+        warm = make_requests(8, prompts, expected, 0.0, args.max_tokens)
+        asyncio.run(run_soak(dep.url, warm, args.max_tokens, id_prefix="warm"))  # not counted
+        report = asyncio.run(soak())
+        status, in_use = quiesce(dep)
+        fresh = make_requests(4, prompts, expected, 0.0, args.max_tokens)
+        after = asyncio.run(run_soak(dep.url, fresh, args.max_tokens, id_prefix="after"))
+    finally:
+        dep.down()
+    result = report.as_dict()
+    counts = result["counts"]
+    return {
+        "command": command,
+        "args": vars(args),
+        "lost": counts["lost"],
+        "duplicated": counts["duplicated"],
+        "failed_with_status": counts["failed_with_status"],
+        "leaked_blocks": sum(in_use.values()),
+        **result,
+        "leaked_blocks_per_worker": in_use,
+        "workers_alive_after": {w: s.get("alive") for w, s in status["workers"].items()},
+        "worker_restarts": {w: s.get("num_restarts") for w, s in status["workers"].items()},
+        "new_requests_ok_after": after.counts.get("ok", 0),
+        "kills": kills,
+        "router_stats": status["stats"],
+    }
