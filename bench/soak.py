@@ -224,14 +224,33 @@ def soak_config(backend: str, num_prefill: int = 2, num_decode: int = 2) -> Any:
     )
 
 
-async def kill_workers_periodically(dep: Any, every_s: float, rng: random.Random, kills: list[dict]) -> None:
+@dataclass
+class RouterEvents:
+    """The router's lifecycle events about requests, collected as the soak goes (the
+    router keeps only its latest), to tell what happened to an anomalous request."""
+
+    last_seq: int = 0
+    by_request: dict[str, list[str]] = field(default_factory=dict)
+
+    def add(self, events: list[dict[str, Any]]) -> None:
+        for event in events:
+            self.last_seq = max(self.last_seq, event["seq"])
+            words = event["message"].split()
+            if len(words) > 1 and words[0] == "request":
+                self.by_request.setdefault(words[1], []).append(event["message"])
+
+
+async def kill_workers_periodically(
+    dep: Any, every_s: float, rng: random.Random, kills: list[dict], events: RouterEvents
+) -> None:
     """Every `every_s` seconds `ray.kill` one random live worker (Ray restarts it)."""
     import ray
 
     started = time.perf_counter()
     while True:
         await asyncio.sleep(every_s)
-        status = await asyncio.to_thread(dep.status)
+        status = await asyncio.to_thread(dep.status, events.last_seq)
+        events.add(status["events"])
         alive = sorted(w for w, s in status["workers"].items() if s.get("alive"))
         if not alive:
             continue
@@ -269,6 +288,7 @@ def soak_main(args: Any, command: str) -> dict[str, Any]:
     requests = make_requests(args.soak, prompts, expected, args.cancel_fraction, args.max_tokens, args.seed)
     dep = up(soak_config(args.backend))
     kills: list[dict] = []
+    events = RouterEvents()
 
     async def progress(i: int, report: SoakReport) -> None:
         done = sum(report.counts.values())
@@ -276,7 +296,7 @@ def soak_main(args: Any, command: str) -> dict[str, Any]:
             print(f"[soak] {done} done: {dict(report.counts)}", flush=True)
 
     async def soak() -> SoakReport:
-        killer = asyncio.ensure_future(kill_workers_periodically(dep, args.kill_every, rng, kills))
+        killer = asyncio.ensure_future(kill_workers_periodically(dep, args.kill_every, rng, kills, events))
         try:
             return await run_soak(dep.url, requests, args.max_tokens, args.concurrency, on_progress=progress)
         finally:
@@ -288,11 +308,14 @@ def soak_main(args: Any, command: str) -> dict[str, Any]:
         asyncio.run(run_soak(dep.url, warm, args.max_tokens, id_prefix="warm"))  # not counted
         report = asyncio.run(soak())
         status, in_use = quiesce(dep)
+        events.add(dep.status(events.last_seq)["events"])
         fresh = make_requests(4, prompts, expected, 0.0, args.max_tokens)
         after = asyncio.run(run_soak(dep.url, fresh, args.max_tokens, id_prefix="after"))
     finally:
         dep.down()
     result = report.as_dict()
+    for anomaly in result["anomalies"]:
+        anomaly["router_events"] = events.by_request.get(anomaly["request_id"], [])
     counts = result["counts"]
     return {
         "command": command,
