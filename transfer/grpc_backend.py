@@ -220,13 +220,30 @@ class GrpcKVSender:
     def _rpc_for(self, address: str) -> grpc.StreamUnaryMultiCallable:
         with self._lock:
             if address not in self._rpcs:
-                channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+                # Its own subchannel pool: a channel that replaces a retired one connects anew
+                # instead of sharing the old connection's reconnect backoff.
+                options = [*CHANNEL_OPTIONS, ("grpc.use_local_subchannel_pool", 1)]
+                channel = grpc.insecure_channel(address, options=options)
                 self._channels[address] = channel
                 # Requests go out as bytes we encoded ourselves (no serializer).
                 self._rpcs[address] = channel.stream_unary(
                     PUSH_KV, response_deserializer=kv_transfer_pb2.PushKVReply.FromString
                 )
             return self._rpcs[address]
+
+    def _retire_channel(self, address: str, rpc: grpc.StreamUnaryMultiCallable) -> None:
+        """Forget `address`'s channel (if `rpc` is still its) and what was learnt of its data port:
+        the next push opens a new connection. Closed once every call it may carry is past its
+        deadline (closing it now would cancel other threads' pushes on it)."""
+        with self._lock:
+            if self._rpcs.get(address) is not rpc:
+                return  # another thread retired it already
+            del self._rpcs[address]
+            channel = self._channels.pop(address)
+            self._inband_only.discard(address)
+        closer = threading.Timer(self.timeout_s + 1.0, channel.close)
+        closer.daemon = True
+        closer.start()
 
     def _auth_metadata(self, handle: KVHandle) -> tuple[tuple[str, str], ...]:
         """The push's credentials: the decode worker's one-time credential, signed with the secret."""
@@ -247,7 +264,27 @@ class GrpcKVSender:
     def send(
         self, handle: KVHandle, src_block_ids: Sequence[int], kv_cache: torch.Tensor, first_token_id: int
     ) -> TransferStats:
-        """kv_cache: [num_layers, 2, num_blocks, block_size, Hkv, D]; `handle.peer` a GrpcPeer."""
+        """kv_cache: [num_layers, 2, num_blocks, block_size, Hkv, D]; `handle.peer` a GrpcPeer.
+
+        A push that finds its address unreachable (UNAVAILABLE) is tried once more on a fresh
+        channel: a decode worker restarted on an address a dead one had (the OS hands the free
+        port out again) is reached at once, not after the old channel's reconnect backoff.
+        Never a double write: the credential is single use, so a push that had reached a
+        server is refused the second time."""
+        try:
+            return self._send_once(handle, src_block_ids, kv_cache, first_token_id)
+        except KVTransferError as exc:
+            cause = exc.__cause__
+            if not (isinstance(cause, grpc.RpcError) and cause.code() == grpc.StatusCode.UNAVAILABLE):
+                raise
+        log.info(
+            "request %s: KV push to %s unreachable: once more on a new channel", handle.req_id, handle.peer
+        )
+        return self._send_once(handle, src_block_ids, kv_cache, first_token_id)
+
+    def _send_once(
+        self, handle: KVHandle, src_block_ids: Sequence[int], kv_cache: torch.Tensor, first_token_id: int
+    ) -> TransferStats:
         address = check_peer(handle, GrpcPeer).address
         local_layout = KVLayout.from_cache(kv_cache, self.model_name)
         check_send_args(handle, src_block_ids, local_layout, first_token_id)
@@ -290,6 +327,8 @@ class GrpcKVSender:
             else:
                 call.result()
         except grpc.RpcError as exc:
+            if exc.code() == grpc.StatusCode.UNAVAILABLE:
+                self._retire_channel(address, rpc)
             raise self._translate(handle.req_id, address, exc, self.timeout_s) from exc
         finally:
             if call is not None:

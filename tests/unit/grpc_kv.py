@@ -40,7 +40,7 @@ def bits(tensor: torch.Tensor) -> torch.Tensor:
 class Server:
     """A decode side with a cache (on `device`), scattering into it, recording ready request ids
     and every `KVArrival` (`arrivals`). `watch(buffer)` sees every arrived buffer first;
-    `server_options` go to GrpcKVServer."""
+    `server_options` go to GrpcKVServer; `address`: where it binds (a free port by default)."""
 
     def __init__(
         self,
@@ -50,6 +50,7 @@ class Server:
         device: str = "cpu",
         watch: Callable[[torch.Tensor], None] | None = None,
         server_options: dict[str, Any] | None = None,
+        address: str = "127.0.0.1:0",
         **dims: int,
     ) -> None:
         self.cache = torch.zeros_like(make_cache(num_blocks, dtype, **dims)).to(device)
@@ -60,7 +61,7 @@ class Server:
         self.watch = watch
         self.gate = KVGate(SECRET)
         options = {"gate": self.gate, **(server_options or {})}
-        self.server = GrpcKVServer("127.0.0.1:0", self, self.layout, data_port=data_port, **options)
+        self.server = GrpcKVServer(address, self, self.layout, data_port=data_port, **options)
         self.server.start()
 
     def on_kv_chunk(self, arrival: KVArrival, layers: slice, chunk: torch.Tensor) -> None:

@@ -131,6 +131,28 @@ def test_callback_failure_and_unreachable_server_raise_transfer_errors(sender: G
     assert time.monotonic() - start < 5
 
 
+def test_a_server_restarted_on_the_same_address_is_reached_at_once(sender: GrpcKVSender) -> None:
+    """A decode worker restarted by Ray may get the port its dead predecessor (or another
+    dead worker) had: the push to it must not fail fast in the old connection's reconnect
+    backoff (seen in the soak: 59 requests ABORTED over 2 s with "Connection refused")."""
+    source = make_cache(4, torch.float32, seed=3)
+    first = Server()
+    address = first.server.address
+    sender.send(first.handle("a", [0]), [1], source, FIRST_TOKEN)
+    stale = first.handle("b", [1])
+    first.server.stop()
+    with pytest.raises(KVTransferError, match="UNAVAILABLE"):
+        sender.send(stale, [1], source, FIRST_TOKEN)  # nobody listens: fails, and quickly
+    second = Server(address=address)
+    try:
+        start = time.monotonic()
+        sender.send(second.handle("c", [2]), [1], source, FIRST_TOKEN)
+        assert time.monotonic() - start < 1.0
+        assert second.ready == ["c"] and torch.equal(bits(second.cache[:, :, 2]), bits(source[:, :, 1]))
+    finally:
+        second.server.stop()
+
+
 def test_server_rejects_malformed_streams() -> None:
     layout = KVLayout.from_cache(make_cache(4, torch.float32), MODEL)
     received: list[str] = []
