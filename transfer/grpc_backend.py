@@ -277,7 +277,7 @@ class GrpcKVSender:
             cause = exc.__cause__
             if not (isinstance(cause, grpc.RpcError) and cause.code() == grpc.StatusCode.UNAVAILABLE):
                 raise
-        log.info(
+        log.warning(
             "request %s: KV push to %s unreachable: once more on a new channel", handle.req_id, handle.peer
         )
         return self._send_once(handle, src_block_ids, kv_cache, first_token_id)
