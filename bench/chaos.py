@@ -163,6 +163,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--max-tokens", type=int, default=256)
     ap.add_argument("--kill-after-tokens", type=int, default=16 * 32)
     ap.add_argument("--output", help="write the figures here (JSON)")
+    ap.add_argument(
+        "--config",
+        help="a deploy YAML instead of the built-in tiny CPU deployment (e.g. the GPU's "
+        "deploy/gpu-1p1d-grpc-1.yaml); the router waits up to --max-wait-s for a restarted worker",
+    )
+    ap.add_argument("--max-wait-s", type=float, default=300.0, help="router.max_wait_s with --config")
     args = ap.parse_args(argv)
 
     import ray
@@ -171,9 +177,16 @@ def main(argv: list[str] | None = None) -> None:
 
     rng = random.Random(0)
     prompts = [[rng.randrange(256) for _ in range(args.prompt_len)] for _ in range(args.num_requests)]
+    if args.config:
+        from pdserve.deploy.config import load_config
+
+        overrides = {"router.port": 0, "router.max_wait_s": args.max_wait_s}
+        cfg = load_config(args.config, overrides)
+    else:
+        cfg = _config(args.kill, args.backend, args.restart)
     greedy = {"max_tokens": args.max_tokens, "temperature": 0.0, "ignore_eos": True}
     sampling = [{**greedy, "request_id": f"chaos-{i}"} for i in range(len(prompts))]
-    dep = up(_config(args.kill, args.backend, args.restart))
+    dep = up(cfg)
     try:
         asyncio.run(run_with_kill(dep.url, prompts, [{**greedy}] * len(prompts)))  # warm-up, not counted
         started = time.perf_counter()
@@ -215,7 +228,9 @@ def main(argv: list[str] | None = None) -> None:
         with open(args.output, "w") as f:
             json.dump(report, f, indent=2)
             f.write("\n")
-    if report["num_streams_equal_to_baseline"] != len(prompts):
+    # float32 on CPU must match token for token; in bf16 a stream moved to a new attempt
+    # re-prefills its tokens, whose rounding may differ from the decode steps' (reported only)
+    if report["num_streams_equal_to_baseline"] != len(prompts) and not args.config:
         raise SystemExit("some streams differ from the undisturbed run")
 
 

@@ -75,6 +75,13 @@ case "${1:-}" in
     timeout 590 python -m pdserve.bench.gpu_long --json "$OUT/gpu_long.json" --markdown "$OUT/gpu_long.md" \
       2>&1 | tail -14
     ;;
+  chaos)
+    # One GPU, 1P1D over gRPC sharing it (Llama-3-8B shape): 64 streams, the decode worker killed
+    # mid-stream and restarted by Ray; time to the first migrated token and throughput.
+    timeout 580 python -m pdserve.bench.chaos --config deploy/gpu-1p1d-grpc-1.yaml --kill decode --restart \
+      --num-requests 64 --prompt-len 512 --max-tokens 256 --kill-after-tokens 4096 \
+      --output "$OUT/chaos_gpu.json" 2>&1 | tail -40
+    ;;
   hosttier)
     # One GPU: TTFT of a long prompt served from the prefix cache's host tier against computing
     # it again (8,000 tokens at the model's own 8,192 positions; 32,000 with positions raised).
