@@ -169,6 +169,9 @@ def main(argv: list[str] | None = None) -> None:
         "deploy/gpu-1p1d-grpc-1.yaml); the router waits up to --max-wait-s for a restarted worker",
     )
     ap.add_argument("--max-wait-s", type=float, default=300.0, help="router.max_wait_s with --config")
+    ap.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="override a --config key (YAML value)"
+    )
     args = ap.parse_args(argv)
 
     import ray
@@ -178,9 +181,14 @@ def main(argv: list[str] | None = None) -> None:
     rng = random.Random(0)
     prompts = [[rng.randrange(256) for _ in range(args.prompt_len)] for _ in range(args.num_requests)]
     if args.config:
+        import yaml
+
         from pdserve.deploy.config import load_config
 
         overrides = {"router.port": 0, "router.max_wait_s": args.max_wait_s}
+        for item in args.set:
+            key, _, value = item.partition("=")
+            overrides[key] = yaml.safe_load(value)
         cfg = load_config(args.config, overrides)
     else:
         cfg = _config(args.kill, args.backend, args.restart)
@@ -188,7 +196,7 @@ def main(argv: list[str] | None = None) -> None:
     sampling = [{**greedy, "request_id": f"chaos-{i}"} for i in range(len(prompts))]
     dep = up(cfg)
     try:
-        asyncio.run(run_with_kill(dep.url, prompts, [{**greedy}] * len(prompts)))  # warm-up, not counted
+        warm_up, _ = asyncio.run(run_with_kill(dep.url, prompts, [{**greedy}] * len(prompts)))  # not timed
         started = time.perf_counter()
         baseline, _ = asyncio.run(run_with_kill(dep.url, prompts, [{**greedy}] * len(prompts)))
         baseline_s = max(t for r in baseline for t in r.token_times) - started
@@ -219,6 +227,19 @@ def main(argv: list[str] | None = None) -> None:
         "baseline_tokens_per_s": sum(len(r.tokens) for r in baseline) / baseline_s,
         **recovery_figures(results, killed_at, started, moved),
         "num_streams_equal_to_baseline": same,
+        # two undisturbed runs (batched differently) against each other, and how far each
+        # killed run's stream agrees with the baseline: on CPU float32 all are equal; in bf16
+        # a re-prefilled context may round differently from the decode steps it replaces
+        "num_undisturbed_runs_equal": sum(
+            w.tokens == b.tokens for w, b in zip(warm_up, baseline, strict=True)
+        ),
+        "num_streams_equal_until_the_kill": sum(
+            r.tokens[:k] == b.tokens[:k]
+            for r, b, k in (
+                (r, b, sum(t < killed_at for t in r.token_times))
+                for r, b in zip(results, baseline, strict=True)
+            )
+        ),
         "num_streams_failed": sum(r.error is not None for r in results),
         "errors": sorted({r.error for r in results if r.error}),
         "router_stats": status["stats"],
