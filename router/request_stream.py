@@ -357,8 +357,9 @@ class RequestStream:
             if isinstance(item, (RouterError, WorkerLost)):
                 merged.failure = item
                 break
-            if item.error is not None:
+            if item.error is not None:  # e.g. its KV transfer failed or outlived transfer.timeout_s
                 merged.failure = RouterError("ABORTED", f"request {self.req_id} failed: {item.error}")
+                self.deps.lifecycle.record(logging.WARNING, "request %s failed: %s", self.req_id, item.error)
                 break
             if self.first_token_at is None and item.new_token_ids:
                 self.first_token_at = time.perf_counter()
