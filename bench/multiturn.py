@@ -145,10 +145,12 @@ async def run_multi_turn(
     metric_percentiles: Sequence[float] = (99.0,),
     timeout: float = 3600.0,
     goodput_slos_ms: dict[str, float] | None = None,
+    warmup: Sequence[BenchRequest] = (),
 ) -> dict[str, object]:
     """Run every conversation through a sender from `make_sender` (made on this event loop,
     which gRPC's channel binds to) and return bench serve's metrics dict plus the
-    multi-turn keys. Turns unfinished after `timeout` seconds count as failed."""
+    multi-turn keys. Turns unfinished after `timeout` seconds count as failed. `warmup`
+    requests are sent together, unmeasured, before the clock starts (kernels, graphs)."""
     if not conversations:
         raise ValueError("no conversations to run")
     pauses = think_times(conversations, think_time_s, seed)
@@ -157,6 +159,9 @@ async def run_multi_turn(
     deadline = time.monotonic() + timeout
     async with make_sender() as sender:
         await sender.wait_ready(timeout)  # connect before the clock starts (see run_benchmark)
+        warmed = await asyncio.gather(*(sender.send(r, temperature, deadline) for r in warmup))
+        if not all(r.success for r in warmed):
+            raise RuntimeError(f"warm-up failed: {next(r.error for r in warmed if not r.success)}")
 
         async def run_all() -> None:
             await asyncio.gather(

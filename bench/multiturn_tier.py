@@ -19,6 +19,7 @@ import json
 import sys
 from pathlib import Path
 
+from pdserve.bench.datasets import sample_random
 from pdserve.bench.metrics import parse_metric_percentiles, percentile_label
 from pdserve.bench.multiturn import add_multi_turn_arguments, build_conversations, run_multi_turn
 from pdserve.bench.serve import open_sender
@@ -39,6 +40,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add_multi_turn_arguments(parser)
     parser.add_argument("--max-concurrency", type=int, default=4, help="requests in flight")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--warmup-requests",
+        type=int,
+        default=4,
+        help="unmeasured requests of fresh tokens, as long as a first turn, sent before each run",
+    )
     parser.add_argument("--vocab-size", type=int, default=None)
     parser.add_argument("--metric-percentiles", default="50,99")
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds per deployment's run")
@@ -59,6 +66,16 @@ def measure(args: argparse.Namespace, url: str) -> dict[str, object]:
     """One deployment's run of the conversations the flags name."""
     info = asyncio.run(_prepare(url, args.ready_timeout))
     conversations = build_conversations(args, info)
+    first = conversations[0]
+    warmup = sample_random(
+        args.warmup_requests,
+        len(first.turn_prompt(0, [], [])),
+        first.output_len,
+        0.0,
+        args.vocab_size or info.vocab_size,
+        args.seed + 1,
+        [info.eos_token_id] if info.eos_token_id is not None else [],
+    )
     metrics = asyncio.run(
         run_multi_turn(
             lambda: open_sender("pdserve", url),
@@ -70,6 +87,7 @@ def measure(args: argparse.Namespace, url: str) -> dict[str, object]:
             PERCENTILE_METRICS,
             parse_metric_percentiles(args.metric_percentiles),
             args.timeout,
+            warmup=warmup,
         )
     )
     for key in DROPPED_KEYS:

@@ -5,12 +5,13 @@ tier serves more of each turn's prompt than the GPU cache alone."""
 from __future__ import annotations
 
 import asyncio
+import json
 
 import pytest
 
+from pdserve.bench import serve
 from pdserve.bench.datasets import Conversation, sample_multi_turn
 from pdserve.bench.multiturn import run_multi_turn
-from pdserve.bench.serve import open_sender
 from pdserve.engine.config import EngineConfig
 from tests.inprocess import InProcessDeployment
 
@@ -28,7 +29,7 @@ def _serve(num_host_blocks: int, conversations: list[Conversation]) -> tuple[dic
     try:
         metrics = asyncio.run(
             run_multi_turn(
-                lambda: open_sender("pdserve", deployment.url), conversations, IN_FLIGHT, timeout=120
+                lambda: serve.open_sender("pdserve", deployment.url), conversations, IN_FLIGHT, timeout=120
             )
         )
         return metrics, deployment.all_blocks_free()
@@ -83,7 +84,7 @@ def test_a_failed_turn_ends_its_conversation() -> None:
     deployment = InProcessDeployment(num_prefill=0, num_decode=1, http=False)
     try:
         metrics = asyncio.run(
-            run_multi_turn(lambda: open_sender("pdserve", deployment.url), [too_long, *fine], 2)
+            run_multi_turn(lambda: serve.open_sender("pdserve", deployment.url), [too_long, *fine], 2)
         )
     finally:
         deployment.close()
@@ -91,3 +92,26 @@ def test_a_failed_turn_ends_its_conversation() -> None:
     errors = [e for e in metrics["errors"] if e]
     assert len(errors) == 2 and errors[1] == "turn 2 not sent: an earlier turn failed", errors
     assert "4096" in errors[0] or "max_model_len" in errors[0] or "long" in errors[0], errors[0]
+
+
+@pytest.mark.timeout(120)
+def test_bench_serve_runs_the_multi_turn_dataset(tmp_path, capsys) -> None:
+    """The CLI path: `bench serve --dataset multi-turn` prints and saves the hit rates."""
+    engine = EngineConfig(model="tiny", num_gpu_blocks=64, num_host_blocks=64)
+    deployment = InProcessDeployment(num_prefill=0, num_decode=1, engine=engine, http=False)
+    try:
+        argv = ["--url", deployment.url, "--dataset", "multi-turn", "--multi-turn-num-conversations", "3"]
+        argv += ["--multi-turn-turns", "3", "--multi-turn-system-len", "16", "--multi-turn-user-len", "20"]
+        argv += ["--multi-turn-output-len", "5", "--max-concurrency", "2", "--disable-tqdm"]
+        argv += ["--save-result", "--result-dir", str(tmp_path), "--result-filename", "mt.json"]
+        assert serve.main(argv) == 0
+    finally:
+        deployment.close()
+    out = capsys.readouterr().out
+    assert "Prefix hit rate (cached/prompt tokens):" in out and "Conversations x turns: 3 x 3" in out
+    saved = json.loads((tmp_path / "mt.json").read_text())
+    assert saved["dataset"] == "multi-turn" and saved["completed"] == 9 and saved["failed"] == 0
+    # Turn 0 prompts are 36 tokens: the 16-token system prompt hits after the first request.
+    assert saved["input_lens"][:3] == [36, 36 + 5 + 20, 36 + 2 * (5 + 20)]
+    assert saved["prefix_hit_rate"] == saved["total_cached_tokens"] / saved["total_input_tokens"] > 0
+    assert saved["prefix_hit_rate_later_turns"] > saved["prefix_hit_rate_by_turn"][0]
