@@ -4,6 +4,9 @@
         --random-input-len 512 --random-output-len 128 --request-rate 8 --goodput ttft:500 tpot:50
     python -m pdserve.bench.serve --backend openai --url http://127.0.0.1:8000 --vocab-size 258 ...
 
+`--dataset multi-turn` runs conversations (bench/multiturn.py) instead of independent
+requests: --multi-turn-* size them, --max-concurrency bounds the requests in flight.
+
 `--backend openai` streams `/v1/completions` (bench/openai_backend.py): pdserve's HTTP API,
 vLLM or SGLang, measured the same way.
 
@@ -384,6 +387,11 @@ async def _run_multi_turn(
     if args.backend != "pdserve":
         raise ValueError(
             "--dataset multi-turn needs --backend pdserve: each turn resends the reply's token ids"
+        )
+    if not math.isinf(args.request_rate):
+        raise ValueError(
+            "--request-rate does not apply to --dataset multi-turn: every conversation starts at once, "
+            "--max-concurrency bounds the requests in flight and --multi-turn-think-time paces the turns"
         )
     conversations = build_conversations(args, info)
     print(

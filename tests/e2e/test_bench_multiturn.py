@@ -105,9 +105,12 @@ def test_bench_serve_runs_the_multi_turn_dataset(tmp_path, capsys) -> None:
         argv += ["--multi-turn-output-len", "5", "--max-concurrency", "2", "--disable-tqdm"]
         argv += ["--save-result", "--result-dir", str(tmp_path), "--result-filename", "mt.json"]
         assert serve.main(argv) == 0
+        out = capsys.readouterr().out
+        # Conversations have no arrival rate: a run that asks for one is refused, not ignored.
+        assert serve.main([*argv, "--request-rate", "4"]) == 1
+        assert "--request-rate does not apply to --dataset multi-turn" in capsys.readouterr().err
     finally:
         deployment.close()
-    out = capsys.readouterr().out
     assert "Prefix hit rate (cached/prompt tokens):" in out and "Conversations x turns: 3 x 3" in out
     saved = json.loads((tmp_path / "mt.json").read_text())
     assert saved["dataset"] == "multi-turn" and saved["completed"] == 9 and saved["failed"] == 0
