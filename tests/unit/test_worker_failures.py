@@ -27,7 +27,7 @@ MAX_TOKENS = 40
 @pytest.fixture(scope="module")
 def dep():
     d = InProcessDeployment(
-        num_prefill=1, num_decode=2, policy="round_robin", router_overrides={"worker_timeout_s": 1.0}
+        num_prefill=1, num_decode=2, policy="round_robin", router_overrides={"worker_timeout_s": 3.0}
     )
     yield d
     d.close()
@@ -87,7 +87,7 @@ def test_hung_decode_worker_is_dropped_and_rejoins(dep):
             assert not errors and tokens == expected[i], f"stream {i}: {errors}"
         status = dep.run(_status(dep))
         assert status["workers"]["decode-0"]["alive"] is False
-        assert status["workers"]["decode-0"]["lost_reason"] == "no answer within 1 s"
+        assert status["workers"]["decode-0"]["lost_reason"] == "no answer within 3 s"
         assert status["stats"]["num_worker_failures"] == 1 and status["stats"]["num_migrations"] >= 1
         assert status["serving"]
         metrics = scrape(dep)
