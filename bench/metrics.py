@@ -37,6 +37,8 @@ class RequestResult:
     request_id: str = ""
     finish_reason: str = ""
     cached_tokens: int = 0
+    # The tokens streamed back, in order (gRPC backend): what a multi-turn conversation resends.
+    output_token_ids: list[int] = field(default_factory=list)
     # Timings from the server's Complete message (milliseconds), when it came.
     server_timings: dict[str, float] | None = None
 
@@ -162,6 +164,8 @@ def compute_metrics(
         values = [t[timing] for t in with_server]
         metrics[f"mean_server_{timing}"] = float(np.mean(values)) if values else None
     metrics["total_cached_tokens"] = sum(r.cached_tokens for r in completed)
+    # Prompt tokens the server served from its prefix cache (GPU or host tier), of all sent.
+    metrics["prefix_hit_rate"] = metrics["total_cached_tokens"] / total_input if total_input else 0.0
 
     # Per-request lists (seconds, like vLLM's JSON) for plots and cross-checks.
     metrics["input_lens"] = [r.prompt_len for r in results]
@@ -199,6 +203,8 @@ def format_summary(
         row("Request goodput (req/s):", metrics["request_goodput"])
     row("Output token throughput (tok/s):", metrics["output_throughput"])
     row("Total Token throughput (tok/s):", metrics["total_token_throughput"])
+    if metrics.get("prefix_hit_rate") is not None:
+        row("Prefix hit rate (cached/prompt tokens):", metrics["prefix_hit_rate"], 3)
     headers = {
         "ttft": "Time to First Token",
         "tpot": "Time per Output Token (excl. 1st token)",

@@ -11,6 +11,7 @@
 #   bash bench/run_gpu_suite.sh grpc1    # one GPU: 1P1D over gRPC on it, bench.transfer (gRPC host path)
 #   bash bench/run_gpu_suite.sh sweep1grpc # one H200: 1P1D over gRPC sharing it, 4 data streams vs 1
 #   bash bench/run_gpu_suite.sh structure  # one GPU: bench.gpu, and 1P1D over gRPC on it (the connector)
+#   bash bench/run_gpu_suite.sh multiturn  # one H200: multi-turn serving, prefix cache's host tier off vs on
 # Results land in $OUT (default bench/results/gpu-run).
 set -uo pipefail
 OUT="${OUT:-bench/results/gpu-run}"
@@ -75,6 +76,13 @@ case "${1:-}" in
     timeout 590 python -m pdserve.bench.gpu_long --json "$OUT/gpu_long.json" --markdown "$OUT/gpu_long.md" \
       2>&1 | tail -14
     ;;
+  chaos)
+    # One GPU, 1P1D over gRPC sharing it (Llama-3-8B shape): 64 streams, the decode worker killed
+    # mid-stream and restarted by Ray; time to the first migrated token and throughput.
+    timeout 580 python -m pdserve.bench.chaos --config deploy/gpu-1p1d-grpc-1.yaml --kill decode --restart \
+      --num-requests 64 --prompt-len 512 --max-tokens 256 --kill-after-tokens 4096 \
+      --output "$OUT/chaos_gpu.json" 2>&1 | tail -40
+    ;;
   hosttier)
     # One GPU: TTFT of a long prompt served from the prefix cache's host tier against computing
     # it again (8,000 tokens at the model's own 8,192 positions; 32,000 with positions raised).
@@ -82,6 +90,18 @@ case "${1:-}" in
     timeout 300 python -m pdserve.bench.host_tier --prompt-tokens 32000 --max-position 131072 \
       --json "$OUT/host_tier_32k.json" 2>&1 | tail -11
     timeout 100 python -m pytest tests/unit/test_host_tier.py tests/gpu/test_host_tier_gpu.py -q -p no:cacheprovider 2>&1 | tail -2
+    ;;
+  multiturn)
+    # One GPU (H200), one co-located worker (Llama-3-8B shape) through the gRPC API: 64
+    # conversations x 8 turns (shared 1,024-token system prompt, 256-token user messages,
+    # 64-token replies; ~10,300 blocks in all) against a 4,096-block GPU cache, the host tier
+    # off (deploy/gpu-multiturn.yaml) then on (deploy/gpu-multiturn-tier.yaml, 24 GiB):
+    # prefix hit rate, TTFT p50/p99 and throughput of each.
+    timeout 590 python -m pdserve.bench.multiturn_tier --config tier-off=deploy/gpu-multiturn.yaml \
+      --config tier-on=deploy/gpu-multiturn-tier.yaml --multi-turn-num-conversations 64 \
+      --multi-turn-turns 8 --multi-turn-system-len 1024 --multi-turn-user-len 256 \
+      --multi-turn-output-len 64 --max-concurrency 16 --warmup-requests 16 --timeout 220 \
+      --output "$OUT/multiturn_tier.json" 2>&1 | grep -v WARNING | tail -12
     ;;
   final)
     # One GPU: the whole bench.gpu (transformers included), bench.gemv and the step profile.

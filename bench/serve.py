@@ -4,6 +4,9 @@
         --random-input-len 512 --random-output-len 128 --request-rate 8 --goodput ttft:500 tpot:50
     python -m pdserve.bench.serve --backend openai --url http://127.0.0.1:8000 --vocab-size 258 ...
 
+`--dataset multi-turn` runs conversations (bench/multiturn.py) instead of independent
+requests: --multi-turn-* size them, --max-concurrency bounds the requests in flight.
+
 `--backend openai` streams `/v1/completions` (bench/openai_backend.py): pdserve's HTTP API,
 vLLM or SGLang, measured the same way.
 
@@ -43,6 +46,12 @@ from pdserve.bench.metrics import (
     parse_metric_percentiles,
     parse_percentile_metrics,
 )
+from pdserve.bench.multiturn import (
+    add_multi_turn_arguments,
+    build_conversations,
+    format_multi_turn,
+    run_multi_turn,
+)
 from pdserve.bench.openai_backend import OpenAIBackendError, OpenAISender
 from pdserve.engine.gc_heap import frozen_heap
 from pdserve.router.client import AsyncPdserveClient, GenerateChunk, GenerateComplete, ModelInfo, PdserveError
@@ -75,6 +84,7 @@ def add_workload_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prefix-repetition-suffix-len", type=int, default=256)
     parser.add_argument("--prefix-repetition-num-prefixes", type=int, default=10)
     parser.add_argument("--prefix-repetition-output-len", type=int, default=128)
+    add_multi_turn_arguments(parser)
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (vLLM's default)")
     parser.add_argument(
         "--goodput",
@@ -151,6 +161,10 @@ def build_requests(args: argparse.Namespace, info: ModelInfo, seed: int | None =
             seed,
             excluded,
         )
+    elif args.dataset == "multi-turn":
+        raise ValueError(
+            "multi-turn turns depend on earlier replies: run it with `bench serve`, not as loose requests"
+        )
     elif args.dataset == "prefix-repetition":
         requests = sample_prefix_repetition(
             args.num_prompts,
@@ -217,6 +231,7 @@ async def send_one(
                 else:
                     result.itl.append(now - last_chunk_at)
                 result.output_tokens += len(event.token_ids)
+                result.output_token_ids.extend(event.token_ids)
                 last_chunk_at = now
             elif isinstance(event, GenerateComplete):
                 result.finish_reason = event.finish_reason
@@ -362,12 +377,53 @@ async def _model_info(args: argparse.Namespace) -> ModelInfo:
         return await client.model_info()
 
 
+async def _run_multi_turn(
+    args: argparse.Namespace,
+    info: ModelInfo,
+    goodput: dict[str, float],
+    percentile_metrics: list[str],
+    percentiles: list[float],
+) -> dict[str, object]:
+    if args.backend != "pdserve":
+        raise ValueError(
+            "--dataset multi-turn needs --backend pdserve: each turn resends the reply's token ids"
+        )
+    if not math.isinf(args.request_rate):
+        raise ValueError(
+            "--request-rate does not apply to --dataset multi-turn: every conversation starts at once, "
+            "--max-concurrency bounds the requests in flight and --multi-turn-think-time paces the turns"
+        )
+    conversations = build_conversations(args, info)
+    print(
+        f"{info.model_name}: {len(conversations)} conversations x {args.multi_turn_turns} turns "
+        f"(max concurrency {args.max_concurrency}, think time {args.multi_turn_think_time:g} s)",
+        file=sys.stderr,
+    )
+    return await run_multi_turn(
+        lambda: open_sender(args.backend, args.url),
+        conversations,
+        args.max_concurrency,
+        args.multi_turn_think_time,
+        args.seed,
+        args.temperature,
+        percentile_metrics,
+        percentiles,
+        args.timeout,
+        goodput,
+    )
+
+
 async def _main_async(args: argparse.Namespace) -> dict[str, object]:
     info = await _model_info(args)
-    requests = build_requests(args, info)
     goodput = parse_goodput(args.goodput)
     percentile_metrics = parse_percentile_metrics(args.percentile_metrics)
     percentiles = parse_metric_percentiles(args.metric_percentiles)
+    if args.dataset == "multi-turn":
+        metrics = await _run_multi_turn(args, info, goodput, percentile_metrics, percentiles)
+        print(format_summary(metrics, percentile_metrics, percentiles))
+        print(format_multi_turn(metrics))
+        return _finish(args, info, metrics, goodput)
+    requests = build_requests(args, info)
     print(
         f"{info.model_name}: {len(requests)} {args.dataset} requests at rate {args.request_rate:g}/s "
         f"(burstiness {args.burstiness:g}, max concurrency {args.max_concurrency})",
@@ -390,6 +446,13 @@ async def _main_async(args: argparse.Namespace) -> dict[str, object]:
         args.model,
     )
     print(format_summary(metrics, percentile_metrics, percentiles))
+    return _finish(args, info, metrics, goodput)
+
+
+def _finish(
+    args: argparse.Namespace, info: ModelInfo, metrics: dict[str, object], goodput: dict[str, float]
+) -> dict[str, object]:
+    """Label the metrics with the run's settings and save them when asked."""
     metrics.update(
         date=datetime.now().strftime("%Y%m%d-%H%M%S"),
         backend="pdserve-grpc" if args.backend == "pdserve" else "openai",

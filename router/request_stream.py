@@ -25,7 +25,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pdserve.engine.core.block_pool import hash_prompt_blocks
 from pdserve.engine.core.outputs import PrefillResult, RequestOutput, TokenLogprobs
@@ -37,6 +37,9 @@ from pdserve.router.events import Chunk, Completion, LifecycleLog, RouterError, 
 from pdserve.router.routing import RouteDecision, RouteRequest
 from pdserve.router.worker_client import WorkerClient, WorkerLost
 from pdserve.router.worker_state import WorkerStateTracker
+
+if TYPE_CHECKING:
+    from pdserve.transfer.contract import KVHandle
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +105,7 @@ class RequestStream:
         self.decode_worker_id: str | None = None
         self.prefill_worker_id: str | None = None
         self.kv_landed = False  # the decode worker sent an output for this attempt
+        self._handle: KVHandle | None = None  # the decode worker's reservation (remote prefill)
         self.output_token_ids: list[int] = []  # every token streamed so far, all attempts
         self.kv_wait_ms = 0.0
         self.processor = OutputProcessor(deps.tokenizer)
@@ -153,7 +157,7 @@ class RequestStream:
     async def _attempt(self) -> AsyncIterator[Chunk | Completion]:
         """Route and run the request (the rest of it, after a migration) once."""
         self._start_attempt()
-        decision = await self._admit()
+        decision = await self._admit_with_reservation()
         decode = self.deps.clients[decision.decode_worker_id]
         if decision.prefill_worker_id is None:
             await self._guarded(decode.add_local(self.worker_req_id, self._prompt(), self._params()))
@@ -164,6 +168,34 @@ class RequestStream:
                 return
         async for event in self._stream_outputs():
             yield event
+
+    async def _admit_with_reservation(self) -> RouteDecision:
+        """Admit, and for a remote prefill reserve the blocks on the decode worker. The
+        router's books count a prompt block that in-flight requests share once, but a decode
+        worker shares it only once their KV has landed: when it refuses a reservation the
+        books allowed, the request is routed again (after a short wait for blocks to free)
+        rather than failed, for up to the admission's max_wait_s."""
+        deadline = time.monotonic() + self.deps.admission.max_wait_s
+        delay = 0.01
+        while True:
+            decision = await self._admit()
+            if decision.prefill_worker_id is None:
+                return decision
+            decode = self.deps.clients[decision.decode_worker_id]
+            self._handle = await self._guarded(
+                decode.reserve(self.worker_req_id, self._prompt(), self._params())
+            )
+            if self._handle is not None:
+                return decision
+            self.deps.tracker.release(self.worker_req_id)  # undo the routing; try again
+            if time.monotonic() + delay > deadline:
+                raise RouterError(
+                    "RESOURCE_EXHAUSTED",
+                    f"decode worker {decision.decode_worker_id} had no free KV blocks for "
+                    f"{self.deps.admission.max_wait_s:g} s (router.max_wait_s)",
+                )
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 0.2)
 
     def _start_attempt(self) -> None:
         self.attempt += 1
@@ -273,11 +305,8 @@ class RequestStream:
     async def _prefill_remotely(
         self, decode: WorkerClient, prefill_worker_id: str
     ) -> AsyncIterator[Chunk | Completion]:
-        """Reserve on the decode worker, prefill with its handle, stream the first token."""
-        prompt, params, req_id = self._prompt(), self._params(), self.worker_req_id
-        handle = await self._guarded(decode.reserve(req_id, prompt, params))
-        if handle is None:
-            raise RouterError("RESOURCE_EXHAUSTED", "the decode worker has no free KV blocks")
+        """Prefill with the decode worker's reservation (`self._handle`), stream the first token."""
+        prompt, params, req_id, handle = self._prompt(), self._params(), self.worker_req_id, self._handle
         cached_on_decode = len(prompt) - handle.num_tokens
         prefill = self.deps.clients[prefill_worker_id]
         result: PrefillResult = await self._guarded(prefill.prefill(req_id, prompt, params, handle))
@@ -328,8 +357,9 @@ class RequestStream:
             if isinstance(item, (RouterError, WorkerLost)):
                 merged.failure = item
                 break
-            if item.error is not None:
+            if item.error is not None:  # e.g. its KV transfer failed or outlived transfer.timeout_s
                 merged.failure = RouterError("ABORTED", f"request {self.req_id} failed: {item.error}")
+                self.deps.lifecycle.record(logging.WARNING, "request %s failed: %s", self.req_id, item.error)
                 break
             if self.first_token_at is None and item.new_token_ids:
                 self.first_token_at = time.perf_counter()

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One entry point for a fresh machine:
 #   bash scripts/quickstart.sh serve   # set up, then serve deploy/local.yaml and stream a sample
-#   bash scripts/quickstart.sh test    # set up, then run the test suite (GPU tests skip without a GPU)
+#   bash scripts/quickstart.sh test    # set up (pdserve, and guidellm/AIPerf in .venv-tools), then run
+#                                      # the test suite (GPU tests skip without a GPU)
 # Setup makes .venv with a CPU build of torch when the machine has no NVIDIA GPU
 # (set TORCH_SPEC to override), then installs pdserve with its dev extra.
 set -euo pipefail
@@ -30,6 +31,32 @@ setup() {
   echo "$want" > "$stamp"
 }
 
+# The field's load generators, for tests/e2e/test_bench_tools_e2e.py: from PyPI, in a virtual
+# environment of their own (they are not pdserve dependencies; guidellm needs torch, given the
+# same CPU build as above). Set PDSERVE_SKIP_TOOLS=1 to leave them out.
+TOOLS_VENV="${PDSERVE_TOOLS_VENV:-.venv-tools}"
+TOOLS_SPEC="guidellm==0.8.1 aiperf==0.13.0"
+
+setup_tools() {
+  [ -z "${PDSERVE_SKIP_TOOLS:-}" ] || return 0
+  local stamp="$TOOLS_VENV/.pdserve-installed"
+  if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$TOOLS_SPEC" ]; then
+    [ -x "$TOOLS_VENV/bin/python" ] || "$PY" -m venv "$TOOLS_VENV"
+    "$TOOLS_VENV/bin/python" -m pip install -q --upgrade pip
+    if ! "$TOOLS_VENV/bin/python" -c "import torch" 2>/dev/null; then
+      "$TOOLS_VENV/bin/python" -m pip install -q "$("$VENV/bin/python" -c 'import torch; print("torch==" + torch.__version__.split("+")[0])')"
+    fi
+    echo "installing $TOOLS_SPEC (test tools) ..."
+    # shellcheck disable=SC2086
+    "$TOOLS_VENV/bin/python" -m pip install -q $TOOLS_SPEC
+    echo "$TOOLS_SPEC" > "$stamp"
+  fi
+  local bin
+  bin="$(cd "$TOOLS_VENV/bin" && pwd)"
+  export PDSERVE_GUIDELLM="${PDSERVE_GUIDELLM:-$bin/guidellm}"
+  export PDSERVE_AIPERF="${PDSERVE_AIPERF:-$bin/aiperf}"
+}
+
 case "${1:-}" in
   serve)
     setup
@@ -41,6 +68,7 @@ case "${1:-}" in
     ;;
   test)
     setup
+    setup_tools
     shift
     exec "$VENV/bin/python" -m pytest -q tests "$@"
     ;;

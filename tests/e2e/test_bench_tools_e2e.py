@@ -6,9 +6,10 @@ its tokenizer to make prompts), with few requests, and their own reports are par
 failed requests, and the token counts they report equal the server's usage (the router's
 `/metrics` counters).
 
-The tools are not dependencies of pdserve (guidellm pulls a CUDA build of torch, ~6 GB):
-install each in its own virtual environment and point at its executable with
-PDSERVE_GUIDELLM / PDSERVE_AIPERF, or put it on PATH; without one its test is skipped.
+The tools are not dependencies of pdserve: `bash scripts/quickstart.sh test` (CI) installs
+both from PyPI into `.venv-tools` (with the CPU torch that guidellm needs) and points
+PDSERVE_GUIDELLM / PDSERVE_AIPERF at them. By hand, install each in a virtual environment of
+its own and set those variables, or put the tools on PATH; without one its test is skipped.
 
     python -m venv /tmp/guidellm && /tmp/guidellm/bin/pip install guidellm
     python -m venv /tmp/aiperf && /tmp/aiperf/bin/pip install aiperf

@@ -6,7 +6,10 @@ import pytest
 
 from pdserve.bench.datasets import (
     BenchRequest,
+    Conversation,
+    check_conversations_fit_model,
     check_fits_model,
+    sample_multi_turn,
     sample_prefix_repetition,
     sample_random,
     sample_sharegpt_synthetic,
@@ -77,3 +80,37 @@ def test_bad_arguments_are_refused_with_the_flag_name() -> None:
     with pytest.raises(ValueError, match="max_model_len 20"):
         check_fits_model([BenchRequest([1] * 15, 6)], max_model_len=20)
     check_fits_model([BenchRequest([1] * 15, 5)], max_model_len=20)
+
+
+def test_multi_turn_prompts_extend_the_previous_prompt_and_reply_exactly() -> None:
+    conversations = sample_multi_turn(3, 4, system_len=10, user_len=5, output_len=3, vocab_size=50, seed=4)
+    assert len(conversations) == 3 and all(c.num_turns == 4 for c in conversations)
+    # One system prompt shared by every conversation, different user messages.
+    assert all(c.system_prompt == conversations[0].system_prompt for c in conversations)
+    assert conversations[0].user_messages != conversations[1].user_messages
+    conversation = conversations[1]
+    prompt, output = conversation.turn_prompt(0, [], []), []
+    assert prompt == conversation.system_prompt + conversation.user_messages[0]
+    for turn in range(1, conversation.num_turns):
+        output = [40 + turn, 41, 42]  # what the server returned for the previous turn
+        previous = prompt
+        prompt = conversation.turn_prompt(turn, previous, output)
+        assert prompt[: len(previous)] == previous
+        assert prompt[len(previous) : len(previous) + 3] == output
+        assert prompt[len(previous) + 3 :] == conversation.user_messages[turn]
+    # The last turn's prompt and reply: what max_total_len bounds.
+    assert len(prompt) + conversation.output_len == conversation.max_total_len() == 10 + 4 * 5 + 4 * 3
+
+
+def test_multi_turn_is_deterministic_and_checked() -> None:
+    def make(seed: int) -> list[Conversation]:
+        return sample_multi_turn(2, 3, 8, 4, 2, vocab_size=30, seed=seed, excluded_token_ids=[0])
+
+    assert make(5) == make(5)
+    assert make(5) != make(6)
+    assert all(t != 0 for c in make(5) for m in [c.system_prompt, *c.user_messages] for t in m)
+    with pytest.raises(ValueError, match="turns >= 1"):
+        sample_multi_turn(2, 0, 8, 4, 2, vocab_size=30)
+    check_conversations_fit_model(make(5), max_model_len=8 + 3 * 4 + 3 * 2)
+    with pytest.raises(ValueError, match="conversation 0 grows to 26 tokens"):
+        check_conversations_fit_model(make(5), max_model_len=25)

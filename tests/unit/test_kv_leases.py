@@ -54,6 +54,8 @@ def test_a_stalled_transfer_frees_both_sides_and_fails_with_the_timeout(
         assert info.value.code in (grpc.StatusCode.ABORTED, grpc.StatusCode.UNAVAILABLE)
         assert "timed out" in str(info.value) and "transfer.timeout_s" in str(info.value), str(info.value)
         assert took_s < TIMEOUT_S + 5, f"the request ended {took_s:.1f} s after it began"
+        events = [e.message for e in dep.core.lifecycle.since(0)]
+        assert any("failed" in m and "timed out" in m for m in events), events  # logged once
         wait_all_free(dep, timeout=5)  # blocks freed on the prefill and on the decode side
         assert len(dep.decode["decode-0"].receive_side.gate) == 0  # no credential left open
         monkeypatch.undo()
