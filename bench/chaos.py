@@ -15,7 +15,7 @@ received `--kill-after-tokens` tokens in all. It prints and writes:
   the router's failure counters.
 `run_with_kill` is the driver `tests/e2e/test_chaos.py` uses too.
 
-    python -m pdserve.bench.chaos --soak 10000 --kill-every 15 --cancel-fraction 0.2 \
+    python -m pdserve.bench.chaos --soak 10000 --kill-every 5 --cancel-fraction 0.2 \
         --max-tokens 16 --output bench/results/chaos_cpu_soak.json
 
 `--soak N` (bench/soak.py; not part of CI): 2P2D, N short greedy requests with
