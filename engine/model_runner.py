@@ -8,7 +8,7 @@ request's blocks for every layer are one `index_select` on dim 2.
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -33,6 +33,7 @@ from pdserve.engine.sampler import (
     gather_prompt_logprobs,
     sample_tokens,
 )
+from pdserve.engine.step_plan import StepPlan
 
 _DTYPES = {name: getattr(torch, name) for name in DTYPES}  # config names → torch dtypes
 CPU_KV_CACHE_BYTES = 128 * 2**20  # default KV cache size on CPU when num_gpu_blocks is None
@@ -381,29 +382,6 @@ class ModelRunner:
         has_logprobs = logprobs.sampled is not None or logprobs.prompt is not None
         self._last_sampled = SampledTokens.launch(req_ids, tokens, rows, logprobs if has_logprobs else None)
         return self._last_sampled
-
-
-@dataclass
-class StepPlan:
-    """One step's inputs as plain (picklable) data, rows in the runner's order: the token
-    ids, positions and cache slots of every scheduled token; per sequence its query start,
-    query and context lengths and block table; the rows that sample and how; the input
-    rows to take from the previous step's sampled tokens (`fill_rows` from its rows
-    `fill_src`); the prompt-logprob segments."""
-
-    input_ids: list[int] = field(default_factory=list)
-    positions: list[int] = field(default_factory=list)
-    slot_mapping: list[int] = field(default_factory=list)
-    query_start_loc: list[int] = field(default_factory=lambda: [0])
-    query_lens: list[int] = field(default_factory=list)
-    seq_lens: list[int] = field(default_factory=list)
-    tables: list[list[int]] = field(default_factory=list)
-    sample_rows: list[SamplingRow] = field(default_factory=list)
-    sample_req_ids: list[str] = field(default_factory=list)
-    logits_index: list[int] = field(default_factory=list)
-    fill_rows: list[int] = field(default_factory=list)
-    fill_src: list[int] = field(default_factory=list)
-    prompt_segments: list[PromptLogprobRows] = field(default_factory=list)
 
 
 @dataclass

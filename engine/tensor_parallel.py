@@ -132,9 +132,13 @@ class TensorParallelRanks:
         runner.run_block_copies(out.block_copies)
         plan = runner.plan_step(out, requests)
         data = pickle.dumps(plan, protocol=pickle.HIGHEST_PROTOCOL)
-        for conn in self._conns:
-            conn.send_bytes(data)
-        return runner.run_step(plan)
+        try:
+            for conn in self._conns:
+                conn.send_bytes(data)
+            return runner.run_step(plan)
+        except (OSError, RuntimeError):  # a closed pipe, or gloo's "connection closed by peer"
+            self._raise_if_dead("during a step")  # name the rank that died, if one did
+            raise
 
     def shutdown(self) -> None:
         """Stop the children (idempotent)."""
