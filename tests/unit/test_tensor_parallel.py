@@ -71,7 +71,9 @@ def test_tp2_tiny_matches_tp1_with_logprobs():
     requests asking for logprobs and prompt logprobs get the same values (sampled on rank 0)."""
     prompts = [list(b"hello tensor parallel"), list(b"x")]
     params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True, logprobs=2, prompt_logprobs=1)
-    want = LLM("tiny", num_gpu_blocks=32).generate(prompts, params)
+    single = LLM("tiny", num_gpu_blocks=32)
+    assert single.engine.tp_ranks is None  # TP=1: the one-process path, no rank started
+    want = single.generate(prompts, params)
     llm = LLM("tiny", num_gpu_blocks=32, tensor_parallel_size=2)
     try:
         got = llm.generate(prompts, params)
