@@ -12,6 +12,10 @@ Roles:
 
 The engine is single-threaded; workers serialise calls into it.
 
+Tensor parallelism (`tensor_parallel_size` N > 1, role "both" only for now): this engine is
+rank 0; it keeps the one scheduler and block pool, and each step's plan runs on its own
+runner and on ranks 1..N-1 in child processes (engine/tensor_parallel.py).
+
 Async scheduling (`async_scheduling`, on by default; off for the prefill role): `step()`
 schedules and launches step N+1 before it waits for step N's tokens, so the host's
 scheduling, input preparation and output handling overlap the GPU's work instead of
