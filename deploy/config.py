@@ -6,7 +6,8 @@ the key path (e.g. `decode.count`), raised before anything starts.
     model: tiny                      # a local Hugging Face directory, or "tiny"
     engine: {device, dtype, block_size, num_gpu_blocks, max_num_seqs,
              max_num_batched_tokens, max_model_len, enable_prefix_caching,
-             host_cache_gb, num_host_blocks, attention_backend, load_format}
+             host_cache_gb, num_host_blocks, attention_backend, load_format,
+             tensor_parallel_size}   # > 1: colocated workers only, for now
     prefill:   {count, resources: {num_cpus, num_gpus, resources: {NAME: amount}}}
     decode:    {count, resources: ...}
     colocated: {count, resources: ...}   # workers that run both phases (the baseline)
@@ -155,6 +156,25 @@ def _check_type(value: Any, type_str: Any, default: Any, path: str) -> Any:
     return value
 
 
+def _check_tensor_parallel(cfg: DeployConfig) -> None:
+    """engine.tensor_parallel_size > 1 runs co-located workers only (KV transfer between
+    tensor-parallel ranks is not built yet), each with a GPU per rank on CUDA."""
+    size = cfg.engine.tensor_parallel_size
+    if size == 1:
+        return
+    if cfg.prefill.count or cfg.decode.count:
+        raise ConfigError(
+            f"engine.tensor_parallel_size: {size} is supported for colocated workers only; prefill and "
+            "decode pools with tensor parallelism need KV transfer between ranks (issue 20 part 2)"
+        )
+    gpus = cfg.colocated.resources.get("num_gpus")
+    if cfg.engine.device.startswith("cuda") and gpus is not None and gpus < size:
+        raise ConfigError(
+            f"colocated.resources.num_gpus: {gpus} is fewer than engine.tensor_parallel_size {size} "
+            "(one GPU per rank)"
+        )
+
+
 def parse_config(data: dict[str, Any]) -> DeployConfig:
     engine_data = dict((data or {}).get("engine") or {})
     for key in ("model", "role"):
@@ -177,6 +197,7 @@ def parse_config(data: dict[str, Any]) -> DeployConfig:
                 raise ConfigError(
                     f"{name}.resources.{key}: unknown key (allowed: {', '.join(sorted(_RESOURCE_KEYS))})"
                 )
+    _check_tensor_parallel(cfg)
     if (cfg.prefill.count > 0) != (cfg.decode.count > 0):
         raise ConfigError("prefill.count / decode.count: a disaggregated deployment needs both pools")
     if cfg.prefill.count and cfg.colocated.count:

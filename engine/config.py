@@ -57,6 +57,9 @@ class EngineConfig:
     # Record BlockStored/BlockRemoved for the router's cache index; off where nothing drains
     # them (the offline LLM), or the list grows with every block ever cached.
     kv_events: bool = True
+    # Ranks one worker spreads the model over (Megatron-style tensor parallelism; gloo on CPU,
+    # NCCL on CUDA). 1: the single-process path, unchanged.
+    tensor_parallel_size: int = 1
 
     def validate(self) -> None:
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
@@ -73,6 +76,31 @@ class EngineConfig:
             )
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        self._validate_tensor_parallel()
+
+    def _validate_tensor_parallel(self) -> None:
+        """Refuse what tensor parallelism does not support yet, naming the key."""
+        tp = self.tensor_parallel_size
+        if isinstance(tp, bool) or not isinstance(tp, int) or tp < 1:
+            raise ValueError(f"tensor_parallel_size must be an integer >= 1, got {tp!r}")
+        if tp == 1:
+            return
+        if self.host_cache_gb or self.num_host_blocks:
+            raise ValueError(
+                f"tensor_parallel_size = {tp} does not support the prefix cache's host tier yet: "
+                "set host_cache_gb: 0 and num_host_blocks unset"
+            )
+        if str(self.device).startswith("cuda"):
+            if self.attention_backend != "reference":
+                raise ValueError(
+                    f"tensor_parallel_size = {tp} on CUDA: the Triton attention kernels do not run per rank "
+                    f"yet; set attention_backend: reference (got {self.attention_backend!r})"
+                )
+            if not self.enforce_eager:
+                raise ValueError(
+                    f"tensor_parallel_size = {tp} on CUDA: CUDA graphs do not run per rank yet; "
+                    "set enforce_eager: true"
+                )
 
 
 @dataclass

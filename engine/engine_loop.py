@@ -49,6 +49,8 @@ class EngineLoop:
         self._stopped = True
         self._wakeup.set()
         self._thread.join(timeout=10)
+        if not self._thread.is_alive():  # a step still running keeps its ranks
+            self.engine.shutdown()  # the tensor-parallel ranks, if any
 
     def add_listener(self, fn: Callable[[list[RequestOutput]], None]) -> None:
         """Called on the loop thread with each step's outputs (before they reach the outbox)."""

@@ -42,6 +42,7 @@ class LLM:
         load_format: str = "auto",
         enforce_eager: bool = False,
         async_scheduling: bool = True,
+        tensor_parallel_size: int = 1,
     ) -> None:
         self.engine = LLMEngine(
             EngineConfig(
@@ -60,6 +61,7 @@ class LLM:
                 load_format=load_format,
                 enforce_eager=enforce_eager,
                 async_scheduling=async_scheduling,
+                tensor_parallel_size=tensor_parallel_size,
                 kv_events=False,  # no router reads them
             )
         )
@@ -130,3 +132,7 @@ class LLM:
                         prompt_logprobs=prompt_logprobs.get(out.req_id),
                     )
         return [results[r] for r in order]
+
+    def shutdown(self) -> None:
+        """Stop the engine's tensor-parallel ranks (none with tensor_parallel_size 1)."""
+        self.engine.shutdown()

@@ -12,6 +12,10 @@ Roles:
 
 The engine is single-threaded; workers serialise calls into it.
 
+Tensor parallelism (`tensor_parallel_size` N > 1, role "both" only for now): this engine is
+rank 0; it keeps the one scheduler and block pool, and each step's plan runs on its own
+runner and on ranks 1..N-1 in child processes (engine/tensor_parallel.py).
+
 Async scheduling (`async_scheduling`, on by default; off for the prefill role): `step()`
 schedules and launches step N+1 before it waits for step N's tokens, so the host's
 scheduling, input preparation and output handling overlap the GPU's work instead of
@@ -22,6 +26,7 @@ moment its first token is reported, so the sender can ship it at once.
 
 from __future__ import annotations
 
+import functools
 import itertools
 from dataclasses import dataclass
 
@@ -34,7 +39,9 @@ from pdserve.engine.core.request import Request, validate_prompt
 from pdserve.engine.core.sampling_params import SamplingParams
 from pdserve.engine.core.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from pdserve.engine.gc_heap import freeze_startup_heap
+from pdserve.engine.model.sharding import check_shardable
 from pdserve.engine.model_runner import ModelRunner, SampledTokens, parse_dtype
+from pdserve.engine.tensor_parallel import RankSpec, TensorParallelRanks, rank_device
 
 
 @dataclass
@@ -57,9 +64,7 @@ class LLMEngine:
         if self.model_config.sliding_window:
             max_model_len = min(max_model_len, self.model_config.sliding_window)
         self.max_model_len = max_model_len
-        self.runner = ModelRunner(
-            self.model_config,
-            device=config.device,
+        runner_kwargs = dict(
             dtype=parse_dtype(config.dtype),
             block_size=config.block_size,
             num_blocks=config.num_gpu_blocks,
@@ -70,6 +75,13 @@ class LLMEngine:
             max_model_len=max_model_len,
             enforce_eager=config.enforce_eager,
         )
+        self.tp_ranks: TensorParallelRanks | None = None
+        if config.tensor_parallel_size == 1:
+            self.runner = ModelRunner(self.model_config, device=config.device, **runner_kwargs)
+            self._execute = self.runner.execute
+        else:
+            self.runner = self._start_tensor_parallel(config, role, runner_kwargs)
+            self._execute = functools.partial(self.tp_ranks.execute, self.runner)
         num_host_blocks = self.runner.enable_host_tier(config.num_host_blocks, config.host_cache_gb)
         self.kv_manager = KVCacheManager(
             self.runner.num_blocks,
@@ -89,6 +101,35 @@ class LLMEngine:
         self._in_flight: tuple[SchedulerOutput, SampledTokens] | None = None  # launched, not yet read
         self._penalized: set[str] = set()  # unfinished requests with penalties (no running ahead)
         freeze_startup_heap()  # last: the model, its kernels and the KV pool are all built
+
+    def _start_tensor_parallel(self, config: EngineConfig, role: str, runner_kwargs: dict) -> ModelRunner:
+        """Spawn ranks 1..N-1, build rank 0's runner here, then theirs (same block count)."""
+        size = config.tensor_parallel_size
+        if role != "both":
+            raise ValueError(
+                f"engine.tensor_parallel_size = {size}: the {role} role is not supported yet (KV transfer "
+                "between tensor-parallel ranks is issue 20 part 2); use co-located workers"
+            )
+        check_shardable(self.model_config, size)
+        self.tp_ranks = TensorParallelRanks(size, config.device)
+        try:
+            runner = ModelRunner(
+                self.model_config,
+                device=rank_device(config.device, 0),
+                tp=self.tp_ranks.group,
+                **runner_kwargs,
+            )
+            spec_kwargs = dict(runner_kwargs, num_blocks=runner.num_blocks)
+            self.tp_ranks.start(RankSpec(self.model_config, config.device, spec_kwargs))
+        except BaseException:
+            self.tp_ranks.shutdown()
+            raise
+        return runner
+
+    def shutdown(self) -> None:
+        """Stop the tensor-parallel ranks (nothing to do with one rank); idempotent."""
+        if self.tp_ranks is not None:
+            self.tp_ranks.shutdown()
 
     # -- properties ---------------------------------------------------------
     @property
@@ -183,7 +224,7 @@ class LLMEngine:
         sched_out = self.scheduler.schedule()
         launched = None
         if not sched_out.is_empty:
-            launched = (sched_out, self.runner.execute(sched_out, self.scheduler.requests))
+            launched = (sched_out, self._execute(sched_out, self.scheduler.requests))
             self.num_steps += 1
         if self.async_scheduling:
             done, self._in_flight = self._in_flight, launched

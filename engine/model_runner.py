@@ -23,6 +23,8 @@ from pdserve.engine.host_kv import HostKVPool
 from pdserve.engine.host_tensors import host_to_device, padded_table, to_device
 from pdserve.engine.model.gemv import linear
 from pdserve.engine.model.loader import load_model
+from pdserve.engine.model.sharding import ShardLayout
+from pdserve.engine.model.tp_group import TPGroup
 from pdserve.engine.sampler import (
     LogprobsTensors,
     PromptLogprobRows,
@@ -31,6 +33,7 @@ from pdserve.engine.sampler import (
     gather_prompt_logprobs,
     sample_tokens,
 )
+from pdserve.engine.step_plan import StepPlan
 
 _DTYPES = {name: getattr(torch, name) for name in DTYPES}  # config names → torch dtypes
 CPU_KV_CACHE_BYTES = 128 * 2**20  # default KV cache size on CPU when num_gpu_blocks is None
@@ -57,9 +60,13 @@ def gemm_warm_up_rows(max_num_seqs: int, max_num_tokens: int) -> list[int]:
     return small + large
 
 
-def kv_block_bytes(config: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
+def kv_block_bytes(
+    config: ModelConfig, block_size: int, dtype: torch.dtype, num_kv_heads: int | None = None
+) -> int:
+    """Bytes of one KV block over all layers (`num_kv_heads`: one tensor-parallel rank's)."""
     elem = torch.empty((), dtype=dtype).element_size()
-    return config.num_hidden_layers * 2 * block_size * config.num_key_value_heads * config.head_dim * elem
+    heads = config.num_key_value_heads if num_kv_heads is None else num_kv_heads
+    return config.num_hidden_layers * 2 * block_size * heads * config.head_dim * elem
 
 
 class ModelRunner:
@@ -76,15 +83,22 @@ class ModelRunner:
         max_num_seqs: int = 256,
         max_model_len: int = 2048,
         enforce_eager: bool = False,
+        tp: TPGroup | None = None,
     ) -> None:
+        """`tp`: this runner is one tensor-parallel rank (its shard of the weights and KV heads);
+        every rank's runner must run the same steps (`run_step`) in the same order."""
         self.config = config
+        self.tp = tp
+        self.shard = (
+            ShardLayout.for_rank(config) if tp is None else ShardLayout.for_rank(config, tp.rank, tp.size)
+        )
         self.device = torch.device(device)
         self.dtype = dtype
         self.block_size = block_size
         self.backend = get_backend(attention_backend, device)
         self.max_num_tokens = max_num_tokens  # per step
         self.max_num_seqs = max_num_seqs
-        self.model = load_model(config, self.backend, device, dtype, load_format)
+        self.model = load_model(config, self.backend, device, dtype, load_format, self.shard, tp)
         if num_blocks is None:
             num_blocks = self._blocks_from_memory(max_num_tokens)
         self.num_blocks = num_blocks
@@ -95,7 +109,7 @@ class ModelRunner:
                 2,
                 num_blocks,
                 block_size,
-                config.num_key_value_heads,
+                self.shard.num_kv_heads,
                 config.head_dim,
             ),
             dtype=dtype,
@@ -104,6 +118,7 @@ class ModelRunner:
         self._last_sampled: SampledTokens | None = None  # the latest step's tokens (maybe in flight)
         # Decode steps replay CUDA graphs when the attention backend allows capture.
         self.decode_graphs = None
+        # (EngineConfig refuses tensor parallelism with CUDA graphs and the Triton kernels.)
         if self.device.type == "cuda" and not enforce_eager and self.backend.name == "triton":
             from pdserve.engine.cuda_graphs import DecodeGraphs
 
@@ -111,7 +126,7 @@ class ModelRunner:
                 self.model, self.kv_cache, max_num_seqs, max_model_len, block_size
             )
             self.decode_graphs.capture()
-        if self.device.type == "cuda":
+        if self.device.type == "cuda" and tp is None:  # a rank's warm-up would need the others
             self.warm_up()
 
     # (sequences, new tokens each, cached prefix tokens each, decode rows): a large mixed step
@@ -193,7 +208,7 @@ class ModelRunner:
         self.execute(out, requests).wait()
 
     def _blocks_from_memory(self, max_num_tokens: int) -> int:
-        per_block = kv_block_bytes(self.config, self.block_size, self.dtype)
+        per_block = kv_block_bytes(self.config, self.block_size, self.dtype, self.shard.num_kv_heads)
         if self.device.type == "cuda":
             free, _total = torch.cuda.mem_get_info(self.device)
             # leave room for activations of the largest step (hidden + MLP intermediates)
@@ -235,19 +250,18 @@ class ModelRunner:
         device tensor.
         """
         self.run_block_copies(out.block_copies)  # before the forward writes or reads those blocks
-        input_ids: list[int] = []
-        positions: list[int] = []
-        slot_mapping: list[int] = []
-        query_start_loc = [0]
-        seq_lens: list[int] = []
-        query_lens: list[int] = []
-        tables: list[list[int]] = []
-        sample_rows: list[SamplingRow] = []
-        sample_req_ids: list[str] = []
-        logits_index: list[int] = []
-        fill_rows: list[int] = []  # rows of input_ids to take from the previous step's tokens
-        fill_src: list[int] = []  # ... and which of its sampled rows
-        prompt_segments: list[PromptLogprobRows] = []
+        return self.run_step(self.plan_step(out, requests))
+
+    def plan_step(self, out: SchedulerOutput, requests: dict[str, Request]) -> StepPlan:
+        """The step's inputs as plain data: what every tensor-parallel rank runs (`run_step`)."""
+        plan = StepPlan()
+        input_ids, positions, slot_mapping = plan.input_ids, plan.positions, plan.slot_mapping
+        query_start_loc, query_lens, seq_lens, tables = (
+            plan.query_start_loc,
+            plan.query_lens,
+            plan.seq_lens,
+            plan.tables,
+        )
         bs = self.block_size
         # Decode rows first: the fast attention backend runs a mixed step's leading one-token
         # rows through its decode kernel (AttentionMetadata.num_decodes). Sampled tokens are
@@ -265,12 +279,12 @@ class ModelRunner:
             else:  # the last input token is the one the in-flight step samples
                 assert end == len(known) + 1, "at most one token can be in flight"
                 input_ids.extend(known[start : end - 1])
-                fill_rows.append(len(input_ids))
-                fill_src.append(self._in_flight_row(entry.req_id))
+                plan.fill_rows.append(len(input_ids))
+                plan.fill_src.append(self._in_flight_row(entry.req_id))
                 input_ids.append(0)
             table = entry.block_ids
             if n > 1 and (segment := _prompt_logprob_rows(request, start, end, query_start_loc[-1])):
-                prompt_segments.append(segment)
+                plan.prompt_segments.append(segment)
             if n == 1:  # decode row: skip the range machinery
                 positions.append(start)
                 slot_mapping.append(table[start // bs] * bs + start % bs)
@@ -284,27 +298,35 @@ class ModelRunner:
             if entry.sample:
                 # the seeded stream's step: tokens before this one, in flight ones included
                 num_before = request.num_output_tokens + request.num_pending_tokens - 1
-                sample_rows.append(_sampling_row(request, num_before))
-                sample_req_ids.append(entry.req_id)
-                logits_index.append(query_start_loc[-1] - 1)
+                plan.sample_rows.append(_sampling_row(request, num_before))
+                plan.sample_req_ids.append(entry.req_id)
+                plan.logits_index.append(query_start_loc[-1] - 1)
+        return plan
+
+    @torch.inference_mode()
+    def run_step(self, plan: StepPlan) -> SampledTokens:
+        """The forward pass and sampling of a planned step, launched."""
         dev = self.device
         fill = None
-        if fill_rows:
-            rows_src = host_to_device([fill_rows, fill_src], torch.int64, dev)  # [2, k]
+        if plan.fill_rows:
+            rows_src = host_to_device([plan.fill_rows, plan.fill_src], torch.int64, dev)  # [2, k]
             fill = (rows_src[0], self._last_sampled.tokens.index_select(0, rows_src[1]))
+        tables, query_lens, seq_lens = plan.tables, plan.query_lens, plan.seq_lens
         if (
             self.decode_graphs is not None
             and max(query_lens) == 1
             and self.decode_graphs.can_run(len(tables))
         ):
-            hidden = self.decode_graphs.run(input_ids, positions, slot_mapping, seq_lens, tables, fill)
-            return self._sample(hidden, logits_index, sample_rows, sample_req_ids, [])
+            hidden = self.decode_graphs.run(
+                plan.input_ids, plan.positions, plan.slot_mapping, seq_lens, tables, fill
+            )
+            return self._sample(hidden, plan.logits_index, plan.sample_rows, plan.sample_req_ids, [])
         # Width rounded up to 16: one Triton specialization of the row stride (a new one would
         # compile mid-serving) and aligned rows.
         width = -(-max(len(t) for t in tables) // 16) * 16
         meta = AttentionMetadata(
-            slot_mapping=host_to_device(slot_mapping, torch.int64, dev),
-            query_start_loc=host_to_device(query_start_loc, torch.int32, dev),
+            slot_mapping=host_to_device(plan.slot_mapping, torch.int64, dev),
+            query_start_loc=host_to_device(plan.query_start_loc, torch.int32, dev),
             seq_lens=host_to_device(seq_lens, torch.int32, dev),
             block_tables=to_device(padded_table(tables, width), dev),
             query_lens_cpu=query_lens,
@@ -312,11 +334,15 @@ class ModelRunner:
             max_query_len=max(query_lens),
             max_seq_len=max(seq_lens),
         )
-        input_ids_dev = host_to_device(input_ids, torch.int64, dev)
+        input_ids_dev = host_to_device(plan.input_ids, torch.int64, dev)
         if fill is not None:
             input_ids_dev.index_copy_(0, *fill)
-        hidden = self.model(input_ids_dev, host_to_device(positions, torch.int64, dev), self.kv_cache, meta)
-        return self._sample(hidden, logits_index, sample_rows, sample_req_ids, prompt_segments)
+        hidden = self.model(
+            input_ids_dev, host_to_device(plan.positions, torch.int64, dev), self.kv_cache, meta
+        )
+        return self._sample(
+            hidden, plan.logits_index, plan.sample_rows, plan.sample_req_ids, plan.prompt_segments
+        )
 
     def _in_flight_row(self, req_id: str) -> int:
         last = self._last_sampled
@@ -346,8 +372,13 @@ class ModelRunner:
             if len(logits_index) != hidden.shape[0]:  # not every row samples (indices ascend)
                 hidden = hidden.index_select(0, host_to_device(logits_index, torch.int64, self.device))
             logits = self.model.compute_logits(hidden)
-            tokens = sample_tokens(logits, rows)
-            logprobs.sampled = gather_logprobs(logits, tokens, rows)
+            if self.tp is None or self.tp.rank == 0:
+                tokens = sample_tokens(logits, rows)
+                logprobs.sampled = gather_logprobs(logits, tokens, rows)
+            else:  # the other ranks take rank 0's tokens (below): the next step's inputs
+                tokens = torch.empty(len(rows), dtype=torch.int64, device=self.device)
+            if self.tp is not None:
+                self.tp.broadcast_from_first(tokens)
         has_logprobs = logprobs.sampled is not None or logprobs.prompt is not None
         self._last_sampled = SampledTokens.launch(req_ids, tokens, rows, logprobs if has_logprobs else None)
         return self._last_sampled

@@ -24,8 +24,11 @@ COMMON = dict(
 )
 
 
-def make_checkpoint(arch: str, directory: str, seed: int = 0, initializer_range: float | None = None):
+def make_checkpoint(
+    arch: str, directory: str, seed: int = 0, initializer_range: float | None = None, **overrides
+):
     """Save a random checkpoint of `arch` into `directory`; return the HF model (float32, eval).
+    `overrides` replace COMMON's config values (e.g. num_key_value_heads=1).
 
     The default init is peaky on purpose (greedy margins far above float noise); pass
     `initializer_range=0.02` (transformers' default) for realistic activation scales.
@@ -33,7 +36,7 @@ def make_checkpoint(arch: str, directory: str, seed: int = 0, initializer_range:
     import transformers as tf
 
     torch.manual_seed(seed)
-    common = dict(COMMON)
+    common = dict(COMMON, **overrides)
     if initializer_range is not None:
         common["initializer_range"] = initializer_range
     if arch == "llama":

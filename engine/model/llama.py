@@ -18,6 +18,8 @@ from pdserve.engine.attention.metadata import AttentionMetadata
 from pdserve.engine.config import ModelConfig
 from pdserve.engine.model.fused_ops import fused_add_rms_norm, rms_norm, rotary_embedding_and_store_kv_
 from pdserve.engine.model.gemv import linear, linear_silu_mul
+from pdserve.engine.model.sharding import ShardLayout
+from pdserve.engine.model.tp_group import TPGroup
 
 
 class RMSNorm(nn.Module):
@@ -62,11 +64,16 @@ class RotaryEmbedding(nn.Module):
 
 
 class Attention(nn.Module):
-    def __init__(self, config: ModelConfig, layer_idx: int, backend) -> None:
+    """Under tensor parallelism: this rank's heads (column-parallel qkv, row-parallel o_proj)."""
+
+    def __init__(
+        self, config: ModelConfig, layer_idx: int, backend, shard: ShardLayout, tp: TPGroup | None
+    ) -> None:
         super().__init__()
         self.layer_idx = layer_idx
-        self.num_heads = config.num_attention_heads
-        self.num_kv_heads = config.num_key_value_heads
+        self.tp = tp
+        self.num_heads = shard.num_heads
+        self.num_kv_heads = shard.num_kv_heads
         self.head_dim = config.head_dim
         self.scale = self.head_dim**-0.5
         bias = config.attention_bias
@@ -102,28 +109,36 @@ class Attention(nn.Module):
         layer_cache = kv_cache[self.layer_idx]
         q, k = rotary_embedding_and_store_kv_(q, k, v, positions, inv_freq, layer_cache, meta.slot_mapping)
         out = self.backend.forward(q, k, v, layer_cache, meta, self.scale, kv_stored=True)
-        return linear(out.reshape(T, self.num_heads * self.head_dim), self.o_proj)
+        out = linear(out.reshape(T, self.num_heads * self.head_dim), self.o_proj)
+        return out if self.tp is None else self.tp.all_reduce(out)
 
 
 class MLP(nn.Module):
-    def __init__(self, config: ModelConfig) -> None:
+    """Under tensor parallelism: this rank's intermediate slice (column-parallel gate_up,
+    row-parallel down_proj)."""
+
+    def __init__(self, config: ModelConfig, shard: ShardLayout, tp: TPGroup | None) -> None:
         super().__init__()
-        self.intermediate_size = config.intermediate_size
+        self.tp = tp
+        self.intermediate_size = shard.intermediate_size
         # gate and up projections as one GEMM: rows [gate | up].
-        self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.gate_up_proj = nn.Linear(config.hidden_size, 2 * self.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(self.intermediate_size, config.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # silu(gate) * up of the merged [gate | up] GEMM: [T, intermediate]. A one-row step does it
         # in the GEMV's epilogue; otherwise GEMM, then one Triton pass on CUDA (fused_ops).
-        return linear(linear_silu_mul(x, self.gate_up_proj), self.down_proj)
+        out = linear(linear_silu_mul(x, self.gate_up_proj), self.down_proj)
+        return out if self.tp is None else self.tp.all_reduce(out)
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, config: ModelConfig, layer_idx: int, backend) -> None:
+    def __init__(
+        self, config: ModelConfig, layer_idx: int, backend, shard: ShardLayout, tp: TPGroup | None
+    ) -> None:
         super().__init__()
-        self.self_attn = Attention(config, layer_idx, backend)
-        self.mlp = MLP(config)
+        self.self_attn = Attention(config, layer_idx, backend, shard, tp)
+        self.mlp = MLP(config, shard, tp)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
@@ -141,20 +156,29 @@ class DecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, config: ModelConfig, backend) -> None:
+    def __init__(self, config: ModelConfig, backend, shard: ShardLayout, tp: TPGroup | None) -> None:
         super().__init__()
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(config, i, backend) for i in range(config.num_hidden_layers))
+        # Vocabulary-parallel under TP: rows [vocab_start, vocab_end) of the table, zero padding after.
+        self.embed_tokens = nn.Embedding(shard.vocab_rows, config.hidden_size)
+        self.layers = nn.ModuleList(
+            DecoderLayer(config, i, backend, shard, tp) for i in range(config.num_hidden_layers)
+        )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary_emb = RotaryEmbedding(config)
 
 
 class LlamaForCausalLM(nn.Module):
-    def __init__(self, config: ModelConfig, backend) -> None:
+    """The whole model, or (`shard`, `tp`) one tensor-parallel rank's part of it."""
+
+    def __init__(
+        self, config: ModelConfig, backend, shard: ShardLayout | None = None, tp: TPGroup | None = None
+    ) -> None:
         super().__init__()
         self.config = config
-        self.model = LlamaModel(config, backend)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.shard = shard or ShardLayout.for_rank(config)
+        self.tp = tp
+        self.model = LlamaModel(config, backend, self.shard, tp)
+        self.lm_head = nn.Linear(config.hidden_size, self.shard.vocab_rows, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
@@ -165,7 +189,7 @@ class LlamaForCausalLM(nn.Module):
         kv_cache: torch.Tensor,
         meta: AttentionMetadata,
     ) -> torch.Tensor:  # [T, hidden] after the final norm
-        hidden = self.model.embed_tokens(input_ids)
+        hidden = self.model.embed_tokens(input_ids) if self.tp is None else self._embed_parallel(input_ids)
         residual = None
         inv_freq = self.model.rotary_emb.inv_freq
         for layer in self.model.layers:
@@ -174,6 +198,19 @@ class LlamaForCausalLM(nn.Module):
         hidden, _ = fused_add_rms_norm(hidden, residual, norm.weight, norm.eps)
         return hidden
 
+    def _embed_parallel(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Each rank looks up the ids in its vocabulary rows (zeros for the others'); the sum
+        over ranks is the embedding."""
+        shard = self.shard
+        outside = (input_ids < shard.vocab_start) | (input_ids >= shard.vocab_end)
+        local = (input_ids - shard.vocab_start).masked_fill_(outside, 0)
+        hidden = self.model.embed_tokens(local).masked_fill_(outside.unsqueeze(1), 0.0)
+        return self.tp.all_reduce(hidden)
+
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         # [N, hidden] -> [N, vocab] in float32 for the sampler
-        return linear(hidden, self.lm_head).float()
+        logits = linear(hidden, self.lm_head).float()
+        if self.tp is None:
+            return logits
+        # Every rank's vocabulary columns, on every rank (rank 0 samples; the others follow it).
+        return self.tp.all_gather_columns(logits)[:, : self.config.vocab_size]

@@ -14,6 +14,8 @@ import torch
 
 from pdserve.engine.config import TINY_PRESET, ModelConfig
 from pdserve.engine.model.llama import LlamaForCausalLM
+from pdserve.engine.model.sharding import ShardLayout
+from pdserve.engine.model.tp_group import TPGroup
 
 TINY_SEED = 0
 
@@ -63,8 +65,11 @@ def load_model(
     device: str = "cpu",
     dtype: torch.dtype = torch.float32,
     load_format: str = "auto",
+    shard: ShardLayout | None = None,
+    tp: TPGroup | None = None,
 ) -> LlamaForCausalLM:
-    """Build the model on `device` in `dtype` and load (or randomly draw) its weights."""
+    """Build the model on `device` in `dtype` and load (or randomly draw) its weights;
+    with `shard`, one tensor-parallel rank's part of them (sliced as it loads)."""
     if load_format not in ("auto", "dummy"):
         raise ValueError(f"load_format must be 'auto' or 'dummy', got {load_format!r}")
     files = None
@@ -74,12 +79,14 @@ def load_model(
     torch.set_default_dtype(dtype)
     try:
         with torch.device(device):
-            model = LlamaForCausalLM(config, backend)
+            model = LlamaForCausalLM(config, backend, shard, tp)
     finally:
         torch.set_default_dtype(old_dtype)
     # RoPE frequencies stay float32 whatever the model dtype (as in transformers).
     model.model.rotary_emb.inv_freq = model.model.rotary_emb.inv_freq.float()
-    if files is None:
+    if files is None and model.shard.size > 1:
+        _random_init_sharded(model, TINY_SEED, device)
+    elif files is None:
         _random_init(model, TINY_SEED)
     else:
         _load_safetensors(model, files, device)
@@ -97,51 +104,109 @@ _MERGED = {
 }
 
 
-def _merged_slices(config: ModelConfig) -> dict[str, list[int]]:
-    """Row sizes of each merged parameter's slices, by merged name part."""
-    q = config.num_attention_heads * config.head_dim
-    kv = config.num_key_value_heads * config.head_dim
-    return {".qkv_proj.": [q, kv, kv], ".gate_up_proj.": [config.intermediate_size] * 2}
+def _merged_slices(shard: ShardLayout) -> dict[str, list[int]]:
+    """Row sizes of each merged parameter's slices (this rank's), by merged name part."""
+    q = shard.num_heads * shard.head_dim
+    kv = shard.num_kv_heads * shard.head_dim
+    return {".qkv_proj.": [q, kv, kv], ".gate_up_proj.": [shard.intermediate_size] * 2}
+
+
+def _split_merged(name: str, tensor: torch.Tensor, sizes: dict[str, list[int]]) -> dict[str, torch.Tensor]:
+    """One parameter under its Hugging Face name(s): a merged projection split back."""
+    merged = next((m for m in sizes if m in name), None)
+    if merged is None:
+        return {name: tensor}
+    parts = tensor.split(sizes[merged], dim=0)
+    return {
+        name.replace(merged, ckpt_part): parts[idx] for ckpt_part, (m, idx) in _MERGED.items() if m == merged
+    }
 
 
 def checkpoint_tensors(model: LlamaForCausalLM) -> dict[str, torch.Tensor]:
     """The model's weights under Hugging Face names (merged projections split back)."""
-    sizes = _merged_slices(model.config)
+    sizes = _merged_slices(model.shard)
     out = {}
     for name, tensor in model.state_dict().items():
-        merged = next((m for m in sizes if m in name), None)
-        if merged is None:
-            out[name] = tensor
-            continue
-        parts = tensor.split(sizes[merged], dim=0)
-        for ckpt_part, (m, idx) in _MERGED.items():
-            if m == merged:
-                out[name.replace(merged, ckpt_part)] = parts[idx]
+        out.update(_split_merged(name, tensor, sizes))
     return out
+
+
+def _destination(model: LlamaForCausalLM, params: dict, key: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(parameter, the view of it) a checkpoint tensor fills on this rank; None: not a weight."""
+    sizes = _merged_slices(model.shard)
+    target, rows = key, None
+    for part, (merged, idx) in _MERGED.items():
+        if part in key:  # a slice of a merged projection
+            target = key.replace(part, merged)
+            start = sum(sizes[merged][:idx])
+            rows = slice(start, start + sizes[merged][idx])
+    param = params.get(target)
+    if param is None:
+        return None  # e.g. rotary inv_freq saved by old checkpoints
+    dest = param if rows is None else param[rows]
+    cut = model.shard.checkpoint_slice(key)
+    if cut is not None and ("embed_tokens." in key or key.startswith("lm_head.")):
+        dest = dest[: cut[2] - cut[1]]  # the last rank's vocabulary rows end in padding
+    return param, dest
+
+
+def _take_shard(model: LlamaForCausalLM, key: str, tensor) -> torch.Tensor:
+    """This rank's part of a whole checkpoint tensor (a torch tensor or a safetensors slice)."""
+    cut = model.shard.checkpoint_slice(key)
+    if cut is None:
+        return tensor[:] if not isinstance(tensor, torch.Tensor) else tensor
+    dim, start, stop = cut
+    return tensor[start:stop] if dim == 0 else tensor[:, start:stop]
+
+
+def _random_init_sharded(model: LlamaForCausalLM, seed: int, device: str) -> None:
+    """This rank's part of exactly the weights `_random_init` draws for the whole model."""
+    with torch.device("meta"):
+        full = LlamaForCausalLM(model.config, None)
+    full_sizes = _merged_slices(full.shard)
+    params = dict(model.named_parameters())
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    with torch.no_grad():
+        for name, meta in full.named_parameters():
+            if name.endswith("norm.weight"):
+                tensor = torch.ones(meta.shape)
+            elif meta.dim() == 1:
+                tensor = torch.randn(meta.shape, generator=gen) * 0.02
+            else:
+                std = 1.0 if "embed_tokens" in name else meta.shape[1] ** -0.5
+                if torch.device(device).type == "cpu":
+                    tensor = torch.randn(meta.shape, generator=gen) * std
+                else:
+                    g = torch.Generator(device=device).manual_seed(seed + zlib.crc32(name.encode()))
+                    dtype = params[name].dtype
+                    tensor = torch.empty(meta.shape, dtype=dtype, device=device).normal_(
+                        0.0, std, generator=g
+                    )
+            for key, part in _split_merged(name, tensor, full_sizes).items():
+                param, dest = _destination(model, params, key)
+                dest.copy_(_take_shard(model, key, part).to(device=device, dtype=param.dtype))
 
 
 def _load_safetensors(model: LlamaForCausalLM, files: list[str], device: str) -> None:
     from safetensors import safe_open
 
     params = dict(model.named_parameters())
-    sizes = _merged_slices(model.config)
     needed = set(checkpoint_tensors(model))  # every checkpoint tensor the model needs
     loaded: set[str] = set()
     with torch.no_grad():
         for fn in files:
             with safe_open(fn, framework="pt", device="cpu") as f:
                 for key in f.keys():
-                    target, rows = key, None
-                    for part, (merged, idx) in _MERGED.items():
-                        if part in key:  # a slice of a merged projection
-                            target = key.replace(part, merged)
-                            start = sum(sizes[merged][:idx])
-                            rows = slice(start, start + sizes[merged][idx])
-                    param = params.get(target)
-                    if param is None:
-                        continue  # e.g. rotary inv_freq saved by old checkpoints
-                    dest = param if rows is None else param[rows]
-                    tensor = f.get_tensor(key)
+                    found = _destination(model, params, key)
+                    if found is None:
+                        continue
+                    param, dest = found
+                    # Only this rank's rows / columns are read (whole tensors without TP).
+                    tensor = (
+                        _take_shard(model, key, f.get_slice(key))
+                        if model.shard.size > 1
+                        else f.get_tensor(key)
+                    )
                     if tensor.shape != dest.shape:
                         raise ValueError(
                             f"{fn}: tensor {key} has shape {tuple(tensor.shape)}, "

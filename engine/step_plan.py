@@ -1,0 +1,31 @@
+"""One engine step's inputs as plain data: what `ModelRunner.plan_step` builds and every
+tensor-parallel rank's `ModelRunner.run_step` runs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from pdserve.engine.sampler import PromptLogprobRows, SamplingRow
+
+
+@dataclass
+class StepPlan:
+    """One step's inputs as plain (picklable) data, rows in the runner's order: the token
+    ids, positions and cache slots of every scheduled token; per sequence its query start,
+    query and context lengths and block table; the rows that sample and how; the input
+    rows to take from the previous step's sampled tokens (`fill_rows` from its rows
+    `fill_src`); the prompt-logprob segments."""
+
+    input_ids: list[int] = field(default_factory=list)
+    positions: list[int] = field(default_factory=list)
+    slot_mapping: list[int] = field(default_factory=list)
+    query_start_loc: list[int] = field(default_factory=lambda: [0])
+    query_lens: list[int] = field(default_factory=list)
+    seq_lens: list[int] = field(default_factory=list)
+    tables: list[list[int]] = field(default_factory=list)
+    sample_rows: list[SamplingRow] = field(default_factory=list)
+    sample_req_ids: list[str] = field(default_factory=list)
+    logits_index: list[int] = field(default_factory=list)
+    fill_rows: list[int] = field(default_factory=list)
+    fill_src: list[int] = field(default_factory=list)
+    prompt_segments: list[PromptLogprobRows] = field(default_factory=list)

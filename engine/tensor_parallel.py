@@ -1,0 +1,195 @@
+"""Tensor parallelism inside one worker: rank 0 plans, ranks 1..N-1 follow.
+
+Rank 0 is the engine's own process: its `LLMEngine` keeps the one scheduler and block pool
+and its `ModelRunner` holds rank 0's shard. Ranks 1..N-1 are child processes, each
+with a `ModelRunner` over its shard and its KV heads. Every step rank 0 turns the scheduler's
+output into a `StepPlan` (plain data: token ids, positions, slots, block tables, sampling
+rows), sends it down a pipe to each child, and all ranks run the same forward; their
+collectives (all-reduce after the row-parallel layers and the embedding, all-gather of the
+logits, the broadcast of rank 0's sampled tokens) go through a `TPGroup` of their own.
+
+A child that fails to start is reported with its error; one that dies later fails rank 0's
+next collective (gloo sees the closed connection, or the group's timeout fires), and a child
+whose parent is gone reads EOF from its pipe and exits.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import secrets
+import subprocess
+import sys
+import time
+import traceback
+import weakref
+from dataclasses import dataclass
+from multiprocessing.connection import Client, Listener
+from typing import Any
+
+import torch
+
+from pdserve.engine.config import ModelConfig
+from pdserve.engine.core.request import Request
+from pdserve.engine.core.scheduler import SchedulerOutput
+from pdserve.engine.model.tp_group import DEFAULT_TIMEOUT_S, TPGroup
+from pdserve.engine.model_runner import ModelRunner, SampledTokens
+
+_READY = "ready"
+_ERROR = "error"
+_AUTHKEY_ENV = "PDSERVE_TP_AUTHKEY"  # the listener's key, for the children only (not on their argv)
+
+
+def rank_device(device: str, rank: int) -> str:
+    """Rank `rank`'s device: the rank-th GPU from the configured one; CPU ranks share the CPU."""
+    dev = torch.device(device)
+    if dev.type != "cuda":
+        return device
+    return f"cuda:{(dev.index or 0) + rank}"
+
+
+@dataclass(frozen=True)
+class RankSpec:
+    """What a child rank needs to build its runner: the model and the runner's arguments
+    (those of rank 0, `num_blocks` resolved there so every rank's cache has the same blocks)."""
+
+    model_config: ModelConfig
+    device: str  # the configured device; each rank offsets it (rank_device)
+    runner_kwargs: dict[str, Any]
+
+
+class TensorParallelRanks:
+    """Rank 0's handle on ranks 1..size-1: start them, join the group, drive their steps.
+
+    The children are `python -m pdserve.engine.tensor_parallel` processes (not multiprocessing's
+    spawn, which re-runs the parent's main script) that connect back to a listener on
+    127.0.0.1 with a one-time key."""
+
+    def __init__(self, size: int, device: str, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
+        self.size = size
+        self._timeout_s = timeout_s
+        store = TPGroup.create_store(size, timeout_s)
+        authkey = secrets.token_bytes(32)
+        listener = Listener(("127.0.0.1", 0), authkey=authkey)
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
+        env[_AUTHKEY_ENV] = authkey.hex()
+        self._procs: list[subprocess.Popen] = []
+        self._conns: list = []
+        self._finalizer = weakref.finalize(self, _stop_ranks, self._procs, self._conns)
+        try:
+            for rank in range(1, size):
+                args = [str(a) for a in (rank, size, store.port, listener.address[1], device, timeout_s)]
+                cmd = [sys.executable, "-m", "pdserve.engine.tensor_parallel", *args]
+                self._procs.append(subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL))
+            self._wait_joined(store)
+            by_rank = {}
+            for _ in range(1, size):  # each child connects right after it reached the store
+                conn = listener.accept()
+                by_rank[conn.recv()] = conn
+            self._conns.extend(by_rank[rank] for rank in range(1, size))
+            self.group = TPGroup(0, size, store, torch.device(rank_device(device, 0)), timeout_s)
+        except BaseException:
+            self.shutdown()
+            raise
+        finally:
+            listener.close()
+
+    def _wait_joined(self, store) -> None:
+        """Until every child has reached the store (then the group forms at once), failing
+        fast, with its exit code, on a child that died first."""
+        deadline = time.monotonic() + self._timeout_s
+        while not store.check([TPGroup.joined_key(rank) for rank in range(1, self.size)]):
+            self._raise_if_dead("before joining the group")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"tensor-parallel ranks did not start within {self._timeout_s:.0f} s")
+            time.sleep(0.05)
+
+    def _raise_if_dead(self, when: str) -> None:
+        for rank, proc in enumerate(self._procs, start=1):
+            if proc.poll() is not None:
+                raise RuntimeError(f"tensor-parallel rank {rank} exited (code {proc.returncode}) {when}")
+
+    def start(self, spec: RankSpec) -> None:
+        """Build every child's runner; raises with a child's error if one fails."""
+        for conn in self._conns:
+            conn.send(spec)
+        deadline = time.monotonic() + self._timeout_s
+        for rank, conn in enumerate(self._conns, start=1):
+            while not conn.poll(0.1):
+                self._raise_if_dead("while loading its shard")
+                if time.monotonic() > deadline:
+                    raise RuntimeError(
+                        f"tensor-parallel rank {rank} did not load within {self._timeout_s:.0f} s"
+                    )
+            status, detail = conn.recv()
+            if status != _READY:
+                raise RuntimeError(f"tensor-parallel rank {rank} failed to load its shard:\n{detail}")
+
+    def execute(
+        self, runner: ModelRunner, out: SchedulerOutput, requests: dict[str, Request]
+    ) -> SampledTokens:
+        """`ModelRunner.execute` on every rank: rank 0 plans, all run the plan."""
+        runner.run_block_copies(out.block_copies)
+        plan = runner.plan_step(out, requests)
+        data = pickle.dumps(plan, protocol=pickle.HIGHEST_PROTOCOL)
+        try:
+            for conn in self._conns:
+                conn.send_bytes(data)
+            return runner.run_step(plan)
+        except (OSError, RuntimeError):  # a closed pipe, or gloo's "connection closed by peer"
+            self._raise_if_dead("during a step")  # name the rank that died, if one did
+            raise
+
+    def shutdown(self) -> None:
+        """Stop the children (idempotent)."""
+        self._finalizer()
+
+
+def _stop_ranks(procs: list, conns: list, grace_s: float = 5.0) -> None:
+    for conn in conns:
+        try:
+            conn.send_bytes(b"")  # the stop message
+        except (OSError, ValueError):
+            pass  # the child is gone already
+    deadline = time.monotonic() + grace_s
+    for proc in procs:
+        try:
+            proc.wait(max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    for conn in conns:
+        conn.close()
+
+
+def _rank_main(rank: int, size: int, store_port: int, conn_port: int, device: str, timeout_s: float) -> None:
+    """A child rank: join the group, build the runner from rank 0's spec, run its plans."""
+    torch.set_num_threads(max(1, torch.get_num_threads() // size))  # the ranks share the host's cores
+    store = TPGroup.reach_store(rank, size, store_port, timeout_s)
+    conn = Client(("127.0.0.1", conn_port), authkey=bytes.fromhex(os.environ.pop(_AUTHKEY_ENV)))
+    conn.send(rank)
+    try:
+        group = TPGroup(rank, size, store, torch.device(rank_device(device, rank)), timeout_s)
+        spec: RankSpec = conn.recv()
+        runner = ModelRunner(
+            spec.model_config, device=rank_device(device, rank), tp=group, **spec.runner_kwargs
+        )
+    except EOFError:
+        return  # rank 0 went away during start-up
+    except Exception:
+        conn.send((_ERROR, traceback.format_exc()))
+        raise SystemExit(1) from None
+    conn.send((_READY, None))
+    while True:
+        try:
+            data = conn.recv_bytes()
+        except EOFError:
+            return  # rank 0 is gone
+        if not data:
+            return
+        runner.run_step(pickle.loads(data))
+
+
+if __name__ == "__main__":
+    _rank, _size, _store_port, _conn_port, _device, _timeout = sys.argv[1:]
+    _rank_main(int(_rank), int(_size), int(_store_port), int(_conn_port), _device, float(_timeout))
