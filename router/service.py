@@ -62,7 +62,6 @@ class RouterCore:
         self.tokenizer = tokenizer
         self.chat_template = chat_template
         self.policy = policy
-        self.clients = clients
         self.worker_roles = worker_roles  # worker id -> "prefill" | "decode" | "both"
         self.tracker = WorkerStateTracker(use_kv_events=use_kv_events)
         self.stats = RouterStats()
