@@ -164,6 +164,22 @@ def _config(kill: str, backend: str, restart: bool) -> Any:
 
 
 def main(argv: list[str] | None = None) -> None:
+    args = _parse_args(argv)
+    command = "python -m pdserve.bench.chaos " + " ".join(argv if argv is not None else _argv())
+    if args.soak:
+        from pdserve.bench.soak import soak_main
+
+        _write_report(soak_main(args, command), args.output)
+        return
+    report = _kill_once(args, command)
+    _write_report(report, args.output)
+    # float32 on CPU must match token for token; in bf16 a stream moved to a new attempt
+    # re-prefills its tokens, whose rounding may differ from the decode steps' (reported only)
+    if report["num_streams_equal_to_baseline"] != args.num_requests and not args.config:
+        raise SystemExit("some streams differ from the undisturbed run")
+
+
+def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--kill", choices=["decode", "prefill"], default="decode")
     ap.add_argument("--backend", choices=["grpc", "nccl"], default="grpc")
@@ -191,32 +207,35 @@ def main(argv: list[str] | None = None) -> None:
         "--num-prompts", type=int, default=500, help="distinct prompts the requests cycle through"
     )
     soak.add_argument("--seed", type=int, default=0)
-    args = ap.parse_args(argv)
-    if args.soak:
-        _soak(args, argv)
-        return
+    return ap.parse_args(argv)
 
+
+def _deploy_config(args: argparse.Namespace) -> Any:
+    """--config with its --set overrides, else the built-in tiny CPU deployment."""
+    if not args.config:
+        return _config(args.kill, args.backend, args.restart)
+    import yaml
+
+    from pdserve.deploy.config import load_config
+
+    overrides = {"router.port": 0, "router.max_wait_s": args.max_wait_s}
+    for item in args.set:
+        key, _, value = item.partition("=")
+        overrides[key] = yaml.safe_load(value)
+    return load_config(args.config, overrides)
+
+
+def _kill_once(args: argparse.Namespace, command: str) -> dict[str, Any]:
+    """Undisturbed warm-up and baseline runs, then the same streams with one worker killed."""
     import ray
 
     from pdserve.deploy.launcher import up
 
     rng = random.Random(0)
     prompts = [[rng.randrange(256) for _ in range(args.prompt_len)] for _ in range(args.num_requests)]
-    if args.config:
-        import yaml
-
-        from pdserve.deploy.config import load_config
-
-        overrides = {"router.port": 0, "router.max_wait_s": args.max_wait_s}
-        for item in args.set:
-            key, _, value = item.partition("=")
-            overrides[key] = yaml.safe_load(value)
-        cfg = load_config(args.config, overrides)
-    else:
-        cfg = _config(args.kill, args.backend, args.restart)
     greedy = {"max_tokens": args.max_tokens, "temperature": 0.0, "ignore_eos": True}
     sampling = [{**greedy, "request_id": f"chaos-{i}"} for i in range(len(prompts))]
-    dep = up(cfg)
+    dep = up(_deploy_config(args))
     try:
         warm_up, _ = asyncio.run(run_with_kill(dep.url, prompts, [{**greedy}] * len(prompts)))  # not timed
         started = time.perf_counter()
@@ -242,54 +261,38 @@ def main(argv: list[str] | None = None) -> None:
         for m in (e["message"] for e in status["events"])
         if m.startswith("request chaos-") and (" migrated " in m or " retried " in m)
     }
-    same = sum(r.tokens == b.tokens for r, b in zip(results, baseline, strict=True))
-    report = {
-        "command": "python -m pdserve.bench.chaos " + " ".join(argv if argv is not None else _argv()),
+    pairs = list(zip(results, baseline, strict=True))
+    return {
+        "command": command,
         "args": vars(args),
         "baseline_tokens_per_s": sum(len(r.tokens) for r in baseline) / baseline_s,
         **recovery_figures(results, killed_at, started, moved),
-        "num_streams_equal_to_baseline": same,
+        "num_streams_equal_to_baseline": sum(r.tokens == b.tokens for r, b in pairs),
         # two undisturbed runs (batched differently) against each other, and how far each
         # killed run's stream agrees with the baseline: on CPU float32 all are equal; in bf16
         # a re-prefilled context may round differently from the decode steps it replaces
         "num_undisturbed_runs_equal": sum(
             w.tokens == b.tokens for w, b in zip(warm_up, baseline, strict=True)
         ),
-        "num_streams_equal_until_the_kill": sum(
-            r.tokens[:k] == b.tokens[:k]
-            for r, b, k in (
-                (r, b, sum(t < killed_at for t in r.token_times))
-                for r, b in zip(results, baseline, strict=True)
-            )
-        ),
+        "num_streams_equal_until_the_kill": sum(_equal_before(r, b, killed_at) for r, b in pairs),
         "num_streams_failed": sum(r.error is not None for r in results),
         "errors": sorted({r.error for r in results if r.error}),
         "router_stats": status["stats"],
     }
+
+
+def _equal_before(result: StreamResult, baseline: StreamResult, killed_at: float) -> bool:
+    """Whether the tokens a stream had received before the kill equal the baseline's."""
+    num_before = sum(t < killed_at for t in result.token_times)
+    return result.tokens[:num_before] == baseline.tokens[:num_before]
+
+
+def _write_report(report: dict[str, Any], output: str | None) -> None:
     print(json.dumps(report, indent=2))
-    if args.output:
-        with open(args.output, "w") as f:
+    if output:
+        with open(output, "w") as f:
             json.dump(report, f, indent=2)
             f.write("\n")
-    # float32 on CPU must match token for token; in bf16 a stream moved to a new attempt
-    # re-prefills its tokens, whose rounding may differ from the decode steps' (reported only)
-    if report["num_streams_equal_to_baseline"] != len(prompts) and not args.config:
-        raise SystemExit("some streams differ from the undisturbed run")
-
-
-def _soak(args: argparse.Namespace, argv: list[str] | None) -> None:
-    from pdserve.bench.soak import soak_main
-
-    report = soak_main(
-        args, "python -m pdserve.bench.chaos " + " ".join(argv if argv is not None else _argv())
-    )
-    print(json.dumps(report, indent=2))
-    if args.output:
-        with open(args.output, "w") as f:
-            json.dump(report, f, indent=2)
-            f.write("\n")
-    if report["lost"] or report["duplicated"] or report["leaked_blocks"] or report["counts"]["mismatched"]:
-        raise SystemExit("lost, duplicated, mismatched requests or leaked blocks")
 
 
 def _argv() -> list[str]:

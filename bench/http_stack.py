@@ -26,6 +26,7 @@ from pathlib import Path
 import aiohttp
 
 from pdserve.bench.datasets import BenchRequest, sample_random
+from pdserve.bench.openai_backend import sse_events
 from pdserve.bench.serve import run_benchmark
 from pdserve.deploy.launcher import up
 
@@ -48,16 +49,10 @@ async def _http_stream(session: aiohttp.ClientSession, url: str, request: BenchR
     async with session.post(url, json=body) as response:
         if response.status != 200:
             raise RuntimeError(f"HTTP {response.status}: {await response.text()}")
-        async for line in response.content:
-            if not line.startswith(b"data: "):
-                continue
-            payload = line[6:].strip()
-            if payload == b"[DONE]":
+        async for event in sse_events(response):
+            if event is None:  # data: [DONE]
                 done = True
                 break
-            event = json.loads(payload)
-            if "error" in event:
-                raise RuntimeError(event["error"]["message"])
             usage = event.get("usage") or usage
     if not done or usage is None:
         raise RuntimeError("the stream ended without usage or [DONE]")

@@ -12,6 +12,8 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from collections.abc import AsyncIterator
+from typing import Any
 
 import aiohttp
 
@@ -22,6 +24,22 @@ from pdserve.router.client import ModelInfo
 
 class OpenAIBackendError(RuntimeError):
     pass
+
+
+async def sse_events(response: aiohttp.ClientResponse) -> AsyncIterator[dict[str, Any] | None]:
+    """The JSON events of an OpenAI server-sent-event stream, then None for `data: [DONE]`;
+    an error event raises OpenAIBackendError."""
+    async for line in response.content:
+        if not line.startswith(b"data: "):
+            continue
+        payload = line[6:].strip()
+        if payload == b"[DONE]":
+            yield None
+            return
+        event = json.loads(payload)
+        if "error" in event:
+            raise OpenAIBackendError(event["error"].get("message", str(event["error"])))
+        yield event
 
 
 def base_url(url: str) -> str:
@@ -112,16 +130,10 @@ class OpenAISender:
         response: aiohttp.ClientResponse, result: RequestResult, start: float, last_at: float
     ) -> None:
         done, seen_text = False, False
-        async for line in response.content:
-            if not line.startswith(b"data: "):
-                continue
-            payload = line[6:].strip()
-            if payload == b"[DONE]":
+        async for event in sse_events(response):
+            if event is None:  # data: [DONE]
                 done = True
                 break
-            event = json.loads(payload)
-            if "error" in event:
-                raise OpenAIBackendError(event["error"].get("message", str(event["error"])))
             now = time.perf_counter()
             result.request_id = event.get("id") or result.request_id
             for choice in event.get("choices") or []:

@@ -37,7 +37,7 @@ from pdserve.bench.gpu import LLAMA3_8B, TINY, build_llm, random_prompt
 from pdserve.bench.gpu_limits import ModelCost
 from pdserve.bench.gpu_shapes import SMALL, Shapes
 from pdserve.engine import SamplingParams, cuda_graphs, model_runner
-from pdserve.engine.model_runner import SampledTokens
+from pdserve.engine.sampled_tokens import SampledTokens
 
 WINDOW = "profiled window"  # the record_function range around the measured steps
 

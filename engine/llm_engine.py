@@ -40,7 +40,8 @@ from pdserve.engine.core.sampling_params import SamplingParams
 from pdserve.engine.core.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from pdserve.engine.gc_heap import freeze_startup_heap
 from pdserve.engine.model.sharding import check_shardable
-from pdserve.engine.model_runner import ModelRunner, SampledTokens, parse_dtype
+from pdserve.engine.model_runner import ModelRunner, parse_dtype
+from pdserve.engine.sampled_tokens import SampledTokens
 from pdserve.engine.tensor_parallel import RankSpec, TensorParallelRanks, rank_device
 
 

@@ -33,7 +33,8 @@ from pdserve.engine.config import ModelConfig
 from pdserve.engine.core.request import Request
 from pdserve.engine.core.scheduler import SchedulerOutput
 from pdserve.engine.model.tp_group import DEFAULT_TIMEOUT_S, TPGroup
-from pdserve.engine.model_runner import ModelRunner, SampledTokens
+from pdserve.engine.model_runner import ModelRunner
+from pdserve.engine.sampled_tokens import SampledTokens
 
 _READY = "ready"
 _ERROR = "error"

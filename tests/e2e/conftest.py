@@ -44,6 +44,25 @@ def tiny_config(
 
 
 @contextlib.contextmanager
+def one_node_cluster(namespace: str) -> Iterator[None]:
+    """A local one-node Ray cluster on loopback (2 CPUs), shut down afterwards."""
+    import ray
+
+    ray.init(
+        address="local",
+        num_cpus=2,
+        include_dashboard=False,
+        namespace=namespace,
+        log_to_driver=False,
+        _node_ip_address="127.0.0.1",
+    )
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+@contextlib.contextmanager
 def two_node_cluster(namespace: str) -> Iterator[object]:
     """Two Ray nodes on this machine, both on loopback: one offers `prefill_node`, one `decode_node`."""
     import ray

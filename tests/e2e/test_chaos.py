@@ -27,7 +27,7 @@ from pdserve.bench.chaos import run_with_kill
 from pdserve.deploy.launcher import up
 from pdserve.engine import LLM, SamplingParams
 from pdserve.router.server import WORKER_HEALTH_PREFIX
-from tests.e2e.conftest import tiny_config
+from tests.e2e.conftest import one_node_cluster, tiny_config
 
 ray = pytest.importorskip("ray")
 
@@ -60,16 +60,8 @@ def offline():
 
 @pytest.fixture(scope="module")
 def one_node():
-    ray.init(
-        address="local",
-        num_cpus=2,
-        include_dashboard=False,
-        namespace="pdserve-test-chaos",
-        log_to_driver=False,
-        _node_ip_address="127.0.0.1",
-    )
-    yield
-    ray.shutdown()
+    with one_node_cluster("pdserve-test-chaos"):
+        yield
 
 
 def chaos_config(num_prefill: int, num_decode: int, backend: str, max_wait_s: float = 30.0):

@@ -19,7 +19,7 @@ import pytest
 from pdserve.deploy.launcher import up
 from pdserve.engine import LLM, SamplingParams
 from pdserve.router.client import AsyncPdserveClient, GenerateChunk, GenerateComplete
-from tests.e2e.conftest import tiny_config, two_node_cluster
+from tests.e2e.conftest import one_node_cluster, tiny_config, two_node_cluster
 
 ray = pytest.importorskip("ray")
 
@@ -94,16 +94,8 @@ def check_deployment(dep, expected) -> None:
 
 @pytest.fixture(scope="module")
 def one_node():
-    ray.init(
-        address="local",
-        num_cpus=2,
-        include_dashboard=False,
-        namespace="pdserve-test-1",
-        log_to_driver=False,
-        _node_ip_address="127.0.0.1",
-    )
-    yield
-    ray.shutdown()
+    with one_node_cluster("pdserve-test-1"):
+        yield
 
 
 @pytest.mark.parametrize("backend", ["grpc", "nccl"])

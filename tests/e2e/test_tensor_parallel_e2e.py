@@ -15,7 +15,7 @@ import pytest
 
 from pdserve.deploy.config import parse_config
 from pdserve.deploy.launcher import up
-from tests.e2e.conftest import ENGINE
+from tests.e2e.conftest import ENGINE, one_node_cluster
 from tests.e2e.test_disaggregated import check_deployment, expected  # noqa: F401 (fixture)
 
 ray = pytest.importorskip("ray")
@@ -39,16 +39,8 @@ def rank_processes() -> set[int]:
 
 @pytest.fixture(scope="module")
 def one_node():
-    ray.init(
-        address="local",
-        num_cpus=2,
-        include_dashboard=False,
-        namespace="pdserve-test-tp",
-        log_to_driver=False,
-        _node_ip_address="127.0.0.1",
-    )
-    yield
-    ray.shutdown()
+    with one_node_cluster("pdserve-test-tp"):
+        yield
 
 
 def test_colocated_tp2(one_node, expected):  # noqa: F811
