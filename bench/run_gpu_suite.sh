@@ -11,6 +11,7 @@
 #   bash bench/run_gpu_suite.sh grpc1    # one GPU: 1P1D over gRPC on it, bench.transfer (gRPC host path)
 #   bash bench/run_gpu_suite.sh sweep1grpc # one H200: 1P1D over gRPC sharing it, 4 data streams vs 1
 #   bash bench/run_gpu_suite.sh structure  # one GPU: bench.gpu, and 1P1D over gRPC on it (the connector)
+#   bash bench/run_gpu_suite.sh longprefill # one GPU: fused long-prefill attention: tests, chunks, rows 6 and 9
 #   bash bench/run_gpu_suite.sh multiturn  # one H200: multi-turn serving, prefix cache's host tier off vs on
 # Results land in $OUT (default bench/results/gpu-run).
 set -uo pipefail
@@ -69,6 +70,16 @@ case "${1:-}" in
     timeout 200 python -m pytest tests/gpu/test_sampling_gpu.py tests/gpu/test_engine_gpu.py -q \
       -p no:cacheprovider 2>&1 | tail -3 | tee "$OUT/gpu_tests.txt"
     timeout 300 python -m pdserve.bench.gpu --skip-transformers --only 1,2,3 --json "$OUT/gpu.json" 2>&1 | tail -8
+    ;;
+  longprefill)
+    # One GPU: the fused long-prefill path (cuDNN attention over a chunk's own keys and its gathered
+    # cached prefix, merged by log-sum-exp): its tests, the chunk microbenchmark against the paged
+    # Triton kernel, and bench.gpu_long's prefill rows 6 and 9 against their floors and transformers.
+    timeout 150 python -m pytest tests/gpu/test_triton_attention.py tests/gpu/test_engine_gpu.py -q \
+      -p no:cacheprovider -k "long_chunks or prefix or sdpa or logits" 2>&1 | tail -4 | tee "$OUT/gpu_tests.txt"
+    timeout 120 python -m pdserve.bench.long_prefill --json "$OUT/long_prefill.json" 2>&1 | tail -16
+    timeout 320 python -m pdserve.bench.gpu_long --only 6,9 --json "$OUT/gpu_long.json" \
+      --markdown "$OUT/gpu_long.md" 2>&1 | tail -8
     ;;
   long)
     # One GPU: bench.gpu's long-context rows 6-10 (32k and ~128k prefill and decode) against their

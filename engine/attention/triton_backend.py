@@ -15,11 +15,14 @@ Same contract as `ReferenceAttention.forward`. Three kernels:
   (query token, query head of the group) pairs, so a tile of K/V is loaded once per GQA
   group and decode rows in a mixed batch cost one group-sized tile.
 
-A prefill of a few sequences (`sdpa_prefill.MAX_SEQS`) none of which has a cached prefix
-(after a mixed step's decode rows) skips `_prefill_kernel`: torch's `scaled_dot_product_attention`
-(FlashAttention on CUDA) runs causally on each sequence's new q/k/v (see `sdpa_prefill`),
-~3 ms on an H100 where the paged kernel takes 4.8 ms (2,048-token Llama-3-8B prefill).
-PDSERVE_DISABLE_SDPA_PREFILL=1 turns this path off.
+A prefill of a few sequences (`sdpa_prefill.MAX_SEQS`, after a mixed step's decode rows) skips
+`_prefill_kernel` when each has no cached prefix or is a chunk of at least
+`sdpa_prefill.MIN_QUERY_WITH_PREFIX` tokens over one: torch's `scaled_dot_product_attention`
+(cuDNN / FlashAttention on CUDA) runs causally on each sequence's new q/k/v, and a cached prefix
+is attended through cuDNN's fused kernel on gathered K/V, merged by log-sum-exp (see
+`sdpa_prefill`, `lse_attention`). ~3 ms on an H100 where the paged kernel takes 4.8 ms (2,048-token
+Llama-3-8B prefill). PDSERVE_DISABLE_SDPA_PREFILL=1 turns this path off,
+PDSERVE_DISABLE_PREFIX_SDPA=1 only its cached-prefix part.
 
 CUDA graphs (decode). Every size the kernels need on the device comes from tensors
 (`seq_lens`, `block_tables`, `slot_mapping`); the grid comes from host values:
@@ -221,12 +224,12 @@ class TritonAttention:
             return out
         # Prefill or mixed step: the leading decode rows (the runner puts them first) go through the
         # decode kernel (split-K, no padded tiles: in the prefill kernel each would cost a whole 64-
-        # or 128-row tile); the rest through SDPA when no sequence has a cached prefix, else the
-        # paged prefill kernel.
+        # or 128-row tile); the rest through fused SDPA-class kernels when they are a few sequences
+        # without a cached prefix or long chunks over one (sdpa_prefill), else the paged prefill kernel.
         nd = meta.num_decodes
         sdpa = use_sdpa_prefill(query, key, value, kv_cache_layer, meta, first_seq=nd)
         if sdpa and nd == 0:
-            return sdpa_prefill(query, key, value, meta.query_lens_cpu, scale)
+            return sdpa_prefill(query, key, value, kv_cache_layer, meta, scale)
         out = torch.empty(query.shape, dtype=query.dtype, device=query.device)
         if nd:
             self.decode(
@@ -234,7 +237,9 @@ class TritonAttention:
                 meta.max_decode_seq_len, scale, out[:nd],
             )  # fmt: skip
         if sdpa:  # one token per decode row: the prefill rows start at row nd
-            out[nd:] = sdpa_prefill(query[nd:], key[nd:], value[nd:], meta.query_lens_cpu[nd:], scale)
+            out[nd:] = sdpa_prefill(
+                query[nd:], key[nd:], value[nd:], kv_cache_layer, meta, scale, first_seq=nd
+            )
         else:
             self.prefill(query, kv_cache_layer, meta, scale, out, first_seq=nd)
         return out

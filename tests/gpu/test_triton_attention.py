@@ -154,6 +154,26 @@ def test_sdpa_prefill_env_switch() -> None:
 
 
 @pytest.mark.parametrize("dtype", HALF_AND_FULL)
+@pytest.mark.parametrize(
+    ("query_lens", "prefix_lens"), [([1100], [3001]), ([1024, 1500], [0, 777]), ([1, 1030], [50, 2063])]
+)
+def test_long_chunks_over_a_prefix_take_the_fused_path(
+    dtype: torch.dtype, query_lens: list[int], prefix_lens: list[int], device: str, paths: Counter,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    """Chunks of at least MIN_QUERY_WITH_PREFIX tokens over a cached prefix: cuDNN attention over
+    the gathered prefix (in pieces here, so every merge runs) and the chunk's own keys, merged by
+    log-sum-exp. cuDNN's fused attention has no float32 kernel: float32 stays on the paged kernel."""
+    if device == "cpu":
+        pytest.skip("the fused path is CUDA's (its CPU twin is tests/unit/test_prefix_attention.py)")
+    monkeypatch.setattr(sdpa_prefill, "PREFIX_PIECE", 1024)
+    check_against_reference(query_lens, prefix_lens, 8, 2, 128, 16, dtype, device)
+    decodes = Counter(decode=1) if query_lens[0] == 1 else Counter()
+    fused = dtype != torch.float32
+    assert paths == decodes + (Counter(sdpa=1) if fused else Counter(triton_prefill=1))
+
+
+@pytest.mark.parametrize("dtype", HALF_AND_FULL)
 def test_prefill_over_cached_prefix(dtype: torch.dtype, device: str) -> None:
     # Prefixes not multiples of block_size; a chunk that starts mid-block.
     check_against_reference([20, 9, 33], [13, 50, 3], 8, 2, 64, 16, dtype, device)
