@@ -11,6 +11,7 @@
 #   bash bench/run_gpu_suite.sh grpc1    # one GPU: 1P1D over gRPC on it, bench.transfer (gRPC host path)
 #   bash bench/run_gpu_suite.sh sweep1grpc # one H200: 1P1D over gRPC sharing it, 4 data streams vs 1
 #   bash bench/run_gpu_suite.sh structure  # one GPU: bench.gpu, and 1P1D over gRPC on it (the connector)
+#   bash bench/run_gpu_suite.sh tp1        # one GPU: every single-GPU test, bench.gpu's pdserve rows (TP=1)
 #   bash bench/run_gpu_suite.sh longprefill # one GPU: fused long-prefill attention: tests, chunks, rows 6 and 9
 #   bash bench/run_gpu_suite.sh multiturn  # one H200: multi-turn serving, prefix cache's host tier off vs on
 # Results land in $OUT (default bench/results/gpu-run).
@@ -70,6 +71,14 @@ case "${1:-}" in
     timeout 200 python -m pytest tests/gpu/test_sampling_gpu.py tests/gpu/test_engine_gpu.py -q \
       -p no:cacheprovider 2>&1 | tail -3 | tee "$OUT/gpu_tests.txt"
     timeout 300 python -m pdserve.bench.gpu --skip-transformers --only 1,2,3 --json "$OUT/gpu.json" 2>&1 | tail -8
+    ;;
+  tp1)
+    # One GPU after the tensor-parallel split of the model runner (plan_step / run_step): every
+    # single-GPU test in tests/gpu (CUDA graphs, kernels, exactness) and bench.gpu's pdserve rows
+    # 1-5 (TP=1), to set beside the last committed run on the same kind of GPU.
+    timeout 360 python -m pytest tests/gpu -q -p no:cacheprovider 2>&1 | tail -8 | tee "$OUT/gpu_tests.txt"
+    timeout 220 python -m pdserve.bench.gpu --skip-transformers --json "$OUT/gpu.json" \
+      --markdown "$OUT/gpu.md" 2>&1 | tail -10
     ;;
   longprefill)
     # One GPU: the fused long-prefill path (cuDNN attention over a chunk's own keys and its gathered
