@@ -1,0 +1,99 @@
+"""KV transfer between workers of different tensor-parallel sizes (no Ray).
+
+The head math: a whole-heads buffer sliced for the ranks of one TP size and reassembled
+gives the buffer back, for every size that splits (or replicates) the heads. The layout
+carries the TP size in its fingerprint; a pair whose sizes cannot split the heads is
+refused naming both sizes. In one process over the grpc backend, prefill TP=2 -> decode
+TP=1 and prefill TP=1 -> decode TP=2 give the offline engine's tokens, every rank's
+reserved blocks hold exactly its heads, and every block is free afterwards.
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from pdserve.deploy.config import ConfigError, parse_config
+from pdserve.engine import LLM, SamplingParams
+from pdserve.engine.config import EngineConfig
+from pdserve.engine.kv_heads import assemble_heads, rank_heads
+from pdserve.engine.model.sharding import kv_head_range, kv_head_sources
+from pdserve.transfer.layout import KVLayout, KVLayoutMismatch, check_tp_pair
+
+pytestmark = pytest.mark.timeout(300)
+
+
+@pytest.mark.parametrize("num_kv_heads", [1, 2, 4, 8])
+@pytest.mark.parametrize("size", [1, 2, 4, 8])
+def test_heads_split_and_reassemble(num_kv_heads, size):
+    whole = torch.randn(2, 2, 3, 4, num_kv_heads, 5)  # [L, 2, n, block_size, Hkv, D]
+    parts = [rank_heads(whole, rank, size).clone() for rank in range(size)]
+    for rank, part in enumerate(parts):
+        start, count = kv_head_range(num_kv_heads, rank, size)
+        assert count == max(1, num_kv_heads // size)
+        assert torch.equal(part, whole[:, :, :, :, start : start + count])
+    assert torch.equal(assemble_heads(parts, num_kv_heads), whole)
+    sources = kv_head_sources(num_kv_heads, size)
+    assert len(sources) == min(num_kv_heads, size)  # each head taken once, from its first holder
+    # what a decode rank of another TP size takes from a buffer assembled at this one
+    for other in (1, 2, 4):
+        for rank in range(other):
+            start, count = kv_head_range(num_kv_heads, rank, other)
+            got = rank_heads(assemble_heads(parts, num_kv_heads), rank, other)
+            assert torch.equal(got, whole.narrow(4, start, count))
+
+
+def _layout(tp_size: int, heads: int = 8, **overrides) -> KVLayout:
+    fields = dict(
+        model_name="m", dtype="float32", num_layers=2, num_kv_heads=heads, head_dim=16, block_size=16
+    )
+    return KVLayout(**{**fields, **overrides}, tp_size=tp_size)
+
+
+def test_layout_fingerprint_carries_tp_size_and_head_range():
+    assert _layout(1).fingerprint() != _layout(2).fingerprint()
+    assert _layout(2).fingerprint() != _layout(2, kv_head_start=4).fingerprint()
+    _layout(2).check_compatible(_layout(1))  # whole heads on the wire: the sizes may differ
+    _layout(4).check_compatible(_layout(8))
+    with pytest.raises(KVLayoutMismatch, match="kv_head_start: prefill 4 != decode 0"):
+        _layout(2, kv_head_start=4).check_compatible(_layout(2))
+    with pytest.raises(KVLayoutMismatch, match=r"prefill 3 / decode 2: the model's 8 KV heads .* prefill 3"):
+        _layout(3).check_compatible(_layout(2))
+    with pytest.raises(ValueError, match=r"prefill 2 / decode 6: .* 4 KV heads .* decode 6"):
+        check_tp_pair(4, 2, 6)
+
+
+def test_deploy_refuses_a_pair_that_cannot_split_the_heads():
+    """tiny has 4 query heads and 2 KV heads: decode TP=3 fits neither; refused naming both sizes."""
+    pools = {
+        "prefill": {"count": 1, "tensor_parallel_size": 2},
+        "decode": {"count": 1, "tensor_parallel_size": 3},
+    }
+    with pytest.raises(ConfigError, match=r"decode.tensor_parallel_size: prefill 2 / decode 3"):
+        parse_config({"model": "tiny", **pools})
+    cfg = parse_config({"model": "tiny", **dict(pools, decode={"count": 1})})
+    assert cfg.prefill.tensor_parallel_size == 2 and cfg.decode.tensor_parallel_size is None
+
+
+@pytest.mark.parametrize(("prefill_tp", "decode_tp"), [(2, 1), (1, 2)])
+def test_inprocess_grpc_between_tp_sizes(prefill_tp, decode_tp):
+    from pdserve.router.client import GenerateChunk, PdserveClient
+    from tests.inprocess import InProcessDeployment
+
+    rng = random.Random(5)
+    prompts = [[rng.randrange(256) for _ in range(rng.randrange(20, 70))] for _ in range(6)]
+    params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
+    expected = [o.token_ids for o in LLM("tiny", num_gpu_blocks=256).generate(prompts, params)]
+    engine = EngineConfig(model="tiny", num_gpu_blocks=128, tensor_parallel_size=decode_tp)
+    prefill = EngineConfig(model="tiny", num_gpu_blocks=128, tensor_parallel_size=prefill_tp)
+    dep = InProcessDeployment(1, 1, engine=engine, prefill_engine=prefill, http=False)
+    try:
+        with PdserveClient(dep.url) as client:
+            for prompt, want in zip(prompts, expected, strict=True):
+                events = client.generate(prompt, temperature=0.0, max_tokens=6, ignore_eos=True)
+                assert [t for e in events if isinstance(e, GenerateChunk) for t in e.token_ids] == want
+        assert dep.all_blocks_free()
+    finally:
+        dep.close()
