@@ -10,6 +10,7 @@ reserved blocks hold exactly its heads, and every block is free afterwards.
 
 from __future__ import annotations
 
+import os
 import random
 
 import pytest
@@ -97,3 +98,33 @@ def test_inprocess_grpc_between_tp_sizes(prefill_tp, decode_tp):
         assert dep.all_blocks_free()
     finally:
         dep.close()
+
+
+def test_gpu_tp_configs_validate():
+    """The shipped GPU configs for TP: each pool's size, and its actor's GPUs (one per rank)."""
+    from pdserve.deploy.config import load_config
+    from pdserve.deploy.wiring import plan_workers
+    from tests.unit.test_deploy_config import ROOT
+
+    four = load_config(os.path.join(ROOT, "deploy", "gpu-tp-4.yaml"))
+    specs = {s.worker_id: s for s in plan_workers(four)}
+    assert [(w, s.engine.tensor_parallel_size, s.resources["num_gpus"]) for w, s in specs.items()] == [
+        ("prefill-0", 2, 2),
+        ("decode-0", 1, 1),
+        ("decode-1", 1, 1),
+    ]
+    big = load_config(os.path.join(ROOT, "deploy", "gpu-70b-tp.yaml"))
+    assert big.prefill.resources["num_gpus"] == big.decode.resources["num_gpus"] == 4
+    assert [s.engine.tensor_parallel_size for s in plan_workers(big)] == [4, 4]
+    h200 = load_config(
+        os.path.join(ROOT, "deploy", "gpu-70b-tp.yaml"), {"decode.count": 2, "decode.tensor_parallel_size": 2}
+    )
+    assert h200.decode.resources["num_gpus"] == 2
+    with pytest.raises(
+        ConfigError, match=r"prefill.resources.num_gpus: 1 is fewer than prefill.tensor_parallel_size 2"
+    ):
+        load_config(os.path.join(ROOT, "deploy", "gpu-tp-4.yaml"), {"prefill.resources.num_gpus": 1})
+    with pytest.raises(
+        ConfigError, match=r"decode.tensor_parallel_size: prefill 4 / decode 3: .* 8 KV heads"
+    ):
+        load_config(os.path.join(ROOT, "deploy", "gpu-70b-tp.yaml"), {"decode.tensor_parallel_size": 3})
