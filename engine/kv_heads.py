@@ -8,8 +8,8 @@ worker of any other. `assemble_heads` builds it from the ranks' packed blocks (o
 each head: `sharding.kv_head_sources`), `rank_heads` is one rank's view of it.
 
 The ranks run these through their `TPGroup` (engine/tensor_parallel.py): on the send side
-every rank packs its heads and rank 0 gathers them; on the receive side rank 0 broadcasts a
-whole chunk and every rank writes its heads into its own blocks.
+every rank packs its heads and rank 0 gathers them; on the receive side rank 0 scatters a
+whole chunk's heads, and every rank writes its own into its blocks.
 """
 
 from __future__ import annotations

@@ -41,9 +41,9 @@ class KVGather:
 
 @dataclass(frozen=True)
 class KVScatter:
-    """Rank 0 broadcasts a whole-heads chunk `shape` of layers [layer_start, layer_stop) and
-    every rank writes its heads into `block_ids` (a decode worker's KV arriving:
-    `TensorParallelRanks.scatter_kv`)."""
+    """Rank 0 scatters a whole-heads chunk of layers [layer_start, layer_stop) over the ranks,
+    each getting its heads (`shape`, equal on every rank), and every rank writes them into
+    `block_ids` (a decode worker's KV arriving: `TensorParallelRanks.scatter_kv`)."""
 
     block_ids: list[int]
     layer_start: int

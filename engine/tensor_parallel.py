@@ -154,7 +154,7 @@ class TensorParallelRanks:
         self, runner: ModelRunner, chunk: torch.Tensor, block_ids: Sequence[int], layers: slice
     ) -> None:
         """Write a whole-heads chunk [layers, 2, n, block_size, Hkv, D] into `block_ids` of every
-        rank's cache, each rank its heads: rank 0 broadcasts it over the group."""
+        rank's cache, each rank its heads: rank 0 scatters them over the group."""
         block_ids = list(block_ids)
         check_block_ids(runner.num_blocks, block_ids)
         cache = runner.kv_cache
@@ -170,9 +170,10 @@ class TensorParallelRanks:
             raise ValueError(
                 f"KV chunk of shape {tuple(chunk.shape)} for layers {layers}: expected {expected}"
             )
-        chunk = chunk.to(device=cache.device, dtype=cache.dtype).contiguous()
-        message = KVScatter(block_ids, layers.start, layers.stop, expected)
-        self._run_everywhere(message, lambda: scatter_kv_heads(runner, message, chunk), "while scattering KV")
+        chunk = chunk.to(device=cache.device, dtype=cache.dtype)
+        parts = [rank_heads(chunk, rank, self.size).contiguous() for rank in range(self.size)]
+        message = KVScatter(block_ids, layers.start, layers.stop, tuple(parts[0].shape))
+        self._run_everywhere(message, lambda: scatter_kv_heads(runner, message, parts), "while scattering KV")
 
     def _run_everywhere(self, message: object, run_here: Callable[[], _T], when: str) -> _T:
         """Send `message` to every child rank, then `run_here()` on rank 0 (its collectives meet
@@ -248,13 +249,11 @@ def gather_kv_heads(runner: ModelRunner, block_ids: list[int]) -> torch.Tensor |
     return None if parts is None else assemble_heads(parts, runner.config.num_key_value_heads)
 
 
-def scatter_kv_heads(runner: ModelRunner, message: KVScatter, chunk: torch.Tensor | None) -> None:
-    """Every rank: take rank 0's whole chunk (`chunk` there, None elsewhere) and write this
-    rank's heads of it into its blocks."""
-    if chunk is None:
-        chunk = torch.empty(message.shape, dtype=runner.kv_cache.dtype, device=runner.kv_cache.device)
-    runner.tp.broadcast_from_first(chunk)
-    mine = rank_heads(chunk, runner.tp.rank, runner.tp.size)
+def scatter_kv_heads(runner: ModelRunner, message: KVScatter, parts: list[torch.Tensor] | None) -> None:
+    """Every rank: take its heads of rank 0's chunk (`parts[r]` there, None elsewhere) and
+    write them into its blocks."""
+    mine = torch.empty(message.shape, dtype=runner.kv_cache.dtype, device=runner.kv_cache.device)
+    runner.tp.scatter_from_first(parts, mine)
     unpack_local(runner.kv_cache, mine, message.block_ids, slice(message.layer_start, message.layer_stop))
 
 

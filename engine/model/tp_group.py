@@ -80,6 +80,14 @@ class TPGroup:
         self.group.gather([parts] if parts is not None else [], [x], opts).wait()
         return parts
 
+    def scatter_from_first(self, parts: list[torch.Tensor] | None, out: torch.Tensor) -> torch.Tensor:
+        """Rank 0's `parts[r]` into rank r's `out` (every part shaped like `out`), in place;
+        `parts` is None on the other ranks."""
+        opts = dist.ScatterOptions()
+        opts.rootRank = 0
+        self.group.scatter([out], [parts] if parts is not None else [], opts).wait()
+        return out
+
     def broadcast_from_first(self, x: torch.Tensor) -> torch.Tensor:
         """Rank 0's `x` into every rank's `x` (same shape and dtype everywhere), in place."""
         opts = dist.BroadcastOptions()

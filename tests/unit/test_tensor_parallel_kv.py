@@ -128,3 +128,60 @@ def test_gpu_tp_configs_validate():
         ConfigError, match=r"decode.tensor_parallel_size: prefill 4 / decode 3: .* 8 KV heads"
     ):
         load_config(os.path.join(ROOT, "deploy", "gpu-70b-tp.yaml"), {"decode.tensor_parallel_size": 3})
+
+
+def _step_until(engine, req_id: str, done) -> list:
+    outs = []
+    for _ in range(200):
+        outs += [o for o in engine.step() if o.req_id == req_id]
+        if done(outs):
+            return outs
+    raise AssertionError(f"{req_id} did not finish")
+
+
+def test_gather_and_scatter_with_a_replicated_kv_head(tmp_path):
+    """One KV head, two ranks (each keeps a copy): a TP=2 prefill engine's gathered KV equals a
+    TP=1 engine's blocks, and a TP=2 decode engine fed the TP=1 KV generates transformers'
+    greedy tokens (each rank got its copy of the head into its reserved blocks)."""
+    from pdserve.engine.kv_heads import pack_local
+    from pdserve.engine.llm_engine import LLMEngine
+    from tests.hf_models import hf_greedy, make_checkpoint
+
+    hf = make_checkpoint("llama", str(tmp_path), num_key_value_heads=1)
+    prompt = [random.Random(9).randrange(hf.config.vocab_size) for _ in range(37)]
+    want = hf_greedy(hf, prompt, 6)
+    first = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)  # held after its first token
+    engines = []
+    try:
+        whole = {}
+        for tp in (1, 2):
+            engine = LLMEngine(
+                EngineConfig(model=str(tmp_path), num_gpu_blocks=16, tensor_parallel_size=tp), "prefill"
+            )
+            engines.append(engine)
+            engine.add_request("r", prompt, first)
+            assert _step_until(engine, "r", bool)[0].new_token_ids == want[:1]
+            blocks = engine.get_block_ids("r")[:3]  # the prompt's 3 blocks of 16
+            whole[tp] = engine.gather_kv(blocks) if tp > 1 else pack_local(engine.kv_cache, blocks)
+            engine.release_request("r")
+        assert whole[2].shape == whole[1].shape and whole[1].shape[4] == 1
+        torch.testing.assert_close(whole[2], whole[1], rtol=1e-4, atol=1e-5)
+        decode = LLMEngine(
+            EngineConfig(model=str(tmp_path), num_gpu_blocks=16, tensor_parallel_size=2), "decode"
+        )
+        engines.append(decode)
+        params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
+        reservation = decode.reserve_remote("r", prompt, params)
+        layers = slice(0, whole[1].shape[0])
+        with pytest.raises(ValueError, match="KV chunk of shape"):  # refused before any rank moves
+            decode.scatter_kv(whole[1][:, :, :2], reservation.block_ids, layers)
+        with pytest.raises(ValueError, match="out of range"):
+            decode.scatter_kv(whole[1], [0, 1, 99], layers)
+        decode.scatter_kv(whole[1], reservation.block_ids, layers)
+        decode.finish_remote("r", want[0])
+        outs = _step_until(decode, "r", lambda outs: outs and outs[-1].finished)
+        assert want[:1] + [t for o in outs for t in o.new_token_ids] == want
+        assert decode.kv_manager.num_free_blocks == decode.kv_manager.num_blocks
+    finally:
+        for engine in engines:
+            engine.shutdown()
