@@ -167,6 +167,8 @@ class DecodeWorker(LoopWorker):
             if self.engine.tp_ranks is None:
                 unpack_blocks(kv_cache, chunk.to(kv_cache.device), block_ids, layers=layers)
             else:  # every rank writes its heads of the whole chunk, between the engine's steps
+                if chunk.is_cuda:  # landed on this thread's stream; the loop thread reads it on its own
+                    torch.cuda.current_stream(chunk.device).synchronize()
                 self.loop.call_sync(lambda e: e.scatter_kv(chunk, block_ids, layers))
             if layers.stop < kv_cache.shape[0]:
                 return

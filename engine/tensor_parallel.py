@@ -146,9 +146,12 @@ class TensorParallelRanks:
         rank 0's device: every rank packs its heads, rank 0 gathers them over the group."""
         block_ids = list(block_ids)
         check_block_ids(runner.num_blocks, block_ids)  # before any rank indexes
-        return self._run_everywhere(
+        whole = self._run_everywhere(
             KVGather(block_ids), lambda: gather_kv_heads(runner, block_ids), "while gathering KV"
         )
+        if whole.is_cuda:  # complete before a sender thread (its own streams) reads it
+            torch.cuda.current_stream(whole.device).synchronize()
+        return whole
 
     def scatter_kv(
         self, runner: ModelRunner, chunk: torch.Tensor, block_ids: Sequence[int], layers: slice
