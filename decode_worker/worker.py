@@ -8,7 +8,8 @@ A disaggregated request takes two calls here, in order:
 2. the KV lands, with the prefill's first token (`on_kv_chunk`, called by the receive
    side, in layer chunks, once it admitted the sender's credential): it is scattered into
    the blocks reserved in step 1 (never others), and after the last layer the request
-   joins the running batch. Nobody else has to say "start".
+   joins the running batch. Nobody else has to say "start". The KV carries every KV head;
+   a tensor-parallel worker's ranks each write their heads (engine/kv_heads.py).
 
 The lease: a reservation whose KV has not begun to arrive `transfer.timeout_s` after
 `reserve`, or has not landed `transfer.timeout_s` after it began, is dropped by a
@@ -58,7 +59,12 @@ class DecodeWorker(LoopWorker):
     ) -> None:
         super().__init__(worker_id, LLMEngine(engine_config, role=role))
         self.role = role
-        self.layout = KVLayout.from_cache(self.engine.kv_cache, self.engine.model_config.name)
+        # What a transfer carries: every KV head (rank 0's cache holds a slice of them under TP).
+        model = self.engine.model_config
+        tp_size = engine_config.tensor_parallel_size
+        self.layout = KVLayout.from_cache(
+            self.engine.kv_cache, model.name, tp_size, model.num_key_value_heads
+        )
         self._dropped: OrderedDict[str, None] = OrderedDict()  # aborted before their KV came
         self._landed: set[str] = set()  # all layers in, not yet started: refuse more bytes
         self._lock = threading.Lock()
@@ -158,7 +164,12 @@ class DecodeWorker(LoopWorker):
                 raise ValueError(f"{req_id}: KV for other blocks than the {len(block_ids)} reserved")
             if not 0 <= arrival.first_token_id < self.engine.model_config.vocab_size:
                 raise ValueError(f"{req_id}: first token {arrival.first_token_id} is outside the vocabulary")
-            unpack_blocks(kv_cache, chunk.to(kv_cache.device), block_ids, layers=layers)
+            if self.engine.tp_ranks is None:
+                unpack_blocks(kv_cache, chunk.to(kv_cache.device), block_ids, layers=layers)
+            else:  # every rank writes its heads of the whole chunk, between the engine's steps
+                if chunk.is_cuda:  # landed on this thread's stream; the loop thread reads it on its own
+                    torch.cuda.current_stream(chunk.device).synchronize()
+                self.loop.call_sync(lambda e: e.scatter_kv(chunk, block_ids, layers))
             if layers.stop < kv_cache.shape[0]:
                 return
             if kv_cache.is_cuda:

@@ -7,10 +7,10 @@ the key path (e.g. `decode.count`), raised before anything starts.
     engine: {device, dtype, block_size, num_gpu_blocks, max_num_seqs,
              max_num_batched_tokens, max_model_len, enable_prefix_caching,
              host_cache_gb, num_host_blocks, attention_backend, load_format,
-             tensor_parallel_size}   # > 1: colocated workers only, for now
-    prefill:   {count, resources: {num_cpus, num_gpus, resources: {NAME: amount}}}
-    decode:    {count, resources: ...}
-    colocated: {count, resources: ...}   # workers that run both phases (the baseline)
+             tensor_parallel_size}   # each pool's default
+    prefill:   {count, tensor_parallel_size, resources: {num_cpus, num_gpus, resources: {NAME: amount}}}
+    decode:    {count, tensor_parallel_size, resources: ...}   # its own TP size may differ from prefill's
+    colocated: {count, tensor_parallel_size, resources: ...}   # workers that run both phases (the baseline)
     transfer:  {backend: grpc|nccl, host, port_base, data_streams, timeout_s, secret,
                 rendezvous_port}
     router:    {host, port, http_port, policy, policy_params: {...}, kv_events, max_queue_len,
@@ -30,9 +30,12 @@ from typing import Any
 
 import yaml
 
-from pdserve.engine.config import EngineConfig
+from pdserve.engine.config import EngineConfig, ModelConfig
 from pdserve.router.request_limits import RequestLimits
 from pdserve.transfer.config import TransferConfig
+from pdserve.transfer.layout import check_tp_pair
+
+TP_ENGINE_KEY = "engine.tensor_parallel_size"
 
 
 class ConfigError(ValueError):
@@ -43,6 +46,14 @@ class ConfigError(ValueError):
 class PoolConfig:
     count: int = 0
     resources: dict[str, Any] = field(default_factory=lambda: {"num_cpus": 0})
+    # Ranks each worker of this pool spreads the model over; null: engine.tensor_parallel_size.
+    tensor_parallel_size: int | None = None
+
+    def engine_for(self, engine: EngineConfig) -> EngineConfig:
+        """The engine config this pool's workers run: `engine` with the pool's TP size."""
+        if self.tensor_parallel_size is None:
+            return engine
+        return dataclasses.replace(engine, tensor_parallel_size=self.tensor_parallel_size)
 
 
 @dataclass
@@ -157,22 +168,57 @@ def _check_type(value: Any, type_str: Any, default: Any, path: str) -> Any:
 
 
 def _check_tensor_parallel(cfg: DeployConfig) -> None:
-    """engine.tensor_parallel_size > 1 runs co-located workers only (KV transfer between
-    tensor-parallel ranks is not built yet), each with a GPU per rank on CUDA."""
-    size = cfg.engine.tensor_parallel_size
-    if size == 1:
-        return
-    if cfg.prefill.count or cfg.decode.count:
-        raise ConfigError(
-            f"engine.tensor_parallel_size: {size} is supported for colocated workers only; prefill and "
-            "decode pools with tensor parallelism need KV transfer between ranks (issue 20 part 2)"
-        )
-    gpus = cfg.colocated.resources.get("num_gpus")
-    if cfg.engine.device.startswith("cuda") and gpus is not None and gpus < size:
-        raise ConfigError(
-            f"colocated.resources.num_gpus: {gpus} is fewer than engine.tensor_parallel_size {size} "
-            "(one GPU per rank)"
-        )
+    """Each pool's tensor_parallel_size (its own, else engine's) must suit the engine config and,
+    when the model's config is at hand here (`tiny`, or a local directory), split its heads;
+    a prefill and a decode size must split the KV heads both (named together). On CUDA a
+    worker's ranks take one GPU each of its actor's: `num_gpus` defaults to the size."""
+    pools = [(name, getattr(cfg, name)) for name in ("prefill", "decode", "colocated")]
+    for name, pool in pools:
+        if not pool.count:
+            continue
+        size = pool.engine_for(cfg.engine).tensor_parallel_size
+        key = f"{name}.tensor_parallel_size" if pool.tensor_parallel_size is not None else TP_ENGINE_KEY
+        try:
+            pool.engine_for(cfg.engine).validate()
+        except ValueError as exc:
+            raise ConfigError(f"{key}: {exc}") from None
+        if not cfg.engine.device.startswith("cuda") or size == 1:
+            continue
+        gpus = pool.resources.get("num_gpus")
+        if gpus is None:
+            pool.resources["num_gpus"] = size  # the actor holds its ranks' GPUs
+        elif gpus < size:
+            raise ConfigError(
+                f"{name}.resources.num_gpus: {gpus} is fewer than {key} {size} (one GPU per rank)"
+            )
+    sizes = {name: pool.engine_for(cfg.engine).tensor_parallel_size for name, pool in pools if pool.count}
+    model = _local_model_config(cfg.model) if set(sizes.values()) != {1} else None
+    if model is None:
+        return  # a directory only the workers' nodes have: each worker checks its own size
+    from pdserve.engine.model.sharding import check_shardable  # (torch: only for TP configs)
+
+    pair = ""
+    if "prefill" in sizes and "decode" in sizes:
+        try:
+            check_tp_pair(model.num_key_value_heads, sizes["prefill"], sizes["decode"])
+        except ValueError as exc:
+            raise ConfigError(f"decode.{exc}") from None
+        pair = f" (prefill {sizes['prefill']}, decode {sizes['decode']})"
+    for name, size in sizes.items():
+        try:
+            check_shardable(model, size)
+        except ValueError as exc:
+            raise ConfigError(f"{name}.tensor_parallel_size{pair}: {exc}") from None
+
+
+def _local_model_config(model: str) -> ModelConfig | None:
+    """The model's config when it can be read here (`tiny`, or a directory with config.json)."""
+    if model != "tiny" and not os.path.isfile(os.path.join(model, "config.json")):
+        return None
+    try:
+        return ModelConfig.resolve(model)
+    except (OSError, ValueError):
+        return None
 
 
 def parse_config(data: dict[str, Any]) -> DeployConfig:

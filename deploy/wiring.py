@@ -43,15 +43,16 @@ class WorkerSpec:
 
 
 def plan_workers(cfg: Any) -> list[WorkerSpec]:
-    """The workers of a DeployConfig's pools, prefill first."""
+    """The workers of a DeployConfig's pools, prefill first; each runs its pool's TP size."""
     specs = []
     for name, pool, role in (
         ("prefill", cfg.prefill, "prefill"),
         ("decode", cfg.decode, "decode"),
         ("colocated", cfg.colocated, "both"),
     ):
+        engine = pool.engine_for(cfg.engine)
         for i in range(pool.count):
-            specs.append(WorkerSpec(f"{name}-{i}", role, cfg.engine, cfg.transfer, i, dict(pool.resources)))
+            specs.append(WorkerSpec(f"{name}-{i}", role, engine, cfg.transfer, i, dict(pool.resources)))
     return specs
 
 

@@ -12,9 +12,10 @@ Roles:
 
 The engine is single-threaded; workers serialise calls into it.
 
-Tensor parallelism (`tensor_parallel_size` N > 1, role "both" only for now): this engine is
-rank 0; it keeps the one scheduler and block pool, and each step's plan runs on its own
-runner and on ranks 1..N-1 in child processes (engine/tensor_parallel.py).
+Tensor parallelism (`tensor_parallel_size` N > 1, any role): this engine is rank 0; it keeps
+the one scheduler and block pool, and each step's plan runs on its own runner and on ranks
+1..N-1 in child processes (engine/tensor_parallel.py). A disaggregated worker's KV leaves and
+arrives with all the model's KV heads (`gather_kv`, `scatter_kv`, on the loop thread).
 
 Async scheduling (`async_scheduling`, on by default; off for the prefill role): `step()`
 schedules and launches step N+1 before it waits for step N's tokens, so the host's
@@ -106,11 +107,6 @@ class LLMEngine:
     def _start_tensor_parallel(self, config: EngineConfig, role: str, runner_kwargs: dict) -> ModelRunner:
         """Spawn ranks 1..N-1, build rank 0's runner here, then theirs (same block count)."""
         size = config.tensor_parallel_size
-        if role != "both":
-            raise ValueError(
-                f"engine.tensor_parallel_size = {size}: the {role} role is not supported yet (KV transfer "
-                "between tensor-parallel ranks is issue 20 part 2); use co-located workers"
-            )
         check_shardable(self.model_config, size)
         self.tp_ranks = TensorParallelRanks(size, config.device)
         try:
@@ -188,7 +184,17 @@ class LLMEngine:
         self._penalized.discard(req_id)
         self.scheduler.release_held(req_id)
 
+    def gather_kv(self, block_ids: list[int]) -> torch.Tensor:
+        """Tensor-parallel prefill: the KV of `block_ids` with every KV head of the model,
+        [L, 2, n, block_size, Hkv, D] on rank 0 (between steps: the ranks run it together)."""
+        return self.tp_ranks.gather_kv(self.runner, block_ids)
+
     # -- decode role ----------------------------------------------------------
+    def scatter_kv(self, chunk: torch.Tensor, block_ids: list[int], layers: slice) -> None:
+        """Tensor-parallel decode: write a whole-heads chunk of `layers` into `block_ids` on
+        every rank, each its heads (between steps: the ranks run it together)."""
+        self.tp_ranks.scatter_kv(self.runner, chunk, block_ids, layers)
+
     def reserve_remote(
         self, req_id: str, prompt_token_ids: list[int], params: SamplingParams
     ) -> RemoteReservation | None:

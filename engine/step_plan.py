@@ -29,3 +29,23 @@ class StepPlan:
     fill_rows: list[int] = field(default_factory=list)
     fill_src: list[int] = field(default_factory=list)
     prompt_segments: list[PromptLogprobRows] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class KVGather:
+    """Every rank packs its KV heads of `block_ids` and rank 0 gathers them (a prefill
+    worker's KV on its way out: `TensorParallelRanks.gather_kv`)."""
+
+    block_ids: list[int]
+
+
+@dataclass(frozen=True)
+class KVScatter:
+    """Rank 0 scatters a whole-heads chunk of layers [layer_start, layer_stop) over the ranks,
+    each getting its heads (`shape`, equal on every rank), and every rank writes them into
+    `block_ids` (a decode worker's KV arriving: `TensorParallelRanks.scatter_kv`)."""
+
+    block_ids: list[int]
+    layer_start: int
+    layer_stop: int
+    shape: tuple[int, ...]

@@ -7,6 +7,9 @@ output into a `StepPlan` (plain data: token ids, positions, slots, block tables,
 rows), sends it down a pipe to each child, and all ranks run the same forward; their
 collectives (all-reduce after the row-parallel layers and the embedding, all-gather of the
 logits, the broadcast of rank 0's sampled tokens) go through a `TPGroup` of their own.
+KV moving in or out of a disaggregated worker takes the same pipe and group, between steps:
+`gather_kv` (a prefill worker's blocks, every KV head, on rank 0) and `scatter_kv` (a decode
+worker's arriving chunk, each rank writing its heads), see engine/kv_heads.py.
 
 A child that fails to start is reported with its error; one that dies later fails rank 0's
 next collective (gloo sees the closed connection, or the group's timeout fires), and a child
@@ -23,22 +26,26 @@ import sys
 import time
 import traceback
 import weakref
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from multiprocessing.connection import Client, Listener
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
 from pdserve.engine.config import ModelConfig
 from pdserve.engine.core.request import Request
 from pdserve.engine.core.scheduler import SchedulerOutput
+from pdserve.engine.kv_heads import assemble_heads, check_block_ids, pack_local, rank_heads, unpack_local
 from pdserve.engine.model.tp_group import DEFAULT_TIMEOUT_S, TPGroup
 from pdserve.engine.model_runner import ModelRunner
 from pdserve.engine.sampled_tokens import SampledTokens
+from pdserve.engine.step_plan import KVGather, KVScatter
 
 _READY = "ready"
 _ERROR = "error"
 _AUTHKEY_ENV = "PDSERVE_TP_AUTHKEY"  # the listener's key, for the children only (not on their argv)
+_T = TypeVar("_T")
 
 
 def rank_device(device: str, rank: int) -> str:
@@ -132,13 +139,55 @@ class TensorParallelRanks:
         """`ModelRunner.execute` on every rank: rank 0 plans, all run the plan."""
         runner.run_block_copies(out.block_copies)
         plan = runner.plan_step(out, requests)
-        data = pickle.dumps(plan, protocol=pickle.HIGHEST_PROTOCOL)
+        return self._run_everywhere(plan, lambda: runner.run_step(plan), "during a step")
+
+    def gather_kv(self, runner: ModelRunner, block_ids: Sequence[int]) -> torch.Tensor:
+        """The KV of `block_ids` with all the model's KV heads, [L, 2, n, block_size, Hkv, D] on
+        rank 0's device: every rank packs its heads, rank 0 gathers them over the group."""
+        block_ids = list(block_ids)
+        check_block_ids(runner.num_blocks, block_ids)  # before any rank indexes
+        whole = self._run_everywhere(
+            KVGather(block_ids), lambda: gather_kv_heads(runner, block_ids), "while gathering KV"
+        )
+        if whole.is_cuda:  # complete before a sender thread (its own streams) reads it
+            torch.cuda.current_stream(whole.device).synchronize()
+        return whole
+
+    def scatter_kv(
+        self, runner: ModelRunner, chunk: torch.Tensor, block_ids: Sequence[int], layers: slice
+    ) -> None:
+        """Write a whole-heads chunk [layers, 2, n, block_size, Hkv, D] into `block_ids` of every
+        rank's cache, each rank its heads: rank 0 scatters them over the group."""
+        block_ids = list(block_ids)
+        check_block_ids(runner.num_blocks, block_ids)
+        cache = runner.kv_cache
+        expected = (
+            layers.stop - layers.start,
+            2,
+            len(block_ids),
+            cache.shape[3],
+            runner.config.num_key_value_heads,
+            cache.shape[5],
+        )
+        if tuple(chunk.shape) != expected or not 0 <= layers.start < layers.stop <= cache.shape[0]:
+            raise ValueError(
+                f"KV chunk of shape {tuple(chunk.shape)} for layers {layers}: expected {expected}"
+            )
+        chunk = chunk.to(device=cache.device, dtype=cache.dtype)
+        parts = [rank_heads(chunk, rank, self.size).contiguous() for rank in range(self.size)]
+        message = KVScatter(block_ids, layers.start, layers.stop, tuple(parts[0].shape))
+        self._run_everywhere(message, lambda: scatter_kv_heads(runner, message, parts), "while scattering KV")
+
+    def _run_everywhere(self, message: object, run_here: Callable[[], _T], when: str) -> _T:
+        """Send `message` to every child rank, then `run_here()` on rank 0 (its collectives meet
+        the children's); a rank that died is named."""
+        data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
         try:
             for conn in self._conns:
                 conn.send_bytes(data)
-            return runner.run_step(plan)
+            return run_here()
         except (OSError, RuntimeError):  # a closed pipe, or gloo's "connection closed by peer"
-            self._raise_if_dead("during a step")  # name the rank that died, if one did
+            self._raise_if_dead(when)  # name the rank that died, if one did
             raise
 
     def shutdown(self) -> None:
@@ -188,7 +237,27 @@ def _rank_main(rank: int, size: int, store_port: int, conn_port: int, device: st
             return  # rank 0 is gone
         if not data:
             return
-        runner.run_step(pickle.loads(data))
+        message = pickle.loads(data)
+        if isinstance(message, KVGather):
+            gather_kv_heads(runner, message.block_ids)
+        elif isinstance(message, KVScatter):
+            scatter_kv_heads(runner, message, None)
+        else:
+            runner.run_step(message)
+
+
+def gather_kv_heads(runner: ModelRunner, block_ids: list[int]) -> torch.Tensor | None:
+    """Every rank: pack this rank's heads of `block_ids`; rank 0 gets the whole buffer."""
+    parts = runner.tp.gather_to_first(pack_local(runner.kv_cache, block_ids))
+    return None if parts is None else assemble_heads(parts, runner.config.num_key_value_heads)
+
+
+def scatter_kv_heads(runner: ModelRunner, message: KVScatter, parts: list[torch.Tensor] | None) -> None:
+    """Every rank: take its heads of rank 0's chunk (`parts[r]` there, None elsewhere) and
+    write them into its blocks."""
+    mine = torch.empty(message.shape, dtype=runner.kv_cache.dtype, device=runner.kv_cache.device)
+    runner.tp.scatter_from_first(parts, mine)
+    unpack_local(runner.kv_cache, mine, message.block_ids, slice(message.layer_start, message.layer_stop))
 
 
 if __name__ == "__main__":

@@ -4,7 +4,9 @@
 sampled token as soon as the step that computed it ends (that is the TTFT).
 The request's blocks stay owned here (the scheduler holds them, HELD_FOR_TRANSFER)
 while a sender thread ships the ones the decode worker lacks, with the first token,
-in one packed buffer; they are freed when the send completes or fails. The decode
+in one packed buffer; they are freed when the send completes or fails. A tensor-parallel
+worker first gathers every rank's KV heads of those blocks on rank 0 (engine/kv_heads.py),
+so the buffer always carries all the heads, whatever the decode worker's TP size. The decode
 worker starts the request itself once that KV has landed. A failed send, or a
 request that ended at its first token, is reported to the decode worker through its
 `DecodeLink` so it drops the reservation.
@@ -46,7 +48,10 @@ class PrefillWorker(LoopWorker):
         # Filled by set_decode_links; the send side holds this very dict.
         self._links: dict[str, DecodeLink] = {}
         model_name = self.engine.model_config.name
-        self.send_side = connector.send_side(model_name, self._links) if connector is not None else None
+        tp_size = engine_config.tensor_parallel_size
+        self.send_side = (
+            connector.send_side(model_name, self._links, tp_size) if connector is not None else None
+        )
         self.loop.start()
 
     # -- wiring -----------------------------------------------------------------
@@ -141,7 +146,13 @@ class PrefillWorker(LoopWorker):
 
     def _send(self, handle: KVHandle, src_block_ids: list[int], first_token_id: int) -> None:
         try:
-            stats = self.send_side.send(handle, src_block_ids, self.engine.kv_cache, first_token_id)
+            kv_cache = self.engine.kv_cache
+            if self.engine.tp_ranks is not None:
+                # Every rank's heads of these blocks, gathered on rank 0 between two steps: one
+                # buffer with all the KV heads, whatever the decode worker's TP size.
+                kv_cache = self.loop.call_sync(lambda e: e.gather_kv(src_block_ids))
+                src_block_ids = list(range(len(src_block_ids)))
+            stats = self.send_side.send(handle, src_block_ids, kv_cache, first_token_id)
             log.debug(
                 "KV of %s: %d bytes, pack %.2f ms, send %.2f ms",
                 handle.req_id,

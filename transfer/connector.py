@@ -3,9 +3,9 @@ decode worker, both made from the deploy's `TransferConfig`.
 
     connector = make_connector(config)               # config.backend picks the class
     # decode worker
-    receive = connector.receive_side(sink, layout, device, decode_index)
+    receive = connector.receive_side(sink, layout, device, decode_index)   # layout: whole KV heads
     # prefill worker; links: decode worker id -> DecodeLink, may be filled in later
-    send = connector.send_side(model_name, links)
+    send = connector.send_side(model_name, links, tp_size)
     if connector.uses_process_group:                 # nccl: one torch.distributed group
         side.join_group(rank, world_size, init_method, device)   # on every side, at once
     credential = receive.expect(req_id, block_ids)   # decode worker's reserve()
@@ -160,10 +160,12 @@ class KVConnector(ABC):
         self.config = config
 
     @abstractmethod
-    def send_side(self, model_name: str, links: Mapping[str, DecodeLink]) -> KVSendSide:
+    def send_side(self, model_name: str, links: Mapping[str, DecodeLink], tp_size: int = 1) -> KVSendSide:
         """The prefill worker's side. `links`: decode worker id -> DecodeLink; held, not copied,
         so the wiring may fill it after this call (the side looks `handle.decode_worker_id` up
-        when it needs it)."""
+        when it needs it). `tp_size`: the worker's tensor-parallel size, named in its layout
+        (the `kv_cache` it sends from carries every KV head: a tensor-parallel worker gathers
+        them from its ranks first)."""
 
     @abstractmethod
     def receive_side(

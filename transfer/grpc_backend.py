@@ -134,6 +134,8 @@ def layout_from_proto(info: kv_transfer_pb2.KVLayoutInfo) -> KVLayout:
         num_kv_heads=info.num_kv_heads,
         head_dim=info.head_dim,
         block_size=info.block_size,
+        tp_size=info.tp_size or 1,
+        kv_head_start=info.kv_head_start,
     )
 
 
@@ -198,12 +200,16 @@ class GrpcKVSender:
         chunk_bytes: int = DEFAULT_CHUNK_BYTES,
         timeout_s: float = DEFAULT_TIMEOUT_S,
         socket_min_bytes: int | None = DEFAULT_SOCKET_MIN_BYTES,
+        tp_size: int = 1,
     ) -> None:
+        """`tp_size`: the sending worker's tensor-parallel size, for its layout (its `kv_cache`
+        arguments carry every KV head: a tensor-parallel worker gathers them first)."""
         if not 0 < chunk_bytes <= MAX_MESSAGE_BYTES - (1 << 20):
             raise ValueError(
                 f"chunk_bytes must be in (0, {MAX_MESSAGE_BYTES - (1 << 20)}], got {chunk_bytes}"
             )
         self.model_name = model_name
+        self.tp_size = tp_size
         self._secret = secret_bytes(secret)  # the deployment's; signs each push (never logged)
         self.chunk_bytes = chunk_bytes
         self.timeout_s = timeout_s
@@ -286,7 +292,7 @@ class GrpcKVSender:
         self, handle: KVHandle, src_block_ids: Sequence[int], kv_cache: torch.Tensor, first_token_id: int
     ) -> TransferStats:
         address = check_peer(handle, GrpcPeer).address
-        local_layout = KVLayout.from_cache(kv_cache, self.model_name)
+        local_layout = KVLayout.from_cache(kv_cache, self.model_name, self.tp_size)
         check_send_args(handle, src_block_ids, local_layout, first_token_id)
         nbytes = buffer_nbytes(local_layout, len(src_block_ids))
         header = encode_header(handle, local_layout, nbytes, first_token_id)

@@ -29,10 +29,12 @@ __all__ = ["GrpcConnector"]
 class GrpcSendSide:
     """Prefill side: one `GrpcKVSender` (a channel per decode address). Needs no links."""
 
-    def __init__(self, model_name: str, config: TransferConfig) -> None:
+    def __init__(self, model_name: str, config: TransferConfig, tp_size: int = 1) -> None:
         from pdserve.transfer.grpc_backend import GrpcKVSender
 
-        self.sender: GrpcKVSender = GrpcKVSender(model_name, config.secret, timeout_s=config.timeout_s)
+        self.sender: GrpcKVSender = GrpcKVSender(
+            model_name, config.secret, timeout_s=config.timeout_s, tp_size=tp_size
+        )
 
     def send(
         self, handle: KVHandle, src_block_ids: Sequence[int], kv_cache: torch.Tensor, first_token_id: int
@@ -90,8 +92,8 @@ class GrpcConnector(KVConnector):
     name: ClassVar[str] = "grpc"
     uses_process_group: ClassVar[bool] = False
 
-    def send_side(self, model_name: str, links: Mapping[str, DecodeLink]) -> KVSendSide:
-        return GrpcSendSide(model_name, self.config)
+    def send_side(self, model_name: str, links: Mapping[str, DecodeLink], tp_size: int = 1) -> KVSendSide:
+        return GrpcSendSide(model_name, self.config, tp_size)
 
     def receive_side(
         self, sink: KVSink, layout: KVLayout, device: str | torch.device, decode_index: int

@@ -50,7 +50,7 @@ from pdserve.transfer.grpc_data import (
     split_host_port,
     stripe_bounds,
 )
-from pdserve.transfer.layout import KVLayout, normalize_dtype_name
+from pdserve.transfer.layout import KVLayout, KVLayoutMismatch, normalize_dtype_name
 from pdserve.transfer.packing import dtype_from_name
 from pdserve.transfer.staging import host_buffer
 
@@ -275,12 +275,11 @@ class _KVTransferServicer:
                 grpc.StatusCode.INVALID_ARGUMENT,
                 f"{header.req_id}: layout fingerprint {header.layout.fingerprint} does not match its fields",
             )
-        differences = incoming.differences(self.expected_layout, "prefill", "decode")
-        if differences:
+        try:
+            incoming.check_compatible(self.expected_layout, "prefill", "decode")
+        except KVLayoutMismatch as exc:
             context.set_trailing_metadata(((ERROR_KIND_KEY, LAYOUT_MISMATCH),))
-            context.abort(
-                grpc.StatusCode.FAILED_PRECONDITION, "KV cache layout mismatch: " + "; ".join(differences)
-            )
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
         shape = tuple(int(size) for size in header.shape)
         expected_shape = self.expected_layout.buffer_shape(len(header.block_ids))
         if shape != expected_shape or normalize_dtype_name(header.dtype) != self.expected_layout.dtype:

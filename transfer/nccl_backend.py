@@ -191,10 +191,14 @@ class NcclKVSender:
         timeout_s: float = DEFAULT_TIMEOUT_S,
         group: dist.ProcessGroup | None = None,
         chunk_layers: int | None = None,
+        tp_size: int = 1,
     ) -> None:
         """chunk_layers: layers per pipelined chunk; 0 = never split; None = $PDSERVE_KV_CHUNK_LAYERS
-        if set, else `default_chunk_layers` (chunks of >= MIN_CHUNK_BYTES)."""
+        if set, else `default_chunk_layers` (chunks of >= MIN_CHUNK_BYTES). tp_size: the sending
+        worker's tensor-parallel size, for its layout (its `kv_cache` arguments carry every KV
+        head: a tensor-parallel worker gathers them first)."""
         self.rank = rank
+        self.tp_size = tp_size
         self._secret = secret_bytes(secret)  # signs each notice's credential (never logged)
         if chunk_layers is None and os.environ.get(CHUNK_LAYERS_ENV):
             chunk_layers = int(os.environ[CHUNK_LAYERS_ENV])
@@ -241,7 +245,12 @@ class NcclKVSender:
             raise ValueError(f"request {handle.req_id}: the handle carries no transfer credential")
         if dst == self.rank:
             raise ValueError(f"request {handle.req_id}: cannot send to own rank {dst}")
-        check_send_args(handle, src_block_ids, KVLayout.from_cache(kv_cache, self.model_name), first_token_id)
+        check_send_args(
+            handle,
+            src_block_ids,
+            KVLayout.from_cache(kv_cache, self.model_name, self.tp_size),
+            first_token_id,
+        )
 
         with self._lock_for(dst), self._stream_for(kv_cache.device).active():
             if dst in self._broken:
@@ -305,7 +314,7 @@ class NcclKVSender:
             block_ids=tuple(handle.block_ids),
             shape=tuple(buffer.shape),
             dtype=normalize_dtype_name(buffer.dtype),
-            layout=KVLayout.from_cache(kv_cache, self.model_name),
+            layout=KVLayout.from_cache(kv_cache, self.model_name, self.tp_size),
             nbytes=buffer.numel() * buffer.element_size(),
             first_token_id=int(first_token_id),
             chunk_layers=chunks[0].stop if len(chunks) > 1 else 0,

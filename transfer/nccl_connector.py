@@ -44,9 +44,12 @@ __all__ = ["NcclConnector"]
 class NcclSendSide:
     """Prefill side: an `NcclKVSender` from `join_group` on, notifying through `links`."""
 
-    def __init__(self, model_name: str, links: Mapping[str, DecodeLink], config: TransferConfig) -> None:
+    def __init__(
+        self, model_name: str, links: Mapping[str, DecodeLink], config: TransferConfig, tp_size: int = 1
+    ) -> None:
         secret_bytes(config.secret)  # no side without the deployment's secret (ValueError)
         self.model_name = model_name
+        self.tp_size = tp_size
         self.config = config
         self.links = links  # held, not copied: the wiring may fill it later
         self.sender: NcclKVSender | None = None
@@ -55,7 +58,9 @@ class NcclSendSide:
         from pdserve.transfer.nccl_backend import NcclKVSender, init_transfer_group
 
         init_transfer_group(rank, world_size, init_method, device)
-        self.sender = NcclKVSender(rank, self.model_name, self.config.secret, timeout_s=self.config.timeout_s)
+        self.sender = NcclKVSender(
+            rank, self.model_name, self.config.secret, timeout_s=self.config.timeout_s, tp_size=self.tp_size
+        )
 
     def send(
         self, handle: KVHandle, src_block_ids: Sequence[int], kv_cache: torch.Tensor, first_token_id: int
@@ -132,8 +137,8 @@ class NcclConnector(KVConnector):
     name: ClassVar[str] = "nccl"
     uses_process_group: ClassVar[bool] = True
 
-    def send_side(self, model_name: str, links: Mapping[str, DecodeLink]) -> KVSendSide:
-        return NcclSendSide(model_name, links, self.config)
+    def send_side(self, model_name: str, links: Mapping[str, DecodeLink], tp_size: int = 1) -> KVSendSide:
+        return NcclSendSide(model_name, links, self.config, tp_size)
 
     def receive_side(
         self, sink: KVSink, layout: KVLayout, device: str | torch.device, decode_index: int

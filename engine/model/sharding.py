@@ -33,6 +33,28 @@ def check_shardable(config: ModelConfig, size: int) -> None:
         raise ValueError(f"{TP_KEY} = {size} does not fit model {config.name!r}: {'; '.join(problems)}")
 
 
+def kv_head_range(num_kv_heads: int, rank: int, size: int) -> tuple[int, int]:
+    """(first KV head, count) rank `rank` of `size` holds of a model's `num_kv_heads`: an equal
+    slice when the heads split, the one head its query heads read when there are fewer heads
+    than ranks (then `size // num_kv_heads` consecutive ranks hold the same head)."""
+    if num_kv_heads >= size:
+        count = num_kv_heads // size
+        return rank * count, count
+    return rank * num_kv_heads // size, 1
+
+
+def kv_head_sources(num_kv_heads: int, size: int) -> list[int]:
+    """The ranks whose KV heads, concatenated in rank order, are each of the model's heads once:
+    every rank when the heads split; the first rank holding each head when they are replicated."""
+    sources, covered = [], 0
+    for rank in range(size):
+        start, count = kv_head_range(num_kv_heads, rank, size)
+        if start == covered:
+            sources.append(rank)
+            covered = start + count
+    return sources
+
+
 @dataclass(frozen=True)
 class ShardLayout:
     """Rank `rank` of `size`: its heads, KV heads, intermediate slice and vocabulary rows."""
@@ -51,9 +73,7 @@ class ShardLayout:
     @classmethod
     def for_rank(cls, config: ModelConfig, rank: int = 0, size: int = 1) -> ShardLayout:
         check_shardable(config, size)
-        kv = config.num_key_value_heads
-        num_kv = kv // size if kv >= size else 1
-        kv_start = rank * num_kv if kv >= size else rank * kv // size
+        kv_start, num_kv = kv_head_range(config.num_key_value_heads, rank, size)
         vocab_rows = -(-config.vocab_size // size)
         vocab_start = min(rank * vocab_rows, config.vocab_size)
         return cls(

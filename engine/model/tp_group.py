@@ -70,6 +70,24 @@ class TPGroup:
         self.group.allgather([parts], [x.contiguous()]).wait()
         return torch.cat(parts, dim=1)
 
+    def gather_to_first(self, x: torch.Tensor) -> list[torch.Tensor] | None:
+        """Every rank's `x` (same shape and dtype everywhere) on rank 0, in rank order; None
+        on the other ranks."""
+        opts = dist.GatherOptions()
+        opts.rootRank = 0
+        x = x.contiguous()
+        parts = [torch.empty_like(x) for _ in range(self.size)] if self.rank == 0 else None
+        self.group.gather([parts] if parts is not None else [], [x], opts).wait()
+        return parts
+
+    def scatter_from_first(self, parts: list[torch.Tensor] | None, out: torch.Tensor) -> torch.Tensor:
+        """Rank 0's `parts[r]` into rank r's `out` (every part shaped like `out`), in place;
+        `parts` is None on the other ranks."""
+        opts = dist.ScatterOptions()
+        opts.rootRank = 0
+        self.group.scatter([out], [parts] if parts is not None else [], opts).wait()
+        return out
+
     def broadcast_from_first(self, x: torch.Tensor) -> torch.Tensor:
         """Rank 0's `x` into every rank's `x` (same shape and dtype everywhere), in place."""
         opts = dist.BroadcastOptions()

@@ -19,10 +19,16 @@ def pytest_collection_modifyitems(items):
 
 
 def tiny_config(
-    num_prefill: int, num_decode: int, backend: str = "grpc", two_nodes: bool = False
+    num_prefill: int,
+    num_decode: int,
+    backend: str = "grpc",
+    two_nodes: bool = False,
+    prefill_tp: int = 1,
+    decode_tp: int = 1,
 ) -> DeployConfig:
-    """Tiny-model 'xPyD' config; with `two_nodes`, prefill on `prefill_node`, decode on `decode_node`.
-    Every request takes the KV path (short prompts would otherwise prefill on the decode worker)."""
+    """Tiny-model 'xPyD' config; with `two_nodes`, prefill on `prefill_node`, decode on `decode_node`;
+    each pool's tensor_parallel_size. Every request takes the KV path (short prompts would
+    otherwise prefill on the decode worker)."""
 
     def pool(node: str) -> dict:
         return {"num_cpus": 0, **({"resources": {node: 1}} if two_nodes else {})}
@@ -31,8 +37,16 @@ def tiny_config(
         {
             "model": "tiny",
             "engine": ENGINE,
-            "prefill": {"count": num_prefill, "resources": pool("prefill_node")},
-            "decode": {"count": num_decode, "resources": pool("decode_node")},
+            "prefill": {
+                "count": num_prefill,
+                "resources": pool("prefill_node"),
+                "tensor_parallel_size": prefill_tp,
+            },
+            "decode": {
+                "count": num_decode,
+                "resources": pool("decode_node"),
+                "tensor_parallel_size": decode_tp,
+            },
             "transfer": {"backend": backend},
             "router": {
                 "port": 0,

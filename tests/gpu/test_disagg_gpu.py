@@ -1,7 +1,10 @@
 """Disaggregated serving on GPUs through Ray and the router's gRPC API.
 
 - one GPU: 1P1D with the `grpc` backend, both workers sharing the GPU;
-- two GPUs: 1P1D with `nccl` (torch.distributed NCCL between the workers' GPUs).
+- two GPUs: 1P1D with `nccl` (torch.distributed NCCL between the workers' GPUs);
+- three GPUs: prefill TP=2 feeding decode TP=1 and TP=1 feeding TP=2, over `nccl` (each
+  worker's actor holds one GPU per rank; eager steps with the reference attention, what
+  TP supports on CUDA for now).
 Greedy tokens for concurrent requests equal the co-located engine's.
 """
 
@@ -54,11 +57,15 @@ async def stream_all(url: str, prompts):
         return await asyncio.gather(*(one(p) for p in prompts))
 
 
-def run_1p1d(backend: str, gpus_per_worker: float) -> None:
+def run_1p1d(backend: str, gpus_per_worker: float, prefill_tp: int = 1, decode_tp: int = 1) -> None:
     from pdserve.deploy.launcher import up
 
     prompts = make_prompts()
-    colocated = LLM("tiny", device="cuda", num_gpu_blocks=2048, max_num_seqs=64)
+    engine = dict(ENGINE)
+    if max(prefill_tp, decode_tp) > 1:
+        engine.update(attention_backend="reference", enforce_eager=True)
+    options = {k: v for k, v in engine.items() if k not in ("device", "dtype")}
+    colocated = LLM("tiny", device="cuda", **options)
     expected = [
         o.token_ids
         for o in colocated.generate(
@@ -67,12 +74,17 @@ def run_1p1d(backend: str, gpus_per_worker: float) -> None:
     ]
     del colocated
     torch.cuda.empty_cache()
+
+    def pool(tp: int) -> dict:
+        gpus = gpus_per_worker * tp
+        return {"count": 1, "tensor_parallel_size": tp, "resources": {"num_cpus": 0, "num_gpus": gpus}}
+
     cfg = parse_config(
         {
             "model": "tiny",
-            "engine": ENGINE,
-            "prefill": {"count": 1, "resources": {"num_cpus": 0, "num_gpus": gpus_per_worker}},
-            "decode": {"count": 1, "resources": {"num_cpus": 0, "num_gpus": gpus_per_worker}},
+            "engine": engine,
+            "prefill": pool(prefill_tp),
+            "decode": pool(decode_tp),
             "transfer": {"backend": backend},
             "router": {"port": 0, "policy_params": {"local_prefill_threshold_tokens": 0}},
         }
@@ -98,3 +110,9 @@ def test_1p1d_grpc_sharing_one_gpu():
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
 def test_1p1d_nccl_two_gpus():
     run_1p1d("nccl", 1)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 3, reason="needs three GPUs")
+@pytest.mark.parametrize(("prefill_tp", "decode_tp"), [(2, 1), (1, 2)])
+def test_1p1d_nccl_between_tp_sizes(prefill_tp, decode_tp):
+    run_1p1d("nccl", 1, prefill_tp, decode_tp)

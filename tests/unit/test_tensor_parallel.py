@@ -3,7 +3,7 @@
 Greedy tokens with TP=2 equal transformers in float32 on the test checkpoints (Llama, Qwen2
 with qkv bias, Qwen3 with q/k norm, and a GQA model with one KV head, so both ranks keep it),
 over prefix caching, chunked prefill and async scheduling; what TP does not support yet is
-refused at validation, naming the key.
+refused at validation, naming the key. (KV transfer between TP sizes: test_tensor_parallel_kv.py.)
 """
 
 from __future__ import annotations
@@ -144,21 +144,11 @@ def test_unsupported_combinations_are_refused(overrides, message):
         EngineConfig(**overrides).validate()
 
 
-@pytest.mark.parametrize("role", ["prefill", "decode"])
-def test_disaggregated_roles_are_refused(role):
-    """KV transfer between tensor-parallel ranks is not built yet: refused before any rank starts."""
-    with pytest.raises(ValueError, match=rf"engine.tensor_parallel_size = 2: the {role} role"):
-        LLMEngine(EngineConfig(model="tiny", tensor_parallel_size=2), role=role)
-
-
 def test_deploy_config_passes_tensor_parallel_size_through():
     from pdserve.deploy.config import ConfigError, parse_config
 
     cfg = parse_config({"model": "tiny", "engine": {"tensor_parallel_size": 2}, "colocated": {"count": 1}})
     assert cfg.engine.tensor_parallel_size == 2
-    pools = {"prefill": {"count": 1}, "decode": {"count": 1}}
-    with pytest.raises(ConfigError, match=r"engine.tensor_parallel_size: 2 is supported for colocated"):
-        parse_config({"model": "tiny", "engine": {"tensor_parallel_size": 2}, **pools})
     gpu = {
         "device": "cuda",
         "tensor_parallel_size": 2,

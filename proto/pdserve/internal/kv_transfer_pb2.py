@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"pdserve/internal/kv_transfer.proto\x12\x10pdserve.internal\"\x96\x01\n\x0cKVLayoutInfo\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\x12\n\nnum_layers\x18\x03 \x01(\r\x12\x14\n\x0cnum_kv_heads\x18\x04 \x01(\r\x12\x10\n\x08head_dim\x18\x05 \x01(\r\x12\x12\n\nblock_size\x18\x06 \x01(\r\x12\x13\n\x0b\x66ingerprint\x18\x07 \x01(\t\"\xbc\x01\n\x08KVHeader\x12\x0e\n\x06req_id\x18\x01 \x01(\t\x12.\n\x06layout\x18\x02 \x01(\x0b\x32\x1e.pdserve.internal.KVLayoutInfo\x12\x11\n\tblock_ids\x18\x03 \x03(\x03\x12\r\n\x05\x64type\x18\x04 \x01(\t\x12\r\n\x05shape\x18\x05 \x03(\x03\x12\x13\n\x0btotal_bytes\x18\x06 \x01(\x04\x12\x12\n\nnum_tokens\x18\x07 \x01(\r\x12\x16\n\x0e\x66irst_token_id\x18\x08 \x01(\r\"R\n\x07KVChunk\x12,\n\x06header\x18\x01 \x01(\x0b\x32\x1a.pdserve.internal.KVHeaderH\x00\x12\x0e\n\x04\x64\x61ta\x18\x02 \x01(\x0cH\x00\x42\t\n\x07payload\"5\n\x0bPushKVReply\x12\x0e\n\x06req_id\x18\x01 \x01(\t\x12\x16\n\x0ereceived_bytes\x18\x02 \x01(\x04\x32R\n\nKVTransfer\x12\x44\n\x06PushKV\x12\x19.pdserve.internal.KVChunk\x1a\x1d.pdserve.internal.PushKVReply(\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"pdserve/internal/kv_transfer.proto\x12\x10pdserve.internal\"\xbe\x01\n\x0cKVLayoutInfo\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\x12\n\nnum_layers\x18\x03 \x01(\r\x12\x14\n\x0cnum_kv_heads\x18\x04 \x01(\r\x12\x10\n\x08head_dim\x18\x05 \x01(\r\x12\x12\n\nblock_size\x18\x06 \x01(\r\x12\x13\n\x0b\x66ingerprint\x18\x07 \x01(\t\x12\x0f\n\x07tp_size\x18\x08 \x01(\r\x12\x15\n\rkv_head_start\x18\t \x01(\r\"\xbc\x01\n\x08KVHeader\x12\x0e\n\x06req_id\x18\x01 \x01(\t\x12.\n\x06layout\x18\x02 \x01(\x0b\x32\x1e.pdserve.internal.KVLayoutInfo\x12\x11\n\tblock_ids\x18\x03 \x03(\x03\x12\r\n\x05\x64type\x18\x04 \x01(\t\x12\r\n\x05shape\x18\x05 \x03(\x03\x12\x13\n\x0btotal_bytes\x18\x06 \x01(\x04\x12\x12\n\nnum_tokens\x18\x07 \x01(\r\x12\x16\n\x0e\x66irst_token_id\x18\x08 \x01(\r\"R\n\x07KVChunk\x12,\n\x06header\x18\x01 \x01(\x0b\x32\x1a.pdserve.internal.KVHeaderH\x00\x12\x0e\n\x04\x64\x61ta\x18\x02 \x01(\x0cH\x00\x42\t\n\x07payload\"5\n\x0bPushKVReply\x12\x0e\n\x06req_id\x18\x01 \x01(\t\x12\x16\n\x0ereceived_bytes\x18\x02 \x01(\x04\x32R\n\nKVTransfer\x12\x44\n\x06PushKV\x12\x19.pdserve.internal.KVChunk\x1a\x1d.pdserve.internal.PushKVReply(\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -32,13 +32,13 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'pdserve.internal.kv_transfe
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_KVLAYOUTINFO']._serialized_start=57
-  _globals['_KVLAYOUTINFO']._serialized_end=207
-  _globals['_KVHEADER']._serialized_start=210
-  _globals['_KVHEADER']._serialized_end=398
-  _globals['_KVCHUNK']._serialized_start=400
-  _globals['_KVCHUNK']._serialized_end=482
-  _globals['_PUSHKVREPLY']._serialized_start=484
-  _globals['_PUSHKVREPLY']._serialized_end=537
-  _globals['_KVTRANSFER']._serialized_start=539
-  _globals['_KVTRANSFER']._serialized_end=621
+  _globals['_KVLAYOUTINFO']._serialized_end=247
+  _globals['_KVHEADER']._serialized_start=250
+  _globals['_KVHEADER']._serialized_end=438
+  _globals['_KVCHUNK']._serialized_start=440
+  _globals['_KVCHUNK']._serialized_end=522
+  _globals['_PUSHKVREPLY']._serialized_start=524
+  _globals['_PUSHKVREPLY']._serialized_end=577
+  _globals['_KVTRANSFER']._serialized_start=579
+  _globals['_KVTRANSFER']._serialized_end=661
 # @@protoc_insertion_point(module_scope)

@@ -6,7 +6,7 @@ from typing import ClassVar as _ClassVar, Iterable as _Iterable, Mapping as _Map
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class KVLayoutInfo(_message.Message):
-    __slots__ = ("model_name", "dtype", "num_layers", "num_kv_heads", "head_dim", "block_size", "fingerprint")
+    __slots__ = ("model_name", "dtype", "num_layers", "num_kv_heads", "head_dim", "block_size", "fingerprint", "tp_size", "kv_head_start")
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     NUM_LAYERS_FIELD_NUMBER: _ClassVar[int]
@@ -14,6 +14,8 @@ class KVLayoutInfo(_message.Message):
     HEAD_DIM_FIELD_NUMBER: _ClassVar[int]
     BLOCK_SIZE_FIELD_NUMBER: _ClassVar[int]
     FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    TP_SIZE_FIELD_NUMBER: _ClassVar[int]
+    KV_HEAD_START_FIELD_NUMBER: _ClassVar[int]
     model_name: str
     dtype: str
     num_layers: int
@@ -21,7 +23,9 @@ class KVLayoutInfo(_message.Message):
     head_dim: int
     block_size: int
     fingerprint: str
-    def __init__(self, model_name: _Optional[str] = ..., dtype: _Optional[str] = ..., num_layers: _Optional[int] = ..., num_kv_heads: _Optional[int] = ..., head_dim: _Optional[int] = ..., block_size: _Optional[int] = ..., fingerprint: _Optional[str] = ...) -> None: ...
+    tp_size: int
+    kv_head_start: int
+    def __init__(self, model_name: _Optional[str] = ..., dtype: _Optional[str] = ..., num_layers: _Optional[int] = ..., num_kv_heads: _Optional[int] = ..., head_dim: _Optional[int] = ..., block_size: _Optional[int] = ..., fingerprint: _Optional[str] = ..., tp_size: _Optional[int] = ..., kv_head_start: _Optional[int] = ...) -> None: ...
 
 class KVHeader(_message.Message):
     __slots__ = ("req_id", "layout", "block_ids", "dtype", "shape", "total_bytes", "num_tokens", "first_token_id")

@@ -1,0 +1,66 @@
+"""A request's KV with all the model's KV heads, from and into tensor-parallel ranks' caches.
+
+Each rank's cache `[num_layers, 2, num_blocks, block_size, Hkv_rank, D]` holds its slice of
+the KV heads (`sharding.kv_head_range`), or a replica of one head when there are fewer heads
+than ranks. The KV a worker ships or receives is whole: `[L, 2, n, block_size, Hkv, D]` with
+every head once, in the model's order, so a prefill worker of any TP size can feed a decode
+worker of any other. `assemble_heads` builds it from the ranks' packed blocks (one copy of
+each head: `sharding.kv_head_sources`), `rank_heads` is one rank's view of it.
+
+The ranks run these through their `TPGroup` (engine/tensor_parallel.py): on the send side
+every rank packs its heads and rank 0 gathers them; on the receive side rank 0 scatters a
+whole chunk's heads, and every rank writes its own into its blocks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from pdserve.engine.model.sharding import kv_head_range, kv_head_sources
+
+HEAD_DIM = 4  # the KV-head dimension of a cache or packed buffer
+
+
+def check_block_ids(num_blocks: int, block_ids: Sequence[int]) -> None:
+    """ValueError on an empty, out-of-range or repeated id (checked before any rank indexes:
+    a bad index on CUDA kills the process, and one rank failing alone would stall the others)."""
+    if not block_ids:
+        raise ValueError("no block ids")
+    bad = [b for b in block_ids if not 0 <= b < num_blocks]
+    if bad:
+        raise ValueError(f"block id {bad[0]} out of range for a cache of {num_blocks} blocks")
+    if len(set(block_ids)) != len(block_ids):
+        raise ValueError(f"duplicate block ids in {list(block_ids)}")
+
+
+def pack_local(kv_cache: torch.Tensor, block_ids: Sequence[int], layers: slice | None = None) -> torch.Tensor:
+    """This rank's heads of `block_ids` (in order): [L', 2, n, block_size, Hkv_rank, D]."""
+    index = torch.as_tensor(list(block_ids), dtype=torch.long, device=kv_cache.device)
+    cache = kv_cache if layers is None else kv_cache[layers]
+    return torch.index_select(cache, 2, index)
+
+
+def unpack_local(
+    kv_cache: torch.Tensor, buffer: torch.Tensor, block_ids: Sequence[int], layers: slice | None = None
+) -> None:
+    """Write `buffer` [L', 2, n, block_size, Hkv_rank, D] into this rank's `block_ids`."""
+    index = torch.as_tensor(list(block_ids), dtype=torch.long, device=kv_cache.device)
+    cache = kv_cache if layers is None else kv_cache[layers]
+    cache.index_copy_(2, index, buffer.to(kv_cache.device))
+
+
+def assemble_heads(parts: Sequence[torch.Tensor], num_kv_heads: int) -> torch.Tensor:
+    """Every rank's packed heads (`parts[r]`: rank r's, same shape but for the head dim) ->
+    the whole buffer with each of the model's `num_kv_heads` heads once, in order."""
+    whole = torch.cat([parts[r] for r in kv_head_sources(num_kv_heads, len(parts))], dim=HEAD_DIM)
+    if whole.shape[HEAD_DIM] != num_kv_heads:
+        raise ValueError(f"assembled {whole.shape[HEAD_DIM]} KV heads, the model has {num_kv_heads}")
+    return whole
+
+
+def rank_heads(whole: torch.Tensor, rank: int, size: int) -> torch.Tensor:
+    """Rank `rank` of `size`'s heads of a whole buffer [..., Hkv, D] (a view)."""
+    start, count = kv_head_range(whole.shape[HEAD_DIM], rank, size)
+    return whole.narrow(HEAD_DIM, start, count)
