@@ -64,6 +64,15 @@ def _clip(runs: list[tuple[int, int, int]], first: int, last: int) -> list[tuple
     return clipped
 
 
+def _as_words(tensor: torch.Tensor) -> torch.Tensor:
+    """The same memory as 8-byte elements when rows allow (bf16 head_dim 128: 32 words a
+    row): index kernels move one element per thread, so wider elements move bytes faster.
+    Copies between two such views are plain byte copies, as between the originals."""
+    if tensor.element_size() < 8 and tensor.shape[-1] * tensor.element_size() % 8 == 0:
+        return tensor.view(torch.int64)
+    return tensor
+
+
 class HostKVPool:
     """The host tier's slots and the copies between them and the device cache.
 
@@ -95,6 +104,8 @@ class HostKVPool:
             self.staging = torch.empty(
                 (self.staging_blocks, *block_shape), dtype=kv_cache.dtype, device=self.device
             )
+        # what the copies work on: the same memory, as wide elements where rows allow
+        self._cache, self._slots, self._staging = (_as_words(t) for t in (kv_cache, self.slots, self.staging))
         self.attention_layers = list(attention_layers)
         self._pending: dict[int, torch.cuda.Event | None] = {}  # layer -> its loads' event
         self._hooks: list[torch.utils.hooks.RemovableHandle] = []
@@ -173,16 +184,17 @@ class HostKVPool:
         runs = slot_runs([slot for _, slot in pairs])
         non_blocking = self.on_cuda
         gathered = None
+        staging = self._staging
         for lo, hi, first, last in self._offload_chunks(len(pairs)):
-            staged = self.staging.view(-1)[: (hi - lo) * (last - first) * self.staging[0].numel()]
-            staged = staged.view(hi - lo, last - first, *self.staging.shape[1:])
+            staged = staging.view(-1)[: (hi - lo) * (last - first) * staging[0].numel()]
+            staged = staged.view(hi - lo, last - first, *staging.shape[1:])
             # [layers, blocks, 2, bs, H, D]: the cache viewed block-major per layer
-            source = self.kv_cache[lo:hi].transpose(1, 2)
+            source = self._cache[lo:hi].transpose(1, 2)
             torch.index_select(source, 1, block_ids[first:last], out=staged)
             gathered = self._record()
             for index, slot, length in _clip(runs, first, last):
                 for layer in range(lo, hi):
-                    self.slots[layer, slot : slot + length].copy_(
+                    self._slots[layer, slot : slot + length].copy_(
                         staged[layer - lo, index : index + length], non_blocking=non_blocking
                     )
                     self.num_copies += 1
@@ -199,14 +211,14 @@ class HostKVPool:
         for layer in range(self.slots.shape[0]):
             for first in range(0, num, step):
                 last = min(first + step, num)
-                staged = self.staging[: last - first]
+                staged = self._staging[: last - first]
                 for index, slot, length in _clip(runs, first, last):
                     staged[index : index + length].copy_(
-                        self.slots[layer, slot : slot + length], non_blocking=non_blocking
+                        self._slots[layer, slot : slot + length], non_blocking=non_blocking
                     )
                     self.num_copies += 1
                 # cache[layer] is [2, blocks, bs, H, D]; staged [n, 2, bs, H, D]
-                self.kv_cache[layer].index_copy_(1, block_ids[first:last], staged.transpose(0, 1))
+                self._cache[layer].index_copy_(1, block_ids[first:last], staged.transpose(0, 1))
             self._pending[layer] = self._record()
         if start is not None:
             self._load_timing = (start, self._record(enable_timing=True))

@@ -43,14 +43,16 @@ def test_host_tier_keeps_lru_slots_and_never_overwrites_a_pinned_one():
     ]
 
 
+@pytest.mark.parametrize("head_dim", [8, 3], ids=["as_words", "as_floats"])
 @pytest.mark.parametrize("staging_blocks", [None, 1, 3], ids=["one_chunk", "one_block", "three_blocks"])
-def test_host_pool_copies_round_trip_in_runs_of_slots(staging_blocks):
+def test_host_pool_copies_round_trip_in_runs_of_slots(staging_blocks, head_dim):
     """Blocks offloaded to scattered slots come back bit-exact into other GPU blocks, through
     a staging buffer of any size (chunked copies); nothing else in the cache changes. With a
-    buffer that holds the step, each run of consecutive slots is one copy per layer."""
-    num_layers, num_blocks, block_shape = 3, 20, (4, 2, 8)
+    buffer that holds the step, each run of consecutive slots is one copy per layer.
+    (head_dim 8: rows of 32 bytes move as 8-byte words; 3: as the floats themselves.)"""
+    num_layers, num_blocks, block_shape = 3, 20, (4, 2, head_dim)
     cache = torch.randn(num_layers, 2, num_blocks, *block_shape)
-    layer_block_bytes = 2 * 4 * 2 * 8 * cache.element_size()
+    layer_block_bytes = 2 * 4 * 2 * head_dim * cache.element_size()
     staging = None if staging_blocks is None else staging_blocks * layer_block_bytes
     pool = HostKVPool(cache, 12, staging_bytes=staging)
     original = cache.clone()
