@@ -118,10 +118,10 @@ def one_rep(llm, fresh: Callable[[int], list[int]], args: argparse.Namespace, t:
     t.gpu_suffix.append(first_token_seconds(llm, prompt + fresh(args.suffix_tokens)))
     for _ in range(2):  # two more prompts evict every block of it into the host tier
         first_token_seconds(llm, fresh(args.prompt_tokens))
-    hits, copies = tier.num_hits, pool.num_copies
+    hits, copies = tier.num_hits, pool.num_load_copies
     t.host.append(first_token_seconds(llm, prompt))
     t.hits.append(tier.num_hits - hits)
-    t.copies.append(pool.num_copies - copies)
+    t.copies.append(pool.num_load_copies - copies)
     t.load.append(pool.last_load_seconds() or float("nan"))
     t.recompute.append(first_token_seconds(llm, fresh(args.prompt_tokens)))
     first_token_seconds(llm, fresh(args.prompt_tokens))  # with the one above: P off the GPU

@@ -111,7 +111,9 @@ class HostKVPool:
         self._hooks: list[torch.utils.hooks.RemovableHandle] = []
         self._load_timing: tuple[torch.cuda.Event, torch.cuda.Event] | None = None
         self.num_layer_waits = 0  # layers whose attention waited for its loads (a metric)
-        self.num_copies = 0  # host <-> device copies issued (runs x layers; a metric)
+        # copies issued each way (runs of slots x layers; metrics)
+        self.num_offload_copies = 0
+        self.num_load_copies = 0
 
     def run(self, copies: BlockCopies) -> None:
         """Queue the step's copies (offloads first); the engine stream waits for what it must."""
@@ -197,7 +199,7 @@ class HostKVPool:
                     self._slots[layer, slot : slot + length].copy_(
                         staged[layer - lo, index : index + length], non_blocking=non_blocking
                     )
-                    self.num_copies += 1
+                    self.num_offload_copies += 1
         return gathered
 
     def _load(self, pairs: list[tuple[int, int]]) -> None:
@@ -216,7 +218,7 @@ class HostKVPool:
                     staged[index : index + length].copy_(
                         self._slots[layer, slot : slot + length], non_blocking=non_blocking
                     )
-                    self.num_copies += 1
+                    self.num_load_copies += 1
                 # cache[layer] is [2, blocks, bs, H, D]; staged [n, 2, bs, H, D]
                 self._cache[layer].index_copy_(1, block_ids[first:last], staged.transpose(0, 1))
             self._pending[layer] = self._record()

@@ -61,7 +61,7 @@ def test_host_pool_copies_round_trip_in_runs_of_slots(staging_blocks, head_dim):
     for block, slot in offloads:
         assert torch.equal(pool.slots[:, slot], original[:, :, block])
     if staging is None:
-        assert pool.num_copies == 3 * num_layers
+        assert pool.num_offload_copies == 3 * num_layers
     cache[:, :, 10:] = 0
     onloads = [(9, 10), (3, 15), (8, 12), (0, 19), (4, 16), (7, 13), (5, 17)]
     pool.run(BlockCopies(onloads=onloads))
@@ -70,6 +70,8 @@ def test_host_pool_copies_round_trip_in_runs_of_slots(staging_blocks, head_dim):
         assert torch.equal(cache[:, :, block], original[:, :, gpu_block_of_slot[slot]])
     assert torch.equal(cache[:, :, :10], original[:, :, :10])
     assert not cache[:, :, [11, 14, 18]].any()  # untouched
+    if staging is None:
+        assert pool.num_load_copies == 3 * num_layers
     pool.wait_for_loads()  # what the runner does after the forward (no attention layers here)
     assert not pool._pending and not pool._hooks
 
@@ -180,3 +182,18 @@ def test_disaggregated_serving_with_host_tiers_equals_offline():
         assert dep.all_blocks_free()
     finally:
         dep.close()
+
+
+def test_bench_host_tier_small_reports_one_copy_per_layer(tmp_path):
+    """`python -m pdserve.bench.host_tier --small` on CPU: the prompt evicted tail first comes
+    back from the host tier as one run of slots, so one host-to-device copy per layer."""
+    import json
+
+    from pdserve.bench import host_tier as bench
+
+    path = tmp_path / "host_tier.json"
+    result = bench.main(["--small", "--reps", "1", "--json", str(path)])
+    assert json.loads(path.read_text()).keys() == result.keys()  # CPU: the copy rates are NaN
+    assert result["blocks_loaded"] == 256 // 16 - 1  # the last block is computed
+    assert result["load_copies"] == bench.TINY["num_hidden_layers"]
+    assert result["ttft_host_tier_ms"] > 0 and result["ttft_recompute_ms"] > 0
