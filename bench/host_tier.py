@@ -161,7 +161,7 @@ def report(args: argparse.Namespace, runner, t: Timings) -> dict:
         "blocks_loaded": min(t.hits),
         "bytes_loaded": loaded_bytes,
         "load_copies": max(t.copies),  # host-to-device pieces (runs of slots x layers)
-        "staging_mib": pool.staging.numel() * pool.staging.element_size() / 2**20,
+        "staging_mib": pool.staging_bytes / 2**20,  # both directions' buffers
         "load_ms": load_s * 1e3,  # the copy stream's time: copies and scatters
         "load_gbps": loaded_bytes / load_s / 1e9,
         "plain_pinned_copy_gbps": plain_gbps,

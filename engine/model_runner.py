@@ -317,7 +317,7 @@ class ModelRunner:
             and self.decode_graphs.can_run(len(tables))
         ):
             if self.host_kv is not None:
-                self.host_kv.wait_for_loads()  # a replay runs no per-layer hooks
+                self.host_kv.wait_for_copies()  # a replay runs no per-layer hooks
             hidden = self.decode_graphs.run(
                 plan.input_ids, plan.positions, plan.slot_mapping, seq_lens, tables, fill
             )
@@ -342,7 +342,7 @@ class ModelRunner:
             input_ids_dev, host_to_device(plan.positions, torch.int64, dev), self.kv_cache, meta
         )
         if self.host_kv is not None:
-            self.host_kv.wait_for_loads()  # its layers waited already; later work sees every load
+            self.host_kv.wait_for_copies()  # its layers waited already; later work sees every copy
         return self._sample(
             hidden, plan.logits_index, plan.sample_rows, plan.sample_req_ids, plan.prompt_segments
         )

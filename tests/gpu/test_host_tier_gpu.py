@@ -1,7 +1,8 @@
-"""The host tier on a GPU: pinned slots, copies on the tier's own stream (events for the
-engine stream: the offload's gathers before blocks are reused, each layer's loads before
-that layer's attention), under async scheduling and CUDA graphs; prompts served from it
-give the CPU reference's greedy tokens."""
+"""The host tier on a GPU: pinned slots, each direction's copies on a stream of its own,
+with events: the offload's gather of a layer before the layer's blocks are reused (by the
+engine stream or the same step's load), each layer's loads before that layer's attention;
+under async scheduling and CUDA graphs, prompts served from it give the CPU reference's
+greedy tokens."""
 
 from __future__ import annotations
 
@@ -28,15 +29,23 @@ def _cache() -> torch.Tensor:
 def _pool(cache: torch.Tensor, staging_blocks: int) -> HostKVPool:
     layer_block_bytes = cache[0, :, 0].numel() * cache.element_size()
     pool = HostKVPool(cache, 32, staging_bytes=staging_blocks * layer_block_bytes)
-    assert pool.stream is not None and pool.slots.is_pinned()
+    assert pool._out.stream is not None and pool._in.stream is not None and pool.slots.is_pinned()
     return pool
+
+
+def _engine_writes(pool: HostKVPool, cache: torch.Tensor, index: torch.Tensor, value: float) -> None:
+    """What a forward does: each layer waits for its copies, then writes those blocks."""
+    for layer in range(NUM_LAYERS):
+        pool._wait_layer(layer)
+        cache[layer].index_fill_(1, index, value)
+    pool.wait_for_copies()
 
 
 @pytest.mark.parametrize("staging_blocks", [3, 32], ids=["chunked", "one_chunk"])
 def test_offload_reads_blocks_after_the_engine_stream_and_before_their_reuse(staging_blocks):
-    """The copy stream starts after the engine stream's queued writes to the blocks (first
-    half: the engine stream is held up), and the engine stream's later writes (the blocks'
-    new owners) wait for the offload's gathers (second half: the copy stream is held up)."""
+    """The offload starts after the engine stream's queued writes to the blocks (first half:
+    the engine stream is held up), and the engine stream's later writes to a layer (the
+    blocks' new owners) wait for that layer's gather (second half: the offload is held up)."""
     cache = _cache()
     pool = _pool(cache, staging_blocks)
     blocks = [9, 3, 40, 41, 42, 7, 60, 1, 2, 30]
@@ -46,10 +55,10 @@ def test_offload_reads_blocks_after_the_engine_stream_and_before_their_reuse(sta
         torch.cuda.synchronize()
         torch.cuda._sleep(engine_sleep * SLEEP_CYCLES)
         cache.index_fill_(2, index, value)  # the blocks' last contents (engine stream)
-        with torch.cuda.stream(pool.stream):
+        with torch.cuda.stream(pool._out.stream):
             torch.cuda._sleep(copy_sleep * SLEEP_CYCLES)
         pool.run(BlockCopies(offloads=offloads))
-        cache.index_fill_(2, index, -value)  # new owners write (engine stream)
+        _engine_writes(pool, cache, index, -value)  # new owners
         pool.synchronize()
         torch.cuda.synchronize()
         assert (pool.slots[:, first_slot : first_slot + len(blocks)] == value).all()
@@ -57,7 +66,7 @@ def test_offload_reads_blocks_after_the_engine_stream_and_before_their_reuse(sta
 
 @pytest.mark.parametrize("staging_blocks", [3, 32], ids=["chunked", "one_chunk"])
 def test_loads_land_before_each_layer_waits_for_them(staging_blocks):
-    """Loads go in a layer at a time on the copy stream; a layer's event covers that layer's
+    """Loads go in a layer at a time on their stream; a layer's event covers that layer's
     blocks, and waiting on every layer covers all: bit-exact round trip to new blocks."""
     cache = _cache()
     original = cache.clone()
@@ -69,13 +78,13 @@ def test_loads_land_before_each_layer_waits_for_them(staging_blocks):
     cache[:, :, targets] = 0
     torch.cuda.synchronize()
     target_index = torch.tensor(targets, device="cuda")
-    with torch.cuda.stream(pool.stream):
+    with torch.cuda.stream(pool._in.stream):
         torch.cuda._sleep(SLEEP_CYCLES)  # the loads start well after the host moves on
     pool.run(BlockCopies(onloads=[(slot, t) for (_, slot), t in zip(offloads, targets, strict=True)]))
     assert sorted(pool._pending) == list(range(NUM_LAYERS))
     pool._wait_layer(0)  # what layer 0's attention pre-hook does
     layer0 = cache[0].index_select(1, target_index)  # the engine stream, after layer 0's event
-    pool.wait_for_loads()
+    pool.wait_for_copies()
     loaded = cache.index_select(2, target_index)
     torch.cuda.synchronize()
     sources = [block for block, _ in offloads]
@@ -83,6 +92,32 @@ def test_loads_land_before_each_layer_waits_for_them(staging_blocks):
     assert torch.equal(loaded, original[:, :, sources])
     assert pool.last_load_seconds() > 0
     assert not pool._pending and not pool._hooks
+
+
+@pytest.mark.parametrize("staging_blocks", [3, 32], ids=["chunked", "one_chunk"])
+def test_a_step_loads_into_the_blocks_it_evicts_after_saving_them(staging_blocks):
+    """One step evicts blocks (saved to new slots) and loads other slots into those same
+    blocks, the offload held up: each layer's scatter waits for that layer's gather."""
+    cache = _cache()
+    pool = _pool(cache, staging_blocks)
+    blocks = [4, 5, 6, 30, 31]
+    index = torch.tensor(blocks, device="cuda")
+    cache.index_fill_(2, index, 5.0)
+    pool.run(BlockCopies(offloads=[(b, i) for i, b in enumerate(blocks)]))  # slots 0-4 hold 5.0
+    pool.synchronize()
+    cache.index_fill_(2, index, 7.0)  # the blocks' contents now, to be saved in slots 10-14
+    with torch.cuda.stream(pool._out.stream):
+        torch.cuda._sleep(SLEEP_CYCLES)
+    offloads = [(b, 10 + i) for i, b in enumerate(blocks)]
+    onloads = [(i, b) for i, b in enumerate(blocks)]
+    pool.run(BlockCopies(offloads=offloads, onloads=onloads))
+    pool.wait_for_copies()
+    loaded = cache.index_select(2, index)
+    pool.synchronize()
+    torch.cuda.synchronize()
+    assert (pool.slots[:, 10:15] == 7.0).all()
+    assert (loaded == 5.0).all()
+    assert pool.last_offload_seconds() > 0 and pool.last_load_seconds() > 0
 
 
 @pytest.mark.parametrize("staging_bytes", [None, 1], ids=["default_staging", "one_block_staging"])

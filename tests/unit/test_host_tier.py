@@ -72,7 +72,7 @@ def test_host_pool_copies_round_trip_in_runs_of_slots(staging_blocks, head_dim):
     assert not cache[:, :, [11, 14, 18]].any()  # untouched
     if staging is None:
         assert pool.num_load_copies == 3 * num_layers
-    pool.wait_for_loads()  # what the runner does after the forward (no attention layers here)
+    pool.wait_for_copies()  # what the runner does after the forward (no attention layers here)
     assert not pool._pending and not pool._hooks
 
 
@@ -115,8 +115,10 @@ def test_prompts_served_from_the_host_tier_equal_transformers(checkpoint, budget
         assert out.token_ids == want
         assert out.num_cached_tokens >= 64  # its full blocks came back instead of recomputed
     assert tier.num_hits - before >= 6 + 4  # both prompts' full blocks (the third hits the GPU)
-    # two steps loaded blocks, and in each every layer's attention waited for its own loads
-    assert pool.num_layer_waits - waits_before == 2 * model.config.num_hidden_layers
+    # two steps loaded blocks (others may only have saved some): in each step with copies,
+    # every layer's attention waited for its own layer's
+    waits, num_layers = pool.num_layer_waits - waits_before, model.config.num_hidden_layers
+    assert waits >= 2 * num_layers and waits % num_layers == 0
     assert not pool._pending and not pool._hooks
     engine = llm.engine
     assert engine.kv_manager.num_free_blocks == engine.kv_manager.num_blocks
