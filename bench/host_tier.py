@@ -15,9 +15,12 @@ the host tier. Each rep, with P a fresh prompt:
   while the suffix's prefill runs (each layer's attention waits only for its own layer's
   loads), against the GPU-hit run above: `load_hidden_fraction` is how much of the load
   time the overlap hid.
-Times are medians of --reps. The load's own time is the copy stream's (CUDA events around
-the step's copies and scatters); its rate is set against a plain pinned host-to-device copy
-of the same bytes in one piece.
+Times are medians of --reps. The load's own time is its stream's (CUDA events from its
+first copy to its last scatter); its rate is set against a plain pinned host-to-device copy
+of the same bytes in one piece. The hit step also saves the blocks it evicts to make room
+(device to host, on the other copy stream, layer by layer ahead of the load's scatters):
+`plain_pinned_copy_both_ways_gbps` is the plain copy's rate while as many bytes go the other
+way, the link's bound for such a step.
 """
 
 from __future__ import annotations
@@ -87,13 +90,26 @@ def first_token_seconds(llm, prompt: list[int]) -> float:
     return timed_seconds(lambda: llm.generate([prompt], params), llm.engine.runner.device)
 
 
-def plain_copy_gbps(num_bytes: int, device: torch.device) -> float:
-    """A pinned host buffer of the same bytes copied to the device in one piece."""
+def plain_copy_gbps(num_bytes: int, device: torch.device, both_ways: bool = False) -> float:
+    """A pinned host buffer of the same bytes copied to the device in one piece (`both_ways`:
+    while as many bytes go the other way on a second stream, as in a hit step that evicts)."""
     if device.type != "cuda" or not num_bytes:
         return float("nan")
     host = torch.empty(num_bytes, dtype=torch.uint8, pin_memory=True)
     dev = torch.empty(num_bytes, dtype=torch.uint8, device=device)
-    times = [timed_seconds(lambda: dev.copy_(host, non_blocking=True), device) for _ in range(5)]
+    if both_ways:
+        host_out = torch.empty(num_bytes, dtype=torch.uint8, pin_memory=True)
+        dev_out = torch.empty(num_bytes, dtype=torch.uint8, device=device)
+        side = torch.cuda.Stream(device)
+
+    def copy() -> None:
+        if both_ways:
+            side.wait_stream(torch.cuda.current_stream(device))
+            with torch.cuda.stream(side):
+                host_out.copy_(dev_out, non_blocking=True)
+        dev.copy_(host, non_blocking=True)
+
+    times = [timed_seconds(copy, device) for _ in range(5)]
     return num_bytes / min(times) / 1e9
 
 
@@ -109,6 +125,8 @@ class Timings:
     load: list[float] = field(default_factory=list)
     suffix_load: list[float] = field(default_factory=list)
     copies: list[int] = field(default_factory=list)
+    offloaded: list[int] = field(default_factory=list)  # blocks the hit step saved (it evicts)
+    offload: list[float] = field(default_factory=list)
 
 
 def one_rep(llm, fresh: Callable[[int], list[int]], args: argparse.Namespace, t: Timings) -> None:
@@ -118,11 +136,13 @@ def one_rep(llm, fresh: Callable[[int], list[int]], args: argparse.Namespace, t:
     t.gpu_suffix.append(first_token_seconds(llm, prompt + fresh(args.suffix_tokens)))
     for _ in range(2):  # two more prompts evict every block of it into the host tier
         first_token_seconds(llm, fresh(args.prompt_tokens))
-    hits, copies = tier.num_hits, pool.num_load_copies
+    hits, copies, offloaded = tier.num_hits, pool.num_load_copies, pool.num_offloaded_blocks
     t.host.append(first_token_seconds(llm, prompt))
     t.hits.append(tier.num_hits - hits)
     t.copies.append(pool.num_load_copies - copies)
     t.load.append(pool.last_load_seconds() or float("nan"))
+    t.offloaded.append(pool.num_offloaded_blocks - offloaded)
+    t.offload.append(pool.last_offload_seconds() or float("nan"))
     t.recompute.append(first_token_seconds(llm, fresh(args.prompt_tokens)))
     first_token_seconds(llm, fresh(args.prompt_tokens))  # with the one above: P off the GPU
     t.host_suffix.append(first_token_seconds(llm, prompt + fresh(args.suffix_tokens)))
@@ -166,6 +186,10 @@ def report(args: argparse.Namespace, runner, t: Timings) -> dict:
         "load_gbps": loaded_bytes / load_s / 1e9,
         "plain_pinned_copy_gbps": plain_gbps,
         "load_vs_plain_copy": loaded_bytes / load_s / 1e9 / plain_gbps,
+        # the hit step's evictions, saved beside the load (device to host, their own stream)
+        "blocks_offloaded_in_hit_step": min(t.offloaded),
+        "offload_ms": median(t.offload) * 1e3,
+        "plain_pinned_copy_both_ways_gbps": plain_copy_gbps(loaded_bytes, runner.device, both_ways=True),
         "host_tier_gbps": loaded_bytes / host_s / 1e9,  # whole TTFT, last block's compute included
         "suffix_tokens": args.suffix_tokens,
         "ttft_gpu_prefix_suffix_ms": gpu_suffix_s * 1e3,
@@ -181,7 +205,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     result = run(args)
     for key, value in result.items():
-        print(f"{key:>28}: {value:.2f}" if isinstance(value, float) else f"{key:>28}: {value}")
+        print(f"{key:>32}: {value:.2f}" if isinstance(value, float) else f"{key:>32}: {value}")
     if args.json:
         with open(args.json, "w") as file:
             json.dump(result, file, indent=2)

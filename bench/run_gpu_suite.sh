@@ -102,9 +102,9 @@ case "${1:-}" in
     # the model's own 8,192 positions; 32,000 with positions raised).
     timeout 300 python -m pytest tests/gpu/test_host_tier_gpu.py tests/unit/test_host_tier.py -q -p no:cacheprovider 2>&1 \
       | tail -3 | tee "$OUT/host_tier_tests.txt"
-    timeout 200 python -m pdserve.bench.host_tier --json "$OUT/host_tier_8k.json" 2>&1 | tail -22
+    timeout 200 python -m pdserve.bench.host_tier --json "$OUT/host_tier_8k.json" 2>&1 | tail -30
     timeout 300 python -m pdserve.bench.host_tier --prompt-tokens 32000 --max-position 131072 \
-      --json "$OUT/host_tier_32k.json" 2>&1 | tail -22
+      --json "$OUT/host_tier_32k.json" 2>&1 | tail -30
     ;;
   multiturn)
     # One GPU (H200), one co-located worker (Llama-3-8B shape) through the gRPC API: 64

@@ -147,9 +147,9 @@ class HostKVPool:
         self._saved: torch.cuda.Event | None = None  # the end of the latest offload
         self._hooks: list[torch.utils.hooks.RemovableHandle] = []
         self.num_layer_waits = 0  # layers whose attention waited for the tier's copies (metric)
-        # copies issued each way (runs of slots x layers; metrics)
-        self.num_offload_copies = 0
-        self.num_load_copies = 0
+        # blocks moved and copies issued each way (runs of slots x layers; metrics)
+        self.num_offloaded_blocks = self.num_loaded_blocks = 0
+        self.num_offload_copies = self.num_load_copies = 0
 
     def run(self, copies: BlockCopies) -> None:
         """Queue the step's copies; each layer's attention in the next forward waits for
@@ -224,6 +224,7 @@ class HostKVPool:
         """(GPU block, slot) pairs: gather, copy out. Returns per layer the event after its
         last gather (its blocks may be overwritten then), and the event after the last copy."""
         lane, non_blocking = self._out, self._out.stream is not None
+        self.num_offloaded_blocks += len(pairs)
         pairs = sorted(pairs, key=lambda pair: pair[1])
         block_ids = host_to_device([block for block, _ in pairs], torch.int64, self.device)
         runs = slot_runs([slot for _, slot in pairs])
@@ -250,6 +251,7 @@ class HostKVPool:
         """(slot, GPU block) pairs, layer by layer: copy in, then (after the offload's gather
         of the layer) scatter. Returns per layer the event after its scatter."""
         lane, non_blocking = self._in, self._in.stream is not None
+        self.num_loaded_blocks += len(pairs)
         pairs = sorted(pairs)
         block_ids = host_to_device([block for _, block in pairs], torch.int64, self.device)
         runs = slot_runs([slot for slot, _ in pairs])
