@@ -156,6 +156,7 @@ class HostKVPool:
         that layer's (see the module's docstring)."""
         if not copies:
             return
+        self.wait_for_copies()  # an earlier run's with no forward since (none in the engine)
         engine = torch.cuda.current_stream(self.device) if self.device.type == "cuda" else None
         ready: list[torch.cuda.Event | None] = [None] * self.num_layers
         saved_before, saved = self._saved, None
@@ -175,9 +176,7 @@ class HostKVPool:
                 if {slot for _, slot in copies.offloads} & {slot for slot, _ in copies.onloads}:
                     self._in.wait(saved)  # ... or that this step's writes
                 ready = self._load(copies.onloads, ready)
-        for layer, event in enumerate(ready):
-            self._wait_layer(layer)  # an earlier run's, not yet waited for (only in order)
-            self._pending[layer] = event
+        self._pending = dict(enumerate(ready))
         self._install_hooks()
 
     def wait_for_copies(self) -> None:
