@@ -231,8 +231,8 @@ class ModelRunner:
 
     @torch.inference_mode()
     def run_block_copies(self, copies: BlockCopies, wait: bool = False) -> None:
-        """Queue host-tier copies on the tier's copy stream (the next forward waits for them
-        where it must); `wait`: block until they are done."""
+        """Queue host-tier copies on the tier's copy streams (each layer of the next forward
+        waits for its own); `wait`: block until they are done."""
         if not copies:
             return
         self.host_kv.run(copies)

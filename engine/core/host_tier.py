@@ -4,11 +4,13 @@ Full blocks that the GPU pool evicts are copied into host slots, keeping their c
 hashes; a later prompt whose prefix continues past its GPU hits into the host tier gets
 those blocks copied back instead of recomputed. The pool only decides: the copies are
 `BlockCopies` the scheduler hands to the model runner with the step that needs them
-(offloads first, so a GPU block is saved before its new owner writes it; then onloads).
+(a GPU block is saved before its new owner writes it, by a load or the forward: the runner
+orders that, engine/host_kv.py).
 
 A slot that an onload of the current step reads, or an offload writes, is pinned until
 the step's copies are taken, so no other offload of the same step can overwrite it; across
-steps the runner's copies run in order on one stream.
+steps the runner orders the copies (a load waits for earlier offloads to end, an offload
+for earlier loads).
 
 Slots are chosen so that blocks evicted one after another (a prompt's, tail first) land in
 consecutive slots: the runner moves each run of consecutive slots in one copy per layer
