@@ -43,6 +43,28 @@ def test_host_tier_keeps_lru_slots_and_never_overwrites_a_pinned_one():
     ]
 
 
+def test_blocks_evicted_one_after_another_take_consecutive_slots():
+    """A run goes on into the next slot when it is free or holds a block in the older half
+    by last use; a recently used block there is kept and the run restarts at the LRU slot."""
+    tier = HostTier(8)
+    for h in range(10, 14):
+        tier.offload(block_id=h, block_hash=h, parent_hash=None)
+    for h in range(20, 24):
+        tier.offload(block_id=h, block_hash=h, parent_hash=None)
+    assert [slot for _, slot in tier.take_copies().offloads] == list(range(8))
+    assert tier.lookup([20]) == [4]
+    tier.take_copies()
+    for h in (30, 31, 32):  # full: LRU block 10's slot, then its old neighbours 11 and 12
+        tier.offload(block_id=h, block_hash=h, parent_hash=None)
+    assert tier.take_copies().offloads == [(30, 0), (31, 1), (32, 2)]
+    assert tier.lookup([13]) == [3]  # slot 3's block is now the most recently used
+    tier.take_copies()
+    tier.offload(block_id=33, block_hash=33, parent_hash=None)
+    assert tier.take_copies().offloads == [(33, 5)]  # the LRU block 21's slot; 13 kept
+    assert tier.cached[13] == 3 and 21 not in tier.cached
+    assert len(set(tier.cached.values())) == len(tier.cached) == 8
+
+
 @pytest.mark.parametrize("head_dim", [8, 3], ids=["as_words", "as_floats"])
 @pytest.mark.parametrize("staging_blocks", [None, 1, 3], ids=["one_chunk", "one_block", "three_blocks"])
 def test_host_pool_copies_round_trip_in_runs_of_slots(staging_blocks, head_dim):
