@@ -224,7 +224,7 @@ class ModelRunner:
         num = (
             num_host_blocks if num_host_blocks is not None else int(host_cache_gb * 2**30) // bytes_per_block
         )
-        # each layer's attention waits only for its own loads (host_kv.HostKVPool)
+        # each layer's attention waits only for its own layer's copies (host_kv.HostKVPool)
         attention = [layer.self_attn for layer in self.model.model.layers]
         self.host_kv = HostKVPool(self.kv_cache, num, attention) if num else None
         return num
