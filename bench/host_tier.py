@@ -5,10 +5,22 @@ in host memory, against computing it again, in the same run.
     python -m pdserve.bench.host_tier --prompt-tokens 32000 --max-position 131072
     python -m pdserve.bench.host_tier --small               # tiny model on CPU (seconds)
 
-The GPU cache holds one prompt and a bit; two more prompts evict the first into the host tier.
-Then the first prompt again (its full blocks copied back, the last partial block computed)
-against a fresh prompt of the same length (computed whole), each the median of --reps. The
-copy rate is set against a plain pinned host-to-device copy of the same bytes.
+The GPU cache holds one prompt, a suffix and a bit; two more prompts evict the first into
+the host tier. Each rep, with P a fresh prompt:
+- P computed, then P + a fresh suffix (P's blocks hit on the GPU, the suffix computed);
+- two fresh prompts evict P; P again: its full blocks loaded from the host tier, the last
+  block computed (`ttft_host_tier_ms`), against a fresh prompt of the same length computed
+  whole (`ttft_recompute_ms`);
+- one more fresh prompt evicts P from the GPU; P + another fresh suffix: P's blocks loaded
+  while the suffix's prefill runs (each layer's attention waits only for its own layer's
+  loads), against the GPU-hit run above: `load_hidden_fraction` is how much of the load
+  time the overlap hid.
+Times are medians of --reps. The load's own time is its stream's (CUDA events from its
+first copy to its last scatter); its rate is set against a plain pinned host-to-device copy
+of the same bytes in one piece. The hit step also saves the blocks it evicts to make room
+(device to host, on the other copy stream, layer by layer ahead of the load's scatters):
+`plain_pinned_copy_both_ways_gbps` is the plain copy's rate while as many bytes go the other
+way, the link's bound for such a step.
 """
 
 from __future__ import annotations
@@ -20,6 +32,8 @@ import random
 import statistics
 import sys
 import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import torch
 
@@ -34,10 +48,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--small", action="store_true", help="tiny model on CPU, float32")
     parser.add_argument("--prompt-tokens", type=int, help="default 8,000 (256 with --small)")
     parser.add_argument("--max-position", type=int, help="raise the model's max_position_embeddings")
+    parser.add_argument(
+        "--suffix-tokens",
+        type=int,
+        help="new tokens after the reloaded prefix (default 2,048; 64 with --small)",
+    )
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--json", metavar="PATH")
     args = parser.parse_args(argv)
     args.prompt_tokens = args.prompt_tokens or (256 if args.small else 8000)
+    args.suffix_tokens = args.suffix_tokens or (64 if args.small else 2048)
     return args
 
 
@@ -50,12 +70,13 @@ def build(args: argparse.Namespace, model_dir: str):
     with open(os.path.join(model_dir, "config.json"), "w") as file:
         json.dump(cfg, file)
     blocks_per_prompt = -(-(args.prompt_tokens + 1) // 16)
+    suffix_blocks = -(-args.suffix_tokens // 16)
     return LLM(
         model_dir,
         device="cpu" if args.small else "cuda",
         dtype="float32" if args.small else "bfloat16",
         attention_backend="reference" if args.small else "auto",
-        num_gpu_blocks=blocks_per_prompt + blocks_per_prompt // 4,  # one prompt and a bit
+        num_gpu_blocks=blocks_per_prompt + suffix_blocks + blocks_per_prompt // 4,  # one prompt and a bit
         num_host_blocks=2 * blocks_per_prompt + blocks_per_prompt // 2,  # LRU keeps the last two
         max_num_batched_tokens=8192,
         load_format="dummy",
@@ -69,14 +90,63 @@ def first_token_seconds(llm, prompt: list[int]) -> float:
     return timed_seconds(lambda: llm.generate([prompt], params), llm.engine.runner.device)
 
 
-def plain_copy_gbps(num_bytes: int, device: torch.device) -> float:
-    """A pinned host buffer of the same bytes copied to the device in one piece."""
-    if device.type != "cuda":
+def plain_copy_gbps(num_bytes: int, device: torch.device, both_ways: bool = False) -> float:
+    """A pinned host buffer of the same bytes copied to the device in one piece (`both_ways`:
+    while as many bytes go the other way on a second stream, as in a hit step that evicts)."""
+    if device.type != "cuda" or not num_bytes:
         return float("nan")
     host = torch.empty(num_bytes, dtype=torch.uint8, pin_memory=True)
     dev = torch.empty(num_bytes, dtype=torch.uint8, device=device)
-    times = [timed_seconds(lambda: dev.copy_(host, non_blocking=True), device) for _ in range(5)]
+    if both_ways:
+        host_out = torch.empty(num_bytes, dtype=torch.uint8, pin_memory=True)
+        dev_out = torch.empty(num_bytes, dtype=torch.uint8, device=device)
+        side = torch.cuda.Stream(device)
+
+    def copy() -> None:
+        if both_ways:
+            side.wait_stream(torch.cuda.current_stream(device))
+            with torch.cuda.stream(side):
+                host_out.copy_(dev_out, non_blocking=True)
+        dev.copy_(host, non_blocking=True)
+
+    times = [timed_seconds(copy, device) for _ in range(5)]
     return num_bytes / min(times) / 1e9
+
+
+@dataclass
+class Timings:
+    """Per rep: TTFTs (s), blocks the host tier served, copy-stream load times (s)."""
+
+    host: list[float] = field(default_factory=list)
+    recompute: list[float] = field(default_factory=list)
+    gpu_suffix: list[float] = field(default_factory=list)
+    host_suffix: list[float] = field(default_factory=list)
+    hits: list[int] = field(default_factory=list)
+    load: list[float] = field(default_factory=list)
+    suffix_load: list[float] = field(default_factory=list)
+    copies: list[int] = field(default_factory=list)
+    offloaded: list[int] = field(default_factory=list)  # blocks the hit step saved (it evicts)
+    offload: list[float] = field(default_factory=list)
+
+
+def one_rep(llm, fresh: Callable[[int], list[int]], args: argparse.Namespace, t: Timings) -> None:
+    tier, pool = llm.engine.kv_manager.host, llm.engine.runner.host_kv
+    prompt = fresh(args.prompt_tokens)
+    first_token_seconds(llm, prompt)  # computed, its blocks cached on the GPU
+    t.gpu_suffix.append(first_token_seconds(llm, prompt + fresh(args.suffix_tokens)))
+    for _ in range(2):  # two more prompts evict every block of it into the host tier
+        first_token_seconds(llm, fresh(args.prompt_tokens))
+    hits, copies, offloaded = tier.num_hits, pool.num_load_copies, pool.num_offloaded_blocks
+    t.host.append(first_token_seconds(llm, prompt))
+    t.hits.append(tier.num_hits - hits)
+    t.copies.append(pool.num_load_copies - copies)
+    t.load.append(pool.last_load_seconds() or float("nan"))
+    t.offloaded.append(pool.num_offloaded_blocks - offloaded)
+    t.offload.append(pool.last_offload_seconds() or float("nan"))
+    t.recompute.append(first_token_seconds(llm, fresh(args.prompt_tokens)))
+    first_token_seconds(llm, fresh(args.prompt_tokens))  # with the one above: P off the GPU
+    t.host_suffix.append(first_token_seconds(llm, prompt + fresh(args.suffix_tokens)))
+    t.suffix_load.append(pool.last_load_seconds() or float("nan"))
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -85,43 +155,57 @@ def run(args: argparse.Namespace) -> dict:
         vocab = llm.engine.model_config.vocab_size
         rng = random.Random(0)
 
-        def fresh() -> list[int]:
-            return [rng.randrange(vocab) for _ in range(args.prompt_tokens)]
+        def fresh(num_tokens: int) -> list[int]:
+            return [rng.randrange(vocab) for _ in range(num_tokens)]
 
-        first_token_seconds(llm, fresh())  # warm-up: kernels, graphs
-        host_times, recompute_times, hits = [], [], []
-        tier = llm.engine.kv_manager.host
+        first_token_seconds(llm, fresh(args.prompt_tokens))  # warm-up: kernels, graphs
+        timings = Timings()
         for _ in range(args.reps):
-            prompt = fresh()
-            first_token_seconds(llm, prompt)  # computed, its blocks cached on the GPU
-            for _ in range(2):  # two more prompts evict every block of it into the host tier
-                first_token_seconds(llm, fresh())
-            before = tier.num_hits
-            host_times.append(first_token_seconds(llm, prompt))
-            hits.append(tier.num_hits - before)
-            recompute_times.append(first_token_seconds(llm, fresh()))
-        runner = llm.engine.runner
-        loaded_bytes = min(hits) * runner.host_kv.bytes_per_block
-        host_s, recompute_s = statistics.median(host_times), statistics.median(recompute_times)
-        return {
-            "prompt_tokens": args.prompt_tokens,
-            "device": torch.cuda.get_device_name() if runner.device.type == "cuda" else "cpu",
-            "ttft_host_tier_ms": host_s * 1e3,
-            "ttft_recompute_ms": recompute_s * 1e3,
-            "speedup": recompute_s / host_s,
-            "blocks_loaded": min(hits),
-            "bytes_loaded": loaded_bytes,
-            "host_tier_gbps": loaded_bytes / host_s / 1e9,  # whole TTFT, last block's compute included
-            "plain_pinned_copy_gbps": plain_copy_gbps(loaded_bytes, runner.device),
-            "reps": args.reps,
-        }
+            one_rep(llm, fresh, args, timings)
+        return report(args, llm.engine.runner, timings)
+
+
+def report(args: argparse.Namespace, runner, t: Timings) -> dict:
+    median = statistics.median
+    pool = runner.host_kv
+    loaded_bytes = min(t.hits) * pool.bytes_per_block
+    host_s, recompute_s, load_s = median(t.host), median(t.recompute), median(t.load)
+    plain_gbps = plain_copy_gbps(loaded_bytes, runner.device)
+    gpu_suffix_s, host_suffix_s = median(t.gpu_suffix), median(t.host_suffix)
+    return {
+        "prompt_tokens": args.prompt_tokens,
+        "device": torch.cuda.get_device_name() if runner.device.type == "cuda" else "cpu",
+        "ttft_host_tier_ms": host_s * 1e3,
+        "ttft_recompute_ms": recompute_s * 1e3,
+        "speedup": recompute_s / host_s,
+        "blocks_loaded": min(t.hits),
+        "bytes_loaded": loaded_bytes,
+        "load_copies": max(t.copies),  # host-to-device pieces (runs of slots x layers)
+        "staging_mib": pool.staging_bytes / 2**20,  # both directions' buffers
+        "load_ms": load_s * 1e3,  # the copy stream's time: copies and scatters
+        "load_gbps": loaded_bytes / load_s / 1e9,
+        "plain_pinned_copy_gbps": plain_gbps,
+        "load_vs_plain_copy": loaded_bytes / load_s / 1e9 / plain_gbps,
+        # the hit step's evictions, saved beside the load (device to host, their own stream)
+        "blocks_offloaded_in_hit_step": min(t.offloaded),
+        "offload_ms": median(t.offload) * 1e3,
+        "plain_pinned_copy_both_ways_gbps": plain_copy_gbps(loaded_bytes, runner.device, both_ways=True),
+        "host_tier_gbps": loaded_bytes / host_s / 1e9,  # whole TTFT, last block's compute included
+        "suffix_tokens": args.suffix_tokens,
+        "ttft_gpu_prefix_suffix_ms": gpu_suffix_s * 1e3,
+        "ttft_host_prefix_suffix_ms": host_suffix_s * 1e3,
+        "suffix_load_ms": median(t.suffix_load) * 1e3,
+        # 1: the load cost nothing beyond the suffix's prefill; 0: none of it was overlapped
+        "load_hidden_fraction": 1 - (host_suffix_s - gpu_suffix_s) / median(t.suffix_load),
+        "reps": args.reps,
+    }
 
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     result = run(args)
     for key, value in result.items():
-        print(f"{key:>24}: {value:.2f}" if isinstance(value, float) else f"{key:>24}: {value}")
+        print(f"{key:>32}: {value:.2f}" if isinstance(value, float) else f"{key:>32}: {value}")
     if args.json:
         with open(args.json, "w") as file:
             json.dump(result, file, indent=2)

@@ -13,6 +13,8 @@
 #   bash bench/run_gpu_suite.sh structure  # one GPU: bench.gpu, and 1P1D over gRPC on it (the connector)
 #   bash bench/run_gpu_suite.sh tp1        # one GPU: every single-GPU test, bench.gpu's pdserve rows (TP=1)
 #   bash bench/run_gpu_suite.sh longprefill # one GPU: fused long-prefill attention: tests, chunks, rows 6 and 9
+#   bash bench/run_gpu_suite.sh hosttier   # one GPU: host tier copy-stream tests, bench.host_tier at 32k
+#   bash bench/run_gpu_suite.sh hosttier8k # one GPU: bench.host_tier at 8k
 #   bash bench/run_gpu_suite.sh multiturn  # one H200: multi-turn serving, prefix cache's host tier off vs on
 # Results land in $OUT (default bench/results/gpu-run).
 set -uo pipefail
@@ -104,12 +106,18 @@ case "${1:-}" in
       --output "$OUT/chaos_gpu.json" 2>&1 | tail -40
     ;;
   hosttier)
-    # One GPU: TTFT of a long prompt served from the prefix cache's host tier against computing
-    # it again (8,000 tokens at the model's own 8,192 positions; 32,000 with positions raised).
-    timeout 200 python -m pdserve.bench.host_tier --json "$OUT/host_tier_8k.json" 2>&1 | tail -11
-    timeout 300 python -m pdserve.bench.host_tier --prompt-tokens 32000 --max-position 131072 \
-      --json "$OUT/host_tier_32k.json" 2>&1 | tail -11
-    timeout 100 python -m pytest tests/unit/test_host_tier.py tests/gpu/test_host_tier_gpu.py -q -p no:cacheprovider 2>&1 | tail -2
+    # One GPU: the host tier's copy-stream tests first, then TTFT of a 32,000-token prompt served
+    # from the prefix cache's host tier against computing it again, the load's GB/s against a
+    # plain pinned copy, and a reloaded prefix overlapped with its suffix's prefill (positions
+    # raised to 131,072). Within one 600 s device call; `hosttier8k` runs the 8,000-token case.
+    timeout 220 python -m pytest tests/gpu/test_host_tier_gpu.py tests/unit/test_host_tier.py -q -p no:cacheprovider 2>&1 \
+      | tail -3 | tee "$OUT/host_tier_tests.txt"
+    timeout 330 python -m pdserve.bench.host_tier --prompt-tokens 32000 --max-position 131072 \
+      --json "$OUT/host_tier_32k.json" 2>&1 | tail -30
+    ;;
+  hosttier8k)
+    # One GPU: bench.host_tier at 8,000 tokens (the model's own 8,192 positions).
+    timeout 250 python -m pdserve.bench.host_tier --json "$OUT/host_tier_8k.json" 2>&1 | tail -30
     ;;
   multiturn)
     # One GPU (H200), one co-located worker (Llama-3-8B shape) through the gRPC API: 64

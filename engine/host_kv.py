@@ -1,62 +1,295 @@
 """The host tier's memory and copies: block slots in (pinned, on CUDA) host memory.
 
-KV cache on the device: [num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim].
-Host slots: [num_host_blocks, num_layers, 2, block_size, num_kv_heads, head_dim], so each
-slot is one contiguous piece and a run of consecutive slots one copy. Copies run on the
-engine's stream in the order the scheduler decided (offloads, then onloads), before the
-step's forward: a block is saved before its new owner writes it, and loaded before any
-attention reads it.
+Device cache: [num_layers, 2, num_blocks, block_size, Hkv, D]. Host slots are layer-major,
+[num_layers, num_slots, 2, block_size, Hkv, D]: one layer's run of consecutive slots is one
+contiguous piece of host memory, so one copy moves a whole run of a layer, and copies can go
+layer by layer. A step's copies are sorted by slot, so what the tier gave consecutive slots
+(a prompt's blocks, evicted together: core/host_tier.py) moves in one piece whatever GPU
+blocks it maps to: the device side gathers and scatters with index ops.
+
+Each direction has a device staging buffer of at most `STAGING_BYTES` (smaller when the pool
+or the cache is smaller); a step that moves more goes in chunks, in order:
+- offload (GPU -> host): the step's evicted blocks are gathered into the buffer in slot
+  order (one `index_select`, as many layers at once as fit), then each run of each layer is
+  one device-to-host copy;
+- load (host -> GPU), layer by layer: each run is one host-to-device copy into the buffer,
+  then one `index_copy_` scatters the layer's blocks into the cache.
+
+On CUDA each direction runs on a stream of its own, so a step's offload (device to host)
+and load (host to device) share the link's two directions. Both streams start after the
+engine stream's work queued so far (which wrote the blocks' contents, and last read the
+blocks now handed to a new owner). Layer by layer, the load's scatter waits for the
+offload's gather of that layer (the blocks a step loads into are often the ones it evicted),
+and a load waits for earlier steps' offloads to end (the slots they wrote), and for the
+same step's when it reads a slot that one writes.
+Each layer gets a ready event (its loads, else the offload's gather), and that layer's
+attention waits for it (a forward pre-hook on the attention modules, installed only while
+copies are pending): the forward's other work and earlier layers overlap the copies. A
+chunked offload gathers its next chunk only after the previous chunk left the buffer. On
+CPU the same code runs in order, without streams.
 """
 
 from __future__ import annotations
+
+import contextlib
+import functools
+from collections.abc import Sequence
 
 import torch
 
 from pdserve.engine.core.host_tier import BlockCopies
 from pdserve.engine.host_tensors import host_to_device
 
+# Cap on each direction's staging buffer: 128 MiB holds one layer of a 32k-token prompt's
+# blocks for a Llama-3-8B shape (2,000 blocks x 64 KiB), so such a load is a copy per layer.
+STAGING_BYTES = 128 * 2**20
 
-def _runs(pairs: list[tuple[int, int]]) -> list[tuple[int, int, int]]:
-    """(first, second) pairs -> (i, j, n) runs where both ids ascend by one together:
-    pairs[k][0] == i + k and pairs[k][1] == j + k; consecutive slots move in one copy."""
+
+def slot_runs(slots: Sequence[int]) -> list[tuple[int, int, int]]:
+    """Ascending slots -> (index of the run's first entry, first slot, length) for each run
+    of consecutive slots; each run is one copy per layer."""
     runs: list[tuple[int, int, int]] = []
-    for a, b in pairs:
-        if runs and runs[-1][0] + runs[-1][2] == a and runs[-1][1] + runs[-1][2] == b:
+    for index, slot in enumerate(slots):
+        if runs and runs[-1][1] + runs[-1][2] == slot:
             runs[-1] = (runs[-1][0], runs[-1][1], runs[-1][2] + 1)
         else:
-            runs.append((a, b, 1))
+            runs.append((index, slot, 1))
     return runs
 
 
+def _clip(runs: list[tuple[int, int, int]], first: int, last: int) -> list[tuple[int, int, int]]:
+    """The parts of `runs` within entries [first, last), indices made relative to `first`."""
+    clipped = []
+    for index, slot, length in runs:
+        start, end = max(index, first), min(index + length, last)
+        if start < end:
+            clipped.append((start - first, slot + start - index, end - start))
+    return clipped
+
+
+def _as_words(tensor: torch.Tensor) -> torch.Tensor:
+    """The same memory as 8-byte elements when rows allow (bf16 head_dim 128: 32 words a
+    row): index kernels move one element per thread, so wider elements move bytes faster.
+    Copies between two such views are plain byte copies, as between the originals."""
+    if tensor.element_size() < 8 and tensor.shape[-1] * tensor.element_size() % 8 == 0:
+        return tensor.view(torch.int64)
+    return tensor
+
+
+class _Lane:
+    """One direction's stream (None on CPU) and staging buffer [blocks, 2, bs, H, D]."""
+
+    def __init__(self, device: torch.device, shape: tuple[int, ...], dtype: torch.dtype) -> None:
+        self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        with self.active():
+            self.staging = torch.empty(shape, dtype=dtype, device=device)
+        self.words = _as_words(self.staging)
+        self.timing: tuple[torch.cuda.Event, torch.cuda.Event] | None = None  # latest run's
+
+    def active(self) -> contextlib.AbstractContextManager:
+        return torch.cuda.stream(self.stream) if self.stream is not None else contextlib.nullcontext()
+
+    def record(self, enable_timing: bool = False) -> torch.cuda.Event | None:
+        if self.stream is None:
+            return None
+        event = torch.cuda.Event(enable_timing=enable_timing)
+        event.record(self.stream)
+        return event
+
+    def wait(self, event: torch.cuda.Event | None) -> None:
+        if event is not None:
+            self.stream.wait_event(event)
+
+    def seconds(self) -> float | None:
+        """GPU time of the latest run on this lane (None on CPU or before any)."""
+        if self.timing is None:
+            return None
+        start, end = self.timing
+        end.synchronize()
+        return start.elapsed_time(end) / 1e3
+
+
 class HostKVPool:
-    def __init__(self, kv_cache: torch.Tensor, num_slots: int) -> None:
+    """The host tier's slots and the copies between them and the device cache.
+
+    `attention_layers`: the model's attention modules in layer order; layer i's waits for
+    the copies of layer i (none given: the runner's `wait_for_copies` after the forward is
+    queued is the only wait, which is correct only if nothing in the forward touches the
+    blocks). `staging_bytes`: each staging buffer's cap (default `STAGING_BYTES`)."""
+
+    def __init__(
+        self,
+        kv_cache: torch.Tensor,
+        num_slots: int,
+        attention_layers: Sequence[torch.nn.Module] = (),
+        staging_bytes: int | None = None,
+    ) -> None:
         self.kv_cache = kv_cache
-        num_layers, two, _, block_size, num_heads, head_dim = kv_cache.shape
-        shape = (num_slots, num_layers, two, block_size, num_heads, head_dim)
-        pin = kv_cache.device.type == "cuda"
-        self.slots = torch.zeros(shape, dtype=kv_cache.dtype, pin_memory=pin)
-        self.bytes_per_block = self.slots[0].numel() * self.slots.element_size()
+        num_layers, two, num_blocks, block_size, num_heads, head_dim = kv_cache.shape
+        self.num_layers = num_layers
+        self.device = kv_cache.device
+        block_shape = (two, block_size, num_heads, head_dim)  # one layer of one block
+        shape = (num_layers, num_slots, *block_shape)
+        self.slots = torch.zeros(shape, dtype=kv_cache.dtype, pin_memory=self.device.type == "cuda")
+        layer_block_bytes = self.slots[0, 0].numel() * self.slots.element_size()
+        self.bytes_per_block = num_layers * layer_block_bytes
+        cap = STAGING_BYTES if staging_bytes is None else staging_bytes
+        # layer-blocks a staging buffer holds; a step moves at most min(slots, blocks) blocks
+        self.staging_blocks = max(1, min(cap // layer_block_bytes, num_slots, num_blocks))
+        staging_shape = (self.staging_blocks, *block_shape)
+        self._out = _Lane(self.device, staging_shape, kv_cache.dtype)  # offloads
+        self._in = _Lane(self.device, staging_shape, kv_cache.dtype)  # loads
+        self.staging_bytes = 2 * self._in.staging.numel() * self._in.staging.element_size()
+        # what the copies work on: the same memory, as wide elements where rows allow
+        self._cache, self._slots = _as_words(kv_cache), _as_words(self.slots)
+        self.attention_layers = list(attention_layers)
+        self._pending: dict[int, torch.cuda.Event | None] = {}  # layer -> when it is ready
+        self._saved: torch.cuda.Event | None = None  # the end of the latest offload
+        self._hooks: list[torch.utils.hooks.RemovableHandle] = []
+        self.num_layer_waits = 0  # layers whose attention waited for the tier's copies (metric)
+        # blocks moved and copies issued each way (runs of slots x layers; metrics)
+        self.num_offloaded_blocks = self.num_loaded_blocks = 0
+        self.num_offload_copies = self.num_load_copies = 0
 
     def run(self, copies: BlockCopies) -> None:
-        """Queue the copies on the current stream (offloads first)."""
+        """Queue the step's copies; each layer's attention in the next forward waits for
+        that layer's (see the module's docstring)."""
+        if not copies:
+            return
+        self.wait_for_copies()  # an earlier run's with no forward since (none in the engine)
+        engine = torch.cuda.current_stream(self.device) if self.device.type == "cuda" else None
+        ready: list[torch.cuda.Event | None] = [None] * self.num_layers
+        saved_before, saved = self._saved, None
         if copies.offloads:
-            self._offload(copies.offloads)
+            with self._out.active():
+                if engine is not None:
+                    self._out.stream.wait_stream(engine)
+                ready, saved = self._offload(copies.offloads)
+                self._saved = saved
         if copies.onloads:
-            self._onload(copies.onloads)
+            with self._in.active():
+                if engine is not None:
+                    self._in.stream.wait_stream(engine)
+                # slots that earlier steps' offloads wrote (their copies may still run: the
+                # engine stream waited only for their gathers) ...
+                self._in.wait(saved_before)
+                if {slot for _, slot in copies.offloads} & {slot for slot, _ in copies.onloads}:
+                    self._in.wait(saved)  # ... or that this step's writes
+                ready = self._load(copies.onloads, ready)
+        self._pending = dict(enumerate(ready))
+        self._install_hooks()
 
-    def _offload(self, pairs: list[tuple[int, int]]) -> None:
-        block_ids = host_to_device([b for b, _ in pairs], torch.int64, self.kv_cache.device)
-        # [N, L, 2, bs, H, D]: the evicted blocks gathered into one contiguous device buffer
-        staged = self.kv_cache.index_select(2, block_ids).permute(2, 0, 1, 3, 4, 5).contiguous()
-        non_blocking = self.kv_cache.device.type == "cuda"
-        for i, slot, n in _runs([(i, slot) for i, (_, slot) in enumerate(pairs)]):
-            self.slots[slot : slot + n].copy_(staged[i : i + n], non_blocking=non_blocking)
+    def wait_for_copies(self) -> None:
+        """The engine stream waits for every pending layer; the pre-hooks come off. Called
+        after the forward is queued (a no-op if its layers waited already) and before a
+        forward that runs no hooks (a CUDA graph's replay)."""
+        for layer in list(self._pending):
+            self._wait_layer(layer)
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks.clear()
 
-    def _onload(self, pairs: list[tuple[int, int]]) -> None:
-        device = self.kv_cache.device
-        staged = torch.empty((len(pairs), *self.slots.shape[1:]), dtype=self.slots.dtype, device=device)
-        non_blocking = device.type == "cuda"
-        for slot, i, n in _runs([(slot, i) for i, (slot, _) in enumerate(pairs)]):
-            staged[i : i + n].copy_(self.slots[slot : slot + n], non_blocking=non_blocking)
-        block_ids = host_to_device([b for _, b in pairs], torch.int64, device)
-        self.kv_cache.index_copy_(2, block_ids, staged.permute(1, 2, 0, 3, 4, 5))
+    def synchronize(self) -> None:
+        """Block the host until every queued copy is done."""
+        for lane in (self._out, self._in):
+            if lane.stream is not None:
+                lane.stream.synchronize()
+        self._pending.clear()
+        self.wait_for_copies()  # only removes the hooks now
+
+    def last_load_seconds(self) -> float | None:
+        """GPU time of the latest step's loads, from its first copy to its last scatter
+        (waits for the same step's offload gathers included); None on CPU or before any."""
+        return self._in.seconds()
+
+    def last_offload_seconds(self) -> float | None:
+        """GPU time of the latest step's offload (gathers and device-to-host copies)."""
+        return self._out.seconds()
+
+    def _offload_chunks(self, num: int) -> list[tuple[int, int, int, int]]:
+        """(first layer, last layer, first entry, last entry) pieces of `num` blocks that fit
+        the staging buffer: all blocks and as many layers as fit, else one layer at a time."""
+        if num <= self.staging_blocks:
+            step = min(self.num_layers, self.staging_blocks // num)
+            return [(lo, min(lo + step, self.num_layers), 0, num) for lo in range(0, self.num_layers, step)]
+        step = self.staging_blocks
+        return [
+            (layer, layer + 1, lo, min(lo + step, num))
+            for layer in range(self.num_layers)
+            for lo in range(0, num, step)
+        ]
+
+    def _offload(self, pairs: list[tuple[int, int]]) -> tuple[list, torch.cuda.Event | None]:
+        """(GPU block, slot) pairs: gather, copy out. Returns per layer the event after its
+        last gather (its blocks may be overwritten then), and the event after the last copy."""
+        lane, non_blocking = self._out, self._out.stream is not None
+        self.num_offloaded_blocks += len(pairs)
+        pairs = sorted(pairs, key=lambda pair: pair[1])
+        block_ids = host_to_device([block for block, _ in pairs], torch.int64, self.device)
+        runs = slot_runs([slot for _, slot in pairs])
+        gathered: list[torch.cuda.Event | None] = [None] * self.num_layers
+        start = lane.record(enable_timing=True)
+        for lo, hi, first, last in self._offload_chunks(len(pairs)):
+            staged = lane.words.view(-1)[: (hi - lo) * (last - first) * lane.words[0].numel()]
+            staged = staged.view(hi - lo, last - first, *lane.words.shape[1:])
+            # [layers, blocks, 2, bs, H, D]: the cache viewed block-major per layer
+            source = self._cache[lo:hi].transpose(1, 2)
+            torch.index_select(source, 1, block_ids[first:last], out=staged)
+            gathered[lo:hi] = [lane.record()] * (hi - lo)
+            for index, slot, length in _clip(runs, first, last):
+                for layer in range(lo, hi):
+                    self._slots[layer, slot : slot + length].copy_(
+                        staged[layer - lo, index : index + length], non_blocking=non_blocking
+                    )
+                    self.num_offload_copies += 1
+        end = lane.record(enable_timing=True)
+        lane.timing = (start, end) if start is not None else None
+        return gathered, end
+
+    def _load(self, pairs: list[tuple[int, int]], gathered: list) -> list:
+        """(slot, GPU block) pairs, layer by layer: copy in, then (after the offload's gather
+        of the layer) scatter. Returns per layer the event after its scatter."""
+        lane, non_blocking = self._in, self._in.stream is not None
+        self.num_loaded_blocks += len(pairs)
+        pairs = sorted(pairs)
+        block_ids = host_to_device([block for _, block in pairs], torch.int64, self.device)
+        runs = slot_runs([slot for slot, _ in pairs])
+        num, step = len(pairs), self.staging_blocks
+        loaded: list[torch.cuda.Event | None] = []
+        start = lane.record(enable_timing=True)
+        for layer in range(self.num_layers):
+            for first in range(0, num, step):
+                last = min(first + step, num)
+                staged = lane.words[: last - first]
+                for index, slot, length in _clip(runs, first, last):
+                    staged[index : index + length].copy_(
+                        self._slots[layer, slot : slot + length], non_blocking=non_blocking
+                    )
+                    self.num_load_copies += 1
+                if first == 0:
+                    lane.wait(gathered[layer])  # the blocks' evicted contents are saved
+                # cache[layer] is [2, blocks, bs, H, D]; staged [n, 2, bs, H, D]
+                self._cache[layer].index_copy_(1, block_ids[first:last], staged.transpose(0, 1))
+            loaded.append(lane.record())
+        lane.timing = (start, lane.record(enable_timing=True)) if start is not None else None
+        return loaded
+
+    def _install_hooks(self) -> None:
+        if self._hooks:
+            return
+        for layer, module in enumerate(self.attention_layers):
+            hook = functools.partial(self._before_attention, layer)
+            self._hooks.append(module.register_forward_pre_hook(hook))
+
+    def _before_attention(self, layer: int, _module: torch.nn.Module, _args: tuple) -> None:
+        if self._wait_layer(layer):
+            self.num_layer_waits += 1
+
+    def _wait_layer(self, layer: int) -> bool:
+        """The engine stream waits for `layer`'s pending copies; False if none were pending."""
+        if layer not in self._pending:
+            return False
+        event = self._pending.pop(layer)
+        if event is not None:
+            torch.cuda.current_stream(self.device).wait_event(event)
+        return True

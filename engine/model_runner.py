@@ -224,17 +224,20 @@ class ModelRunner:
         num = (
             num_host_blocks if num_host_blocks is not None else int(host_cache_gb * 2**30) // bytes_per_block
         )
-        self.host_kv = HostKVPool(self.kv_cache, num) if num else None
+        # each layer's attention waits only for its own layer's copies (host_kv.HostKVPool)
+        attention = [layer.self_attn for layer in self.model.model.layers]
+        self.host_kv = HostKVPool(self.kv_cache, num, attention) if num else None
         return num
 
     @torch.inference_mode()
     def run_block_copies(self, copies: BlockCopies, wait: bool = False) -> None:
-        """Queue host-tier copies on the engine's stream; `wait`: until they are done."""
+        """Queue host-tier copies on the tier's copy streams (each layer of the next forward
+        waits for its own); `wait`: block until they are done."""
         if not copies:
             return
         self.host_kv.run(copies)
-        if wait and self.device.type == "cuda":
-            torch.cuda.current_stream(self.device).synchronize()
+        if wait:
+            self.host_kv.synchronize()
 
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput, requests: dict[str, Request]) -> SampledTokens:
@@ -313,6 +316,8 @@ class ModelRunner:
             and max(query_lens) == 1
             and self.decode_graphs.can_run(len(tables))
         ):
+            if self.host_kv is not None:
+                self.host_kv.wait_for_copies()  # a replay runs no per-layer hooks
             hidden = self.decode_graphs.run(
                 plan.input_ids, plan.positions, plan.slot_mapping, seq_lens, tables, fill
             )
@@ -336,6 +341,8 @@ class ModelRunner:
         hidden = self.model(
             input_ids_dev, host_to_device(plan.positions, torch.int64, dev), self.kv_cache, meta
         )
+        if self.host_kv is not None:
+            self.host_kv.wait_for_copies()  # its layers waited already; later work sees every copy
         return self._sample(
             hidden, plan.logits_index, plan.sample_rows, plan.sample_req_ids, plan.prompt_segments
         )
