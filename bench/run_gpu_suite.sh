@@ -15,6 +15,7 @@
 #   bash bench/run_gpu_suite.sh longprefill # one GPU: fused long-prefill attention: tests, chunks, rows 6 and 9
 #   bash bench/run_gpu_suite.sh hosttier   # one GPU: host tier copy-stream tests, bench.host_tier at 32k
 #   bash bench/run_gpu_suite.sh hosttier8k # one GPU: bench.host_tier at 8k
+#   bash bench/run_gpu_suite.sh tierrows   # one GPU: bench.host_tier at 32k, bench.gpu's pdserve rows 1-3
 #   bash bench/run_gpu_suite.sh multiturn  # one H200: multi-turn serving, prefix cache's host tier off vs on
 # Results land in $OUT (default bench/results/gpu-run).
 set -uo pipefail
@@ -86,8 +87,11 @@ case "${1:-}" in
     # One GPU: the fused long-prefill path (cuDNN attention over a chunk's own keys and its gathered
     # cached prefix, merged by log-sum-exp): its tests, the chunk microbenchmark against the paged
     # Triton kernel, and bench.gpu_long's prefill rows 6 and 9 against their floors and transformers.
-    timeout 150 python -m pytest tests/gpu/test_triton_attention.py tests/gpu/test_engine_gpu.py -q \
-      -p no:cacheprovider -k "long_chunks or prefix or sdpa or logits" 2>&1 | tail -4 | tee "$OUT/gpu_tests.txt"
+    # With them the engine's GPU tests (exactness with CUDA graphs after the TP step split) and the
+    # host tier's copy-stream tests.
+    timeout 200 python -m pytest tests/gpu/test_triton_attention.py tests/gpu/test_engine_gpu.py \
+      tests/gpu/test_host_tier_gpu.py -q -p no:cacheprovider \
+      -k "long_chunks or prefix or sdpa or engine_gpu or host_tier" 2>&1 | tail -6 | tee "$OUT/gpu_tests.txt"
     timeout 120 python -m pdserve.bench.long_prefill --json "$OUT/long_prefill.json" 2>&1 | tail -16
     timeout 320 python -m pdserve.bench.gpu_long --only 6,9 --json "$OUT/gpu_long.json" \
       --markdown "$OUT/gpu_long.md" 2>&1 | tail -8
@@ -114,6 +118,13 @@ case "${1:-}" in
       | tail -3 | tee "$OUT/host_tier_tests.txt"
     timeout 330 python -m pdserve.bench.host_tier --prompt-tokens 32000 --max-position 131072 \
       --json "$OUT/host_tier_32k.json" 2>&1 | tail -30
+    ;;
+  tierrows)
+    # One GPU: bench.host_tier at 32,000 tokens, then bench.gpu's pdserve rows 1-3 (TP=1).
+    timeout 330 python -m pdserve.bench.host_tier --prompt-tokens 32000 --max-position 131072 \
+      --json "$OUT/host_tier_32k.json" 2>&1 | tail -24
+    timeout 200 python -m pdserve.bench.gpu --skip-transformers --only 1,2,3 --json "$OUT/gpu.json" \
+      --markdown "$OUT/gpu.md" 2>&1 | tail -8
     ;;
   hosttier8k)
     # One GPU: bench.host_tier at 8,000 tokens (the model's own 8,192 positions).
