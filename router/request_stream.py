@@ -129,7 +129,9 @@ class RequestStream:
     def deliver(self, output: RequestOutput, kv_wait_ms: float) -> None:
         self.kv_wait_ms += kv_wait_ms
         if output.error is None:
-            self.kv_landed = True
+            if not self.kv_landed:  # its prompt blocks are now there to share (the router's books)
+                self.kv_landed = True
+                self.deps.tracker.on_kv_landed(self.worker_req_id)
             self.queue.put_nowait(output)
             return
         # The decode worker dropped the attempt (e.g. its KV transfer outlived transfer.timeout_s):
@@ -193,10 +195,11 @@ class RequestStream:
 
     async def _admit_with_reservation(self) -> RouteDecision:
         """Admit, and for a remote prefill reserve the blocks on the decode worker. The
-        router's books count a prompt block that in-flight requests share once, but a decode
-        worker shares it only once their KV has landed: when it refuses a reservation the
-        books allowed, the request is routed again (after a short wait for blocks to free)
-        rather than failed, for up to the admission's max_wait_s."""
+        router's books count a prompt block as shared only once its KV landed, as the worker
+        does, but they see the worker through polls (a cached block it evicted, memory the
+        router did not cause): when it refuses a reservation the books allowed, the request
+        is routed again (after a short wait for blocks to free) rather than failed, for up to
+        the admission's max_wait_s. A safety net, not the rule."""
         deadline = time.monotonic() + self.deps.admission.max_wait_s
         delay = 0.01
         while True:
