@@ -12,7 +12,9 @@
   in the middle of a KV push, header sent, payload not, with a short `transfer.timeout_s`:
   the decode worker's lease drops the reservations it stalled, the affected streams end
   ABORTED naming the timeout while that process is still stopped, the others are exact;
-  once it resumes (SIGCONT) every block on both sides is free again.
+  once it resumes (SIGCONT) every block on both sides is free again. grpc only: over nccl
+  a receive that times out leaves the decode worker's rank unusable to its senders for good
+  (transfer/nccl_backend.py, "Failure"), a known limit this test would only restate.
 Afterwards, in each: every stream equals the offline engine's tokens (no token missing,
 none repeated; seeded streams too), the router shows the loss (status, health, counters),
 every live worker has all its KV blocks free, and a new request succeeds.
