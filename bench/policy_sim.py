@@ -273,6 +273,8 @@ class Simulation:
                 if r in d.running:
                     r.blocks += d.pool.allocate(1)
         for r in joining:
+            # Its first output from this worker: the router's books share its prompt blocks now.
+            self.tracker.on_kv_landed(r.req_id)
             if r.needs_local_prefill:  # computed this step: the first token is out
                 r.needs_local_prefill = False
                 d.pool.cache_blocks(r.blocks[: len(r.block_hashes)], r.block_hashes, 0)

@@ -80,14 +80,21 @@ def best_seconds(fn: Callable[[], object], iters: int, device: torch.device, war
     return min(times)
 
 
-def run(
-    config: BenchConfig,
-    device: torch.device,
-    seed: int = 0,
-    chunk_layers: int = 0,
-    grpc_in_band: bool = False,
-    data_streams: int = MAX_DATA_STREAMS,
-) -> dict[str, object]:
+@dataclass
+class BenchCaches:
+    """A source and a destination cache of the bench's shape, and one request's scattered block ids."""
+
+    src: torch.Tensor  # [num_layers, 2, num_cache_blocks, block_size, Hkv, D]
+    dst: torch.Tensor
+    layout: KVLayout
+    src_ids: list[int]
+    dst_ids: list[int]
+
+    def check_moved(self, what: str) -> None:
+        assert torch.equal(self.dst[:, :, self.dst_ids], self.src[:, :, self.src_ids]), f"{what} lost data"
+
+
+def make_caches(config: BenchConfig, device: torch.device, seed: int) -> BenchCaches:
     dtype = getattr(torch, config.dtype)
     # [num_layers, 2, num_cache_blocks, block_size, Hkv, D]
     shape = (
@@ -100,21 +107,27 @@ def run(
     )
     generator = torch.Generator().manual_seed(seed)
     src_cache = torch.randn(shape, generator=generator).to(dtype).to(device)
-    dst_cache = torch.zeros_like(src_cache)
-    layout = KVLayout.from_cache(src_cache, "bench")
     n = config.request_blocks
     # Scattered ids, as a real block table after some churn.
     src_ids = torch.randperm(config.num_cache_blocks, generator=generator)[:n].tolist()
     dst_ids = torch.randperm(config.num_cache_blocks, generator=generator)[:n].tolist()
-    nbytes = buffer_nbytes(layout, n)
+    layout = KVLayout.from_cache(src_cache, "bench")
+    return BenchCaches(src_cache, torch.zeros_like(src_cache), layout, src_ids, dst_ids)
 
-    buffer = torch.empty(layout.buffer_shape(n), dtype=dtype, device=device)  # pooled
+
+def time_device_paths(
+    config: BenchConfig, device: torch.device, caches: BenchCaches, chunk_layers: int
+) -> tuple[dict[str, float], float]:
+    """Best seconds of each pack/unpack path (see the module's docstring), and of the plain copy."""
+    src_cache, dst_cache, src_ids, dst_ids = caches.src, caches.dst, caches.src_ids, caches.dst_ids
+    n = len(src_ids)
+    buffer = torch.empty(caches.layout.buffer_shape(n), dtype=src_cache.dtype, device=device)  # pooled
     pack_s = best_seconds(lambda: pack_blocks(src_cache, src_ids, out=buffer), config.iters, device)
     unpack_s = best_seconds(lambda: unpack_blocks(dst_cache, buffer, dst_ids), config.iters, device)
-    flat_src = src_cache.reshape(-1)[: nbytes // dtype.itemsize]
+    flat_src = src_cache.reshape(-1)[: buffer_nbytes(caches.layout, n) // src_cache.dtype.itemsize]
     flat_dst = torch.empty_like(flat_src)
     copy_s = best_seconds(lambda: flat_dst.copy_(flat_src), config.iters, device)
-    assert torch.equal(dst_cache[:, :, dst_ids], src_cache[:, :, src_ids]), "pack/unpack lost data"
+    caches.check_moved("pack/unpack")
     src_index = torch.tensor(src_ids, device=device)
     dst_index = torch.tensor(dst_ids, device=device)
     seconds = {
@@ -140,13 +153,36 @@ def run(
 
         seconds["pack_chunked"] = best_seconds(pack_chunked, config.iters, device)
         seconds["unpack_chunked"] = best_seconds(unpack_chunked, config.iters, device)
-    assert torch.equal(dst_cache[:, :, dst_ids], src_cache[:, :, src_ids]), "pack/unpack lost data"
+    caches.check_moved("pack/unpack")
+    return seconds, copy_s
 
-    grpc_result = bench_grpc(config, src_cache, src_ids, dst_ids, layout, device, grpc_in_band, data_streams)
-    if not grpc_in_band:  # the same socket path over one data connection: the striping's baseline
-        one = bench_grpc(config, src_cache, src_ids, dst_ids, layout, device, max_data_streams=1)
-        grpc_result.update({f"{key}_one_stream": value for key, value in one.items()})
-        grpc_result["grpc_streams_speedup"] = one["grpc_ms"] / grpc_result["grpc_ms"]
+
+def bench_grpc_paths(
+    config: BenchConfig, device: torch.device, caches: BenchCaches, in_band: bool, data_streams: int
+) -> dict[str, float]:
+    """The gRPC host path; over the socket data plane also over one data connection, the
+    striping's baseline (keys `*_one_stream`, and the speedup)."""
+    args = (config, caches.src, caches.src_ids, caches.dst_ids, caches.layout, device)
+    result = bench_grpc(*args, in_band, data_streams)
+    if not in_band:
+        one = bench_grpc(*args, max_data_streams=1)
+        result.update({f"{key}_one_stream": value for key, value in one.items()})
+        result["grpc_streams_speedup"] = one["grpc_ms"] / result["grpc_ms"]
+    return result
+
+
+def run(
+    config: BenchConfig,
+    device: torch.device,
+    seed: int = 0,
+    chunk_layers: int = 0,
+    grpc_in_band: bool = False,
+    data_streams: int = MAX_DATA_STREAMS,
+) -> dict[str, object]:
+    caches = make_caches(config, device, seed)
+    nbytes = buffer_nbytes(caches.layout, config.request_blocks)
+    seconds, copy_s = time_device_paths(config, device, caches, chunk_layers)
+    grpc_result = bench_grpc_paths(config, device, caches, grpc_in_band, data_streams)
 
     def gbps(seconds: float, moved: int) -> float:
         return moved / seconds / 1e9
@@ -165,7 +201,7 @@ def run(
         **{f"{name}_gbps": gbps(s, 2 * nbytes) for name, s in seconds.items()},
         **{f"{name}_vs_copy": gbps(s, 2 * nbytes) / copy_gbps for name, s in seconds.items()},
         # pack + unpack back to back, as GB/s of bytes read + written by both, vs copy
-        "pack_unpack_vs_copy": 2 * copy_s / (pack_s + unpack_s),
+        "pack_unpack_vs_copy": 2 * copy_s / (seconds["pack"] + seconds["unpack"]),
         "copy_ms": copy_s * 1e3,
         "copy_gbps": copy_gbps,
         **grpc_result,

@@ -20,7 +20,9 @@ import socket
 import statistics
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import Future
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -94,7 +96,19 @@ def round_timelines(sender_events: list, receiver_events: list) -> dict[str, lis
     return rounds
 
 
-def worker(rank: int, args, init: str, notices, replies, results) -> None:
+@dataclass
+class RankSetup:
+    """One rank's cache and the request's blocks: scattered on the sender, contiguous on the receiver."""
+
+    device: str
+    cache: torch.Tensor  # cache_shape(args)
+    layout: KVLayout
+    src_blocks: list[int]
+    dst_blocks: list[int]
+    nbytes: int  # the request's KV bytes
+
+
+def set_up_rank(rank: int, args, init: str) -> RankSetup:
     device = "cpu" if args.cpu else f"cuda:{rank}"
     init_transfer_group(rank, 2, init, device, timeout_s=120)
     dtype = torch.float32 if args.cpu else torch.bfloat16
@@ -104,35 +118,57 @@ def worker(rank: int, args, init: str, notices, replies, results) -> None:
     src_blocks = list(range(3, 3 + 2 * n_blocks, 2))  # scattered, as in a real cache
     dst_blocks = list(range(n_blocks, 2 * n_blocks))
     nbytes = n_blocks * cache[:, :, 0].numel() * cache.element_size()
-    if rank == 1:  # decode side: serve notices until the sender says stop
-        layout = KVLayout.from_cache(cache, MODEL)
-        gate = KVGate(SECRET)
-        receiver = NcclKVReceiver(
-            unpack_into(cache), layout, device, gate, timeout_s=120
-        )  # unpacks chunk by chunk
-        # One reservation (credential) per send the sender will make, as reserve() would issue them.
-        sends = 2 * (args.warmup + args.rounds + PROFILED_ROUNDS)
-        replies.put([gate.issue(f"r{i}", dst_blocks, nbytes) for i in range(sends)])
-        profiler = None
-        while (notice := notices.get()) is not None:
-            if notice in ("profile-start", "profile-stop"):  # the sender's profiled rounds
-                if notice == "profile-start":
-                    profiler = start_profiler()
-                else:
-                    profiler.stop()
-                    results.put(("profile 1", profiled_events(profiler)))
-                replies.put("ok")
-                continue
-            if notice == "raw":
-                buf = torch.empty(nbytes, dtype=torch.uint8, device=device)
-                dist.recv(buf, src=0)
-                _sync(device)
-                replies.put("ok")
-                continue
-            receiver.recv(notice)
+    return RankSetup(device, cache, KVLayout.from_cache(cache, MODEL), src_blocks, dst_blocks, nbytes)
+
+
+def serve_notices(setup: RankSetup, args, notices, replies, results) -> None:
+    """The decode rank: serve the sender's notices until it says stop, then report a checksum."""
+    device, cache, nbytes = setup.device, setup.cache, setup.nbytes
+    gate = KVGate(SECRET)
+    receiver = NcclKVReceiver(
+        unpack_into(cache), setup.layout, device, gate, timeout_s=120
+    )  # unpacks chunk by chunk
+    # One reservation (credential) per send the sender will make, as reserve() would issue them.
+    sends = 2 * (args.warmup + args.rounds + PROFILED_ROUNDS)
+    replies.put([gate.issue(f"r{i}", setup.dst_blocks, nbytes) for i in range(sends)])
+    profiler = None
+    while (notice := notices.get()) is not None:
+        if notice in ("profile-start", "profile-stop"):  # the sender's profiled rounds
+            if notice == "profile-start":
+                profiler = start_profiler()
+            else:
+                profiler.stop()
+                results.put(("profile 1", profiled_events(profiler)))
             replies.put("ok")
-        results.put(("checksum", cache[:, :, dst_blocks].float().sum().item()))
-        return
+            continue
+        if notice == "raw":
+            buf = torch.empty(nbytes, dtype=torch.uint8, device=device)
+            dist.recv(buf, src=0)
+            _sync(device)
+            replies.put("ok")
+            continue
+        receiver.recv(notice)
+        replies.put("ok")
+    results.put(("checksum", cache[:, :, setup.dst_blocks].float().sum().item()))
+
+
+def timed_rounds(send: Callable[[], object], args, device: str) -> list[float]:
+    """Seconds of each of `args.rounds` sends after `args.warmup` untimed ones."""
+    times = []
+    for i in range(args.warmup + args.rounds):
+        _sync(device)
+        t0 = time.perf_counter()
+        send()
+        dt = time.perf_counter() - t0
+        if i >= args.warmup:
+            times.append(dt)
+    return times
+
+
+def send_rounds(setup: RankSetup, args, notices, replies, results) -> None:
+    """The prefill rank: time pipelined and serial `NcclKVSender.send`s and raw `dist.send`s of
+    the same bytes (then, with --profile, a few profiled rounds of each); report them."""
+    device, cache, src_blocks = setup.device, setup.cache, setup.src_blocks
 
     def notify(notice):
         fut: Future = Future()
@@ -140,63 +176,73 @@ def worker(rank: int, args, init: str, notices, replies, results) -> None:
         threading.Thread(target=lambda: fut.set_result(replies.get()), daemon=True).start()
         return fut
 
-    layout = KVLayout.from_cache(cache, MODEL)
     credentials = iter(enumerate(replies.get()))  # the decode rank's reservations, one per send
 
     def handle() -> KVHandle:
         i, credential = next(credentials)
         return KVHandle(
-            f"r{i}", "decode-0", dst_blocks, args.tokens, layout, NcclPeer(1), credential=credential
+            f"r{i}",
+            "decode-0",
+            setup.dst_blocks,
+            args.tokens,
+            setup.layout,
+            NcclPeer(1),
+            credential=credential,
         )
 
-    timed: dict[str, list[float]] = {}
-    chunks = 0.0
     senders = {
         mode: NcclKVSender(0, MODEL, SECRET, notify=notify, timeout_s=120, chunk_layers=chunk_layers)
         for mode, chunk_layers in (("pipelined", args.chunk_layers), ("serial", 0))
     }
-    for mode, sender in senders.items():
-        timed[mode] = []
-        for i in range(args.warmup + args.rounds):
-            _sync(device)
-            t0 = time.perf_counter()
-            stats = sender.send(handle(), src_blocks, cache, 0)  # returns when the blocks are unpacked there
-            dt = time.perf_counter() - t0
-            if i >= args.warmup:
-                timed[mode].append(dt)
-            if mode == "pipelined":
-                chunks = stats.extra["chunks"]
-    raw_times = []
-    buf = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    chunks = 0.0
+
+    def send(mode: str) -> None:  # returns when the blocks are unpacked there
+        nonlocal chunks
+        stats = senders[mode].send(handle(), src_blocks, cache, 0)
+        if mode == "pipelined":
+            chunks = stats.extra["chunks"]
+
+    timed = {mode: timed_rounds(lambda mode=mode: send(mode), args, device) for mode in senders}
+    buf = torch.empty(setup.nbytes, dtype=torch.uint8, device=device)
 
     def raw_send() -> None:
         notices.put("raw")
         dist.send(buf, dst=1)
         replies.get()
 
-    for i in range(args.warmup + args.rounds):
-        _sync(device)
-        t0 = time.perf_counter()
-        raw_send()
-        dt = time.perf_counter() - t0
-        if i >= args.warmup:
-            raw_times.append(dt)
+    raw_times = timed_rounds(raw_send, args, device)
     if args.profile:  # a few more rounds of each mode, both ranks under torch.profiler
-        notices.put("profile-start")
-        replies.get()
-        profiler = start_profiler()
-        sends = [(m, lambda s=s: s.send(handle(), src_blocks, cache, 0)) for m, s in senders.items()]
-        for mode, send in sends + [("raw", raw_send)]:
-            for r in range(PROFILED_ROUNDS):
-                _sync(device)
-                with torch.profiler.record_function(f"{mode} round {r}"):
-                    send()
-        profiler.stop()
-        notices.put("profile-stop")
-        replies.get()
-        results.put(("profile 0", profiled_events(profiler)))
+        sends = [(mode, lambda mode=mode: send(mode)) for mode in senders]
+        profile_rounds(sends + [("raw", raw_send)], device, notices, replies, results)
     notices.put(None)
-    results.put(("send", nbytes, timed, raw_times, cache[:, :, src_blocks].float().sum().item(), chunks))
+    checksum = cache[:, :, src_blocks].float().sum().item()
+    results.put(("send", setup.nbytes, timed, raw_times, checksum, chunks))
+
+
+def profile_rounds(
+    sends: list[tuple[str, Callable[[], None]]], device: str, notices, replies, results
+) -> None:
+    """PROFILED_ROUNDS rounds of each send, this rank and (by notice) the decode rank profiled."""
+    notices.put("profile-start")
+    replies.get()
+    profiler = start_profiler()
+    for mode, send in sends:
+        for r in range(PROFILED_ROUNDS):
+            _sync(device)
+            with torch.profiler.record_function(f"{mode} round {r}"):
+                send()
+    profiler.stop()
+    notices.put("profile-stop")
+    replies.get()
+    results.put(("profile 0", profiled_events(profiler)))
+
+
+def worker(rank: int, args, init: str, notices, replies, results) -> None:
+    setup = set_up_rank(rank, args, init)
+    if rank == 1:  # decode side
+        serve_notices(setup, args, notices, replies, results)
+    else:
+        send_rounds(setup, args, notices, replies, results)
 
 
 def main(argv: list[str] | None = None) -> int:

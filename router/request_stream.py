@@ -16,6 +16,11 @@ draws included), and streaming goes on with no token missing or repeated. Each a
 runs on the workers under its own id (`<req_id>` then `<req_id>#2`, ...), so nothing an
 earlier attempt still sends can reach the stream. Past `max_migrations` new attempts the
 stream ends with UNAVAILABLE naming the cause.
+
+A decode worker that drops an attempt (its KV transfer failed or outlived
+`transfer.timeout_s`) ends it at once with ABORTED naming the cause, even while the prefill
+call still waits on a worker that may never answer; the leftovers are then aborted in the
+background, never awaited (a stalled worker answers nothing).
 """
 
 from __future__ import annotations
@@ -101,10 +106,11 @@ class RequestStream:
         self.worker_req_id = req_id  # the current attempt's id on the workers
         # Outputs (RequestOutput) of the current attempt, a RouterError, or WorkerLost.
         self.queue: asyncio.Queue[RequestOutput | RouterError | WorkerLost] = asyncio.Queue()
-        self._lost: asyncio.Future[WorkerLost] | None = None  # set when this attempt's worker is lost
+        # Set when this attempt's worker is lost (WorkerLost) or its decode worker dropped it (RouterError).
+        self._interrupted: asyncio.Future[WorkerLost | RouterError] | None = None
         self.decode_worker_id: str | None = None
         self.prefill_worker_id: str | None = None
-        self.kv_landed = False  # the decode worker sent an output for this attempt
+        self.kv_landed = False  # the decode worker sent an output (not an error) for this attempt
         self._handle: KVHandle | None = None  # the decode worker's reservation (remote prefill)
         self.output_token_ids: list[int] = []  # every token streamed so far, all attempts
         self.kv_wait_ms = 0.0
@@ -122,8 +128,16 @@ class RequestStream:
     # -- from the worker monitor -------------------------------------------------------
     def deliver(self, output: RequestOutput, kv_wait_ms: float) -> None:
         self.kv_wait_ms += kv_wait_ms
-        self.kv_landed = True
-        self.queue.put_nowait(output)
+        if output.error is None:
+            if not self.kv_landed:  # its prompt blocks are now there to share (the router's books)
+                self.kv_landed = True
+                self.deps.tracker.on_kv_landed(self.worker_req_id)
+            self.queue.put_nowait(output)
+            return
+        # The decode worker dropped the attempt (e.g. its KV transfer outlived transfer.timeout_s):
+        # no KV landed, and the prefill call may be waiting on a worker that never answers.
+        self.deps.lifecycle.record(logging.WARNING, "request %s failed: %s", self.req_id, output.error)
+        self._interrupt(RouterError("ABORTED", f"request {self.req_id} failed: {output.error}"))
 
     def on_worker_lost(self, worker_id: str, reason: str) -> None:
         """A worker is gone: start over elsewhere if this attempt depended on it. A request
@@ -131,15 +145,20 @@ class RequestStream:
         needed = worker_id == self.decode_worker_id or (
             worker_id == self.prefill_worker_id and not self.kv_landed
         )
-        if not needed or self._lost is None or self._lost.done():
+        if needed:
+            self._interrupt(WorkerLost(worker_id, reason))
+
+    def _interrupt(self, failure: WorkerLost | RouterError) -> None:
+        """End the current attempt with `failure`, whatever it is waiting on (the first one wins)."""
+        if self._interrupted is None or self._interrupted.done():
             return
-        lost = WorkerLost(worker_id, reason)
-        self._lost.set_result(lost)
-        self.queue.put_nowait(lost)
+        self._interrupted.set_result(failure)
+        self.queue.put_nowait(failure)
 
     # -- the stream ----------------------------------------------------------------------
     async def events(self) -> AsyncIterator[Chunk | Completion]:
         """Chunks, then one Completion (or a RouterError). Leaving early aborts the request."""
+        failed = False
         try:
             while True:
                 try:
@@ -148,10 +167,15 @@ class RequestStream:
                     return
                 except WorkerLost as lost:
                     self._before_next_attempt(lost)
+        except RouterError:
+            failed = True
+            raise
         finally:
             self._end_attempt()
             self.deps.admission.notify_capacity()
-            if not self.finished:
+            if failed:  # a worker of the attempt may be stalled: the error goes out now
+                self._abort_in_background()
+            elif not self.finished:
                 await self.abort_everywhere()
 
     async def _attempt(self) -> AsyncIterator[Chunk | Completion]:
@@ -171,10 +195,11 @@ class RequestStream:
 
     async def _admit_with_reservation(self) -> RouteDecision:
         """Admit, and for a remote prefill reserve the blocks on the decode worker. The
-        router's books count a prompt block that in-flight requests share once, but a decode
-        worker shares it only once their KV has landed: when it refuses a reservation the
-        books allowed, the request is routed again (after a short wait for blocks to free)
-        rather than failed, for up to the admission's max_wait_s."""
+        router's books count a prompt block as shared only once its KV landed, as the worker
+        does, but they see the worker through polls (a cached block it evicted, memory the
+        router did not cause): when it refuses a reservation the books allowed, the request
+        is routed again (after a short wait for blocks to free) rather than failed, for up to
+        the admission's max_wait_s. A safety net, not the rule."""
         deadline = time.monotonic() + self.deps.admission.max_wait_s
         delay = 0.01
         while True:
@@ -204,7 +229,7 @@ class RequestStream:
             while self.worker_req_id in self.deps.attempts:  # a client chose that id
                 self.worker_req_id += "#"
         self.queue = asyncio.Queue()
-        self._lost = asyncio.get_running_loop().create_future()
+        self._interrupted = asyncio.get_running_loop().create_future()
         self.decode_worker_id = self.prefill_worker_id = None
         self.kv_landed = False
         self.deps.attempts[self.worker_req_id] = self
@@ -247,16 +272,16 @@ class RequestStream:
         )  # fmt: skip
 
     async def _guarded(self, call: Any) -> Any:
-        """Await a worker call, unless this attempt's worker is lost first (a hung worker
-        never answers): then raise that WorkerLost."""
+        """Await a worker call, unless the attempt is interrupted first (its worker lost: a
+        hung worker never answers; or dropped by its decode worker): then raise why."""
         task = asyncio.ensure_future(call)
         try:
-            await asyncio.wait({task, self._lost}, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait({task, self._interrupted}, return_when=asyncio.FIRST_COMPLETED)
         finally:
             if not task.done():
                 task.cancel()
         if not task.done() or task.cancelled():
-            raise self._lost.result()
+            raise self._interrupted.result()
         try:
             return task.result()
         except WorkerLost as lost:  # the call saw it first: out of routing now, not at the next poll
@@ -356,10 +381,6 @@ class RequestStream:
         for item in items:
             if isinstance(item, (RouterError, WorkerLost)):
                 merged.failure = item
-                break
-            if item.error is not None:  # e.g. its KV transfer failed or outlived transfer.timeout_s
-                merged.failure = RouterError("ABORTED", f"request {self.req_id} failed: {item.error}")
-                self.deps.lifecycle.record(logging.WARNING, "request %s failed: %s", self.req_id, item.error)
                 break
             if self.first_token_at is None and item.new_token_ids:
                 self.first_token_at = time.perf_counter()

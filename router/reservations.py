@@ -11,6 +11,16 @@ Two kinds of promise:
   several in-flight requests once. Admitting only while committed blocks fit the
   worker's total means growth never forces a preemption.
 
+A prompt block counts as shared only once it is there to share: the worker reuses a
+cached block only after the KV that fills it has landed (`on_kv_landed`: the router saw
+the request's first output on its decode worker). Two identical prompts routed before
+either's KV landed each hold their own copy, on the worker and in the books, so the books
+never allow a reservation the worker must refuse. Every in-flight request refers to the
+prompt blocks it shares (from routing) and, once its KV landed, to its whole prompt
+chain: the shared set stays prefix-closed, and a shared block counts until its last user
+leaves. A request whose KV landed while another identical prompt's copy was already
+there keeps its duplicate blocks charged as its own (conservative: never under).
+
 Headroom, the blocks a request would leave spare on a decode-capable worker, is
 one formula, `spare_blocks`; `available_blocks` and `blocks_needed` derive from it.
 """
@@ -37,19 +47,23 @@ class _Routed:
     prefill_worker_id: str  # the worker that runs the prefill (decode worker if local)
     block_hashes: tuple[int, ...]
     num_blocks: int  # prompt + max_tokens, in blocks
-    num_new_blocks: int  # num_blocks less prompt blocks other in-flight requests already hold
+    num_new_blocks: int  # num_blocks less the landed prompt blocks it shares (at routing)
+    num_own_blocks: int  # the blocks charged to it alone (num_new_blocks less those it made shared)
     num_prefill_tokens: int  # uncached prompt tokens the prefill worker must compute
     routed_at: float
     pending_decode: bool = True
     pending_prefill: bool = True
+    landed: bool = False
+    num_referred: int = 0  # leading prompt hashes it holds a reference to in its book's shared_refs
 
 
 @dataclass
 class _DecodeBook:
     """Committed-block accounting of one decode-capable worker."""
 
-    hash_refs: dict[int, int] = field(default_factory=dict)  # prompt block hash -> in-flight users
-    committed_blocks: int = 0
+    # Prompt block hash -> in-flight users of its one shareable copy (whose KV has landed).
+    shared_refs: dict[int, int] = field(default_factory=dict)
+    committed_blocks: int = 0  # sum of the in-flight requests' own blocks, plus len(shared_refs)
     pending_blocks: int = 0  # blocks of requests newer than the latest load report
     pending: OrderedDict[str, _Routed] = field(default_factory=OrderedDict)
 
@@ -69,8 +83,8 @@ def fits_in_cache(report: LoadReport, num_tokens: int) -> bool:
 def shared_in_flight_blocks(hash_refs: dict[int, int], block_hashes: Sequence[int]) -> int:
     """Leading blocks of `block_hashes` that in-flight requests already hold (`hash_refs`).
 
-    Every in-flight request adds its whole chain of prompt hashes, so the set
-    is prefix-closed along any chain: if block k is in it, so are blocks < k.
+    Every in-flight request refers to a leading run of its chain of prompt hashes, so
+    the set is prefix-closed along any chain: if block k is in it, so are blocks < k.
     Hence a binary search (log2 of the prompt's blocks lookups) finds the count.
     """
     if not hash_refs:
@@ -83,6 +97,14 @@ def shared_in_flight_blocks(hash_refs: dict[int, int], block_hashes: Sequence[in
         else:
             hi = mid - 1
     return lo
+
+
+def reusable_blocks(hash_refs: dict[int, int], request: RouteRequest, block_size: int) -> int:
+    """Leading prompt blocks of `request` a worker reuses from those `hash_refs` holds: never
+    the block of the prompt's last token, which the engine computes again for its logits
+    (engine/core/kv_cache_manager.py `get_computed_blocks`)."""
+    limit = max(0, (request.num_prompt_tokens - 1) // block_size)
+    return min(shared_in_flight_blocks(hash_refs, request.block_hashes), limit)
 
 
 class ReservationBooks:
@@ -113,21 +135,35 @@ class ReservationBooks:
             block_hashes=tuple(request.block_hashes),
             num_blocks=cdiv(request.num_prompt_tokens + request.max_tokens, block_size),
             num_new_blocks=0,
+            num_own_blocks=0,
             num_prefill_tokens=max(0, request.num_prompt_tokens - decision.num_prefix_hit_tokens),
             routed_at=now,
         )
         self._routed[request.req_id] = routed
         book = self._decode_books.setdefault(routed.decode_worker_id, _DecodeBook())
-        num_shared_blocks = shared_in_flight_blocks(book.hash_refs, routed.block_hashes)
-        routed.num_new_blocks = routed.num_blocks - num_shared_blocks
+        num_shared_blocks = reusable_blocks(book.shared_refs, request, block_size)
+        routed.num_new_blocks = routed.num_own_blocks = routed.num_blocks - num_shared_blocks
         book.committed_blocks += routed.num_new_blocks
-        for h in routed.block_hashes:
-            book.hash_refs[h] = book.hash_refs.get(h, 0) + 1
+        _refer(book, routed, num_shared_blocks)
         book.pending[request.req_id] = routed
         book.pending_blocks += routed.num_new_blocks
         prefill_book = self._prefill_books.setdefault(routed.prefill_worker_id, _PrefillBook())
         prefill_book.pending[request.req_id] = routed
         prefill_book.pending_tokens += routed.num_prefill_tokens
+
+    def on_kv_landed(self, req_id: str) -> None:
+        """The request's prompt KV is on its decode worker (its first output came from there):
+        from now on its prompt blocks are there to share. Those no in-flight request shared
+        yet move from its own blocks to the shared ones; the others stay its own (duplicates)."""
+        routed = self._routed.get(req_id)
+        book = self._decode_books.get(routed.decode_worker_id) if routed is not None else None
+        if book is None or routed.landed:
+            return
+        routed.landed = True
+        for h in routed.block_hashes[routed.num_referred :]:
+            if h not in book.shared_refs:
+                routed.num_own_blocks -= 1  # its block becomes the shared copy: committed unchanged
+        _refer(book, routed, len(routed.block_hashes))
 
     def release(self, req_id: str) -> None:
         """The request finished, failed or was aborted: drop every promise for it."""
@@ -138,13 +174,13 @@ class ReservationBooks:
         if book is not None:
             if book.pending.pop(req_id, None) is not None:
                 _clear_pending_decode(book, routed)
-            freed = routed.num_blocks - len(routed.block_hashes)
-            for h in routed.block_hashes:
-                refs = book.hash_refs[h] - 1
+            freed = routed.num_own_blocks
+            for h in routed.block_hashes[: routed.num_referred]:
+                refs = book.shared_refs[h] - 1
                 if refs:
-                    book.hash_refs[h] = refs
+                    book.shared_refs[h] = refs
                 else:
-                    del book.hash_refs[h]
+                    del book.shared_refs[h]  # its last user left: the shared copy is free
                     freed += 1
             book.committed_blocks -= freed
         prefill_book = self._prefill_books.get(routed.prefill_worker_id)
@@ -179,7 +215,7 @@ class ReservationBooks:
         the first term sees memory the router did not cause; the second sees the
         future growth of in-flight requests, which a free-blocks count cannot.
         needed = prompt + max_tokens in blocks, less the leading prompt blocks
-        in-flight requests on the worker already hold.
+        in-flight requests on the worker hold and whose KV has landed there.
         """
         report = self.loads[worker_id]
         needed = -(-(request.num_prompt_tokens + request.max_tokens) // report.block_size)
@@ -189,7 +225,7 @@ class ReservationBooks:
         available = report.num_free_blocks - book.pending_blocks
         if self.track_committed_blocks:
             available = min(available, report.num_total_blocks - book.committed_blocks)
-            needed -= shared_in_flight_blocks(book.hash_refs, request.block_hashes)
+            needed -= reusable_blocks(book.shared_refs, request, report.block_size)
         return available - needed
 
     def available_blocks(self, worker_id: str) -> int:
@@ -197,7 +233,7 @@ class ReservationBooks:
         return self.spare_blocks(worker_id, _NO_REQUEST)
 
     def blocks_needed(self, worker_id: str, request: RouteRequest) -> int:
-        """Blocks `request` would add on this worker (shared in-flight prompt blocks are free)."""
+        """Blocks `request` would add on this worker (landed shared prompt blocks are free)."""
         return self.available_blocks(worker_id) - self.spare_blocks(worker_id, request)
 
     # ---- what they hold -----------------------------------------------------------
@@ -222,6 +258,14 @@ class ReservationBooks:
 
     def num_in_flight(self) -> int:
         return len(self._routed)
+
+
+def _refer(book: _DecodeBook, routed: _Routed, num_leading: int) -> None:
+    """`routed` now refers to the first `num_leading` hashes of its prompt chain (it referred
+    to a shorter leading run before, or none)."""
+    for h in routed.block_hashes[routed.num_referred : num_leading]:
+        book.shared_refs[h] = book.shared_refs.get(h, 0) + 1
+    routed.num_referred = max(routed.num_referred, num_leading)
 
 
 def _settle_pending(book: _DecodeBook | _PrefillBook, ts: float, clear: Callable[..., None]) -> None:

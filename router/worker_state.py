@@ -134,6 +134,10 @@ class WorkerStateTracker:
         num_hit_blocks = decision.num_prefix_hit_tokens // decode_report.block_size
         self.kv_sync.on_routed(workers_given_prompt, request.block_hashes, num_hit_blocks)
 
+    def on_kv_landed(self, req_id: str) -> None:
+        """The request's prompt KV is on its decode worker: its prompt blocks can be shared."""
+        self.books.on_kv_landed(req_id)
+
     def release(self, req_id: str) -> None:
         """The request finished, failed or was aborted: drop every promise for it."""
         self.books.release(req_id)

@@ -7,7 +7,14 @@
 - 1P1D: the only decode worker, which Ray restarts (grpc; with nccl workers are not
   restarted, see deploy/launcher.py `worker_max_restarts`): its requests wait for the
   new instance and move to it; then the only prefill worker, restarted too: it is linked
-  to the decode worker again and serves new requests.
+  to the decode worker again and serves new requests;
+- 2P1D, grpc: a stalled data connection. The prefill worker's process stops (SIGSTOP)
+  in the middle of a KV push, header sent, payload not, with a short `transfer.timeout_s`:
+  the decode worker's lease drops the reservations it stalled, the affected streams end
+  ABORTED naming the timeout while that process is still stopped, the others are exact;
+  once it resumes (SIGCONT) every block on both sides is free again. grpc only: over nccl
+  a receive that times out leaves the decode worker's rank unusable to its senders for good
+  (transfer/nccl_backend.py, "Failure"), a known limit this test would only restate.
 Afterwards, in each: every stream equals the offline engine's tokens (no token missing,
 none repeated; seeded streams too), the router shows the loss (status, health, counters),
 every live worker has all its KV blocks free, and a new request succeeds.
@@ -16,7 +23,11 @@ every live worker has all its KV blocks free, and a new request succeeds.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import os
 import random
+import signal
+import threading
 import time
 
 import grpc
@@ -68,6 +79,45 @@ def chaos_config(num_prefill: int, num_decode: int, backend: str, max_wait_s: fl
     cfg = tiny_config(num_prefill, num_decode, backend)
     cfg.router.max_wait_s = max_wait_s  # how long a request waits for a decode worker
     return cfg
+
+
+def stop_mid_push_hook():
+    """What `__ray_call__` runs in a prefill worker's actor: its real gRPC sender's next push
+    sends the header, then the process stops itself (SIGSTOP) before the payload, a stalled
+    data connection at a known point. Returns the process's PID (the test resumes it).
+    Built here so that cloudpickle ships the function by value, not as an import of this file."""
+
+    def arm(actor) -> int:
+        import os
+        import signal
+        import time
+
+        sender = actor.worker.send_side.sender
+        chunks = sender._chunks  # (header, payload) -> header, then the payload's data chunks
+        armed = [True]
+
+        def header_then_stop(header: bytes, payload: memoryview):
+            rest = chunks(header, payload)
+            yield next(rest)
+            if armed[0]:
+                armed[0] = False
+                time.sleep(0.3)  # the header reaches the decode worker: its transfer has begun
+                os.kill(os.getpid(), signal.SIGSTOP)
+                # The stop reaches every thread only at its next pass through the kernel: sleep
+                # meanwhile, so that no payload byte leaves before it (this runs on after SIGCONT).
+                time.sleep(0.5)
+            yield from rest
+
+        sender._chunks = header_then_stop
+        return os.getpid()
+
+    return arm
+
+
+def process_state(pid: int) -> str:
+    """The process's state letter from /proc (T: stopped)."""
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().rsplit(")", 1)[1].split()[0]
 
 
 def run_and_kill(dep, victim: str, prompts, sampling, kill_after_tokens: int, restart: bool = False):
@@ -219,4 +269,74 @@ def test_only_workers_restart_and_streams_resume_on_them(one_node, offline):
         assert status["stats"]["num_worker_restarts"] == 2
         assert status["workers"]["prefill-0"]["num_queued_prefill_tokens"] == 0
     finally:
+        dep.down()
+
+
+STALL_TIMEOUT_S = 3.0  # transfer.timeout_s of the stalled-connection test
+
+
+@pytest.mark.timeout(120)
+def test_a_stalled_push_ends_by_the_lease_and_frees_both_sides(one_node, offline):
+    """2P1D over grpc: prefill-0 stops in the middle of a push while 16 streams run. The
+    router's own failure detection is pushed out of the way (worker_timeout_s 30 s), so
+    what ends the affected requests is the decode worker's lease."""
+    cfg = chaos_config(2, 1, "grpc")
+    cfg.transfer = dataclasses.replace(cfg.transfer, timeout_s=STALL_TIMEOUT_S)
+    cfg.router.worker_timeout_s = 30.0
+    dep = up(cfg)
+    pid = None
+    resumed_by_watchdog = threading.Event()
+    try:
+        pid = ray.get(dep.workers["prefill-0"].__ray_call__.remote(stop_mid_push_hook()), timeout=30)
+
+        def watchdog() -> None:  # a stream still open this long after the start is a hang
+            os.kill(pid, signal.SIGCONT)
+            resumed_by_watchdog.set()
+
+        timer = threading.Timer(4 * STALL_TIMEOUT_S + 10, watchdog)
+        timer.start()
+        prompts, sampling = make_requests(400, seed=7)
+        try:
+            results, _ = asyncio.run(run_with_kill(dep.url, prompts, sampling, timeout_s=60))
+        finally:
+            timer.cancel()
+        assert not resumed_by_watchdog.is_set(), "a stream waited for the stalled worker to resume"
+        assert process_state(pid) == "T", "the prefill worker never stopped: no push reached the hook"
+
+        want = offline(prompts, sampling)
+        failed = [i for i, r in enumerate(results) if r.error is not None]
+        assert failed and len(failed) < NUM_STREAMS, [r.error for r in results]
+        for i, r in enumerate(results):
+            assert r.tokens == want[i][: len(r.tokens)], f"stream {i}: not a prefix of the offline tokens"
+            if r.error is None:  # not on the stalled worker, or its KV had landed: exact
+                assert r.tokens == want[i] and r.finish_reason == "length", f"stream {i}"
+                assert r.completion_tokens == MAX_TOKENS, f"stream {i}"
+            else:
+                assert r.error.startswith("ABORTED: request "), r.error
+                assert "KV transfer timed out" in r.error and "(transfer.timeout_s)" in r.error, r.error
+        # The push that stopped mid-flight had begun: its lease counted from then.
+        assert any("did not land within 3 s" in results[i].error for i in failed)
+
+        status = dep.status()  # while prefill-0 is still stopped
+        stats = status["stats"]
+        assert stats["num_worker_failures"] == 0 and stats["num_migrations"] == 0
+        assert stats["num_prefill_retries"] == 0
+        messages = [e["message"] for e in status["events"]]
+        failures = [m for m in messages if " failed: KV transfer timed out" in m]
+        assert sorted(m.split()[1] for m in failures) == sorted(
+            results[i].error.split()[2] for i in failed
+        ), failures  # each failed request logged once, and only those
+
+        os.kill(pid, signal.SIGCONT)  # the stalled push goes on, finds its reservation gone
+        status = wait_live_workers_free(dep)
+        assert all(w["alive"] for w in status["workers"].values())
+        open_credentials = ray.get(
+            dep.workers["decode-0"].__ray_call__.remote(lambda actor: len(actor.worker.receive_side.gate)),
+            timeout=30,
+        )
+        assert open_credentials == 0
+        check_new_request(dep, offline)
+    finally:
+        if pid is not None and not resumed_by_watchdog.is_set():
+            os.kill(pid, signal.SIGCONT)
         dep.down()

@@ -154,6 +154,7 @@ def test_no_sink_under_one_hot_prefix() -> None:
         decision = policy.route(req, tracker)
         assert decision is not None and decision.prefill_worker_id is not None
         tracker.on_routed(req, decision)
+        tracker.on_kv_landed(req.req_id)  # the prefix is shared on its decode worker from now on
         worker = decision.prefill_worker_id
         counts[worker] = counts.get(worker, 0) + 1
         hold(tracker, worker, hashes, seq=seqs[worker])  # the worker caches what it prefilled

@@ -1,4 +1,5 @@
-"""ReservationBooks on their own: pending and committed promises, settling, the headroom formula."""
+"""ReservationBooks on their own: pending and committed promises, settling, the headroom formula,
+and shared prompt blocks counted once their KV landed (as the decode worker shares them)."""
 
 import pytest
 
@@ -35,17 +36,20 @@ def test_shared_in_flight_blocks_counts_the_leading_run() -> None:
     assert shared_in_flight_blocks({}, [1, 2]) == 0
 
 
-def test_headroom_parts_add_up_and_shared_prompt_blocks_are_free() -> None:
+def test_headroom_parts_add_up_and_landed_shared_prompt_blocks_are_free() -> None:
     loads = {"d": report(free=50, total=100)}
     books = ReservationBooks(loads)
     assert books.available_blocks("d") == 50  # no book yet: reported free blocks
     route(books, "a", [1, 2, 3, 4])  # 4 prompt + 2 output blocks
     again = RouteRequest("b", 16, [1, 2, 3, 4], 8)
-    assert books.blocks_needed("d", again) == 2
+    assert books.blocks_needed("d", again) == 6  # a's KV has not landed: nothing to share yet
+    books.on_kv_landed("a")
+    # 3 of a's 4 prompt blocks are shared: the last token's block is computed again.
+    assert books.blocks_needed("d", again) == 3
     assert books.available_blocks("d") == 44  # 50 free - 6 pending
-    assert books.spare_blocks("d", again) == 42
+    assert books.spare_blocks("d", again) == 41
     loads["d"] = report(free=200, total=100)
-    assert books.spare_blocks("d", again) == 100 - 6 - 2  # total - committed binds
+    assert books.spare_blocks("d", again) == 100 - 6 - 3  # total - committed binds
 
 
 def test_without_committed_tracking_only_reported_free_and_pending_count() -> None:
@@ -70,6 +74,7 @@ def test_settle_drops_pending_the_report_counts_but_keeps_commitments() -> None:
 def test_release_and_forget_worker_drop_every_promise() -> None:
     books = books_over(report(), report("p"))
     route(books, "a", [1, 2], prefill_worker_id="p")
+    books.on_kv_landed("a")
     route(books, "b", [1, 3])
     assert books.committed_blocks("d") == 3 + 4  # block 1 counted once
     books.release("b")
@@ -84,3 +89,59 @@ def test_routing_a_request_twice_is_an_error() -> None:
     route(books, "a", [1])
     with pytest.raises(ValueError, match="already routed"):
         route(books, "a", [1])
+
+
+def test_identical_long_prompts_in_flight_each_hold_their_copy_until_one_landed() -> None:
+    """40 decode blocks, 17 per request (16 full prompt blocks, the prompt's last token and
+    the output in the 17th): two fit before any KV landed, a third does not (the worker
+    would refuse it); once the first landed, the third shares its 16 full prompt blocks."""
+    books = books_over(report(free=40, total=40))
+    prompt = list(range(100, 116))  # the hashes of 16 full blocks
+    identical = RouteRequest("c", 16 * BLOCK + 1, prompt, max_tokens=3)
+    for req_id in ("a", "b"):
+        books.on_routed(RouteRequest(req_id, 16 * BLOCK + 1, prompt, 3), RouteDecision("p", "d", 0), now=1.0)
+    books.settle(report(free=40 - 34, total=40, ts=2.0))  # the worker reports both reservations
+    assert books.committed_blocks("d") == 34
+    assert books.blocks_needed("d", identical) == 17 and books.spare_blocks("d", identical) == -11
+    books.on_kv_landed("a")
+    books.on_kv_landed("a")  # idempotent
+    assert books.committed_blocks("d") == 34  # the same blocks, now shareable
+    assert books.blocks_needed("d", identical) == 1 and books.spare_blocks("d", identical) == 5
+    books.on_routed(identical, RouteDecision("p", "d", 0), now=3.0)
+    assert books.committed_blocks("d") == 35
+    books.on_kv_landed("b")  # a duplicate: b's copy stays its own
+    assert books.committed_blocks("d") == 35
+    books.release("a")  # c still uses the shared copy a landed
+    assert books.committed_blocks("d") == 17 + 1 + 16
+    books.release("c")
+    assert books.committed_blocks("d") == 17 + 16  # b refers to the shared copy too (conservative)
+    books.release("b")
+    assert books.committed_blocks("d") == 0
+
+
+def test_a_longer_prompt_shares_only_the_landed_prefix() -> None:
+    books = books_over(report(free=100, total=100))
+    route(books, "short", [1, 2])  # 2 prompt + 2 output blocks
+    longer = RouteRequest("long", 4 * BLOCK, [1, 2, 3, 4], 8)
+    assert books.blocks_needed("d", longer) == 6
+    books.on_kv_landed("short")
+    assert books.blocks_needed("d", longer) == 4
+    books.on_routed(longer, RouteDecision(None, "d", 0), now=1.0)
+    books.on_kv_landed("long")  # its blocks 3 and 4 become shareable; 1 and 2 were already
+    assert books.committed_blocks("d") == 4 + 4
+    # A prompt of exactly 4 blocks shares 3: the engine computes its last token again.
+    assert books.blocks_needed("d", RouteRequest("x", 4 * BLOCK, [1, 2, 3, 4], 8)) == 3
+    assert books.blocks_needed("d", RouteRequest("y", 4 * BLOCK + 1, [1, 2, 3, 4], 7)) == 2
+    books.release("short")
+    assert books.committed_blocks("d") == 6  # long's 2 output blocks + 4 shared prompt blocks
+    books.release("long")
+    assert books.committed_blocks("d") == 0
+
+
+def test_landing_after_release_or_for_an_unknown_request_changes_nothing() -> None:
+    books = books_over(report())
+    route(books, "a", [1, 2])
+    books.release("a")
+    books.on_kv_landed("a")
+    books.on_kv_landed("never-routed")
+    assert books.committed_blocks("d") == 0 and books.num_in_flight() == 0

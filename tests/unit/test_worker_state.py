@@ -66,7 +66,9 @@ def test_pending_reservation_until_newer_report_and_committed_until_release() ->
     tracker.update_load(report("p", role="prefill", ts=1.0))
     request = RouteRequest("r1", num_prompt_tokens=16, block_hashes=[1, 2, 3, 4], max_tokens=16)
     tracker.on_routed(request, RouteDecision("p", "d", 0), now=2.0)
-    assert tracker.blocks_needed("d", request) == 4  # its 4 prompt blocks are shared now
+    assert tracker.blocks_needed("d", request) == 8  # nothing to share before its KV landed
+    tracker.on_kv_landed("r1")
+    assert tracker.blocks_needed("d", request) == 5  # 3 of its prompt blocks (not the last token's)
     assert tracker.available_blocks("d") == 92  # 100 free - 8 pending
     assert tracker.pending_prefill_tokens("p") == 16
     tracker.update_load(report("d", free=100, total=100, ts=1.5))  # taken before the route
@@ -80,10 +82,14 @@ def test_pending_reservation_until_newer_report_and_committed_until_release() ->
     tracker.release("r1")  # idempotent
 
 
-def test_shared_prompt_blocks_are_committed_once() -> None:
+def test_shared_prompt_blocks_are_committed_once_their_kv_landed() -> None:
     tracker = WorkerStateTracker()
     tracker.update_load(report("d", ts=0.0))
     tracker.on_routed(RouteRequest("a", 16, [1, 2, 3, 4], 4), RouteDecision(None, "d", 0), now=1.0)
+    tracker.on_routed(RouteRequest("early", 16, [1, 2, 3, 5], 4), RouteDecision(None, "d", 12), now=1.0)
+    assert tracker.committed_blocks("d") == 5 + 5  # before a's KV landed each holds its own copy
+    tracker.release("early")
+    tracker.on_kv_landed("a")
     tracker.on_routed(RouteRequest("b", 16, [1, 2, 3, 5], 4), RouteDecision(None, "d", 12), now=1.0)
     assert tracker.committed_blocks("d") == 5 + 2  # 5 distinct prompt blocks + 1 output block each
     tracker.release("a")
