@@ -85,16 +85,18 @@ case "${1:-}" in
     ;;
   longprefill)
     # One GPU: the fused long-prefill path (cuDNN attention over a chunk's own keys and its gathered
-    # cached prefix, merged by log-sum-exp): its tests, the chunk microbenchmark against the paged
-    # Triton kernel, and bench.gpu_long's prefill rows 6 and 9 against their floors and transformers.
-    # With them the engine's GPU tests (exactness with CUDA graphs after the TP step split) and the
-    # host tier's copy-stream tests.
+    # cached prefix, merged by log-sum-exp): the chunk microbenchmark against the paged Triton
+    # kernel, bench.gpu_long's prefill rows 6 (32k) and 9 (~128k) against their floors and
+    # transformers, and its tests with the engine's GPU tests (exactness with CUDA graphs after the
+    # TP step split) and the host tier's copy-stream tests. Each result is written as it comes.
+    timeout 120 python -m pdserve.bench.long_prefill --json "$OUT/long_prefill.json" 2>&1 | tail -16
+    timeout 150 python -m pdserve.bench.gpu_long --only 6 --json "$OUT/gpu_long_32k.json" \
+      --markdown "$OUT/gpu_long_32k.md" 2>&1 | tail -5
     timeout 200 python -m pytest tests/gpu/test_triton_attention.py tests/gpu/test_engine_gpu.py \
       tests/gpu/test_host_tier_gpu.py -q -p no:cacheprovider \
       -k "long_chunks or prefix or sdpa or engine_gpu or host_tier" 2>&1 | tail -6 | tee "$OUT/gpu_tests.txt"
-    timeout 120 python -m pdserve.bench.long_prefill --json "$OUT/long_prefill.json" 2>&1 | tail -16
-    timeout 320 python -m pdserve.bench.gpu_long --only 6,9 --json "$OUT/gpu_long.json" \
-      --markdown "$OUT/gpu_long.md" 2>&1 | tail -8
+    timeout 240 python -m pdserve.bench.gpu_long --only 9 --json "$OUT/gpu_long_128k.json" \
+      --markdown "$OUT/gpu_long_128k.md" 2>&1 | tail -5
     ;;
   long)
     # One GPU: bench.gpu's long-context rows 6-10 (32k and ~128k prefill and decode) against their
