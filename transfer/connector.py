@@ -90,6 +90,11 @@ class KVSendSide(Protocol):
         """Join the transfer process group (backends with `uses_process_group` only)."""
         ...
 
+    def group_broken(self) -> str | None:
+        """Why this side's transfer process group is unusable (a transfer on it failed part-way),
+        or None. Backends whose transfers fail one at a time (grpc) always answer None."""
+        ...
+
     def close(self) -> None: ...
 
 
@@ -121,6 +126,10 @@ class KVReceiveSide(Protocol):
 
     def join_group(self, rank: int, world_size: int, init_method: str, device: str | torch.device) -> None:
         """Join the transfer process group (backends with `uses_process_group` only)."""
+        ...
+
+    def group_broken(self) -> str | None:
+        """As `KVSendSide.group_broken`."""
         ...
 
     def close(self) -> None: ...

@@ -45,6 +45,10 @@ class GrpcSendSide:
     def join_group(self, rank: int, world_size: int, init_method: str, device: str | torch.device) -> None:
         """Nothing to join: the grpc backend uses no process group."""
 
+    def group_broken(self) -> str | None:
+        """None: each push has its own streams, so a failed one leaves nothing broken behind."""
+        return None
+
     def close(self) -> None:
         self.sender.close()
 
@@ -83,6 +87,10 @@ class GrpcReceiveSide(GatedReceiveSide):
 
     def join_group(self, rank: int, world_size: int, init_method: str, device: str | torch.device) -> None:
         """Nothing to join: the grpc backend uses no process group."""
+
+    def group_broken(self) -> str | None:
+        """None: each push has its own streams, so a failed one leaves nothing broken behind."""
+        return None
 
     def close(self) -> None:
         self.server.stop()

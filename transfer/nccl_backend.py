@@ -39,9 +39,14 @@ fine.
 Failure: every wait is bounded (`timeout_s`; also the process group timeout). If
 the receiver never confirms, the sender raises `KVTransferError` and marks that
 destination broken: a send may still be pending on the pair, so further sends to
-it are refused (`KVTransferError`) instead of risking mismatched bytes; the fix is
-to rebuild the transfer group (restart the worker pair). With NCCL an unmatched
-op also trips the NCCL watchdog, which aborts the communicator.
+it are refused (`KVTransferError`) instead of risking mismatched bytes. A receive
+that times out marks its source broken, and from then on the receiver refuses every
+notice: gloo closes a pair whose operation timed out ("Application timeout caused
+pair closure"), NCCL's watchdog aborts the communicator, and a receiver that waited
+out one stalled sender has left the others' sends queued past their own deadline.
+Both sides say so through `group_broken()` (the workers report it to the router,
+which stops using the group); the only fix is a new group, i.e. restarting the
+deployment (README, "When a worker dies").
 """
 
 from __future__ import annotations
@@ -218,6 +223,12 @@ class NcclKVSender:
         self._abandoned: dict[int, list[tuple[list[dist.Work], torch.Tensor]]] = {}
         self._streams: dict[torch.device, _SideStream] = {}
 
+    def group_broken(self) -> str | None:
+        """Why a destination is unusable (the first one broken), or None while every pair works."""
+        for dst, why in list(self._broken.items()):
+            return f"sends to rank {dst} failed: {why}"
+        return None
+
     def _lock_for(self, dst: int) -> threading.Lock:
         with self._locks_guard:
             return self._locks.setdefault(dst, threading.Lock())
@@ -381,8 +392,13 @@ class NcclKVReceiver:
         self._recv_lock = threading.Lock()
         self._stream = _SideStream(self.device)
         # Sources whose receive timed out: that irecv may still match their next send, so any
-        # further request from them is refused. Keep the pending Work and buffer alive.
+        # further request is refused (see "Failure"). Keep the pending Work and buffer alive.
         self._broken_sources: dict[int, tuple[list[dist.Work], torch.Tensor]] = {}
+        self._broken_reason: str | None = None  # the first broken source's failure
+
+    def group_broken(self) -> str | None:
+        """Why this receiver refuses every notice now (a receive failed part-way), or None."""
+        return self._broken_reason
 
     def recv(self, notice: NcclTransferNotice) -> None:
         """Receive one request's buffer from `notice.src_rank` (in layer chunks when the notice says
@@ -396,10 +412,9 @@ class NcclKVReceiver:
         """
         with self._recv_lock, self._stream.active():
             started_at = time.perf_counter()  # kv_transfer_ms measures this transfer, not the queue
-            if notice.src_rank in self._broken_sources:
+            if self._broken_reason is not None:
                 raise KVTransferError(
-                    f"request {notice.req_id}: rank {notice.src_rank} is unusable after an earlier recv "
-                    "timed out"
+                    f"request {notice.req_id}: refused, the transfer group is broken: {self._broken_reason}"
                 )
             reservation, problem = self._admit(notice)
             problem = problem or self._validate(notice, reservation)
@@ -441,10 +456,12 @@ class NcclKVReceiver:
                 completed, reason = False, str(exc)
             if not completed:
                 self._broken_sources[notice.src_rank] = (works, buffer)
-                raise KVTransferError(
+                failure_text = (
                     f"request {notice.req_id}: recv from rank {notice.src_rank} "
                     f"(layers {layers.start}..{layers.stop - 1}): {reason}"
                 )
+                self._broken_reason = self._broken_reason or failure_text
+                raise KVTransferError(failure_text)
             if arrival is not None and failure is None:
                 try:  # the sink unpacks this chunk while the next one is in flight
                     self.sink.on_kv_chunk(arrival, layers, buffer[layers])

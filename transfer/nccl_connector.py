@@ -78,6 +78,9 @@ class NcclSendSide:
 
         return self.sender.send(handle, src_block_ids, kv_cache, first_token_id, notify=notify)
 
+    def group_broken(self) -> str | None:
+        return None if self.sender is None else self.sender.group_broken()
+
     def close(self) -> None:
         if self.sender is not None:
             from pdserve.transfer.nccl_backend import destroy_transfer_group
@@ -124,6 +127,9 @@ class NcclReceiveSide(GatedReceiveSide):
         if not isinstance(notice, NcclTransferNotice):
             raise TypeError(f"nccl receive side: expected an NcclTransferNotice, got {type(notice).__name__}")
         self.receiver.recv(notice)
+
+    def group_broken(self) -> str | None:
+        return None if self.receiver is None else self.receiver.group_broken()
 
     def close(self) -> None:
         if self.receiver is not None:
