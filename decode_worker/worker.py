@@ -136,6 +136,10 @@ class DecodeWorker(LoopWorker):
 
     def poll(self, timeout_s: float = 0.5) -> StepBatch:
         batch = super().poll(timeout_s)
+        # Read after the outputs were taken: a transfer failure that broke the group is
+        # reported no later than the aborts it caused (the router handles it first).
+        if self.receive_side is not None:
+            batch.transfer_broken = self.receive_side.group_broken()
         with self._lock:
             for out in batch.outputs:
                 wait = self.kv_wait_ms.pop(out.req_id, None)

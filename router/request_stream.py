@@ -136,6 +136,8 @@ class RequestStream:
             return
         # The decode worker dropped the attempt (e.g. its KV transfer outlived transfer.timeout_s):
         # no KV landed, and the prefill call may be waiting on a worker that never answers.
+        if self._interrupted is not None and self._interrupted.done():
+            return  # already ended (its prefill worker lost: it is being retried)
         self.deps.lifecycle.record(logging.WARNING, "request %s failed: %s", self.req_id, output.error)
         self._interrupt(RouterError("ABORTED", f"request {self.req_id} failed: {output.error}"))
 

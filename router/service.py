@@ -9,6 +9,12 @@ turns their outputs into its stream.
 
 Workers are reached through `WorkerClient`s (router/worker_client.py): typed calls on a
 Ray actor or on an in-process object.
+
+A broken KV transfer group (nccl backend: a transfer failed part-way, e.g. a prefill worker
+stalled mid-send) cannot be mended without a new group, so the first worker to report it
+takes every prefill worker out of routing for good (`WorkerMonitor.keep_out`): requests
+whose KV had not landed are prefilled again on the decode workers, new ones are prefilled
+there too, and `status()` names the cause until the deployment is restarted.
 """
 
 from __future__ import annotations
@@ -38,6 +44,8 @@ from pdserve.router.worker_state import WorkerStateTracker
 __all__ = ["Chunk", "Completion", "ModelSummary", "RouterCore", "RouterError"]
 
 log = logging.getLogger(__name__)
+
+MAX_REASON_CHARS = 300  # of a worker's transfer failure, in status and messages
 
 
 class RouterCore:
@@ -81,6 +89,7 @@ class RouterCore:
             on_worker_lost=self._on_worker_lost,
             on_worker_back=self._on_worker_back,
             on_state_change=self.admission.notify_capacity,
+            on_transfer_broken=self._on_transfer_broken,
             poll_timeout_s=poll_timeout_s,
             answer_timeout_s=worker_timeout_s,
             lifecycle=self.lifecycle,
@@ -111,6 +120,7 @@ class RouterCore:
             max_migrations=max_migrations,
         )
         self._streams: dict[str, RequestStream] = {}
+        self.transfer_broken: str | None = None  # why the KV transfer group is unusable
 
     @classmethod
     def from_config(
@@ -166,6 +176,27 @@ class RouterCore:
     def _on_worker_back(self, worker_id: str, restarted: bool) -> None:
         self.stats.num_worker_recoveries += 1
         self.stats.num_worker_restarts += restarted
+
+    def _on_transfer_broken(self, worker_id: str, reason: str) -> None:
+        """A worker's transfer group is broken: no KV can move any more, so the prefill
+        workers leave routing for good (their requests not yet landed are prefilled again,
+        on the decode workers); said once, counted once."""
+        if self.transfer_broken is None:
+            first_line = reason.strip().splitlines()[0] if reason.strip() else "no reason given"
+            self.transfer_broken = (
+                f"KV transfer group broken ({worker_id}: {first_line[:MAX_REASON_CHARS]}); "
+                "restart the deployment (pdserve down / up)"
+            )
+            self.stats.num_transfer_group_failures += 1
+            self.lifecycle.record(
+                logging.ERROR,
+                "%s; until then the prefill workers are out of routing and requests are prefilled "
+                "on the decode workers",
+                self.transfer_broken,
+            )
+        for w, role in self.worker_roles.items():
+            if role == "prefill" and w not in self.monitor.kept_out:
+                self.monitor.keep_out(w, self.transfer_broken)
 
     def _lost_decode_workers(self) -> str:
         health = self.monitor.health
@@ -299,6 +330,7 @@ class RouterCore:
         return {
             "ready": self.ready,
             "serving": self.serving,
+            "transfer_broken": self.transfer_broken,
             "num_streams": len(self._streams),
             "num_waiting_admission": self.admission.num_waiting,
             "stats": vars(self.stats).copy(),

@@ -13,6 +13,11 @@ monitor keeps polling it, and when it answers again (a restarted actor, with a n
 instance id; or a worker that was only slow) it rejoins routing and is reported to
 `on_worker_back`. A new instance id without a failed poll in between (a restart between
 two polls) is a loss and a return at once: the old instance's requests are gone.
+
+A worker whose poll says its KV transfer group is broken (`StepBatch.transfer_broken`,
+nccl backend) is reported to `on_transfer_broken` at every such poll; the router then
+`keep_out`s the workers that cannot work without the group: lost, and never back in
+routing however they answer (only a new deployment forms a new group).
 """
 
 from __future__ import annotations
@@ -53,6 +58,7 @@ class WorkerMonitor:
         on_worker_lost: Callable[[str, str], None],
         on_worker_back: Callable[[str, bool], None],
         on_state_change: Callable[[], None],
+        on_transfer_broken: Callable[[str, str], None] | None = None,
         poll_timeout_s: float = 0.2,
         answer_timeout_s: float = 5.0,
         lifecycle: LifecycleLog | None = None,
@@ -63,6 +69,8 @@ class WorkerMonitor:
         self.on_worker_lost = on_worker_lost  # (worker_id, reason)
         self.on_worker_back = on_worker_back  # (worker_id, restarted: new instance id)
         self.on_state_change = on_state_change
+        self.on_transfer_broken = on_transfer_broken  # (worker_id, why its transfer group is broken)
+        self.kept_out: dict[str, str] = {}  # worker id -> why it never rejoins routing
         self.poll_timeout_s = poll_timeout_s
         self.answer_timeout_s = answer_timeout_s
         self.lifecycle = lifecycle if lifecycle is not None else LifecycleLog(log)
@@ -106,6 +114,12 @@ class WorkerMonitor:
                     self.mark_lost(worker_id, reason)
                     await asyncio.sleep(RETRY_AFTER_FAILURE_S)
                     continue
+                if batch.transfer_broken is not None and self.on_transfer_broken is not None:
+                    self.on_transfer_broken(worker_id, batch.transfer_broken)  # before its outputs
+                if worker_id in self.kept_out:  # answers, but stays out of routing
+                    if batch.outputs:
+                        self.on_outputs(worker_id, batch.outputs, batch.kv_wait_ms)
+                    continue
                 if health.alive and batch.instance_id != health.instance_id:
                     self.mark_lost(
                         worker_id, f"restarted (instance {health.instance_id} -> {batch.instance_id})"
@@ -132,6 +146,15 @@ class WorkerMonitor:
         self.lifecycle.record(logging.ERROR, "worker %s lost: %s", worker_id, reason)
         self.on_worker_lost(worker_id, reason)
         self.on_state_change()
+
+    def keep_out(self, worker_id: str, reason: str) -> None:
+        """Take a worker out of routing for good (lost, reported once); `reason` replaces why
+        an already lost one was lost, since it is why it will not come back."""
+        self.kept_out[worker_id] = reason
+        if self.health[worker_id].alive:
+            self.mark_lost(worker_id, reason)
+        else:
+            self.health[worker_id].lost_reason = reason
 
     def _rejoin(self, worker_id: str, instance_id: str) -> None:
         health = self.health[worker_id]

@@ -96,3 +96,5 @@ class StepBatch:
     event_seq: int = 0  # sequence number of this batch of kv_events
     load: LoadReport | None = None  # None once the worker is stopping
     kv_wait_ms: dict[str, float] = field(default_factory=dict)  # decode role: per started request
+    # Why the worker's KV transfer process group is unusable (nccl backend), or None
+    transfer_broken: str | None = None
