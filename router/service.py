@@ -89,7 +89,7 @@ class RouterCore:
             on_worker_lost=self._on_worker_lost,
             on_worker_back=self._on_worker_back,
             on_state_change=self.admission.notify_capacity,
-            on_transfer_broken=self._on_transfer_broken,
+            on_transfer_broken=self.on_transfer_broken,
             poll_timeout_s=poll_timeout_s,
             answer_timeout_s=worker_timeout_s,
             lifecycle=self.lifecycle,
@@ -177,7 +177,7 @@ class RouterCore:
         self.stats.num_worker_recoveries += 1
         self.stats.num_worker_restarts += restarted
 
-    def _on_transfer_broken(self, worker_id: str, reason: str) -> None:
+    def on_transfer_broken(self, worker_id: str, reason: str) -> None:
         """A worker's transfer group is broken: no KV can move any more, so the prefill
         workers leave routing for good (their requests not yet landed are prefilled again,
         on the decode workers); said once, counted once."""

@@ -12,9 +12,12 @@
   in the middle of a KV push, header sent, payload not, with a short `transfer.timeout_s`:
   the decode worker's lease drops the reservations it stalled, the affected streams end
   ABORTED naming the timeout while that process is still stopped, the others are exact;
-  once it resumes (SIGCONT) every block on both sides is free again. grpc only: over nccl
-  a receive that times out leaves the decode worker's rank unusable to its senders for good
-  (transfer/nccl_backend.py, "Failure"), a known limit this test would only restate.
+  once it resumes (SIGCONT) every block on both sides is free again;
+- 2P1D, nccl (gloo): the same stall, between the KV notice and the bytes. A receive that
+  times out breaks the transfer group for good (transfer/nccl_backend.py, "Failure"): the
+  decode worker reports it, the router keeps both prefill workers out of routing and
+  prefills their requests again on the decode worker, health and status name the cause,
+  and new requests are served there until the deployment is restarted.
 Afterwards, in each: every stream equals the offline engine's tokens (no token missing,
 none repeated; seeded streams too), the router shows the loss (status, health, counters),
 every live worker has all its KV blocks free, and a new request succeeds.
@@ -336,6 +339,129 @@ def test_a_stalled_push_ends_by_the_lease_and_frees_both_sides(one_node, offline
         )
         assert open_credentials == 0
         check_new_request(dep, offline)
+    finally:
+        if pid is not None and not resumed_by_watchdog.is_set():
+            os.kill(pid, signal.SIGCONT)
+        dep.down()
+
+
+def stop_after_notice_hook():
+    """What `__ray_call__` runs in a prefill worker's actor over nccl: its next KV notice
+    reaches the decode worker (which posts its receives), then the process stops itself
+    (SIGSTOP) before any byte is sent. Returns the process's PID."""
+
+    def arm(actor) -> int:
+        import os
+        import signal
+        import time
+
+        links = actor.worker._links  # the send side holds this very dict
+        armed = [True]
+
+        class StopAfterNotice:
+            def __init__(self, link) -> None:
+                self.link = link
+
+            def notify_kv(self, notice):
+                waitable = self.link.notify_kv(notice)
+                if armed[0]:
+                    armed[0] = False
+                    time.sleep(0.3)  # the notice reaches the decode worker: its receive has begun
+                    os.kill(os.getpid(), signal.SIGSTOP)
+                    time.sleep(0.5)  # no isend before the stop reaches every thread
+                return waitable
+
+            def kv_failed(self, req_id: str, reason: str | None) -> None:
+                self.link.kv_failed(req_id, reason)
+
+        for decode_worker_id, link in list(links.items()):
+            links[decode_worker_id] = StopAfterNotice(link)
+        return os.getpid()
+
+    return arm
+
+
+def worker_blocks_free(dep, worker_id: str) -> bool:
+    """From the worker itself: a worker out of routing reports no load to the router."""
+    load = ray.get(dep.workers[worker_id].__ray_call__.remote(lambda actor: actor.worker.load()), timeout=30)
+    return load.num_free_blocks == load.num_total_blocks
+
+
+@pytest.mark.timeout(120)
+def test_a_stalled_nccl_transfer_breaks_the_group_and_decode_workers_serve_alone(one_node, offline):
+    """2P1D over nccl (gloo): prefill-0 stops between its KV notice and the bytes while 16
+    streams run. Its requests are retried once it is lost (router.worker_timeout_s); the
+    decode worker's receive from it times out, which breaks the group: prefill-1 leaves
+    routing too and every request not yet landed is prefilled on the decode worker."""
+    cfg = chaos_config(2, 1, "nccl")
+    cfg.transfer = dataclasses.replace(cfg.transfer, timeout_s=STALL_TIMEOUT_S)
+    cfg.router.worker_timeout_s = 1.0
+    dep = up(cfg)
+    pid = None
+    resumed_by_watchdog = threading.Event()
+    try:
+        pid = ray.get(dep.workers["prefill-0"].__ray_call__.remote(stop_after_notice_hook()), timeout=30)
+
+        def watchdog() -> None:  # a stream still open this long after the start is a hang
+            os.kill(pid, signal.SIGCONT)
+            resumed_by_watchdog.set()
+
+        timer = threading.Timer(4 * STALL_TIMEOUT_S + 10, watchdog)
+        timer.start()
+        prompts, sampling = make_requests(400, seed=7)
+        try:
+            results, _ = asyncio.run(run_with_kill(dep.url, prompts, sampling, timeout_s=60))
+        finally:
+            timer.cancel()
+        assert not resumed_by_watchdog.is_set(), "a stream waited for the stalled worker to resume"
+        assert process_state(pid) == "T", "the prefill worker never stopped: no notice reached the hook"
+
+        want = offline(prompts, sampling)
+        for i, r in enumerate(results):
+            assert r.tokens == want[i][: len(r.tokens)], f"stream {i}: not a prefix of the offline tokens"
+            if r.error is None:
+                assert r.tokens == want[i] and r.completion_tokens == MAX_TOKENS, f"stream {i}"
+            else:  # only a reservation whose lease ran out before the group was known broken
+                assert r.error.startswith("ABORTED: request "), r.error
+                assert "KV transfer timed out: it did not" in r.error, r.error
+
+        status = dep.status()  # while prefill-0 is still stopped
+        broken = status["transfer_broken"]
+        assert broken.startswith("KV transfer group broken (decode-0: request "), broken
+        assert "recv from rank 0" in broken
+        assert broken.endswith("; restart the deployment (pdserve down / up)"), broken
+        for worker_id in ("prefill-0", "prefill-1"):
+            worker = status["workers"][worker_id]
+            assert not worker["alive"] and worker["lost_reason"] == broken, worker
+        assert status["workers"]["decode-0"]["alive"] and status["serving"]
+        assert status["stats"]["num_transfer_group_failures"] == 1
+        assert status["stats"]["num_prefill_retries"] >= 1
+        messages = [e["message"] for e in status["events"]]
+        assert sum(m.startswith("KV transfer group broken") for m in messages) == 1
+        serving, not_serving = (
+            health_pb2.HealthCheckResponse.SERVING,
+            health_pb2.HealthCheckResponse.NOT_SERVING,
+        )
+        assert health_of(dep.url, "") == serving
+        assert health_of(dep.url, WORKER_HEALTH_PREFIX + "decode-0") == serving
+        assert health_of(dep.url, WORKER_HEALTH_PREFIX + "prefill-1") == not_serving
+        check_new_request(dep, offline)  # prefilled on the decode worker, never on the group
+
+        os.kill(pid, signal.SIGCONT)  # its send fails on the broken pair; it stays out of routing
+        deadline = time.monotonic() + 30
+        while not all(worker_blocks_free(dep, w) for w in dep.workers) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert all(worker_blocks_free(dep, w) for w in dep.workers), "KV blocks still in use"
+        check_new_request(dep, offline)
+        status = wait_live_workers_free(dep)
+        assert not status["workers"]["prefill-0"]["alive"] and not status["workers"]["prefill-1"]["alive"]
+        assert status["transfer_broken"] == broken and status["stats"]["num_transfer_group_failures"] == 1
+        assert sum(e["message"].startswith("KV transfer group broken") for e in status["events"]) == 1
+        open_credentials = ray.get(
+            dep.workers["decode-0"].__ray_call__.remote(lambda actor: len(actor.worker.receive_side.gate)),
+            timeout=30,
+        )
+        assert open_credentials == 0
     finally:
         if pid is not None and not resumed_by_watchdog.is_set():
             os.kill(pid, signal.SIGCONT)
