@@ -139,7 +139,8 @@ class DecodeWorker(LoopWorker):
         # Read after the outputs were taken: a transfer failure that broke the group is
         # reported no later than the aborts it caused (the router handles it first).
         if self.receive_side is not None:
-            batch.transfer_broken = self.receive_side.group_broken()
+            batch.transfer_rank = self.receive_side.group_rank()
+            batch.broken_transfer_peers = self.receive_side.broken_peers()
         with self._lock:
             for out in batch.outputs:
                 wait = self.kv_wait_ms.pop(out.req_id, None)

@@ -66,8 +66,9 @@ class PrefillWorker(LoopWorker):
 
     def poll(self, timeout_s: float = 0.5) -> StepBatch:
         batch = super().poll(timeout_s)
-        if self.send_side is not None:  # the router takes it out of routing (a broken group)
-            batch.transfer_broken = self.send_side.group_broken()
+        if self.send_side is not None:  # the router stops using a broken pair
+            batch.transfer_rank = self.send_side.group_rank()
+            batch.broken_transfer_peers = self.send_side.broken_peers()
         return batch
 
     # -- requests ----------------------------------------------------------------

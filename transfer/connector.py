@@ -90,9 +90,13 @@ class KVSendSide(Protocol):
         """Join the transfer process group (backends with `uses_process_group` only)."""
         ...
 
-    def group_broken(self) -> str | None:
-        """Why this side's transfer process group is unusable (a transfer on it failed part-way),
-        or None. Backends whose transfers fail one at a time (grpc) always answer None."""
+    def group_rank(self) -> int | None:
+        """This side's rank in the transfer process group; None without one (grpc, or not joined)."""
+        ...
+
+    def broken_peers(self) -> dict[int, str]:
+        """The ranks this side can no longer transfer with (a transfer between them failed
+        part-way, so the pair may be out of step), each with why; {} without a group (grpc)."""
         ...
 
     def close(self) -> None: ...
@@ -128,8 +132,12 @@ class KVReceiveSide(Protocol):
         """Join the transfer process group (backends with `uses_process_group` only)."""
         ...
 
-    def group_broken(self) -> str | None:
-        """As `KVSendSide.group_broken`."""
+    def group_rank(self) -> int | None:
+        """As `KVSendSide.group_rank`."""
+        ...
+
+    def broken_peers(self) -> dict[int, str]:
+        """As `KVSendSide.broken_peers`."""
         ...
 
     def close(self) -> None: ...

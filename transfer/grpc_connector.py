@@ -45,9 +45,12 @@ class GrpcSendSide:
     def join_group(self, rank: int, world_size: int, init_method: str, device: str | torch.device) -> None:
         """Nothing to join: the grpc backend uses no process group."""
 
-    def group_broken(self) -> str | None:
-        """None: each push has its own streams, so a failed one leaves nothing broken behind."""
+    def group_rank(self) -> int | None:
         return None
+
+    def broken_peers(self) -> dict[int, str]:
+        """{}: each push has its own streams, so a failed one leaves nothing broken behind."""
+        return {}
 
     def close(self) -> None:
         self.sender.close()
@@ -88,9 +91,12 @@ class GrpcReceiveSide(GatedReceiveSide):
     def join_group(self, rank: int, world_size: int, init_method: str, device: str | torch.device) -> None:
         """Nothing to join: the grpc backend uses no process group."""
 
-    def group_broken(self) -> str | None:
-        """None: each push has its own streams, so a failed one leaves nothing broken behind."""
+    def group_rank(self) -> int | None:
         return None
+
+    def broken_peers(self) -> dict[int, str]:
+        """{}: each push has its own streams, so a failed one leaves nothing broken behind."""
+        return {}
 
     def close(self) -> None:
         self.server.stop()

@@ -40,13 +40,17 @@ Failure: every wait is bounded (`timeout_s`; also the process group timeout). If
 the receiver never confirms, the sender raises `KVTransferError` and marks that
 destination broken: a send may still be pending on the pair, so further sends to
 it are refused (`KVTransferError`) instead of risking mismatched bytes. A receive
-that times out marks its source broken, and from then on the receiver refuses every
-notice: gloo closes a pair whose operation timed out ("Application timeout caused
-pair closure"), NCCL's watchdog aborts the communicator, and a receiver that waited
-out one stalled sender has left the others' sends queued past their own deadline.
-Both sides say so through `group_broken()` (the workers report it to the router,
-which stops using the group); the only fix is a new group, i.e. restarting the
-deployment (README, "When a worker dies").
+that fails part-way marks its source broken the same way (gloo also closes a pair whose
+operation timed out: "Application timeout caused pair closure"). Both sides list their
+broken peers (`broken_peers()`); the workers report them and the router stops using
+those pairs. Only a new group mends a pair, i.e. restarting the deployment (README,
+"When a worker dies"). With NCCL an operation that times out may also trip the watchdog,
+which aborts the communicator (and, by TORCH_NCCL_ASYNC_ERROR_HANDLING's default, the
+process: the router then sees that worker lost).
+
+Receives from different senders run in parallel on gloo (one lock per source), so a
+stalled sender delays no other; on CUDA they take turns (NCCL communicators are not safe
+to drive from several threads), so the others' confirmations may time out behind it.
 """
 
 from __future__ import annotations
@@ -223,11 +227,9 @@ class NcclKVSender:
         self._abandoned: dict[int, list[tuple[list[dist.Work], torch.Tensor]]] = {}
         self._streams: dict[torch.device, _SideStream] = {}
 
-    def group_broken(self) -> str | None:
-        """Why a destination is unusable (the first one broken), or None while every pair works."""
-        for dst, why in list(self._broken.items()):
-            return f"sends to rank {dst} failed: {why}"
-        return None
+    def broken_peers(self) -> dict[int, str]:
+        """The destination ranks this sender refuses now, each with why."""
+        return dict(self._broken)
 
     def _lock_for(self, dst: int) -> threading.Lock:
         with self._locks_guard:
@@ -387,18 +389,26 @@ class NcclKVReceiver:
         self.timeout_s = timeout_s
         self.group = group
         self.max_nbytes = max_nbytes  # refuse to allocate absurd buffers from a corrupt notice
-        # One receive at a time: NCCL communicators are not safe to drive from several threads,
-        # and the link is shared anyway.
-        self._recv_lock = threading.Lock()
+        # One receive at a time per source (the pair's transfers are matched in order). On CUDA
+        # one at a time in all: NCCL communicators are not safe to drive from several threads.
+        self._one_lock = threading.Lock() if self.device.type == "cuda" else None
+        self._source_locks: dict[int, threading.Lock] = {}
+        self._locks_guard = threading.Lock()
         self._stream = _SideStream(self.device)
         # Sources whose receive timed out: that irecv may still match their next send, so any
         # further request is refused (see "Failure"). Keep the pending Work and buffer alive.
         self._broken_sources: dict[int, tuple[list[dist.Work], torch.Tensor]] = {}
-        self._broken_reason: str | None = None  # the first broken source's failure
+        self._broken_reasons: dict[int, str] = {}  # source rank -> its failed receive
 
-    def group_broken(self) -> str | None:
-        """Why this receiver refuses every notice now (a receive failed part-way), or None."""
-        return self._broken_reason
+    def broken_peers(self) -> dict[int, str]:
+        """The source ranks this receiver refuses now, each with why."""
+        return dict(self._broken_reasons)
+
+    def _lock_for(self, src: int) -> threading.Lock:
+        if self._one_lock is not None:
+            return self._one_lock
+        with self._locks_guard:
+            return self._source_locks.setdefault(src, threading.Lock())
 
     def recv(self, notice: NcclTransferNotice) -> None:
         """Receive one request's buffer from `notice.src_rank` (in layer chunks when the notice says
@@ -410,11 +420,12 @@ class NcclKVReceiver:
         `KVLayoutMismatch`, `KVAuthError` or `KVTransferError` (or what the sink raised); in every
         case the bytes were drained when the notice allowed it (the pair stays in step).
         """
-        with self._recv_lock, self._stream.active():
+        with self._lock_for(notice.src_rank), self._stream.active():
             started_at = time.perf_counter()  # kv_transfer_ms measures this transfer, not the queue
-            if self._broken_reason is not None:
+            if notice.src_rank in self._broken_reasons:
                 raise KVTransferError(
-                    f"request {notice.req_id}: refused, the transfer group is broken: {self._broken_reason}"
+                    f"request {notice.req_id}: rank {notice.src_rank} is unusable after an earlier failure: "
+                    f"{self._broken_reasons[notice.src_rank]}"
                 )
             reservation, problem = self._admit(notice)
             problem = problem or self._validate(notice, reservation)
@@ -460,7 +471,7 @@ class NcclKVReceiver:
                     f"request {notice.req_id}: recv from rank {notice.src_rank} "
                     f"(layers {layers.start}..{layers.stop - 1}): {reason}"
                 )
-                self._broken_reason = self._broken_reason or failure_text
+                self._broken_reasons.setdefault(notice.src_rank, failure_text)
                 raise KVTransferError(failure_text)
             if arrival is not None and failure is None:
                 try:  # the sink unpacks this chunk while the next one is in flight

@@ -78,8 +78,11 @@ class NcclSendSide:
 
         return self.sender.send(handle, src_block_ids, kv_cache, first_token_id, notify=notify)
 
-    def group_broken(self) -> str | None:
-        return None if self.sender is None else self.sender.group_broken()
+    def group_rank(self) -> int | None:
+        return None if self.sender is None else self.sender.rank
+
+    def broken_peers(self) -> dict[int, str]:
+        return {} if self.sender is None else self.sender.broken_peers()
 
     def close(self) -> None:
         if self.sender is not None:
@@ -128,8 +131,11 @@ class NcclReceiveSide(GatedReceiveSide):
             raise TypeError(f"nccl receive side: expected an NcclTransferNotice, got {type(notice).__name__}")
         self.receiver.recv(notice)
 
-    def group_broken(self) -> str | None:
-        return None if self.receiver is None else self.receiver.group_broken()
+    def group_rank(self) -> int | None:
+        return self.rank
+
+    def broken_peers(self) -> dict[int, str]:
+        return {} if self.receiver is None else self.receiver.broken_peers()
 
     def close(self) -> None:
         if self.receiver is not None:

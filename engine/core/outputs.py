@@ -96,5 +96,7 @@ class StepBatch:
     event_seq: int = 0  # sequence number of this batch of kv_events
     load: LoadReport | None = None  # None once the worker is stopping
     kv_wait_ms: dict[str, float] = field(default_factory=dict)  # decode role: per started request
-    # Why the worker's KV transfer process group is unusable (nccl backend), or None
-    transfer_broken: str | None = None
+    # The worker's rank in the KV transfer process group (nccl backend; None without one), and
+    # the ranks it can no longer transfer with, each with why (a transfer failed part-way)
+    transfer_rank: int | None = None
+    broken_transfer_peers: dict[int, str] = field(default_factory=dict)
