@@ -27,7 +27,7 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
-from pdserve.engine.core.outputs import RequestOutput
+from pdserve.engine.core.outputs import EVERY_PEER, RequestOutput
 from pdserve.engine.core.sampling_params import SamplingParams
 from pdserve.engine.tokenizer import Tokenizer
 from pdserve.router.admission import AdmissionController
@@ -183,18 +183,21 @@ class RouterCore:
 
     def on_transfer_report(self, worker_id: str, rank: int, broken_peers: dict[int, str]) -> None:
         """A worker's rank in the KV transfer group and the peers it can no longer transfer
-        with (every poll; a peer whose rank is not known yet is named by a later one)."""
+        with (every poll; a peer whose rank is not known yet is named by a later one;
+        `EVERY_PEER`: all the workers of the other role)."""
         self.transfer_ranks[rank] = worker_id
+        sender = self.worker_roles[worker_id] == "prefill"
         for peer_rank, why in broken_peers.items():
-            peer = self.transfer_ranks.get(peer_rank)
-            if peer is None:
-                continue
-            prefill, decode = (
-                (worker_id, peer) if self.worker_roles[worker_id] == "prefill" else (peer, worker_id)
-            )
-            if (prefill, decode) not in self.tracker.broken_pairs:
-                first_line = why.strip().splitlines()[0] if why.strip() else "no reason given"
-                self.on_pair_broken(prefill, decode, f"{worker_id} reports: {first_line[:MAX_REASON_CHARS]}")
+            if peer_rank == EVERY_PEER:
+                other_role = "decode" if sender else "prefill"
+                peers = [w for w, role in self.worker_roles.items() if role == other_role]
+            else:
+                peers = [self.transfer_ranks[peer_rank]] if peer_rank in self.transfer_ranks else []
+            first_line = why.strip().splitlines()[0] if why.strip() else "no reason given"
+            for peer in peers:
+                pair = (worker_id, peer) if sender else (peer, worker_id)
+                if pair not in self.tracker.broken_pairs:
+                    self.on_pair_broken(*pair, f"{worker_id} reports: {first_line[:MAX_REASON_CHARS]}")
 
     def on_pair_broken(self, prefill_worker_id: str, decode_worker_id: str, why: str) -> None:
         """Never route KV from `prefill_worker_id` to `decode_worker_id` again; move the

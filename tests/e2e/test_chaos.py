@@ -13,11 +13,12 @@
   the decode worker's lease drops the reservations it stalled, the affected streams end
   ABORTED naming the timeout while that process is still stopped, the others are exact;
   once it resumes (SIGCONT) every block on both sides is free again;
-- 2P1D, nccl (gloo): the same stall, between the KV notice and the bytes. A receive that
-  times out breaks the transfer group for good (transfer/nccl_backend.py, "Failure"): the
-  decode worker reports it, the router keeps both prefill workers out of routing and
-  prefills their requests again on the decode worker, health and status name the cause,
-  and new requests are served there until the deployment is restarted.
+- 2P1D, nccl (gloo): the same stall, between the KV notice and the bytes. The stalled
+  worker's requests are retried once it is lost; the decode worker's receive from it
+  times out, and a timed-out wait breaks every pair of the decode worker's rank for good
+  (transfer/nccl_backend.py, "Failure"): the router never routes KV to it again, keeps
+  both prefill workers out of routing (prefill-0 even once it resumes), and prefills every
+  request not yet landed, and every new one, on the decode worker.
 Afterwards, in each: every stream equals the offline engine's tokens (no token missing,
 none repeated; seeded streams too), the router shows the loss (status, health, counters),
 every live worker has all its KV blocks free, and a new request succeeds.
@@ -179,7 +180,8 @@ def check_new_request(dep, offline) -> None:
     prompts, sampling = make_requests(20, seed=99)
     results, _ = asyncio.run(run_with_kill(dep.url, prompts[:2], sampling[:2], timeout_s=60))
     want = offline(prompts[:2], sampling[:2])
-    assert [r.tokens for r in results] == want and all(r.error is None for r in results)
+    errors = [r.error for r in results]
+    assert [r.tokens for r in results] == want and errors == [None] * len(results), errors
 
 
 @pytest.mark.timeout(180)
@@ -381,6 +383,15 @@ def stop_after_notice_hook():
     return arm
 
 
+def wait_broken_pairs(dep, timeout: float = 10.0) -> dict:
+    """The router's status once broken transfer pairs are known (the decode worker reports
+    its receive's timeout at its next poll)."""
+    deadline = time.monotonic() + timeout
+    while not (status := dep.status())["broken_transfer_pairs"] and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return status
+
+
 def worker_blocks_free(dep, worker_id: str) -> bool:
     """From the worker itself: a worker out of routing reports no load to the router."""
     load = ray.get(dep.workers[worker_id].__ray_call__.remote(lambda actor: actor.worker.load()), timeout=30)
@@ -388,11 +399,11 @@ def worker_blocks_free(dep, worker_id: str) -> bool:
 
 
 @pytest.mark.timeout(120)
-def test_a_stalled_nccl_transfer_breaks_the_group_and_decode_workers_serve_alone(one_node, offline):
+def test_a_stalled_nccl_transfer_breaks_its_pairs_and_the_decode_worker_serves_alone(one_node, offline):
     """2P1D over nccl (gloo): prefill-0 stops between its KV notice and the bytes while 16
     streams run. Its requests are retried once it is lost (router.worker_timeout_s); the
-    decode worker's receive from it times out, which breaks the group: prefill-1 leaves
-    routing too and every request not yet landed is prefilled on the decode worker."""
+    decode worker's receive from it times out, which breaks both pairs into the decode
+    worker: the prefill workers leave routing for good and the decode worker prefills."""
     cfg = chaos_config(2, 1, "nccl")
     cfg.transfer = dataclasses.replace(cfg.transfer, timeout_s=STALL_TIMEOUT_S)
     cfg.router.worker_timeout_s = 1.0
@@ -421,42 +432,51 @@ def test_a_stalled_nccl_transfer_breaks_the_group_and_decode_workers_serve_alone
             assert r.tokens == want[i][: len(r.tokens)], f"stream {i}: not a prefix of the offline tokens"
             if r.error is None:
                 assert r.tokens == want[i] and r.completion_tokens == MAX_TOKENS, f"stream {i}"
-            else:  # only a reservation whose lease ran out before the group was known broken
+            else:  # only a reservation whose lease ran out before the pair was known broken
                 assert r.error.startswith("ABORTED: request "), r.error
                 assert "KV transfer timed out: it did not" in r.error, r.error
 
-        status = dep.status()  # while prefill-0 is still stopped
-        broken = status["transfer_broken"]
-        assert broken.startswith("KV transfer group broken (decode-0: request "), broken
-        assert "recv from rank 0" in broken
-        assert broken.endswith("; restart the deployment (pdserve down / up)"), broken
-        for worker_id in ("prefill-0", "prefill-1"):
-            worker = status["workers"][worker_id]
-            assert not worker["alive"] and worker["lost_reason"] == broken, worker
-        assert status["workers"]["decode-0"]["alive"] and status["serving"]
-        assert status["stats"]["num_transfer_group_failures"] == 1
-        assert status["stats"]["num_prefill_retries"] >= 1
+        status = wait_broken_pairs(dep)  # while prefill-0 is still stopped
+        pairs = status["broken_transfer_pairs"]
+        assert sorted(pairs) == ["prefill-0 -> decode-0", "prefill-1 -> decode-0"], pairs
         messages = [e["message"] for e in status["events"]]
-        assert sum(m.startswith("KV transfer group broken") for m in messages) == 1
+        for pair, broken in pairs.items():
+            assert broken.startswith(f"KV transfer {pair} broken (decode-0 reports: request "), broken
+            assert "recv from rank 0" in broken and "Timed out waiting" in broken, broken
+            assert sum(m.startswith(f"KV transfer {pair} broken") for m in messages) == 1, messages
+            assert not status["workers"][pair.split()[0]]["alive"]
+        assert status["workers"]["prefill-1"]["lost_reason"].startswith(
+            "its KV transfer to every decode worker broke (last: KV transfer prefill-1 -> decode-0 broken "
+        )
+        assert status["workers"]["decode-0"]["alive"] and status["serving"]
+        assert status["stats"]["num_transfer_pairs_broken"] == 2
+        assert status["stats"]["num_prefill_retries"] >= 1
         serving, not_serving = (
             health_pb2.HealthCheckResponse.SERVING,
             health_pb2.HealthCheckResponse.NOT_SERVING,
         )
         assert health_of(dep.url, "") == serving
         assert health_of(dep.url, WORKER_HEALTH_PREFIX + "decode-0") == serving
-        assert health_of(dep.url, WORKER_HEALTH_PREFIX + "prefill-1") == not_serving
-        check_new_request(dep, offline)  # prefilled on the decode worker, never on the group
+        deadline = time.monotonic() + 5  # health follows the router's state every 0.25 s
+        while health_of(dep.url, WORKER_HEALTH_PREFIX + "prefill-1") != not_serving:
+            assert time.monotonic() < deadline, "prefill-1's health still SERVING"
+            time.sleep(0.1)
+        check_new_request(dep, offline)  # prefilled on the decode worker
 
-        os.kill(pid, signal.SIGCONT)  # its send fails on the broken pair; it stays out of routing
+        os.kill(pid, signal.SIGCONT)  # its send fails on the broken pair; it answers, but stays out
         deadline = time.monotonic() + 30
         while not all(worker_blocks_free(dep, w) for w in dep.workers) and time.monotonic() < deadline:
             time.sleep(0.2)
         assert all(worker_blocks_free(dep, w) for w in dep.workers), "KV blocks still in use"
         check_new_request(dep, offline)
         status = wait_live_workers_free(dep)
-        assert not status["workers"]["prefill-0"]["alive"] and not status["workers"]["prefill-1"]["alive"]
-        assert status["transfer_broken"] == broken and status["stats"]["num_transfer_group_failures"] == 1
-        assert sum(e["message"].startswith("KV transfer group broken") for e in status["events"]) == 1
+        for worker_id in ("prefill-0", "prefill-1"):
+            worker = status["workers"][worker_id]
+            assert not worker["alive"], worker
+            assert worker["lost_reason"].startswith("its KV transfer to every decode worker broke"), worker
+        assert status["broken_transfer_pairs"] == pairs and status["stats"]["num_transfer_pairs_broken"] == 2
+        assert sum(e["message"].startswith("KV transfer ") for e in status["events"]) == 2
+        assert status["stats"]["num_worker_recoveries"] == 0
         open_credentials = ray.get(
             dep.workers["decode-0"].__ray_call__.remote(lambda actor: len(actor.worker.receive_side.gate)),
             timeout=30,
