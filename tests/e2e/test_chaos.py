@@ -368,7 +368,7 @@ def stop_after_notice_hook():
                 waitable = self.link.notify_kv(notice)
                 if armed[0]:
                     armed[0] = False
-                    time.sleep(0.3)  # the notice reaches the decode worker: its receive has begun
+                    time.sleep(1.0)  # the notice reaches the decode worker: its receive has begun
                     os.kill(os.getpid(), signal.SIGSTOP)
                     time.sleep(0.5)  # no isend before the stop reaches every thread
                 return waitable
@@ -383,7 +383,10 @@ def stop_after_notice_hook():
     return arm
 
 
-def wait_broken_pairs(dep, timeout: float = 10.0) -> dict:
+NCCL_STALL_TIMEOUT_S = 6.0  # transfer.timeout_s of the stalled nccl transfer test
+
+
+def wait_broken_pairs(dep, timeout: float = 2 * NCCL_STALL_TIMEOUT_S) -> dict:
     """The router's status once broken transfer pairs are known (the decode worker reports
     its receive's timeout at its next poll)."""
     deadline = time.monotonic() + timeout
@@ -405,8 +408,10 @@ def test_a_stalled_nccl_transfer_breaks_its_pairs_and_the_decode_worker_serves_a
     decode worker's receive from it times out, which breaks both pairs into the decode
     worker: the prefill workers leave routing for good and the decode worker prefills."""
     cfg = chaos_config(2, 1, "nccl")
-    cfg.transfer = dataclasses.replace(cfg.transfer, timeout_s=STALL_TIMEOUT_S)
-    cfg.router.worker_timeout_s = 1.0
+    cfg.transfer = dataclasses.replace(cfg.transfer, timeout_s=NCCL_STALL_TIMEOUT_S)
+    # Lost well before its requests' leases run out (it stops about 1 s in), and never while
+    # it is only busy prefilling on a loaded machine
+    cfg.router.worker_timeout_s = NCCL_STALL_TIMEOUT_S - 2
     dep = up(cfg)
     pid = None
     resumed_by_watchdog = threading.Event()
@@ -417,7 +422,7 @@ def test_a_stalled_nccl_transfer_breaks_its_pairs_and_the_decode_worker_serves_a
             os.kill(pid, signal.SIGCONT)
             resumed_by_watchdog.set()
 
-        timer = threading.Timer(4 * STALL_TIMEOUT_S + 10, watchdog)
+        timer = threading.Timer(4 * NCCL_STALL_TIMEOUT_S + 10, watchdog)
         timer.start()
         prompts, sampling = make_requests(400, seed=7)
         try:
