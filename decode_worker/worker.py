@@ -136,8 +136,8 @@ class DecodeWorker(LoopWorker):
 
     def poll(self, timeout_s: float = 0.5) -> StepBatch:
         batch = super().poll(timeout_s)
-        # Read after the outputs were taken: a transfer failure that broke the group is
-        # reported no later than the aborts it caused (the router handles it first).
+        # Read after the outputs were taken: a transfer failure that broke a pair is reported
+        # no later than the aborts it caused (the router moves those requests first).
         if self.receive_side is not None:
             batch.transfer_rank = self.receive_side.group_rank()
             batch.broken_transfer_peers = self.receive_side.broken_peers()
