@@ -136,6 +136,11 @@ class DecodeWorker(LoopWorker):
 
     def poll(self, timeout_s: float = 0.5) -> StepBatch:
         batch = super().poll(timeout_s)
+        # Read after the outputs were taken: a transfer failure that broke a pair is reported
+        # no later than the aborts it caused (the router moves those requests first).
+        if self.receive_side is not None:
+            batch.transfer_rank = self.receive_side.group_rank()
+            batch.broken_transfer_peers = self.receive_side.broken_peers()
         with self._lock:
             for out in batch.outputs:
                 wait = self.kv_wait_ms.pop(out.req_id, None)

@@ -249,6 +249,8 @@ def cmd_status(args: argparse.Namespace) -> int:
         f"router ready: {status['ready']}; streams: {status['num_streams']}; "
         f"waiting for admission: {status['num_waiting_admission']}"
     )
+    for message in status.get("broken_transfer_pairs", {}).values():
+        print(message)
     _print_lifecycle_events(status.get("events", [])[-10:], 0)
     stats = status.get("stats", {})
     print("failures: " + ", ".join(f"{k.removeprefix('num_')} {v}" for k, v in stats.items()))

@@ -22,7 +22,7 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 
 from pdserve.engine.config import EngineConfig
-from pdserve.engine.core.outputs import PrefillResult, RequestOutput
+from pdserve.engine.core.outputs import PrefillResult, RequestOutput, StepBatch
 from pdserve.engine.core.sampling_params import SamplingParams
 from pdserve.engine.engine_loop import LoopWorker
 from pdserve.engine.llm_engine import LLMEngine
@@ -63,6 +63,13 @@ class PrefillWorker(LoopWorker):
     def join_transfer_group(self, rank: int, world_size: int, init_method: str) -> None:
         """Join the connector's process group (connectors with `uses_process_group`)."""
         self.send_side.join_group(rank, world_size, init_method, self.engine.kv_cache.device)
+
+    def poll(self, timeout_s: float = 0.5) -> StepBatch:
+        batch = super().poll(timeout_s)
+        if self.send_side is not None:  # the router stops using a broken pair
+            batch.transfer_rank = self.send_side.group_rank()
+            batch.broken_transfer_peers = self.send_side.broken_peers()
+        return batch
 
     # -- requests ----------------------------------------------------------------
     def prefill(

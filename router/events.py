@@ -79,6 +79,7 @@ class RouterStats:
     num_migrations: int = 0  # requests moved on after their decode worker was lost
     num_prefill_retries: int = 0  # requests prefilled again after their prefill worker was lost
     num_requests_failed_over_limit: int = 0  # ended UNAVAILABLE: max_migrations, or no worker in time
+    num_transfer_pairs_broken: int = 0  # prefill/decode pairs whose KV transfer broke (nccl)
 
 
 @dataclass(frozen=True)

@@ -204,6 +204,7 @@ _STATS_DOCS = {
     "migrations": "Requests moved on after their decode worker was lost.",
     "prefill_retries": "Requests prefilled again after their prefill worker was lost before their KV landed.",
     "requests_failed_over_limit": "Requests ended UNAVAILABLE: past max_migrations, or no worker in time.",
+    "transfer_pairs_broken": "Prefill/decode pairs whose KV transfer broke (nccl): never routed again.",
 }
 
 

@@ -109,6 +109,14 @@ class Policy:
     def route(self, request: RouteRequest, state: WorkerStateTracker) -> RouteDecision | None:
         raise NotImplementedError
 
+    @staticmethod
+    def _linked(prefill: list[str], decode_worker_id: str, state: WorkerStateTracker) -> list[str]:
+        """The prefill workers that can still ship KV to `decode_worker_id`: a pair whose KV
+        transfer broke (nccl) is never picked again; with none left the decode worker prefills."""
+        if not state.broken_pairs:
+            return prefill
+        return [w for w in prefill if (w, decode_worker_id) not in state.broken_pairs]
+
     # ---- shared helpers -----------------------------------------------------------
 
     def _pools(self, request: RouteRequest, state: WorkerStateTracker) -> _Pools | None:
@@ -214,8 +222,10 @@ class RoundRobinPolicy(Policy):
         decode_capable = state.workers("decode") + state.workers("both")
         decode_worker_id, self._next_decode = self._rotate(decode_capable, pools.decode, self._next_decode)
         prefill_worker_id = None
-        if pools.prefill and not pools.colocated:
-            prefill_workers = state.workers("prefill") + state.workers("both")  # stable order
+        prefill_workers = self._linked(
+            state.workers("prefill") + state.workers("both"), decode_worker_id, state
+        )
+        if prefill_workers and not pools.colocated:  # in a stable order
             prefill_worker_id = prefill_workers[self._next_prefill % len(prefill_workers)]
             self._next_prefill += 1
         matched = state.index.overlaps(request.block_hashes)
@@ -234,8 +244,9 @@ class LeastLoadedPolicy(Policy):
         scores = self._decode_scores(request, state, pools, {}, prefix_weight=0.0)
         decode_worker_id = min(pools.decode, key=scores.__getitem__)
         prefill_worker_id = None
-        if pools.prefill and not pools.colocated:
-            prefill_worker_id = min(pools.prefill, key=state.queued_prefill_tokens)
+        prefill_pool = self._linked(pools.prefill, decode_worker_id, state)
+        if prefill_pool and not pools.colocated:
+            prefill_worker_id = min(prefill_pool, key=state.queued_prefill_tokens)
         matched = state.index.overlaps(request.block_hashes)
         return self._decision(request, state, prefill_worker_id, decode_worker_id, matched)
 
@@ -289,9 +300,10 @@ class CacheAwarePolicy(Policy):
         decode_worker_id = min(pools.decode, key=scores.__getitem__)
         decode_hit_tokens = self._hit_tokens(decode_worker_id, request, state, matched)
         uncached_on_decode = request.num_prompt_tokens - decode_hit_tokens
-        if not pools.prefill:
+        prefill_pool = self._linked(pools.prefill, decode_worker_id, state)
+        if not prefill_pool:
             return self._decision(request, state, None, decode_worker_id, matched)
-        prefill_worker_id, remote_cost = self._best_prefill(request, state, pools.prefill, matched)
+        prefill_worker_id, remote_cost = self._best_prefill(request, state, prefill_pool, matched)
         cfg = self.config
         if (
             uncached_on_decode <= cfg.local_prefill_threshold_tokens

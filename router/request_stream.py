@@ -49,6 +49,15 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
+class PairBroken(WorkerLost):
+    """An attempt's KV can no longer cross from its prefill worker to its decode worker (their
+    transfer broke): it is retried as if its prefill worker were lost."""
+
+    def __init__(self, prefill_worker_id: str, decode_worker_id: str, reason: str) -> None:
+        super().__init__(prefill_worker_id, reason)
+        self.args = (f"KV transfer {prefill_worker_id} -> {decode_worker_id} broken: {reason}",)
+
+
 @dataclass
 class StreamDeps:
     """What every request stream shares with the router."""
@@ -136,6 +145,8 @@ class RequestStream:
             return
         # The decode worker dropped the attempt (e.g. its KV transfer outlived transfer.timeout_s):
         # no KV landed, and the prefill call may be waiting on a worker that never answers.
+        if self._interrupted is not None and self._interrupted.done():
+            return  # already ended (its prefill worker lost: it is being retried)
         self.deps.lifecycle.record(logging.WARNING, "request %s failed: %s", self.req_id, output.error)
         self._interrupt(RouterError("ABORTED", f"request {self.req_id} failed: {output.error}"))
 
@@ -147,6 +158,13 @@ class RequestStream:
         )
         if needed:
             self._interrupt(WorkerLost(worker_id, reason))
+
+    def on_pair_broken(self, prefill_worker_id: str, decode_worker_id: str, reason: str) -> None:
+        """The KV transfer between these two workers broke (nccl): start over elsewhere if this
+        attempt's KV was still to cross it (as if its prefill worker were lost)."""
+        if (prefill_worker_id, decode_worker_id) == (self.prefill_worker_id, self.decode_worker_id):
+            if not self.kv_landed:
+                self._interrupt(PairBroken(prefill_worker_id, decode_worker_id, reason))
 
     def _interrupt(self, failure: WorkerLost | RouterError) -> None:
         """End the current attempt with `failure`, whatever it is waiting on (the first one wins)."""

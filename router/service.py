@@ -9,6 +9,14 @@ turns their outputs into its stream.
 
 Workers are reached through `WorkerClient`s (router/worker_client.py): typed calls on a
 Ray actor or on an in-process object.
+
+A broken KV transfer pair (nccl backend: a transfer between a prefill and a decode worker
+failed part-way, e.g. the prefill worker stalled mid-send) cannot be mended without a new
+process group. The first report of it (from either end, through the worker monitor) takes
+the pair out of routing for good: requests whose KV was still to cross it are prefilled
+again elsewhere (another prefill worker, or the decode worker itself); a prefill worker
+with no working pair left leaves routing (`WorkerMonitor.keep_out`); `status()` names
+every broken pair until the deployment is restarted.
 """
 
 from __future__ import annotations
@@ -19,7 +27,7 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
-from pdserve.engine.core.outputs import RequestOutput
+from pdserve.engine.core.outputs import EVERY_PEER, RequestOutput
 from pdserve.engine.core.sampling_params import SamplingParams
 from pdserve.engine.tokenizer import Tokenizer
 from pdserve.router.admission import AdmissionController
@@ -38,6 +46,9 @@ from pdserve.router.worker_state import WorkerStateTracker
 __all__ = ["Chunk", "Completion", "ModelSummary", "RouterCore", "RouterError"]
 
 log = logging.getLogger(__name__)
+
+MAX_REASON_CHARS = 300  # of a worker's transfer failure, in status and messages
+RESTART_TO_MEND_TRANSFER = "restart the deployment (pdserve down / up) to mend it"
 
 
 class RouterCore:
@@ -81,6 +92,7 @@ class RouterCore:
             on_worker_lost=self._on_worker_lost,
             on_worker_back=self._on_worker_back,
             on_state_change=self.admission.notify_capacity,
+            on_transfer_report=self.on_transfer_report,
             poll_timeout_s=poll_timeout_s,
             answer_timeout_s=worker_timeout_s,
             lifecycle=self.lifecycle,
@@ -111,6 +123,8 @@ class RouterCore:
             max_migrations=max_migrations,
         )
         self._streams: dict[str, RequestStream] = {}
+        self.transfer_ranks: dict[int, str] = {}  # rank in the KV transfer group -> worker id
+        self.broken_pairs: dict[str, str] = {}  # "prefill -> decode" -> why (for status)
 
     @classmethod
     def from_config(
@@ -166,6 +180,48 @@ class RouterCore:
     def _on_worker_back(self, worker_id: str, restarted: bool) -> None:
         self.stats.num_worker_recoveries += 1
         self.stats.num_worker_restarts += restarted
+
+    def on_transfer_report(self, worker_id: str, rank: int, broken_peers: dict[int, str]) -> None:
+        """A worker's rank in the KV transfer group and the peers it can no longer transfer
+        with (every poll; a peer whose rank is not known yet is named by a later one;
+        `EVERY_PEER`: all the workers of the other role)."""
+        self.transfer_ranks[rank] = worker_id
+        sender = self.worker_roles[worker_id] == "prefill"
+        for peer_rank, why in broken_peers.items():
+            if peer_rank == EVERY_PEER:
+                other_role = "decode" if sender else "prefill"
+                peers = [w for w, role in self.worker_roles.items() if role == other_role]
+            else:
+                peers = [self.transfer_ranks[peer_rank]] if peer_rank in self.transfer_ranks else []
+            first_line = why.strip().splitlines()[0] if why.strip() else "no reason given"
+            for peer in peers:
+                pair = (worker_id, peer) if sender else (peer, worker_id)
+                if pair not in self.tracker.broken_pairs:
+                    self.on_pair_broken(*pair, f"{worker_id} reports: {first_line[:MAX_REASON_CHARS]}")
+
+    def on_pair_broken(self, prefill_worker_id: str, decode_worker_id: str, why: str) -> None:
+        """Never route KV from `prefill_worker_id` to `decode_worker_id` again; move the
+        requests whose KV was to cross; a prefill worker with no pair left leaves routing.
+        Said once, counted once per pair."""
+        pair = (prefill_worker_id, decode_worker_id)
+        if pair in self.tracker.broken_pairs:
+            return
+        self.tracker.broken_pairs.add(pair)
+        message = f"KV transfer {prefill_worker_id} -> {decode_worker_id} broken ({why})"
+        self.broken_pairs[f"{prefill_worker_id} -> {decode_worker_id}"] = message
+        self.stats.num_transfer_pairs_broken += 1
+        self.lifecycle.record(
+            logging.ERROR, "%s; the pair is not used again: %s", message, RESTART_TO_MEND_TRANSFER
+        )
+        for stream in list(self._streams.values()):
+            stream.on_pair_broken(prefill_worker_id, decode_worker_id, why)
+        decode_workers = [w for w, role in self.worker_roles.items() if role == "decode"]
+        if all((prefill_worker_id, d) in self.tracker.broken_pairs for d in decode_workers):
+            self.monitor.keep_out(
+                prefill_worker_id,
+                f"its KV transfer to every decode worker broke (last: {message}); {RESTART_TO_MEND_TRANSFER}",
+            )
+        self.admission.notify_capacity()  # waiting requests may route another way now
 
     def _lost_decode_workers(self) -> str:
         health = self.monitor.health
@@ -299,6 +355,7 @@ class RouterCore:
         return {
             "ready": self.ready,
             "serving": self.serving,
+            "broken_transfer_pairs": dict(self.broken_pairs),
             "num_streams": len(self._streams),
             "num_waiting_admission": self.admission.num_waiting,
             "stats": vars(self.stats).copy(),

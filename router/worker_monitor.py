@@ -13,6 +13,12 @@ monitor keeps polling it, and when it answers again (a restarted actor, with a n
 instance id; or a worker that was only slow) it rejoins routing and is reported to
 `on_worker_back`. A new instance id without a failed poll in between (a restart between
 two polls) is a loss and a return at once: the old instance's requests are gone.
+
+A worker in a KV transfer process group (nccl backend) reports its rank and the ranks it
+can no longer transfer with (`StepBatch.transfer_rank`, `broken_transfer_peers`) in every
+poll; they go to `on_transfer_report` before the poll's outputs. The router `keep_out`s a
+prefill worker none of whose pairs work any more: lost, and never back in routing however
+it answers (only a new deployment forms a new group).
 """
 
 from __future__ import annotations
@@ -53,6 +59,7 @@ class WorkerMonitor:
         on_worker_lost: Callable[[str, str], None],
         on_worker_back: Callable[[str, bool], None],
         on_state_change: Callable[[], None],
+        on_transfer_report: Callable[[str, int, dict[int, str]], None] | None = None,
         poll_timeout_s: float = 0.2,
         answer_timeout_s: float = 5.0,
         lifecycle: LifecycleLog | None = None,
@@ -63,6 +70,8 @@ class WorkerMonitor:
         self.on_worker_lost = on_worker_lost  # (worker_id, reason)
         self.on_worker_back = on_worker_back  # (worker_id, restarted: new instance id)
         self.on_state_change = on_state_change
+        self.on_transfer_report = on_transfer_report  # (worker_id, its rank, broken peer rank -> why)
+        self.kept_out: dict[str, str] = {}  # worker id -> why it never rejoins routing
         self.poll_timeout_s = poll_timeout_s
         self.answer_timeout_s = answer_timeout_s
         self.lifecycle = lifecycle if lifecycle is not None else LifecycleLog(log)
@@ -106,6 +115,13 @@ class WorkerMonitor:
                     self.mark_lost(worker_id, reason)
                     await asyncio.sleep(RETRY_AFTER_FAILURE_S)
                     continue
+                if batch.transfer_rank is not None and self.on_transfer_report is not None:
+                    self.on_transfer_report(worker_id, batch.transfer_rank, batch.broken_transfer_peers)
+                if worker_id in self.kept_out:  # answers, but stays out of routing
+                    health.lost_reason = self.kept_out[worker_id]  # not "no answer" any more
+                    if batch.outputs:
+                        self.on_outputs(worker_id, batch.outputs, batch.kv_wait_ms)
+                    continue
                 if health.alive and batch.instance_id != health.instance_id:
                     self.mark_lost(
                         worker_id, f"restarted (instance {health.instance_id} -> {batch.instance_id})"
@@ -132,6 +148,13 @@ class WorkerMonitor:
         self.lifecycle.record(logging.ERROR, "worker %s lost: %s", worker_id, reason)
         self.on_worker_lost(worker_id, reason)
         self.on_state_change()
+
+    def keep_out(self, worker_id: str, reason: str) -> None:
+        """Take a worker out of routing for good (lost, reported once). One lost already keeps
+        its reason until it answers again (then `reason` is why it stays out)."""
+        self.kept_out[worker_id] = reason
+        if self.health[worker_id].alive:
+            self.mark_lost(worker_id, reason)
 
     def _rejoin(self, worker_id: str, instance_id: str) -> None:
         health = self.health[worker_id]

@@ -40,6 +40,8 @@ class WorkerStateTracker:
         self.loads: dict[str, LoadReport] = {}  # the books read it too: update, never rebind
         self.kv_sync = KVIndexSync(index, use_kv_events, total_blocks_of=self._total_blocks_of)
         self.books = ReservationBooks(self.loads, track_committed_blocks)
+        # (prefill, decode) worker pairs whose KV transfer broke (nccl): never routed again
+        self.broken_pairs: set[tuple[str, str]] = set()
         self._workers_by_role: dict[str, list[str]] | None = None  # cache, rebuilt on change
         # What policies read per candidate worker on every route, bound once so that
         # delegating costs no extra call (bench/route_latency.py measures it):

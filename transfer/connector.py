@@ -90,6 +90,15 @@ class KVSendSide(Protocol):
         """Join the transfer process group (backends with `uses_process_group` only)."""
         ...
 
+    def group_rank(self) -> int | None:
+        """This side's rank in the transfer process group; None without one (grpc, or not joined)."""
+        ...
+
+    def broken_peers(self) -> dict[int, str]:
+        """The ranks this side can no longer transfer with (a transfer between them failed
+        part-way, so the pair may be out of step), each with why; {} without a group (grpc)."""
+        ...
+
     def close(self) -> None: ...
 
 
@@ -121,6 +130,14 @@ class KVReceiveSide(Protocol):
 
     def join_group(self, rank: int, world_size: int, init_method: str, device: str | torch.device) -> None:
         """Join the transfer process group (backends with `uses_process_group` only)."""
+        ...
+
+    def group_rank(self) -> int | None:
+        """As `KVSendSide.group_rank`."""
+        ...
+
+    def broken_peers(self) -> dict[int, str]:
+        """As `KVSendSide.broken_peers`."""
         ...
 
     def close(self) -> None: ...

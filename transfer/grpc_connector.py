@@ -45,6 +45,13 @@ class GrpcSendSide:
     def join_group(self, rank: int, world_size: int, init_method: str, device: str | torch.device) -> None:
         """Nothing to join: the grpc backend uses no process group."""
 
+    def group_rank(self) -> int | None:
+        return None
+
+    def broken_peers(self) -> dict[int, str]:
+        """{}: each push has its own streams, so a failed one leaves nothing broken behind."""
+        return {}
+
     def close(self) -> None:
         self.sender.close()
 
@@ -83,6 +90,13 @@ class GrpcReceiveSide(GatedReceiveSide):
 
     def join_group(self, rank: int, world_size: int, init_method: str, device: str | torch.device) -> None:
         """Nothing to join: the grpc backend uses no process group."""
+
+    def group_rank(self) -> int | None:
+        return None
+
+    def broken_peers(self) -> dict[int, str]:
+        """{}: each push has its own streams, so a failed one leaves nothing broken behind."""
+        return {}
 
     def close(self) -> None:
         self.server.stop()

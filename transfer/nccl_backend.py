@@ -39,9 +39,21 @@ fine.
 Failure: every wait is bounded (`timeout_s`; also the process group timeout). If
 the receiver never confirms, the sender raises `KVTransferError` and marks that
 destination broken: a send may still be pending on the pair, so further sends to
-it are refused (`KVTransferError`) instead of risking mismatched bytes; the fix is
-to rebuild the transfer group (restart the worker pair). With NCCL an unmatched
-op also trips the NCCL watchdog, which aborts the communicator.
+it are refused (`KVTransferError`) instead of risking mismatched bytes. A receive
+that fails part-way marks its source broken the same way (gloo also closes a pair whose
+operation timed out: "Application timeout caused pair closure"). Both sides list their
+broken peers (`broken_peers()`); the workers report them and the router stops using
+those pairs. A wait of our own that runs out its timeout breaks every pair of this rank
+(`EVERY_PEER`): gloo then closes all the pairs of its context ("Application timeout
+caused pair closure"; the peers' next sends fail with "Connection closed by peer"), and
+NCCL aborts the communicator (by TORCH_NCCL_ASYNC_ERROR_HANDLING's default, the process
+too: the router then sees that worker lost). A peer that died breaks only its own pair.
+Only a new group mends a pair, i.e. restarting the deployment (README, "When a worker
+dies").
+
+Receives from different senders run in parallel on gloo (one lock per source), so a
+stalled sender delays no other; on CUDA they take turns (NCCL communicators are not safe
+to drive from several threads), so the others' confirmations may time out behind it.
 """
 
 from __future__ import annotations
@@ -57,6 +69,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
+from pdserve.engine.core.outputs import EVERY_PEER
 from pdserve.transfer.connector import Waitable
 from pdserve.transfer.contract import (
     MAX_TOKEN_ID,
@@ -78,12 +91,28 @@ DEFAULT_TIMEOUT_S = 60.0
 MIN_CHUNK_BYTES = 32 << 20
 # Overrides the default chunking of senders built with chunk_layers=None (tests, benchmarks).
 CHUNK_LAYERS_ENV = "PDSERVE_KV_CHUNK_LAYERS"
+# A wait that failed after this share of its timeout ran out (rather than failing on a peer's error)
+RAN_OUT_FRACTION = 0.9
 
 
 def default_chunk_layers(num_layers: int, layer_nbytes: int, min_chunk_bytes: int = MIN_CHUNK_BYTES) -> int:
     """Layers per chunk so that a chunk is >= `min_chunk_bytes`; 0 (one chunk) if that is all of them."""
     chunk = max(1, -(-min_chunk_bytes // max(1, layer_nbytes)))
     return 0 if chunk >= num_layers else chunk
+
+
+def wait_for_work(work: dist.Work, timeout_s: float) -> tuple[str | None, bool]:
+    """Wait for a send or receive: (None, False) once it completed, else (why, ran_out), where
+    `ran_out` says the wait used up its own timeout (then, see "Failure", every pair of this
+    rank is gone), not that it failed early (a peer's error)."""
+    started = time.monotonic()
+    try:
+        if work.wait(timeout=datetime.timedelta(seconds=timeout_s)):
+            return None, False
+        why = "timed out"
+    except Exception as exc:  # noqa: BLE001 - gloo and NCCL raise RuntimeError subclasses
+        why = str(exc)
+    return why, time.monotonic() - started >= RAN_OUT_FRACTION * timeout_s
 
 
 def backend_for_device(device: str | torch.device) -> str:
@@ -218,6 +247,14 @@ class NcclKVSender:
         self._abandoned: dict[int, list[tuple[list[dist.Work], torch.Tensor]]] = {}
         self._streams: dict[torch.device, _SideStream] = {}
 
+    def broken_peers(self) -> dict[int, str]:
+        """The destination ranks this sender refuses now, each with why (`EVERY_PEER`: all)."""
+        return dict(self._broken)
+
+    def _refusal(self, dst: int) -> str | None:
+        why = self._broken.get(EVERY_PEER) or self._broken.get(dst)
+        return None if why is None else f"rank {dst} is unusable after an earlier failure: {why}"
+
     def _lock_for(self, dst: int) -> threading.Lock:
         with self._locks_guard:
             return self._locks.setdefault(dst, threading.Lock())
@@ -253,8 +290,8 @@ class NcclKVSender:
         )
 
         with self._lock_for(dst), self._stream_for(kv_cache.device).active():
-            if dst in self._broken:
-                raise KVTransferError(f"rank {dst} is unusable after an earlier failure: {self._broken[dst]}")
+            if (refusal := self._refusal(dst)) is not None:
+                raise KVTransferError(refusal)
             start = time.perf_counter()
             n = len(src_block_ids)
             # [L, 2, n, block_size, Hkv, D], contiguous; chunk k is the view buffer[chunks[k]]
@@ -327,7 +364,7 @@ class NcclKVSender:
             waitable.result(timeout=self.timeout_s)
         except KVLayoutMismatch:
             # The receiver drained the bytes before refusing, so this completes.
-            if not self._wait_works(works):
+            if not self._wait_works(req_id, works):
                 self._broken[dst] = f"request {req_id}: send did not complete after a refusal"
             raise
         except TimeoutError as exc:
@@ -338,18 +375,22 @@ class NcclKVSender:
             raise KVTransferError(f"request {req_id}: {self._broken[dst]} from rank {dst}") from exc
         except Exception as exc:
             # The receiver refused after draining (its recv matched our send), or died; find out which.
-            if not self._wait_works(works):
+            if not self._wait_works(req_id, works):
                 self._broken[dst] = f"request {req_id}: receiver failed without draining ({exc})"
             raise KVTransferError(f"request {req_id}: rank {dst} failed to receive: {exc}") from exc
-        if not self._wait_works(works):
+        if not self._wait_works(req_id, works):
             self._broken[dst] = f"request {req_id}: send did not complete"
             raise KVTransferError(f"request {req_id}: send to rank {dst} did not complete")
 
-    def _wait_works(self, works: list[dist.Work]) -> bool:
-        try:
-            return all(bool(work.wait(timeout=datetime.timedelta(seconds=self.timeout_s))) for work in works)
-        except Exception:
-            return False
+    def _wait_works(self, req_id: str, works: list[dist.Work]) -> bool:
+        """Whether every send completed; one whose wait ran out its timeout breaks every pair."""
+        for work in works:
+            why, ran_out = wait_for_work(work, self.timeout_s)
+            if why is not None:
+                if ran_out:
+                    self._broken.setdefault(EVERY_PEER, f"request {req_id}: waiting for a send: {why}")
+                return False
+        return True
 
     def close(self) -> None:
         """Nothing to release: the process group belongs to the wiring layer."""
@@ -376,13 +417,26 @@ class NcclKVReceiver:
         self.timeout_s = timeout_s
         self.group = group
         self.max_nbytes = max_nbytes  # refuse to allocate absurd buffers from a corrupt notice
-        # One receive at a time: NCCL communicators are not safe to drive from several threads,
-        # and the link is shared anyway.
-        self._recv_lock = threading.Lock()
+        # One receive at a time per source (the pair's transfers are matched in order). On CUDA
+        # one at a time in all: NCCL communicators are not safe to drive from several threads.
+        self._one_lock = threading.Lock() if self.device.type == "cuda" else None
+        self._source_locks: dict[int, threading.Lock] = {}
+        self._locks_guard = threading.Lock()
         self._stream = _SideStream(self.device)
         # Sources whose receive timed out: that irecv may still match their next send, so any
-        # further request from them is refused. Keep the pending Work and buffer alive.
+        # further request is refused (see "Failure"). Keep the pending Work and buffer alive.
         self._broken_sources: dict[int, tuple[list[dist.Work], torch.Tensor]] = {}
+        self._broken_reasons: dict[int, str] = {}  # source rank -> its failed receive
+
+    def broken_peers(self) -> dict[int, str]:
+        """The source ranks this receiver refuses now, each with why (`EVERY_PEER`: all)."""
+        return dict(self._broken_reasons)
+
+    def _lock_for(self, src: int) -> threading.Lock:
+        if self._one_lock is not None:
+            return self._one_lock
+        with self._locks_guard:
+            return self._source_locks.setdefault(src, threading.Lock())
 
     def recv(self, notice: NcclTransferNotice) -> None:
         """Receive one request's buffer from `notice.src_rank` (in layer chunks when the notice says
@@ -394,12 +448,13 @@ class NcclKVReceiver:
         `KVLayoutMismatch`, `KVAuthError` or `KVTransferError` (or what the sink raised); in every
         case the bytes were drained when the notice allowed it (the pair stays in step).
         """
-        with self._recv_lock, self._stream.active():
+        with self._lock_for(notice.src_rank), self._stream.active():
             started_at = time.perf_counter()  # kv_transfer_ms measures this transfer, not the queue
-            if notice.src_rank in self._broken_sources:
+            why = self._broken_reasons.get(EVERY_PEER) or self._broken_reasons.get(notice.src_rank)
+            if why is not None:
                 raise KVTransferError(
-                    f"request {notice.req_id}: rank {notice.src_rank} is unusable after an earlier recv "
-                    "timed out"
+                    f"request {notice.req_id}: rank {notice.src_rank} is unusable after an earlier "
+                    f"failure: {why}"
                 )
             reservation, problem = self._admit(notice)
             problem = problem or self._validate(notice, reservation)
@@ -434,17 +489,17 @@ class NcclKVReceiver:
         works = [dist.irecv(buffer[layers], src=notice.src_rank, group=self.group) for layers in chunks]
         failure: Exception | None = None
         for layers, work in zip(chunks, works, strict=True):
-            try:
-                completed = bool(work.wait(timeout=datetime.timedelta(seconds=self.timeout_s)))
-                reason = "" if completed else "timed out"
-            except Exception as exc:
-                completed, reason = False, str(exc)
-            if not completed:
+            reason, ran_out = wait_for_work(work, self.timeout_s)
+            if reason is not None:
                 self._broken_sources[notice.src_rank] = (works, buffer)
-                raise KVTransferError(
+                failure_text = (
                     f"request {notice.req_id}: recv from rank {notice.src_rank} "
                     f"(layers {layers.start}..{layers.stop - 1}): {reason}"
                 )
+                self._broken_reasons.setdefault(notice.src_rank, failure_text)
+                if ran_out:  # every pair of this rank is gone (see "Failure")
+                    self._broken_reasons.setdefault(EVERY_PEER, failure_text)
+                raise KVTransferError(failure_text)
             if arrival is not None and failure is None:
                 try:  # the sink unpacks this chunk while the next one is in flight
                     self.sink.on_kv_chunk(arrival, layers, buffer[layers])

@@ -78,6 +78,12 @@ class NcclSendSide:
 
         return self.sender.send(handle, src_block_ids, kv_cache, first_token_id, notify=notify)
 
+    def group_rank(self) -> int | None:
+        return None if self.sender is None else self.sender.rank
+
+    def broken_peers(self) -> dict[int, str]:
+        return {} if self.sender is None else self.sender.broken_peers()
+
     def close(self) -> None:
         if self.sender is not None:
             from pdserve.transfer.nccl_backend import destroy_transfer_group
@@ -124,6 +130,12 @@ class NcclReceiveSide(GatedReceiveSide):
         if not isinstance(notice, NcclTransferNotice):
             raise TypeError(f"nccl receive side: expected an NcclTransferNotice, got {type(notice).__name__}")
         self.receiver.recv(notice)
+
+    def group_rank(self) -> int | None:
+        return self.rank
+
+    def broken_peers(self) -> dict[int, str]:
+        return {} if self.receiver is None else self.receiver.broken_peers()
 
     def close(self) -> None:
         if self.receiver is not None:

@@ -85,6 +85,9 @@ class KVSnapshot:
     host_block_hashes: list[int] = field(default_factory=list)  # held by the host tier
 
 
+EVERY_PEER = -1  # StepBatch.broken_transfer_peers: this rank can transfer with no peer at all
+
+
 @dataclass
 class StepBatch:
     """What a worker reports to the router in one poll."""
@@ -96,3 +99,8 @@ class StepBatch:
     event_seq: int = 0  # sequence number of this batch of kv_events
     load: LoadReport | None = None  # None once the worker is stopping
     kv_wait_ms: dict[str, float] = field(default_factory=dict)  # decode role: per started request
+    # The worker's rank in the KV transfer process group (nccl backend; None without one), and
+    # the ranks it can no longer transfer with, each with why (a transfer failed part-way);
+    # EVERY_PEER: none at all (one of its own waits timed out)
+    transfer_rank: int | None = None
+    broken_transfer_peers: dict[int, str] = field(default_factory=dict)

@@ -12,9 +12,13 @@
   in the middle of a KV push, header sent, payload not, with a short `transfer.timeout_s`:
   the decode worker's lease drops the reservations it stalled, the affected streams end
   ABORTED naming the timeout while that process is still stopped, the others are exact;
-  once it resumes (SIGCONT) every block on both sides is free again. grpc only: over nccl
-  a receive that times out leaves the decode worker's rank unusable to its senders for good
-  (transfer/nccl_backend.py, "Failure"), a known limit this test would only restate.
+  once it resumes (SIGCONT) every block on both sides is free again;
+- 2P1D, nccl (gloo): the same stall, between the KV notice and the bytes. The stalled
+  worker's requests are retried once it is lost; the decode worker's receive from it
+  times out, and a timed-out wait breaks every pair of the decode worker's rank for good
+  (transfer/nccl_backend.py, "Failure"): the router never routes KV to it again, keeps
+  both prefill workers out of routing (prefill-0 even once it resumes), and prefills every
+  request not yet landed, and every new one, on the decode worker.
 Afterwards, in each: every stream equals the offline engine's tokens (no token missing,
 none repeated; seeded streams too), the router shows the loss (status, health, counters),
 every live worker has all its KV blocks free, and a new request succeeds.
@@ -176,7 +180,8 @@ def check_new_request(dep, offline) -> None:
     prompts, sampling = make_requests(20, seed=99)
     results, _ = asyncio.run(run_with_kill(dep.url, prompts[:2], sampling[:2], timeout_s=60))
     want = offline(prompts[:2], sampling[:2])
-    assert [r.tokens for r in results] == want and all(r.error is None for r in results)
+    errors = [r.error for r in results]
+    assert [r.tokens for r in results] == want and errors == [None] * len(results), errors
 
 
 @pytest.mark.timeout(180)
@@ -336,6 +341,152 @@ def test_a_stalled_push_ends_by_the_lease_and_frees_both_sides(one_node, offline
         )
         assert open_credentials == 0
         check_new_request(dep, offline)
+    finally:
+        if pid is not None and not resumed_by_watchdog.is_set():
+            os.kill(pid, signal.SIGCONT)
+        dep.down()
+
+
+def stop_after_notice_hook():
+    """What `__ray_call__` runs in a prefill worker's actor over nccl: its next KV notice
+    reaches the decode worker (which posts its receives), then the process stops itself
+    (SIGSTOP) before any byte is sent. Returns the process's PID."""
+
+    def arm(actor) -> int:
+        import os
+        import signal
+        import time
+
+        links = actor.worker._links  # the send side holds this very dict
+        armed = [True]
+
+        class StopAfterNotice:
+            def __init__(self, link) -> None:
+                self.link = link
+
+            def notify_kv(self, notice):
+                waitable = self.link.notify_kv(notice)
+                if armed[0]:
+                    armed[0] = False
+                    time.sleep(1.0)  # the notice reaches the decode worker: its receive has begun
+                    os.kill(os.getpid(), signal.SIGSTOP)
+                    time.sleep(0.5)  # no isend before the stop reaches every thread
+                return waitable
+
+            def kv_failed(self, req_id: str, reason: str | None) -> None:
+                self.link.kv_failed(req_id, reason)
+
+        for decode_worker_id, link in list(links.items()):
+            links[decode_worker_id] = StopAfterNotice(link)
+        return os.getpid()
+
+    return arm
+
+
+NCCL_STALL_TIMEOUT_S = 6.0  # transfer.timeout_s of the stalled nccl transfer test
+
+
+def wait_broken_pairs(dep, timeout: float = 2 * NCCL_STALL_TIMEOUT_S) -> dict:
+    """The router's status once broken transfer pairs are known (the decode worker reports
+    its receive's timeout at its next poll)."""
+    deadline = time.monotonic() + timeout
+    while not (status := dep.status())["broken_transfer_pairs"] and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return status
+
+
+def worker_blocks_free(dep, worker_id: str) -> bool:
+    """From the worker itself: a worker out of routing reports no load to the router."""
+    load = ray.get(dep.workers[worker_id].__ray_call__.remote(lambda actor: actor.worker.load()), timeout=30)
+    return load.num_free_blocks == load.num_total_blocks
+
+
+@pytest.mark.timeout(120)
+def test_a_stalled_nccl_transfer_breaks_its_pairs_and_the_decode_worker_serves_alone(one_node, offline):
+    """2P1D over nccl (gloo): prefill-0 stops between its KV notice and the bytes while 16
+    streams run. Its requests are retried once it is lost (router.worker_timeout_s); the
+    decode worker's receive from it times out, which breaks both pairs into the decode
+    worker: the prefill workers leave routing for good and the decode worker prefills."""
+    cfg = chaos_config(2, 1, "nccl")
+    cfg.transfer = dataclasses.replace(cfg.transfer, timeout_s=NCCL_STALL_TIMEOUT_S)
+    # Lost well before its requests' leases run out (it stops about 1 s in), and never while
+    # it is only busy prefilling on a loaded machine
+    cfg.router.worker_timeout_s = NCCL_STALL_TIMEOUT_S - 2
+    dep = up(cfg)
+    pid = None
+    resumed_by_watchdog = threading.Event()
+    try:
+        pid = ray.get(dep.workers["prefill-0"].__ray_call__.remote(stop_after_notice_hook()), timeout=30)
+
+        def watchdog() -> None:  # a stream still open this long after the start is a hang
+            os.kill(pid, signal.SIGCONT)
+            resumed_by_watchdog.set()
+
+        timer = threading.Timer(4 * NCCL_STALL_TIMEOUT_S + 10, watchdog)
+        timer.start()
+        prompts, sampling = make_requests(400, seed=7)
+        try:
+            results, _ = asyncio.run(run_with_kill(dep.url, prompts, sampling, timeout_s=60))
+        finally:
+            timer.cancel()
+        assert not resumed_by_watchdog.is_set(), "a stream waited for the stalled worker to resume"
+        assert process_state(pid) == "T", "the prefill worker never stopped: no notice reached the hook"
+
+        want = offline(prompts, sampling)
+        for i, r in enumerate(results):
+            assert r.tokens == want[i][: len(r.tokens)], f"stream {i}: not a prefix of the offline tokens"
+            if r.error is None:
+                assert r.tokens == want[i] and r.completion_tokens == MAX_TOKENS, f"stream {i}"
+            else:  # only a reservation whose lease ran out before the pair was known broken
+                assert r.error.startswith("ABORTED: request "), r.error
+                assert "KV transfer timed out: it did not" in r.error, r.error
+
+        status = wait_broken_pairs(dep)  # while prefill-0 is still stopped
+        pairs = status["broken_transfer_pairs"]
+        assert sorted(pairs) == ["prefill-0 -> decode-0", "prefill-1 -> decode-0"], pairs
+        messages = [e["message"] for e in status["events"]]
+        for pair, broken in pairs.items():
+            assert broken.startswith(f"KV transfer {pair} broken (decode-0 reports: request "), broken
+            assert "recv from rank 0" in broken and "Timed out waiting" in broken, broken
+            assert sum(m.startswith(f"KV transfer {pair} broken") for m in messages) == 1, messages
+            assert not status["workers"][pair.split()[0]]["alive"]
+        assert status["workers"]["prefill-1"]["lost_reason"].startswith(
+            "its KV transfer to every decode worker broke (last: KV transfer prefill-1 -> decode-0 broken "
+        )
+        assert status["workers"]["decode-0"]["alive"] and status["serving"]
+        assert status["stats"]["num_transfer_pairs_broken"] == 2
+        assert status["stats"]["num_prefill_retries"] >= 1
+        serving, not_serving = (
+            health_pb2.HealthCheckResponse.SERVING,
+            health_pb2.HealthCheckResponse.NOT_SERVING,
+        )
+        assert health_of(dep.url, "") == serving
+        assert health_of(dep.url, WORKER_HEALTH_PREFIX + "decode-0") == serving
+        deadline = time.monotonic() + 5  # health follows the router's state every 0.25 s
+        while health_of(dep.url, WORKER_HEALTH_PREFIX + "prefill-1") != not_serving:
+            assert time.monotonic() < deadline, "prefill-1's health still SERVING"
+            time.sleep(0.1)
+        check_new_request(dep, offline)  # prefilled on the decode worker
+
+        os.kill(pid, signal.SIGCONT)  # its send fails on the broken pair; it answers, but stays out
+        deadline = time.monotonic() + 30
+        while not all(worker_blocks_free(dep, w) for w in dep.workers) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert all(worker_blocks_free(dep, w) for w in dep.workers), "KV blocks still in use"
+        check_new_request(dep, offline)
+        status = wait_live_workers_free(dep)
+        for worker_id in ("prefill-0", "prefill-1"):
+            worker = status["workers"][worker_id]
+            assert not worker["alive"], worker
+            assert worker["lost_reason"].startswith("its KV transfer to every decode worker broke"), worker
+        assert status["broken_transfer_pairs"] == pairs and status["stats"]["num_transfer_pairs_broken"] == 2
+        assert sum(e["message"].startswith("KV transfer ") for e in status["events"]) == 2
+        assert status["stats"]["num_worker_recoveries"] == 0
+        open_credentials = ray.get(
+            dep.workers["decode-0"].__ray_call__.remote(lambda actor: len(actor.worker.receive_side.gate)),
+            timeout=30,
+        )
+        assert open_credentials == 0
     finally:
         if pid is not None and not resumed_by_watchdog.is_set():
             os.kill(pid, signal.SIGCONT)

@@ -170,6 +170,8 @@ def sender_main(
     while pending and time.monotonic() < deadline:  # let a late receiver finish before tearing down
         time.sleep(0.05)
     notices.put(None)
+    for dst, why in sender.broken_peers().items():  # what the prefill worker reports to the router
+        outcomes.append((f"broken-peer-{dst}", "reported", why))
     results.put((f"sender{rank}", outcomes))
     destroy_transfer_group()
 
@@ -250,6 +252,8 @@ def test_two_processes_float32_and_bfloat16_bit_exact_with_refusal_and_timeout()
     assert "dtype: prefill 'float16' != decode 'float32'" in outcomes["f16-mismatch"][1]
     assert outcomes["slow-f32"][0] == "KVTransferError" and "no confirmation" in outcomes["slow-f32"][1]
     assert outcomes["after-slow"][0] == "KVTransferError" and "unusable" in outcomes["after-slow"][1]
+    broken = outcomes["broken-peer-0"][1]
+    assert broken.startswith("request slow-f32 got no confirmation within"), broken
     # The slow request did land (late); the refused ones never touched the cache.
     delivered = {"f32-a", "bf16-a", "f32-b", "bf16-b", "slow-f32"}
     for dtype_name in ("float32", "bfloat16"):
