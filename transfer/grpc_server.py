@@ -199,6 +199,10 @@ class _KVTransferServicer:
         on_device = None
         if self.device is not None:
             on_device = torch.empty(total, dtype=torch.uint8, device=self.device)
+            # Allocated on this thread's stream, which the engine shares (the legacy default
+            # stream): the memory may have been freed by work still queued there, so the copy
+            # stream starts after it before it writes.
+            self._copy_stream.wait_stream(torch.cuda.current_stream(self.device))
             on_device.record_stream(self._copy_stream)  # freed (on an error path) only after its copies
 
         def copy_piece(start: int, end: int) -> None:  # absolute byte range, complete on the host
