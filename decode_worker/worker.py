@@ -178,7 +178,7 @@ class DecodeWorker(LoopWorker):
             if layers.stop < kv_cache.shape[0]:
                 return
             if kv_cache.is_cuda:
-                torch.cuda.current_stream().synchronize()
+                torch.cuda.current_stream(kv_cache.device).synchronize()
             self._landed.add(req_id)
             self._forget_reservation(req_id)
             self.kv_wait_ms[req_id] = (time.perf_counter() - arrival.started_at) * 1e3

@@ -21,6 +21,7 @@ sync inside the forward pass (after the one-time check of the cuDNN op, see `lse
 
 from __future__ import annotations
 
+import logging
 import os
 
 import torch
@@ -36,8 +37,19 @@ PREFIX_ENABLED = os.environ.get("PDSERVE_DISABLE_PREFIX_SDPA") != "1"
 # Past a few sequences the host loop of SDPA calls loses to the one Triton launch over all of them.
 MAX_SEQS = 8
 MAX_HEAD_DIM = 256  # the largest head_dim torch's FlashAttention kernel supports
+logger = logging.getLogger(__name__)
 MIN_QUERY_WITH_PREFIX = 1024  # shorter chunks over a cached prefix stay on the paged kernel
 PREFIX_PIECE = 65536  # prefix tokens gathered per fused call (Llama-3-8B: 256 MiB of K/V per layer)
+
+
+def disable_prefix_path(error: Exception) -> None:
+    """Turn the cached-prefix path off for this process (its fused op failed at a real shape)."""
+    global PREFIX_ENABLED
+    if PREFIX_ENABLED:
+        logger.warning(
+            "fused attention over a cached prefix failed (%s); using the paged kernel from now on", error
+        )
+    PREFIX_ENABLED = False
 
 
 def _prefix_path_fits(
@@ -164,6 +176,7 @@ __all__ = [
     "MIN_QUERY_WITH_PREFIX",
     "PREFIX_ENABLED",
     "causal_sdpa",
+    "disable_prefix_path",
     "gather_prefix",
     "prefix_chunk_attention",
     "sdpa_prefill",

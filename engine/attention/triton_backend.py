@@ -40,7 +40,7 @@ import triton
 import triton.language as tl
 
 from pdserve.engine.attention.metadata import AttentionMetadata
-from pdserve.engine.attention.sdpa_prefill import sdpa_prefill, use_sdpa_prefill
+from pdserve.engine.attention.sdpa_prefill import disable_prefix_path, sdpa_prefill, use_sdpa_prefill
 from pdserve.engine.attention.triton_common import LOG2_E, dot_precision, needs_wide_offsets, num_sms
 from pdserve.engine.attention.triton_decode import decode_attention, decode_variant_batch_sizes
 
@@ -227,22 +227,43 @@ class TritonAttention:
         # or 128-row tile); the rest through fused SDPA-class kernels when they are a few sequences
         # without a cached prefix or long chunks over one (sdpa_prefill), else the paged prefill kernel.
         nd = meta.num_decodes
-        sdpa = use_sdpa_prefill(query, key, value, kv_cache_layer, meta, first_seq=nd)
-        if sdpa and nd == 0:
-            return sdpa_prefill(query, key, value, kv_cache_layer, meta, scale)
+        fused = None
+        if use_sdpa_prefill(query, key, value, kv_cache_layer, meta, first_seq=nd):
+            fused = self._fused_prefill(query[nd:], key[nd:], value[nd:], kv_cache_layer, meta, scale, nd)
+        if fused is not None and nd == 0:
+            return fused
         out = torch.empty(query.shape, dtype=query.dtype, device=query.device)
         if nd:
             self.decode(
                 query[:nd], kv_cache_layer, meta.block_tables[:nd], meta.seq_lens[:nd],
                 meta.max_decode_seq_len, scale, out[:nd],
             )  # fmt: skip
-        if sdpa:  # one token per decode row: the prefill rows start at row nd
-            out[nd:] = sdpa_prefill(
-                query[nd:], key[nd:], value[nd:], kv_cache_layer, meta, scale, first_seq=nd
-            )
+        if fused is not None:  # one token per decode row: the prefill rows start at row nd
+            out[nd:] = fused
         else:
             self.prefill(query, kv_cache_layer, meta, scale, out, first_seq=nd)
         return out
+
+    @staticmethod
+    def _fused_prefill(
+        query: torch.Tensor,  # [T', Hq, D] the prefill rows (after the step's nd decode rows)
+        key: torch.Tensor,
+        value: torch.Tensor,
+        kv_cache_layer: torch.Tensor,  # already holds this step's K/V
+        meta: AttentionMetadata,
+        scale: float,
+        first_seq: int,
+    ) -> torch.Tensor | None:  # None: the paged kernel must run these rows
+        """`sdpa_prefill`, except that a failure of the private cuDNN op on a chunk over a cached
+        prefix (a shape its one-time check did not cover) turns that path off for the process,
+        with one warning, and leaves the step to the paged kernel: the K/V are already cached."""
+        try:
+            return sdpa_prefill(query, key, value, kv_cache_layer, meta, scale, first_seq=first_seq)
+        except RuntimeError as error:
+            if meta.seq_lens_cpu[first_seq:] == meta.query_lens_cpu[first_seq:]:
+                raise  # no cached prefix: plain SDPA failed, nothing to fall back from
+            disable_prefix_path(error)
+            return None
 
     @staticmethod
     def prefill(

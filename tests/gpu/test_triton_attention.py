@@ -173,6 +173,42 @@ def test_long_chunks_over_a_prefix_take_the_fused_path(
     assert paths == decodes + (Counter(sdpa=1) if fused else Counter(triton_prefill=1))
 
 
+def test_fused_prefix_path_at_a_real_chunk_shape(device: str, paths: Counter) -> None:
+    """An 8,192-token chunk over a 66,536-token prefix (two prefix pieces, the second ending
+    mid-block), Llama-3-8B heads, bf16: the fused path against the paged Triton kernel (the float32
+    reference would need 70 GB of scores at this size), fresh random inputs."""
+    if device == "cpu":
+        pytest.skip("CUDA only")
+    query, key, value, cache, meta = build_paged_batch(
+        [8192], [66536], 32, 8, 128, 16, torch.bfloat16, device
+    )
+    attn = TritonAttention()
+    fused = attn.forward(query, key, value, cache, meta, 128**-0.5)
+    assert paths == Counter(sdpa=1)
+    paged = torch.empty_like(query)
+    TritonAttention.prefill(query, cache, meta, 128**-0.5, paged)
+    assert relative_error(fused, paged) <= 1e-2
+
+
+def test_fused_prefix_failure_falls_back_to_the_paged_kernel(
+    device: str, paths: Counter, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The private cuDNN op failing at a shape its one-time check did not cover: one warning, the
+    prefix path off for the process, this step and later ones exact through the paged kernel."""
+    if device == "cpu":
+        pytest.skip("CUDA only")
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("cuDNN Frontend error: no valid execution plan")
+
+    monkeypatch.setattr(sdpa_prefill, "PREFIX_ENABLED", True)
+    monkeypatch.setattr(sdpa_prefill, "attention_with_lse", broken)
+    check_against_reference([1100], [3001], 8, 2, 128, 16, torch.bfloat16, device)
+    assert paths == Counter(sdpa=1, triton_prefill=1) and sdpa_prefill.PREFIX_ENABLED is False
+    check_against_reference([1100], [3001], 8, 2, 128, 16, torch.bfloat16, device)
+    assert paths == Counter(sdpa=1, triton_prefill=2)  # no second try
+
+
 @pytest.mark.parametrize("dtype", HALF_AND_FULL)
 def test_prefill_over_cached_prefix(dtype: torch.dtype, device: str) -> None:
     # Prefixes not multiples of block_size; a chunk that starts mid-block.
