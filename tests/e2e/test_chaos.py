@@ -27,12 +27,14 @@ every live worker has all its KV blocks free, and a new request succeeds.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import os
 import random
 import signal
 import threading
 import time
+from collections.abc import Iterator
 
 import grpc
 import pytest
@@ -122,6 +124,45 @@ def process_state(pid: int) -> str:
     """The process's state letter from /proc (T: stopped)."""
     with open(f"/proc/{pid}/stat") as f:
         return f.read().rsplit(")", 1)[1].split()[0]
+
+
+@dataclasses.dataclass
+class Stall:
+    """prefill-0's process, stopped by an armed hook; resumed once (by the test, its watchdog,
+    or on the way out)."""
+
+    pid: int
+    resumed: bool = False
+
+    def resume(self) -> None:
+        if not self.resumed:
+            self.resumed = True
+            os.kill(self.pid, signal.SIGCONT)
+
+
+@contextlib.contextmanager
+def prefill_0_stalls(dep, hook) -> Iterator[Stall]:
+    """Arms `hook` in prefill-0's actor (it SIGSTOPs its own process at the hooked moment)."""
+    stall = Stall(ray.get(dep.workers["prefill-0"].__ray_call__.remote(hook), timeout=30))
+    try:
+        yield stall
+    finally:
+        stall.resume()
+
+
+def run_streams_past_a_stall(dep, stall: Stall, lease_s: float, hooked: str):
+    """16 streams while prefill-0 stops at its hook. A stream still open 4 leases + 10 s after
+    the start is a hang: the watchdog then resumes the worker, which fails the test."""
+    timer = threading.Timer(4 * lease_s + 10, stall.resume)
+    timer.start()
+    prompts, sampling = make_requests(400, seed=7)
+    try:
+        results, _ = asyncio.run(run_with_kill(dep.url, prompts, sampling, timeout_s=60))
+    finally:
+        timer.cancel()
+    assert not stall.resumed, "a stream waited for the stalled worker to resume"
+    assert process_state(stall.pid) == "T", f"the prefill worker never stopped: no {hooked} reached the hook"
+    return prompts, sampling, results
 
 
 def run_and_kill(dep, victim: str, prompts, sampling, kill_after_tokens: int, restart: bool = False):
@@ -289,62 +330,45 @@ def test_a_stalled_push_ends_by_the_lease_and_frees_both_sides(one_node, offline
     cfg.transfer = dataclasses.replace(cfg.transfer, timeout_s=STALL_TIMEOUT_S)
     cfg.router.worker_timeout_s = 30.0
     dep = up(cfg)
-    pid = None
-    resumed_by_watchdog = threading.Event()
     try:
-        pid = ray.get(dep.workers["prefill-0"].__ray_call__.remote(stop_mid_push_hook()), timeout=30)
-
-        def watchdog() -> None:  # a stream still open this long after the start is a hang
-            os.kill(pid, signal.SIGCONT)
-            resumed_by_watchdog.set()
-
-        timer = threading.Timer(4 * STALL_TIMEOUT_S + 10, watchdog)
-        timer.start()
-        prompts, sampling = make_requests(400, seed=7)
-        try:
-            results, _ = asyncio.run(run_with_kill(dep.url, prompts, sampling, timeout_s=60))
-        finally:
-            timer.cancel()
-        assert not resumed_by_watchdog.is_set(), "a stream waited for the stalled worker to resume"
-        assert process_state(pid) == "T", "the prefill worker never stopped: no push reached the hook"
-
-        want = offline(prompts, sampling)
-        failed = [i for i, r in enumerate(results) if r.error is not None]
-        assert failed and len(failed) < NUM_STREAMS, [r.error for r in results]
-        for i, r in enumerate(results):
-            assert r.tokens == want[i][: len(r.tokens)], f"stream {i}: not a prefix of the offline tokens"
-            if r.error is None:  # not on the stalled worker, or its KV had landed: exact
-                assert r.tokens == want[i] and r.finish_reason == "length", f"stream {i}"
-                assert r.completion_tokens == MAX_TOKENS, f"stream {i}"
-            else:
-                assert r.error.startswith("ABORTED: request "), r.error
-                assert "KV transfer timed out" in r.error and "(transfer.timeout_s)" in r.error, r.error
-        # The push that stopped mid-flight had begun: its lease counted from then.
-        assert any("did not land within 3 s" in results[i].error for i in failed)
-
-        status = dep.status()  # while prefill-0 is still stopped
-        stats = status["stats"]
-        assert stats["num_worker_failures"] == 0 and stats["num_migrations"] == 0
-        assert stats["num_prefill_retries"] == 0
-        messages = [e["message"] for e in status["events"]]
-        failures = [m for m in messages if " failed: KV transfer timed out" in m]
-        assert sorted(m.split()[1] for m in failures) == sorted(
-            results[i].error.split()[2] for i in failed
-        ), failures  # each failed request logged once, and only those
-
-        os.kill(pid, signal.SIGCONT)  # the stalled push goes on, finds its reservation gone
-        status = wait_live_workers_free(dep)
-        assert all(w["alive"] for w in status["workers"].values())
-        open_credentials = ray.get(
-            dep.workers["decode-0"].__ray_call__.remote(lambda actor: len(actor.worker.receive_side.gate)),
-            timeout=30,
-        )
-        assert open_credentials == 0
-        check_new_request(dep, offline)
+        with prefill_0_stalls(dep, stop_mid_push_hook()) as stall:
+            prompts, sampling, results = run_streams_past_a_stall(dep, stall, STALL_TIMEOUT_S, "push")
+            check_a_stalled_push(dep, offline, stall, prompts, sampling, results)
     finally:
-        if pid is not None and not resumed_by_watchdog.is_set():
-            os.kill(pid, signal.SIGCONT)
         dep.down()
+
+
+def check_a_stalled_push(dep, offline, stall: Stall, prompts, sampling, results) -> None:
+    """What the stalled-push test checks once its streams have ended (prefill-0 still stopped)."""
+    want = offline(prompts, sampling)
+    failed = [i for i, r in enumerate(results) if r.error is not None]
+    assert failed and len(failed) < NUM_STREAMS, [r.error for r in results]
+    for i, r in enumerate(results):
+        assert r.tokens == want[i][: len(r.tokens)], f"stream {i}: not a prefix of the offline tokens"
+        if r.error is None:  # not on the stalled worker, or its KV had landed: exact
+            assert r.tokens == want[i] and r.finish_reason == "length", f"stream {i}"
+            assert r.completion_tokens == MAX_TOKENS, f"stream {i}"
+        else:
+            assert r.error.startswith("ABORTED: request "), r.error
+            assert "KV transfer timed out" in r.error and "(transfer.timeout_s)" in r.error, r.error
+    # The push that stopped mid-flight had begun: its lease counted from then.
+    assert any("did not land within 3 s" in results[i].error for i in failed)
+
+    status = dep.status()  # while prefill-0 is still stopped
+    stats = status["stats"]
+    assert stats["num_worker_failures"] == 0 and stats["num_migrations"] == 0
+    assert stats["num_prefill_retries"] == 0
+    messages = [e["message"] for e in status["events"]]
+    failures = [m for m in messages if " failed: KV transfer timed out" in m]
+    assert sorted(m.split()[1] for m in failures) == sorted(results[i].error.split()[2] for i in failed), (
+        failures
+    )  # each failed request logged once, and only those
+
+    stall.resume()  # the stalled push goes on, finds its reservation gone
+    status = wait_live_workers_free(dep)
+    assert all(w["alive"] for w in status["workers"].values())
+    assert open_credentials(dep, "decode-0") == 0
+    check_new_request(dep, offline)
 
 
 def stop_after_notice_hook():
@@ -395,6 +419,14 @@ def wait_broken_pairs(dep, timeout: float = 2 * NCCL_STALL_TIMEOUT_S) -> dict:
     return status
 
 
+def open_credentials(dep, decode_worker_id: str) -> int:
+    """KV transfer credentials the decode worker has issued and not yet seen used or dropped."""
+    return ray.get(
+        dep.workers[decode_worker_id].__ray_call__.remote(lambda actor: len(actor.worker.receive_side.gate)),
+        timeout=30,
+    )
+
+
 def worker_blocks_free(dep, worker_id: str) -> bool:
     """From the worker itself: a worker out of routing reports no load to the router."""
     load = ray.get(dep.workers[worker_id].__ray_call__.remote(lambda actor: actor.worker.load()), timeout=30)
@@ -413,81 +445,69 @@ def test_a_stalled_nccl_transfer_breaks_its_pairs_and_the_decode_worker_serves_a
     # it is only busy prefilling on a loaded machine
     cfg.router.worker_timeout_s = NCCL_STALL_TIMEOUT_S - 2
     dep = up(cfg)
-    pid = None
-    resumed_by_watchdog = threading.Event()
     try:
-        pid = ray.get(dep.workers["prefill-0"].__ray_call__.remote(stop_after_notice_hook()), timeout=30)
-
-        def watchdog() -> None:  # a stream still open this long after the start is a hang
-            os.kill(pid, signal.SIGCONT)
-            resumed_by_watchdog.set()
-
-        timer = threading.Timer(4 * NCCL_STALL_TIMEOUT_S + 10, watchdog)
-        timer.start()
-        prompts, sampling = make_requests(400, seed=7)
-        try:
-            results, _ = asyncio.run(run_with_kill(dep.url, prompts, sampling, timeout_s=60))
-        finally:
-            timer.cancel()
-        assert not resumed_by_watchdog.is_set(), "a stream waited for the stalled worker to resume"
-        assert process_state(pid) == "T", "the prefill worker never stopped: no notice reached the hook"
-
-        want = offline(prompts, sampling)
-        for i, r in enumerate(results):
-            assert r.tokens == want[i][: len(r.tokens)], f"stream {i}: not a prefix of the offline tokens"
-            if r.error is None:
-                assert r.tokens == want[i] and r.completion_tokens == MAX_TOKENS, f"stream {i}"
-            else:  # only a reservation whose lease ran out before the pair was known broken
-                assert r.error.startswith("ABORTED: request "), r.error
-                assert "KV transfer timed out: it did not" in r.error, r.error
-
-        status = wait_broken_pairs(dep)  # while prefill-0 is still stopped
-        pairs = status["broken_transfer_pairs"]
-        assert sorted(pairs) == ["prefill-0 -> decode-0", "prefill-1 -> decode-0"], pairs
-        messages = [e["message"] for e in status["events"]]
-        for pair, broken in pairs.items():
-            assert broken.startswith(f"KV transfer {pair} broken (decode-0 reports: request "), broken
-            assert "recv from rank 0" in broken and "Timed out waiting" in broken, broken
-            assert sum(m.startswith(f"KV transfer {pair} broken") for m in messages) == 1, messages
-            assert not status["workers"][pair.split()[0]]["alive"]
-        assert status["workers"]["prefill-1"]["lost_reason"].startswith(
-            "its KV transfer to every decode worker broke (last: KV transfer prefill-1 -> decode-0 broken "
-        )
-        assert status["workers"]["decode-0"]["alive"] and status["serving"]
-        assert status["stats"]["num_transfer_pairs_broken"] == 2
-        assert status["stats"]["num_prefill_retries"] >= 1
-        serving, not_serving = (
-            health_pb2.HealthCheckResponse.SERVING,
-            health_pb2.HealthCheckResponse.NOT_SERVING,
-        )
-        assert health_of(dep.url, "") == serving
-        assert health_of(dep.url, WORKER_HEALTH_PREFIX + "decode-0") == serving
-        deadline = time.monotonic() + 5  # health follows the router's state every 0.25 s
-        while health_of(dep.url, WORKER_HEALTH_PREFIX + "prefill-1") != not_serving:
-            assert time.monotonic() < deadline, "prefill-1's health still SERVING"
-            time.sleep(0.1)
-        check_new_request(dep, offline)  # prefilled on the decode worker
-
-        os.kill(pid, signal.SIGCONT)  # its send fails on the broken pair; it answers, but stays out
-        deadline = time.monotonic() + 30
-        while not all(worker_blocks_free(dep, w) for w in dep.workers) and time.monotonic() < deadline:
-            time.sleep(0.2)
-        assert all(worker_blocks_free(dep, w) for w in dep.workers), "KV blocks still in use"
-        check_new_request(dep, offline)
-        status = wait_live_workers_free(dep)
-        for worker_id in ("prefill-0", "prefill-1"):
-            worker = status["workers"][worker_id]
-            assert not worker["alive"], worker
-            assert worker["lost_reason"].startswith("its KV transfer to every decode worker broke"), worker
-        assert status["broken_transfer_pairs"] == pairs and status["stats"]["num_transfer_pairs_broken"] == 2
-        assert sum(e["message"].startswith("KV transfer ") for e in status["events"]) == 2
-        assert status["stats"]["num_worker_recoveries"] == 0
-        open_credentials = ray.get(
-            dep.workers["decode-0"].__ray_call__.remote(lambda actor: len(actor.worker.receive_side.gate)),
-            timeout=30,
-        )
-        assert open_credentials == 0
+        with prefill_0_stalls(dep, stop_after_notice_hook()) as stall:
+            prompts, sampling, results = run_streams_past_a_stall(dep, stall, NCCL_STALL_TIMEOUT_S, "notice")
+            pairs = check_broken_pairs_while_stalled(dep, offline, prompts, sampling, results)
+            stall.resume()  # its send fails on the broken pair; it answers, but stays out
+            check_broken_pairs_after_resume(dep, offline, pairs)
     finally:
-        if pid is not None and not resumed_by_watchdog.is_set():
-            os.kill(pid, signal.SIGCONT)
         dep.down()
+
+
+def check_broken_pairs_while_stalled(dep, offline, prompts, sampling, results) -> dict:
+    """The streams, the router's status and health while prefill-0 is stopped; the broken pairs."""
+    want = offline(prompts, sampling)
+    for i, r in enumerate(results):
+        assert r.tokens == want[i][: len(r.tokens)], f"stream {i}: not a prefix of the offline tokens"
+        if r.error is None:
+            assert r.tokens == want[i] and r.completion_tokens == MAX_TOKENS, f"stream {i}"
+        else:  # only a reservation whose lease ran out before the pair was known broken
+            assert r.error.startswith("ABORTED: request "), r.error
+            assert "KV transfer timed out: it did not" in r.error, r.error
+
+    status = wait_broken_pairs(dep)  # while prefill-0 is still stopped
+    pairs = status["broken_transfer_pairs"]
+    assert sorted(pairs) == ["prefill-0 -> decode-0", "prefill-1 -> decode-0"], pairs
+    messages = [e["message"] for e in status["events"]]
+    for pair, broken in pairs.items():
+        assert broken.startswith(f"KV transfer {pair} broken (decode-0 reports: request "), broken
+        assert "recv from rank 0" in broken and "Timed out waiting" in broken, broken
+        assert sum(m.startswith(f"KV transfer {pair} broken") for m in messages) == 1, messages
+        assert not status["workers"][pair.split()[0]]["alive"]
+    assert status["workers"]["prefill-1"]["lost_reason"].startswith(
+        "its KV transfer to every decode worker broke (last: KV transfer prefill-1 -> decode-0 broken "
+    )
+    assert status["workers"]["decode-0"]["alive"] and status["serving"]
+    assert status["stats"]["num_transfer_pairs_broken"] == 2
+    assert status["stats"]["num_prefill_retries"] >= 1
+    serving, not_serving = (
+        health_pb2.HealthCheckResponse.SERVING,
+        health_pb2.HealthCheckResponse.NOT_SERVING,
+    )
+    assert health_of(dep.url, "") == serving
+    assert health_of(dep.url, WORKER_HEALTH_PREFIX + "decode-0") == serving
+    deadline = time.monotonic() + 5  # health follows the router's state every 0.25 s
+    while health_of(dep.url, WORKER_HEALTH_PREFIX + "prefill-1") != not_serving:
+        assert time.monotonic() < deadline, "prefill-1's health still SERVING"
+        time.sleep(0.1)
+    check_new_request(dep, offline)  # prefilled on the decode worker
+    return pairs
+
+
+def check_broken_pairs_after_resume(dep, offline, pairs: dict) -> None:
+    """Once prefill-0 runs again: every block free, new requests exact, both prefill workers out."""
+    deadline = time.monotonic() + 30
+    while not all(worker_blocks_free(dep, w) for w in dep.workers) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert all(worker_blocks_free(dep, w) for w in dep.workers), "KV blocks still in use"
+    check_new_request(dep, offline)
+    status = wait_live_workers_free(dep)
+    for worker_id in ("prefill-0", "prefill-1"):
+        worker = status["workers"][worker_id]
+        assert not worker["alive"], worker
+        assert worker["lost_reason"].startswith("its KV transfer to every decode worker broke"), worker
+    assert status["broken_transfer_pairs"] == pairs and status["stats"]["num_transfer_pairs_broken"] == 2
+    assert sum(e["message"].startswith("KV transfer ") for e in status["events"]) == 2
+    assert status["stats"]["num_worker_recoveries"] == 0
+    assert open_credentials(dep, "decode-0") == 0
