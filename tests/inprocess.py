@@ -10,6 +10,9 @@ import asyncio
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
 from pdserve.deploy.config import RouterConfig
 from pdserve.deploy.wiring import LocalWorkerControl, WorkerSpec, build_worker, connect_workers
 from pdserve.engine.config import EngineConfig
@@ -19,6 +22,13 @@ from pdserve.router.http_server import HttpServer
 from pdserve.router.server import RouterServer
 from pdserve.router.service import ModelSummary, RouterCore
 from pdserve.transfer.config import TransferConfig
+
+
+def health_of(url: str, service: str) -> int:
+    """The router's gRPC health status for `service` ("" for the whole server)."""
+    with grpc.insecure_channel(url) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        return stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=5).status
 
 
 class InProcessDeployment:

@@ -36,15 +36,15 @@ import threading
 import time
 from collections.abc import Iterator
 
-import grpc
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2
 
 from pdserve.bench.chaos import run_with_kill
 from pdserve.deploy.launcher import up
 from pdserve.engine import LLM, SamplingParams
 from pdserve.router.server import WORKER_HEALTH_PREFIX
 from tests.e2e.conftest import one_node_cluster, tiny_config
+from tests.inprocess import health_of
 
 ray = pytest.importorskip("ray")
 
@@ -209,12 +209,6 @@ def wait_live_workers_free(dep, timeout: float = 20.0) -> dict:
             return status
         time.sleep(0.2)
     raise AssertionError(f"KV blocks still in use: {status}")
-
-
-def health_of(url: str, service: str) -> int:
-    with grpc.insecure_channel(url) as channel:
-        stub = health_pb2_grpc.HealthStub(channel)
-        return stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=5).status
 
 
 def check_new_request(dep, offline) -> None:

@@ -18,9 +18,8 @@ import random
 import threading
 import time
 
-import grpc
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2
 
 from pdserve.engine import LLM, SamplingParams
 from pdserve.engine.core.outputs import LoadReport
@@ -28,19 +27,12 @@ from pdserve.router.policy import make_policy
 from pdserve.router.routing import RouteRequest
 from pdserve.router.server import WORKER_HEALTH_PREFIX
 from pdserve.router.worker_state import WorkerStateTracker
-from tests.inprocess import InProcessDeployment
+from tests.inprocess import InProcessDeployment, health_of
 from tests.unit.test_worker_failures import MAX_TOKENS, scrape, stream_all, wait_for
 
 REASON = "request r1: recv from rank 0 (layers 0..1): Timed out waiting 3000ms for recv operation to complete"
 PAIR0 = f"KV transfer prefill-0 -> decode-0 broken (decode-0 reports: {REASON})"
 SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
-
-
-def health_of(url: str, service: str) -> int:
-    with grpc.insecure_channel(url) as channel:
-        return (
-            health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=service)).status
-        )
 
 
 def on_router_loop(dep: InProcessDeployment, call) -> None:
@@ -61,6 +53,34 @@ def run_streams(dep: InProcessDeployment, prompts, expected) -> None:
         t.join(60)
     for i, (tokens, errors) in enumerate(results):
         assert not errors and tokens == expected[i], f"stream {i}: {errors}"
+
+
+def check_first_pair_reported(dep: InProcessDeployment) -> None:
+    """prefill-0 -> decode-0 broken, said once: status, counters, log, metrics and health."""
+    status = dep.core.status()
+    assert status["broken_transfer_pairs"] == {"prefill-0 -> decode-0": PAIR0}
+    prefill0 = status["workers"]["prefill-0"]
+    assert not prefill0["alive"] and prefill0["lost_reason"].startswith(
+        f"its KV transfer to every decode worker broke (last: {PAIR0}); restart the deployment"
+    ), prefill0
+    assert status["workers"]["prefill-1"]["alive"] and status["serving"]
+    stats = status["stats"]
+    assert stats["num_transfer_pairs_broken"] == 1 and stats["num_prefill_retries"] == 3
+    messages = [e["message"] for e in status["events"]]
+    assert sum(m.startswith("KV transfer prefill-0 -> decode-0 broken") for m in messages) == 1
+    assert sum(" retried (attempt 2, " in m and PAIR0.split(" (")[0] in m for m in messages) == 3
+    metrics = scrape(dep)
+    assert metrics[("pdserve:transfer_pairs_broken_total", "")] == 1
+    assert (
+        metrics[("pdserve:worker_up", "prefill-0")] == 0 and metrics[("pdserve:worker_up", "prefill-1")] == 1
+    )
+    wait_for(
+        lambda: health_of(dep.url, WORKER_HEALTH_PREFIX + "prefill-0") == NOT_SERVING,
+        5,
+        "health to follow",
+    )
+    assert health_of(dep.url, "") == SERVING
+    assert health_of(dep.url, WORKER_HEALTH_PREFIX + "prefill-1") == SERVING
 
 
 @pytest.mark.timeout(120)
@@ -92,31 +112,7 @@ def test_broken_pairs_are_routed_around_and_their_requests_move():
         for i, (tokens, errors) in enumerate(results):
             assert not errors and tokens == expected[i], f"stream {i}: {errors}"
 
-        status = dep.core.status()
-        assert status["broken_transfer_pairs"] == {"prefill-0 -> decode-0": PAIR0}
-        prefill0 = status["workers"]["prefill-0"]
-        assert not prefill0["alive"] and prefill0["lost_reason"].startswith(
-            f"its KV transfer to every decode worker broke (last: {PAIR0}); restart the deployment"
-        ), prefill0
-        assert status["workers"]["prefill-1"]["alive"] and status["serving"]
-        stats = status["stats"]
-        assert stats["num_transfer_pairs_broken"] == 1 and stats["num_prefill_retries"] == 3
-        messages = [e["message"] for e in status["events"]]
-        assert sum(m.startswith("KV transfer prefill-0 -> decode-0 broken") for m in messages) == 1
-        assert sum(" retried (attempt 2, " in m and PAIR0.split(" (")[0] in m for m in messages) == 3
-        metrics = scrape(dep)
-        assert metrics[("pdserve:transfer_pairs_broken_total", "")] == 1
-        assert (
-            metrics[("pdserve:worker_up", "prefill-0")] == 0
-            and metrics[("pdserve:worker_up", "prefill-1")] == 1
-        )
-        wait_for(
-            lambda: health_of(dep.url, WORKER_HEALTH_PREFIX + "prefill-0") == NOT_SERVING,
-            5,
-            "health to follow",
-        )
-        assert health_of(dep.url, "") == SERVING
-        assert health_of(dep.url, WORKER_HEALTH_PREFIX + "prefill-1") == SERVING
+        check_first_pair_reported(dep)
     finally:
         gate.set()
     try:
