@@ -31,7 +31,8 @@ import torch.multiprocessing as mp
 from pdserve.transfer.contract import KVHandle
 from pdserve.transfer.credentials import KVGate
 from pdserve.transfer.layout import KVLayout
-from pdserve.transfer.nccl_backend import NcclKVReceiver, NcclKVSender, init_transfer_group
+from pdserve.transfer.nccl_backend import NcclKVReceiver, NcclKVSender
+from pdserve.transfer.nccl_group import init_transfer_group
 from pdserve.transfer.packing import unpack_into
 from pdserve.transfer.peers import NcclPeer
 

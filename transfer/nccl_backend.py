@@ -58,12 +58,10 @@ to drive from several threads), so the others' confirmations may time out behind
 
 from __future__ import annotations
 
-import contextlib
-import datetime
 import os
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -82,80 +80,21 @@ from pdserve.transfer.contract import (
 )
 from pdserve.transfer.credentials import KVGate, Reservation, auth_tag, secret_bytes
 from pdserve.transfer.layout import KVLayout, KVLayoutMismatch, normalize_dtype_name
+from pdserve.transfer.nccl_group import DEFAULT_TIMEOUT_S, SideStream, wait_for_work
 from pdserve.transfer.packing import dtype_from_name, layer_chunks, pack_blocks
 from pdserve.transfer.peers import NcclPeer, check_peer
 
-DEFAULT_TIMEOUT_S = 60.0
 # Default chunking: the fewest layers per chunk that make a chunk at least this big (NCCL
 # sends well under ~16 MiB lose rate to per-op overhead); smaller requests go in one chunk.
 MIN_CHUNK_BYTES = 32 << 20
 # Overrides the default chunking of senders built with chunk_layers=None (tests, benchmarks).
 CHUNK_LAYERS_ENV = "PDSERVE_KV_CHUNK_LAYERS"
-# A wait that failed after this share of its timeout ran out (rather than failing on a peer's error)
-RAN_OUT_FRACTION = 0.9
 
 
 def default_chunk_layers(num_layers: int, layer_nbytes: int, min_chunk_bytes: int = MIN_CHUNK_BYTES) -> int:
     """Layers per chunk so that a chunk is >= `min_chunk_bytes`; 0 (one chunk) if that is all of them."""
     chunk = max(1, -(-min_chunk_bytes // max(1, layer_nbytes)))
     return 0 if chunk >= num_layers else chunk
-
-
-def wait_for_work(work: dist.Work, timeout_s: float) -> tuple[str | None, bool]:
-    """Wait for a send or receive: (None, False) once it completed, else (why, ran_out), where
-    `ran_out` says the wait used up its own timeout (then, see "Failure", every pair of this
-    rank is gone), not that it failed early (a peer's error)."""
-    started = time.monotonic()
-    try:
-        if work.wait(timeout=datetime.timedelta(seconds=timeout_s)):
-            return None, False
-        why = "timed out"
-    except Exception as exc:  # noqa: BLE001 - gloo and NCCL raise RuntimeError subclasses
-        why = str(exc)
-    return why, time.monotonic() - started >= RAN_OUT_FRACTION * timeout_s
-
-
-def backend_for_device(device: str | torch.device) -> str:
-    """ "nccl" for CUDA tensors, "gloo" for CPU ones."""
-    device_type = torch.device(device).type
-    if device_type == "cuda":
-        return "nccl"
-    if device_type == "cpu":
-        return "gloo"
-    raise ValueError(f"no torch.distributed transfer backend for device type {device_type!r}")
-
-
-def init_transfer_group(
-    rank: int,
-    world_size: int,
-    init_method: str,
-    device: str | torch.device,
-    timeout_s: float = DEFAULT_TIMEOUT_S,
-) -> str:
-    """Join the one transfer process group (the default torch.distributed group).
-
-    init_method: "tcp://host:port" of rank 0 (a plain "host:port" is accepted too).
-    Every worker (prefill and decode) calls this with its own rank. Returns the backend.
-    """
-    if "://" not in init_method:
-        init_method = f"tcp://{init_method}"
-    backend = backend_for_device(device)
-    if backend == "nccl":
-        # Each rank must talk NCCL from its own GPU; the cache lives there.
-        torch.cuda.set_device(torch.device(device))
-    dist.init_process_group(
-        backend=backend,
-        init_method=init_method,
-        world_size=world_size,
-        rank=rank,
-        timeout=datetime.timedelta(seconds=timeout_s),
-    )
-    return backend
-
-
-def destroy_transfer_group() -> None:
-    if dist.is_initialized():
-        dist.destroy_process_group()
 
 
 @dataclass(frozen=True)
@@ -178,34 +117,6 @@ class NcclTransferNotice:
 
 # notify(notice) -> waitable whose result() returns once the receiver has the data in place.
 NotifyFn = Callable[[NcclTransferNotice], Waitable]
-
-
-class _SideStream:
-    """On CUDA, run transfer work on a private stream so it never stalls the engine's stream.
-
-    `work.wait()` on an NCCL op makes the *current* stream wait for the transfer; on the
-    engine's stream that would hold up its forward passes until the peer shows up. On CPU
-    this is a no-op context.
-    """
-
-    def __init__(self, device: torch.device) -> None:
-        self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
-
-    @contextlib.contextmanager
-    def active(self) -> Iterator[None]:
-        """Make the side stream current in this thread (safe to use from several threads at once)."""
-        if self.stream is None:
-            yield
-            return
-        # Order after everything already queued on the caller's stream (e.g. the prefill
-        # forward pass that wrote the blocks about to be packed).
-        self.stream.wait_stream(torch.cuda.current_stream(self.stream.device))
-        with torch.cuda.stream(self.stream):
-            yield
-
-    def synchronize(self) -> None:
-        if self.stream is not None:
-            self.stream.synchronize()
 
 
 class NcclKVSender:
@@ -245,7 +156,7 @@ class NcclKVSender:
         # gloo send cancels it (and with NCCL frees its buffer under the kernel), and a late
         # receiver must still get well-formed bytes.
         self._abandoned: dict[int, list[tuple[list[dist.Work], torch.Tensor]]] = {}
-        self._streams: dict[torch.device, _SideStream] = {}
+        self._streams: dict[torch.device, SideStream] = {}
 
     def broken_peers(self) -> dict[int, str]:
         """The destination ranks this sender refuses now, each with why (`EVERY_PEER`: all)."""
@@ -259,10 +170,10 @@ class NcclKVSender:
         with self._locks_guard:
             return self._locks.setdefault(dst, threading.Lock())
 
-    def _stream_for(self, device: torch.device) -> _SideStream:
+    def _stream_for(self, device: torch.device) -> SideStream:
         with self._locks_guard:
             if device not in self._streams:
-                self._streams[device] = _SideStream(device)
+                self._streams[device] = SideStream(device)
             return self._streams[device]
 
     def send(
@@ -422,7 +333,7 @@ class NcclKVReceiver:
         self._one_lock = threading.Lock() if self.device.type == "cuda" else None
         self._source_locks: dict[int, threading.Lock] = {}
         self._locks_guard = threading.Lock()
-        self._stream = _SideStream(self.device)
+        self._stream = SideStream(self.device)
         # Sources whose receive timed out: that irecv may still match their next send, so any
         # further request is refused (see "Failure"). Keep the pending Work and buffer alive.
         self._broken_sources: dict[int, tuple[list[dist.Work], torch.Tensor]] = {}

@@ -55,7 +55,8 @@ class NcclSendSide:
         self.sender: NcclKVSender | None = None
 
     def join_group(self, rank: int, world_size: int, init_method: str, device: str | torch.device) -> None:
-        from pdserve.transfer.nccl_backend import NcclKVSender, init_transfer_group
+        from pdserve.transfer.nccl_backend import NcclKVSender
+        from pdserve.transfer.nccl_group import init_transfer_group
 
         init_transfer_group(rank, world_size, init_method, device)
         self.sender = NcclKVSender(
@@ -86,7 +87,7 @@ class NcclSendSide:
 
     def close(self) -> None:
         if self.sender is not None:
-            from pdserve.transfer.nccl_backend import destroy_transfer_group
+            from pdserve.transfer.nccl_group import destroy_transfer_group
 
             self.sender.close()
             self.sender = None
@@ -108,7 +109,8 @@ class NcclReceiveSide(GatedReceiveSide):
         self.receiver: NcclKVReceiver | None = None
 
     def join_group(self, rank: int, world_size: int, init_method: str, device: str | torch.device) -> None:
-        from pdserve.transfer.nccl_backend import NcclKVReceiver, init_transfer_group
+        from pdserve.transfer.nccl_backend import NcclKVReceiver
+        from pdserve.transfer.nccl_group import init_transfer_group
 
         init_transfer_group(rank, world_size, init_method, device)
         self.receiver = NcclKVReceiver(
@@ -139,7 +141,7 @@ class NcclReceiveSide(GatedReceiveSide):
 
     def close(self) -> None:
         if self.receiver is not None:
-            from pdserve.transfer.nccl_backend import destroy_transfer_group
+            from pdserve.transfer.nccl_group import destroy_transfer_group
 
             self.receiver = None
             destroy_transfer_group()

@@ -24,13 +24,8 @@ import torch.multiprocessing as mp
 from pdserve.transfer.contract import KVHandle
 from pdserve.transfer.credentials import KVGate
 from pdserve.transfer.layout import KVLayout, KVLayoutMismatch
-from pdserve.transfer.nccl_backend import (
-    NcclKVReceiver,
-    NcclKVSender,
-    NcclTransferNotice,
-    destroy_transfer_group,
-    init_transfer_group,
-)
+from pdserve.transfer.nccl_backend import NcclKVReceiver, NcclKVSender, NcclTransferNotice
+from pdserve.transfer.nccl_group import destroy_transfer_group, init_transfer_group
 from pdserve.transfer.packing import buffer_nbytes, to_bytes, unpack_into
 from pdserve.transfer.peers import GrpcPeer, NcclPeer
 
