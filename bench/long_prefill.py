@@ -115,7 +115,7 @@ def main() -> None:
             f" engine takes fused: {row['engine_takes_fused']}, rel diff {row['relative_difference']:.1e}, "
             f"first call {row['fused_first_call_ms']:.1f} ms"
         )
-    result["cudnn_modes"] = {str(key): ok for key, ok in lse_attention._CUDNN_OK.items()}
+    result["cudnn_modes"] = {str(key): mode for key, mode in lse_attention._CUDNN_MODE.items()}
     print("cuDNN op checks:", result["cudnn_modes"])
     if args.json:
         with open(args.json, "w") as f:

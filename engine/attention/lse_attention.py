@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import torch
 
-_CUDNN_OK: dict[tuple, bool] = {}  # (device index, dtype, head_dim, gqa) -> cuDNN op works there
+# (device index, dtype, head_dim, gqa) -> False: the cuDNN op works with grouped-query heads as
+# they are; True: only with K/V expanded per query head; None: not usable there
+_CUDNN_MODE: dict[tuple, bool | None] = {}
 
 
 def _math_attention_with_lse(
@@ -86,16 +88,17 @@ def lse_attention_supported(q: torch.Tensor, k: torch.Tensor) -> bool:
 
 
 def _cudnn_mode(q: torch.Tensor, k: torch.Tensor) -> bool | None:
-    """False: native grouped-query; True: K/V expanded per query head; None: cuDNN unusable."""
+    """Whether K/V must be expanded for the cuDNN op here (see `_CUDNN_MODE`), checked once."""
     gqa = q.shape[1] != k.shape[1]
     key = (q.device.index, q.dtype, q.shape[2], gqa)
-    if key not in _CUDNN_OK:
-        _CUDNN_OK[key] = _cudnn_works(q, k, expand_kv=False)
-        if gqa and not _CUDNN_OK[key]:
-            _CUDNN_OK[(*key, "expanded")] = _cudnn_works(q, k, expand_kv=True)
-    if _CUDNN_OK[key]:
-        return False
-    return True if _CUDNN_OK.get((*key, "expanded")) else None
+    if key not in _CUDNN_MODE:
+        if _cudnn_works(q, k, expand_kv=False):
+            _CUDNN_MODE[key] = False
+        elif gqa and _cudnn_works(q, k, expand_kv=True):
+            _CUDNN_MODE[key] = True
+        else:
+            _CUDNN_MODE[key] = None
+    return _CUDNN_MODE[key]
 
 
 def attention_with_lse(
