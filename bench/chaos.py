@@ -144,23 +144,13 @@ def _pct(sorted_values: list[float], q: float) -> float | None:
 
 
 def _config(kill: str, backend: str, restart: bool) -> Any:
-    from pdserve.deploy.config import parse_config
+    from pdserve.bench.soak import tiny_pd_config
 
     if kill == "prefill":
         num_prefill, num_decode = 2, 1
     else:  # with --restart the only decode worker: its streams wait for the new instance
         num_prefill, num_decode = (1, 1) if restart else (1, 2)
-    return parse_config(
-        {
-            "model": "tiny",
-            "engine": {"num_gpu_blocks": 1024, "max_num_seqs": 64, "max_num_batched_tokens": 1024},
-            "prefill": {"count": num_prefill},
-            "decode": {"count": num_decode},
-            "transfer": {"backend": backend},
-            "router": {"port": 0, "policy_params": {"local_prefill_threshold_tokens": 0}},
-            "ray": {"num_cpus": 2, "namespace": "pdserve-chaos"},
-        }
-    )
+    return tiny_pd_config(backend, num_prefill, num_decode, namespace="pdserve-chaos")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -207,8 +207,9 @@ async def run_soak(
 # --- The Ray soak: `python -m pdserve.bench.chaos --soak N` -------------------------------
 
 
-def soak_config(backend: str, num_prefill: int = 2, num_decode: int = 2) -> Any:
-    """2P2D tiny model; Ray restarts a killed worker as often as it dies."""
+def tiny_pd_config(backend: str, num_prefill: int, num_decode: int, **ray: Any) -> Any:
+    """The tiny model split over `num_prefill` prefill and `num_decode` decode workers on the
+    local Ray node, `ray` keys (namespace, max_worker_restarts) added: the chaos runs' deployment."""
     from pdserve.deploy.config import parse_config
 
     return parse_config(
@@ -219,9 +220,14 @@ def soak_config(backend: str, num_prefill: int = 2, num_decode: int = 2) -> Any:
             "decode": {"count": num_decode},
             "transfer": {"backend": backend},
             "router": {"port": 0, "policy_params": {"local_prefill_threshold_tokens": 0}},
-            "ray": {"num_cpus": 2, "namespace": "pdserve-soak", "max_worker_restarts": -1},
+            "ray": {"num_cpus": 2, **ray},
         }
     )
+
+
+def soak_config(backend: str, num_prefill: int = 2, num_decode: int = 2) -> Any:
+    """2P2D tiny model; Ray restarts a killed worker as often as it dies."""
+    return tiny_pd_config(backend, num_prefill, num_decode, namespace="pdserve-soak", max_worker_restarts=-1)
 
 
 @dataclass
