@@ -16,6 +16,7 @@
 #   bash bench/run_gpu_suite.sh hosttier   # one GPU: host tier copy-stream tests, bench.host_tier at 32k
 #   bash bench/run_gpu_suite.sh hosttier8k # one GPU: bench.host_tier at 8k
 #   bash bench/run_gpu_suite.sh tierrows   # one GPU: bench.host_tier at 32k, bench.gpu's pdserve rows 1-3
+#   bash bench/run_gpu_suite.sh tiercheck  # one GPU: fused-prefix and host tier GPU tests, bench.host_tier at 32k
 #   bash bench/run_gpu_suite.sh multiturn  # one H200: multi-turn serving, prefix cache's host tier off vs on
 # Results land in $OUT (default bench/results/gpu-run).
 set -uo pipefail
@@ -97,6 +98,18 @@ case "${1:-}" in
       -k "long_chunks or prefix or sdpa or engine_gpu or host_tier" 2>&1 | tail -6 | tee "$OUT/gpu_tests.txt"
     timeout 240 python -m pdserve.bench.gpu_long --only 9 --json "$OUT/gpu_long_128k.json" \
       --markdown "$OUT/gpu_long_128k.md" 2>&1 | tail -5
+    ;;
+  tiercheck)
+    # One GPU, after `long`: the fused long-prefill path's and the host tier's GPU tests (fresh
+    # random inputs every run), then bench.host_tier at 32,000 tokens (TTFT from the host tier
+    # against recomputing, the load's GB/s against a plain pinned copy). Each result as it comes.
+    timeout 150 python -m pytest tests/gpu/test_triton_attention.py tests/gpu/test_engine_gpu.py -q \
+      -p no:cacheprovider -k "long_chunks or fused_prefix or chunk_over_a_cached_prefix or sdpa" 2>&1 \
+      | tail -4 | tee "$OUT/fused_prefix_tests.txt"
+    timeout 120 python -m pytest tests/gpu/test_host_tier_gpu.py -q -p no:cacheprovider 2>&1 \
+      | tail -4 | tee "$OUT/host_tier_tests.txt"
+    timeout 320 python -m pdserve.bench.host_tier --prompt-tokens 32000 --max-position 131072 \
+      --json "$OUT/host_tier_32k.json" 2>&1 | tail -24
     ;;
   long)
     # One GPU: bench.gpu's long-context rows 6-10 (32k and ~128k prefill and decode) against their
