@@ -124,9 +124,12 @@ class LLMEngine:
         return runner
 
     def shutdown(self) -> None:
-        """Stop the tensor-parallel ranks (nothing to do with one rank); idempotent."""
+        """Stop the tensor-parallel ranks (nothing to do with one rank) and unpin the host
+        tier's slots; idempotent."""
         if self.tp_ranks is not None:
             self.tp_ranks.shutdown()
+        if self.runner.host_kv is not None:
+            self.runner.host_kv.close()
 
     # -- properties ---------------------------------------------------------
     @property
