@@ -189,6 +189,10 @@ def test_gather_and_scatter_with_a_replicated_kv_head(tmp_path):
 
 
 def test_tp2_prefill_ships_its_kv_in_bounded_layer_pieces(tmp_path, monkeypatch):
+    check_tp2_prefill_ships_kv_in_pieces(tmp_path, monkeypatch)
+
+
+def check_tp2_prefill_ships_kv_in_pieces(tmp_path, monkeypatch, **engine_options) -> None:
     """A TP=2 prefill worker feeding a TP=1 decode worker over gRPC (the deployment's wiring, in
     one process), 4 layers, PDSERVE_KV_CHUNK_LAYERS=1: the KV leaves as 4 one-layer pieces, each
     gathered on rank 0 when the sender asks for it, every earlier piece dropped by then (never
@@ -210,7 +214,7 @@ def test_tp2_prefill_ships_its_kv_in_bounded_layer_pieces(tmp_path, monkeypatch)
     params = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
 
     def config(tp: int) -> EngineConfig:
-        return EngineConfig(model=str(tmp_path), num_gpu_blocks=16, tensor_parallel_size=tp)
+        return EngineConfig(model=str(tmp_path), num_gpu_blocks=16, tensor_parallel_size=tp, **engine_options)
 
     single = LLMEngine(config(1), "both")
     try:
@@ -258,8 +262,8 @@ def test_tp2_prefill_ships_its_kv_in_bounded_layer_pieces(tmp_path, monkeypatch)
         src_ids = gathers[0][0]
         whole = prefill.loop.call_sync(lambda engine: gather_kv(src_ids))  # the blocks are cached still
         landed = decode.loop.call_sync(lambda engine: pack_local(engine.kv_cache, handle.block_ids))
-        assert torch.equal(landed.view(torch.uint8), whole.view(torch.uint8))
-        torch.testing.assert_close(landed, reference, rtol=1e-4, atol=1e-5)
+        assert torch.equal(landed.cpu().view(torch.uint8), whole.cpu().view(torch.uint8))
+        torch.testing.assert_close(landed.cpu(), reference.cpu(), rtol=1e-4, atol=1e-5)
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline and not all(
             (load := w.load()).num_free_blocks == load.num_total_blocks for w in workers.values()
