@@ -37,6 +37,7 @@ from pdserve.transfer.grpc_server import GrpcKVServer
 from pdserve.transfer.layout import KVLayout
 from pdserve.transfer.packing import buffer_nbytes, layer_chunks, pack_blocks, unpack_blocks, unpack_into
 from pdserve.transfer.peers import GrpcPeer
+from pdserve.transfer.source import CacheBlocks
 
 
 @dataclass
@@ -235,7 +236,10 @@ def bench_grpc(
     try:
         stats = []
         seconds = best_seconds(
-            lambda: stats.append(sender.send(handle(), src_ids, src_cache, 0)), config.grpc_iters, device, 1
+            lambda: stats.append(sender.send(handle(), CacheBlocks(src_cache, src_ids), 0)),
+            config.grpc_iters,
+            device,
+            1,
         )
         assert torch.equal(recv_cache[:, :, dst_ids], src_cache[:, :, src_ids]), "gRPC path lost data"
     finally:

@@ -35,6 +35,7 @@ from pdserve.transfer.nccl_backend import NcclKVReceiver, NcclKVSender
 from pdserve.transfer.nccl_group import init_transfer_group
 from pdserve.transfer.packing import unpack_into
 from pdserve.transfer.peers import NcclPeer
+from pdserve.transfer.source import CacheBlocks
 
 MODEL = "llama3-8b-shape"
 
@@ -199,7 +200,7 @@ def send_rounds(setup: RankSetup, args, notices, replies, results) -> None:
 
     def send(mode: str) -> None:  # returns when the blocks are unpacked there
         nonlocal chunks
-        stats = senders[mode].send(handle(), src_blocks, cache, 0)
+        stats = senders[mode].send(handle(), CacheBlocks(cache, src_blocks), 0)
         if mode == "pipelined":
             chunks = stats.extra["chunks"]
 

@@ -1,5 +1,10 @@
 """The host tier's memory and copies: block slots in (pinned, on CUDA) host memory.
 
+On CUDA the slots are pageable pages of exactly their size pinned in place
+(engine/host_memory.py), not torch's pinned allocator (which rounds up to a power of two),
+registered layer by layer (up to 4 GiB at a time), so every copy below is within one
+registration and stays asynchronous.
+
 Device cache: [num_layers, 2, num_blocks, block_size, Hkv, D]. Host slots are layer-major,
 [num_layers, num_slots, 2, block_size, Hkv, D]: one layer's run of consecutive slots is one
 contiguous piece of host memory, so one copy moves a whole run of a layer, and copies can go
@@ -33,11 +38,13 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 from collections.abc import Sequence
 
 import torch
 
 from pdserve.engine.core.host_tier import BlockCopies
+from pdserve.engine.host_memory import HostMemory
 from pdserve.engine.host_tensors import host_to_device
 
 # Cap on each direction's staging buffer: 128 MiB holds one layer of a 32k-token prompt's
@@ -130,8 +137,14 @@ class HostKVPool:
         self.device = kv_cache.device
         block_shape = (two, block_size, num_heads, head_dim)  # one layer of one block
         shape = (num_layers, num_slots, *block_shape)
-        self.slots = torch.zeros(shape, dtype=kv_cache.dtype, pin_memory=self.device.type == "cuda")
-        layer_block_bytes = self.slots[0, 0].numel() * self.slots.element_size()
+        layer_block_bytes = math.prod(block_shape) * kv_cache.element_size()
+        self._memory: HostMemory | None = None
+        if self.device.type == "cuda":  # pinned in place, exactly this size (engine/host_memory.py)
+            layer_bytes = num_slots * layer_block_bytes  # a copy stays within one layer's slots
+            self._memory = HostMemory(num_layers * layer_bytes, True, layer_bytes, self.device)
+            self.slots = self._memory.tensor.view(kv_cache.dtype).view(shape)
+        else:
+            self.slots = torch.zeros(shape, dtype=kv_cache.dtype)
         self.bytes_per_block = num_layers * layer_block_bytes
         cap = STAGING_BYTES if staging_bytes is None else staging_bytes
         # layer-blocks a staging buffer holds; a step moves at most min(slots, blocks) blocks
@@ -196,6 +209,13 @@ class HostKVPool:
                 lane.stream.synchronize()
         self._pending.clear()
         self.wait_for_copies()  # only removes the hooks now
+
+    def close(self) -> None:
+        """Let the pinned slots go (idempotent; the engine's shutdown): the queued copies end
+        first. The slots stay usable as pageable memory, whose copies block the host."""
+        if self._memory is not None:
+            self.synchronize()
+            self._memory.close()
 
     def last_load_seconds(self) -> float | None:
         """GPU time of the latest step's loads, from its first copy to its last scatter

@@ -35,6 +35,17 @@ def check_block_ids(num_blocks: int, block_ids: Sequence[int]) -> None:
         raise ValueError(f"duplicate block ids in {list(block_ids)}")
 
 
+def check_layers(num_layers: int, layers: slice | None) -> slice | None:
+    """`layers` as a concrete `slice(start, stop)` of `num_layers` (None stays None: every layer);
+    ValueError on an empty or strided one (checked on rank 0 before any rank slices with it)."""
+    if layers is None:
+        return None
+    start, stop, step = layers.indices(num_layers)
+    if step != 1 or stop <= start:
+        raise ValueError(f"layers must be a non-empty step-1 slice of {num_layers} layers, got {layers}")
+    return slice(start, stop)
+
+
 def pack_local(kv_cache: torch.Tensor, block_ids: Sequence[int], layers: slice | None = None) -> torch.Tensor:
     """This rank's heads of `block_ids` (in order): [L', 2, n, block_size, Hkv_rank, D]."""
     index = torch.as_tensor(list(block_ids), dtype=torch.long, device=kv_cache.device)

@@ -124,9 +124,12 @@ class LLMEngine:
         return runner
 
     def shutdown(self) -> None:
-        """Stop the tensor-parallel ranks (nothing to do with one rank); idempotent."""
+        """Stop the tensor-parallel ranks (nothing to do with one rank) and unpin the host
+        tier's slots; idempotent."""
         if self.tp_ranks is not None:
             self.tp_ranks.shutdown()
+        if self.runner.host_kv is not None:
+            self.runner.host_kv.close()
 
     # -- properties ---------------------------------------------------------
     @property
@@ -184,10 +187,11 @@ class LLMEngine:
         self._penalized.discard(req_id)
         self.scheduler.release_held(req_id)
 
-    def gather_kv(self, block_ids: list[int]) -> torch.Tensor:
-        """Tensor-parallel prefill: the KV of `block_ids` with every KV head of the model,
-        [L, 2, n, block_size, Hkv, D] on rank 0 (between steps: the ranks run it together)."""
-        return self.tp_ranks.gather_kv(self.runner, block_ids)
+    def gather_kv(self, block_ids: list[int], layers: slice | None = None) -> torch.Tensor:
+        """Tensor-parallel prefill: the KV of `block_ids` in `layers` (None: all) with every KV
+        head of the model, [L', 2, n, block_size, Hkv, D] on rank 0 (between steps: the ranks
+        run it together)."""
+        return self.tp_ranks.gather_kv(self.runner, block_ids, layers)
 
     # -- decode role ----------------------------------------------------------
     def scatter_kv(self, chunk: torch.Tensor, block_ids: list[int], layers: slice) -> None:

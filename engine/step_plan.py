@@ -33,10 +33,12 @@ class StepPlan:
 
 @dataclass(frozen=True)
 class KVGather:
-    """Every rank packs its KV heads of `block_ids` and rank 0 gathers them (a prefill
-    worker's KV on its way out: `TensorParallelRanks.gather_kv`)."""
+    """Every rank packs its KV heads of `block_ids` in `layers` (None: every layer) and rank 0
+    gathers them (a prefill worker's KV on its way out, piece by piece:
+    `TensorParallelRanks.gather_kv`)."""
 
     block_ids: list[int]
+    layers: slice | None = None
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,8 @@ rows), sends it down a pipe to each child, and all ranks run the same forward; t
 collectives (all-reduce after the row-parallel layers and the embedding, all-gather of the
 logits, the broadcast of rank 0's sampled tokens) go through a `TPGroup` of their own.
 KV moving in or out of a disaggregated worker takes the same pipe and group, between steps:
-`gather_kv` (a prefill worker's blocks, every KV head, on rank 0) and `scatter_kv` (a decode
+`gather_kv` (a layer range of a prefill worker's blocks, every KV head, on rank 0: the
+worker gathers piece by piece as its sender ships them) and `scatter_kv` (a decode
 worker's arriving chunk, each rank writing its heads), see engine/kv_heads.py.
 
 A child that fails to start is reported with its error; one that dies later fails rank 0's
@@ -36,7 +37,14 @@ import torch
 from pdserve.engine.config import ModelConfig
 from pdserve.engine.core.request import Request
 from pdserve.engine.core.scheduler import SchedulerOutput
-from pdserve.engine.kv_heads import assemble_heads, check_block_ids, pack_local, rank_heads, unpack_local
+from pdserve.engine.kv_heads import (
+    assemble_heads,
+    check_block_ids,
+    check_layers,
+    pack_local,
+    rank_heads,
+    unpack_local,
+)
 from pdserve.engine.model.tp_group import DEFAULT_TIMEOUT_S, TPGroup
 from pdserve.engine.model_runner import ModelRunner
 from pdserve.engine.sampled_tokens import SampledTokens
@@ -141,14 +149,15 @@ class TensorParallelRanks:
         plan = runner.plan_step(out, requests)
         return self._run_everywhere(plan, lambda: runner.run_step(plan), "during a step")
 
-    def gather_kv(self, runner: ModelRunner, block_ids: Sequence[int]) -> torch.Tensor:
-        """The KV of `block_ids` with all the model's KV heads, [L, 2, n, block_size, Hkv, D] on
-        rank 0's device: every rank packs its heads, rank 0 gathers them over the group."""
-        block_ids = list(block_ids)
-        check_block_ids(runner.num_blocks, block_ids)  # before any rank indexes
-        whole = self._run_everywhere(
-            KVGather(block_ids), lambda: gather_kv_heads(runner, block_ids), "while gathering KV"
-        )
+    def gather_kv(
+        self, runner: ModelRunner, block_ids: Sequence[int], layers: slice | None = None
+    ) -> torch.Tensor:
+        """The KV of `block_ids` in `layers` (None: all) with all the model's KV heads,
+        [L', 2, n, block_size, Hkv, D] on rank 0's device: every rank packs its heads, rank 0
+        gathers them over the group."""
+        message = KVGather(list(block_ids), check_layers(runner.kv_cache.shape[0], layers))
+        check_block_ids(runner.num_blocks, message.block_ids)  # before any rank indexes
+        whole = self._run_everywhere(message, lambda: gather_kv_heads(runner, message), "while gathering KV")
         if whole.is_cuda:  # complete before a sender thread (its own streams) reads it
             torch.cuda.current_stream(whole.device).synchronize()
         return whole
@@ -239,16 +248,17 @@ def _rank_main(rank: int, size: int, store_port: int, conn_port: int, device: st
             return
         message = pickle.loads(data)
         if isinstance(message, KVGather):
-            gather_kv_heads(runner, message.block_ids)
+            gather_kv_heads(runner, message)
         elif isinstance(message, KVScatter):
             scatter_kv_heads(runner, message, None)
         else:
             runner.run_step(message)
 
 
-def gather_kv_heads(runner: ModelRunner, block_ids: list[int]) -> torch.Tensor | None:
-    """Every rank: pack this rank's heads of `block_ids`; rank 0 gets the whole buffer."""
-    parts = runner.tp.gather_to_first(pack_local(runner.kv_cache, block_ids))
+def gather_kv_heads(runner: ModelRunner, message: KVGather) -> torch.Tensor | None:
+    """Every rank: pack this rank's heads of the message's blocks and layers; rank 0 gets the
+    whole-heads buffer."""
+    parts = runner.tp.gather_to_first(pack_local(runner.kv_cache, message.block_ids, message.layers))
     return None if parts is None else assemble_heads(parts, runner.config.num_key_value_heads)
 
 

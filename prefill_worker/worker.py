@@ -4,9 +4,11 @@
 sampled token as soon as the step that computed it ends (that is the TTFT).
 The request's blocks stay owned here (the scheduler holds them, HELD_FOR_TRANSFER)
 while a sender thread ships the ones the decode worker lacks, with the first token,
-in one packed buffer; they are freed when the send completes or fails. A tensor-parallel
-worker first gathers every rank's KV heads of those blocks on rank 0 (engine/kv_heads.py),
-so the buffer always carries all the heads, whatever the decode worker's TP size. The decode
+in one packed buffer; they are freed when the send completes or fails. The buffer always
+carries all the KV heads, whatever the decode worker's TP size: a tensor-parallel worker
+gathers every rank's heads of those blocks on rank 0 (engine/kv_heads.py) in layer pieces,
+each just before the sender ships it (`transfer.source.LayerPieces`), so rank 0 holds a piece
+or two of the request's KV, never all of it. The decode
 worker starts the request itself once that KV has landed. A failed send, or a
 request that ended at its first token, is reported to the decode worker through its
 `DecodeLink` so it drops the reservation.
@@ -17,9 +19,12 @@ Plain class: `deploy.actors.WorkerActor` hosts it in a Ray actor and only forwar
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
+
+import torch
 
 from pdserve.engine.config import EngineConfig
 from pdserve.engine.core.outputs import PrefillResult, RequestOutput, StepBatch
@@ -28,6 +33,8 @@ from pdserve.engine.engine_loop import LoopWorker
 from pdserve.engine.llm_engine import LLMEngine
 from pdserve.transfer.connector import DecodeLink, KVConnector
 from pdserve.transfer.contract import KVHandle
+from pdserve.transfer.packing import configured_chunk_layers, default_chunk_layers
+from pdserve.transfer.source import CacheBlocks, KVSource, LayerPieces
 
 log = logging.getLogger(__name__)
 
@@ -153,13 +160,7 @@ class PrefillWorker(LoopWorker):
 
     def _send(self, handle: KVHandle, src_block_ids: list[int], first_token_id: int) -> None:
         try:
-            kv_cache = self.engine.kv_cache
-            if self.engine.tp_ranks is not None:
-                # Every rank's heads of these blocks, gathered on rank 0 between two steps: one
-                # buffer with all the KV heads, whatever the decode worker's TP size.
-                kv_cache = self.loop.call_sync(lambda e: e.gather_kv(src_block_ids))
-                src_block_ids = list(range(len(src_block_ids)))
-            stats = self.send_side.send(handle, src_block_ids, kv_cache, first_token_id)
+            stats = self.send_side.send(handle, self._kv_source(src_block_ids), first_token_id)
             log.debug(
                 "KV of %s: %d bytes, pack %.2f ms, send %.2f ms",
                 handle.req_id,
@@ -172,6 +173,26 @@ class PrefillWorker(LoopWorker):
             self._report(handle, f"{type(exc).__name__}: {exc}")
         finally:
             self.loop.call(lambda e: e.release_request(handle.req_id))
+
+    def _kv_source(self, src_block_ids: list[int]) -> KVSource:
+        """The blocks' KV with every head: the cache itself with one rank; with more, pieces of
+        `default_chunk_layers` layers ($PDSERVE_KV_CHUNK_LAYERS overrides), each gathered from
+        the ranks on rank 0 between two steps when the sender asks for it."""
+        cache = self.engine.kv_cache
+        if self.engine.tp_ranks is None:
+            return CacheBlocks(cache, src_block_ids)
+        num_layers, _, _, block_size, _, head_dim = cache.shape
+        num_kv_heads = self.engine.model_config.num_key_value_heads
+        shape = (num_layers, 2, len(src_block_ids), block_size, num_kv_heads, head_dim)
+        layer_nbytes = math.prod(shape[1:]) * cache.element_size()
+        piece_layers = configured_chunk_layers()
+        if piece_layers is None:
+            piece_layers = default_chunk_layers(num_layers, layer_nbytes)
+
+        def gather(layers: slice) -> torch.Tensor:
+            return self.loop.call_sync(lambda engine: engine.gather_kv(src_block_ids, layers))
+
+        return LayerPieces(gather, shape, cache.dtype, cache.device, piece_layers or num_layers)
 
     def _report(self, handle: KVHandle, reason: str | None) -> None:
         """Tell the decode worker its KV will not come (reason None: nothing to send)."""

@@ -3,8 +3,9 @@ nccl/gloo and gRPC backends.
 
 Importing this package loads only the torch-free pieces (layout, contract, config, the
 connector interface and its registry); `make_connector(config)` loads the chosen backend.
-Import `transfer.packing`, `transfer.nccl_backend`, `transfer.grpc_backend` (sender) or
-`transfer.grpc_server` (receiver) for the lower layers.
+Import `transfer.packing`, `transfer.source` (what a sender reads: `CacheBlocks`, `LayerPieces`),
+`transfer.nccl_backend`, `transfer.grpc_backend` (sender) or `transfer.grpc_server` (receiver)
+for the lower layers.
 """
 
 from pdserve.transfer.config import TransferConfig

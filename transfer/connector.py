@@ -10,7 +10,7 @@ decode worker, both made from the deploy's `TransferConfig`.
         side.join_group(rank, world_size, init_method, device)   # on every side, at once
     credential = receive.expect(req_id, block_ids)   # decode worker's reserve()
     handle = KVHandle(..., peer=receive.peer(), credential=credential)
-    send.send(handle, src_block_ids, kv_cache, first_token_id)
+    send.send(handle, CacheBlocks(kv_cache, src_block_ids), first_token_id)   # transfer.source
     # -> receiver: checks the credential (once), then
     #    sink.on_kv_chunk(KVArrival(req_id, reserved block_ids, first_token_id, t), layers, chunk)
     receive.forget(req_id)                           # an abort or an expired lease: refuse it now
@@ -36,12 +36,13 @@ from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 from pdserve.transfer.config import BACKENDS, CONNECTORS, TransferConfig
-from pdserve.transfer.contract import KVHandle, KVSink, TransferStats
+from pdserve.transfer.contract import KVHandle, KVSink, KVSource, TransferStats
 from pdserve.transfer.credentials import KVGate
 from pdserve.transfer.layout import KVLayout
 
 if TYPE_CHECKING:
     import torch
+
 
 __all__ = [
     "DecodeLink",
@@ -78,12 +79,12 @@ class DecodeLink(Protocol):
 class KVSendSide(Protocol):
     """A prefill worker's end of the connector. Thread-safe."""
 
-    def send(
-        self, handle: KVHandle, src_block_ids: Sequence[int], kv_cache: torch.Tensor, first_token_id: int
-    ) -> TransferStats:
+    def send(self, handle: KVHandle, source: KVSource, first_token_id: int) -> TransferStats:
         """`KVSender.send`: returns once the receiver has the data in place (and its sink took
         it); KVLayoutMismatch / KVTransferError / ValueError (bad arguments, a peer of another
-        backend) otherwise. kv_cache: [num_layers, 2, num_blocks, block_size, Hkv, D]."""
+        backend) otherwise. `source` (`transfer.source`): the blocks to send, with every KV head,
+        e.g. `CacheBlocks(kv_cache, src_block_ids)`; a tensor-parallel worker's `LayerPieces`
+        gathers them piece by piece as they are sent."""
         ...
 
     def join_group(self, rank: int, world_size: int, init_method: str, device: str | torch.device) -> None:

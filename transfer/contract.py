@@ -39,6 +39,7 @@ __all__ = [
     "KVHandle",
     "KVLayoutMismatch",
     "KVSender",
+    "KVSource",
     "KVSink",
     "KVTransferError",
     "TransferStats",
@@ -107,15 +108,30 @@ class TransferStats:
     extra: dict[str, float] = field(default_factory=dict)
 
 
+class KVSource(Protocol):
+    """A request's packed KV, by layer range: what a sender reads (`transfer.source` has the
+    implementations: a cache's blocks, pieces gathered on demand)."""
+
+    shape: tuple[int, ...]  # the whole packed buffer's [num_layers, 2, n, block_size, Hkv, D]
+    dtype: torch.dtype
+    device: torch.device
+    # 0: any layer range may be asked for at once (a view of a cache: nothing extra is held);
+    # k > 0: at most k layers per call, each a fresh tensor the sender should drop once sent.
+    max_chunk_layers: int
+
+    def layers(self, layers: slice, out: torch.Tensor | None = None) -> torch.Tensor:
+        """The packed KV of `layers` (a step-1 slice): [stop - start, 2, n, block_size, Hkv, D] on
+        `device`; written into `out` (that exact shape, dtype and device) when given."""
+        ...
+
+
 @runtime_checkable
 class KVSender(Protocol):
     """Prefill side of a backend."""
 
-    def send(
-        self, handle: KVHandle, src_block_ids: Sequence[int], kv_cache: torch.Tensor, first_token_id: int
-    ) -> TransferStats:
-        """Ship `kv_cache` blocks `src_block_ids` into the decode blocks `handle.block_ids`, with the
-        request's first sampled token.
+    def send(self, handle: KVHandle, source: KVSource, first_token_id: int) -> TransferStats:
+        """Ship `source`'s blocks (`transfer.source`: e.g. `CacheBlocks(kv_cache, src_block_ids)`)
+        into the decode blocks `handle.block_ids`, with the request's first sampled token.
 
         Blocks until the receiver has the data in place. Raises `KVLayoutMismatch` when
         the layouts differ, `KVTransferError` on any other failure, ValueError on bad

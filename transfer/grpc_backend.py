@@ -37,7 +37,11 @@ On CUDA the sender copies the packed buffer to host through a reused pinned
 staging buffer with non-blocking copies (one buffer per send in flight); over the
 data plane the copy goes in 8 MiB pieces, in the order the stripes send them, and
 each piece goes on its socket as soon as it lands, so the copy overlaps the send.
-CPU caches are packed straight into a reused host buffer.
+CPU caches are packed straight into a reused host buffer. A source of pieces made on demand
+(`transfer.source.LayerPieces`: a tensor-parallel worker's gathered pieces) is staged into the
+host buffer piece by piece on a thread of its own, each piece dropped once it is there, while
+the stripes send the bytes already staged; a piece that fails to come fails the push (the
+server sees a short stream: nothing is delivered).
 
 This module holds the protocol's shared constants and the sender (`GrpcKVSender`);
 the receiving side is `transfer.grpc_server.GrpcKVServer`, and `transfer.grpc_connector`
@@ -50,7 +54,7 @@ import logging
 import math
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 
 import grpc
 import torch
@@ -69,8 +73,9 @@ from pdserve.transfer.grpc_data import (
     stripe_pieces,
 )
 from pdserve.transfer.layout import KVLayout, KVLayoutMismatch
-from pdserve.transfer.packing import buffer_nbytes, pack_blocks, to_bytes
+from pdserve.transfer.packing import buffer_nbytes, to_bytes
 from pdserve.transfer.peers import GrpcPeer, check_peer
+from pdserve.transfer.source import KVSource, PieceFiller, source_layout
 from pdserve.transfer.staging import StagingPool
 
 log = logging.getLogger(__name__)
@@ -156,28 +161,48 @@ def encode_header(handle: KVHandle, layout: KVLayout, nbytes: int, first_token_i
 
 class _Staged:
     """The host buffer one send's payload sits in, and its way back to its pool: a CUDA cache's
-    bytes copied piece by piece (`start`), or a buffer packed on the host (`hold`)."""
+    bytes copied piece by piece (`start`), a source's layer pieces staged as they are fetched
+    (`fill`), or a buffer packed on the host (`hold`)."""
 
     def __init__(self) -> None:
         self._held: tuple[StagingPool, torch.Tensor] | None = None
-        self._host: torch.Tensor | None = None  # uint8 [nbytes]
-        self._ready: Callable[[int], None] | None = None
+        self._stop: Callable[[], None] | None = None  # returns once nothing writes into the buffer
 
     def start(
         self, pool: StagingPool, packed: torch.Tensor, num_streams: int
     ) -> tuple[memoryview, Callable[[int], None]]:
         nbytes = packed.numel() * packed.element_size()
         order = interleaved(stripe_pieces(stripe_bounds(nbytes, num_streams)))
-        self._host, buffer, self._ready = pool.copy_to_host_in_pieces(packed, order)
-        self._held = (pool, buffer)
-        return memoryview(self._host.numpy()), self._ready
+        host, buffer, ready = pool.copy_to_host_in_pieces(packed, order)
+        self._held, self._stop = (pool, buffer), lambda: ready(-1)
+        return memoryview(host.numpy()), ready
+
+    def fill(
+        self, pool: StagingPool, source: KVSource, req_id: str, num_streams: int
+    ) -> tuple[memoryview, Callable[[int], None]]:
+        """Stage `source`'s layer pieces into a pooled host buffer, in order, on a thread of their
+        own: the bytes of piece i go out while piece i+1 is fetched."""
+        nbytes = math.prod(source.shape) * source.dtype.itemsize
+        buffer = pool.acquire(nbytes)
+        filler = PieceFiller(source, buffer[:nbytes], req_id)
+        self._held, self._stop = (pool, buffer), filler.stop
+        ends = {
+            start: end
+            for stripe in stripe_pieces(stripe_bounds(nbytes, num_streams))
+            for start, end in stripe
+        }
+
+        def ready(start: int) -> None:  # the stripes' piece at `start`, whole
+            filler.ready(-1 if start < 0 else ends[start])
+
+        return memoryview(buffer[:nbytes].numpy()), ready
 
     def hold(self, pool: StagingPool, buffer: torch.Tensor) -> None:
         self._held = (pool, buffer)
 
     def release(self) -> None:
-        if self._ready is not None:
-            self._ready(-1)  # no copy may still be writing into the buffer we give back
+        if self._stop is not None:
+            self._stop()  # no copy may still be writing into the buffer we give back
         if self._held is not None:
             pool, buffer = self._held
             pool.release(buffer)
@@ -267,10 +292,9 @@ class GrpcKVSender:
             inband_only = address in self._inband_only
         return self.socket_min_bytes is not None and nbytes >= self.socket_min_bytes and not inband_only
 
-    def send(
-        self, handle: KVHandle, src_block_ids: Sequence[int], kv_cache: torch.Tensor, first_token_id: int
-    ) -> TransferStats:
-        """kv_cache: [num_layers, 2, num_blocks, block_size, Hkv, D]; `handle.peer` a GrpcPeer.
+    def send(self, handle: KVHandle, source: KVSource, first_token_id: int) -> TransferStats:
+        """Send `source`'s KV (e.g. `CacheBlocks(kv_cache, src_block_ids)`) to `handle.peer`, a
+        GrpcPeer.
 
         A push that finds its address unreachable (UNAVAILABLE) is tried once more on a fresh
         channel: a decode worker restarted on an address a dead one had (the OS hands the free
@@ -278,7 +302,7 @@ class GrpcKVSender:
         Never a double write: the credential is single use, so a push that had reached a
         server is refused the second time."""
         try:
-            return self._send_once(handle, src_block_ids, kv_cache, first_token_id)
+            return self._send_once(handle, source, first_token_id)
         except KVTransferError as exc:
             cause = exc.__cause__
             if not (isinstance(cause, grpc.RpcError) and cause.code() == grpc.StatusCode.UNAVAILABLE):
@@ -286,15 +310,13 @@ class GrpcKVSender:
         log.warning(
             "request %s: KV push to %s unreachable: once more on a new channel", handle.req_id, handle.peer
         )
-        return self._send_once(handle, src_block_ids, kv_cache, first_token_id)
+        return self._send_once(handle, source, first_token_id)
 
-    def _send_once(
-        self, handle: KVHandle, src_block_ids: Sequence[int], kv_cache: torch.Tensor, first_token_id: int
-    ) -> TransferStats:
+    def _send_once(self, handle: KVHandle, source: KVSource, first_token_id: int) -> TransferStats:
         address = check_peer(handle, GrpcPeer).address
-        local_layout = KVLayout.from_cache(kv_cache, self.model_name, self.tp_size)
-        check_send_args(handle, src_block_ids, local_layout, first_token_id)
-        nbytes = buffer_nbytes(local_layout, len(src_block_ids))
+        local_layout = source_layout(source, self.model_name, self.tp_size)
+        check_send_args(handle, range(source.shape[2]), local_layout, first_token_id)
+        nbytes = buffer_nbytes(local_layout, source.shape[2])
         header = encode_header(handle, local_layout, nbytes, first_token_id)
         rpc = self._rpc_for(address)
         auth = self._auth_metadata(handle)
@@ -308,30 +330,17 @@ class GrpcKVSender:
             )
         staged = _Staged()
         try:
-            if call is not None and kv_cache.device.type == "cuda":
-                # The copy to host waits for the server's stripe count, then goes piece by piece
-                # in the order the stripes send them: it overlaps the send instead of preceding it.
-                packed_on_device = pack_blocks(kv_cache, src_block_ids)  # [L, 2, n, bs, Hkv, D]
-                packed = time.perf_counter()
-                self._send_socket(
-                    handle.req_id,
-                    address,
-                    call,
-                    lambda streams: staged.start(self._staging, packed_on_device, streams),
-                    deadline,
-                )
-            else:
-                host_buffer, staging = self._to_host(kv_cache, src_block_ids)  # [L, 2, n, bs, Hkv, D], CPU
-                staged.hold(*staging)
-                payload = to_bytes(host_buffer)
-                packed = time.perf_counter()
-                if call is not None:
-                    self._send_socket(handle.req_id, address, call, lambda streams: (payload, None), deadline)
-            if call is None:  # in band
+            stage = self._stager(handle.req_id, source, staged, call is not None)
+            packed = time.perf_counter()
+            if call is not None:
+                self._send_socket(handle.req_id, address, call, stage, deadline)
+                call.result()
+            else:  # in band
+                payload, ready = stage(1)
+                if ready is not None:
+                    ready(-1)
                 remaining = max(deadline - time.perf_counter(), 0.001)
                 rpc(self._chunks(header, payload), timeout=remaining, metadata=auth)
-            else:
-                call.result()
         except grpc.RpcError as exc:
             if exc.code() == grpc.StatusCode.UNAVAILABLE:
                 self._retire_channel(address, rpc)
@@ -343,21 +352,38 @@ class GrpcKVSender:
         done = time.perf_counter()
         return TransferStats(nbytes=nbytes, pack_ms=(packed - start) * 1e3, send_ms=(done - packed) * 1e3)
 
-    def _to_host(
-        self, kv_cache: torch.Tensor, src_block_ids: Sequence[int]
-    ) -> tuple[torch.Tensor, tuple[StagingPool, torch.Tensor]]:
+    def _stager(
+        self, req_id: str, source: KVSource, staged: _Staged, socket: bool
+    ) -> Callable[[int], tuple[memoryview, Callable[[int], None] | None]]:
+        """`stage(num_streams)` -> (payload, its pieces' `ready`; None: all there already). A whole
+        buffer packed here first (a CPU cache, or a CUDA one in band); a CUDA cache's packed
+        buffer copied to host once the server's stripe count is known, piece by piece in the
+        order the stripes send them (the copy overlaps the send); a bounded source's pieces
+        fetched and staged one by one as the send goes (only one held off the host at a time)."""
+        if source.max_chunk_layers:
+            pool = self._staging if source.device.type == "cuda" else self._cpu_staging
+            return lambda streams: staged.fill(pool, source, req_id, streams)
+        if socket and source.device.type == "cuda":
+            packed_on_device = source.layers(slice(0, source.shape[0]))  # [L, 2, n, bs, Hkv, D]
+            return lambda streams: staged.start(self._staging, packed_on_device, streams)
+        host_buffer, staging = self._to_host(source)  # [L, 2, n, bs, Hkv, D], CPU
+        staged.hold(*staging)
+        payload = to_bytes(host_buffer)
+        return lambda streams: (payload, None)
+
+    def _to_host(self, source: KVSource) -> tuple[torch.Tensor, tuple[StagingPool, torch.Tensor]]:
         """(packed buffer on host, (pool, staging buffer) to release it to afterwards)."""
-        if kv_cache.device.type == "cpu":  # packed straight into a pooled host buffer, no copy
-            shape = (kv_cache.shape[0], 2, len(src_block_ids), *kv_cache.shape[3:])
-            nbytes = math.prod(shape) * kv_cache.element_size()
+        every_layer = slice(0, source.shape[0])
+        if source.device.type == "cpu":  # packed straight into a pooled host buffer, no copy
+            nbytes = math.prod(source.shape) * source.dtype.itemsize
             staging = self._cpu_staging.acquire(nbytes)  # uint8 [>= nbytes], ours until released
             try:
-                out = staging[:nbytes].view(kv_cache.dtype).view(shape)
-                return pack_blocks(kv_cache, src_block_ids, out=out), (self._cpu_staging, staging)
+                out = staging[:nbytes].view(source.dtype).view(source.shape)
+                return source.layers(every_layer, out=out), (self._cpu_staging, staging)
             except BaseException:
                 self._cpu_staging.release(staging)
                 raise
-        packed = pack_blocks(kv_cache, src_block_ids)  # [L, 2, n, bs, Hkv, D] on the cache's device
+        packed = source.layers(every_layer)  # [L, 2, n, bs, Hkv, D] on the cache's device
         host, staging = self._staging.copy_to_host(packed)
         return host, (self._staging, staging)
 

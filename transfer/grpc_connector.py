@@ -8,12 +8,12 @@ with a `GrpcPeer` in it stays torch-free.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, ClassVar
 
 from pdserve.transfer.config import TransferConfig
 from pdserve.transfer.connector import DecodeLink, GatedReceiveSide, KVConnector, KVReceiveSide, KVSendSide
-from pdserve.transfer.contract import KVHandle, KVSink, TransferStats
+from pdserve.transfer.contract import KVHandle, KVSink, KVSource, TransferStats
 from pdserve.transfer.layout import KVLayout
 from pdserve.transfer.peers import GrpcPeer
 
@@ -36,11 +36,8 @@ class GrpcSendSide:
             model_name, config.secret, timeout_s=config.timeout_s, tp_size=tp_size
         )
 
-    def send(
-        self, handle: KVHandle, src_block_ids: Sequence[int], kv_cache: torch.Tensor, first_token_id: int
-    ) -> TransferStats:
-        """kv_cache: [num_layers, 2, num_blocks, block_size, Hkv, D]."""
-        return self.sender.send(handle, src_block_ids, kv_cache, first_token_id)
+    def send(self, handle: KVHandle, source: KVSource, first_token_id: int) -> TransferStats:
+        return self.sender.send(handle, source, first_token_id)
 
     def join_group(self, rank: int, world_size: int, init_method: str, device: str | torch.device) -> None:
         """Nothing to join: the grpc backend uses no process group."""

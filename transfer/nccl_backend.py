@@ -23,7 +23,12 @@ Pipelining. The buffer `[L, 2, n, block_size, Hkv, D]` is sent as consecutive la
 chunks `c_k = slice(k*chunk_layers, ...)` (`transfer.packing.layer_chunks`; the notice
 carries `chunk_layers`, 0 = one chunk), so packing chunk k+1 overlaps sending chunk k,
 and the sink's unpacking of chunk k overlaps receiving chunk k+1. On CUDA nothing blocks
-the host on the sender: each isend is ordered after its pack on the side stream. The
+the host on the sender: each isend is ordered after its pack on the side stream. A source
+of pieces made on demand (`transfer.source.LayerPieces`: a tensor-parallel worker's gathered
+pieces) is sent the same way, each chunk its own tensor, at most its `max_chunk_layers` per
+chunk; the sender waits for chunk k-2's send before it makes chunk k and drops it, so it
+holds two chunks at most. Such a source failing after chunk 0 fails the send part-way (the
+pair is broken, see "Failure"); chunk 0 is made before the notice, as with a cache. The
 pair still has one transfer in flight, its chunks matched in issue order, and one
 confirmation per request.
 
@@ -58,10 +63,10 @@ to drive from several threads), so the others' confirmations may time out behind
 
 from __future__ import annotations
 
-import os
+import math
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -79,22 +84,18 @@ from pdserve.transfer.contract import (
     check_send_args,
 )
 from pdserve.transfer.credentials import KVGate, Reservation, auth_tag, secret_bytes
-from pdserve.transfer.layout import KVLayout, KVLayoutMismatch, normalize_dtype_name
+from pdserve.transfer.layout import KVLayout, KVLayoutMismatch
 from pdserve.transfer.nccl_group import DEFAULT_TIMEOUT_S, SideStream, wait_for_work
-from pdserve.transfer.packing import dtype_from_name, layer_chunks, pack_blocks
+from pdserve.transfer.packing import (
+    CHUNK_LAYERS_ENV,  # noqa: F401 - where tests and benchmarks found it
+    MIN_CHUNK_BYTES,  # noqa: F401
+    configured_chunk_layers,
+    default_chunk_layers,
+    dtype_from_name,
+    layer_chunks,
+)
 from pdserve.transfer.peers import NcclPeer, check_peer
-
-# Default chunking: the fewest layers per chunk that make a chunk at least this big (NCCL
-# sends well under ~16 MiB lose rate to per-op overhead); smaller requests go in one chunk.
-MIN_CHUNK_BYTES = 32 << 20
-# Overrides the default chunking of senders built with chunk_layers=None (tests, benchmarks).
-CHUNK_LAYERS_ENV = "PDSERVE_KV_CHUNK_LAYERS"
-
-
-def default_chunk_layers(num_layers: int, layer_nbytes: int, min_chunk_bytes: int = MIN_CHUNK_BYTES) -> int:
-    """Layers per chunk so that a chunk is >= `min_chunk_bytes`; 0 (one chunk) if that is all of them."""
-    chunk = max(1, -(-min_chunk_bytes // max(1, layer_nbytes)))
-    return 0 if chunk >= num_layers else chunk
+from pdserve.transfer.source import KVSource, chunk_plan, source_layout
 
 
 @dataclass(frozen=True)
@@ -119,6 +120,38 @@ class NcclTransferNotice:
 NotifyFn = Callable[[NcclTransferNotice], Waitable]
 
 
+class _Pieces:
+    """One send's layer chunks of `source`. A source that can pack any range (a cache) packs
+    each into its view of one buffer [L, 2, n, bs, Hkv, D], as the receiver lays them out; a
+    bounded one (`max_chunk_layers`: a tensor-parallel worker's gathered pieces) hands out a
+    fresh tensor per chunk, and chunk k-2 is dropped when chunk k is made: the sender waits for
+    its send first, so at most two are held."""
+
+    def __init__(self, source: KVSource, chunks: list[slice]) -> None:
+        self.source = source
+        self.chunks = chunks
+        self.bounded = bool(source.max_chunk_layers)
+        self.buffer = (
+            None if self.bounded else torch.empty(source.shape, dtype=source.dtype, device=source.device)
+        )
+        self.held: list[torch.Tensor | None] = []
+        self.pack_s = 0.0
+
+    def pack(self, k: int) -> None:
+        tick = time.perf_counter()
+        layers = self.chunks[k]
+        if self.buffer is not None:
+            self.held.append(self.source.layers(layers, out=self.buffer[layers]))
+        else:
+            if k >= 2:
+                self.held[k - 2] = None  # sent: the caller waited for it
+            self.held.append(self.source.layers(layers))
+        self.pack_s += time.perf_counter() - tick
+
+    def chunk(self, k: int) -> torch.Tensor:
+        return self.held[k]
+
+
 class NcclKVSender:
     """Prefill side. Thread-safe: sends to different destinations run in parallel."""
 
@@ -140,8 +173,8 @@ class NcclKVSender:
         self.rank = rank
         self.tp_size = tp_size
         self._secret = secret_bytes(secret)  # signs each notice's credential (never logged)
-        if chunk_layers is None and os.environ.get(CHUNK_LAYERS_ENV):
-            chunk_layers = int(os.environ[CHUNK_LAYERS_ENV])
+        if chunk_layers is None:
+            chunk_layers = configured_chunk_layers()
         if chunk_layers is not None and chunk_layers < 0:
             raise ValueError(f"chunk_layers must be >= 0 (0 = one chunk), got {chunk_layers}")
         self.chunk_layers = chunk_layers
@@ -155,7 +188,7 @@ class NcclKVSender:
         # Sends we gave up waiting on: keep the Work and buffer alive, because dropping a pending
         # gloo send cancels it (and with NCCL frees its buffer under the kernel), and a late
         # receiver must still get well-formed bytes.
-        self._abandoned: dict[int, list[tuple[list[dist.Work], torch.Tensor]]] = {}
+        self._abandoned: dict[int, list[tuple[list[dist.Work | None], _Pieces]]] = {}
         self._streams: dict[torch.device, SideStream] = {}
 
     def broken_peers(self) -> dict[int, str]:
@@ -177,14 +210,10 @@ class NcclKVSender:
             return self._streams[device]
 
     def send(
-        self,
-        handle: KVHandle,
-        src_block_ids: Sequence[int],
-        kv_cache: torch.Tensor,
-        first_token_id: int,
-        notify: NotifyFn | None = None,
+        self, handle: KVHandle, source: KVSource, first_token_id: int, notify: NotifyFn | None = None
     ) -> TransferStats:
-        """kv_cache: [num_layers, 2, num_blocks, block_size, Hkv, D]; `handle.peer` an NcclPeer."""
+        """Send `source`'s KV (e.g. `CacheBlocks(kv_cache, src_block_ids)`) to `handle.peer`, an
+        NcclPeer, in layer chunks."""
         notify = notify or self.notify
         if notify is None:
             raise ValueError("NcclKVSender.send needs a notify callable (constructor or argument)")
@@ -193,77 +222,75 @@ class NcclKVSender:
             raise ValueError(f"request {handle.req_id}: the handle carries no transfer credential")
         if dst == self.rank:
             raise ValueError(f"request {handle.req_id}: cannot send to own rank {dst}")
-        check_send_args(
-            handle,
-            src_block_ids,
-            KVLayout.from_cache(kv_cache, self.model_name, self.tp_size),
-            first_token_id,
-        )
+        layout = source_layout(source, self.model_name, self.tp_size)
+        check_send_args(handle, range(source.shape[2]), layout, first_token_id)
 
-        with self._lock_for(dst), self._stream_for(kv_cache.device).active():
+        with self._lock_for(dst), self._stream_for(source.device).active():
             if (refusal := self._refusal(dst)) is not None:
                 raise KVTransferError(refusal)
             start = time.perf_counter()
-            n = len(src_block_ids)
-            # [L, 2, n, block_size, Hkv, D], contiguous; chunk k is the view buffer[chunks[k]]
-            buffer = torch.empty(
-                (kv_cache.shape[0], 2, n, *kv_cache.shape[3:]), dtype=kv_cache.dtype, device=kv_cache.device
-            )
-            nbytes = buffer.numel() * buffer.element_size()
+            nbytes = math.prod(source.shape) * source.dtype.itemsize
             chunk_layers = self.chunk_layers
             if chunk_layers is None:
-                chunk_layers = default_chunk_layers(kv_cache.shape[0], nbytes // kv_cache.shape[0])
-            chunks = layer_chunks(kv_cache.shape[0], chunk_layers)
+                chunk_layers = default_chunk_layers(source.shape[0], nbytes // source.shape[0])
+            chunks = chunk_plan(source, chunk_layers)
+            pieces = _Pieces(source, chunks)
             # Chunk 0 is packed before the notice: bad block ids raise here, with nothing sent.
-            pack_blocks(kv_cache, src_block_ids, out=buffer[chunks[0]], layers=chunks[0])
-            pack_s = time.perf_counter() - start
-            notice = self._notice(handle, kv_cache, buffer, first_token_id, chunks)
+            pieces.pack(0)
+            notice = self._notice(handle, layout, nbytes, first_token_id, chunks)
             try:
                 waitable = notify(notice)
             except Exception as exc:  # nothing was sent: the pair is still in step
                 raise KVTransferError(f"request {handle.req_id}: notifying rank {dst} failed: {exc}") from exc
-            works: list[dist.Work] = []
+            works: list[dist.Work | None] = []
             try:
-                for k, layers in enumerate(chunks):
-                    if k:  # overlaps the send of chunk k-1 (on CUDA: queued behind it on the side stream)
-                        tick = time.perf_counter()
-                        pack_blocks(kv_cache, src_block_ids, out=buffer[layers], layers=layers)
-                        pack_s += time.perf_counter() - tick
-                    works.append(dist.isend(buffer[layers], dst=dst, group=self.group))
-                self._wait_for_receiver(handle.req_id, dst, waitable, works)
+                confirmed = self._post_chunks(handle.req_id, dst, pieces, works)
+                self._wait_for_receiver(handle.req_id, dst, waitable, works[confirmed:])
             except Exception as exc:
                 if len(works) < len(chunks):  # failed mid-way: the receiver waits for bytes never sent
                     self._broken[dst] = f"request {handle.req_id}: sending chunk {len(works)} failed: {exc}"
                 if dst in self._broken:
-                    self._abandoned.setdefault(dst, []).append((works, buffer))
+                    self._abandoned.setdefault(dst, []).append((works, pieces))
                 if isinstance(exc, KVTransferError | KVLayoutMismatch):
                     raise
                 raise KVTransferError(f"request {handle.req_id}: send to rank {dst} failed: {exc}") from exc
             done = time.perf_counter()
         return TransferStats(
             nbytes=nbytes,
-            pack_ms=pack_s * 1e3,
-            send_ms=(done - start - pack_s) * 1e3,
+            pack_ms=pieces.pack_s * 1e3,
+            send_ms=(done - start - pieces.pack_s) * 1e3,
             extra={"chunks": float(len(chunks))},
         )
 
+    def _post_chunks(self, req_id: str, dst: int, pieces: _Pieces, works: list[dist.Work | None]) -> int:
+        """isend every chunk (appending to `works`), packing each while the one before is on the
+        wire; with a bounded source chunk k-2's send must complete before chunk k is made (two
+        held at most). Returns how many of `works` were waited for already (gloo hands each
+        completion to one wait only: a second wait on it would run out its timeout)."""
+        confirmed = 0
+        for k in range(len(pieces.chunks)):
+            if k >= 2 and pieces.bounded:
+                if not self._wait_works(req_id, [works[k - 2]]):
+                    raise KVTransferError(f"request {req_id}: the send of chunk {k - 2} did not complete")
+                works[k - 2] = None  # completed; a Work keeps its tensor alive: drop both
+                confirmed = k - 1
+            if k:  # overlaps the send of chunk k-1 (on CUDA: queued behind it on the side stream)
+                pieces.pack(k)
+            works.append(dist.isend(pieces.chunk(k), dst=dst, group=self.group))
+        return confirmed
+
     def _notice(
-        self,
-        handle: KVHandle,
-        kv_cache: torch.Tensor,
-        buffer: torch.Tensor,
-        first_token_id: int,
-        chunks: list[slice],
+        self, handle: KVHandle, layout: KVLayout, nbytes: int, first_token_id: int, chunks: list[slice]
     ) -> NcclTransferNotice:
         """What the receiver needs to post its receives: buffer [L, 2, n, bs, Hkv, D] in `chunks`."""
         return NcclTransferNotice(
             req_id=handle.req_id,
             src_rank=self.rank,
             block_ids=tuple(handle.block_ids),
-            shape=tuple(buffer.shape),
-            dtype=normalize_dtype_name(buffer.dtype),
-            layout=KVLayout.from_cache(kv_cache, self.model_name, self.tp_size),
-            nbytes=buffer.numel() * buffer.element_size(),
+            shape=layout.buffer_shape(len(handle.block_ids)),
+            dtype=layout.dtype,
+            layout=layout,
+            nbytes=nbytes,
             first_token_id=int(first_token_id),
             chunk_layers=chunks[0].stop if len(chunks) > 1 else 0,
             credential=handle.credential,

@@ -16,7 +16,7 @@ time (the backend loads in `join_group`), so a router unpickling a handle with a
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, ClassVar
 
 from pdserve.transfer.config import TransferConfig
@@ -28,7 +28,7 @@ from pdserve.transfer.connector import (
     KVSendSide,
     Waitable,
 )
-from pdserve.transfer.contract import KVHandle, KVSink, KVTransferError, TransferStats
+from pdserve.transfer.contract import KVHandle, KVSink, KVSource, KVTransferError, TransferStats
 from pdserve.transfer.credentials import secret_bytes
 from pdserve.transfer.layout import KVLayout
 from pdserve.transfer.peers import NcclPeer, check_peer
@@ -63,10 +63,7 @@ class NcclSendSide:
             rank, self.model_name, self.config.secret, timeout_s=self.config.timeout_s, tp_size=self.tp_size
         )
 
-    def send(
-        self, handle: KVHandle, src_block_ids: Sequence[int], kv_cache: torch.Tensor, first_token_id: int
-    ) -> TransferStats:
-        """kv_cache: [num_layers, 2, num_blocks, block_size, Hkv, D]."""
+    def send(self, handle: KVHandle, source: KVSource, first_token_id: int) -> TransferStats:
         check_peer(handle, NcclPeer)
         if self.sender is None:
             raise RuntimeError("nccl send side: send before join_group (it needs its rank in the group)")
@@ -77,7 +74,7 @@ class NcclSendSide:
                 raise KVTransferError(f"no link to decode worker {handle.decode_worker_id!r}")
             return link.notify_kv(notice)
 
-        return self.sender.send(handle, src_block_ids, kv_cache, first_token_id, notify=notify)
+        return self.sender.send(handle, source, first_token_id, notify=notify)
 
     def group_rank(self) -> int | None:
         return None if self.sender is None else self.sender.rank

@@ -20,6 +20,7 @@ on CUDA is a device-side assert that kills the process rather than an exception.
 from __future__ import annotations
 
 import functools
+import os
 from collections.abc import Callable, Sequence
 from types import ModuleType
 
@@ -99,6 +100,31 @@ def layer_chunks(num_layers: int, chunk_layers: int) -> list[slice]:
     if chunk_layers <= 0 or chunk_layers >= num_layers:
         return [slice(0, num_layers)]
     return [slice(a, min(a + chunk_layers, num_layers)) for a in range(0, num_layers, chunk_layers)]
+
+
+# Default chunking: the fewest layers per chunk that make a chunk at least this big (NCCL
+# sends well under ~16 MiB lose rate to per-op overhead, and so does each gather of a
+# tensor-parallel worker's piece); smaller requests go in one chunk.
+MIN_CHUNK_BYTES = 32 << 20
+# Overrides the default chunking (senders built with chunk_layers=None, a tensor-parallel
+# prefill worker's gathered pieces): tests, benchmarks.
+CHUNK_LAYERS_ENV = "PDSERVE_KV_CHUNK_LAYERS"
+
+
+def default_chunk_layers(num_layers: int, layer_nbytes: int, min_chunk_bytes: int = MIN_CHUNK_BYTES) -> int:
+    """Layers per chunk so that a chunk is >= `min_chunk_bytes`; 0 (one chunk) if that is all of them."""
+    chunk = max(1, -(-min_chunk_bytes // max(1, layer_nbytes)))
+    return 0 if chunk >= num_layers else chunk
+
+
+def configured_chunk_layers() -> int | None:
+    """$PDSERVE_KV_CHUNK_LAYERS if set (0 = one chunk), else None; ValueError if negative."""
+    value = os.environ.get(CHUNK_LAYERS_ENV)
+    if not value:
+        return None
+    if int(value) < 0:
+        raise ValueError(f"{CHUNK_LAYERS_ENV} must be >= 0 (0 = one chunk), got {value}")
+    return int(value)
 
 
 def pack_blocks(

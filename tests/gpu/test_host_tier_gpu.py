@@ -6,7 +6,9 @@ greedy tokens."""
 
 from __future__ import annotations
 
+import gc
 import random
+import time
 
 import pytest
 import torch
@@ -142,3 +144,67 @@ def test_host_tier_on_gpu_equals_cpu_reference(tmp_path, staging_bytes, monkeypa
     assert pool.num_layer_waits > 0  # eager steps' layers waited for their own loads
     assert not pool._pending and not pool._hooks
     assert llm.engine.kv_manager.num_free_blocks == llm.engine.kv_manager.num_blocks
+
+
+def _rss_shmem_bytes() -> int:
+    with open("/proc/self/status") as f:
+        fields = dict(line.split(":", 1) for line in f)
+    return int(fields["RssShmem"].split()[0]) * 1024
+
+
+def test_slots_are_exactly_their_size_pinned_in_place_and_copied_asynchronously():
+    """3000 slots of 64 KiB (187.5 MiB: torch's pinned allocator would have taken 256 MiB):
+    the slots are pageable pages pinned in place, resident and registered at exactly their
+    size (nothing from torch's pinned allocator); a copy into them while their stream is held
+    up returns at once (a copy to pageable memory would block the host until it ran); after
+    close() (and after the pool is collected) they are plain pageable memory."""
+    cache = _cache()
+    torch.cuda.synchronize()
+    allocator_before = torch.cuda.host_memory_stats().get("allocated_bytes.current", 0)
+    shmem_before = _rss_shmem_bytes()
+    pool = HostKVPool(cache, 3000)
+    requested = pool.slots.numel() * pool.slots.element_size()
+    assert requested == 3000 * NUM_LAYERS * 2 * 16 * 2 * 128 * 2 and requested & (requested - 1)
+    grown = _rss_shmem_bytes() - shmem_before
+    assert requested <= grown < requested + (2 << 20), grown  # resident now, and only that
+    assert torch.cuda.host_memory_stats().get("allocated_bytes.current", 0) == allocator_before
+    assert pool.slots.is_pinned() and pool.slots[NUM_LAYERS - 1, 2999].is_pinned()
+    assert len(pool._memory.registered) == 1  # 4 layers of 47 MiB: one registration
+    with torch.cuda.stream(pool._out.stream):
+        torch.cuda._sleep(10 * SLEEP_CYCLES)  # hundreds of ms
+    start = time.perf_counter()
+    pool.run(BlockCopies(offloads=[(block, 100 + block) for block in range(NUM_BLOCKS)]))
+    queued_s = time.perf_counter() - start
+    assert not pool._out.stream.query(), "the copies ran before the held-up stream got to them"
+    pool.synchronize()
+    torch.cuda.synchronize()
+    assert queued_s < 0.05, f"queueing the copies blocked the host for {queued_s:.3f} s"
+    assert torch.equal(pool.slots[:, 100 : 100 + NUM_BLOCKS].cpu(), cache.transpose(1, 2).cpu())
+    pool.close()
+    pool.close()  # idempotent
+    assert not pool.slots.is_pinned()
+    view = HostKVPool(cache, 8).slots[0]  # collected at once, its pool and registration with it
+    gc.collect()
+    assert not view.is_pinned() and int(view.count_nonzero()) == 0  # unregistered, still valid
+
+
+def test_layers_over_the_piece_cap_register_in_pieces_of_whole_layers(monkeypatch):
+    """With the cap at 1.5 layers, each layer is a registration of its own: every copy (one
+    layer's run of slots) stays within one, and a round trip through them is bit-exact."""
+    from pdserve.engine import host_memory
+
+    cache = _cache()
+    layer_bytes = 32 * cache[0, :, 0].numel() * cache.element_size()
+    monkeypatch.setattr(host_memory, "REGISTER_PIECE_BYTES", layer_bytes * 3 // 2)
+    pool = HostKVPool(cache, 32)
+    assert len(pool._memory.registered) == NUM_LAYERS
+    assert all(pool.slots[layer].is_pinned() for layer in range(NUM_LAYERS))
+    original = cache.clone()
+    pool.run(BlockCopies(offloads=[(block, block) for block in range(32)]))
+    pool.synchronize()
+    cache.zero_()
+    pool.run(BlockCopies(onloads=[(slot, slot) for slot in range(32)]))
+    pool.wait_for_copies()
+    torch.cuda.synchronize()
+    assert torch.equal(cache[:, :, :32], original[:, :, :32])
+    pool.close()

@@ -35,3 +35,15 @@ def test_tp2_nccl_greedy_matches_transformers(arch, overrides, tmp_path):
     finally:
         llm.shutdown()
     assert [o.token_ids for o in outs] == expected
+
+
+def test_tp2_prefill_ships_its_kv_in_layer_pieces_over_nccl_gathers(tmp_path, monkeypatch):
+    """The CPU test's TP=2 prefill worker feeding a TP=1 decode worker over gRPC, on GPUs: each
+    one-layer piece gathered over NCCL on cuda:0 just before it is staged on the host (pinned)
+    and sent, the earlier ones dropped; the decode blocks bit-equal to the whole gather."""
+    from tests.unit.test_tensor_parallel_kv import check_tp2_prefill_ships_kv_in_pieces
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    check_tp2_prefill_ships_kv_in_pieces(
+        tmp_path, monkeypatch, device="cuda", attention_backend="reference", enforce_eager=True
+    )

@@ -17,6 +17,7 @@ from pdserve.transfer.grpc_server import GrpcKVServer
 from pdserve.transfer.layout import KVLayout
 from pdserve.transfer.packing import buffer_nbytes, unpack_into
 from pdserve.transfer.peers import GrpcPeer
+from pdserve.transfer.source import CacheBlocks
 from tests.unit.threads import run_in_threads
 
 MODEL = "tiny"
@@ -123,7 +124,11 @@ def push_and_check_from_two_threads(
     def push(i: int) -> None:
         for round_ in range(4):
             dst_ids = [i * 32 + (j + round_) % 32 for j in range(32)]
-            sender.send(decode.handle(f"t{i}-{round_}", dst_ids), list(range(32)), sources[i], FIRST_TOKEN)
+            sender.send(
+                decode.handle(f"t{i}-{round_}", dst_ids),
+                CacheBlocks(sources[i], list(range(32))),
+                FIRST_TOKEN,
+            )
 
     assert not run_in_threads(push, len(sources), timeout_s=60)
     for i, source in enumerate(sources):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import random
+import time
 
 import pytest
 import torch
@@ -185,3 +186,91 @@ def test_gather_and_scatter_with_a_replicated_kv_head(tmp_path):
     finally:
         for engine in engines:
             engine.shutdown()
+
+
+def test_tp2_prefill_ships_its_kv_in_bounded_layer_pieces(tmp_path, monkeypatch):
+    check_tp2_prefill_ships_kv_in_pieces(tmp_path, monkeypatch)
+
+
+def check_tp2_prefill_ships_kv_in_pieces(tmp_path, monkeypatch, **engine_options) -> None:
+    """A TP=2 prefill worker feeding a TP=1 decode worker over gRPC (the deployment's wiring, in
+    one process), 4 layers, PDSERVE_KV_CHUNK_LAYERS=1: the KV leaves as 4 one-layer pieces, each
+    gathered on rank 0 when the sender asks for it, every earlier piece dropped by then (never
+    the whole request at once). The decode worker's blocks equal the whole-request gather bit
+    for bit, and the TP=1 engine's KV to float tolerance (TP=2 sums its all-reduce in another
+    order); it generates the TP=1 engine's tokens, and every block is free afterwards."""
+    import weakref
+
+    from pdserve.deploy.wiring import LocalWorkerControl, WorkerSpec, build_worker, connect_workers
+    from pdserve.engine.kv_heads import pack_local
+    from pdserve.engine.llm_engine import LLMEngine
+    from pdserve.transfer.config import TransferConfig
+    from pdserve.transfer.packing import CHUNK_LAYERS_ENV
+    from tests.hf_models import make_checkpoint
+
+    make_checkpoint("llama", str(tmp_path), num_hidden_layers=4)
+    monkeypatch.setenv(CHUNK_LAYERS_ENV, "1")
+    prompt = [random.Random(3).randrange(320) for _ in range(48)]  # 3 full blocks of 16
+    params = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
+
+    def config(tp: int) -> EngineConfig:
+        return EngineConfig(model=str(tmp_path), num_gpu_blocks=16, tensor_parallel_size=tp, **engine_options)
+
+    single = LLMEngine(config(1), "both")
+    try:
+        single.add_request("r", prompt, params)
+        outs = _step_until(single, "r", bool)  # the prefill step: the prompt's KV is complete
+        reference = pack_local(single.kv_cache, single.get_block_ids("r")[:3])
+        outs += _step_until(single, "r", lambda outs: outs and outs[-1].finished)
+        want = [t for o in outs for t in o.new_token_ids]
+    finally:
+        single.shutdown()
+    transfer = TransferConfig(backend="grpc", host="127.0.0.1").with_secret()
+    specs = [
+        WorkerSpec("prefill-0", "prefill", config(2), transfer),
+        WorkerSpec("decode-0", "decode", config(1), transfer, 0),
+    ]
+    workers = {spec.worker_id: build_worker(spec) for spec in specs}
+    controls = {worker_id: LocalWorkerControl(worker) for worker_id, worker in workers.items()}
+    prefill, decode = workers["prefill-0"], workers["decode-0"]
+    try:
+        connect_workers(specs, controls, transfer)
+        gathers: list[tuple[list[int], slice | None, int, int]] = []  # ids, layers, bytes, alive before
+        alive: weakref.WeakSet = weakref.WeakSet()
+        gather_kv = prefill.engine.gather_kv
+
+        def recording_gather(block_ids: list[int], layers: slice | None = None) -> torch.Tensor:
+            held = len(alive)
+            piece = gather_kv(block_ids, layers)
+            gathers.append((list(block_ids), layers, piece.nbytes, held))
+            alive.add(piece)
+            return piece
+
+        monkeypatch.setattr(prefill.engine, "gather_kv", recording_gather)
+        handle = decode.reserve("r", prompt, params)
+        assert handle is not None and len(handle.block_ids) == 3
+        assert prefill.prefill("r", prompt, params, handle).result(60).first_token_id == want[0]
+        got = [want[0]]
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and len(got) < len(want):
+            got += [t for o in decode.poll(0.5).outputs if o.req_id == "r" for t in o.new_token_ids]
+        assert got == want
+        whole_nbytes = reference.nbytes
+        assert [layers for _, layers, _, _ in gathers] == [slice(i, i + 1) for i in range(4)]
+        assert all(nbytes == whole_nbytes // 4 for _, _, nbytes, _ in gathers)
+        assert max(held for _, _, _, held in gathers) == 0  # each piece gone before the next
+        src_ids = gathers[0][0]
+        whole = prefill.loop.call_sync(lambda engine: gather_kv(src_ids))  # the blocks are cached still
+        landed = decode.loop.call_sync(lambda engine: pack_local(engine.kv_cache, handle.block_ids))
+        assert torch.equal(landed.cpu().view(torch.uint8), whole.cpu().view(torch.uint8))
+        torch.testing.assert_close(landed.cpu(), reference.cpu(), rtol=1e-4, atol=1e-5)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and not all(
+            (load := w.load()).num_free_blocks == load.num_total_blocks for w in workers.values()
+        ):
+            time.sleep(0.05)
+        assert all((load := w.load()).num_free_blocks == load.num_total_blocks for w in workers.values())
+    finally:
+        for worker_id, worker in workers.items():
+            controls[worker_id].close()
+            worker.shutdown()

@@ -28,6 +28,7 @@ from pdserve.transfer.layout import KVLayout
 from pdserve.transfer.nccl_connector import NcclConnector
 from pdserve.transfer.packing import unpack_into
 from pdserve.transfer.peers import GrpcPeer, NcclPeer
+from pdserve.transfer.source import CacheBlocks
 from tests.unit.grpc_kv import SECRET, bits, make_cache
 from tests.unit.test_transfer_nccl import free_port
 
@@ -118,11 +119,13 @@ def test_each_send_side_refuses_another_backends_descriptor() -> None:
     nccl_side = make_connector(TransferConfig(secret=SECRET, backend="nccl")).send_side(MODEL, {})
     try:
         with pytest.raises(ValueError, match="grpc backend needs a GrpcPeer.*NcclPeer"):
-            grpc_side.send(KVHandle("r", "decode-0", [0], 4, layout, NcclPeer(1)), [1], cache, 5)
+            grpc_side.send(KVHandle("r", "decode-0", [0], 4, layout, NcclPeer(1)), CacheBlocks(cache, [1]), 5)
         with pytest.raises(ValueError, match="nccl backend needs an NcclPeer.*GrpcPeer"):
-            nccl_side.send(KVHandle("r", "decode-0", [0], 4, layout, GrpcPeer("h:1")), [1], cache, 5)
+            nccl_side.send(
+                KVHandle("r", "decode-0", [0], 4, layout, GrpcPeer("h:1")), CacheBlocks(cache, [1]), 5
+            )
         with pytest.raises(RuntimeError, match="before join_group"):  # the right peer, but no group yet
-            nccl_side.send(KVHandle("r", "decode-0", [0], 4, layout, NcclPeer(1)), [1], cache, 5)
+            nccl_side.send(KVHandle("r", "decode-0", [0], 4, layout, NcclPeer(1)), CacheBlocks(cache, [1]), 5)
     finally:
         grpc_side.close()
         nccl_side.close()
@@ -167,12 +170,12 @@ def test_grpc_first_token_arrives_with_the_kv(route: str) -> None:
             )
 
         before = time.perf_counter()
-        send.send(handle("a", [9, 2, 14]), [5, 0, 7], source, 128_000)
-        send.send(handle("b", [3]), [1], source, 0)
+        send.send(handle("a", [9, 2, 14]), CacheBlocks(source, [5, 0, 7]), 128_000)
+        send.send(handle("b", [3]), CacheBlocks(source, [1]), 0)
         with pytest.raises(ValueError, match="first_token_id"):  # not a uint32: refused before sending
-            send.send(handle("c", [4]), [1], source, -1)
+            send.send(handle("c", [4]), CacheBlocks(source, [1]), -1)
         with pytest.raises(ValueError, match="no transfer credential"):
-            send.send(KVHandle("d", "decode-0", [4], 4, layout, peer), [1], source, 1)
+            send.send(KVHandle("d", "decode-0", [4], 4, layout, peer), CacheBlocks(source, [1]), 1)
         after = time.perf_counter()
     finally:
         send.close()
@@ -244,7 +247,7 @@ def gloo_prefill_main(init: str, notices: Any, replies: Any, peers: Any, results
             req_id, worker, [2 * len(req_id), 11], 8, layout, peer, credential=credentials[req_id]
         )
         try:
-            side.send(handle, [3, 6], source, token)
+            side.send(handle, CacheBlocks(source, [3, 6]), token)
             outcomes.append((req_id, "ok"))
         except KVTransferError as exc:
             outcomes.append((req_id, str(exc)))

@@ -25,6 +25,7 @@ from pdserve.transfer.grpc_server import GrpcKVServer
 from pdserve.transfer.layout import KVLayout, KVLayoutMismatch
 from pdserve.transfer.packing import buffer_nbytes, pack_blocks
 from pdserve.transfer.peers import GrpcPeer
+from pdserve.transfer.source import CacheBlocks
 from tests.unit.grpc_kv import FIRST_TOKEN, MODEL, SECRET, Server, auth_metadata, bits, make_cache
 from tests.unit.threads import run_in_threads
 
@@ -52,7 +53,7 @@ def test_push_blocks_bit_exact(sender: GrpcKVSender, dtype: torch.dtype) -> None
             "c": (list(range(8)), list(range(8, 16))),
         }
         for req_id, (src_ids, dst_ids) in requests.items():
-            stats = sender.send(receiver.handle(req_id, dst_ids), src_ids, source, FIRST_TOKEN)
+            stats = sender.send(receiver.handle(req_id, dst_ids), CacheBlocks(source, src_ids), FIRST_TOKEN)
             assert stats.nbytes == len(src_ids) * 2 * 2 * 4 * 2 * 16 * dtype.itemsize
             assert stats.pack_ms >= 0 and stats.send_ms > 0
         assert receiver.ready == ["a", "b", "c"]  # send returns only after the callback ran
@@ -71,7 +72,7 @@ def test_concurrent_senders_to_one_server(sender: GrpcKVSender) -> None:
 
         def push(i: int) -> None:
             handle = receiver.handle(f"r{i}", [i * 8 + j for j in range(8)])
-            sender.send(handle, list(range(8)), sources[i], FIRST_TOKEN)
+            sender.send(handle, CacheBlocks(sources[i], list(range(8))), FIRST_TOKEN)
 
         assert not run_in_threads(push, 4, timeout_s=20)
         assert sorted(receiver.ready) == ["r0", "r1", "r2", "r3"]
@@ -95,7 +96,7 @@ def test_layout_mismatch_is_refused_with_a_clear_message(sender: GrpcKVSender) -
         )
         start = time.monotonic()
         with pytest.raises(KVLayoutMismatch) as info:
-            sender.send(handle, [0, 1], source, FIRST_TOKEN)
+            sender.send(handle, CacheBlocks(source, [0, 1]), FIRST_TOKEN)
         assert time.monotonic() - start < 5
         message = str(info.value)
         assert "dtype: prefill 'bfloat16' != decode 'float32'" in message
@@ -103,7 +104,7 @@ def test_layout_mismatch_is_refused_with_a_clear_message(sender: GrpcKVSender) -
         assert receiver.ready == [] and torch.count_nonzero(receiver.cache) == 0
         # The honest handle is checked on the sender side before any byte moves.
         with pytest.raises(KVLayoutMismatch, match="head_dim: prefill 16 != decode 8"):
-            sender.send(receiver.handle("bad2", [0, 1]), [0, 1], source, FIRST_TOKEN)
+            sender.send(receiver.handle("bad2", [0, 1]), CacheBlocks(source, [0, 1]), FIRST_TOKEN)
     finally:
         receiver.server.stop()
 
@@ -122,12 +123,14 @@ def test_callback_failure_and_unreachable_server_raise_transfer_errors(sender: G
     handle = KVHandle("gone", "decode-0", [0], 4, layout, GrpcPeer(server.address), credential=credential)
     try:
         with pytest.raises(KVTransferError, match="INTERNAL.*unknown request gone"):
-            sender.send(handle, [1], make_cache(4, torch.float32), FIRST_TOKEN)
+            sender.send(handle, CacheBlocks(make_cache(4, torch.float32), [1]), FIRST_TOKEN)
     finally:
         server.stop()
     start = time.monotonic()
     with pytest.raises(KVTransferError, match="UNAVAILABLE"):
-        sender.send(handle, [1], make_cache(4, torch.float32), FIRST_TOKEN)  # nobody listens any more
+        sender.send(
+            handle, CacheBlocks(make_cache(4, torch.float32), [1]), FIRST_TOKEN
+        )  # nobody listens any more
     assert time.monotonic() - start < 5
 
 
@@ -138,15 +141,15 @@ def test_a_server_restarted_on_the_same_address_is_reached_at_once(sender: GrpcK
     source = make_cache(4, torch.float32, seed=3)
     first = Server()
     address = first.server.address
-    sender.send(first.handle("a", [0]), [1], source, FIRST_TOKEN)
+    sender.send(first.handle("a", [0]), CacheBlocks(source, [1]), FIRST_TOKEN)
     stale = first.handle("b", [1])
     first.server.stop()
     with pytest.raises(KVTransferError, match="UNAVAILABLE"):
-        sender.send(stale, [1], source, FIRST_TOKEN)  # nobody listens: fails, and quickly
+        sender.send(stale, CacheBlocks(source, [1]), FIRST_TOKEN)  # nobody listens: fails, and quickly
     second = Server(address=address)
     try:
         start = time.monotonic()
-        sender.send(second.handle("c", [2]), [1], source, FIRST_TOKEN)
+        sender.send(second.handle("c", [2]), CacheBlocks(source, [1]), FIRST_TOKEN)
         assert time.monotonic() - start < 1.0
         assert second.ready == ["c"] and torch.equal(bits(second.cache[:, :, 2]), bits(source[:, :, 1]))
     finally:
@@ -224,7 +227,7 @@ def test_stalled_senders_hold_nobody_up_and_end_by_their_deadline() -> None:
         time.sleep(0.3)  # every stalled call is in, holding a server thread
         source = make_cache(4, seed=3)
         start = time.monotonic()
-        sender.send(receiver.handle("real", [20, 21]), [0, 1], source, FIRST_TOKEN)
+        sender.send(receiver.handle("real", [20, 21]), CacheBlocks(source, [0, 1]), FIRST_TOKEN)
         assert time.monotonic() - start < 1.5  # nobody waited for the stalled ones (2 s deadlines)
         assert torch.equal(bits(receiver.cache[:, :, [20, 21]]), bits(source[:, :, [0, 1]]))
         codes = {call.exception(timeout=10).code() for call in calls}

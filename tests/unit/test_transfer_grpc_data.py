@@ -36,6 +36,7 @@ from pdserve.transfer.grpc_data import (
 )
 from pdserve.transfer.layout import KVLayout
 from pdserve.transfer.packing import buffer_nbytes, pack_blocks
+from pdserve.transfer.source import CacheBlocks
 from pdserve.transfer.staging import StagingPool
 from tests.unit.grpc_kv import (
     FIRST_TOKEN,
@@ -129,7 +130,7 @@ def test_multi_chunk_buffers_arrive_exactly_both_ways() -> None:
             decode.cache.zero_()
             sender = GrpcKVSender(MODEL, SECRET, socket_min_bytes=socket_min_bytes)
             try:
-                stats = sender.send(decode.handle(req_id, dst_ids), src_ids, source, FIRST_TOKEN)
+                stats = sender.send(decode.handle(req_id, dst_ids), CacheBlocks(source, src_ids), FIRST_TOKEN)
             finally:
                 sender.close()
             assert stats.nbytes == buffer_nbytes(decode.layout, 13) > 3 * grpc_backend.DEFAULT_CHUNK_BYTES
@@ -146,7 +147,11 @@ def test_concurrent_socket_sends_from_two_threads(server: Server) -> None:
     def push(i: int) -> None:
         for round_ in range(5):  # several sends per thread, interleaving on the server
             dst_ids = [i * 16 + (j + round_) % 16 for j in range(16)]
-            sender.send(server.handle(f"t{i}-{round_}", dst_ids), list(range(16)), sources[i], FIRST_TOKEN)
+            sender.send(
+                server.handle(f"t{i}-{round_}", dst_ids),
+                CacheBlocks(sources[i], list(range(16))),
+                FIRST_TOKEN,
+            )
 
     errors = run_in_threads(push, 2, timeout_s=30)
     sender.close()
@@ -224,7 +229,7 @@ def test_a_cancelled_socket_call_frees_its_server_thread() -> None:
         wait_until(lambda: decode.pending_tokens() == 0)  # and the token is gone
         source = make_cache(4, seed=2)
         start = time.monotonic()
-        sender.send(decode.handle("next", [7]), [1], source, FIRST_TOKEN)
+        sender.send(decode.handle("next", [7]), CacheBlocks(source, [1]), FIRST_TOKEN)
         assert time.monotonic() - start < 5 and decode.ready == ["next"]
         assert decode.pending_tokens() == 0
         assert torch.equal(bits(decode.cache[:, :, 7]), bits(source[:, :, 1]))
@@ -246,7 +251,7 @@ def test_a_fixed_data_port_is_honoured_and_a_taken_one_is_an_error() -> None:
     try:
         assert decode.server.data_port == port
         source = make_cache(4, seed=4)
-        sender.send(decode.handle("fixed", [3]), [2], source, FIRST_TOKEN)
+        sender.send(decode.handle("fixed", [3]), CacheBlocks(source, [2]), FIRST_TOKEN)
         assert decode.ready == ["fixed"] and torch.equal(bits(decode.cache[:, :, 3]), bits(source[:, :, 2]))
         with pytest.raises(KVTransferError, match=f"data port 127.0.0.1:{port}"):
             Server(data_port=port)  # taken by the first server's listener
@@ -291,7 +296,7 @@ def test_silent_and_wrong_strays_do_not_delay_a_transfer(server: Server) -> None
         source = make_cache(8, seed=8)
         start = time.monotonic()
         for i in range(3):
-            sender.send(server.handle(f"r{i}", [i, 8 + i]), [i, 4 + i], source, FIRST_TOKEN)
+            sender.send(server.handle(f"r{i}", [i, 8 + i]), CacheBlocks(source, [i, 4 + i]), FIRST_TOKEN)
         assert time.monotonic() - start < 5
         assert server.ready == ["r0", "r1", "r2"]
         assert torch.equal(bits(server.cache[:, :, [0, 8, 2, 10]]), bits(source[:, :, [0, 4, 2, 6]]))
@@ -311,7 +316,7 @@ def test_a_flood_of_silent_connections_does_not_lock_senders_out(server: Server)
     try:
         source = make_cache(8, seed=9)
         start = time.monotonic()
-        sender.send(server.handle("after-flood", [3, 5]), [1, 2], source, FIRST_TOKEN)
+        sender.send(server.handle("after-flood", [3, 5]), CacheBlocks(source, [1, 2]), FIRST_TOKEN)
         assert time.monotonic() - start < 5  # long before the strays' 10 s token timeout
         assert torch.equal(bits(server.cache[:, :, [3, 5]]), bits(source[:, :, [1, 2]]))
     finally:
@@ -384,8 +389,10 @@ def test_unreachable_data_port_fails_that_transfer_then_goes_in_band(
     try:
         # The call that found the port unreachable spent the one-time credential: that transfer fails.
         with pytest.raises(KVTransferError, match="firewalled; this transfer fails"):
-            sender.send(server.handle("a", [1, 2]), [3, 4], source, FIRST_TOKEN)
-        sender.send(server.handle("b", [5]), [6], source, FIRST_TOKEN)  # remembered: straight in band
+            sender.send(server.handle("a", [1, 2]), CacheBlocks(source, [3, 4]), FIRST_TOKEN)
+        sender.send(
+            server.handle("b", [5]), CacheBlocks(source, [6]), FIRST_TOKEN
+        )  # remembered: straight in band
     finally:
         sender.close()
     assert len(attempts) == 1 and server.ready == ["b"]

@@ -29,6 +29,7 @@ from pdserve.transfer.grpc_data import (
     stripe_pieces,
 )
 from pdserve.transfer.packing import buffer_nbytes, pack_blocks
+from pdserve.transfer.source import CacheBlocks
 from tests.unit.grpc_kv import (
     FIRST_TOKEN,
     MODEL,
@@ -72,12 +73,12 @@ def test_a_striped_transfer_arrives_bit_exact_over_one_connection_per_stripe() -
     original_wait = listener.wait
     listener.wait = lambda ticket, timeout_s: accepted.append(1) or original_wait(ticket, timeout_s)
     try:
-        stats = sender.send(decode.handle("striped", dst_ids), src_ids, source, FIRST_TOKEN)
+        stats = sender.send(decode.handle("striped", dst_ids), CacheBlocks(source, src_ids), FIRST_TOKEN)
         assert stats.nbytes == buffer_nbytes(decode.layout, 30) == 245_760
         assert len(accepted) == 3 and decode.ready == ["striped"] and decode.pending_tokens() == 0
         assert torch.equal(bits(decode.cache[:, :, dst_ids]), bits(source[:, :, src_ids]))
         # 8 KiB: one connection
-        small = sender.send(decode.handle("one-stripe", [0]), [1], source, FIRST_TOKEN)
+        small = sender.send(decode.handle("one-stripe", [0]), CacheBlocks(source, [1]), FIRST_TOKEN)
         assert small.nbytes == 8192 and len(accepted) == 4 and decode.ready[-1] == "one-stripe"
     finally:
         sender.close()

@@ -28,6 +28,7 @@ from pdserve.transfer.nccl_backend import NcclKVReceiver, NcclKVSender, NcclTran
 from pdserve.transfer.nccl_group import destroy_transfer_group, init_transfer_group
 from pdserve.transfer.packing import buffer_nbytes, to_bytes, unpack_into
 from pdserve.transfer.peers import GrpcPeer, NcclPeer
+from pdserve.transfer.source import CacheBlocks
 
 MODEL = "tiny"
 FIRST_TOKEN = 4242  # the first sampled token every send carries
@@ -155,7 +156,7 @@ def sender_main(
             req_id, "decode-0", dst_ids, len(dst_ids) * 4, layout, NcclPeer(0), credential=credential
         )
         try:
-            stats = sender.send(handle, src_ids, cache, FIRST_TOKEN)
+            stats = sender.send(handle, CacheBlocks(cache, src_ids), FIRST_TOKEN)
             outcomes.append((req_id, "ok", stats.nbytes))
         except Exception as exc:
             outcomes.append((req_id, type(exc).__name__, str(exc)))
@@ -298,11 +299,21 @@ def test_sender_refuses_bad_arguments_before_touching_the_group() -> None:
     layout = KVLayout.from_cache(cache, MODEL)
     sender = NcclKVSender(0, MODEL, SECRET, notify=lambda notice: Future())
     with pytest.raises(ValueError, match="no transfer credential"):
-        sender.send(KVHandle("r", "d", [0], 4, layout, NcclPeer(1)), [1], cache, FIRST_TOKEN)
+        sender.send(KVHandle("r", "d", [0], 4, layout, NcclPeer(1)), CacheBlocks(cache, [1]), FIRST_TOKEN)
     with pytest.raises(ValueError, match="own rank"):
-        sender.send(KVHandle("r", "d", [0], 4, layout, NcclPeer(0), credential=b"c"), [1], cache, FIRST_TOKEN)
+        sender.send(
+            KVHandle("r", "d", [0], 4, layout, NcclPeer(0), credential=b"c"),
+            CacheBlocks(cache, [1]),
+            FIRST_TOKEN,
+        )
     with pytest.raises(ValueError, match="nccl backend needs an NcclPeer"):
-        sender.send(KVHandle("r", "d", [0], 4, layout, GrpcPeer("127.0.0.1:1")), [1], cache, FIRST_TOKEN)
+        sender.send(
+            KVHandle("r", "d", [0], 4, layout, GrpcPeer("127.0.0.1:1")), CacheBlocks(cache, [1]), FIRST_TOKEN
+        )
     other = KVLayout(MODEL, "float32", 2, 2, 16, block_size=8)
     with pytest.raises(KVLayoutMismatch, match="block_size: prefill 4 != decode 8"):
-        sender.send(KVHandle("r", "d", [0], 4, other, NcclPeer(1), credential=b"c"), [1], cache, FIRST_TOKEN)
+        sender.send(
+            KVHandle("r", "d", [0], 4, other, NcclPeer(1), credential=b"c"),
+            CacheBlocks(cache, [1]),
+            FIRST_TOKEN,
+        )
