@@ -55,9 +55,9 @@ def rank_device(device: str, rank: int, shared: bool = False) -> str:
     """Rank `rank`'s device: the rank-th GPU from the configured one; CPU ranks share the CPU,
     and so do `shared` ones the configured GPU (EngineConfig.tensor_parallel_shared_device)."""
     dev = torch.device(device)
-    if dev.type != "cuda" or shared:
+    if dev.type != "cuda":
         return device
-    return f"cuda:{(dev.index or 0) + rank}"
+    return f"cuda:{(dev.index or 0) + (0 if shared else rank)}"  # an index: TPGroup sets the device
 
 
 @dataclass(frozen=True)

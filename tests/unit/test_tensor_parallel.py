@@ -18,6 +18,7 @@ from pdserve.engine import LLM, SamplingParams
 from pdserve.engine.config import EngineConfig, ModelConfig
 from pdserve.engine.llm_engine import LLMEngine
 from pdserve.engine.model.sharding import ShardLayout, check_shardable
+from pdserve.engine.tensor_parallel import rank_device
 from tests.hf_models import hf_greedy, make_checkpoint
 
 pytestmark = pytest.mark.timeout(300)
@@ -165,6 +166,18 @@ def test_cuda_tensor_parallel_with_triton_and_graphs_validates(overrides):
     EngineConfig(tensor_parallel_size=2, **overrides).validate()  # no refusal left for these
 
 
+def test_rank_devices_and_the_shared_device_refusal():
+    assert [rank_device("cuda", r) for r in range(3)] == ["cuda:0", "cuda:1", "cuda:2"]
+    assert rank_device("cuda:2", 1) == "cuda:3"
+    assert [rank_device("cuda", r, shared=True) for r in range(2)] == ["cuda:0", "cuda:0"]
+    assert rank_device("cuda:1", 1, shared=True) == "cuda:1"
+    assert rank_device("cpu", 1) == "cpu"
+    with pytest.raises(
+        ValueError, match=r"CUDA graphs cannot capture its gloo collectives; set enforce_eager"
+    ):
+        LLM("tiny", device="cuda", tensor_parallel_size=2, tensor_parallel_shared_device=True)
+
+
 def test_ranks_warm_up_together_then_serve_as_tp1():
     """`TensorParallelRanks.warm_up` (what a CUDA engine runs at start: graphs, then the warm-up
     steps) on CPU: every rank runs rank 0's scratch steps, their collectives meeting (a rank that
@@ -240,3 +253,49 @@ def test_deploy_config_passes_tensor_parallel_size_through():
         parse_config(
             {"model": "tiny", "engine": dict(shared, enforce_eager=False), "colocated": {"count": 1}}
         )
+
+
+def test_host_staged_collectives_match_the_plain_ones():
+    """The shared-device mode's collectives (gloo on host copies; on CUDA tensors in use) take
+    the host-copy branches here on CPU tensors: two ranks as threads of this process."""
+    import datetime
+    import threading
+
+    import torch
+    import torch.distributed as dist
+
+    from pdserve.engine.model.tp_group import TPGroup
+
+    store = TPGroup.create_store(2, 30)
+    results, errors = {}, []
+
+    def rank_main(rank: int) -> None:
+        try:
+            timeout = datetime.timedelta(seconds=30)
+            st = store if rank == 0 else dist.TCPStore("127.0.0.1", store.port, 2, False, timeout)
+            group = TPGroup(rank, 2, st, torch.device("cpu"), 30)
+            group.shared_device = True  # the branch a CUDA device in shared mode takes
+            parts = [torch.full((2,), 10.0), torch.full((2,), 20.0)] if rank == 0 else None
+            results[rank] = (
+                group.all_reduce(torch.full((2, 3), rank + 1.0)),
+                group.all_gather_columns(torch.full((2, 1), float(rank))),
+                group.gather_to_first(torch.full((3,), float(rank))),
+                group.scatter_from_first(parts, torch.empty(2)),
+                group.broadcast_from_first(torch.full((2,), rank + 5.0)),
+            )
+        except Exception as exc:  # reported below, not lost in the thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=rank_main, args=(rank,)) for rank in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert not errors and len(results) == 2
+    for rank, (reduced, gathered, on_first, scattered, broadcast) in results.items():
+        assert torch.equal(reduced, torch.full((2, 3), 3.0))
+        assert torch.equal(gathered, torch.tensor([[0.0, 1.0], [0.0, 1.0]]))
+        assert (on_first is None) == (rank == 1)
+        assert torch.equal(scattered, torch.full((2,), 10.0 * (rank + 1)))
+        assert torch.equal(broadcast, torch.full((2,), 5.0))
+    assert [p.tolist() for p in results[0][2]] == [[0.0] * 3, [1.0] * 3]
