@@ -97,7 +97,7 @@ class TPGroup:
 
     def all_gather_columns(self, x: torch.Tensor) -> torch.Tensor:
         """[N, C] on every rank -> [N, size * C], rank r's columns at [r * C, (r + 1) * C)."""
-        x = x.contiguous() if not self.shared_device else x.cpu()
+        x = x.contiguous() if not self.shared_device else x.contiguous().cpu()
         parts = [torch.empty_like(x) for _ in range(self.size)]
         self.group.allgather([parts], [x]).wait()
         return torch.cat(parts, dim=1).to(self.device)
@@ -107,7 +107,7 @@ class TPGroup:
         on the other ranks."""
         opts = dist.GatherOptions()
         opts.rootRank = 0
-        x = x.contiguous() if not self.shared_device else x.cpu()
+        x = x.contiguous() if not self.shared_device else x.contiguous().cpu()
         parts = [torch.empty_like(x) for _ in range(self.size)] if self.rank == 0 else None
         self.group.gather([parts] if parts is not None else [], [x], opts).wait()
         return None if parts is None else [part.to(self.device) for part in parts]
@@ -138,7 +138,7 @@ class TPGroup:
     @staticmethod
     def _staged(collective, x: torch.Tensor) -> torch.Tensor:
         """Run `collective` in place on a host copy of `x`; returns the copy."""
-        host = x.detach().to("cpu", copy=True)
+        host = x.detach().to("cpu", memory_format=torch.contiguous_format, copy=True)
         collective(host)
         return host
 
