@@ -63,6 +63,7 @@ class EngineConfig:
     # For testing tensor parallelism on ONE GPU: every rank on the configured device, their
     # collectives over gloo through host memory (slow; CUDA graphs cannot capture them, so
     # it needs enforce_eager). Off: rank r takes the r-th GPU from the configured one, NCCL.
+    # No effect with tensor_parallel_size 1.
     tensor_parallel_shared_device: bool = False
 
     def validate(self) -> None:
