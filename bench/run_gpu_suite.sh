@@ -18,6 +18,7 @@
 #   bash bench/run_gpu_suite.sh tierrows   # one GPU: bench.host_tier at 32k, bench.gpu's pdserve rows 1-3
 #   bash bench/run_gpu_suite.sh tiercheck  # one GPU: fused-prefix and host tier GPU tests, bench.host_tier at 32k
 #   bash bench/run_gpu_suite.sh multiturn  # one H200: multi-turn serving, prefix cache's host tier off vs on
+#   bash bench/run_gpu_suite.sh tpcuda     # one GPU (two for the graph test): TP=2 with the Triton kernels / CUDA graphs vs TP=1
 # Results land in $OUT (default bench/results/gpu-run).
 set -uo pipefail
 OUT="${OUT:-bench/results/gpu-run}"
@@ -75,6 +76,16 @@ case "${1:-}" in
     timeout 200 python -m pytest tests/gpu/test_sampling_gpu.py tests/gpu/test_engine_gpu.py -q \
       -p no:cacheprovider 2>&1 | tail -3 | tee "$OUT/gpu_tests.txt"
     timeout 300 python -m pdserve.bench.gpu --skip-transformers --only 1,2,3 --json "$OUT/gpu.json" 2>&1 | tail -8
+    ;;
+  tpcuda)
+    # TP=2 with the Triton attention kernels against TP=1 (same backend, float32): on one GPU both
+    # ranks share it (tensor_parallel_shared_device, eager); with two GPUs, NCCL with each rank's
+    # decode CUDA graphs (skipped on one GPU), and the reference-attention TP test beside them.
+    # Then the engine's single-GPU tests, which must not change at TP=1 (graph capture, warm-up).
+    timeout 240 python -m pytest tests/gpu/test_tensor_parallel_triton_gpu.py tests/gpu/test_tensor_parallel_gpu.py \
+      -q -p no:cacheprovider -rs --durations=8 2>&1 | tail -20 | tee "$OUT/tp_gpu_tests.txt"
+    timeout 200 python -m pytest tests/gpu/test_engine_gpu.py -q -p no:cacheprovider 2>&1 | tail -4 \
+      | tee "$OUT/gpu_tests.txt"
     ;;
   tp1)
     # One GPU after the tensor-parallel split of the model runner (plan_step / run_step): every

@@ -184,6 +184,8 @@ def _check_tensor_parallel(cfg: DeployConfig) -> None:
             raise ConfigError(f"{key}: {exc}") from None
         if not cfg.engine.device.startswith("cuda") or size == 1:
             continue
+        if cfg.engine.tensor_parallel_shared_device:
+            continue  # every rank on the actor's one GPU (testing): num_gpus as configured
         gpus = pool.resources.get("num_gpus")
         if gpus is None:
             pool.resources["num_gpus"] = size  # the actor holds its ranks' GPUs

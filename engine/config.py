@@ -60,6 +60,11 @@ class EngineConfig:
     # Ranks one worker spreads the model over (Megatron-style tensor parallelism; gloo on CPU,
     # NCCL on CUDA). 1: the single-process path, unchanged.
     tensor_parallel_size: int = 1
+    # For testing tensor parallelism on ONE GPU: every rank on the configured device, their
+    # collectives over gloo through host memory (slow; CUDA graphs cannot capture them, so
+    # it needs enforce_eager). Off: rank r takes the r-th GPU from the configured one, NCCL.
+    # No effect with tensor_parallel_size 1.
+    tensor_parallel_shared_device: bool = False
 
     def validate(self) -> None:
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
@@ -90,16 +95,16 @@ class EngineConfig:
                 f"tensor_parallel_size = {tp} does not support the prefix cache's host tier yet: "
                 "set host_cache_gb: 0 and num_host_blocks unset"
             )
-        if str(self.device).startswith("cuda"):
-            if self.attention_backend != "reference":
+        if self.tensor_parallel_shared_device:
+            if not str(self.device).startswith("cuda"):
                 raise ValueError(
-                    f"tensor_parallel_size = {tp} on CUDA: the Triton attention kernels do not run per rank "
-                    f"yet; set attention_backend: reference (got {self.attention_backend!r})"
+                    "tensor_parallel_shared_device puts every rank on one CUDA device (for testing); "
+                    f"device is {self.device!r}, whose ranks share the host already: leave it false"
                 )
             if not self.enforce_eager:
                 raise ValueError(
-                    f"tensor_parallel_size = {tp} on CUDA: CUDA graphs do not run per rank yet; "
-                    "set enforce_eager: true"
+                    f"tensor_parallel_size = {tp} with tensor_parallel_shared_device: CUDA graphs cannot "
+                    "capture its gloo collectives; set enforce_eager: true"
                 )
 
 

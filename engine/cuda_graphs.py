@@ -8,6 +8,13 @@ Static buffers hold the inputs; a step copies its batch into the first `b` rows
 of the smallest bucket B >= b and pads the rest (slot -1: no KV write; seq_len 0:
 a zero output row). The attention kernels take the grid from the bucket size and
 `max_seq_len` = the model's max length, fixed at capture.
+
+Under tensor parallelism (`collectives`) each rank captures its own graphs, over its shard, with
+the group's NCCL all-reduces inside (engine/model/tp_group.py says why they capture). Every rank
+captures the same buckets in the same order (its warm-up forward before each capture runs the
+collectives eagerly, so the ranks must agree), and a step's plan, the same on every rank, picks
+the bucket. The capture runs in thread-local mode: torch's NCCL watchdog thread queries events
+of collectives issued before the capture, which global mode would turn into a capture error.
 """
 
 from __future__ import annotations
@@ -32,8 +39,10 @@ class DecodeGraphs:
         max_batch_size: int,
         max_model_len: int,
         block_size: int,
+        collectives: bool = False,  # the forward holds tensor-parallel collectives
     ) -> None:
         self.model = model
+        self.capture_error_mode = "thread_local" if collectives else "global"
         self.kv_cache = kv_cache
         self.max_model_len = max_model_len
         self.buckets = [b for b in DEFAULT_BUCKETS if b < max_batch_size] + [max_batch_size]
@@ -72,7 +81,9 @@ class DecodeGraphs:
             for bucket in reversed(self.buckets):  # largest first, so smaller ones reuse its pool
                 self._forward(bucket)  # warm-up: compiles the Triton kernels for this shape
                 graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=pool, stream=stream):
+                with torch.cuda.graph(
+                    graph, pool=pool, stream=stream, capture_error_mode=self.capture_error_mode
+                ):
                     hidden = self._forward(bucket)
                 pool = graph.pool() if pool is None else pool
                 self.graphs[bucket] = (graph, hidden)

@@ -43,6 +43,7 @@ class LLM:
         enforce_eager: bool = False,
         async_scheduling: bool = True,
         tensor_parallel_size: int = 1,
+        tensor_parallel_shared_device: bool = False,
     ) -> None:
         self.engine = LLMEngine(
             EngineConfig(
@@ -62,6 +63,7 @@ class LLM:
                 enforce_eager=enforce_eager,
                 async_scheduling=async_scheduling,
                 tensor_parallel_size=tensor_parallel_size,
+                tensor_parallel_shared_device=tensor_parallel_shared_device,
                 kv_events=False,  # no router reads them
             )
         )

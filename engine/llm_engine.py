@@ -105,19 +105,23 @@ class LLMEngine:
         freeze_startup_heap()  # last: the model, its kernels and the KV pool are all built
 
     def _start_tensor_parallel(self, config: EngineConfig, role: str, runner_kwargs: dict) -> ModelRunner:
-        """Spawn ranks 1..N-1, build rank 0's runner here, then theirs (same block count)."""
+        """Spawn ranks 1..N-1, build rank 0's runner here, then theirs (same block count); on
+        CUDA all capture their decode graphs and warm up together."""
         size = config.tensor_parallel_size
         check_shardable(self.model_config, size)
-        self.tp_ranks = TensorParallelRanks(size, config.device)
+        shared = config.tensor_parallel_shared_device
+        self.tp_ranks = TensorParallelRanks(size, config.device, shared_device=shared)
         try:
             runner = ModelRunner(
                 self.model_config,
-                device=rank_device(config.device, 0),
+                device=rank_device(config.device, 0, shared),
                 tp=self.tp_ranks.group,
                 **runner_kwargs,
             )
             spec_kwargs = dict(runner_kwargs, num_blocks=runner.num_blocks)
             self.tp_ranks.start(RankSpec(self.model_config, config.device, spec_kwargs))
+            if runner.device.type == "cuda":  # as a one-rank runner does in its constructor
+                self.tp_ranks.warm_up(runner)
         except BaseException:
             self.tp_ranks.shutdown()
             raise

@@ -112,18 +112,24 @@ class ModelRunner:
             device=self.device,
         )
         self._last_sampled: SampledTokens | None = None  # the latest step's tokens (maybe in flight)
-        # Decode steps replay CUDA graphs when the attention backend allows capture.
+        # Decode steps replay CUDA graphs when the attention backend allows capture (and, under
+        # tensor parallelism, the group's collectives: NCCL's, not gloo's; EngineConfig refuses
+        # the shared-device mode without enforce_eager).
         self.decode_graphs = None
-        # (EngineConfig refuses tensor parallelism with CUDA graphs and the Triton kernels.)
-        if self.device.type == "cuda" and not enforce_eager and self.backend.name == "triton":
+        if (
+            self.device.type == "cuda"
+            and not enforce_eager
+            and self.backend.name == "triton"
+            and (tp is None or tp.graph_capturable)
+        ):
             from pdserve.engine.cuda_graphs import DecodeGraphs
 
             self.decode_graphs = DecodeGraphs(
-                self.model, self.kv_cache, max_num_seqs, max_model_len, block_size
+                self.model, self.kv_cache, max_num_seqs, max_model_len, block_size, collectives=tp is not None
             )
-            self.decode_graphs.capture()
-        if self.device.type == "cuda" and tp is None:  # a rank's warm-up would need the others
-            self.warm_up()
+        # (a tensor-parallel rank's needs the others: TensorParallelRanks.warm_up runs it on all)
+        if self.device.type == "cuda" and tp is None:
+            self.prepare_device()
 
     # (sequences, new tokens each, cached prefix tokens each, decode rows): a large mixed step
     # (the paged prefill kernel's 128-row tiles) and a small one (its 64-row tiles). Mixed steps
@@ -137,8 +143,20 @@ class ModelRunner:
         per_seq, extra = divmod(self.max_num_tokens, num_seqs)
         return [(0, per_seq + 1)] * extra + [(0, per_seq)] * (num_seqs - extra)
 
+    def prepare_device(self, decode_rows: tuple[int, ...] | None = None) -> None:
+        """Capture the decode CUDA graphs (if any), then `warm_up`. Under tensor parallelism every
+        rank runs this at once (TensorParallelRanks.warm_up): both run the model's collectives."""
+        if self.decode_graphs is not None:
+            self.decode_graphs.capture()
+        self.warm_up(decode_rows)
+
+    def decode_warm_up_rows(self) -> tuple[int, ...]:
+        """The decode-row counts that compile every decode-kernel variant, for this rank's KV heads
+        (the kernel's grid is sequences x KV heads: a rank's shard, not the model's count)."""
+        return tuple(self.backend.warm_up_decode_rows(self.shard.num_kv_heads, self.device))
+
     @torch.inference_mode()
-    def warm_up(self) -> None:
+    def warm_up(self, decode_rows: tuple[int, ...] | None = None) -> None:
         """Run the eager path's step shapes once on scratch blocks.
 
         First the largest step (`peak_step_rows`, sampled with top-k/top-p, the sampler's
@@ -148,10 +166,12 @@ class ModelRunner:
         offline run's ramp, and the GPU idled after each one (bench.profile_steps' timeline).
         Then the shapes the Triton kernels specialize on, so they are compiled now and not
         inside the first mixed batches a server sees (a compile takes seconds). Decode shapes
-        are compiled by the CUDA-graph capture."""
+        are compiled by the CUDA-graph capture. `decode_rows`: default `decode_warm_up_rows()`
+        (tensor-parallel ranks take rank 0's, so they all run the same steps)."""
         largest_sampler = SamplingParams(temperature=1.0, top_k=50, top_p=0.9)
         steps = [(self.peak_step_rows(), largest_sampler)]
-        decode_rows = self.backend.warm_up_decode_rows(self.config.num_key_value_heads, self.device)
+        if decode_rows is None:
+            decode_rows = self.decode_warm_up_rows()
         greedy = SamplingParams(temperature=0.0)
         for num_seqs, q_len, prefix, num_decode in self.WARM_UP_STEPS + tuple(
             (1, 8, 16, rows) for rows in decode_rows
@@ -209,6 +229,8 @@ class ModelRunner:
             free, _total = torch.cuda.mem_get_info(self.device)
             # leave room for activations of the largest step (hidden + MLP intermediates)
             activation = max_num_tokens * (self.config.intermediate_size * 4 + self.config.vocab_size) * 4
+            if self.tp is not None and self.tp.shared_device:  # the other ranks share this GPU
+                free = (free - (self.tp.size - 1) * _weight_bytes(self.model)) // self.tp.size
             budget = int(free * GPU_MEMORY_UTILIZATION) - activation
         else:
             budget = CPU_KV_CACHE_BYTES
@@ -385,6 +407,10 @@ class ModelRunner:
         has_logprobs = logprobs.sampled is not None or logprobs.prompt is not None
         self._last_sampled = SampledTokens.launch(req_ids, tokens, rows, logprobs if has_logprobs else None)
         return self._last_sampled
+
+
+def _weight_bytes(model: torch.nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for p in model.parameters())
 
 
 def _prompt_logprob_rows(request: Request, start: int, end: int, base: int) -> PromptLogprobRows | None:

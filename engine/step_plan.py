@@ -51,3 +51,12 @@ class KVScatter:
     layer_start: int
     layer_stop: int
     shape: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class DeviceWarmUp:
+    """Every rank captures its decode CUDA graphs (when it has them) and runs the warm-up steps
+    (`ModelRunner.prepare_device`), together: both run the model's collectives. `decode_rows`:
+    rank 0's decode-kernel warm-up rows, so every rank runs the same steps."""
+
+    decode_rows: tuple[int, ...]

@@ -7,6 +7,9 @@ output into a `StepPlan` (plain data: token ids, positions, slots, block tables,
 rows), sends it down a pipe to each child, and all ranks run the same forward; their
 collectives (all-reduce after the row-parallel layers and the embedding, all-gather of the
 logits, the broadcast of rank 0's sampled tokens) go through a `TPGroup` of their own.
+Before the first step, on CUDA, every rank captures its decode CUDA graphs and runs the warm-up
+steps together (`warm_up`: their forwards hold collectives), the same batch sizes in the same
+order; a step replays the graph of the bucket its plan's batch size picks, the same on every rank.
 KV moving in or out of a disaggregated worker takes the same pipe and group, between steps:
 `gather_kv` (a layer range of a prefill worker's blocks, every KV head, on rank 0: the
 worker gathers piece by piece as its sender ships them) and `scatter_kv` (a decode
@@ -48,7 +51,7 @@ from pdserve.engine.kv_heads import (
 from pdserve.engine.model.tp_group import DEFAULT_TIMEOUT_S, TPGroup
 from pdserve.engine.model_runner import ModelRunner
 from pdserve.engine.sampled_tokens import SampledTokens
-from pdserve.engine.step_plan import KVGather, KVScatter
+from pdserve.engine.step_plan import DeviceWarmUp, KVGather, KVScatter
 
 _READY = "ready"
 _ERROR = "error"
@@ -56,12 +59,13 @@ _AUTHKEY_ENV = "PDSERVE_TP_AUTHKEY"  # the listener's key, for the children only
 _T = TypeVar("_T")
 
 
-def rank_device(device: str, rank: int) -> str:
-    """Rank `rank`'s device: the rank-th GPU from the configured one; CPU ranks share the CPU."""
+def rank_device(device: str, rank: int, shared: bool = False) -> str:
+    """Rank `rank`'s device: the rank-th GPU from the configured one; CPU ranks share the CPU,
+    and so do `shared` ones the configured GPU (EngineConfig.tensor_parallel_shared_device)."""
     dev = torch.device(device)
     if dev.type != "cuda":
         return device
-    return f"cuda:{(dev.index or 0) + rank}"
+    return f"cuda:{(dev.index or 0) + (0 if shared else rank)}"  # an index: TPGroup sets the device
 
 
 @dataclass(frozen=True)
@@ -81,7 +85,9 @@ class TensorParallelRanks:
     spawn, which re-runs the parent's main script) that connect back to a listener on
     127.0.0.1 with a one-time key."""
 
-    def __init__(self, size: int, device: str, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
+    def __init__(
+        self, size: int, device: str, timeout_s: float = DEFAULT_TIMEOUT_S, shared_device: bool = False
+    ) -> None:
         self.size = size
         self._timeout_s = timeout_s
         store = TPGroup.create_store(size, timeout_s)
@@ -94,7 +100,8 @@ class TensorParallelRanks:
         self._finalizer = weakref.finalize(self, _stop_ranks, self._procs, self._conns)
         try:
             for rank in range(1, size):
-                args = [str(a) for a in (rank, size, store.port, listener.address[1], device, timeout_s)]
+                args = [rank, size, store.port, listener.address[1], device, timeout_s, int(shared_device)]
+                args = [str(a) for a in args]
                 cmd = [sys.executable, "-m", "pdserve.engine.tensor_parallel", *args]
                 self._procs.append(subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL))
             self._wait_joined(store)
@@ -103,7 +110,8 @@ class TensorParallelRanks:
                 conn = listener.accept()
                 by_rank[conn.recv()] = conn
             self._conns.extend(by_rank[rank] for rank in range(1, size))
-            self.group = TPGroup(0, size, store, torch.device(rank_device(device, 0)), timeout_s)
+            dev = torch.device(rank_device(device, 0, shared_device))
+            self.group = TPGroup(0, size, store, dev, timeout_s, shared_device)
         except BaseException:
             self.shutdown()
             raise
@@ -140,6 +148,14 @@ class TensorParallelRanks:
             status, detail = conn.recv()
             if status != _READY:
                 raise RuntimeError(f"tensor-parallel rank {rank} failed to load its shard:\n{detail}")
+
+    def warm_up(self, runner: ModelRunner) -> None:
+        """`ModelRunner.prepare_device` on every rank at once (CUDA graphs, then the warm-up
+        steps: both run the model's collectives), with rank 0's decode warm-up rows."""
+        message = DeviceWarmUp(runner.decode_warm_up_rows())
+        self._run_everywhere(
+            message, lambda: runner.prepare_device(message.decode_rows), "while warming up (CUDA graphs)"
+        )
 
     def execute(
         self, runner: ModelRunner, out: SchedulerOutput, requests: dict[str, Request]
@@ -221,18 +237,19 @@ def _stop_ranks(procs: list, conns: list, grace_s: float = 5.0) -> None:
         conn.close()
 
 
-def _rank_main(rank: int, size: int, store_port: int, conn_port: int, device: str, timeout_s: float) -> None:
+def _rank_main(
+    rank: int, size: int, store_port: int, conn_port: int, device: str, timeout_s: float, shared: bool
+) -> None:
     """A child rank: join the group, build the runner from rank 0's spec, run its plans."""
     torch.set_num_threads(max(1, torch.get_num_threads() // size))  # the ranks share the host's cores
     store = TPGroup.reach_store(rank, size, store_port, timeout_s)
     conn = Client(("127.0.0.1", conn_port), authkey=bytes.fromhex(os.environ.pop(_AUTHKEY_ENV)))
     conn.send(rank)
     try:
-        group = TPGroup(rank, size, store, torch.device(rank_device(device, rank)), timeout_s)
+        here = rank_device(device, rank, shared)
+        group = TPGroup(rank, size, store, torch.device(here), timeout_s, shared)
         spec: RankSpec = conn.recv()
-        runner = ModelRunner(
-            spec.model_config, device=rank_device(device, rank), tp=group, **spec.runner_kwargs
-        )
+        runner = ModelRunner(spec.model_config, device=here, tp=group, **spec.runner_kwargs)
     except EOFError:
         return  # rank 0 went away during start-up
     except Exception:
@@ -251,6 +268,8 @@ def _rank_main(rank: int, size: int, store_port: int, conn_port: int, device: st
             gather_kv_heads(runner, message)
         elif isinstance(message, KVScatter):
             scatter_kv_heads(runner, message, None)
+        elif isinstance(message, DeviceWarmUp):
+            runner.prepare_device(message.decode_rows)
         else:
             runner.run_step(message)
 
@@ -271,5 +290,7 @@ def scatter_kv_heads(runner: ModelRunner, message: KVScatter, parts: list[torch.
 
 
 if __name__ == "__main__":
-    _rank, _size, _store_port, _conn_port, _device, _timeout = sys.argv[1:]
-    _rank_main(int(_rank), int(_size), int(_store_port), int(_conn_port), _device, float(_timeout))
+    _rank, _size, _store_port, _conn_port, _device, _timeout, _shared = sys.argv[1:]
+    _rank_main(
+        int(_rank), int(_size), int(_store_port), int(_conn_port), _device, float(_timeout), _shared == "1"
+    )

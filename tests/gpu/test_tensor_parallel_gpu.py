@@ -1,6 +1,6 @@
 """engine.tensor_parallel_size 2 over NCCL on two GPUs: float32 greedy tokens equal
-transformers' (eager steps, reference attention: what TP supports on CUDA for now).
-Skipped with fewer than two GPUs."""
+transformers' (eager steps, reference attention; the Triton kernels and CUDA graphs per rank:
+test_tensor_parallel_triton_gpu.py). Skipped with fewer than two GPUs."""
 
 from __future__ import annotations
 
