@@ -141,9 +141,9 @@ class PieceFiller:
         self._thread.start()
 
     def _run(self) -> None:
-        device = self._source.device
-        stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         try:
+            device = self._source.device
+            stream = torch.cuda.Stream(device) if device.type == "cuda" else None
             for layers in chunk_plan(self._source, 0):
                 with self._cv:
                     if self._stopping:
