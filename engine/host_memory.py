@@ -11,7 +11,10 @@ them where they are (`cudaHostRegister`), as SGLang's HiCache host pool does:
   rank being started) cannot leave the GPU's copies going to pages the parent no longer uses;
 * registered in pieces of whole `granularity` units (one layer's slots) of at most
   `REGISTER_PIECE_BYTES`: a copy never spans two registrations (such a copy would not count
-  as pinned), and no single registration is huge (SGLang caps theirs too);
+  as pinned), and no single registration is huge (SGLang caps theirs too). Each piece also
+  starts on a page: the driver pins whole pages, so two registrations sharing a page would
+  overlap (the second is refused as already registered) when a unit is not a whole number of
+  pages (a small model's layer of an odd number of slots);
 * unregistered by `close()`, or when the `HostMemory` is collected; the mapping itself goes
   with the last tensor over it (a view still held then is plain pageable memory, still valid).
 
@@ -22,7 +25,9 @@ at memory speed, once, when the engine starts (tens of GiB: seconds).
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import math
 import mmap
 import weakref
 
@@ -36,18 +41,20 @@ _CUDA_HOST_REGISTER_PORTABLE = 1  # pinned for every CUDA context of the process
 
 
 def register_pieces(
-    nbytes: int, granularity: int, max_piece_bytes: int | None = None
+    nbytes: int, granularity: int, max_piece_bytes: int | None = None, page_bytes: int = mmap.PAGESIZE
 ) -> list[tuple[int, int]]:
-    """(offset, size) of each registration: whole `granularity` units (the last may be
-    shorter when `nbytes` is not a multiple), at most `max_piece_bytes` (default
-    `REGISTER_PIECE_BYTES`) each unless one unit is larger (then one unit a piece)."""
+    """(offset, size) of each registration: whole `granularity` units that also start on a
+    `page_bytes` boundary (the last piece may be shorter when `nbytes` is not a multiple), at
+    most `max_piece_bytes` (default `REGISTER_PIECE_BYTES`) each unless the smallest such run
+    of units is larger (then one such run a piece)."""
     if nbytes <= 0:
         return []
     if max_piece_bytes is None:
         max_piece_bytes = REGISTER_PIECE_BYTES
-    if granularity <= 0:
-        raise ValueError(f"granularity must be > 0, got {granularity}")
-    piece = max(1, max_piece_bytes // granularity) * granularity
+    if granularity <= 0 or page_bytes <= 0:
+        raise ValueError(f"granularity and page_bytes must be > 0, got {granularity}, {page_bytes}")
+    unit = math.lcm(granularity, page_bytes)  # the fewest whole units that end on a page
+    piece = max(1, max_piece_bytes // unit) * unit
     return [(offset, min(piece, nbytes - offset)) for offset in range(0, nbytes, piece)]
 
 
@@ -67,6 +74,7 @@ class HostMemory:
         self.nbytes = nbytes
         self.tensor = torch.frombuffer(region, dtype=torch.uint8)  # keeps `region` mapped
         self.registered: list[int] = []  # base pointer of each registration
+        self.device = device
         if pin:
             self._register(register_pieces(nbytes, granularity))
         self._finalizer = weakref.finalize(self, _unregister, self.registered, device)
@@ -76,9 +84,12 @@ class HostMemory:
         cudart = torch.cuda.cudart()
         base = self.tensor.data_ptr()
         for offset, size in pieces:
-            error = cudart.cudaHostRegister(base + offset, size, _CUDA_HOST_REGISTER_PORTABLE)
+            # on `device`: a runtime call on a thread whose current device is another (0 by
+            # default) would create a CUDA context there, hundreds of MiB of that GPU
+            with _on(self.device):
+                error = cudart.cudaHostRegister(base + offset, size, _CUDA_HOST_REGISTER_PORTABLE)
             if int(error) != 0:
-                _unregister(self.registered)
+                _unregister(self.registered, self.device)
                 raise RuntimeError(
                     f"pinning {self.nbytes / 2**30:.2f} GiB of host memory failed at bytes "
                     f"{offset}..{offset + size}: cudaHostRegister: {cudart.cudaGetErrorString(error)}"
@@ -100,6 +111,12 @@ def _unregister(bases: list[int], device: str | torch.device | None = None) -> N
     torch.cuda.synchronize(device)  # no copy may still be using the pages
     cudart = torch.cuda.cudart()
     while bases:
-        error = cudart.cudaHostUnregister(bases.pop())
+        with _on(device):  # not a new context on this thread's device (see _register)
+            error = cudart.cudaHostUnregister(bases.pop())
         if int(error) != 0:  # nothing to undo: the pages stay pinned until the process exits
             log.warning("cudaHostUnregister: %s", cudart.cudaGetErrorString(error))
+
+
+def _on(device: str | torch.device | None) -> contextlib.AbstractContextManager:
+    """`device` current for the runtime calls inside (None: leave the current device)."""
+    return torch.cuda.device(device) if device is not None else contextlib.nullcontext()

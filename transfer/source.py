@@ -75,7 +75,9 @@ class CacheBlocks:
 
 class LayerPieces:
     """A packed buffer of `shape` made piece by piece: `fetch(layers)` returns the packed KV of a
-    range of at most `max_chunk_layers` layers (> 0) as a fresh tensor of `dtype` on `device`."""
+    range of at most `max_chunk_layers` layers (> 0) as a fresh tensor of `dtype` on `device`,
+    complete when returned (on CUDA its producer synchronized: senders read it from streams of
+    their own, ordered after nothing of the producer's)."""
 
     def __init__(
         self,
@@ -119,7 +121,12 @@ class PieceFiller:
     bytes, layer-major: the pieces land one after the other) on a thread of its own, dropping
     each piece once it is on the host. `ready(end)` returns once the bytes before `end` are
     there (`end` < 0: every byte), raising `KVTransferError` if fetching a piece failed; `stop()`
-    ends the thread early (after the piece in hand) and returns once nothing writes to `host`."""
+    ends the thread early (after the piece in hand) and returns once nothing writes to `host`.
+
+    On CUDA the copies go on a stream of the thread's own: on this thread's current stream (the
+    device's default stream, which the engine runs on) each would queue behind the engine's
+    work and hold up its next step behind the copy, and its blocking wait would wait for all
+    of the engine's queued work. The pieces are complete when fetched (`LayerPieces`)."""
 
     def __init__(self, source: KVSource, host: torch.Tensor, req_id: str) -> None:
         self._source = source
@@ -135,14 +142,22 @@ class PieceFiller:
 
     def _run(self) -> None:
         try:
+            device = self._source.device
+            stream = torch.cuda.Stream(device) if device.type == "cuda" else None
             for layers in chunk_plan(self._source, 0):
                 with self._cv:
                     if self._stopping:
                         return
                 start, stop = layers.start * self._layer_nbytes, layers.stop * self._layer_nbytes
                 piece = self._source.layers(layers)
-                self._host[start:stop].view(piece.dtype).view(piece.shape).copy_(piece)  # waits for it
-                del piece  # before the next is fetched: one piece off the host at a time
+                host = self._host[start:stop].view(piece.dtype).view(piece.shape)
+                if stream is None:
+                    host.copy_(piece)
+                else:
+                    with torch.cuda.stream(stream):
+                        host.copy_(piece, non_blocking=True)
+                    stream.synchronize()  # on the host before the piece is dropped
+                del piece, host  # before the next is fetched: one piece off the host at a time
                 with self._cv:
                     self._filled = stop
                     self._cv.notify_all()

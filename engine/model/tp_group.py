@@ -20,7 +20,6 @@ ranks on one device; a host copy is exact and works for all five, at a speed onl
 from __future__ import annotations
 
 import datetime
-import os
 
 import torch
 import torch.distributed as dist
@@ -145,16 +144,8 @@ class TPGroup:
 
 def _nccl_group(store: dist.Store, rank: int, size: int, options) -> dist.ProcessGroup:
     """A ProcessGroupNCCL that keeps its collectives' tensors alive by reference until `.wait()`
-    instead of `recordStream` on the caching allocator (TORCH_NCCL_AVOID_RECORD_STREAMS, read
-    when the group is made): the setting under which torch's NCCL collectives are known to
-    capture in CUDA graphs (vLLM's finding, PR 2152). Set only while this group is made."""
-    key = "TORCH_NCCL_AVOID_RECORD_STREAMS"
-    before = os.environ.get(key)
-    os.environ[key] = "1"
-    try:
-        return dist.ProcessGroupNCCL(store, rank, size, options)
-    finally:
-        if before is None:
-            del os.environ[key]
-        else:
-            os.environ[key] = before
+    (stashed on the Work) instead of `recordStream` on the caching allocator: the behaviour
+    under which torch's NCCL collectives capture in CUDA graphs. It is torch's default since
+    2.7; TORCH_NCCL_AVOID_RECORD_STREAMS, which chose it before, is deprecated (setting it only
+    prints a warning) and later ignored, so nothing is set here."""
+    return dist.ProcessGroupNCCL(store, rank, size, options)

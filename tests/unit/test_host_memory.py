@@ -7,6 +7,7 @@ pinning itself is checked on a GPU: tests/gpu/test_host_tier_gpu.py."""
 from __future__ import annotations
 
 import gc
+import math
 import mmap
 
 import pytest
@@ -33,7 +34,7 @@ def rss_shmem_bytes() -> int:
     ],
 )
 def test_register_pieces_are_whole_units_under_the_cap(nbytes: int, granularity: int, cap: int) -> None:
-    pieces = register_pieces(nbytes, granularity, cap)
+    pieces = register_pieces(nbytes, granularity, cap, page_bytes=1)  # units only (pages: below)
     assert pieces[0][0] == 0 and sum(size for _, size in pieces) == nbytes
     for (offset, size), (next_offset, _) in zip(pieces, pieces[1:], strict=False):
         assert offset + size == next_offset  # contiguous, no overlap
@@ -47,9 +48,34 @@ def test_register_pieces_are_whole_units_under_the_cap(nbytes: int, granularity:
 
 def test_register_pieces_edges() -> None:
     assert register_pieces(0, 10) == []
-    assert register_pieces(30, 10, 5) == [(0, 10), (10, 10), (20, 10)]
-    with pytest.raises(ValueError, match="granularity must be > 0"):
+    assert register_pieces(30, 10, 5, page_bytes=1) == [(0, 10), (10, 10), (20, 10)]
+    with pytest.raises(ValueError, match="granularity and page_bytes must be > 0"):
         register_pieces(30, 0)
+
+
+@pytest.mark.parametrize(
+    ("granularity", "num_units", "cap"),
+    [
+        (3 * 2048, 1500, 1 << 20),  # layers of 6 KiB (an odd number of 2 KiB slots): pages every 2
+        (4096 * 7 + 512, 300, 1 << 20),  # pieces of whole runs of 8 layers (57 pages)
+        ((24 << 30) // 32, 32, REGISTER_PIECE_BYTES),  # page-multiple layers: as without pages
+    ],
+)
+def test_register_pieces_start_on_pages(granularity: int, num_units: int, cap: int) -> None:
+    """The driver pins whole pages: a piece starting inside a page the previous piece pinned
+    would overlap it, so every piece starts on a page (and still on a unit)."""
+    page = 4096
+    nbytes = granularity * num_units
+    pieces = register_pieces(nbytes, granularity, cap, page_bytes=page)
+    assert pieces[0][0] == 0 and sum(size for _, size in pieces) == nbytes
+    for (offset, size), (next_offset, _) in zip(pieces, pieces[1:], strict=False):
+        assert offset + size == next_offset
+    for offset, _ in pieces:
+        assert offset % page == 0 and offset % granularity == 0
+    run = math.lcm(granularity, page)
+    assert all(size <= max(cap, run) for _, size in pieces)
+    if run <= cap:  # as many whole runs as the cap allows
+        assert all(size == cap // run * run for _, size in pieces[:-1])
 
 
 def test_host_memory_maps_exactly_the_bytes_asked_for() -> None:
