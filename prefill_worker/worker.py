@@ -68,8 +68,10 @@ class PrefillWorker(LoopWorker):
         self._links.update(links)
 
     def join_transfer_group(self, rank: int, world_size: int, init_method: str) -> None:
-        """Join the connector's process group (connectors with `uses_process_group`)."""
-        self.send_side.join_group(rank, world_size, init_method, self.engine.kv_cache.device)
+        """Join the connector's process group (connectors with `uses_process_group`): rank 0 at
+        `rank`, rank r of a tensor-parallel worker at `rank + r`."""
+        ranks = self.engine.rank_tasks()  # KV moves rank to rank when a pair has tensor parallelism
+        self.send_side.join_group(rank, world_size, init_method, self.engine.kv_cache.device, ranks)
 
     def poll(self, timeout_s: float = 0.5) -> StepBatch:
         batch = super().poll(timeout_s)
@@ -192,7 +194,9 @@ class PrefillWorker(LoopWorker):
         def gather(layers: slice) -> torch.Tensor:
             return self.loop.call_sync(lambda engine: engine.gather_kv(src_block_ids, layers))
 
-        return LayerPieces(gather, shape, cache.dtype, cache.device, piece_layers or num_layers)
+        return LayerPieces(
+            gather, shape, cache.dtype, cache.device, piece_layers or num_layers, src_block_ids
+        )
 
     def _report(self, handle: KVHandle, reason: str | None) -> None:
         """Tell the decode worker its KV will not come (reason None: nothing to send)."""
