@@ -168,19 +168,26 @@ class DirectSender:
         )
 
     def _finish(self, req_id: str, dst: int, outcomes: dict[int, RankOutcome], waitable: Waitable) -> None:
-        """The receiver's answer; a rank whose send failed breaks the pair (the receiver may wait
-        for bytes never sent), whatever the receiver says."""
+        """The receiver's answer. A rank whose send failed breaks the pair (the receiver may wait
+        for bytes never sent) and fails the request at once: the receiver's own wait ends within
+        its timeout, and its blocks are freed only then (`KVDirectSink`)."""
         failed = first_failure(outcomes)
         if failed is not None:
             self.sender.break_pair(EVERY_PEER if failed.ran_out else dst, failed.failure)
+            raise KVTransferError(f"request {req_id}: {failed.failure}")
         try:
-            waitable.result(timeout=self.sender.timeout_s if failed is None else REPLY_GRACE_S)
+            waitable.result(timeout=self.sender.timeout_s)
         except KVLayoutMismatch:
             raise
+        except TimeoutError as exc:
+            self.sender.break_pair(
+                dst, f"request {req_id}: no confirmation within {self.sender.timeout_s:g} s"
+            )
+            raise KVTransferError(
+                f"request {req_id}: rank {dst} did not confirm: KV transfer timed out"
+            ) from exc
         except Exception as exc:  # noqa: BLE001 - our sends completed: the receiver drained them
             raise KVTransferError(f"request {req_id}: rank {dst} failed to receive: {exc}") from exc
-        if failed is not None:
-            raise KVTransferError(f"request {req_id}: {failed.failure}")
 
 
 class DirectReceiver:
