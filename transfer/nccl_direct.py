@@ -88,19 +88,27 @@ def routes_for(pairs: list, rank: int, size: int, num_kv_heads: int, sending: bo
     return tuple(routes)
 
 
-def run_on_ranks(ranks: RankTasks, tasks: dict[int, RankTask], timeout_s: float) -> dict[int, RankOutcome]:
+def run_on_ranks(
+    req_id: str, ranks: RankTasks, tasks: dict[int, RankTask], timeout_s: float
+) -> dict[int, RankOutcome]:
     """Each rank's task (children first, on their own threads; rank 0's on this thread), and
     each rank's outcome: a child that raised, exited or did not answer in time fails."""
     futures: dict[int, Future] = {r: ranks.submit(r, task) for r, task in tasks.items() if r}
-    outcomes = {0: ranks.run_here(tasks[0])} if 0 in tasks else {}
+    outcomes = {}
+    if 0 in tasks:
+        try:
+            outcomes[0] = ranks.run_here(tasks[0])
+        except Exception as exc:  # noqa: BLE001 - the children's outcomes are still waited for
+            outcomes[0] = RankOutcome(failure=f"request {req_id}: rank 0: {type(exc).__name__}: {exc}")
     deadline = time.monotonic() + timeout_s + REPLY_GRACE_S
     for rank, future in futures.items():
         try:
             outcomes[rank] = future.result(max(0.0, deadline - time.monotonic()))
         except FutureTimeout:
-            outcomes[rank] = RankOutcome(failure=f"rank {rank} did not answer", ran_out=True)
-        except Exception as exc:  # noqa: BLE001 - the child raised or exited
-            outcomes[rank] = RankOutcome(failure=f"rank {rank}: {exc}")
+            why = f"request {req_id}: tensor-parallel rank {rank} did not answer within {timeout_s:g} s"
+            outcomes[rank] = RankOutcome(failure=why, ran_out=True)
+        except Exception as exc:  # noqa: BLE001 - the child raised or exited (the error names it)
+            outcomes[rank] = RankOutcome(failure=f"request {req_id}: {exc}")
     return outcomes
 
 
@@ -158,7 +166,7 @@ class DirectSender:
                 raise KVTransferError(
                     f"request {handle.req_id}: notifying rank {peer.rank} failed: {exc}"
                 ) from exc
-            outcomes = run_on_ranks(self.ranks, tasks, self.sender.timeout_s)
+            outcomes = run_on_ranks(handle.req_id, self.ranks, tasks, self.sender.timeout_s)
             self._finish(handle.req_id, peer.rank, outcomes, waitable)
         for rank, outcome in outcomes.items():
             self.rank_bytes[rank] = self.rank_bytes.get(rank, 0) + outcome.nbytes
@@ -174,7 +182,7 @@ class DirectSender:
         failed = first_failure(outcomes)
         if failed is not None:
             self.sender.break_pair(EVERY_PEER if failed.ran_out else dst, failed.failure)
-            raise KVTransferError(f"request {req_id}: {failed.failure}")
+            raise KVTransferError(failed.failure)
         try:
             waitable.result(timeout=self.sender.timeout_s)
         except KVLayoutMismatch:
@@ -224,7 +232,9 @@ class DirectReceiver:
                     problem, arrival = exc, None
             landed = False
             try:
-                outcomes = run_on_ranks(self.ranks, self._tasks(notice, write_ids), self.receiver.timeout_s)
+                outcomes = run_on_ranks(
+                    notice.req_id, self.ranks, self._tasks(notice, write_ids), self.receiver.timeout_s
+                )
                 failed = first_failure(outcomes)
                 landed = failed is None and write_ids is not None
             finally:
@@ -233,7 +243,8 @@ class DirectReceiver:
         for rank, outcome in outcomes.items():
             self.rank_bytes[rank] = self.rank_bytes.get(rank, 0) + outcome.nbytes
         if failed is not None:
-            self.receiver.break_source(notice.src_rank, failed.failure, failed.ran_out)
+            if not failed.in_step:  # a send may still be pending on the pair: refuse it from now on
+                self.receiver.break_source(notice.src_rank, failed.failure, failed.ran_out)
             raise KVTransferError(failed.failure)
         if problem is not None:
             raise problem

@@ -50,11 +50,13 @@ class HeadRoute:
 @dataclass(frozen=True)
 class RankOutcome:
     """How one rank's part of a transfer went: bytes moved, or why not (`ran_out`: a wait used up
-    its whole timeout, so every pair of that rank is gone)."""
+    its whole timeout, so every pair of that rank is gone; `in_step`: every byte was drained,
+    only writing them failed, so the pairs are still in step and only the request fails)."""
 
     nbytes: int = 0
     failure: str | None = None
     ran_out: bool = False
+    in_step: bool = False
 
 
 @dataclass(frozen=True)
@@ -86,11 +88,18 @@ class SendHeads:
         stream = SideStream(context.device)
         posted, nbytes = [], 0
         with stream.active():
-            for route in self.routes:
-                for layers in layer_chunks(cache.shape[0], self.chunk_layers):
-                    buffer = pack_heads(cache, self.block_ids, layers, route.head_offset, route.count)
-                    posted.append((route, layers, buffer, dist.isend(buffer, dst=route.peer)))
-                    nbytes += buffer.numel() * buffer.element_size()
+            try:
+                for route in self.routes:
+                    for layers in layer_chunks(cache.shape[0], self.chunk_layers):
+                        buffer = pack_heads(cache, self.block_ids, layers, route.head_offset, route.count)
+                        posted.append((route, layers, buffer, dist.isend(buffer, dst=route.peer)))
+                        nbytes += buffer.numel() * buffer.element_size()
+            except Exception as exc:  # noqa: BLE001 - what was posted stays alive; the pair breaks
+                _abandoned.append(posted)
+                why = f"{type(exc).__name__}: {exc}"
+                return RankOutcome(
+                    failure=f"request {self.req_id}: rank {context.rank} failed to send its heads: {why}"
+                )
             failure = _wait_all(self.req_id, "send to", posted, self.timeout_s, None)
         return failure or RankOutcome(nbytes)
 
@@ -138,16 +147,20 @@ def _wait_all(
     req_id: str, what: str, posted: list, timeout_s: float, write, cache=None
 ) -> RankOutcome | None:
     """Wait for each posted operation in order (at most `timeout_s` in all), handing each landed
-    chunk to `write` when given; the first failure keeps every operation alive and is returned."""
+    chunk to `write` when given; a failed wait keeps every operation alive and is returned; a
+    failed write stops the writes, not the waits (the pairs stay in step)."""
     deadline = time.monotonic() + timeout_s
+    write_failure = None
     for route, layers, buffer, work in posted:
         why, ran_out = wait_for_work(work, max(0.01, deadline - time.monotonic()))
+        where = f"layers {layers.start}..{layers.stop - 1}"
         if why is not None:
             _abandoned.append(posted)
-            where = f"layers {layers.start}..{layers.stop - 1}"
-            return RankOutcome(
-                failure=f"request {req_id}: {what} rank {route.peer} ({where}): {why}", ran_out=ran_out
-            )
-        if write is not None:
-            write(cache, route, layers, buffer)
-    return None
+            failure = f"request {req_id}: {what} rank {route.peer} ({where}): {why}"
+            return RankOutcome(failure=failure, ran_out=ran_out)
+        if write is not None and write_failure is None:
+            try:
+                write(cache, route, layers, buffer)
+            except Exception as exc:  # noqa: BLE001 - reported in the outcome
+                write_failure = f"request {req_id}: writing rank {route.peer}'s heads ({where}): {exc!r}"
+    return None if write_failure is None else RankOutcome(failure=write_failure, in_step=True)
