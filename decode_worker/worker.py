@@ -9,7 +9,9 @@ A disaggregated request takes two calls here, in order:
    side, in layer chunks, once it admitted the sender's credential): it is scattered into
    the blocks reserved in step 1 (never others), and after the last layer the request
    joins the running batch. Nobody else has to say "start". The KV carries every KV head;
-   a tensor-parallel worker's ranks each write their heads (engine/kv_heads.py).
+   a tensor-parallel worker's ranks each write their heads (engine/kv_heads.py). Over nccl
+   with TP > 1 on either side, the ranks receive their heads rank to rank and write them
+   themselves, between `begin_kv_write` and `end_kv_write` (transfer/nccl_direct.py).
 
 The lease: a reservation whose KV has not begun to arrive `transfer.timeout_s` after
 `reserve`, or has not landed `transfer.timeout_s` after it began, is dropped by a

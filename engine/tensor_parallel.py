@@ -13,7 +13,9 @@ order; a step replays the graph of the bucket its plan's batch size picks, the s
 KV moving in or out of a disaggregated worker takes the same pipe and group, between steps:
 `gather_kv` (a layer range of a prefill worker's blocks, every KV head, on rank 0: the
 worker gathers piece by piece as its sender ships them) and `scatter_kv` (a decode
-worker's arriving chunk, each rank writing its heads), see engine/kv_heads.py.
+worker's arriving chunk, each rank writing its heads), see engine/kv_heads.py. A KV transfer
+that goes rank to rank (nccl) instead runs `RankTask`s on the children (`submit`: each on a
+thread of the child, beside its steps, answered over the pipe; engine/rank_tasks.py).
 
 A child that fails to start is reported with its error; one that dies later fails rank 0's
 next collective (gloo sees the closed connection, or the group's timeout fires), and a child

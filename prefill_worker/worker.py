@@ -5,10 +5,12 @@ sampled token as soon as the step that computed it ends (that is the TTFT).
 The request's blocks stay owned here (the scheduler holds them, HELD_FOR_TRANSFER)
 while a sender thread ships the ones the decode worker lacks, with the first token,
 in one packed buffer; they are freed when the send completes or fails. The buffer always
-carries all the KV heads, whatever the decode worker's TP size: a tensor-parallel worker
-gathers every rank's heads of those blocks on rank 0 (engine/kv_heads.py) in layer pieces,
-each just before the sender ships it (`transfer.source.LayerPieces`), so rank 0 holds a piece
-or two of the request's KV, never all of it. The decode
+carries all the KV heads, whatever the decode worker's TP size: over gRPC a tensor-parallel
+worker gathers every rank's heads of those blocks on rank 0 (engine/kv_heads.py) in layer
+pieces, each just before the sender ships it (`transfer.source.LayerPieces`), so rank 0 holds
+a piece or two of the request's KV, never all of it; over nccl, when either worker has TP > 1,
+every rank sends its heads straight to the decode ranks that hold them
+(transfer/nccl_direct.py) and nothing is gathered. The decode
 worker starts the request itself once that KV has landed. A failed send, or a
 request that ended at its first token, is reported to the decode worker through its
 `DecodeLink` so it drops the reservation.

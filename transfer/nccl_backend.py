@@ -1,4 +1,6 @@
 """KV transfer over torch.distributed point-to-point: NCCL between GPUs, gloo on CPU.
+One buffer per request between two workers of one rank; when either has tensor parallelism
+the KV moves rank to rank instead (`transfer.nccl_direct`, with these locks and broken pairs).
 
 One process group spans every worker (`init_transfer_group`); the backend is
 chosen by the cache's device, and the send/recv code is the same for both.
