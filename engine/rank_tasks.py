@@ -66,12 +66,16 @@ class TaskReplies:
         self._lock = threading.Lock()
         self._next_id = 0
         self._pending: dict[int, tuple[int, Future]] = {}  # task id -> (child rank, its Future)
+        self._gone: set[int] = set()  # children whose pipe closed: their tasks fail at once
 
     def open(self, rank: int) -> tuple[int, Future]:
         future: Future = Future()
         with self._lock:
             self._next_id += 1
-            self._pending[self._next_id] = (rank, future)
+            if rank in self._gone:
+                future.set_exception(RuntimeError(f"tensor-parallel rank {rank} exited"))
+            else:
+                self._pending[self._next_id] = (rank, future)
             return self._next_id, future
 
     def fail(self, task_id: int, error: BaseException) -> None:
@@ -96,6 +100,7 @@ class TaskReplies:
         except (EOFError, OSError, TypeError):  # the child exited, or rank 0 closed the pipe
             pass
         with self._lock:
+            self._gone.add(rank)
             gone = [task_id for task_id, (r, _) in self._pending.items() if r == rank]
         for task_id in gone:
             self.fail(task_id, RuntimeError(f"tensor-parallel rank {rank} exited with a task in hand"))
