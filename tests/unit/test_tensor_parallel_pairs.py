@@ -2,15 +2,19 @@
 which sending rank gives which receiving rank which heads, for every pair of TP sizes that
 split or replicate the heads. Every receiving rank gets exactly its heads, each once, from the
 lowest sending rank holding it; no sending rank ships a head it is not the source of; moving a
-whole buffer by these pairs, rank slice to rank slice, reproduces each receiving rank's slice."""
+whole buffer by these pairs, rank slice to rank slice, reproduces each receiving rank's slice.
+The wiring's global ranks: a worker's rank r at its first rank + r (TP 1: as before)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
+from pdserve.deploy.wiring import WorkerSpec, transfer_ranks
+from pdserve.engine.config import EngineConfig
 from pdserve.engine.kv_heads import HeadPair, head_pairs, rank_heads
 from pdserve.engine.model.sharding import kv_head_range, kv_head_sources
+from pdserve.transfer.config import TransferConfig
 from pdserve.transfer.nccl_direct import routes_for
 from pdserve.transfer.nccl_ranks import HeadRoute
 
@@ -88,3 +92,18 @@ def test_moving_slices_by_the_routes_rebuilds_every_receiving_rank(num_kv_heads,
             dst_caches[dst].narrow(4, route.head_offset, route.count).copy_(buffer)
         assert torch.equal(dst_caches[dst], rank_heads(whole, dst, dst_size))
     assert not sent  # every send has its receive
+
+
+def test_the_wiring_gives_every_rank_of_every_worker_a_global_rank():
+    def spec(worker_id: str, tp: int) -> WorkerSpec:
+        engine = EngineConfig(model="tiny", tensor_parallel_size=tp)
+        return WorkerSpec(worker_id, worker_id.split("-")[0], engine, TransferConfig(backend="nccl"))
+
+    specs = [spec("prefill-0", 2), spec("prefill-1", 1), spec("decode-0", 4), spec("decode-1", 1)]
+    members = [s.worker_id for s in specs]
+    assert transfer_ranks(specs, members) == (
+        {"prefill-0": 0, "prefill-1": 2, "decode-0": 3, "decode-1": 7},
+        8,
+    )
+    ones = [spec(w, 1) for w in members]  # TP 1 everywhere: the members' index and count, as before
+    assert transfer_ranks(ones, members) == ({w: i for i, w in enumerate(members)}, 4)
