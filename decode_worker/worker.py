@@ -9,7 +9,9 @@ A disaggregated request takes two calls here, in order:
    side, in layer chunks, once it admitted the sender's credential): it is scattered into
    the blocks reserved in step 1 (never others), and after the last layer the request
    joins the running batch. Nobody else has to say "start". The KV carries every KV head;
-   a tensor-parallel worker's ranks each write their heads (engine/kv_heads.py).
+   a tensor-parallel worker's ranks each write their heads (engine/kv_heads.py). Over nccl
+   with TP > 1 on either side, the ranks receive their heads rank to rank and write them
+   themselves, between `begin_kv_write` and `end_kv_write` (transfer/nccl_direct.py).
 
 The lease: a reservation whose KV has not begun to arrive `transfer.timeout_s` after
 `reserve`, or has not landed `transfer.timeout_s` after it began, is dropped by a
@@ -67,6 +69,10 @@ class DecodeWorker(LoopWorker):
         )
         self._dropped: OrderedDict[str, None] = OrderedDict()  # aborted before their KV came
         self._landed: set[str] = set()  # all layers in, not yet started: refuse more bytes
+        # Rank-to-rank writes in progress (begin_kv_write .. end_kv_write), and those of them
+        # aborted meanwhile: their blocks are freed when the write ends, never under it.
+        self._writing: set[str] = set()
+        self._abort_after_write: set[str] = set()
         self._lock = threading.Lock()
         self.kv_wait_ms: dict[str, float] = {}  # req_id -> transfer time, until polled
         # req_id -> (its reserved block ids, time.monotonic() of reserve) until it lands or ends
@@ -83,8 +89,10 @@ class DecodeWorker(LoopWorker):
 
     # -- wiring ---------------------------------------------------------------------
     def join_transfer_group(self, rank: int, world_size: int, init_method: str) -> None:
-        """Join the connector's process group (connectors with `uses_process_group`)."""
-        self.receive_side.join_group(rank, world_size, init_method, self.engine.kv_cache.device)
+        """Join the connector's process group (connectors with `uses_process_group`): rank 0 at
+        `rank`, rank r of a tensor-parallel worker at `rank + r`."""
+        ranks = self.engine.rank_tasks()  # KV lands rank to rank when a pair has tensor parallelism
+        self.receive_side.join_group(rank, world_size, init_method, self.engine.kv_cache.device, ranks)
 
     def kv_peer(self) -> object:
         """This worker's peer descriptor: what a KVHandle carries to the sender."""
@@ -122,13 +130,16 @@ class DecodeWorker(LoopWorker):
 
     def abort(self, req_id: str) -> bool:
         with self._lock:
+            if req_id in self._writing:  # the ranks are writing its blocks: abort when they stop
+                self._abort_after_write.add(req_id)
+                self._remember_dropped(req_id)
+                self._forget_reservation(req_id)
+                return True
             # Under the lock: no scatter into this request's blocks is running now, and
             # none will start (on_kv_chunk checks the request's state), so freeing is safe.
             awaiting = self.engine.is_waiting_for_remote_kv(req_id) and req_id not in self._landed
             if awaiting:
-                self._dropped[req_id] = None
-                while len(self._dropped) > MAX_DROPPED:
-                    self._dropped.popitem(last=False)
+                self._remember_dropped(req_id)
             self._landed.discard(req_id)
             self.kv_wait_ms.pop(req_id, None)
             self._forget_reservation(req_id)
@@ -184,6 +195,41 @@ class DecodeWorker(LoopWorker):
             self.kv_wait_ms[req_id] = (time.perf_counter() - arrival.started_at) * 1e3
         self.loop.call(lambda engine: self._begin(engine, req_id, arrival.first_token_id))
 
+    def begin_kv_write(self, arrival: KVArrival) -> tuple[int, ...] | None:
+        """KVDirectSink (transfer/nccl_direct.py): the reserved blocks every rank is about to write
+        its heads into, straight from the prefill ranks; no step reads them before `end_kv_write`
+        lands them, and an abort meanwhile waits for it. None: aborted already, drop the bytes."""
+        req_id = arrival.req_id
+        with self._lock:
+            reserved = self._reserved.get(req_id)
+            if reserved is None or not self.engine.is_waiting_for_remote_kv(req_id) or req_id in self._landed:
+                if req_id in self._dropped:
+                    return None
+                raise KeyError(f"decode worker {self.worker_id} has no reservation for {req_id}")
+            if tuple(arrival.block_ids) != reserved[0]:
+                raise ValueError(f"{req_id}: KV for other blocks than the {len(reserved[0])} reserved")
+            if not 0 <= arrival.first_token_id < self.engine.model_config.vocab_size:
+                raise ValueError(f"{req_id}: first token {arrival.first_token_id} is outside the vocabulary")
+            self._writing.add(req_id)
+            return reserved[0]
+
+    def end_kv_write(self, arrival: KVArrival, landed: bool) -> None:
+        """KVDirectSink: the ranks stopped writing; the request starts decoding if every head
+        landed, is aborted now if an abort came meanwhile, else waits for `kv_failed`."""
+        req_id = arrival.req_id
+        with self._lock:
+            self._writing.discard(req_id)
+            if req_id in self._abort_after_write:
+                self._abort_after_write.discard(req_id)
+                self.loop.call_sync(lambda e: e.abort_request(req_id))
+                return
+            if not landed or req_id not in self._reserved:
+                return
+            self._landed.add(req_id)
+            self._forget_reservation(req_id)
+            self.kv_wait_ms[req_id] = (time.perf_counter() - arrival.started_at) * 1e3
+        self.loop.call(lambda engine: self._begin(engine, req_id, arrival.first_token_id))
+
     def receive_kv_notice(self, notice: object) -> None:
         """A sender's notice (connectors that notify through the control plane, e.g. nccl);
         returns once the KV is in place."""
@@ -207,6 +253,12 @@ class DecodeWorker(LoopWorker):
         super().shutdown()
 
     # -- the transfer lease (its own thread) --------------------------------------------
+    def _remember_dropped(self, req_id: str) -> None:
+        """Under self._lock: bytes still coming for `req_id` are dropped, not refused."""
+        self._dropped[req_id] = None
+        while len(self._dropped) > MAX_DROPPED:
+            self._dropped.popitem(last=False)
+
     def _forget_reservation(self, req_id: str) -> None:
         """Under self._lock: the request no longer waits for KV (landed, aborted, expired)."""
         if self._reserved.pop(req_id, None) is not None and self.receive_side is not None:

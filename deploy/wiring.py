@@ -103,17 +103,30 @@ def connect_workers(
     if not prefill:
         return
     if connector_class(transfer.backend).uses_process_group:
-        members = prefill + decode  # rank 0 = prefill-0
+        members = prefill + decode  # rank 0 = prefill-0's rank 0
+        first_ranks, world_size = transfer_ranks(specs, members)
         init_method = "tcp://" + controls[members[0]].rendezvous_address()
         joins = [
-            controls[worker_id].start_join_transfer_group(rank, len(members), init_method)
-            for rank, worker_id in enumerate(members)
+            controls[worker_id].start_join_transfer_group(first_ranks[worker_id], world_size, init_method)
+            for worker_id in members
         ]
         for join in joins:
             join.result(GROUP_JOIN_TIMEOUT_S)
     links = {worker_id: controls[worker_id].decode_link() for worker_id in decode}
     for worker_id in prefill:
         controls[worker_id].set_decode_links(links)
+
+
+def transfer_ranks(specs: list[WorkerSpec], members: list[str]) -> tuple[dict[str, int], int]:
+    """Each member's first rank in the transfer group and the group's size: every rank of every
+    worker is a member (KV moves rank to rank), a worker's rank r at its first rank + r, the
+    workers in `members`' order. With one rank each this is the members' index and count."""
+    sizes = {s.worker_id: s.engine.tensor_parallel_size for s in specs}
+    first_ranks, next_rank = {}, 0
+    for worker_id in members:
+        first_ranks[worker_id] = next_rank
+        next_rank += sizes[worker_id]
+    return first_ranks, next_rank
 
 
 class LocalDecodeLink:

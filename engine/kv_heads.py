@@ -15,6 +15,7 @@ whole chunk's heads, and every rank writes its own into its blocks.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -62,6 +63,26 @@ def unpack_local(
     cache.index_copy_(2, index, buffer.to(kv_cache.device))
 
 
+def pack_heads(
+    kv_cache: torch.Tensor, block_ids: Sequence[int], layers: slice, head_offset: int, count: int
+) -> torch.Tensor:
+    """Heads [head_offset, head_offset + count) of this rank's cache (local indices) of `block_ids`
+    in `layers`: a fresh contiguous [L', 2, n, block_size, count, D] (what one rank ships to one
+    peer rank)."""
+    index = torch.as_tensor(list(block_ids), dtype=torch.long, device=kv_cache.device)
+    return torch.index_select(kv_cache[layers].narrow(HEAD_DIM, head_offset, count), 2, index)
+
+
+def unpack_heads(
+    kv_cache: torch.Tensor, buffer: torch.Tensor, block_ids: Sequence[int], layers: slice, head_offset: int
+) -> None:
+    """Write `buffer` [L', 2, n, block_size, count, D] into heads [head_offset, head_offset + count)
+    (local indices) of this rank's `block_ids` in `layers`."""
+    index = torch.as_tensor(list(block_ids), dtype=torch.long, device=kv_cache.device)
+    target = kv_cache[layers].narrow(HEAD_DIM, head_offset, buffer.shape[HEAD_DIM])
+    target.index_copy_(2, index, buffer.to(kv_cache.device))
+
+
 def assemble_heads(parts: Sequence[torch.Tensor], num_kv_heads: int) -> torch.Tensor:
     """Every rank's packed heads (`parts[r]`: rank r's, same shape but for the head dim) ->
     the whole buffer with each of the model's `num_kv_heads` heads once, in order."""
@@ -75,3 +96,34 @@ def rank_heads(whole: torch.Tensor, rank: int, size: int) -> torch.Tensor:
     """Rank `rank` of `size`'s heads of a whole buffer [..., Hkv, D] (a view)."""
     start, count = kv_head_range(whole.shape[HEAD_DIM], rank, size)
     return whole.narrow(HEAD_DIM, start, count)
+
+
+@dataclass(frozen=True)
+class HeadPair:
+    """KV heads [head_start, head_start + count) of the model that sending rank `src` (of its
+    worker's ranks) ships straight to receiving rank `dst` (of the other worker's)."""
+
+    src: int
+    dst: int
+    head_start: int
+    count: int
+
+
+def head_pairs(num_kv_heads: int, src_size: int, dst_size: int) -> list[HeadPair]:
+    """Which sending rank gives which receiving rank which heads, rank to rank: every receiving
+    rank gets exactly the heads of its range (`kv_head_range`), each from the one sending rank
+    that is its source (`kv_head_sources`: the lowest rank holding a replicated head), so every
+    head a receiver needs travels once to it. Sorted by (src, dst)."""
+    owned = []  # (src rank, first head, count) of the heads each source ships
+    for src in kv_head_sources(num_kv_heads, src_size):
+        start, count = kv_head_range(num_kv_heads, src, src_size)
+        owned.append((src, start, count))
+    pairs = []
+    for src, src_start, src_count in owned:
+        for dst in range(dst_size):
+            dst_start, dst_count = kv_head_range(num_kv_heads, dst, dst_size)
+            start = max(src_start, dst_start)
+            stop = min(src_start + src_count, dst_start + dst_count)
+            if start < stop:
+                pairs.append(HeadPair(src, dst, start, stop - start))
+    return pairs

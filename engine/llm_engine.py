@@ -42,6 +42,7 @@ from pdserve.engine.core.scheduler import Scheduler, SchedulerConfig, SchedulerO
 from pdserve.engine.gc_heap import freeze_startup_heap
 from pdserve.engine.model.sharding import check_shardable
 from pdserve.engine.model_runner import ModelRunner, parse_dtype
+from pdserve.engine.rank_tasks import RankContext, RankTasks
 from pdserve.engine.sampled_tokens import SampledTokens
 from pdserve.engine.tensor_parallel import RankSpec, TensorParallelRanks, rank_device
 
@@ -196,6 +197,14 @@ class LLMEngine:
         head of the model, [L', 2, n, block_size, Hkv, D] on rank 0 (between steps: the ranks
         run it together)."""
         return self.tp_ranks.gather_kv(self.runner, block_ids, layers)
+
+    def rank_tasks(self) -> RankTasks:
+        """This worker's ranks as a KV transfer drives them rank to rank (engine/rank_tasks.py):
+        rank 0 here, ranks 1..N-1 through their pipes."""
+        if self.tp_ranks is None:
+            cache = self.runner.kv_cache
+            return RankTasks(RankContext(0, 1, cache, cache.device), None)
+        return RankTasks(self.tp_ranks.context(self.runner), self.tp_ranks.submit)
 
     # -- decode role ----------------------------------------------------------
     def scatter_kv(self, chunk: torch.Tensor, block_ids: list[int], layers: slice) -> None:

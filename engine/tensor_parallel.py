@@ -13,7 +13,9 @@ order; a step replays the graph of the bucket its plan's batch size picks, the s
 KV moving in or out of a disaggregated worker takes the same pipe and group, between steps:
 `gather_kv` (a layer range of a prefill worker's blocks, every KV head, on rank 0: the
 worker gathers piece by piece as its sender ships them) and `scatter_kv` (a decode
-worker's arriving chunk, each rank writing its heads), see engine/kv_heads.py.
+worker's arriving chunk, each rank writing its heads), see engine/kv_heads.py. A KV transfer
+that goes rank to rank (nccl) instead runs `RankTask`s on the children (`submit`: each on a
+thread of the child, beside its steps, answered over the pipe; engine/rank_tasks.py).
 
 A child that fails to start is reported with its error; one that dies later fails rank 0's
 next collective (gloo sees the closed connection, or the group's timeout fires), and a child
@@ -27,10 +29,12 @@ import pickle
 import secrets
 import subprocess
 import sys
+import threading
 import time
 import traceback
 import weakref
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass
 from multiprocessing.connection import Client, Listener
 from typing import Any, TypeVar
@@ -50,6 +54,14 @@ from pdserve.engine.kv_heads import (
 )
 from pdserve.engine.model.tp_group import DEFAULT_TIMEOUT_S, TPGroup
 from pdserve.engine.model_runner import ModelRunner
+from pdserve.engine.rank_tasks import (
+    RankContext,
+    RankTask,
+    RankTaskCall,
+    RankTaskReply,
+    TaskReplies,
+    run_task_in_child,
+)
 from pdserve.engine.sampled_tokens import SampledTokens
 from pdserve.engine.step_plan import DeviceWarmUp, KVGather, KVScatter
 
@@ -97,6 +109,9 @@ class TensorParallelRanks:
         env[_AUTHKEY_ENV] = authkey.hex()
         self._procs: list[subprocess.Popen] = []
         self._conns: list = []
+        self._send_lock = threading.Lock()  # steps (loop thread) and tasks (transfer threads) share the pipes
+        self._replies = TaskReplies()
+        self.staged_kv_bytes = 0  # KV bytes gathered onto or scattered from rank 0 (gather_kv/scatter_kv)
         self._finalizer = weakref.finalize(self, _stop_ranks, self._procs, self._conns)
         try:
             for rank in range(1, size):
@@ -148,6 +163,24 @@ class TensorParallelRanks:
             status, detail = conn.recv()
             if status != _READY:
                 raise RuntimeError(f"tensor-parallel rank {rank} failed to load its shard:\n{detail}")
+        for rank, conn in enumerate(self._conns, start=1):  # from now on the children answer tasks only
+            self._replies.start_reader(rank, conn)
+
+    def submit(self, rank: int, task: RankTask) -> Future:
+        """Run `task` on child rank `rank` (1..size-1), on a thread of its own beside its steps
+        (engine/rank_tasks.py): a Future of its result, failed if the child raised or exited."""
+        task_id, future = self._replies.open(rank)
+        data = pickle.dumps(RankTaskCall(task_id, task), protocol=pickle.HIGHEST_PROTOCOL)
+        try:
+            with self._send_lock:
+                self._conns[rank - 1].send_bytes(data)
+        except (OSError, ValueError) as exc:
+            self._replies.fail(task_id, RuntimeError(f"tensor-parallel rank {rank} is gone: {exc}"))
+        return future
+
+    def context(self, runner: ModelRunner) -> RankContext:
+        """Rank 0's `RankContext` (tasks run on rank 0 itself)."""
+        return RankContext(0, self.size, runner.kv_cache, runner.kv_cache.device)
 
     def warm_up(self, runner: ModelRunner) -> None:
         """`ModelRunner.prepare_device` on every rank at once (CUDA graphs, then the warm-up
@@ -174,6 +207,7 @@ class TensorParallelRanks:
         message = KVGather(list(block_ids), check_layers(runner.kv_cache.shape[0], layers))
         check_block_ids(runner.num_blocks, message.block_ids)  # before any rank indexes
         whole = self._run_everywhere(message, lambda: gather_kv_heads(runner, message), "while gathering KV")
+        self.staged_kv_bytes += whole.numel() * whole.element_size()
         if whole.is_cuda:  # complete before a sender thread (its own streams) reads it
             torch.cuda.current_stream(whole.device).synchronize()
         return whole
@@ -201,6 +235,7 @@ class TensorParallelRanks:
         chunk = chunk.to(device=cache.device, dtype=cache.dtype)
         parts = [rank_heads(chunk, rank, self.size).contiguous() for rank in range(self.size)]
         message = KVScatter(block_ids, layers.start, layers.stop, tuple(parts[0].shape))
+        self.staged_kv_bytes += chunk.numel() * chunk.element_size()
         self._run_everywhere(message, lambda: scatter_kv_heads(runner, message, parts), "while scattering KV")
 
     def _run_everywhere(self, message: object, run_here: Callable[[], _T], when: str) -> _T:
@@ -208,8 +243,9 @@ class TensorParallelRanks:
         the children's); a rank that died is named."""
         data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
         try:
-            for conn in self._conns:
-                conn.send_bytes(data)
+            with self._send_lock:
+                for conn in self._conns:
+                    conn.send_bytes(data)
             return run_here()
         except (OSError, RuntimeError):  # a closed pipe, or gloo's "connection closed by peer"
             self._raise_if_dead(when)  # name the rank that died, if one did
@@ -256,6 +292,16 @@ def _rank_main(
         conn.send((_ERROR, traceback.format_exc()))
         raise SystemExit(1) from None
     conn.send((_READY, None))
+    context = RankContext(rank, size, runner.kv_cache, torch.device(here))
+    reply_lock = threading.Lock()
+
+    def reply(answer: RankTaskReply) -> None:
+        with reply_lock:
+            try:
+                conn.send(answer)
+            except (OSError, ValueError):
+                pass  # rank 0 is gone
+
     while True:
         try:
             data = conn.recv_bytes()
@@ -268,6 +314,8 @@ def _rank_main(
             gather_kv_heads(runner, message)
         elif isinstance(message, KVScatter):
             scatter_kv_heads(runner, message, None)
+        elif isinstance(message, RankTaskCall):
+            run_task_in_child(message, context, reply)
         elif isinstance(message, DeviceWarmUp):
             runner.prepare_device(message.decode_rows)
         else:

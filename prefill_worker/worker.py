@@ -5,10 +5,12 @@ sampled token as soon as the step that computed it ends (that is the TTFT).
 The request's blocks stay owned here (the scheduler holds them, HELD_FOR_TRANSFER)
 while a sender thread ships the ones the decode worker lacks, with the first token,
 in one packed buffer; they are freed when the send completes or fails. The buffer always
-carries all the KV heads, whatever the decode worker's TP size: a tensor-parallel worker
-gathers every rank's heads of those blocks on rank 0 (engine/kv_heads.py) in layer pieces,
-each just before the sender ships it (`transfer.source.LayerPieces`), so rank 0 holds a piece
-or two of the request's KV, never all of it. The decode
+carries all the KV heads, whatever the decode worker's TP size: over gRPC a tensor-parallel
+worker gathers every rank's heads of those blocks on rank 0 (engine/kv_heads.py) in layer
+pieces, each just before the sender ships it (`transfer.source.LayerPieces`), so rank 0 holds
+a piece or two of the request's KV, never all of it; over nccl, when either worker has TP > 1,
+every rank sends its heads straight to the decode ranks that hold them
+(transfer/nccl_direct.py) and nothing is gathered. The decode
 worker starts the request itself once that KV has landed. A failed send, or a
 request that ended at its first token, is reported to the decode worker through its
 `DecodeLink` so it drops the reservation.
@@ -68,8 +70,10 @@ class PrefillWorker(LoopWorker):
         self._links.update(links)
 
     def join_transfer_group(self, rank: int, world_size: int, init_method: str) -> None:
-        """Join the connector's process group (connectors with `uses_process_group`)."""
-        self.send_side.join_group(rank, world_size, init_method, self.engine.kv_cache.device)
+        """Join the connector's process group (connectors with `uses_process_group`): rank 0 at
+        `rank`, rank r of a tensor-parallel worker at `rank + r`."""
+        ranks = self.engine.rank_tasks()  # KV moves rank to rank when a pair has tensor parallelism
+        self.send_side.join_group(rank, world_size, init_method, self.engine.kv_cache.device, ranks)
 
     def poll(self, timeout_s: float = 0.5) -> StepBatch:
         batch = super().poll(timeout_s)
@@ -192,7 +196,9 @@ class PrefillWorker(LoopWorker):
         def gather(layers: slice) -> torch.Tensor:
             return self.loop.call_sync(lambda engine: engine.gather_kv(src_block_ids, layers))
 
-        return LayerPieces(gather, shape, cache.dtype, cache.device, piece_layers or num_layers)
+        return LayerPieces(
+            gather, shape, cache.dtype, cache.device, piece_layers or num_layers, src_block_ids
+        )
 
     def _report(self, handle: KVHandle, reason: str | None) -> None:
         """Tell the decode worker its KV will not come (reason None: nothing to send)."""

@@ -7,7 +7,7 @@ decode worker, both made from the deploy's `TransferConfig`.
     # prefill worker; links: decode worker id -> DecodeLink, may be filled in later
     send = connector.send_side(model_name, links, tp_size)
     if connector.uses_process_group:                 # nccl: one torch.distributed group
-        side.join_group(rank, world_size, init_method, device)   # on every side, at once
+        side.join_group(rank, world_size, init_method, device, ranks)   # every side at once
     credential = receive.expect(req_id, block_ids)   # decode worker's reserve()
     handle = KVHandle(..., peer=receive.peer(), credential=credential)
     send.send(handle, CacheBlocks(kv_cache, src_block_ids), first_token_id)   # transfer.source
@@ -42,6 +42,8 @@ from pdserve.transfer.layout import KVLayout
 
 if TYPE_CHECKING:
     import torch
+
+    from pdserve.engine.rank_tasks import RankTasks
 
 
 __all__ = [
@@ -87,8 +89,17 @@ class KVSendSide(Protocol):
         gathers them piece by piece as they are sent."""
         ...
 
-    def join_group(self, rank: int, world_size: int, init_method: str, device: str | torch.device) -> None:
-        """Join the transfer process group (backends with `uses_process_group` only)."""
+    def join_group(
+        self,
+        rank: int,
+        world_size: int,
+        init_method: str,
+        device: str | torch.device,
+        ranks: RankTasks | None = None,
+    ) -> None:
+        """Join the transfer process group (backends with `uses_process_group` only) at `rank`;
+        `ranks`: the worker's tensor-parallel ranks (engine/rank_tasks.py), each joining at `rank`
+        plus its own rank, so KV moves rank to rank (nccl; `transfer.nccl_direct`)."""
         ...
 
     def group_rank(self) -> int | None:
@@ -129,8 +140,17 @@ class KVReceiveSide(Protocol):
         and the sink took it, or raises. Backends with their own server raise TypeError."""
         ...
 
-    def join_group(self, rank: int, world_size: int, init_method: str, device: str | torch.device) -> None:
-        """Join the transfer process group (backends with `uses_process_group` only)."""
+    def join_group(
+        self,
+        rank: int,
+        world_size: int,
+        init_method: str,
+        device: str | torch.device,
+        ranks: RankTasks | None = None,
+    ) -> None:
+        """Join the transfer process group (backends with `uses_process_group` only) at `rank`;
+        `ranks`: the worker's tensor-parallel ranks (engine/rank_tasks.py), each joining at `rank`
+        plus its own rank, so KV moves rank to rank (nccl; `transfer.nccl_direct`)."""
         ...
 
     def group_rank(self) -> int | None:

@@ -118,6 +118,9 @@ class KVSource(Protocol):
     # 0: any layer range may be asked for at once (a view of a cache: nothing extra is held);
     # k > 0: at most k layers per call, each a fresh tensor the sender should drop once sent.
     max_chunk_layers: int
+    # The sending worker's blocks, in order (a backend moving KV rank to rank reads each rank's
+    # heads of them from that rank's cache itself: transfer.nccl_direct).
+    block_ids: list[int]
 
     def layers(self, layers: slice, out: torch.Tensor | None = None) -> torch.Tensor:
         """The packed KV of `layers` (a step-1 slice): [stop - start, 2, n, block_size, Hkv, D] on

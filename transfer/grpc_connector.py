@@ -20,6 +20,7 @@ from pdserve.transfer.peers import GrpcPeer
 if TYPE_CHECKING:
     import torch
 
+    from pdserve.engine.rank_tasks import RankTasks
     from pdserve.transfer.grpc_backend import GrpcKVSender
     from pdserve.transfer.grpc_server import GrpcKVServer
 
@@ -39,7 +40,14 @@ class GrpcSendSide:
     def send(self, handle: KVHandle, source: KVSource, first_token_id: int) -> TransferStats:
         return self.sender.send(handle, source, first_token_id)
 
-    def join_group(self, rank: int, world_size: int, init_method: str, device: str | torch.device) -> None:
+    def join_group(
+        self,
+        rank: int,
+        world_size: int,
+        init_method: str,
+        device: str | torch.device,
+        ranks: RankTasks | None = None,
+    ) -> None:
         """Nothing to join: the grpc backend uses no process group."""
 
     def group_rank(self) -> int | None:
@@ -85,7 +93,14 @@ class GrpcReceiveSide(GatedReceiveSide):
     def receive_notice(self, notice: object) -> None:
         raise TypeError("the grpc backend takes no notices: senders push to its own KV server")
 
-    def join_group(self, rank: int, world_size: int, init_method: str, device: str | torch.device) -> None:
+    def join_group(
+        self,
+        rank: int,
+        world_size: int,
+        init_method: str,
+        device: str | torch.device,
+        ranks: RankTasks | None = None,
+    ) -> None:
         """Nothing to join: the grpc backend uses no process group."""
 
     def group_rank(self) -> int | None:

@@ -7,11 +7,13 @@ carries the layout (and a fingerprint of it); a mismatch is refused with a
 message naming each differing field, never silently reinterpreted.
 
 Tensor parallelism: a worker of `tp_size` ranks holds each rank's slice of the KV heads,
-but what it ships or receives is the heads `[kv_head_start, kv_head_start + num_kv_heads)`
-whole (today every head: rank 0 gathers and scatters them over the worker's own group,
-engine/kv_heads.py). `tp_size` is in the layout and its fingerprint, so each side names
-the other's; two sides may differ in it (a prefill worker with TP 2 feeds one with TP 1),
-as long as both split the heads evenly (`check_tp_pair`), never in the heads they carry.
+but a transfer's layout names the heads `[kv_head_start, kv_head_start + num_kv_heads)`
+whole (every head: over gRPC rank 0 gathers and scatters them over the worker's own group,
+engine/kv_heads.py; over nccl each rank sends or receives its share rank to rank,
+transfer/nccl_direct.py, and the bytes counted are still the whole heads'). `tp_size` is
+in the layout and its fingerprint, so each side names the other's; two sides may differ in
+it (a prefill worker with TP 2 feeds one with TP 1), as long as both split the heads evenly
+(`check_tp_pair`), never in the heads they carry.
 
 This module imports no torch at load time, so the router can build and compare
 layouts without it.

@@ -1,4 +1,6 @@
 """KV transfer over torch.distributed point-to-point: NCCL between GPUs, gloo on CPU.
+One buffer per request between two workers of one rank; when either has tensor parallelism
+the KV moves rank to rank instead (`transfer.nccl_direct`, with these locks and broken pairs).
 
 One process group spans every worker (`init_transfer_group`); the backend is
 chosen by the cache's device, and the send/recv code is the same for both.
@@ -195,11 +197,17 @@ class NcclKVSender:
         """The destination ranks this sender refuses now, each with why (`EVERY_PEER`: all)."""
         return dict(self._broken)
 
-    def _refusal(self, dst: int) -> str | None:
+    def refusal(self, dst: int) -> str | None:
+        """Why sends to `dst` are refused (an earlier failure broke the pair), or None."""
         why = self._broken.get(EVERY_PEER) or self._broken.get(dst)
         return None if why is None else f"rank {dst} is unusable after an earlier failure: {why}"
 
-    def _lock_for(self, dst: int) -> threading.Lock:
+    def break_pair(self, dst: int, why: str) -> None:
+        """Refuse further sends to `dst` (`EVERY_PEER`: to every rank), keeping the first reason."""
+        self._broken.setdefault(dst, why)
+
+    def lock_for(self, dst: int) -> threading.Lock:
+        """Held around one transfer to `dst`: a pair has one transfer in flight at a time."""
         with self._locks_guard:
             return self._locks.setdefault(dst, threading.Lock())
 
@@ -225,8 +233,8 @@ class NcclKVSender:
         layout = source_layout(source, self.model_name, self.tp_size)
         check_send_args(handle, range(source.shape[2]), layout, first_token_id)
 
-        with self._lock_for(dst), self._stream_for(source.device).active():
-            if (refusal := self._refusal(dst)) is not None:
+        with self.lock_for(dst), self._stream_for(source.device).active():
+            if (refusal := self.refusal(dst)) is not None:
                 raise KVTransferError(refusal)
             start = time.perf_counter()
             nbytes = math.prod(source.shape) * source.dtype.itemsize
@@ -370,7 +378,8 @@ class NcclKVReceiver:
         """The source ranks this receiver refuses now, each with why (`EVERY_PEER`: all)."""
         return dict(self._broken_reasons)
 
-    def _lock_for(self, src: int) -> threading.Lock:
+    def lock_for(self, src: int) -> threading.Lock:
+        """Held around one transfer from `src` (on CUDA: around every transfer)."""
         if self._one_lock is not None:
             return self._one_lock
         with self._locks_guard:
@@ -386,15 +395,10 @@ class NcclKVReceiver:
         `KVLayoutMismatch`, `KVAuthError` or `KVTransferError` (or what the sink raised); in every
         case the bytes were drained when the notice allowed it (the pair stays in step).
         """
-        with self._lock_for(notice.src_rank), self._stream.active():
+        with self.lock_for(notice.src_rank), self._stream.active():
             started_at = time.perf_counter()  # kv_transfer_ms measures this transfer, not the queue
-            why = self._broken_reasons.get(EVERY_PEER) or self._broken_reasons.get(notice.src_rank)
-            if why is not None:
-                raise KVTransferError(
-                    f"request {notice.req_id}: rank {notice.src_rank} is unusable after an earlier "
-                    f"failure: {why}"
-                )
-            reservation, problem = self._admit(notice)
+            self.check_usable(notice.req_id, notice.src_rank)
+            reservation, problem = self.admit(notice)
             problem = problem or self._validate(notice, reservation)
             if problem is not None and not self._drainable(notice):
                 raise KVTransferError(f"request {notice.req_id}: {problem}; could not drain the send")
@@ -410,7 +414,19 @@ class NcclKVReceiver:
                 raise failure
             self._stream.synchronize()  # the data is in place before we report completion
 
-    def _admit(self, notice: NcclTransferNotice) -> tuple[Reservation | None, Exception | None]:
+    def check_usable(self, req_id: str, src: int) -> None:
+        """KVTransferError when an earlier failure broke the pair with `src` (or every pair)."""
+        why = self._broken_reasons.get(EVERY_PEER) or self._broken_reasons.get(src)
+        if why is not None:
+            raise KVTransferError(f"request {req_id}: rank {src} is unusable after an earlier failure: {why}")
+
+    def break_source(self, src: int, why: str, ran_out: bool = False) -> None:
+        """Refuse further transfers from `src` (and from every rank when a wait ran out its timeout)."""
+        self._broken_reasons.setdefault(src, why)
+        if ran_out:
+            self._broken_reasons.setdefault(EVERY_PEER, why)
+
+    def admit(self, notice) -> tuple[Reservation | None, Exception | None]:
         """(the reservation the notice's credential opens, consumed; or None and why not)."""
         try:
             return self.gate.claim(notice.req_id, bytes(notice.credential), notice.auth_tag), None

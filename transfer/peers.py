@@ -24,9 +24,11 @@ class GrpcPeer:
 
 @dataclass(frozen=True)
 class NcclPeer:
-    """A decode worker's rank in the transfer process group."""
+    """A decode worker's rank in the transfer process group: its first, with `tp_size` ranks at
+    `rank` .. `rank + tp_size - 1` (transfer/nccl_direct.py)."""
 
     rank: int
+    tp_size: int = 1
     backend: ClassVar[str] = "nccl"
 
 

@@ -86,7 +86,9 @@ class LayerPieces:
         dtype: torch.dtype,
         device: str | torch.device,
         max_chunk_layers: int,
+        block_ids: Sequence[int] = (),
     ) -> None:
+        """`block_ids`: the worker's blocks the pieces are of (read by a rank-to-rank backend)."""
         if len(shape) != 6 or shape[1] != 2:
             raise ValueError(f"shape must be [num_layers, 2, n, block_size, Hkv, D], got {tuple(shape)}")
         if max_chunk_layers <= 0:
@@ -96,6 +98,7 @@ class LayerPieces:
         self.dtype = dtype
         self.device = torch.device(device)
         self.max_chunk_layers = max_chunk_layers
+        self.block_ids = list(block_ids)
 
     def layers(self, layers: slice, out: torch.Tensor | None = None) -> torch.Tensor:
         start, stop, step = layers.indices(self.shape[0])

@@ -4,7 +4,8 @@
 - two GPUs: 1P1D with `nccl` (torch.distributed NCCL between the workers' GPUs);
 - three GPUs: prefill TP=2 feeding decode TP=1 and TP=1 feeding TP=2, over `nccl` (each
   worker's actor holds one GPU per rank; eager steps with the reference attention, what
-  TP supports on CUDA for now).
+  TP supports on CUDA for now); four GPUs: TP=2 feeding TP=2. The KV goes rank to rank
+  (NCCL between every rank's GPU; rank 0 gathers and scatters nothing).
 Greedy tokens for concurrent requests equal the co-located engine's.
 """
 
@@ -97,6 +98,10 @@ def run_1p1d(backend: str, gpus_per_worker: float, prefill_tp: int = 1, decode_t
         try:
             got = asyncio.run(stream_all(dep.url, prompts))
             assert got == expected
+            if backend == "nccl" and max(prefill_tp, decode_tp) > 1:
+                from tests.e2e.test_tensor_parallel_e2e import check_rank_to_rank
+
+                check_rank_to_rank(dep, prefill_tp, decode_tp)
         finally:
             dep.down()
     finally:
@@ -112,7 +117,8 @@ def test_1p1d_nccl_two_gpus():
     run_1p1d("nccl", 1)
 
 
-@pytest.mark.skipif(torch.cuda.device_count() < 3, reason="needs three GPUs")
-@pytest.mark.parametrize(("prefill_tp", "decode_tp"), [(2, 1), (1, 2)])
+@pytest.mark.parametrize(("prefill_tp", "decode_tp"), [(2, 1), (1, 2), (2, 2)])
 def test_1p1d_nccl_between_tp_sizes(prefill_tp, decode_tp):
+    if torch.cuda.device_count() < prefill_tp + decode_tp:
+        pytest.skip(f"needs {prefill_tp + decode_tp} GPUs")
     run_1p1d("nccl", 1, prefill_tp, decode_tp)
