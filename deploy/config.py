@@ -185,6 +185,11 @@ def _check_tensor_parallel(cfg: DeployConfig) -> None:
         if not cfg.engine.device.startswith("cuda") or size == 1:
             continue
         if cfg.engine.tensor_parallel_shared_device:
+            if cfg.transfer.backend == "nccl":  # its ranks would join the transfer group on one GPU
+                raise ConfigError(
+                    f"engine.tensor_parallel_shared_device with transfer.backend nccl and {key} {size}: "
+                    "NCCL cannot place several ranks of one group on one GPU; use transfer.backend grpc"
+                )
             continue  # every rank on the actor's one GPU (testing): num_gpus as configured
         gpus = pool.resources.get("num_gpus")
         if gpus is None:

@@ -253,6 +253,16 @@ def test_deploy_config_passes_tensor_parallel_size_through():
         parse_config(
             {"model": "tiny", "engine": dict(shared, enforce_eager=False), "colocated": {"count": 1}}
         )
+    with pytest.raises(ConfigError, match=r"NCCL cannot place several ranks of one group on one GPU"):
+        parse_config(
+            {
+                "model": "tiny",
+                "engine": shared,
+                "transfer": {"backend": "nccl"},
+                "prefill": {"count": 1, "resources": {"num_gpus": 1}},
+                "decode": {"count": 1, "resources": {"num_gpus": 1}},
+            }
+        )
 
 
 def test_host_staged_collectives_match_the_plain_ones():
