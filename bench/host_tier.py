@@ -26,13 +26,15 @@ way, the link's bound for such a step.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import math
 import os
 import random
 import statistics
 import sys
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -54,6 +56,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="new tokens after the reloaded prefix (default 2,048; 64 with --small)",
     )
     parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument(
+        "--trace",
+        metavar="PATH",
+        help="profile the last host-prefix + suffix request (CUDA): chrome trace to PATH, "
+        "each stream's busy span printed and reported",
+    )
     parser.add_argument("--json", metavar="PATH")
     args = parser.parse_args(argv)
     args.prompt_tokens = args.prompt_tokens or (256 if args.small else 8000)
@@ -124,12 +132,48 @@ class Timings:
     hits: list[int] = field(default_factory=list)
     load: list[float] = field(default_factory=list)
     suffix_load: list[float] = field(default_factory=list)
+    queue: list[float] = field(default_factory=list)  # host time to queue the hit step's copies
+    suffix_queue: list[float] = field(default_factory=list)
     copies: list[int] = field(default_factory=list)
+    stream_spans: dict = field(default_factory=dict)  # --trace: stream -> (start, end, busy) ms
     offloaded: list[int] = field(default_factory=list)  # blocks the hit step saved (it evicts)
     offload: list[float] = field(default_factory=list)
 
 
-def one_rep(llm, fresh: Callable[[int], list[int]], args: argparse.Namespace, t: Timings) -> None:
+@contextlib.contextmanager
+def stream_trace(path: str | None, t: Timings) -> Iterator[None]:
+    """With `path` (CUDA): profile the block, write its chrome trace there and keep each CUDA
+    stream's span in `t.stream_spans`: whether the forward's kernels ran beside the tier's
+    copies or after them."""
+    if path is None or not torch.cuda.is_available():
+        yield
+        return
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        yield
+    prof.export_chrome_trace(path)
+    with open(path) as file:
+        events = json.load(file)["traceEvents"]
+    spans: dict[str, list[float]] = {}
+    for event in events:
+        if event.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset") and "dur" in event:
+            span = spans.setdefault(str(event["args"].get("stream")), [math.inf, 0.0, 0.0])
+            span[0] = min(span[0], event["ts"])
+            span[1] = max(span[1], event["ts"] + event["dur"])
+            span[2] += event["dur"]
+    origin = min((span[0] for span in spans.values()), default=0.0)
+    t.stream_spans = {
+        stream: {"start_ms": (lo - origin) / 1e3, "end_ms": (hi - origin) / 1e3, "busy_ms": busy / 1e3}
+        for stream, (lo, hi, busy) in spans.items()
+    }
+    for stream, span in t.stream_spans.items():
+        print(f"stream {stream}: " + ", ".join(f"{k} {v:.1f}" for k, v in span.items()))
+
+
+def one_rep(
+    llm, fresh: Callable[[int], list[int]], args: argparse.Namespace, t: Timings, last: bool = False
+) -> None:
     tier, pool = llm.engine.kv_manager.host, llm.engine.runner.host_kv
     prompt = fresh(args.prompt_tokens)
     first_token_seconds(llm, prompt)  # computed, its blocks cached on the GPU
@@ -141,12 +185,15 @@ def one_rep(llm, fresh: Callable[[int], list[int]], args: argparse.Namespace, t:
     t.hits.append(tier.num_hits - hits)
     t.copies.append(pool.num_load_copies - copies)
     t.load.append(pool.last_load_seconds() or float("nan"))
+    t.queue.append(pool.last_queue_seconds)
     t.offloaded.append(pool.num_offloaded_blocks - offloaded)
     t.offload.append(pool.last_offload_seconds() or float("nan"))
     t.recompute.append(first_token_seconds(llm, fresh(args.prompt_tokens)))
     first_token_seconds(llm, fresh(args.prompt_tokens))  # with the one above: P off the GPU
-    t.host_suffix.append(first_token_seconds(llm, prompt + fresh(args.suffix_tokens)))
+    with stream_trace(args.trace if last else None, t):
+        t.host_suffix.append(first_token_seconds(llm, prompt + fresh(args.suffix_tokens)))
     t.suffix_load.append(pool.last_load_seconds() or float("nan"))
+    t.suffix_queue.append(pool.last_queue_seconds)
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -160,8 +207,8 @@ def run(args: argparse.Namespace) -> dict:
 
         first_token_seconds(llm, fresh(args.prompt_tokens))  # warm-up: kernels, graphs
         timings = Timings()
-        for _ in range(args.reps):
-            one_rep(llm, fresh, args, timings)
+        for rep in range(args.reps):
+            one_rep(llm, fresh, args, timings, last=rep == args.reps - 1)
         return report(args, llm.engine.runner, timings)
 
 
@@ -195,6 +242,10 @@ def report(args: argparse.Namespace, runner, t: Timings) -> dict:
         "ttft_gpu_prefix_suffix_ms": gpu_suffix_s * 1e3,
         "ttft_host_prefix_suffix_ms": host_suffix_s * 1e3,
         "suffix_load_ms": median(t.suffix_load) * 1e3,
+        # host time to queue a step's copies: ~1 ms unless something in there waits for the GPU
+        "copies_queue_ms": median(t.queue) * 1e3,
+        "suffix_copies_queue_ms": median(t.suffix_queue) * 1e3,
+        "suffix_stream_spans": t.stream_spans,
         # 1: the load cost nothing beyond the suffix's prefill; 0: none of it was overlapped
         "load_hidden_fraction": 1 - (host_suffix_s - gpu_suffix_s) / median(t.suffix_load),
         "reps": args.reps,

@@ -120,7 +120,7 @@ case "${1:-}" in
     timeout 120 python -m pytest tests/gpu/test_host_tier_gpu.py -q -p no:cacheprovider 2>&1 \
       | tail -4 | tee "$OUT/host_tier_tests.txt"
     timeout 320 python -m pdserve.bench.host_tier --prompt-tokens 32000 --max-position 131072 \
-      --json "$OUT/host_tier_32k.json" 2>&1 | tail -24
+      --trace /tmp/host_tier_trace.json --json "$OUT/host_tier_32k.json" 2>&1 | tail -24
     ;;
   long)
     # One GPU: bench.gpu's long-context rows 6-10 (32k and ~128k prefill and decode) against their
@@ -143,12 +143,12 @@ case "${1:-}" in
     timeout 220 python -m pytest tests/gpu/test_host_tier_gpu.py tests/unit/test_host_tier.py -q -p no:cacheprovider 2>&1 \
       | tail -3 | tee "$OUT/host_tier_tests.txt"
     timeout 330 python -m pdserve.bench.host_tier --prompt-tokens 32000 --max-position 131072 \
-      --json "$OUT/host_tier_32k.json" 2>&1 | tail -30
+      --trace /tmp/host_tier_trace.json --json "$OUT/host_tier_32k.json" 2>&1 | tail -30
     ;;
   tierrows)
     # One GPU: bench.host_tier at 32,000 tokens, then bench.gpu's pdserve rows 1-3 (TP=1).
     timeout 330 python -m pdserve.bench.host_tier --prompt-tokens 32000 --max-position 131072 \
-      --json "$OUT/host_tier_32k.json" 2>&1 | tail -24
+      --trace /tmp/host_tier_trace.json --json "$OUT/host_tier_32k.json" 2>&1 | tail -24
     timeout 200 python -m pdserve.bench.gpu --skip-transformers --only 1,2,3 --json "$OUT/gpu.json" \
       --markdown "$OUT/gpu.md" 2>&1 | tail -8
     ;;

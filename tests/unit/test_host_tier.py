@@ -221,3 +221,6 @@ def test_bench_host_tier_small_reports_one_copy_per_layer(tmp_path):
     assert result["blocks_loaded"] == 256 // 16 - 1  # the last block is computed
     assert result["load_copies"] == bench.TINY["num_hidden_layers"]
     assert result["ttft_host_tier_ms"] > 0 and result["ttft_recompute_ms"] > 0
+    # queueing the copies is host work only (on CPU they also run in there: still small)
+    assert 0 < result["copies_queue_ms"] < result["ttft_host_tier_ms"]
+    assert result["suffix_stream_spans"] == {}  # no --trace
