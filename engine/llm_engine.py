@@ -192,11 +192,13 @@ class LLMEngine:
         self._penalized.discard(req_id)
         self.scheduler.release_held(req_id)
 
-    def gather_kv(self, block_ids: list[int], layers: slice | None = None) -> torch.Tensor:
+    def gather_kv(
+        self, block_ids: list[int], layers: slice | None = None, ready: list | None = None
+    ) -> torch.Tensor:
         """Tensor-parallel prefill: the KV of `block_ids` in `layers` (None: all) with every KV
         head of the model, [L', 2, n, block_size, Hkv, D] on rank 0 (between steps: the ranks
-        run it together)."""
-        return self.tp_ranks.gather_kv(self.runner, block_ids, layers)
+        run it together). `ready`: see `TensorParallelRanks.gather_kv` (the reader waits)."""
+        return self.tp_ranks.gather_kv(self.runner, block_ids, layers, ready)
 
     def rank_tasks(self) -> RankTasks:
         """This worker's ranks as a KV transfer drives them rank to rank (engine/rank_tasks.py):

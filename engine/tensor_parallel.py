@@ -199,17 +199,27 @@ class TensorParallelRanks:
         return self._run_everywhere(plan, lambda: runner.run_step(plan), "during a step")
 
     def gather_kv(
-        self, runner: ModelRunner, block_ids: Sequence[int], layers: slice | None = None
+        self,
+        runner: ModelRunner,
+        block_ids: Sequence[int],
+        layers: slice | None = None,
+        ready: list[torch.cuda.Event] | None = None,
     ) -> torch.Tensor:
         """The KV of `block_ids` in `layers` (None: all) with all the model's KV heads,
         [L', 2, n, block_size, Hkv, D] on rank 0's device: every rank packs its heads, rank 0
-        gathers them over the group."""
+        gathers them over the group. On CUDA it is complete when this returns, unless `ready`
+        is given: then the event after the gather is appended there and the caller's thread
+        waits for it (the engine loop goes on with its steps meanwhile)."""
         message = KVGather(list(block_ids), check_layers(runner.kv_cache.shape[0], layers))
         check_block_ids(runner.num_blocks, message.block_ids)  # before any rank indexes
         whole = self._run_everywhere(message, lambda: gather_kv_heads(runner, message), "while gathering KV")
         self.staged_kv_bytes += whole.numel() * whole.element_size()
         if whole.is_cuda:  # complete before a sender thread (its own streams) reads it
-            torch.cuda.current_stream(whole.device).synchronize()
+            stream = torch.cuda.current_stream(whole.device)
+            if ready is None:
+                stream.synchronize()
+            else:
+                ready.append(stream.record_event())
         return whole
 
     def scatter_kv(

@@ -194,7 +194,12 @@ class PrefillWorker(LoopWorker):
             piece_layers = default_chunk_layers(num_layers, layer_nbytes)
 
         def gather(layers: slice) -> torch.Tensor:
-            return self.loop.call_sync(lambda engine: engine.gather_kv(src_block_ids, layers))
+            # the loop thread only queues the gather; this (the sender's) thread waits for it
+            ready: list[torch.cuda.Event] = []
+            piece = self.loop.call_sync(lambda engine: engine.gather_kv(src_block_ids, layers, ready))
+            for event in ready:
+                event.synchronize()
+            return piece
 
         return LayerPieces(
             gather, shape, cache.dtype, cache.device, piece_layers or num_layers, src_block_ids

@@ -239,9 +239,11 @@ def check_tp2_prefill_ships_kv_in_pieces(tmp_path, monkeypatch, **engine_options
         alive: weakref.WeakSet = weakref.WeakSet()
         gather_kv = prefill.engine.gather_kv
 
-        def recording_gather(block_ids: list[int], layers: slice | None = None) -> torch.Tensor:
+        def recording_gather(
+            block_ids: list[int], layers: slice | None = None, ready: list | None = None
+        ) -> torch.Tensor:
             held = len(alive)
-            piece = gather_kv(block_ids, layers)
+            piece = gather_kv(block_ids, layers, ready)
             gathers.append((list(block_ids), layers, piece.nbytes, held))
             alive.add(piece)
             return piece
