@@ -17,6 +17,7 @@
 #   bash bench/run_gpu_suite.sh hosttier8k # one GPU: bench.host_tier at 8k
 #   bash bench/run_gpu_suite.sh tierrows   # one GPU: bench.host_tier at 32k, bench.gpu's pdserve rows 1-3
 #   bash bench/run_gpu_suite.sh tiercheck  # one GPU: fused-prefix and host tier GPU tests, bench.host_tier at 32k
+#   bash bench/run_gpu_suite.sh tpmulti    # four GPUs: TP graphs over NCCL, rank-to-rank KV between TP sizes
 #   bash bench/run_gpu_suite.sh multiturn  # one H200: multi-turn serving, prefix cache's host tier off vs on
 #   bash bench/run_gpu_suite.sh tpcuda     # one GPU (two for the graph test): TP=2 with the Triton kernels / CUDA graphs vs TP=1
 # Results land in $OUT (default bench/results/gpu-run).
@@ -121,6 +122,16 @@ case "${1:-}" in
       | tail -4 | tee "$OUT/host_tier_tests.txt"
     timeout 320 python -m pdserve.bench.host_tier --prompt-tokens 32000 --max-position 131072 \
       --trace /tmp/host_tier_trace.json --json "$OUT/host_tier_32k.json" 2>&1 | tail -24
+    ;;
+  tpmulti)
+    # Four GPUs (nvidia-h100-x4 / nvidia-h200-x4): tensor parallelism across real GPUs: TP=2 with
+    # each rank's CUDA graphs and NCCL all-reduces against TP=1, the TP=2 NCCL tests against
+    # transformers, then 1P1D over nccl between TP sizes with the KV going rank to rank (2->1,
+    # 1->2, 2->2: per-rank byte counts, nothing staged on rank 0), then the TP deploy configs.
+    timeout 240 python -m pytest tests/gpu/test_tensor_parallel_triton_gpu.py tests/gpu/test_tensor_parallel_gpu.py \
+      -q -p no:cacheprovider -rs 2>&1 | tail -8 | tee "$OUT/tp_gpu_tests.txt"
+    timeout 300 python -m pytest tests/gpu/test_disagg_gpu.py -q -p no:cacheprovider -rs \
+      -k "between_tp_sizes or nccl_two_gpus" 2>&1 | tail -8 | tee "$OUT/tp_disagg_tests.txt"
     ;;
   long)
     # One GPU: bench.gpu's long-context rows 6-10 (32k and ~128k prefill and decode) against their
