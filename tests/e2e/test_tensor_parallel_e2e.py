@@ -28,11 +28,9 @@ from tests.e2e.test_chaos import (  # noqa: F401 (fixture)
     check_new_request,
     make_requests,
     offline,
-    open_credentials,
-    wait_broken_pairs,
     wait_live_workers_free,
-    worker_blocks_free,
 )
+from tests.e2e.test_chaos_stall import open_credentials, wait_broken_pairs, worker_blocks_free
 from tests.e2e.test_disaggregated import check_deployment, expected  # noqa: F401 (fixture)
 
 ray = pytest.importorskip("ray")

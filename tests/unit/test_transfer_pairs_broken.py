@@ -4,7 +4,7 @@ transfer, no Ray), and the policies' choice of pairs.
 A worker in an nccl transfer group reports its rank and the peers it can no longer transfer
 with in every poll; the monitor hands that to `RouterCore.on_transfer_report`. Here the
 reports are handed to it directly (the gRPC backend has no group to break;
-tests/e2e/test_chaos.py breaks a real one over gloo). prefill-0's engine thread is held
+tests/e2e/test_chaos_stall.py breaks a real one over gloo). prefill-0's engine thread is held
 meanwhile, so the requests routed to it are still in prefill: they must be prefilled again
 through the pair that still works and end with exactly the offline engine's tokens. A
 prefill worker with no working pair stays out of routing while it answers polls again;
