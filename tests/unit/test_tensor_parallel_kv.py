@@ -199,11 +199,8 @@ def check_tp2_prefill_ships_kv_in_pieces(tmp_path, monkeypatch, **engine_options
     the whole request at once). The decode worker's blocks equal the whole-request gather bit
     for bit, and the TP=1 engine's KV to float tolerance (TP=2 sums its all-reduce in another
     order); it generates the TP=1 engine's tokens, and every block is free afterwards."""
-    import weakref
-
     from pdserve.deploy.wiring import LocalWorkerControl, WorkerSpec, build_worker, connect_workers
     from pdserve.engine.kv_heads import pack_local
-    from pdserve.engine.llm_engine import LLMEngine
     from pdserve.transfer.config import TransferConfig
     from pdserve.transfer.packing import CHUNK_LAYERS_ENV
     from tests.hf_models import make_checkpoint
@@ -216,15 +213,7 @@ def check_tp2_prefill_ships_kv_in_pieces(tmp_path, monkeypatch, **engine_options
     def config(tp: int) -> EngineConfig:
         return EngineConfig(model=str(tmp_path), num_gpu_blocks=16, tensor_parallel_size=tp, **engine_options)
 
-    single = LLMEngine(config(1), "both")
-    try:
-        single.add_request("r", prompt, params)
-        outs = _step_until(single, "r", bool)  # the prefill step: the prompt's KV is complete
-        reference = pack_local(single.kv_cache, single.get_block_ids("r")[:3])
-        outs += _step_until(single, "r", lambda outs: outs and outs[-1].finished)
-        want = [t for o in outs for t in o.new_token_ids]
-    finally:
-        single.shutdown()
+    reference, want = _tp1_kv_and_tokens(config(1), prompt, params)
     transfer = TransferConfig(backend="grpc", host="127.0.0.1").with_secret()
     specs = [
         WorkerSpec("prefill-0", "prefill", config(2), transfer),
@@ -235,20 +224,7 @@ def check_tp2_prefill_ships_kv_in_pieces(tmp_path, monkeypatch, **engine_options
     prefill, decode = workers["prefill-0"], workers["decode-0"]
     try:
         connect_workers(specs, controls, transfer)
-        gathers: list[tuple[list[int], slice | None, int, int]] = []  # ids, layers, bytes, alive before
-        alive: weakref.WeakSet = weakref.WeakSet()
-        gather_kv = prefill.engine.gather_kv
-
-        def recording_gather(
-            block_ids: list[int], layers: slice | None = None, ready: list | None = None
-        ) -> torch.Tensor:
-            held = len(alive)
-            piece = gather_kv(block_ids, layers, ready)
-            gathers.append((list(block_ids), layers, piece.nbytes, held))
-            alive.add(piece)
-            return piece
-
-        monkeypatch.setattr(prefill.engine, "gather_kv", recording_gather)
+        gathers, gather_kv = _record_gathers(monkeypatch, prefill.engine)
         handle = decode.reserve("r", prompt, params)
         assert handle is not None and len(handle.block_ids) == 3
         assert prefill.prefill("r", prompt, params, handle).result(60).first_token_id == want[0]
@@ -266,13 +242,55 @@ def check_tp2_prefill_ships_kv_in_pieces(tmp_path, monkeypatch, **engine_options
         landed = decode.loop.call_sync(lambda engine: pack_local(engine.kv_cache, handle.block_ids))
         assert torch.equal(landed.cpu().view(torch.uint8), whole.cpu().view(torch.uint8))
         torch.testing.assert_close(landed.cpu(), reference.cpu(), rtol=1e-4, atol=1e-5)
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and not all(
-            (load := w.load()).num_free_blocks == load.num_total_blocks for w in workers.values()
-        ):
-            time.sleep(0.05)
-        assert all((load := w.load()).num_free_blocks == load.num_total_blocks for w in workers.values())
+        _check_all_blocks_free(workers.values())
     finally:
         for worker_id, worker in workers.items():
             controls[worker_id].close()
             worker.shutdown()
+
+
+def _tp1_kv_and_tokens(config: EngineConfig, prompt: list[int], params: SamplingParams):
+    """The TP=1 engine's KV of the prompt's 3 blocks (after its prefill step) and its tokens."""
+    from pdserve.engine.kv_heads import pack_local
+    from pdserve.engine.llm_engine import LLMEngine
+
+    single = LLMEngine(config, "both")
+    try:
+        single.add_request("r", prompt, params)
+        outs = _step_until(single, "r", bool)  # the prefill step: the prompt's KV is complete
+        reference = pack_local(single.kv_cache, single.get_block_ids("r")[:3])
+        outs += _step_until(single, "r", lambda outs: outs and outs[-1].finished)
+        return reference, [t for o in outs for t in o.new_token_ids]
+    finally:
+        single.shutdown()
+
+
+def _record_gathers(monkeypatch, engine):
+    """Wrap `engine.gather_kv`: each call recorded as (block ids, layers, bytes, earlier pieces
+    still alive); returns the record and the unwrapped gather."""
+    import weakref
+
+    gathers: list[tuple[list[int], slice | None, int, int]] = []  # ids, layers, bytes, alive before
+    alive: weakref.WeakSet = weakref.WeakSet()
+    gather_kv = engine.gather_kv
+
+    def recording_gather(
+        block_ids: list[int], layers: slice | None = None, ready: list | None = None
+    ) -> torch.Tensor:
+        held = len(alive)
+        piece = gather_kv(block_ids, layers, ready)
+        gathers.append((list(block_ids), layers, piece.nbytes, held))
+        alive.add(piece)
+        return piece
+
+    monkeypatch.setattr(engine, "gather_kv", recording_gather)
+    return gathers, gather_kv
+
+
+def _check_all_blocks_free(workers) -> None:
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and not all(
+        (load := w.load()).num_free_blocks == load.num_total_blocks for w in workers
+    ):
+        time.sleep(0.05)
+    assert all((load := w.load()).num_free_blocks == load.num_total_blocks for w in workers)
