@@ -134,16 +134,12 @@ def test_disaggregated_between_tp_sizes_rank_to_rank_over_nccl(two_nodes, expect
     )
 
 
-def fail_next_child_send(actor) -> None:
-    """What `__ray_call__` runs in a TP=2 prefill worker's actor: its rank 1's next rank-to-rank
-    send names blocks past the end of its cache, so that child's task raises (IndexError) after
-    the notice went out; everything else is the worker's own."""
-    import dataclasses
-
-    direct = actor.worker.send_side.direct
+def rewrite_rank_ones_next_task(direct, rewrite) -> None:
+    """Wrap `direct.ranks` (a `DirectSender`'s or `DirectReceiver`'s) so that the next task
+    submitted to rank 1 goes as `rewrite(task)`; everything else is the worker's own."""
     ranks, armed = direct.ranks, [True]
 
-    class FailingRankOne:
+    class RankOneRewritten:
         size, here = ranks.size, ranks.here
 
         def run_here(self, task):
@@ -152,13 +148,23 @@ def fail_next_child_send(actor) -> None:
         def submit(self, rank, task):
             if armed[0] and rank == 1:
                 armed[0] = False
-                past_end = ranks.here.kv_cache.shape[2]
-                task = dataclasses.replace(
-                    task, block_ids=tuple(range(past_end, past_end + len(task.block_ids)))
-                )
+                task = rewrite(task)
             return ranks.submit(rank, task)
 
-    direct.ranks = FailingRankOne()
+    direct.ranks = RankOneRewritten()
+
+
+def fail_next_child_send(actor) -> None:
+    """What `__ray_call__` runs in a TP=2 prefill worker's actor: its rank 1's next rank-to-rank
+    send names blocks past the end of its cache, so that child's task raises (IndexError) after
+    the notice went out; everything else is the worker's own."""
+    direct = actor.worker.send_side.direct
+    past_end = direct.ranks.here.kv_cache.shape[2]
+
+    def past_the_cache(task):
+        return dataclasses.replace(task, block_ids=tuple(range(past_end, past_end + len(task.block_ids))))
+
+    rewrite_rank_ones_next_task(direct, past_the_cache)
 
 
 CHILD_FAILURE_TIMEOUT_S = 6.0  # transfer.timeout_s: how long the decode rank waits for the bytes never sent
@@ -210,25 +216,14 @@ def stall_next_child_receive(actor) -> None:
     """What `__ray_call__` runs in a TP=2 decode worker's actor: its rank 1's next rank-to-rank
     receive waits for its bytes from a rank that never sends them (the worker's own rank 0), so
     it runs out `transfer.timeout_s`, as a child whose peer stalled would."""
-    import dataclasses
+    own_first_rank = actor.worker.receive_side.rank
 
-    direct = actor.worker.receive_side.direct
-    ranks, armed, own_first_rank = direct.ranks, [True], actor.worker.receive_side.rank
+    def from_own_rank_0(task):
+        return dataclasses.replace(
+            task, routes=tuple(dataclasses.replace(r, peer=own_first_rank) for r in task.routes)
+        )
 
-    class StalledRankOne:
-        size, here = ranks.size, ranks.here
-
-        def run_here(self, task):
-            return ranks.run_here(task)
-
-        def submit(self, rank, task):
-            if armed[0] and rank == 1:
-                armed[0] = False
-                routes = tuple(dataclasses.replace(r, peer=own_first_rank) for r in task.routes)
-                task = dataclasses.replace(task, routes=routes)
-            return ranks.submit(rank, task)
-
-    direct.ranks = StalledRankOne()
+    rewrite_rank_ones_next_task(actor.worker.receive_side.direct, from_own_rank_0)
 
 
 @pytest.mark.timeout(180)
