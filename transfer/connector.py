@@ -148,9 +148,7 @@ class KVReceiveSide(Protocol):
         device: str | torch.device,
         ranks: RankTasks | None = None,
     ) -> None:
-        """Join the transfer process group (backends with `uses_process_group` only) at `rank`;
-        `ranks`: the worker's tensor-parallel ranks (engine/rank_tasks.py), each joining at `rank`
-        plus its own rank, so KV moves rank to rank (nccl; `transfer.nccl_direct`)."""
+        """As `KVSendSide.join_group`."""
         ...
 
     def group_rank(self) -> int | None:

@@ -112,6 +112,12 @@ def run_on_ranks(
     return outcomes
 
 
+def add_rank_bytes(totals: dict[int, int], outcomes: dict[int, RankOutcome]) -> None:
+    """Count each rank's moved bytes into `totals` (rank -> bytes, a metric)."""
+    for rank, outcome in outcomes.items():
+        totals[rank] = totals.get(rank, 0) + outcome.nbytes
+
+
 def first_failure(outcomes: dict[int, RankOutcome]) -> RankOutcome | None:
     return next((o for _, o in sorted(outcomes.items()) if o.failure is not None), None)
 
@@ -168,8 +174,7 @@ class DirectSender:
                 ) from exc
             outcomes = run_on_ranks(handle.req_id, self.ranks, tasks, self.sender.timeout_s)
             self._finish(handle.req_id, peer.rank, outcomes, waitable)
-        for rank, outcome in outcomes.items():
-            self.rank_bytes[rank] = self.rank_bytes.get(rank, 0) + outcome.nbytes
+        add_rank_bytes(self.rank_bytes, outcomes)
         elapsed_ms = (time.perf_counter() - start) * 1e3
         return TransferStats(
             nbytes=nbytes, pack_ms=0.0, send_ms=elapsed_ms, extra={"ranks": float(len(tasks))}
@@ -240,8 +245,7 @@ class DirectReceiver:
             finally:
                 if arrival is not None:
                     self.sink.end_kv_write(arrival, landed)
-        for rank, outcome in outcomes.items():
-            self.rank_bytes[rank] = self.rank_bytes.get(rank, 0) + outcome.nbytes
+        add_rank_bytes(self.rank_bytes, outcomes)
         if failed is not None:
             if not failed.in_step:  # a send may still be pending on the pair: refuse it from now on
                 self.receiver.break_source(notice.src_rank, failed.failure, failed.ran_out)

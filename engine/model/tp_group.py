@@ -51,7 +51,9 @@ class TPGroup:
         if device.type == "cuda" and not self.shared_device:
             options = dist.ProcessGroupNCCL.Options()
             options._timeout = timeout
-            self.group = _nccl_group(store, rank, size, options)
+            # Its collectives keep their tensors alive until `.wait()` (torch's default since
+            # 2.7, no recordStream): what lets them be captured in CUDA graphs.
+            self.group = dist.ProcessGroupNCCL(store, rank, size, options)
         else:
             self.group = dist.ProcessGroupGloo(store, rank, size, timeout)
 
@@ -140,12 +142,3 @@ class TPGroup:
         host = x.detach().to("cpu", memory_format=torch.contiguous_format, copy=True)
         collective(host)
         return host
-
-
-def _nccl_group(store: dist.Store, rank: int, size: int, options) -> dist.ProcessGroup:
-    """A ProcessGroupNCCL that keeps its collectives' tensors alive by reference until `.wait()`
-    (stashed on the Work) instead of `recordStream` on the caching allocator: the behaviour
-    under which torch's NCCL collectives capture in CUDA graphs. It is torch's default since
-    2.7; TORCH_NCCL_AVOID_RECORD_STREAMS, which chose it before, is deprecated (setting it only
-    prints a warning) and later ignored, so nothing is set here."""
-    return dist.ProcessGroupNCCL(store, rank, size, options)
