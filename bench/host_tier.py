@@ -136,6 +136,8 @@ class Timings:
     suffix_queue: list[float] = field(default_factory=list)
     copies: list[int] = field(default_factory=list)
     stream_spans: dict = field(default_factory=dict)  # --trace: stream -> (start, end, busy) ms
+    slow_runtime_calls: list = field(default_factory=list)  # --trace: the longest host CUDA calls
+    allocator_counts: dict = field(default_factory=dict)  # --trace: allocator events in the request
     offloaded: list[int] = field(default_factory=list)  # blocks the hit step saved (it evicts)
     offload: list[float] = field(default_factory=list)
 
@@ -150,11 +152,18 @@ def stream_trace(path: str | None, t: Timings) -> Iterator[None]:
         return
     from torch.profiler import ProfilerActivity, profile
 
+    device_before, host_before = torch.cuda.memory_stats(), torch.cuda.host_memory_stats()
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         yield
+    t.allocator_counts = _count_changes(device_before, torch.cuda.memory_stats())
+    t.allocator_counts.update(_count_changes(host_before, torch.cuda.host_memory_stats(), "host."))
+    print("allocator counts in the request:", t.allocator_counts)
     prof.export_chrome_trace(path)
     with open(path) as file:
         events = json.load(file)["traceEvents"]
+    t.slow_runtime_calls = _slowest_runtime_calls(events)
+    for call in t.slow_runtime_calls:
+        print(f"runtime call {call['name']}: {call['ms']:.1f} ms at {call['at_ms']:.1f} ms")
     spans: dict[str, list[float]] = {}
     for event in events:
         if event.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset") and "dur" in event:
@@ -169,6 +178,28 @@ def stream_trace(path: str | None, t: Timings) -> Iterator[None]:
     }
     for stream, span in t.stream_spans.items():
         print(f"stream {stream}: " + ", ".join(f"{k} {v:.1f}" for k, v in span.items()))
+
+
+def _count_changes(before: dict, after: dict, prefix: str = "") -> dict[str, int]:
+    """Allocator event counters (`num_*`) that moved between two stats snapshots: a device
+    `num_alloc_retries` or `num_sync_all_streams`, or a new pinned `num_host_alloc`, can
+    each stall the host on the GPU's queue."""
+    return {
+        prefix + key: after[key] - before.get(key, 0)
+        for key in after
+        if key.startswith("num_") and after[key] != before.get(key, 0)
+    }
+
+
+def _slowest_runtime_calls(events: list[dict], count: int = 8) -> list[dict]:
+    """The longest CUDA runtime/driver calls on the host in a chrome trace (where a host
+    thread waited on the GPU: a synchronize, a cudaFree, a pinned allocation)."""
+    calls = [e for e in events if e.get("cat") in ("cuda_runtime", "cuda_driver") and "dur" in e]
+    origin = min((e["ts"] for e in events if "ts" in e), default=0.0)
+    calls.sort(key=lambda e: e["dur"], reverse=True)
+    return [
+        {"name": e["name"], "ms": e["dur"] / 1e3, "at_ms": (e["ts"] - origin) / 1e3} for e in calls[:count]
+    ]
 
 
 def one_rep(
@@ -246,6 +277,8 @@ def report(args: argparse.Namespace, runner, t: Timings) -> dict:
         "copies_queue_ms": median(t.queue) * 1e3,
         "suffix_copies_queue_ms": median(t.suffix_queue) * 1e3,
         "suffix_stream_spans": t.stream_spans,
+        "suffix_slow_runtime_calls": t.slow_runtime_calls,
+        "suffix_allocator_counts": t.allocator_counts,
         # 1: the load cost nothing beyond the suffix's prefill; 0: none of it was overlapped
         "load_hidden_fraction": 1 - (host_suffix_s - gpu_suffix_s) / median(t.suffix_load),
         "reps": args.reps,
