@@ -16,8 +16,14 @@ checks the split and the merge against the reference attention.
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
+logger = logging.getLogger(__name__)
+
+# (device index, dtype, head_dim) -> whether the Triton merge runs there and matches torch's
+_TRITON_MERGE_OK: dict[tuple, bool] = {}
 # (device index, dtype, head_dim, gqa) -> False: the cuDNN op works with grouped-query heads as
 # they are; True: only with K/V expanded per query head; None: not usable there
 _CUDNN_MODE: dict[tuple, bool | None] = {}
@@ -117,19 +123,65 @@ def attention_with_lse(
     return _cudnn_attention_with_lse(q, k, v, scale, causal, expand_kv)
 
 
+def _triton_merge_works(out_a: torch.Tensor) -> bool:
+    """Whether the one-pass Triton merge runs here and equals the torch merge on a small random
+    input of this dtype and head size (checked once per device, like the cuDNN op: a failure
+    only costs the faster merge)."""
+    key = (out_a.device.index, out_a.dtype, out_a.shape[-1])
+    if key not in _TRITON_MERGE_OK:
+        _TRITON_MERGE_OK[key] = False
+        try:
+            from pdserve.engine.attention import triton_merge  # Triton: imported on CUDA only
+
+            if triton_merge.merge_supported(out_a):
+                generator = torch.Generator(device="cpu").manual_seed(0)
+                parts = [torch.randn(40, 3, out_a.shape[-1], generator=generator) for _ in range(2)]
+                lses = [torch.randn(3, 40, generator=generator) * 3 for _ in range(2)]
+                a, b = (p.to(device=out_a.device, dtype=out_a.dtype) for p in parts)
+                la, lb = (x.to(out_a.device) for x in lses)
+                want, want_lse = _torch_merge(a, la, b, lb, None)
+                got = a.new_empty(a.shape, dtype=torch.float32)
+                got_lse = triton_merge.merge_into(got, a, la, b, lb)
+                _TRITON_MERGE_OK[key] = torch.allclose(got, want, atol=1e-4) and torch.allclose(
+                    got_lse, want_lse, atol=1e-4
+                )
+        except Exception as error:  # no Triton, or the kernel fails to compile or run here
+            logger.warning("Triton merge of partial attention unusable (%s); merging in torch", error)
+    return _TRITON_MERGE_OK[key]
+
+
 def merge_partials(
     out_a: torch.Tensor,  # [n, Hq, D] attention over one key range
     lse_a: torch.Tensor,  # [Hq, n] float32
     out_b: torch.Tensor,  # [n, Hq, D] attention over a disjoint key range
     lse_b: torch.Tensor,  # [Hq, n]
-) -> tuple[torch.Tensor, torch.Tensor]:  # out [n, Hq, D] float32 over both ranges, lse [Hq, n]
-    """Exact attention over the union of two key ranges from the partial results."""
+    out: torch.Tensor | None = None,  # [n, Hq, D] where to write (may be out_a); None: new float32
+) -> tuple[torch.Tensor, torch.Tensor]:  # out [n, Hq, D] over both ranges, lse [Hq, n]
+    """Exact attention over the union of two key ranges from the partial results. On CUDA one
+    Triton pass (`triton_merge`); on CPU plain torch, the oracle."""
+    if out_a.is_cuda and _triton_merge_works(out_a):
+        from pdserve.engine.attention import triton_merge
+
+        dst = out if out is not None else out_a.new_empty(out_a.shape, dtype=torch.float32)
+        return dst, triton_merge.merge_into(dst, out_a, lse_a, out_b, lse_b)
+    return _torch_merge(out_a, lse_a, out_b, lse_b, out)
+
+
+def _torch_merge(
+    out_a: torch.Tensor,
+    lse_a: torch.Tensor,
+    out_b: torch.Tensor,
+    lse_b: torch.Tensor,
+    out: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     lse = torch.logaddexp(lse_a, lse_b)
     weight_a = torch.exp(lse_a - lse).t().unsqueeze(-1)  # [n, Hq, 1]
     weight_b = torch.exp(lse_b - lse).t().unsqueeze(-1)
-    out = out_a.float() * weight_a
-    out.addcmul_(out_b.float(), weight_b)
-    return out, lse
+    merged = out_a.float() * weight_a
+    merged.addcmul_(out_b.float(), weight_b)
+    if out is None:
+        return merged, lse
+    return out.copy_(merged), lse
 
 
 __all__ = ["attention_with_lse", "lse_attention_supported", "merge_partials"]

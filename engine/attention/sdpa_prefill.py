@@ -128,17 +128,24 @@ def prefix_chunk_attention(
     block_row: torch.Tensor,  # [B] int32
     prefix_len: int,  # cached tokens before the chunk (> 0)
     scale: float,
-) -> torch.Tensor:  # [n, Hq, D] in query's dtype
+    out: torch.Tensor | None = None,  # [n, Hq, D] in query's dtype: where to write the result
+) -> torch.Tensor:  # [n, Hq, D] in query's dtype (`out` when given)
     """Causal attention of a chunk that follows `prefix_len` cached tokens: its own keys causally,
-    the prefix in pieces of PREFIX_PIECE keys without a mask, merged by log-sum-exp."""
-    out, lse = attention_with_lse(query, key, value, scale, causal=True)
-    for start in range(0, prefix_len, PREFIX_PIECE):
+    the prefix in pieces of PREFIX_PIECE keys without a mask, merged by log-sum-exp (a float32
+    accumulator between pieces; the last merge writes the result in query's dtype)."""
+    if out is None:
+        out = torch.empty(query.shape, dtype=query.dtype, device=query.device)
+    merged, lse = attention_with_lse(query, key, value, scale, causal=True)
+    starts = range(0, prefix_len, PREFIX_PIECE)
+    for start in starts:
         prefix_key, prefix_value = gather_prefix(
             kv_cache_layer, block_row, start, min(prefix_len, start + PREFIX_PIECE)
         )
         piece_out, piece_lse = attention_with_lse(query, prefix_key, prefix_value, scale, causal=False)
-        out, lse = merge_partials(out, lse, piece_out, piece_lse)
-    return out.to(query.dtype)
+        last = start == starts[-1]
+        into = out if last else merged if merged.dtype == torch.float32 else None
+        merged, lse = merge_partials(merged, lse, piece_out, piece_lse, out=into)
+    return merged
 
 
 def sdpa_prefill(
@@ -161,8 +168,8 @@ def sdpa_prefill(
         rows = slice(start, start + q_len)  # host offsets: no sync
         if prefix_len:
             block_row = meta.block_tables[first_seq + i]
-            out[rows] = prefix_chunk_attention(
-                query[rows], key[rows], value[rows], kv_cache_layer, block_row, prefix_len, scale
+            prefix_chunk_attention(
+                query[rows], key[rows], value[rows], kv_cache_layer, block_row, prefix_len, scale, out[rows]
             )
         elif q_len > 0:
             out[rows] = causal_sdpa(query[rows], key[rows], value[rows], scale)

@@ -209,6 +209,41 @@ def test_fused_prefix_failure_falls_back_to_the_paged_kernel(
     assert paths == Counter(sdpa=1, triton_prefill=2)  # no second try
 
 
+@pytest.mark.parametrize("num_tokens", [1, 77, 8192])
+def test_triton_merge_equals_the_torch_merge(num_tokens: int, device: str) -> None:
+    """The one-pass Triton merge of two partial results (bf16, in cuDNN's head-major layout)
+    against the plain-torch merge in float32: into a new float32 accumulator, in place into that
+    accumulator, and into a bf16 destination; fresh random inputs, -inf-free log-sum-exps."""
+    if device == "cpu":
+        pytest.skip("the Triton merge is CUDA's (torch's merge is tested in tests/unit)")
+    from pdserve.engine.attention import lse_attention, triton_merge
+    from pdserve.engine.attention.lse_attention import merge_partials
+
+    def partial() -> tuple[torch.Tensor, torch.Tensor]:
+        out = torch.randn(1, 32, num_tokens, 128, device=device, dtype=torch.bfloat16)[0].transpose(0, 1)
+        return out, torch.randn(32, num_tokens, device=device) * 4
+
+    (out_a, lse_a), (out_b, lse_b), (out_c, lse_c) = partial(), partial(), partial()
+
+    def torch_merge(a, la, b, lb):  # lse_attention's CPU formula, on these tensors
+        lse = torch.logaddexp(la, lb)
+        weights = (torch.exp(la - lse).t().unsqueeze(-1), torch.exp(lb - lse).t().unsqueeze(-1))
+        return a.float() * weights[0] + b.float() * weights[1], lse
+
+    expected, expected_lse = torch_merge(*torch_merge(out_a, lse_a, out_b, lse_b), out_c, lse_c)
+    assert triton_merge.merge_supported(out_a) and lse_attention._triton_merge_works(out_a)  # its own check
+    acc, lse = merge_partials(out_a, lse_a, out_b, lse_b)
+    assert acc.dtype == torch.float32
+    acc_again, lse_again = merge_partials(acc, lse, out_c, lse_c, out=acc)  # in place
+    assert acc_again.data_ptr() == acc.data_ptr()
+    torch.testing.assert_close(acc, expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lse_again, expected_lse, atol=1e-5, rtol=1e-5)
+    acc, lse = merge_partials(out_a, lse_a, out_b, lse_b)
+    final = torch.empty(num_tokens, 32, 128, device=device, dtype=torch.bfloat16)
+    merge_partials(acc, lse, out_c, lse_c, out=final)
+    torch.testing.assert_close(final, expected.to(torch.bfloat16), atol=1e-2, rtol=1e-2)
+
+
 @pytest.mark.parametrize("dtype", HALF_AND_FULL)
 def test_prefill_over_cached_prefix(dtype: torch.dtype, device: str) -> None:
     # Prefixes not multiples of block_size; a chunk that starts mid-block.
