@@ -224,3 +224,16 @@ def test_bench_host_tier_small_reports_one_copy_per_layer(tmp_path):
     # queueing the copies is host work only (on CPU they also run in there: still small)
     assert 0 < result["copies_queue_ms"] < result["ttft_host_tier_ms"]
     assert result["suffix_stream_spans"] == {}  # no --trace
+
+
+def test_bench_host_tier_suffix_requests_load_all_of_the_prompt_every_rep():
+    """Each rep's prompt stays in the tier through the rep: the suffix request over it loads
+    every block of it, in every rep (with room for only 2.5 prompts, reps 2 and 3 found part
+    of it evicted and recomputed it, and the overlap figure measured that recompute)."""
+    from pdserve.bench import host_tier as bench
+
+    # the 32k GPU run's proportions: four prefill chunks a prompt, a suffix of 1/16 of it
+    argv = ["--small", "--reps", "3", "--prompt-tokens", "2000", "--chunk-tokens", "512"]
+    result = bench.main([*argv, "--suffix-tokens", "128", "--max-position", "4096"])
+    assert result["suffix_blocks_loaded"] == 2000 // 16  # 105 with the old 2.5-prompt tier
+    assert result["blocks_loaded"] == 2000 // 16 - 1
