@@ -131,9 +131,10 @@ def _triton_merge_works(out_a: torch.Tensor) -> bool:
     if key not in _TRITON_MERGE_OK:
         _TRITON_MERGE_OK[key] = False
         try:
-            from pdserve.engine.attention import triton_merge  # Triton: imported on CUDA only
+            # Triton: imported on CUDA only
+            from pdserve.engine.attention.triton_merge import merge_into, merge_supported
 
-            if triton_merge.merge_supported(out_a):
+            if merge_supported(out_a):
                 generator = torch.Generator(device="cpu").manual_seed(0)
                 parts = [torch.randn(40, 3, out_a.shape[-1], generator=generator) for _ in range(2)]
                 lses = [torch.randn(3, 40, generator=generator) * 3 for _ in range(2)]
@@ -141,7 +142,7 @@ def _triton_merge_works(out_a: torch.Tensor) -> bool:
                 la, lb = (x.to(out_a.device) for x in lses)
                 want, want_lse = _torch_merge(a, la, b, lb, None)
                 got = a.new_empty(a.shape, dtype=torch.float32)
-                got_lse = triton_merge.merge_into(got, a, la, b, lb)
+                got_lse = merge_into(got, a, la, b, lb)
                 _TRITON_MERGE_OK[key] = torch.allclose(got, want, atol=1e-4) and torch.allclose(
                     got_lse, want_lse, atol=1e-4
                 )
@@ -160,10 +161,10 @@ def merge_partials(
     """Exact attention over the union of two key ranges from the partial results. On CUDA one
     Triton pass (`triton_merge`); on CPU plain torch, the oracle."""
     if out_a.is_cuda and _triton_merge_works(out_a):
-        from pdserve.engine.attention import triton_merge
+        from pdserve.engine.attention.triton_merge import merge_into
 
         dst = out if out is not None else out_a.new_empty(out_a.shape, dtype=torch.float32)
-        return dst, triton_merge.merge_into(dst, out_a, lse_a, out_b, lse_b)
+        return dst, merge_into(dst, out_a, lse_a, out_b, lse_b)
     return _torch_merge(out_a, lse_a, out_b, lse_b, out)
 
 
