@@ -243,6 +243,14 @@ def worker_blocks_free(dep, worker_id: str) -> bool:
     return load.num_free_blocks == load.num_total_blocks
 
 
+def wait_every_worker_free(dep, timeout: float) -> None:
+    """Every worker, routed or not, reports all its KV blocks free within `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not all(worker_blocks_free(dep, w) for w in dep.workers) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert all(worker_blocks_free(dep, w) for w in dep.workers), "KV blocks still in use"
+
+
 @pytest.mark.timeout(120)
 def test_a_stalled_nccl_transfer_breaks_its_pairs_and_the_decode_worker_serves_alone(one_node, offline):  # noqa: F811
     """2P1D over nccl (gloo): prefill-0 stops between its KV notice and the bytes while 16
@@ -307,10 +315,7 @@ def check_broken_pairs_while_stalled(dep, offline, prompts, sampling, results) -
 
 def check_broken_pairs_after_resume(dep, offline, pairs: dict) -> None:  # noqa: F811
     """Once prefill-0 runs again: every block free, new requests exact, both prefill workers out."""
-    deadline = time.monotonic() + 30
-    while not all(worker_blocks_free(dep, w) for w in dep.workers) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert all(worker_blocks_free(dep, w) for w in dep.workers), "KV blocks still in use"
+    wait_every_worker_free(dep, timeout=30)
     check_new_request(dep, offline)
     status = wait_live_workers_free(dep)
     for worker_id in ("prefill-0", "prefill-1"):

@@ -30,7 +30,7 @@ from tests.e2e.test_chaos import (  # noqa: F401 (fixture)
     offline,
     wait_live_workers_free,
 )
-from tests.e2e.test_chaos_stall import open_credentials, wait_broken_pairs, worker_blocks_free
+from tests.e2e.test_chaos_stall import open_credentials, wait_broken_pairs, wait_every_worker_free
 from tests.e2e.test_disaggregated import check_deployment, expected  # noqa: F401 (fixture)
 
 ray = pytest.importorskip("ray")
@@ -203,10 +203,7 @@ def test_a_child_ranks_failed_send_over_nccl_fails_its_request_and_breaks_the_pa
         assert list(status["broken_transfer_pairs"]) == ["prefill-0 -> decode-0"], status
         check_new_request(dep, offline)
         wait_live_workers_free(dep, timeout=3 * CHILD_FAILURE_TIMEOUT_S)
-        deadline = time.monotonic() + 3 * CHILD_FAILURE_TIMEOUT_S  # prefill-0 is out of routing: ask it
-        while not all(worker_blocks_free(dep, w) for w in dep.workers) and time.monotonic() < deadline:
-            time.sleep(0.2)
-        assert all(worker_blocks_free(dep, w) for w in dep.workers), "KV blocks still in use"
+        wait_every_worker_free(dep, timeout=3 * CHILD_FAILURE_TIMEOUT_S)  # prefill-0 is out of routing
         assert open_credentials(dep, "decode-0") == 0
     finally:
         dep.down()
@@ -245,10 +242,7 @@ def test_a_child_ranks_stalled_receive_over_nccl_ends_by_the_timeout_and_breaks_
         status = wait_broken_pairs(dep)
         assert list(status["broken_transfer_pairs"]) == ["prefill-0 -> decode-0"], status
         check_new_request(dep, offline)
-        deadline = time.monotonic() + 3 * CHILD_FAILURE_TIMEOUT_S
-        while not all(worker_blocks_free(dep, w) for w in dep.workers) and time.monotonic() < deadline:
-            time.sleep(0.2)
-        assert all(worker_blocks_free(dep, w) for w in dep.workers), "KV blocks still in use"
+        wait_every_worker_free(dep, timeout=3 * CHILD_FAILURE_TIMEOUT_S)
         assert open_credentials(dep, "decode-0") == 0
     finally:
         dep.down()
