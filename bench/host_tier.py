@@ -231,10 +231,10 @@ def one_rep(
     t.offload.append(pool.last_offload_seconds() or float("nan"))
     t.recompute.append(first_token_seconds(llm, fresh(args.prompt_tokens)))
     first_token_seconds(llm, fresh(args.prompt_tokens))  # with the one above: P off the GPU
-    hits = tier.num_hits
+    hits_before_suffix = tier.num_hits
     with stream_trace(args.trace if last else None, t):
         t.host_suffix.append(first_token_seconds(llm, prompt + fresh(args.suffix_tokens)))
-    t.suffix_hits.append(tier.num_hits - hits)
+    t.suffix_hits.append(tier.num_hits - hits_before_suffix)
     t.suffix_load.append(pool.last_load_seconds() or float("nan"))
     t.suffix_queue.append(pool.last_queue_seconds)
 

@@ -142,8 +142,10 @@ def prefix_chunk_attention(
             kv_cache_layer, block_row, start, min(prefix_len, start + PREFIX_PIECE)
         )
         piece_out, piece_lse = attention_with_lse(query, prefix_key, prefix_value, scale, causal=False)
-        last = start == starts[-1]
-        into = out if last else merged if merged.dtype == torch.float32 else None
+        # the last merge writes the result; earlier ones update a float32 accumulator in place
+        # (the first one's input is the attention's own output, in query's dtype: a new one)
+        accumulator = merged if merged.dtype == torch.float32 else None
+        into = out if start == starts[-1] else accumulator
         merged, lse = merge_partials(merged, lse, piece_out, piece_lse, out=into)
     return merged
 

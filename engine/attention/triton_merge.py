@@ -47,7 +47,8 @@ def _merge_kernel(
 
 
 def merge_supported(out_a: torch.Tensor) -> bool:
-    """One [BLOCK, head_dim] tile per head needs a power-of-two head_dim and unit-stride rows."""
+    """One [BLOCK, head_dim] tile per head needs a power-of-two head_dim (and unit-stride rows,
+    which `merge_into` asserts)."""
     head_dim = out_a.shape[-1]
     return out_a.is_cuda and head_dim & (head_dim - 1) == 0 and head_dim >= 16
 
