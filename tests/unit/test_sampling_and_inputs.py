@@ -117,3 +117,25 @@ def test_output_text_keeps_special_tokens_and_stop_strings_when_asked():
     assert text(SamplingParams(skip_special_tokens=False), tokens) == "ab<eos>cd"
     assert text(SamplingParams(stop=["bc"]), [*b"abcde"]) == "a"
     assert text(SamplingParams(stop=["bc"], include_stop_str_in_output=True), [*b"abcde"]) == "abc"
+
+
+def test_step_inputs_slots_and_host_lists_match_their_token_by_token_forms():
+    """A step's cache slots are built block by block and its host lists go through numpy: both
+    must equal the plain per-token forms, at every block boundary and for nested lists."""
+    import random
+
+    from pdserve.engine.host_tensors import host_to_device
+    from pdserve.engine.model_runner import _slots
+
+    rng = random.Random(0)
+    for _ in range(500):
+        block_size = rng.choice([1, 2, 4, 16])
+        table = [rng.randrange(1000) for _ in range(rng.randrange(1, 12))]
+        start = rng.randrange(len(table) * block_size)
+        end = rng.randrange(start + 1, len(table) * block_size + 1)
+        want = [table[p // block_size] * block_size + p % block_size for p in range(start, end)]
+        assert _slots(table, start, end, block_size) == want
+    cpu = torch.device("cpu")
+    for values, dtype in [([3, 1 << 40], torch.int64), ([[1, 2], [3, 4]], torch.int32), ([], torch.int64)]:
+        got = host_to_device(values, dtype, cpu)
+        assert got.dtype == dtype and torch.equal(got, torch.tensor(values, dtype=dtype))
