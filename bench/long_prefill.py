@@ -4,6 +4,12 @@ by log-sum-exp), chunk by chunk as a chunked 32k/128k prefill runs them, with th
 SDPA's backends on the same GPU in the same run.
 
     python -m pdserve.bench.long_prefill --json out.json
+    python -m pdserve.bench.long_prefill --power-only --json out.json   # only the power-cap check
+
+The power-cap check times one layer's causal attention over 32,768 tokens (cuDNN, the engine's
+own call) alone, after the GPU sat idle, and right after a layer's MLP GEMMs, with the SM clock
+and board power sampled by nvidia-smi while the two alternate: inside a long prefill the GEMMs
+hold the GPU at its power limit, its clock falls, and the attention runs slower than alone.
 
 TFLOP/s counts useful causal FLOPs (bench.attention_kernels.prefill_flops); Llama-3-8B heads
 (32 query heads, 8 KV heads, head_dim 128), block_size 16, bf16, scattered blocks. The
@@ -14,6 +20,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
+import statistics
+import subprocess
 import time
 
 import torch
@@ -89,9 +98,82 @@ def bench_chunk(query_len: int, prefix_len: int, matmul_tflops: float) -> dict:
     }
 
 
+def _event_ms(before, fn, reps: int = 5) -> float:
+    """Median CUDA-event time of `fn` over `reps` runs, each right after `before()`."""
+    times = []
+    for _ in range(reps):
+        before()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def power_cap_check(tokens: int = 32768, loop_s: float = 4.0) -> dict:
+    """Causal attention of one Llama-3-8B layer over `tokens` (the engine's `causal_sdpa` on
+    views of a fused qkv tensor) alone, after 0.3 s idle, and right after three gate_up GEMMs
+    [tokens, 4096] x [4096, 28672]; then the two alternate for `loop_s` while nvidia-smi samples
+    the SM clock and board power. CUDA only."""
+    from pdserve.engine.attention.sdpa_prefill import causal_sdpa
+
+    heads, kv_heads, dim = HEADS["num_q_heads"], HEADS["num_kv_heads"], HEADS["head_dim"]
+    qkv = torch.randn(tokens, (heads + 2 * kv_heads) * dim, device="cuda", dtype=torch.bfloat16)
+    q, k, v = qkv.split([heads * dim, kv_heads * dim, kv_heads * dim], dim=1)  # [n, H*D] views
+    q, k, v = q.view(tokens, heads, dim), k.view(tokens, kv_heads, dim), v.view(tokens, kv_heads, dim)
+    x = torch.randn(tokens, 4096, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(28672, 4096, device="cuda", dtype=torch.bfloat16)
+    attention = lambda: causal_sdpa(q, k, v, dim**-0.5)  # noqa: E731
+
+    def gemms() -> None:
+        for _ in range(3):
+            torch.nn.functional.linear(x, w)
+
+    def idle() -> None:
+        torch.cuda.synchronize()
+        time.sleep(0.3)
+
+    attention_flops = prefill_flops([tokens], [tokens], heads, dim)
+    gemm_flops = 3 * 2 * tokens * 4096 * 28672
+    attention()
+    gemms()
+    timings = {
+        "attention_alone_ms": _event_ms(lambda: None, attention),
+        "attention_after_idle_ms": _event_ms(idle, attention),
+        "attention_after_gemms_ms": _event_ms(gemms, attention),
+        "gemms_alone_ms": _event_ms(lambda: None, gemms),
+        "gemms_after_idle_ms": _event_ms(idle, gemms),
+    }
+    result: dict = {"tokens": tokens, **timings}
+    for name, ms in timings.items():
+        flops = gemm_flops if name.startswith("gemms") else attention_flops
+        result[name.replace("_ms", "_tflops")] = flops / (ms * 1e-3) / 1e12
+    result["loop_attention_ms"], result["smi_samples"] = _alternate_with_samples(attention, gemms, loop_s)
+    return result
+
+
+def _alternate_with_samples(attention, gemms, loop_s: float) -> tuple[dict, list[str]]:
+    """Run GEMMs then attention in turn for `loop_s`: the attention's event times, and
+    nvidia-smi's samples meanwhile (SM clock MHz, power W, power limit W)."""
+    smi = shutil.which("nvidia-smi")
+    query = ["--query-gpu=clocks.sm,power.draw,power.limit", "--format=csv,noheader", "-lms", "100"]
+    sampler = subprocess.Popen([smi, *query], stdout=subprocess.PIPE, text=True) if smi else None
+    loop_ms, started = [], time.perf_counter()
+    while time.perf_counter() - started < loop_s:
+        loop_ms.append(_event_ms(gemms, attention, reps=1))
+    samples: list[str] = []
+    if sampler is not None:
+        sampler.terminate()
+        samples = sampler.communicate()[0].strip().splitlines()
+    return {"first": loop_ms[0], "median": statistics.median(loop_ms), "runs": len(loop_ms)}, samples
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", help="write results here")
+    parser.add_argument("--power-only", action="store_true", help="only the power-cap check")
     args = parser.parse_args()
     from pdserve.engine.attention import lse_attention
 
@@ -102,6 +184,11 @@ def main() -> None:
         "matmul_tflops": matmul_tflops,
     }
     print(f"{result['device']}: bf16 matmul {matmul_tflops:.0f} TFLOP/s")
+    result["power_cap_check"] = check = power_cap_check()
+    print("power-cap check:", {k: round(v, 1) for k, v in check.items() if isinstance(v, float)})
+    print("  SM clock, power while GEMMs and attention alternate:", check["smi_samples"][-4:])
+    if args.power_only:
+        return _write(result, args.json)
     result["sdpa_causal_8192_tflops"] = sdpa_backends(8192, matmul_tflops)
     print("SDPA causal 8,192 tokens, TFLOP/s by backend:", result["sdpa_causal_8192_tflops"])
     result["chunks"] = []
@@ -117,8 +204,12 @@ def main() -> None:
         )
     result["cudnn_modes"] = {str(key): mode for key, mode in lse_attention._CUDNN_MODE.items()}
     print("cuDNN op checks:", result["cudnn_modes"])
-    if args.json:
-        with open(args.json, "w") as f:
+    _write(result, args.json)
+
+
+def _write(result: dict, path: str | None) -> None:
+    if path:
+        with open(path, "w") as f:
             json.dump(result, f, indent=1)
 
 

@@ -2,6 +2,8 @@
 
     python -m pdserve.bench.profile_steps                 # Llama-3-8B shape, bf16, on CUDA
     python -m pdserve.bench.profile_steps --small         # tiny shapes on CPU (checks the script)
+    python -m pdserve.bench.profile_steps --cases prefill --prefill-tokens 32768 \
+        --max-num-batched-tokens 32768 --max-position 131072   # one long prefill (issue 19)
 
 For the engine rows of `bench.gpu` (decode b=1 ctx 512, decode b=128 ctx 1,024, prefill of
 2,048 tokens, and an offline `LLM.generate` call) it prints, per step (per call for offline):
@@ -9,9 +11,10 @@ For the engine rows of `bench.gpu` (decode b=1 ctx 512, decode b=128 ctx 1,024, 
   gpu       sum of kernel and memcpy time under torch.profiler (CUDA only)
   host      wall time inside each engine phase: step > schedule, execute (> forward or graph,
             then sample), wait (for the step's tokens), update; gc = the garbage collector
-and the top kernels by GPU time. On CUDA it then reads the trace's timeline
-(bench.timeline): how long the GPU sat idle, what the host was doing meanwhile, which
-host call ended each idle stretch, and the largest ones.
+and the top kernels by GPU time, also summed by kind (`kernel_kind`: GEMM, attention, other).
+On CUDA it then reads the trace's timeline (bench.timeline): how long the GPU sat idle, what
+the host was doing meanwhile, which host call ended each idle stretch, and the largest ones.
+`--cases` picks among decode_b1, decode_batch, prefill and offline.
 """
 
 from __future__ import annotations
@@ -123,6 +126,21 @@ def _fill_batch(llm, batch: int, context: int, max_tokens: int) -> None:
         engine.step()
 
 
+KERNEL_KINDS = (  # (kind, name fragments), first match wins: cuDNN attention names say "sm90" too
+    ("attention", ("sdpa", "fmha", "flash", "attention", "_attn", "_prefill_kernel", "_decode")),
+    ("gemm", ("gemm", "nvjet", "cutlass", "xmma", "cublas", "aten::mm", "aten::addmm", "aten::bmm")),
+)
+
+
+def kernel_kind(name: str) -> str:
+    """GEMM, attention or other (element-wise, norms, copies: memory-bound) for a kernel name."""
+    lowered = name.lower()
+    for kind, fragments in KERNEL_KINDS:
+        if any(fragment in lowered for fragment in fragments):
+            return kind
+    return "other"
+
+
 def profile_case(llm, label: str, run_steps, num_steps: int, top: int) -> dict:
     """Time `run_steps(n)` (n engine steps) under the phase timer and torch.profiler."""
     engine = llm.engine
@@ -183,6 +201,7 @@ def profile_case(llm, label: str, run_steps, num_steps: int, top: int) -> dict:
         "execute_ms": host_ms.get("execute", 0.0),
         "scheduled_steps": dict(steps_by_kind),
         "gpu_ms": per_step(sum(kernels.values())),
+        "gpu_ms_by_kind": _sum_by_kind(kernels, num_steps),
         "top_kernels": [
             {"name": name[:90], "ms_per_step": per_step(ms), "calls_per_step": counts[name] / num_steps}
             for name, ms in sorted(kernels.items(), key=lambda kv: -kv[1])[:top]
@@ -194,10 +213,18 @@ def profile_case(llm, label: str, run_steps, num_steps: int, top: int) -> dict:
     return result
 
 
+def _sum_by_kind(kernels: dict[str, float], num_steps: int) -> dict[str, float]:
+    by_kind: dict[str, float] = defaultdict(float)
+    for name, ms in kernels.items():
+        by_kind[kernel_kind(name)] += ms / num_steps
+    return dict(by_kind)
+
+
 def print_case(label: str, result: dict) -> None:
     host = " ".join(f"{name} {ms:.3f}" for name, ms in result["host_ms"].items())
     print(f"{label}: wall {result['wall_ms']:.3f} ms/step | gpu {result['gpu_ms']:.3f} | host {host}")
     print(f"    schedules: {result['scheduled_steps']}")
+    print("    gpu ms by kind: " + ", ".join(f"{k} {v:.3f}" for k, v in result["gpu_ms_by_kind"].items()))
     for k in result["top_kernels"]:
         print(f"    {k['ms_per_step']:8.3f} ms  x{k['calls_per_step']:5.1f}  {k['name']}")
     if "timeline" not in result:
@@ -218,24 +245,40 @@ def print_case(label: str, result: dict) -> None:
         )
 
 
-def main(argv: list[str] | None = None) -> dict:
+CASES = ("decode_b1", "decode_batch", "prefill", "offline")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--small", action="store_true", help="tiny model on CPU, float32, reference")
+    parser.add_argument("--cases", default=",".join(CASES), help="comma list of " + ", ".join(CASES))
     parser.add_argument("--steps", type=int, default=20, help="profiled decode steps per case")
     parser.add_argument("--top", type=int, default=12, help="kernels listed per case")
     parser.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
     parser.add_argument("--offline-requests", type=int, default=512, help="requests of the offline case")
+    parser.add_argument("--prefill-tokens", type=int, help="prompt of the prefill case (the shapes' 2,048)")
+    parser.add_argument("--max-position", type=int, help="the model's max_position_embeddings (long prompts)")
     parser.add_argument("--max-num-seqs", type=int, default=512)
     parser.add_argument("--max-num-batched-tokens", type=int, default=8192)
     parser.add_argument("--json", metavar="PATH")
     args = parser.parse_args(argv)
+    unknown = set(args.cases.split(",")) - set(CASES)
+    if unknown:
+        parser.error(f"--cases: unknown {sorted(unknown)}; choose from {', '.join(CASES)}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
     small = args.small or not torch.cuda.is_available()
     shapes: Shapes = SMALL if small else Shapes()
     device = torch.device("cpu" if small else "cuda")
     dtype = torch.float32 if small else torch.bfloat16
-    cfg = TINY if small else LLAMA3_8B
+    cfg = dict(TINY if small else LLAMA3_8B)
+    if args.max_position:
+        cfg["max_position_embeddings"] = args.max_position
     cost = ModelCost(cfg, dtype)
     build_args = argparse.Namespace(
         num_gpu_blocks=None if device.type == "cuda" else 512,
@@ -260,55 +303,77 @@ def main(argv: list[str] | None = None) -> dict:
             "full_collection_ms": (time.perf_counter() - start) * 1e3,
         }
         print(f"garbage collector after start-up: {results['gc_heap']}")
-        engine = llm.engine
-        steps = args.steps
-
-        def decode_steps(n: int) -> None:
-            for _ in range(n):
-                engine.step()
-
-        for label, batch, context in (
-            ("decode_b1", 1, shapes.decode_context),
-            ("decode_batch", shapes.batch_decode_size, shapes.batch_decode_context),
-        ):
-            _fill_batch(llm, batch, context, max_tokens=3 * steps + 16)
-            decode_steps(8)  # warm-up: graph capture done at build, kernels compiled here
-            results[label] = profile_case(
-                llm, f"{label} b={batch} ctx={context}", decode_steps, steps, args.top
-            )
-            for req_id in list(engine.scheduler.requests):
-                engine.abort_request(req_id)
-
-        def prefill(n: int) -> None:
-            rng = random.Random(n)
-            for _ in range(n):
-                prompt = random_prompt(rng, shapes.prefill_tokens, engine.model_config.vocab_size)
-                engine.add_request(
-                    engine.new_request_id(), prompt, SamplingParams(max_tokens=1, ignore_eos=True)
-                )
-                while engine.has_unfinished():
-                    engine.step()
-
-        prefill(2)
-        results["prefill"] = profile_case(llm, f"prefill {shapes.prefill_tokens}", prefill, 5, args.top)
-
-        rng = random.Random(0)
-        vocab = engine.model_config.vocab_size
-        # made before the profiled window: building 512 random prompts is the bench's work
-        offline_prompts = [random_prompt(rng, shapes.prompt_len, vocab) for _ in range(args.offline_requests)]
-
-        def offline(n: int) -> None:
-            params = SamplingParams(temperature=0.0, max_tokens=shapes.output_len, ignore_eos=True)
-            steps_before = engine.num_steps
-            llm.generate(offline_prompts, params)
-            results["offline_engine_steps"] = engine.num_steps - steps_before
-
-        label = f"offline {args.offline_requests} x {shapes.prompt_len}/{shapes.output_len} (one call)"
-        results["offline"] = profile_case(llm, label, offline, 1, args.top)
-        print(f"    {results['offline_engine_steps']} engine steps")
+        cases = args.cases.split(",")
+        for label in ("decode_b1", "decode_batch"):
+            if label in cases:
+                results[label] = profile_decode(llm, label, shapes, args)
+        if "prefill" in cases:
+            results["prefill"] = profile_prefill(llm, args.prefill_tokens or shapes.prefill_tokens, args.top)
+        if "offline" in cases:
+            results.update(profile_offline(llm, shapes, args))
     if args.json:
         with open(args.json, "w") as file:
             json.dump(results, file, indent=1)
+    return results
+
+
+def profile_decode(llm, label: str, shapes: Shapes, args: argparse.Namespace) -> dict:
+    """`args.steps` decode steps of a full batch (b=1 at the shapes' decode context, or their batch)."""
+    engine, steps = llm.engine, args.steps
+    batch, context = (
+        (1, shapes.decode_context)
+        if label == "decode_b1"
+        else (shapes.batch_decode_size, shapes.batch_decode_context)
+    )
+
+    def decode_steps(n: int) -> None:
+        for _ in range(n):
+            engine.step()
+
+    _fill_batch(llm, batch, context, max_tokens=3 * steps + 16)
+    decode_steps(8)  # warm-up: graph capture done at build, kernels compiled here
+    result = profile_case(llm, f"{label} b={batch} ctx={context}", decode_steps, steps, args.top)
+    for req_id in list(engine.scheduler.requests):
+        engine.abort_request(req_id)
+    return result
+
+
+def profile_prefill(llm, num_tokens: int, top: int, reps: int = 5) -> dict:
+    """`reps` prefills of fresh random `num_tokens` prompts (made before the profiled window:
+    a 32k prompt's random ids take ~10 ms of Python) after two warm-ups."""
+    engine = llm.engine
+    rng = random.Random(num_tokens)
+    prompts = [random_prompt(rng, num_tokens, engine.model_config.vocab_size) for _ in range(2 + reps)]
+
+    def prefill(n: int) -> None:
+        for _ in range(n):
+            engine.add_request(
+                engine.new_request_id(), prompts.pop(), SamplingParams(max_tokens=1, ignore_eos=True)
+            )
+            while engine.has_unfinished():
+                engine.step()
+
+    prefill(2)
+    return profile_case(llm, f"prefill {num_tokens}", prefill, reps, top)
+
+
+def profile_offline(llm, shapes: Shapes, args: argparse.Namespace) -> dict:
+    """One `LLM.generate` call over `args.offline_requests` prompts, greedy, ignore_eos."""
+    engine, results = llm.engine, {}
+    rng = random.Random(0)
+    vocab = engine.model_config.vocab_size
+    # made before the profiled window: building 512 random prompts is the bench's work
+    offline_prompts = [random_prompt(rng, shapes.prompt_len, vocab) for _ in range(args.offline_requests)]
+
+    def offline(n: int) -> None:
+        params = SamplingParams(temperature=0.0, max_tokens=shapes.output_len, ignore_eos=True)
+        steps_before = engine.num_steps
+        llm.generate(offline_prompts, params)
+        results["offline_engine_steps"] = engine.num_steps - steps_before
+
+    label = f"offline {args.offline_requests} x {shapes.prompt_len}/{shapes.output_len} (one call)"
+    results["offline"] = profile_case(llm, label, offline, 1, args.top)
+    print(f"    {results['offline_engine_steps']} engine steps")
     return results
 
 

@@ -115,3 +115,24 @@ def test_small_long_context_run_fills_rows_6_to_10(tmp_path) -> None:
     assert json.loads((tmp_path / "long.json").read_text())["rows"].keys() == result["rows"].keys()
     assert sorted(number for number, _, _ in LONG_ROWS.values()) == [6, 7, 8, 9, 10]
     assert parse_only("6,decode_b1_128k", LONG_ROWS) == ["prefill_32k", "decode_b1_128k"]
+
+
+def test_profile_steps_runs_chosen_cases_and_sorts_kernels_by_kind(tmp_path) -> None:
+    """`python -m pdserve.bench.profile_steps --small --cases prefill --prefill-tokens N`: only
+    that case, at that length; kernel names fall into GEMM / attention / other."""
+    from pdserve.bench.profile_steps import kernel_kind, main
+
+    path = str(tmp_path / "p.json")
+    result = main(["--small", "--cases", "prefill", "--prefill-tokens", "300", "--json", path])
+    assert set(result) == {"device", "gc_heap", "prefill"}
+    assert result["prefill"]["steps"] == 5 and positive(result["prefill"]["wall_ms"])
+    assert json.loads((tmp_path / "p.json").read_text())["prefill"]["steps"] == 5
+    names = {
+        "cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_knob_7": "attention",
+        "nvjet_sm90_tst_192x192_64x4_2x1_v_bz_coopB_TNN": "gemm",
+        "_silu_and_mul_kernel": "other",
+        "_merge_kernel": "other",
+    }
+    assert {name: kernel_kind(name) for name in names} == names
+    with pytest.raises(SystemExit):
+        main(["--small", "--cases", "prefill,nonsense"])
