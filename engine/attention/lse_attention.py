@@ -24,8 +24,10 @@ logger = logging.getLogger(__name__)
 
 # (device index, dtype, head_dim) -> whether the Triton merge runs there and matches torch's
 _TRITON_MERGE_OK: dict[tuple, bool] = {}
-# (device index, dtype, head_dim, gqa) -> False: the cuDNN op works with grouped-query heads as
-# they are; True: only with K/V expanded per query head; None: not usable there
+# (device index, dtype, head_dim, gqa, q/k/v strides) -> False: the cuDNN op works with
+# grouped-query heads as they are; True: only with K/V expanded per query head; None: not usable
+# there. Strides are part of the key: the op reads q, k, v in place (strided views of the fused
+# qkv output, or a gathered prefix), so each layout it meets is checked once as it comes.
 _CUDNN_MODE: dict[tuple, bool | None] = {}
 
 
@@ -52,10 +54,10 @@ def _cudnn_attention_with_lse(
     if expand_kv:  # a cuDNN build without grouped-query support: one K/V copy per query head
         group = num_q_heads // k.shape[1]
         k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
-    # [n, H, D] -> [1, H, n, D] views of token-major tensors (q, k arrive as strided views of the
-    # fused qkv output; one copy of each is ~1% of the attention's time at 8,192 tokens and keeps
-    # the private op on the layout its one-time check ran).
-    q4, k4, v4 = (x.contiguous().transpose(0, 1).unsqueeze(0) for x in (q, k, v))
+    # [n, H, D] -> [1, H, n, D] views of token-major tensors, read in place: q, k, v arrive as
+    # strided views of the fused qkv output (copying them cost 23 ms of a 32k prefill in 8,192-token
+    # chunks on an H100); `_cudnn_mode` checked the op on these very strides.
+    q4, k4, v4 = (x.transpose(0, 1).unsqueeze(0) for x in (q, k, v))
     result = torch.ops.aten._scaled_dot_product_cudnn_attention(
         q4, k4, v4, None, True, 0.0, causal, False, scale=scale
     )
@@ -63,16 +65,19 @@ def _cudnn_attention_with_lse(
     return out[0].transpose(0, 1), lse.reshape(num_q_heads, num_tokens)
 
 
-def _cudnn_works(q: torch.Tensor, k: torch.Tensor, expand_kv: bool) -> bool:
-    """Whether the cuDNN op runs here and matches plain torch, on a small input of these shapes
-    (checked once per device, dtype and head size: the op is private, so trust nothing)."""
+def _cudnn_works(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, expand_kv: bool) -> bool:
+    """Whether the cuDNN op runs here and matches plain torch, on a small input of these head
+    counts, head size and strides (checked once per layout: the op is private, so trust nothing)."""
     generator = torch.Generator(device="cpu").manual_seed(0)
-    heads, kv_heads, dim = q.shape[1], k.shape[1], q.shape[2]
 
-    def rand(*shape: int) -> torch.Tensor:
-        return torch.randn(*shape, generator=generator).to(device=q.device, dtype=q.dtype)
+    def rand_like_layout(x: torch.Tensor, rows: int = 40) -> torch.Tensor:
+        """[rows, H, D] random values laid out with x's strides (rows of x.stride(0) elements)."""
+        size = (rows - 1) * x.stride(0) + (x.shape[1] - 1) * x.stride(1) + (x.shape[2] - 1) * x.stride(2) + 1
+        flat = torch.randn(size, generator=generator).to(device=x.device, dtype=x.dtype)
+        return flat.as_strided((rows, x.shape[1], x.shape[2]), x.stride())
 
-    tq, tk, tv = rand(40, heads, dim), rand(40, kv_heads, dim), rand(40, kv_heads, dim)
+    tq, tk, tv = rand_like_layout(q), rand_like_layout(k), rand_like_layout(v)
+    dim = q.shape[2]
     try:
         for causal in (True, False):
             out, lse = _cudnn_attention_with_lse(tq, tk, tv, dim**-0.5, causal, expand_kv)
@@ -86,21 +91,25 @@ def _cudnn_works(q: torch.Tensor, k: torch.Tensor, expand_kv: bool) -> bool:
     return True
 
 
-def lse_attention_supported(q: torch.Tensor, k: torch.Tensor) -> bool:
-    """True when `attention_with_lse` has a fast kernel for these shapes (always on CPU: plain torch)."""
+def lse_attention_supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """True when `attention_with_lse` has a fast kernel for these shapes and strides (always on
+    CPU: plain torch)."""
     if not q.is_cuda:
         return True
-    return _cudnn_mode(q, k) is not None
+    return _cudnn_mode(q, k, v) is not None
 
 
-def _cudnn_mode(q: torch.Tensor, k: torch.Tensor) -> bool | None:
-    """Whether K/V must be expanded for the cuDNN op here (see `_CUDNN_MODE`), checked once."""
+def _cudnn_mode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool | None:
+    """Whether K/V must be expanded for the cuDNN op here (see `_CUDNN_MODE`), checked once per
+    layout (a layout whose last dim is strided is never handed to the op: None)."""
     gqa = q.shape[1] != k.shape[1]
-    key = (q.device.index, q.dtype, q.shape[2], gqa)
+    key = (q.device.index, q.dtype, q.shape[2], gqa, q.stride(), k.stride(), v.stride())
     if key not in _CUDNN_MODE:
-        if _cudnn_works(q, k, expand_kv=False):
+        if any(x.stride(2) != 1 for x in (q, k, v)):
+            _CUDNN_MODE[key] = None
+        elif _cudnn_works(q, k, v, expand_kv=False):
             _CUDNN_MODE[key] = False
-        elif gqa and _cudnn_works(q, k, expand_kv=True):
+        elif gqa and _cudnn_works(q, k, v, expand_kv=True):
             _CUDNN_MODE[key] = True
         else:
             _CUDNN_MODE[key] = None
@@ -117,7 +126,7 @@ def attention_with_lse(
     """Softmax attention of q over k/v and each row's natural log-sum-exp of its scaled scores."""
     if not q.is_cuda:
         return _math_attention_with_lse(q, k, v, scale, causal)
-    expand_kv = _cudnn_mode(q, k)
+    expand_kv = _cudnn_mode(q, k, v)
     if expand_kv is None:
         raise RuntimeError("cuDNN fused attention is not usable on this device (lse_attention_supported)")
     return _cudnn_attention_with_lse(q, k, v, scale, causal, expand_kv)

@@ -53,14 +53,16 @@ def disable_prefix_path(error: Exception) -> None:
 
 
 def _prefix_path_fits(
-    query: torch.Tensor, key: torch.Tensor, query_lens: list[int], prefix_lens: list[int]
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, query_lens: list[int], prefix_lens: list[int]
 ) -> bool:
     """Every sequence with a cached prefix is a long enough chunk, and the fused kernel runs here."""
     with_prefix = [q for q, p in zip(query_lens, prefix_lens, strict=True) if p > 0]
     if not with_prefix:
         return True
     return (
-        PREFIX_ENABLED and min(with_prefix) >= MIN_QUERY_WITH_PREFIX and lse_attention_supported(query, key)
+        PREFIX_ENABLED
+        and min(with_prefix) >= MIN_QUERY_WITH_PREFIX
+        and lse_attention_supported(query, key, value)
     )
 
 
@@ -85,7 +87,7 @@ def use_sdpa_prefill(
         and query.dtype == key.dtype == value.dtype == kv_cache_layer.dtype
         and max(query_lens) > 1
         and first_seq + sum(query_lens) == query.shape[0]  # no padding rows past the sequences
-        and _prefix_path_fits(query, key, query_lens, prefix_lens)
+        and _prefix_path_fits(query, key, value, query_lens, prefix_lens)
     )
 
 

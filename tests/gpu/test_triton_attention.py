@@ -209,6 +209,29 @@ def test_fused_prefix_failure_falls_back_to_the_paged_kernel(
     assert paths == Counter(sdpa=1, triton_prefill=2)  # no second try
 
 
+def test_lse_attention_reads_fused_qkv_views_in_place(device: str) -> None:
+    """cuDNN's attention with its log-sum-exp, on the engine's layouts as they come (no copies):
+    q/k/v as strided views of one fused qkv tensor (a chunk's own keys, causal), then the same q
+    over a contiguous gathered prefix. Each layout is checked once and takes grouped-query heads
+    as they are; bf16 within 1e-2 of the float32 math on fresh random inputs."""
+    if device == "cpu":
+        pytest.skip("the cuDNN op is CUDA's (the math path is tests/unit/test_prefix_attention.py)")
+    from pdserve.engine.attention import lse_attention
+
+    tokens, prefix, heads, kv_heads, dim = 1100, 3001, 32, 8, 128
+    qkv = torch.randn(tokens, (heads + 2 * kv_heads) * dim, device=device, dtype=torch.bfloat16)
+    q, k, v = (x.view(tokens, -1, dim) for x in qkv.split([heads * dim, kv_heads * dim, kv_heads * dim], 1))
+    prefix_k, prefix_v = torch.randn(2, prefix, kv_heads, dim, device=device, dtype=torch.bfloat16)
+    assert not q.is_contiguous() and prefix_k.is_contiguous()
+    for keys, values, causal in ((k, v, True), (prefix_k, prefix_v, False)):
+        out, lse = lse_attention.attention_with_lse(q, keys, values, dim**-0.5, causal)
+        ref_out, ref_lse = lse_attention._math_attention_with_lse(q, keys, values, dim**-0.5, causal)
+        assert relative_error(out, ref_out) <= 1e-2
+        torch.testing.assert_close(lse, ref_lse, atol=2e-2, rtol=0)
+        layout = (q.device.index, q.dtype, dim, True, q.stride(), keys.stride(), values.stride())
+        assert lse_attention._CUDNN_MODE[layout] is False
+
+
 @pytest.mark.parametrize("num_tokens", [1, 77, 8192])
 def test_triton_merge_equals_the_torch_merge(num_tokens: int, device: str) -> None:
     """The one-pass Triton merge of two partial results (bf16, in cuDNN's head-major layout)
