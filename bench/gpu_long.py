@@ -17,7 +17,8 @@ pdserve prefills in chunks of its token budget, by default 32,768 tokens: a pref
 budget, which decodes nothing, so a long step costs no one's inter-token latency (vLLM's own
 default for offline use on an H100 is 16,384). Row 6 is one step, row 9 four chunks over a cached
 prefix (chunked prefill over the paged cache); `--max-num-batched-tokens 8192` gives a co-located
-worker's chunking (on an H100: 1,233 ms against 1,200 ms at 32k, 10.55 s against 10.29 s at 128k).
+worker's chunking (on one H100 at stop 19: 1,252 against 1,206 ms at 32k in bench.profile_steps,
+10.55 against 10.29 s at 128k; bench/results/gpu-h100-stop19).
 transformers runs each prompt in one forward (SDPA).
 """
 
