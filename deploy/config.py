@@ -8,9 +8,12 @@ the key path (e.g. `decode.count`), raised before anything starts.
              max_num_batched_tokens, max_model_len, enable_prefix_caching,
              host_cache_gb, num_host_blocks, attention_backend, load_format,
              tensor_parallel_size}   # each pool's default
-    prefill:   {count, tensor_parallel_size, resources: {num_cpus, num_gpus, resources: {NAME: amount}}}
-    decode:    {count, tensor_parallel_size, resources: ...}   # its own TP size may differ from prefill's
-    colocated: {count, tensor_parallel_size, resources: ...}   # workers that run both phases (the baseline)
+    prefill:   {count, tensor_parallel_size, max_num_batched_tokens, max_num_seqs,
+                resources: {num_cpus, num_gpus, resources: {NAME: amount}}}
+    decode:    {count, tensor_parallel_size, max_num_batched_tokens, max_num_seqs, resources: ...}
+    colocated: {count, tensor_parallel_size, ..., resources: ...}   # workers that run both phases
+               # each pool's tensor_parallel_size / max_num_batched_tokens / max_num_seqs: its own,
+               # null = engine's (a prefill pool takes whole long prompts per step, decodes none)
     transfer:  {backend: grpc|nccl, host, port_base, data_streams, timeout_s, secret,
                 rendezvous_port}
     router:    {host, port, http_port, policy, policy_params: {...}, kv_events, max_queue_len,
@@ -48,12 +51,19 @@ class PoolConfig:
     resources: dict[str, Any] = field(default_factory=lambda: {"num_cpus": 0})
     # Ranks each worker of this pool spreads the model over; null: engine.tensor_parallel_size.
     tensor_parallel_size: int | None = None
+    # This pool's scheduling budgets; null: the engine's. A prefill pool decodes nothing, so a
+    # step as long as a whole long prompt costs no one's inter-token latency (as Dynamo's
+    # prefill and decode workers take engine arguments of their own).
+    max_num_batched_tokens: int | None = None
+    max_num_seqs: int | None = None
 
     def engine_for(self, engine: EngineConfig) -> EngineConfig:
-        """The engine config this pool's workers run: `engine` with the pool's TP size."""
-        if self.tensor_parallel_size is None:
-            return engine
-        return dataclasses.replace(engine, tensor_parallel_size=self.tensor_parallel_size)
+        """The engine config this pool's workers run: `engine` with the pool's own settings."""
+        overrides = {key: getattr(self, key) for key in POOL_ENGINE_KEYS if getattr(self, key) is not None}
+        return dataclasses.replace(engine, **overrides) if overrides else engine
+
+
+POOL_ENGINE_KEYS = ("tensor_parallel_size", "max_num_batched_tokens", "max_num_seqs")
 
 
 @dataclass
@@ -245,6 +255,9 @@ def parse_config(data: dict[str, Any]) -> DeployConfig:
         pool: PoolConfig = getattr(cfg, name)
         if pool.count < 0:
             raise ConfigError(f"{name}.count: must be >= 0, got {pool.count}")
+        for key in ("max_num_batched_tokens", "max_num_seqs"):
+            if (value := getattr(pool, key)) is not None and value < 1:
+                raise ConfigError(f"{name}.{key}: must be >= 1 (or null: engine.{key}), got {value}")
         for key in pool.resources:
             if key not in _RESOURCE_KEYS:
                 raise ConfigError(

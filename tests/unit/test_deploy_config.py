@@ -1,5 +1,6 @@
 """Deploy configs: every shipped YAML parses; bad keys and values fail naming the key."""
 
+import dataclasses
 import glob
 import os
 
@@ -35,6 +36,11 @@ def test_shipped_configs_parse(path):
         ),
         ({"colocated": {"count": 1}, "engine": {"block_size": 12}}, "block_size"),
         ({"colocated": {"count": 1, "resources": {"gpus": 1}}}, "colocated.resources.gpus"),
+        (
+            {"prefill": {"count": 1, "max_num_batched_tokens": 0}, "decode": {"count": 1}},
+            "prefill.max_num_batched_tokens",
+        ),
+        ({"prefill": {"count": 1}, "decode": {"count": 1, "max_num_seqs": "many"}}, "decode.max_num_seqs"),
         ({"colocated": {"count": 1}, "modle": "tiny"}, "modle"),
         (
             {"decode": {"count": 2}, "prefill": {"count": 1}, "transfer": {"port_base": 80}},
@@ -160,3 +166,29 @@ def test_workers_restart_except_in_a_process_group():
         {"model": "tiny", "prefill": {"count": 1}, "decode": {"count": 1}, "transfer": {"backend": "nccl"}}
     )
     assert worker_max_restarts(cfg) == 0  # a new process cannot join the torch.distributed group
+
+
+def test_pools_take_their_own_scheduling_budgets():
+    """A prefill pool with a long step budget and few sequences beside decode workers on the
+    engine's defaults: each worker's engine (the plan's, and the engine a worker builds from it)
+    runs its own pool's budgets."""
+    from pdserve.deploy.wiring import build_worker, plan_workers
+
+    cfg = parse_config(
+        {
+            "engine": {"max_num_batched_tokens": 256, "max_num_seqs": 64, "num_gpu_blocks": 64},
+            "prefill": {"count": 1, "max_num_batched_tokens": 1024, "max_num_seqs": 4},
+            "decode": {"count": 2},
+        }
+    )
+    specs = {spec.worker_id: spec for spec in plan_workers(cfg)}
+    budgets = {w: (s.engine.max_num_batched_tokens, s.engine.max_num_seqs) for w, s in specs.items()}
+    assert budgets == {"prefill-0": (1024, 4), "decode-0": (256, 64), "decode-1": (256, 64)}
+    prefill = specs["prefill-0"]
+    # a real engine and connector (its send side reaches nothing until decode links are set)
+    worker = build_worker(dataclasses.replace(prefill, transfer=prefill.transfer.with_secret()))
+    try:
+        config = worker.engine.scheduler.config
+        assert (config.max_num_batched_tokens, config.max_num_seqs) == (1024, 4)
+    finally:
+        worker.shutdown()
