@@ -117,10 +117,17 @@ def test_addresses():
 
 
 def test_pin_socket_interface_keeps_a_users_choice(monkeypatch):
-    monkeypatch.delenv("GLOO_SOCKET_IFNAME", raising=False)
+    before = os.environ.get("GLOO_SOCKET_IFNAME")
+    # setenv first, so that monkeypatch restores the variable's absence afterwards: a bare
+    # delenv of an unset variable records nothing, and the "lo" set below used to outlive the
+    # test and pin later deployments' gloo to loopback (test_two_hosts' NCCL test then failed)
+    monkeypatch.setenv("GLOO_SOCKET_IFNAME", "restored-after-the-test")
+    monkeypatch.delenv("GLOO_SOCKET_IFNAME")
     monkeypatch.setenv("NCCL_SOCKET_IFNAME", "eth9")
     assert netaddr.pin_socket_interface("127.0.0.1") == "lo"
     assert os.environ["GLOO_SOCKET_IFNAME"] == "lo" and os.environ["NCCL_SOCKET_IFNAME"] == "eth9"
+    monkeypatch.undo()
+    assert os.environ.get("GLOO_SOCKET_IFNAME") == before  # nothing outlives the test
 
 
 def test_stop_head_touches_only_the_head_it_started():
