@@ -19,10 +19,12 @@ its own and set those variables, or put the tools on PATH; without one its test 
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import shutil
 import subprocess
+import tempfile
 import urllib.request
 
 import pytest
@@ -80,8 +82,15 @@ def _delta(after: dict[str, float], before: dict[str, float], name: str) -> floa
     return after.get(name, 0.0) - before.get(name, 0.0)
 
 
+def _system_temp_entries(pattern: str) -> set[str]:
+    return set(glob.glob(os.path.join(tempfile.gettempdir(), pattern)))
+
+
 def _run(cmd: list[str], cwd: str) -> None:
-    proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=300)
+    """Run a client tool in `cwd`, which also holds its temporary files (AIPerf leaves an
+    aiperf_mmap_* directory in the system temp dir after every run otherwise)."""
+    env = {**os.environ, "TMPDIR": cwd}
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, (
         f"{cmd[0]} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     )
@@ -127,6 +136,7 @@ def test_aiperf(aiperf, served, tmp_path):
     name = os.path.basename(model_dir)
     count = 8
     before = _counters(dep.http_url)
+    temp_before = _system_temp_entries("aiperf_mmap_*")
     _run(
         [
             aiperf, "profile", "-m", name, "--url", dep.http_url,
@@ -140,6 +150,7 @@ def test_aiperf(aiperf, served, tmp_path):
         str(tmp_path),
     )  # fmt: skip
     after = _counters(dep.http_url)
+    assert _system_temp_entries("aiperf_mmap_*") == temp_before  # its files stayed in tmp_path
     export = json.loads((tmp_path / "out" / "profile_export_aiperf.json").read_text())
     assert export["request_error_rate"]["avg"] == 0.0
     assert export["completed_request_count"]["avg"] == count
