@@ -122,11 +122,15 @@ def test_warm_up_runs_the_eager_shapes_and_changes_nothing() -> None:
 
 
 @pytest.mark.parametrize(
-    ("max_num_seqs", "max_num_tokens"), [(512, 8192), (256, 2048), (4, 10), (8, 8), (300, 1000)]
+    ("max_num_seqs", "max_num_tokens"),
+    [(512, 8192), (256, 2048), (4, 10), (8, 8), (300, 1000), (64, 32768), (16, 8200), (256, 9000)],
 )
 def test_gemm_warm_up_rows_step_through_every_size(max_num_seqs: int, max_num_tokens: int) -> None:
-    """Every row count up to max_num_seqs, then no stride over 16, ending at the step budget."""
+    """Every row count up to max_num_seqs, then no stride over 16 up to 8,192 rows and none
+    over 512 past it, increasing, ending at the step budget."""
     rows = gemm_warm_up_rows(max_num_seqs, max_num_tokens)
     assert rows[: min(max_num_seqs, max_num_tokens)] == list(range(1, min(max_num_seqs, max_num_tokens) + 1))
-    assert all(0 < b - a <= 16 for a, b in itertools.pairwise(rows))
+    assert all(0 < b - a <= (16 if b <= 8192 else 512) for a, b in itertools.pairwise(rows))
     assert rows[-1] == max_num_tokens
+    if max_num_tokens == 32768:  # the warm-up's GEMM rows, and so its time, stay near 8,192's
+        assert sum(rows) < 1.5 * sum(gemm_warm_up_rows(max_num_seqs, 8192))
