@@ -277,21 +277,22 @@ def _pgid(pid: int) -> int | None:
         return None
 
 
-def stop_head(head: StartedHead, grace_s: float = 1.0) -> bool:
+def stop_head(head: StartedHead, grace_s: float = 1.0, kill_wait_s: float = 10.0) -> bool:
     """Stop the Ray head `start_head` started and every process it started: SIGTERM, then
-    SIGKILL to what is left after `grace_s`. Its actors are gone by now, and Ray's own drain on
-    SIGTERM would wait 30 s for nothing: its GCS and raylet outlast a 6 s grace every time, so
-    a longer one only delayed `pdserve down` (8.2 s with 5 s of grace). Only those processes:
-    never `ray stop`, which ends every Ray of the user on the host. Removes its temp dir.
-    Returns whether it was running."""
+    SIGKILL to what is left after `grace_s`, then wait up to `kill_wait_s` for them to be gone
+    (a killed worker holds its GPU memory until it has exited: a `pdserve up` right after must
+    find it free). Ray's own drain on SIGTERM would wait 30 s for nothing: its GCS and raylet
+    outlast a 6 s grace every time, so a longer grace only delayed `pdserve down` (8.2 s with
+    5 s of it, 4.3 s with 1 s). Only those processes: never `ray stop`, which ends every Ray of
+    the user on the host. Removes its temp dir. Returns whether it was running."""
     if not head_running(head):
         return False
     pids = head_processes(head)
-    for sig in (signal.SIGTERM, signal.SIGKILL):
+    for sig, wait_s in ((signal.SIGTERM, grace_s), (signal.SIGKILL, kill_wait_s)):
         for pid in pids:
             with contextlib.suppress(OSError):
                 os.kill(pid, sig)
-        deadline = time.monotonic() + grace_s
+        deadline = time.monotonic() + wait_s
         while time.monotonic() < deadline and any(_alive(pid) for pid in pids):
             time.sleep(0.1)
     with contextlib.suppress(ChildProcessError):
