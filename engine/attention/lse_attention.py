@@ -2,7 +2,8 @@
 
 A prefill chunk whose sequence has a cached prefix attends to two key ranges: the prefix (every
 query sees every key: no mask) and its own new tokens (causal, a square). Each range runs as one
-FlashAttention-class call over contiguous K/V, and the two partial results combine exactly through
+FlashAttention-class call (the chunk's own K/V read in place from the fused qkv output, the
+prefix's gathered out of the paged cache), and the two partial results combine exactly through
 their log-sum-exps (the split-K merge of flash-decoding):
 
     lse = log(exp(lse_a) + exp(lse_b)),  out = out_a * exp(lse_a - lse) + out_b * exp(lse_b - lse)
@@ -113,6 +114,8 @@ def _cudnn_mode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool | Non
             _CUDNN_MODE[key] = True
         else:
             _CUDNN_MODE[key] = None
+        if _CUDNN_MODE[key] is None:  # the caller takes the paged kernel: slower, still exact
+            logger.warning("cuDNN fused attention refused for layout %s; using the paged kernel there", key)
     return _CUDNN_MODE[key]
 
 
