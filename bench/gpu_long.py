@@ -15,8 +15,8 @@ Rows (pdserve | floor | transformers):
  10 decode b=1 at 130,048 context: tokens/s | as row 7 | generate
 pdserve prefills in chunks of its token budget, by default 32,768 tokens: a prefill worker's
 budget, which decodes nothing, so a long step costs no one's inter-token latency (vLLM's own
-default for offline use on an H100 is 16,384). Row 6 is one step, row 9 four chunks over a cached
-prefix (chunked prefill over the paged cache); `--max-num-batched-tokens 8192` gives a co-located
+default for offline use on an H100 is 16,384). Row 6 is one step, row 9 four chunks, the last three over
+a cached prefix (chunked prefill over the paged cache); `--max-num-batched-tokens 8192` gives a co-located
 worker's chunking (on one H100 at stop 19: 1,252 against 1,206 ms at 32k in bench.profile_steps,
 10.55 against 10.29 s at 128k; bench/results/gpu-h100-stop19).
 transformers runs each prompt in one forward (SDPA).

@@ -4,10 +4,11 @@ by log-sum-exp), chunk by chunk as a chunked 32k/128k prefill runs them, with th
 SDPA's backends on the same GPU in the same run.
 
     python -m pdserve.bench.long_prefill --json out.json
-    python -m pdserve.bench.long_prefill --power-only --json out.json   # only the power-cap check
+    python -m pdserve.bench.long_prefill --power-only --json out.json   # the power-cap check instead
 
-The power-cap check times one layer's causal attention over 32,768 tokens (cuDNN, the engine's
-own call) alone, after the GPU sat idle, and right after a layer's MLP GEMMs, with the SM clock
+The power-cap check times one layer's causal attention over 32,768 tokens (the engine's own
+`causal_sdpa` call: SDPA, cuDNN's kernel on an H100) alone, after the GPU sat idle, and right
+after a layer's MLP GEMMs, with the SM clock
 and board power sampled by nvidia-smi while the two alternate: inside a long prefill the GEMMs
 hold the GPU at its power limit, its clock falls, and the attention runs slower than alone.
 
@@ -160,20 +161,21 @@ def _alternate_with_samples(attention, gemms, loop_s: float) -> tuple[dict, list
     smi = shutil.which("nvidia-smi")
     query = ["--query-gpu=clocks.sm,power.draw,power.limit", "--format=csv,noheader", "-lms", "100"]
     sampler = subprocess.Popen([smi, *query], stdout=subprocess.PIPE, text=True) if smi else None
-    loop_ms, started = [], time.perf_counter()
-    while time.perf_counter() - started < loop_s:
-        loop_ms.append(_event_ms(gemms, attention, reps=1))
-    samples: list[str] = []
-    if sampler is not None:
-        sampler.terminate()
-        samples = sampler.communicate()[0].strip().splitlines()
+    loop_ms, started, samples = [], time.perf_counter(), []
+    try:
+        while time.perf_counter() - started < loop_s:
+            loop_ms.append(_event_ms(gemms, attention, reps=1))
+    finally:
+        if sampler is not None:
+            sampler.terminate()
+            samples = sampler.communicate()[0].strip().splitlines()
     return {"first": loop_ms[0], "median": statistics.median(loop_ms), "runs": len(loop_ms)}, samples
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", help="write results here")
-    parser.add_argument("--power-only", action="store_true", help="only the power-cap check")
+    parser.add_argument("--power-only", action="store_true", help="the power-cap check instead of the chunks")
     args = parser.parse_args()
     from pdserve.engine.attention import lse_attention
 
@@ -184,10 +186,10 @@ def main() -> None:
         "matmul_tflops": matmul_tflops,
     }
     print(f"{result['device']}: bf16 matmul {matmul_tflops:.0f} TFLOP/s")
-    result["power_cap_check"] = check = power_cap_check()
-    print("power-cap check:", {k: round(v, 1) for k, v in check.items() if isinstance(v, float)})
-    print("  SM clock, power while GEMMs and attention alternate:", check["smi_samples"][-4:])
-    if args.power_only:
+    if args.power_only:  # on its own: it leaves the GPU hot for whatever would run next
+        result["power_cap_check"] = check = power_cap_check()
+        print("power-cap check:", {k: round(v, 1) for k, v in check.items() if isinstance(v, float)})
+        print("  SM clock, power while GEMMs and attention alternate:", check["smi_samples"][-4:])
         return _write(result, args.json)
     result["sdpa_causal_8192_tflops"] = sdpa_backends(8192, matmul_tflops)
     print("SDPA causal 8,192 tokens, TFLOP/s by backend:", result["sdpa_causal_8192_tflops"])
