@@ -63,7 +63,8 @@ class PoolConfig:
         return dataclasses.replace(engine, **overrides) if overrides else engine
 
 
-POOL_ENGINE_KEYS = ("tensor_parallel_size", "max_num_batched_tokens", "max_num_seqs")
+POOL_BUDGET_KEYS = ("max_num_batched_tokens", "max_num_seqs")  # each >= 1 when set
+POOL_ENGINE_KEYS = ("tensor_parallel_size", *POOL_BUDGET_KEYS)  # a pool's own engine settings
 
 
 @dataclass
@@ -255,7 +256,7 @@ def parse_config(data: dict[str, Any]) -> DeployConfig:
         pool: PoolConfig = getattr(cfg, name)
         if pool.count < 0:
             raise ConfigError(f"{name}.count: must be >= 0, got {pool.count}")
-        for key in ("max_num_batched_tokens", "max_num_seqs"):
+        for key in POOL_BUDGET_KEYS:
             if (value := getattr(pool, key)) is not None and value < 1:
                 raise ConfigError(f"{name}.{key}: must be >= 1 (or null: engine.{key}), got {value}")
         for key in pool.resources:

@@ -59,8 +59,9 @@ def gemm_warm_up_rows(max_num_seqs: int, max_num_tokens: int) -> list[int]:
     small = list(range(1, min(max_num_seqs, max_num_tokens) + 1))
     fine_end = min(max_num_tokens, FINE_WARM_UP_ROWS)
     large = list(range(-(-(small[-1] + 1) // 16) * 16, fine_end + 1, 16))
-    start = max((large or small)[-1], FINE_WARM_UP_ROWS) + COARSE_WARM_UP_STRIDE
-    large += range(start - start % COARSE_WARM_UP_STRIDE, max_num_tokens + 1, COARSE_WARM_UP_STRIDE)
+    last = (large or small)[-1]
+    coarse = range(FINE_WARM_UP_ROWS + COARSE_WARM_UP_STRIDE, max_num_tokens + 1, COARSE_WARM_UP_STRIDE)
+    large += [rows for rows in coarse if rows > last]
     if (large or small)[-1] != max_num_tokens:
         large.append(max_num_tokens)
     return small + large
